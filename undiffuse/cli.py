@@ -1,0 +1,215 @@
+"""The `undiffuse` command line: `undiffuse train ...` and `undiffuse sample ...`.
+
+Bad arguments exit with status 2 and one line on stderr: "undiffuse: error: <reason>".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"undiffuse: error: {message}\n")
+
+
+class UsageError(ValueError):
+    """A bad argument value, reported as one line."""
+
+
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+
+    return parse
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="undiffuse", description="Train and sample DDPM/DDIM diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a noise-prediction UNet")
+    t.add_argument("--data", required=True, type=Path, help="an IDX images file (.gz ok) or a folder of images")
+    t.add_argument("--labels", type=Path, help="IDX labels file (with IDX --data); enables class conditioning")
+    t.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, grids, resume state)")
+    t.add_argument("--steps", type=_positive("--steps"), default=8000)
+    t.add_argument("--batch-size", type=_positive("--batch-size"), default=64)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--label-dropout", type=float, default=0.1)
+    t.add_argument("--checkpoint-every", type=_positive("--checkpoint-every"), default=1000)
+    t.add_argument("--image-size", type=_positive("--image-size"), help="default: the data's size")
+    t.add_argument("--channels", type=int, choices=(1, 3), help="default: the data's channels")
+    t.add_argument("--base-channels", type=_positive("--base-channels"), default=32)
+    t.add_argument("--channel-mult", type=_int_tuple, default=(1, 2, 2))
+    t.add_argument("--num-res-blocks", type=_positive("--num-res-blocks"), default=1)
+    t.add_argument("--attention", type=_int_tuple, default=(7,), help="resolutions with self-attention")
+    t.add_argument("--dropout", type=float, default=0.1)
+    t.add_argument("--schedule", choices=("linear", "cosine"), default="linear")
+    t.add_argument("--timesteps", type=_positive("--timesteps"), default=1000)
+    t.add_argument("--prediction", choices=("epsilon", "v"), default="epsilon")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-resume", action="store_true", help="start over even if --out has a state")
+    t.add_argument("--device", default="auto")
+
+    s = sub.add_parser("sample", help="sample images from a model into a PNG grid")
+    s.add_argument("--model", required=True, type=Path, help="model folder (undiffuse or diffusers)")
+    s.add_argument("--num", type=_positive("--num"), default=16)
+    s.add_argument("--steps", type=_positive("--steps"), default=50)
+    s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--class", dest="class_label", type=int, help="class of every image")
+    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    s.add_argument("--nrow", type=_positive("--nrow"), help="images per grid row")
+    s.add_argument("--out", type=Path, default=Path("grid.png"))
+    s.add_argument("--device", default="auto")
+    return p
+
+
+def _train(args: argparse.Namespace) -> None:
+    import torch
+
+    from undiffuse.checkpoint import ModelConfig
+    from undiffuse.data import load_idx_dataset, load_image_folder
+    from undiffuse.schedule import ScheduleConfig
+    from undiffuse.training import TrainConfig, Trainer
+    from undiffuse.unet import UNetConfig
+
+    if not args.data.exists():
+        raise UsageError(f"--data {args.data}: no such file or folder")
+    if args.data.is_dir():
+        if args.labels:
+            raise UsageError("--labels is for IDX data; a folder's sub-folders are its classes")
+        images, labels = load_image_folder(args.data, args.image_size or 32, args.channels or 3)
+    else:
+        images, labels = load_idx_dataset(args.data, args.labels)
+    if args.image_size and images.shape[-1] != args.image_size:
+        images = torch.nn.functional.interpolate(images, size=args.image_size, mode="bilinear")
+    if not 0 <= args.ema_decay < 1:
+        raise UsageError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    num_classes = int(labels.max()) + 1 if labels is not None else None
+    unet = UNetConfig(
+        image_size=images.shape[-1],
+        in_channels=images.shape[1],
+        base_channels=args.base_channels,
+        channel_mult=args.channel_mult,
+        num_res_blocks=args.num_res_blocks,
+        attention_resolutions=args.attention,
+        dropout=args.dropout,
+        num_classes=num_classes,
+    )
+    config = ModelConfig(
+        unet=unet,
+        schedule=ScheduleConfig(kind=args.schedule, num_timesteps=args.timesteps),
+        prediction_type=args.prediction,
+        class_names=tuple(str(i) for i in range(num_classes)) if num_classes else None,
+    )
+    train_cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        ema_decay=args.ema_decay,
+        grad_clip=args.grad_clip,
+        label_dropout=args.label_dropout,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    trainer = Trainer(args.out, config, train_cfg, _device(args.device))
+    if not args.no_resume and trainer.resume():
+        print(f"resumed from {args.out} at step {trainer.step}", file=sys.stderr)
+    trainer.fit(images, labels)
+    print(f"trained to step {trainer.step}; model in {args.out / 'model'}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from undiffuse.checkpoint import load_model
+    from undiffuse.images import make_grid, save_png
+    from undiffuse.noise import ImageNoise
+    from undiffuse.samplers import DDIMSampler, DDPMSampler
+
+    if args.out.suffix.lower() != ".png":
+        raise UsageError(f"--out {args.out}: must be a .png path")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
+    device = _device(args.device)
+    model = load_model(args.model, device)
+    if args.steps > model.schedule.num_timesteps:
+        raise UsageError(f"--steps {args.steps} exceeds the model's {model.schedule.num_timesteps} timesteps")
+    labels = None
+    if args.class_label is not None:
+        if model.num_classes is None:
+            raise UsageError("--class given but the model is unconditional")
+        if not 0 <= args.class_label < model.num_classes:
+            raise UsageError(f"--class must be in [0, {model.num_classes - 1}], got {args.class_label}")
+        labels = torch.full((args.num,), args.class_label, dtype=torch.long)
+    elif model.num_classes is not None:
+        labels = torch.arange(args.num) % model.num_classes  # cycle through the classes
+    if args.sampler == "ddim":
+        sampler = DDIMSampler(model.schedule, eta=args.eta)
+    else:
+        sampler = DDPMSampler(model.schedule)
+    bar = tqdm(total=args.steps, unit="step", file=sys.stderr)
+    x = sampler.sample(
+        model.eps,
+        model.image_shape,
+        steps=args.steps,
+        noise=ImageNoise.for_request(args.seed, args.num, device),
+        class_labels=labels,
+        guidance_scale=args.guidance,
+        callback=lambda *_: bar.update(1),
+        device=device,
+    )
+    bar.close()
+    save_png(make_grid(x, nrow=args.nrow), args.out)
+    print(f"wrote {args.num} images to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from undiffuse.checkpoint import CheckpointError
+    from undiffuse.data import DatasetError
+
+    try:
+        {"train": _train, "sample": _sample}[args.command](args)
+    except KeyboardInterrupt:
+        print("undiffuse: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, CheckpointError, DatasetError, ValueError, OSError) as e:
+        print(f"undiffuse: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""From model output to pixels: [-1, 1] floats to uint8, grids and PNG bytes."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """[N, C, H, W] float in [-1, 1] -> [N, H, W, C] uint8 (values outside are clipped)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(x: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile [N, C, H, W] in [-1, 1] into one [rows*(H+pad)+pad, cols*(W+pad)+pad, C] uint8 image,
+    nrow images per row (default: a square)."""
+    n, c, h, w = x.shape
+    cols = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    images = np.zeros((rows * cols, h, w, c), dtype=np.uint8)
+    images[:n] = to_uint8(x)
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
+    view = images.reshape(rows, cols, h, w, c)
+    for r in range(rows):  # one row of tiles at a time: rows is small, pixels stay vectorised
+        for col in range(cols):
+            y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
+            grid[y0 : y0 + h, x0 : x0 + w] = view[r, col]
+    return grid
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """[H, W, C] uint8 with C in (1, 3) -> PNG file bytes."""
+    from PIL import Image
+
+    arr = image[..., 0] if image.shape[-1] == 1 else image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(image))
+    return path

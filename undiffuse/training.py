@@ -1,0 +1,213 @@
+"""Noise-prediction training (DDPM Algorithm 1) with AdamW, an EMA of the weights, gradient
+clipping, mixed precision on a GPU, periodic checkpoints with sample grids, and resume.
+
+Layout of a training run folder:
+    model/                 the served checkpoint (EMA weights + config.json), rewritten each time
+    training_state.pt      raw weights, EMA, optimizer, step: what `resume` reads
+    samples/step_NNNNNN.png
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from undiffuse.checkpoint import DiffusionModel, ModelConfig, PredictionType, save_model
+from undiffuse.images import make_grid, save_png
+from undiffuse.noise import ImageNoise
+from undiffuse.samplers import NULL_CLASS, DDIMSampler
+from undiffuse.schedule import NoiseSchedule
+from undiffuse.unet import UNet
+
+STATE_FILE = "training_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 8000
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    label_dropout: float = 0.1  # fraction of labels replaced by the null class (for CFG)
+    checkpoint_every: int = 1000
+    sample_steps: int = 50  # DDIM steps for the checkpoint grids
+    seed: int = 0
+    mixed_precision: Literal["auto", "no"] = "auto"  # auto: bf16/fp16 autocast on CUDA
+
+
+def diffusion_loss(
+    network: torch.nn.Module,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    labels: Tensor | None,
+    prediction_type: PredictionType = "epsilon",
+) -> Tensor:
+    """DDPM Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), MSE(target, network(x_t, t)).
+
+    x0: [N, C, H, W] in [-1, 1]; labels: [N] long (NULL_CLASS for dropped) or None.
+    The target is eps, or v = sqrt(a_bar) eps - sqrt(1 - a_bar) x0 for v-prediction.
+    """
+    n = x0.shape[0]
+    t = torch.randint(0, schedule.num_timesteps, (n,), device=x0.device)
+    noise = torch.randn_like(x0)
+    x_t = schedule.q_sample(x0, t, noise)
+    target = noise if prediction_type == "epsilon" else schedule.velocity(x0, t, noise)
+    out = network(x_t, t, labels)
+    return F.mse_loss(out.float(), target)
+
+
+class Trainer:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        model_config: ModelConfig,
+        train_config: TrainConfig,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.model_config = model_config
+        self.cfg = train_config
+        self.device = torch.device(device)
+        self.schedule = model_config.schedule.build()
+        torch.manual_seed(train_config.seed)
+        self.network = UNet(model_config.unet).to(self.device)
+        self.ema = AveragedModel(
+            self.network, multi_avg_fn=get_ema_multi_avg_fn(train_config.ema_decay), use_buffers=True
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.network.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay
+        )
+        warmup = max(1, train_config.warmup_steps)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
+        )
+        self.step = 0
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if self.cfg.mixed_precision == "no" or self.device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    # --- state ----------------------------------------------------------------------------------
+    def save(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_model(self.out_dir / "model", self.ema.module.state_dict(), self.model_config)
+        state = {
+            "step": self.step,
+            "network": self.network.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        tmp = self.out_dir / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.out_dir / STATE_FILE)
+
+    def resume(self) -> bool:
+        """Load training_state.pt if the run folder has one; returns whether it did."""
+        path = self.out_dir / STATE_FILE
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.network.load_state_dict(state["network"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"].cpu())
+        self.step = int(state["step"])
+        return True
+
+    # --- loop -----------------------------------------------------------------------------------
+    def train_step(self, x0: Tensor, labels: Tensor | None) -> float:
+        self.network.train()
+        if labels is not None and self.cfg.label_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.cfg.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, NULL_CLASS), labels)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            loss = diffusion_loss(
+                self.network, self.schedule, x0, labels, self.model_config.prediction_type
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_schedule.step()
+        self.ema.update_parameters(self.network)
+        self.step += 1
+        return float(loss.detach())
+
+    def fit(self, images: Tensor, labels: Tensor | None, progress: bool = True) -> None:
+        """Train until cfg.steps on images [N, C, H, W] in [-1, 1] (+ labels [N])."""
+        from tqdm import tqdm
+
+        if self.model_config.unet.num_classes is not None and labels is None:
+            raise ValueError("a class-conditional model needs labels")
+        if labels is not None and self.model_config.unet.num_classes is not None:
+            if int(labels.min()) < 0 or int(labels.max()) >= self.model_config.unet.num_classes:
+                raise ValueError("labels out of range for the model's num_classes")
+        images = images.to(self.device)
+        labels = labels.to(self.device) if labels is not None and self.model_config.unet.num_classes else None
+        gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed + self.step)
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress, unit="it", dynamic_ncols=True)
+        started = time.perf_counter()
+        while self.step < self.cfg.steps:
+            idx = torch.randint(0, images.shape[0], (self.cfg.batch_size,), generator=gen).to(self.device)
+            loss = self.train_step(images[idx], labels[idx] if labels is not None else None)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+                self.save()
+                self.write_grid()
+        bar.close()
+        self.wall_seconds = time.perf_counter() - started
+
+    def served_model(self) -> DiffusionModel:
+        cfg = self.model_config
+        return DiffusionModel(
+            self.ema.module,
+            self.schedule,
+            image_size=cfg.unet.image_size,
+            channels=cfg.unet.in_channels,
+            num_classes=cfg.unet.num_classes,
+            prediction_type=cfg.prediction_type,
+            class_names=cfg.class_names,
+        )
+
+    @torch.no_grad()
+    def write_grid(self) -> Path:
+        """A sample grid from the EMA weights: one row per class (10 each), or 8 x 8."""
+        model = self.served_model().eval()
+        k = model.num_classes
+        if k:
+            per_row = 10
+            labels = torch.arange(k, device=self.device).repeat_interleave(per_row)
+        else:
+            per_row, labels = 8, None
+        n = labels.numel() if labels is not None else 64
+        sampler = DDIMSampler(self.schedule, eta=0.0)
+        x = sampler.sample(
+            model.eps,
+            model.image_shape,
+            steps=min(self.cfg.sample_steps, self.schedule.num_timesteps),
+            noise=ImageNoise.for_request(self.cfg.seed, n, self.device),
+            class_labels=labels,
+            device=self.device,
+        )
+        return save_png(make_grid(x, nrow=per_row), self.out_dir / "samples" / f"step_{self.step:06d}.png")
