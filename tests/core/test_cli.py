@@ -1,0 +1,92 @@
+import gzip
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from undiffuse.cli import main
+from undiffuse.data import DatasetError, load_idx_dataset, read_idx
+
+
+def _write_idx(path, arr: np.ndarray):
+    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}i", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def idx_data(tmp_path):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (16, 8, 8)), rng.integers(0, 3, (16,))
+    labels[:3] = [0, 1, 2]
+    _write_idx(tmp_path / "img.gz", images)
+    _write_idx(tmp_path / "lab.gz", labels)
+    return tmp_path / "img.gz", tmp_path / "lab.gz", images
+
+
+def test_read_idx_round_trip_and_range(idx_data):
+    img, lab, images = idx_data
+    assert np.array_equal(read_idx(img), images)
+    x, y = load_idx_dataset(img, lab)
+    assert x.shape == (16, 1, 8, 8) and y.shape == (16,)
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_read_idx_rejects_truncated_file(tmp_path, idx_data):
+    img, _, _ = idx_data
+    raw = gzip.decompress(img.read_bytes())
+    bad = tmp_path / "bad.gz"
+    bad.write_bytes(gzip.compress(raw[:-10]))
+    with pytest.raises(DatasetError, match="bad.gz: payload has"):
+        read_idx(bad)
+
+
+def test_train_then_sample_end_to_end(tmp_path, idx_data, capsys):
+    img, lab, _ = idx_data
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(img), "--labels", str(lab), "--out", str(run), "--steps", "3",
+            "--checkpoint-every", "3", "--base-channels", "16", "--channel-mult", "1,2", "--attention", "",
+            "--batch-size", "4"]
+    assert main(argv) == 0
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(run / "model"), "--num", "6", "--steps", "4", "--class", "2",
+                 "--nrow", "3", "--out", str(out), "--sampler", "ddpm"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (3 * 10 + 2, 2 * 10 + 2)  # 8 px tiles, 2 px padding
+    # resume picks up where it stopped
+    assert main(argv[:-6] + ["--steps", "5", "--checkpoint-every", "5", "--base-channels", "16", "--channel-mult", "1,2", "--attention", "", "--batch-size", "4"]) == 0
+    assert "resumed from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sample", "--model", "/nonexistent"], "/nonexistent: model folder not found"),
+        (["sample", "--model", "x", "--num", "0"], "--num must be >= 1, got 0"),
+        (["sample", "--model", "x", "--sampler", "euler"], "invalid choice: 'euler'"),
+        (["sample", "--model", "x", "--out", "a.jpg"], "must be a .png path"),
+        (["train", "--data", "/nonexistent", "--out", "/tmp/x"], "no such file or folder"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_nonzero_with_one_line(args, message):
+    proc = subprocess.run([sys.executable, "-m", "undiffuse.cli", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("undiffuse: error:") and message in lines[0]
+
+
+def test_sample_checks_class_against_model(tmp_path, idx_data):
+    img, lab, _ = idx_data
+    run = tmp_path / "run"
+    main(["train", "--data", str(img), "--labels", str(lab), "--out", str(run), "--steps", "1",
+          "--base-channels", "16", "--channel-mult", "1,2", "--attention", "", "--batch-size", "2"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "undiffuse.cli", "sample", "--model", str(run / "model"), "--class", "3", "--out", str(tmp_path / "g.png")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "--class must be in [0, 2], got 3" in proc.stderr

@@ -1,0 +1,76 @@
+"""Pinned numeric checks against diffusers' schedulers: same model output, same noise, same
+x_t -> the same x_{t_prev} to 1e-5 (diffusers is a test-only dependency)."""
+
+import pytest
+import torch
+
+from undiffuse import DDIMSampler, DDPMSampler, NoiseSchedule
+from undiffuse.samplers import respaced_timesteps
+
+diffusers = pytest.importorskip("diffusers")  # listed in the test extra; absent only in a bare core install
+
+SHAPE = (4, 3, 8, 8)
+
+
+def _inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x_t = torch.randn(SHAPE, generator=g) * 2
+    eps = torch.randn(SHAPE, generator=g)
+    return x_t, eps
+
+
+def _schedules():
+    ours_linear = NoiseSchedule.linear()
+    ours_cos = NoiseSchedule.cosine()
+    return [
+        (ours_linear, dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)),
+        (ours_cos, dict(beta_schedule="squaredcos_cap_v2")),
+    ]
+
+
+def test_schedules_agree_with_diffusers():
+    for ours, kwargs in _schedules():
+        theirs = diffusers.DDPMScheduler(num_train_timesteps=1000, **kwargs)
+        assert torch.allclose(ours.betas.float(), theirs.betas, rtol=1e-5, atol=1e-7)
+        # diffusers accumulates alpha_bar in float32; ours is float64 (see schedule.py)
+        assert torch.allclose(ours.alphas_cumprod.float(), theirs.alphas_cumprod, rtol=2e-4)
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("steps", [1000, 50])
+@pytest.mark.parametrize("which", [0, 1])
+def test_ddpm_step_matches_diffusers(variance, clip, steps, which):
+    ours_schedule, kwargs = _schedules()[which]
+    theirs = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type=variance, clip_sample=clip, **kwargs)
+    theirs.alphas_cumprod = ours_schedule.alphas_cumprod.float()  # compare the step math alone
+    theirs.set_timesteps(steps)
+    ours = DDPMSampler(ours_schedule, variance=variance, clip_x0=clip)
+    assert theirs.timesteps.tolist() == respaced_timesteps(1000, steps)
+    for t in [theirs.timesteps[0].item(), theirs.timesteps[steps // 2].item(), 0]:
+        x_t, eps = _inputs(t)
+        noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99))
+        expected = theirs.step(eps, t, x_t, generator=torch.Generator().manual_seed(99))
+        got = ours.step(eps, t, x_t, noise if t > 0 else None, steps=steps)
+        assert torch.allclose(got.prev_sample, expected.prev_sample, atol=1e-5), t
+        assert torch.allclose(got.pred_x0, expected.pred_original_sample, atol=1e-5), t
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("steps", [50, 10])
+@pytest.mark.parametrize("which", [0, 1])
+def test_ddim_step_matches_diffusers(eta, clip, steps, which):
+    ours_schedule, kwargs = _schedules()[which]
+    theirs = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=clip, set_alpha_to_one=True, **kwargs)
+    theirs.alphas_cumprod = ours_schedule.alphas_cumprod.float()
+    theirs.set_timesteps(steps)
+    ours = DDIMSampler(ours_schedule, eta=eta, clip_x0=clip)
+    assert theirs.timesteps.tolist() == respaced_timesteps(1000, steps)
+    for t in [theirs.timesteps[0].item(), theirs.timesteps[steps // 2].item(), 0]:
+        x_t, eps = _inputs(t + 1)
+        noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+        expected = theirs.step(eps, t, x_t, eta=eta, variance_noise=noise)
+        got = ours.step(eps, t, x_t, noise, steps=steps)
+        assert torch.allclose(got.prev_sample, expected.prev_sample, atol=1e-5), t
+        assert torch.allclose(got.pred_x0, expected.pred_original_sample, atol=1e-5), t

@@ -1,0 +1,157 @@
+"""One conformance suite for every sampler: exactness on Gaussian data, batch invariance,
+callbacks and argument checks."""
+
+import math
+
+import pytest
+import torch
+
+from undiffuse import DDIMSampler, DDPMSampler, ImageNoise, NoiseSchedule, UNet, UNetConfig
+from undiffuse.samplers import respaced_timesteps
+
+MU, SIGMA = 0.5, 0.3
+
+
+def gaussian_optimal_eps(schedule: NoiseSchedule):
+    """The exact E[eps | x_t] when the data are N(MU, SIGMA^2 I):
+    x_t ~ N(sqrt(a) MU, a SIGMA^2 + 1 - a), so E[eps | x_t] = sqrt(1-a) (x_t - sqrt(a) MU) / var."""
+
+    def eps_model(x_t, t):
+        a = schedule.gather(schedule.alphas_cumprod, t, x_t)
+        return (1 - a).sqrt() * (x_t - a.sqrt() * MU) / (a * SIGMA**2 + 1 - a)
+
+    return eps_model
+
+
+# With the exact eps the only error left is the discretisation of the reverse process, which
+# vanishes as steps -> T (test_error_shrinks_with_more_steps); these run at T or close to it.
+SAMPLERS = {
+    "ddpm-small-1000": (lambda s: DDPMSampler(s, variance="fixed_small", clip_x0=False), 1000),
+    "ddpm-large-1000": (lambda s: DDPMSampler(s, variance="fixed_large", clip_x0=False), 1000),
+    "ddim-eta0-1000": (lambda s: DDIMSampler(s, eta=0.0, clip_x0=False), 1000),
+    "ddim-eta0-250": (lambda s: DDIMSampler(s, eta=0.0, clip_x0=False), 250),
+    "ddim-eta1-1000": (lambda s: DDIMSampler(s, eta=1.0, clip_x0=False), 1000),
+}
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_reproduces_gaussian_data_distribution(name, kind):
+    schedule = NoiseSchedule.linear() if kind == "linear" else NoiseSchedule.cosine()
+    make, steps = SAMPLERS[name]
+    n, shape = 2000, (1, 4, 4)
+    x = make(schedule).sample(
+        gaussian_optimal_eps(schedule), shape, steps=steps, noise=ImageNoise.for_request(0, n)
+    )
+    samples = x.double().flatten()
+    se_mean = SIGMA / math.sqrt(samples.numel())
+    assert samples.mean().item() == pytest.approx(MU, abs=5 * se_mean + 0.01)
+    # fixed_large adds beta_t instead of the posterior variance and over-disperses a little
+    rel = 0.10 if "large" in name else 0.03
+    assert samples.std().item() == pytest.approx(SIGMA, rel=rel)
+
+
+def test_error_shrinks_with_more_steps():
+    schedule = NoiseSchedule.linear()
+    errors = []
+    for steps in (20, 100, 500):
+        x = DDIMSampler(schedule, clip_x0=False).sample(
+            gaussian_optimal_eps(schedule), (1, 4, 4), steps=steps, noise=ImageNoise.for_request(0, 2000)
+        )
+        errors.append(abs(x.double().std().item() - SIGMA))
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_ddim_with_eta_one_is_ddpm_with_posterior_variance():
+    """DDIM Eq. 16 with eta = 1 gives exactly DDPM's sigma_t^2 = beta tilde (Song et al., Sec. 4.1)."""
+    schedule = NoiseSchedule.cosine()
+    eps = gaussian_optimal_eps(schedule)
+    noise = ImageNoise.for_request(11, 64)
+    a = DDPMSampler(schedule, clip_x0=False).sample(eps, (1, 4, 4), steps=50, noise=noise)
+    b = DDIMSampler(schedule, eta=1.0, clip_x0=False).sample(eps, (1, 4, 4), steps=50, noise=noise)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(image_size=8, base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,), num_classes=3))
+    # the zero-initialised output would make every image equal; perturb it so images differ
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+@pytest.mark.parametrize("sampler", [DDPMSampler(NoiseSchedule.linear()), DDIMSampler(NoiseSchedule.linear(), eta=0.5)])
+def test_same_seed_and_index_give_the_same_image_alone_and_in_a_batch(tiny_unet, sampler):
+    shape, steps = (1, 8, 8), 10
+    labels_batch = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    batch = sampler.sample(
+        tiny_unet, shape, steps=steps, noise=ImageNoise([3] * 8, list(range(8))), class_labels=labels_batch
+    )
+    alone = sampler.sample(tiny_unet, shape, steps=steps, noise=ImageNoise([3], [5]), class_labels=labels_batch[5:6])
+    # a shard on another replica: images 4..7 of the same request
+    shard = sampler.sample(
+        tiny_unet, shape, steps=steps, noise=ImageNoise([3] * 4, [4, 5, 6, 7]), class_labels=labels_batch[4:]
+    )
+    assert torch.allclose(alone[0], batch[5], atol=1e-5)
+    assert torch.allclose(shard, batch[4:], atol=1e-5)
+    assert not torch.allclose(batch[4], batch[5], atol=1e-3)
+
+
+def test_guidance_scale_one_is_plain_conditional_and_other_scales_differ(tiny_unet):
+    sampler = DDIMSampler(NoiseSchedule.linear())
+    labels = torch.tensor([1, 2])
+    run = lambda w: sampler.sample(  # noqa: E731
+        tiny_unet, (1, 8, 8), steps=5, noise=ImageNoise.for_request(0, 2), class_labels=labels, guidance_scale=w
+    )
+    plain = run(1.0)
+    assert torch.allclose(plain, run(1.0))
+    assert not torch.allclose(plain, run(3.0), atol=1e-4)
+
+
+def test_callback_sees_every_step_in_order_and_can_stop_the_loop():
+    schedule = NoiseSchedule.linear()
+    seen = []
+    sampler = DDIMSampler(schedule)
+    sampler.sample(
+        gaussian_optimal_eps(schedule), (1, 2, 2), steps=20, noise=ImageNoise.for_request(0, 3),
+        callback=lambda i, t, x, x0: seen.append((i, t, tuple(x.shape), tuple(x0.shape))),
+    )
+    assert [s[0] for s in seen] == list(range(20))
+    assert [s[1] for s in seen] == respaced_timesteps(1000, 20)
+    assert all(s[2] == s[3] == (3, 1, 2, 2) for s in seen)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(i, *_):
+        if i == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        sampler.sample(gaussian_optimal_eps(schedule), (1, 2, 2), steps=20, noise=ImageNoise.for_request(0, 1), callback=stop_at_3)
+
+
+def test_explicit_x_T_is_used():
+    schedule = NoiseSchedule.linear()
+    sampler = DDIMSampler(schedule)
+    x_T = torch.zeros(2, 1, 2, 2)
+    out = sampler.sample(lambda x, t: torch.zeros_like(x), (1, 2, 2), steps=10, noise=ImageNoise.for_request(0, 2), x_T=x_T)
+    assert torch.allclose(out, torch.zeros_like(out))  # zero noise prediction keeps x = 0
+    with pytest.raises(ValueError, match="x_T must have shape"):
+        sampler.sample(lambda x, t: x, (1, 2, 2), steps=10, noise=ImageNoise.for_request(0, 3), x_T=x_T)
+
+
+def test_respacing_and_argument_checks():
+    assert respaced_timesteps(1000, 4) == [750, 500, 250, 0]
+    assert respaced_timesteps(1000, 1000)[:3] == [999, 998, 997]
+    with pytest.raises(ValueError, match="steps must be in"):
+        respaced_timesteps(1000, 1001)
+    with pytest.raises(ValueError, match="eta"):
+        DDIMSampler(NoiseSchedule.linear(), eta=1.5)
+    with pytest.raises(ValueError, match="variance"):
+        DDPMSampler(NoiseSchedule.linear(), variance="learned")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs noise"):
+        DDPMSampler(NoiseSchedule.linear()).step(torch.zeros(1, 1, 2, 2), 5, torch.zeros(1, 1, 2, 2))

@@ -1,0 +1,61 @@
+import torch
+
+from undiffuse import ModelConfig, ScheduleConfig, UNetConfig, load_model
+from undiffuse.training import TrainConfig, Trainer, diffusion_loss
+
+TINY = UNetConfig(image_size=8, base_channels=16, channel_mult=(1, 2), attention_resolutions=(), num_classes=2, dropout=0.0)
+
+
+def _data(n=64):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    # class 0: a bright left half, class 1: a bright right half
+    x = -torch.ones(n, 1, 8, 8)
+    x[labels == 0, :, :, :4] = 1
+    x[labels == 1, :, :, 4:] = 1
+    return x, labels
+
+
+def test_loss_decreases_and_checkpoint_is_served_model(tmp_path):
+    images, labels = _data()
+    cfg = ModelConfig(unet=TINY, schedule=ScheduleConfig(num_timesteps=100))
+    trainer = Trainer(tmp_path, cfg, TrainConfig(steps=120, batch_size=32, lr=2e-3, warmup_steps=10, checkpoint_every=60, sample_steps=5))
+    torch.manual_seed(0)
+    before = sum(diffusion_loss(trainer.network, trainer.schedule, images, labels).item() for _ in range(5))
+    trainer.fit(images, labels, progress=False)
+    torch.manual_seed(0)
+    after = sum(diffusion_loss(trainer.network, trainer.schedule, images, labels).item() for _ in range(5))
+    assert after < 0.7 * before
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_000060.png", "step_000120.png"]
+    served = load_model(tmp_path / "model")
+    ema = trainer.ema.module.state_dict()
+    for k, v in served.network.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    images, labels = _data()
+    cfg = ModelConfig(unet=TINY, schedule=ScheduleConfig(num_timesteps=100), prediction_type="v")
+    tc = TrainConfig(steps=4, batch_size=8, checkpoint_every=2, sample_steps=2)
+    first = Trainer(tmp_path, cfg, tc)
+    first.fit(images, labels, progress=False)
+    again = Trainer(tmp_path, cfg, TrainConfig(steps=6, batch_size=8, checkpoint_every=2, sample_steps=2))
+    assert again.resume() and again.step == 4
+    for k, v in first.network.state_dict().items():
+        assert torch.equal(v, again.network.state_dict()[k])
+    assert again.optimizer.state_dict()["state"]  # Adam moments came back too
+    again.fit(images, labels, progress=False)
+    assert again.step == 6
+
+
+def test_v_prediction_target():
+    cfg_eps = ModelConfig(unet=TINY, schedule=ScheduleConfig(num_timesteps=10))
+    schedule = cfg_eps.schedule.build()
+    x0 = torch.zeros(4, 1, 8, 8)
+    # a network that returns zeros: eps loss is E[eps^2] = 1, v loss is E[a_bar eps^2] < 1
+    zero = lambda x, t, y: torch.zeros_like(x)  # noqa: E731
+    torch.manual_seed(0)
+    l_eps = diffusion_loss(zero, schedule, x0, None, "epsilon")
+    torch.manual_seed(0)
+    l_v = diffusion_loss(zero, schedule, x0, None, "v")
+    assert 0.8 < l_eps.item() < 1.2 and l_v.item() < l_eps.item()
