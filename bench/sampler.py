@@ -25,16 +25,20 @@ def build_unet(device: torch.device):
 
     torch.manual_seed(0)
     # a CIFAR-10-shaped DDPM UNet, narrowed so that batch 64 runs on a 2-core CPU
-    return UNet2DModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    ).to(device).eval()
+    return (
+        UNet2DModel(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+        )
+        .to(device)
+        .eval()
+    )
 
 
 def time_it(fn, repeats: int) -> tuple[float, object]:
@@ -83,7 +87,9 @@ def main() -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype != torch.float32):
                 return net(x, t).sample.float()
 
-        x = sampler.sample(eps, (3, 32, 32), steps=args.steps, noise=ImageNoise.for_request(0, n, device), device=device)
+        x = sampler.sample(
+            eps, (3, 32, 32), steps=args.steps, noise=ImageNoise.for_request(0, n, device), device=device
+        )
         return to_uint8(x)
 
     def theirs(kind: str, n: int):
@@ -92,9 +98,11 @@ def main() -> None:
         with torch.no_grad():
             return pipes[kind](batch_size=n, generator=g, num_inference_steps=args.steps, output_type="np", **kw)
 
-    print(f"# {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {device}"
-          + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
+    print(
+        f"# {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {device}"
+        + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
+    )
     print(f"# UNet2DModel {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, 32x32x3, {args.steps} steps")
     header = "| sampler | batch | diffusers img/s | undiffuse img/s | ratio |"
     if args.fast:

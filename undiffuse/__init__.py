@@ -1,6 +1,6 @@
 """undiffuse: denoising diffusion (DDPM, DDIM) in PyTorch.
 
-    from undiffuse import NoiseSchedule, DDPMSampler, DDIMSampler, ImageNoise, load_model
+from undiffuse import NoiseSchedule, DDPMSampler, DDIMSampler, ImageNoise, load_model
 """
 
 from undiffuse.checkpoint import CheckpointError, DiffusionModel, ModelConfig, load_model, save_model

@@ -55,9 +55,7 @@ class Sampler:
         self.clip_x0 = clip_x0
 
     # --- to be provided by subclasses ------------------------------------------------------------
-    def step(
-        self, model_output: Tensor, t: int, x_t: Tensor, noise: Tensor | None = None, *, steps: int
-    ) -> StepOutput:
+    def step(self, model_output: Tensor, t: int, x_t: Tensor, noise: Tensor | None = None, *, steps: int) -> StepOutput:
         raise NotImplementedError
 
     def needs_noise(self, t: int) -> bool:
@@ -149,9 +147,7 @@ class DDPMSampler(Sampler):
     uses beta_t (Ho et al. 2020, Sec. 3.2 discuss both).
     """
 
-    def __init__(
-        self, schedule: NoiseSchedule, variance: VarianceType = "fixed_small", clip_x0: bool = True
-    ) -> None:
+    def __init__(self, schedule: NoiseSchedule, variance: VarianceType = "fixed_small", clip_x0: bool = True) -> None:
         super().__init__(schedule, clip_x0)
         if variance not in ("fixed_small", "fixed_large"):
             raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}")

@@ -61,15 +61,11 @@ class NoiseSchedule:
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
         # DDPM Eq. 7: variance of q(x_{t-1} | x_t, x_0).
-        self.posterior_variance = (
-            betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        )
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
 
     # --- constructors -------------------------------------------------------------------------
     @classmethod
-    def linear(
-        cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
-    ) -> "NoiseSchedule":
+    def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
         """Ho et al. 2020, Sec. 4: betas linear from 1e-4 to 0.02 over T = 1000 steps."""
         if num_timesteps < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
@@ -80,9 +76,7 @@ class NoiseSchedule:
         return cls(betas, cfg)
 
     @classmethod
-    def cosine(
-        cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999
-    ) -> "NoiseSchedule":
+    def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "NoiseSchedule":
         """Nichol & Dhariwal 2021, Eq. 17: alpha_bar(t) = cos^2((t/T + s)/(1 + s) * pi/2),
         betas = 1 - alpha_bar(t+1)/alpha_bar(t), capped at max_beta."""
         if num_timesteps < 1:

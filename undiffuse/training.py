@@ -88,9 +88,7 @@ class Trainer:
             self.network.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay
         )
         warmup = max(1, train_config.warmup_steps)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
-        )
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.step = 0
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
@@ -138,10 +136,10 @@ class Trainer:
         if labels is not None and self.cfg.label_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.cfg.label_dropout
             labels = torch.where(drop, torch.full_like(labels, NULL_CLASS), labels)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            loss = diffusion_loss(
-                self.network, self.schedule, x0, labels, self.model_config.prediction_type
-            )
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
+            loss = diffusion_loss(self.network, self.schedule, x0, labels, self.model_config.prediction_type)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+
 @dataclass(frozen=True)
 class UNetConfig:
     image_size: int = 28
@@ -33,9 +34,7 @@ class UNetConfig:
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if self.image_size < 1 or self.image_size % factor:
-            raise ValueError(
-                f"image_size {self.image_size} must be divisible by the down-sampling factor {factor}"
-            )
+            raise ValueError(f"image_size {self.image_size} must be divisible by the down-sampling factor {factor}")
         for m in self.channel_mult:
             if (self.base_channels * m) % self.norm_groups:
                 raise ValueError(f"channels {self.base_channels * m} not divisible by norm_groups")
@@ -57,12 +56,14 @@ class UNetConfig:
                 d[key] = tuple(d[key])
         return cls(**d)
 
+
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding (Vaswani et al. 2017, as in DDPM): t [N] -> [N, dim] float32."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv twice, with the time/class embedding added in between."""
@@ -84,6 +85,7 @@ class ResBlock(nn.Module):
         h = h + self.emb(F.silu(emb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
+
 
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, through scaled_dot_product_attention."""
@@ -107,6 +109,7 @@ class AttentionBlock(nn.Module):
         out = out.transpose(-1, -2).reshape(n, c, h, w)
         return x + self.proj(out)
 
+
 class Downsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -115,6 +118,7 @@ class Downsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
 
+
 class Upsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -122,6 +126,7 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
 
 class _Level(nn.Module):
     """One resolution's worth of blocks: a ResBlock, optionally followed by attention."""
@@ -134,6 +139,7 @@ class _Level(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         return self.attn(self.res(x, emb))
 
+
 class UNet(nn.Module):
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -142,9 +148,7 @@ class UNet(nn.Module):
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # index num_classes is the null class used by classifier-free guidance
-        self.class_emb = (
-            nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
-        )
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
         self.stem = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         def level(cin: int, cout: int, res: int) -> _Level:
@@ -179,9 +183,7 @@ class UNet(nn.Module):
                 if i > 0 and j == cfg.num_res_blocks:
                     self.up.append(Upsample(cur))
                     res *= 2
-        self.out = nn.Sequential(
-            nn.GroupNorm(groups, cur), nn.SiLU(), nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
-        )
+        self.out = nn.Sequential(nn.GroupNorm(groups, cur), nn.SiLU(), nn.Conv2d(cur, cfg.in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
@@ -209,6 +211,6 @@ class UNet(nn.Module):
                 h = block(h)
         return self.out(h)
 
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-

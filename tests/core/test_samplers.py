@@ -40,9 +40,7 @@ def test_reproduces_gaussian_data_distribution(name, kind):
     schedule = NoiseSchedule.linear() if kind == "linear" else NoiseSchedule.cosine()
     make, steps = SAMPLERS[name]
     n, shape = 2000, (1, 4, 4)
-    x = make(schedule).sample(
-        gaussian_optimal_eps(schedule), shape, steps=steps, noise=ImageNoise.for_request(0, n)
-    )
+    x = make(schedule).sample(gaussian_optimal_eps(schedule), shape, steps=steps, noise=ImageNoise.for_request(0, n))
     samples = x.double().flatten()
     se_mean = SIGMA / math.sqrt(samples.numel())
     assert samples.mean().item() == pytest.approx(MU, abs=5 * se_mean + 0.01)
@@ -75,7 +73,9 @@ def test_ddim_with_eta_one_is_ddpm_with_posterior_variance():
 @pytest.fixture(scope="module")
 def tiny_unet():
     torch.manual_seed(0)
-    net = UNet(UNetConfig(image_size=8, base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,), num_classes=3))
+    net = UNet(
+        UNetConfig(image_size=8, base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,), num_classes=3)
+    )
     # the zero-initialised output would make every image equal; perturb it so images differ
     with torch.no_grad():
         for p in net.parameters():
@@ -116,7 +116,10 @@ def test_callback_sees_every_step_in_order_and_can_stop_the_loop():
     seen = []
     sampler = DDIMSampler(schedule)
     sampler.sample(
-        gaussian_optimal_eps(schedule), (1, 2, 2), steps=20, noise=ImageNoise.for_request(0, 3),
+        gaussian_optimal_eps(schedule),
+        (1, 2, 2),
+        steps=20,
+        noise=ImageNoise.for_request(0, 3),
         callback=lambda i, t, x, x0: seen.append((i, t, tuple(x.shape), tuple(x0.shape))),
     )
     assert [s[0] for s in seen] == list(range(20))
@@ -131,14 +134,18 @@ def test_callback_sees_every_step_in_order_and_can_stop_the_loop():
             raise Stop
 
     with pytest.raises(Stop):
-        sampler.sample(gaussian_optimal_eps(schedule), (1, 2, 2), steps=20, noise=ImageNoise.for_request(0, 1), callback=stop_at_3)
+        sampler.sample(
+            gaussian_optimal_eps(schedule), (1, 2, 2), steps=20, noise=ImageNoise.for_request(0, 1), callback=stop_at_3
+        )
 
 
 def test_explicit_x_T_is_used():
     schedule = NoiseSchedule.linear()
     sampler = DDIMSampler(schedule)
     x_T = torch.zeros(2, 1, 2, 2)
-    out = sampler.sample(lambda x, t: torch.zeros_like(x), (1, 2, 2), steps=10, noise=ImageNoise.for_request(0, 2), x_T=x_T)
+    out = sampler.sample(
+        lambda x, t: torch.zeros_like(x), (1, 2, 2), steps=10, noise=ImageNoise.for_request(0, 2), x_T=x_T
+    )
     assert torch.allclose(out, torch.zeros_like(out))  # zero noise prediction keeps x = 0
     with pytest.raises(ValueError, match="x_T must have shape"):
         sampler.sample(lambda x, t: x, (1, 2, 2), steps=10, noise=ImageNoise.for_request(0, 3), x_T=x_T)

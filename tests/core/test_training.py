@@ -3,7 +3,9 @@ import torch
 from undiffuse import ModelConfig, ScheduleConfig, UNetConfig, load_model
 from undiffuse.training import TrainConfig, Trainer, diffusion_loss
 
-TINY = UNetConfig(image_size=8, base_channels=16, channel_mult=(1, 2), attention_resolutions=(), num_classes=2, dropout=0.0)
+TINY = UNetConfig(
+    image_size=8, base_channels=16, channel_mult=(1, 2), attention_resolutions=(), num_classes=2, dropout=0.0
+)
 
 
 def _data(n=64):
@@ -19,7 +21,11 @@ def _data(n=64):
 def test_loss_decreases_and_checkpoint_is_served_model(tmp_path):
     images, labels = _data()
     cfg = ModelConfig(unet=TINY, schedule=ScheduleConfig(num_timesteps=100))
-    trainer = Trainer(tmp_path, cfg, TrainConfig(steps=120, batch_size=32, lr=2e-3, warmup_steps=10, checkpoint_every=60, sample_steps=5))
+    trainer = Trainer(
+        tmp_path,
+        cfg,
+        TrainConfig(steps=120, batch_size=32, lr=2e-3, warmup_steps=10, checkpoint_every=60, sample_steps=5),
+    )
     torch.manual_seed(0)
     before = sum(diffusion_loss(trainer.network, trainer.schedule, images, labels).item() for _ in range(5))
     trainer.fit(images, labels, progress=False)

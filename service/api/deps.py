@@ -1,0 +1,64 @@
+"""What routes depend on: the per-replica context and the caller's identity."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, HTTPException, status
+
+from service.models import ModelRegistry
+from service.settings import Settings
+from service.storage import ObjectStore
+from service.store import JobStore
+
+
+@dataclass
+class Context:
+    """Everything a route needs, built once per ingress replica."""
+
+    settings: Settings
+    store: JobStore
+    objects: ObjectStore
+    registry: ModelRegistry
+    sampler: Any  # a DeploymentHandle to the Sampler (None when run without Serve)
+
+
+_context: Context | None = None
+
+
+def set_context(context: Context) -> None:
+    """Called once by the ingress replica's constructor. (Serve runs a copy of the FastAPI app,
+    so app.state set in the constructor is not the state the routes see.)"""
+    global _context
+    _context = context
+
+
+def get_context() -> Context:
+    if _context is None:
+        raise RuntimeError("the ingress context is not initialised")
+    return _context
+
+
+Ctx = Annotated[Context, Depends(get_context)]
+ANONYMOUS = "anonymous"
+
+
+def get_owner(ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -> str:
+    """With API keys configured, require `Authorization: Bearer <key>`; the owner is a hash of
+    the key, so a key sees only its own jobs. Without keys everyone is the same owner."""
+    keys = ctx.settings.api_keys
+    if not keys:
+        return ANONYMOUS
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if not authorization or not authorization.startswith("Bearer "):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing Authorization: Bearer <api key>", challenge)
+    presented = authorization.removeprefix("Bearer ").strip()
+    if not any(hmac.compare_digest(presented.encode(), k.encode()) for k in keys):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key", challenge)
+    return hashlib.sha256(presented.encode()).hexdigest()[:24]
+
+
+Owner = Annotated[str, Depends(get_owner)]

@@ -1,0 +1,44 @@
+"""/healthz (the process is up) and /readyz (Redis, S3 and the Sampler answer)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.api.deps import Ctx
+
+router = APIRouter(tags=["health"])
+CHECK_TIMEOUT_S = 5.0
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def _check(name: str, probe) -> tuple[str, str]:
+    try:
+        await asyncio.wait_for(probe(), CHECK_TIMEOUT_S)
+        return name, "ok"
+    except Exception as e:  # any failure means "not ready", with the reason
+        return name, f"unavailable: {type(e).__name__}: {e}"[:300]
+
+
+@router.get("/readyz")
+async def readyz(ctx: Ctx) -> JSONResponse:
+    async def sampler() -> None:
+        if ctx.sampler is None:
+            raise RuntimeError("no Sampler handle")
+        await ctx.sampler.ready.remote()
+
+    checks = dict(
+        await asyncio.gather(
+            _check("redis", ctx.store.r.ping),
+            _check("s3", lambda: asyncio.to_thread(ctx.objects.ping)),
+            _check("sampler", sampler),
+        )
+    )
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)

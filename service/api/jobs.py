@@ -1,0 +1,167 @@
+"""/v1/jobs: submit, poll, cancel and list generation jobs."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.exceptions import RequestValidationError
+
+from service.api.deps import Context, Ctx, Owner
+from service.schemas import (
+    ImageResult,
+    JobCreate,
+    JobList,
+    JobParams,
+    JobStatus,
+    JobSummary,
+    JobView,
+    ModelInfo,
+    Progress,
+)
+from service.storage import image_key
+from service.store import IdempotencyConflict, JobFinished, JobNotFound, JobRecord, shard_ranges
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+NOT_FOUND = "job not found"
+
+
+def _invalid(field: str, message: str, value: Any) -> RequestValidationError:
+    """A 422 shaped like FastAPI's own: detail[0].loc names the field."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
+
+
+def resolve_params(body: JobCreate, ctx: Context) -> JobParams:
+    """Check what depends on the model and the server's limits; fill the defaults."""
+    model = ctx.registry.get(body.model)
+    if model is None:
+        raise _invalid(
+            "model", f"unknown model {body.model!r}; available: {', '.join(ctx.registry.models)}", body.model
+        )
+    limit = ctx.settings.max_images_per_job
+    if body.num_images > limit:
+        raise _invalid("num_images", f"must be at most {limit}", body.num_images)
+    max_steps = min(model.num_timesteps, ctx.settings.max_steps)
+    if body.steps > max_steps:
+        raise _invalid("steps", f"must be at most {max_steps} for model {model.name!r}", body.steps)
+    _check_labels(body, model)
+    return JobParams(
+        model=model.name,
+        num_images=body.num_images,
+        steps=body.steps,
+        sampler=body.sampler,
+        eta=body.eta,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
+        class_label=body.class_label,
+        guidance_scale=body.guidance_scale,
+    )
+
+
+def _check_labels(body: JobCreate, model: ModelInfo) -> None:
+    labels = body.class_label
+    if model.num_classes is None:
+        if labels is not None:
+            raise _invalid("class_label", f"model {model.name!r} is unconditional; omit class_label", labels)
+        if body.guidance_scale != 1.0:
+            raise _invalid(
+                "guidance_scale", f"model {model.name!r} is unconditional; guidance needs classes", body.guidance_scale
+            )
+        return
+    k = model.num_classes
+    if labels is None:
+        raise _invalid("class_label", f"required: model {model.name!r} is class-conditional (0..{k - 1})", None)
+    if isinstance(labels, list) and len(labels) != body.num_images:
+        raise _invalid("class_label", f"has {len(labels)} labels for {body.num_images} images", labels)
+    for value in labels if isinstance(labels, list) else [labels]:
+        if not 0 <= value < k:
+            raise _invalid("class_label", f"{value} is out of range 0..{k - 1}", labels)
+
+
+def job_view(record: JobRecord, ctx: Context) -> JobView:
+    results = []
+    ranges = shard_ranges(record.params.num_images, ctx.settings.shard_size)
+    for shard in sorted(record.done_shards):
+        start, count = ranges[shard]
+        for index in range(start, start + count):
+            key = image_key(record.id, index)
+            results.append(ImageResult(index=index, seed=record.params.seed, key=key, url=ctx.objects.presign(key)))
+    return JobView(
+        id=record.id,
+        status=record.status,
+        progress=_progress(record),
+        params=record.params,
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        error=record.error,
+        results=results,
+    )
+
+
+def _progress(record: JobRecord) -> Progress:
+    return Progress(
+        images_done=record.images_done,
+        images_total=record.params.num_images,
+        step=record.step,
+        steps=record.params.steps,
+    )
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobView)
+async def submit_job(
+    body: JobCreate,
+    ctx: Ctx,
+    owner: Owner,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobView:
+    """Validate and durably queue a job. The same Idempotency-Key and body return the same job."""
+    params = resolve_params(body, ctx)
+    try:
+        job_id, created = await ctx.store.submit(owner, params, body.model_dump(), idempotency_key)
+    except IdempotencyConflict:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, "Idempotency-Key was already used with a different body"
+        ) from None
+    record = await ctx.store.get_owned(job_id, owner)
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return job_view(record, ctx)
+
+
+@router.get("/{job_id}", response_model=JobView)
+async def get_job(job_id: str, ctx: Ctx, owner: Owner) -> JobView:
+    try:
+        return job_view(await ctx.store.get_owned(job_id, owner), ctx)
+    except JobNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
+
+
+@router.post("/{job_id}/cancel", response_model=JobView)
+async def cancel_job(job_id: str, ctx: Ctx, owner: Owner) -> JobView:
+    """A queued job never runs; a running one stops at its next denoising step."""
+    try:
+        return job_view(await ctx.store.cancel(job_id, owner), ctx)
+    except JobNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
+    except JobFinished as e:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job already {e.status.value}; nothing to cancel") from None
+
+
+@router.get("", response_model=JobList)
+async def list_jobs(
+    ctx: Ctx,
+    owner: Owner,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[int | None, Query(ge=0, description="next_cursor of the previous page")] = None,
+) -> JobList:
+    """The caller's jobs, newest first."""
+    records, next_cursor = await ctx.store.list(owner, status_, limit, cursor)
+    jobs = [
+        JobSummary(id=r.id, status=r.status, progress=_progress(r), created_at=r.created_at, finished_at=r.finished_at)
+        for r in records
+    ]
+    return JobList(jobs=jobs, next_cursor=str(next_cursor) if next_cursor is not None else None)

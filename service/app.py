@@ -1,0 +1,45 @@
+"""The application builder: one typed entry point for `serve run`, `serve deploy` and a
+KubeRay RayService (import_path: service.app:build_app).
+
+    serve run service.app:build_app sampler_replicas=2 sampler_num_gpus=1
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+from ray.serve import Application
+
+from service.ingress import Ingress
+from service.models import ModelRegistry
+from service.sampler import Sampler
+from service.settings import Settings
+from worker.deployment import Worker
+
+
+class AppArgs(BaseModel):
+    """How the application is laid out on the cluster. Service behaviour lives in Settings."""
+
+    sampler_replicas: int = Field(1, ge=1)
+    sampler_num_gpus: float = Field(0.0, ge=0, description="1 on GPU nodes: one GPU per replica")
+    sampler_num_cpus: float = Field(1.0, ge=0)
+    max_batch_images: int = Field(64, ge=1, description="images per Sampler batch (@serve.batch)")
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    worker_replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(1, ge=1)
+    settings: dict[str, Any] = Field(default_factory=dict, description="overrides of UNDIFFUSE_* settings")
+
+
+def build_app(args: AppArgs) -> Application:
+    settings = Settings(**args.settings)
+    if settings.shard_size > args.max_batch_images:
+        raise ValueError(f"shard_size {settings.shard_size} exceeds max_batch_images {args.max_batch_images}")
+    ModelRegistry(settings.model_dir, settings.default_model)  # fail fast on a bad model dir
+    sampler = Sampler.options(
+        num_replicas=args.sampler_replicas,
+        ray_actor_options={"num_cpus": args.sampler_num_cpus, "num_gpus": args.sampler_num_gpus},
+        user_config={"max_batch_images": args.max_batch_images, "batch_wait_timeout_s": args.batch_wait_timeout_s},
+    ).bind(settings)
+    workers = Worker.options(num_replicas=args.worker_replicas).bind(settings, sampler)
+    return Ingress.options(num_replicas=args.ingress_replicas).bind(settings, sampler, workers)

@@ -1,0 +1,26 @@
+"""Every Redis key the service uses. Nothing else spells a key."""
+
+PREFIX = "undiffuse"
+SHARD_STREAM = f"{PREFIX}:shards"
+DEAD_LETTER_STREAM = f"{PREFIX}:shards:dead"
+CONSUMER_GROUP = "workers"
+
+
+def job(job_id: str) -> str:
+    """HASH: the job record (see service.store for its fields)."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_done_shards(job_id: str) -> str:
+    """SET: indices of the job's shards whose images are all in the bucket."""
+    return f"{PREFIX}:job:{job_id}:done"
+
+
+def owner_jobs(owner: str) -> str:
+    """ZSET: the owner's job ids scored by creation time (microseconds)."""
+    return f"{PREFIX}:owner:{owner}:jobs"
+
+
+def idempotency(owner: str, key: str) -> str:
+    """STRING: {"job_id", "body_hash"} for an Idempotency-Key."""
+    return f"{PREFIX}:idem:{owner}:{key}"

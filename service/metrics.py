@@ -1,0 +1,76 @@
+"""Prometheus metrics, recorded through Ray's metrics API so that every replica process reports
+to its node's metrics agent, which Prometheus scrapes (port 8080 by default, see
+docs/architecture.md). Ray prefixes each name with `ray_`: undiffuse_denoise_step_seconds is
+scraped as ray_undiffuse_denoise_step_seconds. No job ids as labels.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from ray.util import metrics
+
+STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+JOB_BUCKETS = [0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+@cache
+def denoise_step_seconds() -> metrics.Histogram:
+    return metrics.Histogram(
+        "undiffuse_denoise_step_seconds",
+        description="Wall time of one denoising step of one batch.",
+        boundaries=STEP_BUCKETS,
+        tag_keys=("model", "sampler"),
+    )
+
+
+@cache
+def sampler_batch_images() -> metrics.Histogram:
+    return metrics.Histogram(
+        "undiffuse_sampler_batch_images",
+        description="Images denoised together in one Sampler batch.",
+        boundaries=BATCH_BUCKETS,
+        tag_keys=("model",),
+    )
+
+
+@cache
+def job_duration_seconds() -> metrics.Histogram:
+    return metrics.Histogram(
+        "undiffuse_job_duration_seconds",
+        description="From submission to the job's final status.",
+        boundaries=JOB_BUCKETS,
+        tag_keys=("status",),
+    )
+
+
+@cache
+def queue_wait_seconds() -> metrics.Histogram:
+    return metrics.Histogram(
+        "undiffuse_queue_wait_seconds",
+        description="From submission until a worker starts the job.",
+        boundaries=JOB_BUCKETS,
+    )
+
+
+@cache
+def jobs_total() -> metrics.Counter:
+    return metrics.Counter("undiffuse_jobs_total", description="Jobs by final status.", tag_keys=("status",))
+
+
+@cache
+def images_generated_total() -> metrics.Counter:
+    return metrics.Counter("undiffuse_images_generated_total", description="Images uploaded.", tag_keys=("model",))
+
+
+@cache
+def queue_depth() -> metrics.Gauge:
+    return metrics.Gauge("undiffuse_queue_depth_shards", description="Shards waiting or in flight on the Redis stream.")
+
+
+@cache
+def shard_retries_total() -> metrics.Counter:
+    return metrics.Counter(
+        "undiffuse_shard_retries_total", description="Shards put back for another attempt.", tag_keys=("reason",)
+    )

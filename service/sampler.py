@@ -1,0 +1,164 @@
+"""The Sampler deployment: loads every model once per replica (one GPU each where GPUs exist)
+and runs the reverse process for batches of shards assembled by @serve.batch.
+
+Shards whose (model, sampler, steps, eta, guidance) agree run as one tensor batch; each image
+keeps its own (seed, index) noise stream, so batching never changes an image. Every denoising
+step is timed into undiffuse_denoise_step_seconds, reports progress to the job record and
+checks for cancellation; a batch whose jobs are all canceled stops at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import redis
+from ray import serve
+
+from service import keys, metrics
+from service.models import ModelRegistry
+from service.store import STEP_SCRIPT
+from service.schemas import ShardResult, ShardTask
+from service.settings import Settings
+
+log = logging.getLogger("ray.serve")
+DEFAULT_BATCH = {"max_batch_images": 64, "batch_wait_timeout_s": 0.02}
+
+
+class _AllCanceled(Exception):
+    pass
+
+
+def _batch_images(tasks: list[ShardTask]) -> int:
+    return sum(t.count for t in tasks)
+
+
+@serve.deployment(name="Sampler", max_ongoing_requests=64, user_config=DEFAULT_BATCH)
+class Sampler:
+    def __init__(self, settings: Settings) -> None:
+        # heavy imports live here, in the replica, never at import time of the HTTP layer
+        import torch
+
+        from undiffuse import load_model
+
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        use_cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.registry = ModelRegistry(settings.model_dir, settings.default_model)
+        self.models = {name: load_model(self.registry.path(name), self.device) for name in self.registry.models}
+        self.redis = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_seconds,
+            socket_connect_timeout=settings.redis_timeout_seconds,
+            decode_responses=True,
+        )
+        self._step_script = self.redis.register_script(STEP_SCRIPT)
+        log.info("Sampler ready on %s with models %s", self.device, sorted(self.models))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Tune batching without a redeploy: max_batch_images, batch_wait_timeout_s."""
+        cfg = {**DEFAULT_BATCH, **(user_config or {})}
+        self.generate_batch.set_max_batch_size(int(cfg["max_batch_images"]))
+        self.generate_batch.set_batch_wait_timeout_s(float(cfg["batch_wait_timeout_s"]))
+
+    def check_health(self) -> None:
+        if not self.models:
+            raise RuntimeError("no model loaded")
+
+    async def ready(self) -> list[str]:
+        return sorted(self.models)
+
+    async def generate(self, task: ShardTask) -> ShardResult:
+        """Denoise one shard (batched with whatever else is in flight)."""
+        return await self.generate_batch(task)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.02, batch_size_fn=_batch_images)
+    async def generate_batch(self, tasks: list[ShardTask]) -> list[ShardResult]:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, task in enumerate(tasks):
+            groups[task.batch_key].append(i)
+        results: list[ShardResult | None] = [None] * len(tasks)
+        for members in groups.values():  # one tensor batch per compatible group
+            group = [tasks[i] for i in members]
+            for i, result in zip(members, await asyncio.to_thread(self._run_group, group), strict=True):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    # --- runs in a worker thread so the replica's event loop stays responsive ---------------------
+    def _run_group(self, tasks: list[ShardTask]) -> list[ShardResult]:
+        import torch
+
+        from undiffuse import DDIMSampler, DDPMSampler, ImageNoise
+        from undiffuse.images import to_uint8
+
+        p = tasks[0].params
+        model = self.models[p.model]
+        seeds = [t.params.seed for t in tasks for _ in range(t.count)]
+        indices = [t.start + k for t in tasks for k in range(t.count)]
+        labels = None
+        if model.num_classes is not None:  # the ingress made labels mandatory for these models
+            labels = torch.tensor([c for t in tasks for c in t.params.labels_for(t.start, t.count) or []])
+        sampler = DDIMSampler(model.schedule, eta=p.eta) if p.sampler == "ddim" else DDPMSampler(model.schedule)
+        metrics.sampler_batch_images().observe(len(seeds), tags={"model": p.model})
+        step_hist = metrics.denoise_step_seconds()
+        tags = {"model": p.model, "sampler": p.sampler}
+        canceled: set[str] = set()
+        job_ids = sorted({t.job_id for t in tasks})
+        last = time.perf_counter()
+
+        def on_step(i: int, t: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+            nonlocal last
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            step_hist.observe(now - last, tags=tags)
+            last = now
+            canceled.update(self._report_step(tasks, job_ids, i + 1))
+            if len(canceled) == len(job_ids):
+                raise _AllCanceled
+
+        try:
+            x = sampler.sample(
+                model.eps,
+                model.image_shape,
+                steps=p.steps,
+                noise=ImageNoise(seeds, indices, self.device),
+                class_labels=labels,
+                guidance_scale=p.guidance_scale,
+                callback=on_step,
+                device=self.device,
+            )
+        except _AllCanceled:
+            return [ShardResult(job_id=t.job_id, shard=t.shard, canceled=True) for t in tasks]
+        pixels = to_uint8(x)  # [N, H, W, C] uint8
+        out, offset = [], 0
+        for t in tasks:
+            chunk = pixels[offset : offset + t.count]
+            offset += t.count
+            out.append(
+                ShardResult(
+                    job_id=t.job_id,
+                    shard=t.shard,
+                    canceled=t.job_id in canceled,
+                    pixels=chunk.tobytes(),
+                    shape=tuple(chunk.shape),
+                )
+            )
+        return out
+
+    def _report_step(self, tasks: list[ShardTask], job_ids: list[str], step: int) -> set[str]:
+        """Write each shard's step and return the jobs that were canceled meanwhile. A Redis
+        outage only costs progress updates, never the images."""
+        try:
+            statuses = self._step_script(
+                keys=[keys.job(t.job_id) for t in tasks], args=[step, *(t.shard for t in tasks)]
+            )
+        except redis.RedisError as e:
+            log.warning("progress not recorded: %s", e)
+            return set()
+        gone = {t.job_id for t, s in zip(tasks, statuses, strict=True) if s in (None, "canceled")}
+        return gone & set(job_ids)

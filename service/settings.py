@@ -1,0 +1,71 @@
+"""All configuration, validated once at start-up. No other module reads the environment.
+
+Every field can be set as an environment variable with the UNDIFFUSE_ prefix
+(UNDIFFUSE_REDIS_URL, UNDIFFUSE_S3_BUCKET, UNDIFFUSE_API_KEYS=key1,key2, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PLACEHOLDER_SECRETS = {"", "changeme", "localsecret"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UNDIFFUSE_", extra="forbid", frozen=True)
+
+    environment: Literal["development", "production"] = "development"
+
+    # --- Redis: job records, the shard stream, idempotency keys ---
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_seconds: float = Field(2.0, gt=0)
+    job_ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="how long job records live")
+
+    # --- S3-compatible object storage for the PNGs ---
+    s3_endpoint_url: str | None = "http://127.0.0.1:8333"
+    s3_public_endpoint_url: str | None = Field(None, description="endpoint used in presigned URLs")
+    s3_bucket: str = "undiffuse"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = "undiffuse"
+    s3_secret_access_key: SecretStr = SecretStr("localsecret")
+    s3_max_attempts: int = Field(5, ge=1, description="botocore retries per request")
+    presign_expiry_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
+
+    # --- models ---
+    model_dir: Path = REPO_ROOT / "models"
+    default_model: str = "mnist"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(0, ge=0, description="0: torch's default")
+
+    # --- limits and queue semantics ---
+    max_images_per_job: int = Field(1024, ge=1)
+    max_steps: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    shard_size: int = Field(16, ge=1, description="images per shard; at most the Sampler's batch")
+    visibility_timeout_seconds: float = Field(300.0, gt=0, description="idle time before a shard is reclaimed")
+    max_attempts: int = Field(3, ge=1, description="tries per shard before its job fails")
+    worker_concurrency: int = Field(4, ge=1, description="shards in flight per worker replica")
+
+    # --- auth ---
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_keys(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("api_keys"), str):
+            data = {**data, "api_keys": [k.strip() for k in data["api_keys"].split(",") if k.strip()]}
+        return data
+
+    @model_validator(mode="after")
+    def _production_needs_real_secrets(self) -> "Settings":
+        if self.environment == "production":
+            if self.s3_secret_access_key.get_secret_value() in PLACEHOLDER_SECRETS:
+                raise ValueError("UNDIFFUSE_S3_SECRET_ACCESS_KEY is a placeholder; set a real secret in production")
+            if not self.api_keys:
+                raise ValueError("UNDIFFUSE_API_KEYS is empty; production requires API keys")
+        return self

@@ -1,0 +1,317 @@
+"""Job records and the shard queue in Redis.
+
+A job is a HASH (service.keys.job) with the fields
+    params        JSON of JobParams          owner        who submitted it
+    status        a JobStatus value          created_at / started_at / finished_at   epoch seconds
+    num_shards    shards the job was cut in  images_done  images uploaded so far
+    error         JSON {"code", "message"}   step:{k}     denoising steps done by shard k
+plus a SET of finished shard indices. Shards travel on a Redis Stream read through a consumer
+group. State changes go through Lua scripts so that they are atomic and guarded: a canceled or
+finished job never goes back to running, and repeating a shard's completion is harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError, WatchError
+
+from service import keys
+from service.schemas import JobError, JobParams, JobStatus, ShardTask
+
+_ACTIVE = ("queued", "running")
+
+# KEYS[1] job; ARGV now. Returns 1 when queued -> running, 0 when already running, -1 otherwise.
+_START = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if s == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+  return 1
+elseif s == 'running' then return 0 end
+return -1
+"""
+
+# KEYS[1] job, KEYS[2] done set; ARGV shard, count, steps, now, ttl.
+# Returns {new status, 1 if this call finished the job}.
+_COMPLETE_SHARD = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return {'missing', 0} end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'images_done', ARGV[2])
+  redis.call('HSET', KEYS[1], 'step:' .. ARGV[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+end
+if (s == 'queued' or s == 'running') and
+   redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'num_shards')) then
+  redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[4])
+  return {'succeeded', 1}
+end
+return {s, 0}
+"""
+
+# KEYS[1] job; ARGV new status, now, error JSON ('' for none). Returns 1 if it moved the job.
+_FINISH = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if s == 'queued' or s == 'running' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
+  if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
+  return 1
+end
+return 0
+"""
+
+
+# KEYS: job hashes; ARGV[1] step, ARGV[2..] shard per job key. Records each shard's step on jobs
+# that still exist and returns their statuses (false for a missing job).
+STEP_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local s = redis.call('HGET', key, 'status')
+  if s then redis.call('HSET', key, 'step:' .. ARGV[i + 1], ARGV[1]) end
+  out[i] = s
+end
+return out
+"""
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different body."""
+
+
+class JobNotFound(Exception):
+    pass
+
+
+class JobFinished(Exception):
+    """The job is already in a terminal state."""
+
+    def __init__(self, status: JobStatus) -> None:
+        super().__init__(f"job already {status.value}")
+        self.status = status
+
+
+@dataclass
+class JobRecord:
+    id: str
+    owner: str
+    status: JobStatus
+    params: JobParams
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: JobError | None
+    num_shards: int
+    images_done: int
+    shard_steps: dict[int, int]
+    done_shards: set[int]
+
+    @property
+    def step(self) -> int:
+        """Denoising steps done, averaged over the job's shards."""
+        if self.status == JobStatus.succeeded:
+            return self.params.steps
+        return sum(self.shard_steps.values()) // max(1, self.num_shards)
+
+
+def body_hash(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
+    """[(start, count)] covering 0..num_images-1 in shards of at most shard_size."""
+    n = math.ceil(num_images / shard_size)
+    return [(k * shard_size, min(shard_size, num_images - k * shard_size)) for k in range(n)]
+
+
+class JobStore:
+    def __init__(self, client: aioredis.Redis, ttl_seconds: int, shard_size: int) -> None:
+        self.r = client
+        self.ttl = ttl_seconds
+        self.shard_size = shard_size
+        self._start = client.register_script(_START)
+        self._complete = client.register_script(_COMPLETE_SHARD)
+        self._finish = client.register_script(_FINISH)
+
+    @classmethod
+    def from_url(cls, url: str, ttl_seconds: int, shard_size: int, timeout: float = 2.0) -> "JobStore":
+        client = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
+        )
+        return cls(client, ttl_seconds, shard_size)
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group if they do not exist yet."""
+        try:
+            await self.r.xgroup_create(keys.SHARD_STREAM, keys.CONSUMER_GROUP, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    # --- submit --------------------------------------------------------------------------------
+    async def submit(
+        self, owner: str, params: JobParams, body: dict, idempotency_key: str | None = None
+    ) -> tuple[str, bool]:
+        """Create the job and enqueue its shards in one MULTI/EXEC. Returns (job id, created).
+
+        With an idempotency key, the same key and body return the first job (created=False);
+        the same key with another body raises IdempotencyConflict.
+        """
+        digest = body_hash(body)
+        idem = keys.idempotency(owner, idempotency_key) if idempotency_key else None
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        shards = shard_ranges(params.num_images, self.shard_size)
+        async with self.r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    if idem:
+                        await pipe.watch(idem)
+                        prior = await pipe.get(idem)
+                        if prior is not None:
+                            prior = json.loads(prior)
+                            if prior["body_hash"] != digest:
+                                raise IdempotencyConflict(idempotency_key)
+                            return prior["job_id"], False
+                    pipe.multi()
+                    if idem:
+                        pipe.set(idem, json.dumps({"job_id": job_id, "body_hash": digest}), ex=self.ttl)
+                    self._queue_job(pipe, job_id, owner, params, now, shards)
+                    await pipe.execute()
+                    return job_id, True
+                except WatchError:
+                    continue  # a concurrent request used the same key: read its job
+
+    def _queue_job(self, pipe, job_id: str, owner: str, params: JobParams, now: float, shards) -> None:
+        key = keys.job(job_id)
+        pipe.hset(
+            key,
+            mapping={
+                "params": params.model_dump_json(),
+                "owner": owner,
+                "status": JobStatus.queued.value,
+                "created_at": repr(now),
+                "num_shards": len(shards),
+                "images_done": 0,
+            },
+        )
+        pipe.expire(key, self.ttl)
+        pipe.zadd(keys.owner_jobs(owner), {job_id: int(now * 1e6)})
+        pipe.expire(keys.owner_jobs(owner), self.ttl)
+        for k, (start, count) in enumerate(shards):
+            task = ShardTask(job_id=job_id, shard=k, start=start, count=count, params=params)
+            pipe.xadd(keys.SHARD_STREAM, {"task": task.model_dump_json()})
+
+    # --- read ----------------------------------------------------------------------------------
+    async def get(self, job_id: str) -> JobRecord | None:
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.job(job_id))
+            pipe.smembers(keys.job_done_shards(job_id))
+            raw, done = await pipe.execute()
+        if not raw or "params" not in raw:
+            return None
+        err = raw.get("error")
+        return JobRecord(
+            id=job_id,
+            owner=raw["owner"],
+            status=JobStatus(raw["status"]),
+            params=JobParams.model_validate_json(raw["params"]),
+            created_at=float(raw["created_at"]),
+            started_at=float(raw["started_at"]) if raw.get("started_at") else None,
+            finished_at=float(raw["finished_at"]) if raw.get("finished_at") else None,
+            error=JobError.model_validate_json(err) if err else None,
+            num_shards=int(raw["num_shards"]),
+            images_done=int(raw.get("images_done", 0)),
+            shard_steps={int(k[5:]): int(v) for k, v in raw.items() if k.startswith("step:")},
+            done_shards={int(s) for s in done},
+        )
+
+    async def get_owned(self, job_id: str, owner: str) -> JobRecord:
+        record = await self.get(job_id)
+        if record is None or record.owner != owner:
+            raise JobNotFound(job_id)
+        return record
+
+    async def list(
+        self, owner: str, status: JobStatus | None, limit: int, cursor: int | None
+    ) -> tuple[list[JobRecord], int | None]:
+        """The owner's jobs newest first, optionally of one status; cursor: a score to start below."""
+        key = keys.owner_jobs(owner)
+        await self.r.zremrangebyscore(key, "-inf", int((time.time() - self.ttl) * 1e6))
+        out: list[JobRecord] = []
+        top = f"({cursor}" if cursor is not None else "+inf"
+        while len(out) < limit:
+            page = await self.r.zrevrangebyscore(key, top, "-inf", start=0, num=max(limit, 50), withscores=True)
+            if not page:
+                return out, None
+            for job_id, score in page:
+                top = f"({int(score)}"
+                record = await self.get(job_id)
+                if record is not None and (status is None or record.status == status):
+                    out.append(record)
+                    if len(out) == limit:
+                        return out, int(score)
+        return out, None
+
+    # --- transitions ---------------------------------------------------------------------------
+    async def mark_running(self, job_id: str) -> int:
+        """1: queued -> running now; 0: it was running; -1: finished or gone."""
+        return int(await self._start(keys=[keys.job(job_id)], args=[repr(time.time())]))
+
+    async def complete_shard(self, task: ShardTask) -> tuple[str, bool]:
+        status, finished = await self._complete(
+            keys=[keys.job(task.job_id), keys.job_done_shards(task.job_id)],
+            args=[task.shard, task.count, task.params.steps, repr(time.time()), self.ttl],
+        )
+        return status, bool(finished)
+
+    async def finish(self, job_id: str, status: JobStatus, error: JobError | None = None) -> bool:
+        """Move an active job to a terminal status; False if it was already terminal."""
+        err = error.model_dump_json() if error else ""
+        return bool(await self._finish(keys=[keys.job(job_id)], args=[status.value, repr(time.time()), err]))
+
+    async def cancel(self, job_id: str, owner: str) -> JobRecord:
+        record = await self.get_owned(job_id, owner)
+        if not await self.finish(job_id, JobStatus.canceled):
+            record = await self.get_owned(job_id, owner)
+            raise JobFinished(record.status)
+        return await self.get_owned(job_id, owner)
+
+    async def set_step(self, job_id: str, shard: int, step: int) -> None:
+        await self.r.hset(keys.job(job_id), f"step:{shard}", step)
+
+    # --- the stream ----------------------------------------------------------------------------
+    async def queue_depth(self) -> int:
+        """Shards waiting or in flight. Every handled message is deleted as it is acked, so the
+        stream's length is exactly the backlog."""
+        return int(await self.r.xlen(keys.SHARD_STREAM))
+
+    async def requeue(self, message_id: str, task: ShardTask) -> None:
+        """Put the shard back as its next attempt and ack the old message, atomically."""
+        retry = task.model_copy(update={"attempt": task.attempt + 1})
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.xadd(keys.SHARD_STREAM, {"task": retry.model_dump_json()})
+            pipe.xack(keys.SHARD_STREAM, keys.CONSUMER_GROUP, message_id)
+            pipe.xdel(keys.SHARD_STREAM, message_id)
+            await pipe.execute()
+
+    async def dead_letter(self, message_id: str, task: ShardTask, reason: str) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.xadd(keys.DEAD_LETTER_STREAM, {"task": task.model_dump_json(), "reason": reason}, maxlen=10_000)
+            pipe.xack(keys.SHARD_STREAM, keys.CONSUMER_GROUP, message_id)
+            pipe.xdel(keys.SHARD_STREAM, message_id)
+            await pipe.execute()
+
+    async def ack(self, message_id: str) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.xack(keys.SHARD_STREAM, keys.CONSUMER_GROUP, message_id)
+            pipe.xdel(keys.SHARD_STREAM, message_id)
+            await pipe.execute()

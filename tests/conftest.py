@@ -1,0 +1,24 @@
+"""Shared fixtures. The service tests run against real servers started once per session:
+a Redis-compatible server, SeaweedFS's S3 gateway and a Ray Serve application (CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_ray():
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    yield

@@ -1,0 +1,103 @@
+"""The real stack for the service tests, started once per session."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.localstack import RedisServer, S3Server, free_port
+from service.settings import REPO_ROOT, Settings
+
+KEY_A, KEY_B = "test-key-alice", "test-key-bob"
+S3_KEY, S3_SECRET = "testaccess", "testsecret-0123456789"
+
+
+@dataclass
+class Stack:
+    redis: RedisServer
+    s3: S3Server
+    settings: Settings
+    base_url: str
+    metrics_url: str
+
+    def client(self, key: str | None = KEY_A) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    import ray
+    from ray import serve
+
+    from service.app import AppArgs, build_app
+
+    work: Path = tmp_path_factory.mktemp("stack")
+    redis = RedisServer(work / "redis").start()
+    s3 = S3Server(work / "s3", access_key=S3_KEY, secret_key=S3_SECRET).start()
+    overrides = {
+        "redis_url": redis.url,
+        "s3_endpoint_url": s3.endpoint,
+        "s3_access_key_id": S3_KEY,
+        "s3_secret_access_key": S3_SECRET,
+        "s3_bucket": "undiffuse-test",
+        "api_keys": [KEY_A, KEY_B],
+        "model_dir": str(REPO_ROOT / "models"),
+        "max_images_per_job": 64,
+        "shard_size": 4,
+        "visibility_timeout_seconds": 6.0,
+        "max_attempts": 2,
+        "torch_threads": 1,
+        "redis_timeout_seconds": 1.0,
+    }
+    metrics_port = free_port()
+    http_port = free_port()
+    ray.init(
+        num_cpus=6,
+        include_dashboard=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 500},
+        runtime_env={"working_dir": None} if False else None,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    app = build_app(AppArgs(worker_replicas=2, max_batch_images=16, batch_wait_timeout_s=0.05, settings=overrides))
+    serve.run(app, name="undiffuse", route_prefix="/")
+    stack = Stack(
+        redis, s3, Settings(**overrides), f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics"
+    )
+    try:
+        yield stack
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        s3.stop()
+        redis.stop()
+
+
+@pytest.fixture
+def api(stack) -> httpx.Client:
+    with stack.client() as c:
+        yield c
+
+
+def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 120) -> dict:
+    def check():
+        body = client.get(f"/v1/jobs/{job_id}").json()
+        return body if body["status"] in statuses else None
+
+    return wait_for(check, timeout, 0.25, f"job {job_id} to reach {statuses}")

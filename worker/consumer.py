@@ -1,0 +1,193 @@
+"""The shard consumer: at-least-once processing of the Redis stream through a consumer group.
+
+For each shard: skip it if its job is finished or canceled; mark the job running; call the
+Sampler; upload the PNGs under deterministic keys; record the shard done; and only then XACK.
+A failure puts the shard back as its next attempt; a shard that exhausts its attempts fails
+its job and goes to the dead-letter stream. A shard whose consumer died (no heartbeat for the
+visibility timeout) is reclaimed with XAUTOCLAIM and retried, and since object keys are
+deterministic and completion is idempotent, each image ends up in the bucket exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from service import keys, metrics
+from service.schemas import JobError, JobStatus, ShardResult, ShardTask
+from service.settings import Settings
+from service.storage import STORAGE_ERRORS, ObjectStore, image_key
+from service.store import JobStore
+from worker.png import encode_png
+
+log = logging.getLogger("ray.serve")
+Generate = Callable[[ShardTask], Awaitable[ShardResult]]
+
+
+class Consumer:
+    def __init__(
+        self, settings: Settings, store: JobStore, objects: ObjectStore, generate: Generate, name: str
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.objects = objects
+        self.generate = generate
+        self.name = name
+        self.inflight: set[asyncio.Task] = set()
+        self.stopping = asyncio.Event()
+        self._last_reclaim = 0.0
+        self.handled = 0
+
+    # --- the loop ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        backoff = 0.5
+        while not self.stopping.is_set():
+            try:
+                await self.store.ensure_group()
+                await self._poll_once()
+                backoff = 0.5
+            except RedisError as e:
+                log.warning("consumer %s: Redis unavailable (%s); retrying in %.1fs", self.name, e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except Exception:  # never let the loop die; the replica's health depends on it
+                log.exception("consumer %s: unexpected error", self.name)
+                await asyncio.sleep(1.0)
+
+    async def _poll_once(self) -> None:
+        await self._reclaim_stale()
+        free = self.settings.worker_concurrency - len(self.inflight)
+        if free <= 0:
+            await asyncio.wait(self.inflight, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            return
+        reply = await self.store.r.xreadgroup(
+            keys.CONSUMER_GROUP, self.name, {keys.SHARD_STREAM: ">"}, count=free, block=1000
+        )
+        metrics.queue_depth().set(await self.store.queue_depth())
+        for _stream, messages in reply or []:
+            for message_id, fields in messages:
+                task = asyncio.create_task(self.handle(message_id, fields))
+                self.inflight.add(task)
+                task.add_done_callback(self.inflight.discard)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop reading and give in-flight shards up to timeout seconds (SIGTERM grace)."""
+        self.stopping.set()
+        if self.inflight:
+            await asyncio.wait(self.inflight, timeout=timeout)
+
+    async def _reclaim_stale(self) -> None:
+        """Take over shards whose consumer stopped heart-beating and retry them."""
+        now = time.monotonic()
+        if now - self._last_reclaim < min(5.0, self.settings.visibility_timeout_seconds / 2):
+            return
+        self._last_reclaim = now
+        idle_ms = int(self.settings.visibility_timeout_seconds * 1000)
+        _next, claimed, *_ = await self.store.r.xautoclaim(
+            keys.SHARD_STREAM, keys.CONSUMER_GROUP, self.name, idle_ms, start_id="0-0", count=50
+        )
+        for message_id, fields in claimed:
+            if not fields:
+                continue
+            task = self._parse(fields)
+            if task is None:
+                await self.store.dead_letter(message_id, ShardTask.model_construct(), "unparseable message")
+                continue
+            log.warning("reclaimed shard %s/%d from a silent consumer", task.job_id, task.shard)
+            metrics.shard_retries_total().inc(tags={"reason": "reclaimed"})
+            await self.store.requeue(message_id, task.model_copy(update={"last_error": "consumer timed out"}))
+
+    @staticmethod
+    def _parse(fields: dict) -> ShardTask | None:
+        try:
+            return ShardTask.model_validate_json(fields["task"])
+        except (KeyError, ValidationError):
+            return None
+
+    # --- one shard -----------------------------------------------------------------------------
+    async def handle(self, message_id: str, fields: dict) -> None:
+        task = self._parse(fields)
+        try:
+            if task is None:
+                log.error("dropping unparseable message %s to the dead-letter stream", message_id)
+                await self.store.r.xadd(keys.DEAD_LETTER_STREAM, {**fields, "reason": "unparseable"})
+                await self.store.ack(message_id)
+                return
+            await self._process(message_id, task)
+        except RedisError as e:
+            # the message stays pending and is reclaimed after the visibility timeout
+            log.warning("shard %s left pending: Redis error %s", message_id, e)
+        finally:
+            self.handled += 1
+
+    async def _process(self, message_id: str, task: ShardTask) -> None:
+        record = await self.store.get(task.job_id)
+        if record is None or record.status.terminal:
+            await self.store.ack(message_id)  # canceled, failed, finished or expired
+            return
+        if task.attempt > self.settings.max_attempts:
+            await self._fail(message_id, task, record.created_at)
+            return
+        if await self.store.mark_running(task.job_id) == 1 and record.started_at is None:
+            metrics.queue_wait_seconds().observe(max(0.0, time.time() - record.created_at))
+
+        heartbeat = asyncio.create_task(self._heartbeat(message_id))
+        try:
+            result = await self.generate(task)
+            if result.canceled:
+                await self.store.ack(message_id)
+                return
+            await asyncio.to_thread(self._upload, task, result)
+        except STORAGE_ERRORS as e:
+            await self._retry(message_id, task, f"upload failed: {e}", "storage")
+            return
+        except Exception as e:  # the Sampler raised or its replica died
+            await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
+            return
+        finally:
+            heartbeat.cancel()
+
+        status, finished = await self.store.complete_shard(task)
+        metrics.images_generated_total().inc(task.count, tags={"model": task.params.model})
+        if finished:
+            metrics.jobs_total().inc(tags={"status": "succeeded"})
+            metrics.job_duration_seconds().observe(time.time() - record.created_at, tags={"status": "succeeded"})
+        await self.store.ack(message_id)
+
+    def _upload(self, task: ShardTask, result: ShardResult) -> None:
+        pixels = np.frombuffer(result.pixels, dtype=np.uint8).reshape(result.shape)
+        if pixels.shape[0] != task.count:
+            raise RuntimeError(f"Sampler returned {pixels.shape[0]} images for a shard of {task.count}")
+        for k in range(task.count):
+            self.objects.put_png(image_key(task.job_id, task.start + k), encode_png(pixels[k]))
+
+    async def _heartbeat(self, message_id: str) -> None:
+        """Reset the message's idle time while we work on it, so nobody reclaims it."""
+        period = self.settings.visibility_timeout_seconds / 3
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.store.r.xclaim(
+                    keys.SHARD_STREAM, keys.CONSUMER_GROUP, self.name, 0, [message_id], justid=True
+                )
+            except RedisError as e:
+                log.warning("heartbeat for %s failed: %s", message_id, e)
+
+    async def _retry(self, message_id: str, task: ShardTask, reason: str, kind: str) -> None:
+        log.warning("shard %s/%d attempt %d failed: %s", task.job_id, task.shard, task.attempt, reason)
+        metrics.shard_retries_total().inc(tags={"reason": kind})
+        await asyncio.sleep(min(0.5 * task.attempt, 5.0))
+        await self.store.requeue(message_id, task.model_copy(update={"last_error": reason}))
+
+    async def _fail(self, message_id: str, task: ShardTask, created_at: float) -> None:
+        message = f"shard {task.shard} failed {task.attempt - 1} times; last error: {task.last_error}"
+        await self.store.dead_letter(message_id, task, message)
+        if await self.store.finish(task.job_id, JobStatus.failed, JobError(code="shard_failed", message=message)):
+            metrics.jobs_total().inc(tags={"status": "failed"})
+            metrics.job_duration_seconds().observe(time.time() - created_at, tags={"status": "failed"})

@@ -1,0 +1,44 @@
+"""The Worker deployment: each replica runs one Consumer loop in its event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from service.schemas import ShardResult, ShardTask
+from service.settings import Settings
+from service.storage import ObjectStore
+from service.store import JobStore
+from worker.consumer import Consumer
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="Worker", ray_actor_options={"num_cpus": 0.5}, graceful_shutdown_timeout_s=30)
+class Worker:
+    async def __init__(self, settings: Settings, sampler: DeploymentHandle) -> None:
+        self.sampler = sampler
+        store = JobStore.from_url(
+            settings.redis_url, settings.job_ttl_seconds, settings.shard_size, settings.redis_timeout_seconds
+        )
+        objects = ObjectStore(settings)
+        name = serve.get_replica_context().replica_id.unique_id
+        self.consumer = Consumer(settings, store, objects, self._generate, name=f"worker-{name}")
+        self.loop_task = asyncio.get_running_loop().create_task(self.consumer.run())
+
+    async def _generate(self, task: ShardTask) -> ShardResult:
+        return await self.sampler.generate.remote(task)
+
+    def check_health(self) -> None:
+        if self.loop_task.done():
+            raise RuntimeError(f"consumer loop stopped: {self.loop_task.exception()!r}")
+
+    async def stats(self) -> dict:
+        return {"name": self.consumer.name, "inflight": len(self.consumer.inflight), "handled": self.consumer.handled}
+
+    async def __del__(self) -> None:
+        await self.consumer.drain(timeout=25)
+        self.loop_task.cancel()
