@@ -112,11 +112,13 @@ def main() -> None:
     with torch.no_grad():
         for kind in ("ddim", "ddpm"):
             for n in (int(b) for b in args.batches.split(",")):
-                t_ref, _ = time_it(lambda: theirs(kind, n), args.repeats)
-                t_ours, ref_pixels = time_it(lambda: ours(kind, n), args.repeats)
+                t_ref, _ = time_it(lambda k=kind, m=n: theirs(k, m), args.repeats)
+                t_ours, ref_pixels = time_it(lambda k=kind, m=n: ours(k, m), args.repeats)
                 row = f"| {kind} | {n} | {n / t_ref:.2f} | {n / t_ours:.2f} | {t_ref / t_ours:.2f}x |"
                 if args.fast:
-                    t_fast, fast_pixels = time_it(lambda: ours(kind, n, fast_net, torch.bfloat16), args.repeats)
+                    t_fast, fast_pixels = time_it(
+                        lambda k=kind, m=n: ours(k, m, fast_net, torch.bfloat16), args.repeats
+                    )
                     diff = (torch.from_numpy(fast_pixels).int() - torch.from_numpy(ref_pixels).int()).abs().max()
                     row += f" {n / t_fast:.2f} | {t_ref / t_fast:.2f}x | {int(diff)} |"
                 print(row, flush=True)

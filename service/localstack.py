@@ -105,7 +105,7 @@ class RedisServer(_Process):
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         self._spawn(
             [
                 redis_binary(),
@@ -139,7 +139,7 @@ class S3Server(_Process):
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.access_key, self.secret_key = access_key, secret_key
 
-    def start(self, timeout: float = 60.0) -> "S3Server":
+    def start(self, timeout: float = 60.0) -> S3Server:
         identities = {
             "identities": [
                 {
@@ -169,7 +169,10 @@ class S3Server(_Process):
                 f"-s3.port.iceberg={iceberg}",
                 "-master.telemetry=false",
                 f"-s3.config={config}",
-                "-volume.max=0",
+                # small volumes, and room for many: the default 30 GB volumes with an
+                # auto-sized limit leave no writable volume on a small disk
+                "-volume.max=64",
+                "-master.volumeSizeLimitMB=256",
             ]
         )
         _wait_for_port(self.port, self.proc, "SeaweedFS S3 gateway", timeout, self.log_path)

@@ -20,9 +20,9 @@ from ray import serve
 
 from service import keys, metrics
 from service.models import ModelRegistry
-from service.store import STEP_SCRIPT
 from service.schemas import ShardResult, ShardTask
 from service.settings import Settings
+from service.store import STEP_SCRIPT, sync_redis
 
 log = logging.getLogger("ray.serve")
 DEFAULT_BATCH = {"max_batch_images": 64, "batch_wait_timeout_s": 0.02}
@@ -50,12 +50,7 @@ class Sampler:
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.registry = ModelRegistry(settings.model_dir, settings.default_model)
         self.models = {name: load_model(self.registry.path(name), self.device) for name in self.registry.models}
-        self.redis = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout_seconds,
-            socket_connect_timeout=settings.redis_timeout_seconds,
-            decode_responses=True,
-        )
+        self.redis = sync_redis(settings.redis_url, settings.redis_timeout_seconds)
         self._step_script = self.redis.register_script(STEP_SCRIPT)
         log.info("Sampler ready on %s with models %s", self.device, sorted(self.models))
 

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
         return data
 
     @model_validator(mode="after")
-    def _production_needs_real_secrets(self) -> "Settings":
+    def _production_needs_real_secrets(self) -> Settings:
         if self.environment == "production":
             if self.s3_secret_access_key.get_secret_value() in PLACEHOLDER_SECRETS:
                 raise ValueError("UNDIFFUSE_S3_SECRET_ACCESS_KEY is a placeholder; set a real secret in production")

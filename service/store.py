@@ -19,8 +19,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import redis
 import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import keys
 from service.schemas import JobError, JobParams, JobStatus, ShardTask
@@ -78,6 +82,32 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
+
+
+def _client_options(timeout: float) -> dict:
+    """Shared by the async and sync clients: redis-py reconnects and retries a command on a
+    dropped or stale connection (e.g. after a Redis restart) before giving up."""
+    return dict(
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        decode_responses=True,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=30,
+    )
+
+
+def async_redis(url: str, timeout: float) -> aioredis.Redis:
+    from redis.asyncio.retry import Retry
+
+    return aioredis.Redis.from_url(
+        url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3), **_client_options(timeout)
+    )
+
+
+def sync_redis(url: str, timeout: float) -> redis.Redis:
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3), **_client_options(timeout))
 
 
 class IdempotencyConflict(Exception):
@@ -139,11 +169,8 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
 
     @classmethod
-    def from_url(cls, url: str, ttl_seconds: int, shard_size: int, timeout: float = 2.0) -> "JobStore":
-        client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
-        )
-        return cls(client, ttl_seconds, shard_size)
+    def from_url(cls, url: str, ttl_seconds: int, shard_size: int, timeout: float = 2.0) -> JobStore:
+        return cls(async_redis(url, timeout), ttl_seconds, shard_size)
 
     async def close(self) -> None:
         await self.r.aclose()

@@ -52,7 +52,7 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         if d.get("format") != "undiffuse" or d.get("version") != FORMAT_VERSION:
             raise ValueError(f"not an undiffuse v{FORMAT_VERSION} config (format/version fields)")
         if d.get("prediction_type") not in ("epsilon", "v"):

@@ -174,7 +174,8 @@ def _sample(args: argparse.Namespace) -> None:
             raise UsageError(f"--class must be in [0, {model.num_classes - 1}], got {args.class_label}")
         labels = torch.full((args.num,), args.class_label, dtype=torch.long)
     elif model.num_classes is not None:
-        labels = torch.arange(args.num) % model.num_classes  # cycle through the classes
+        # every class in turn, in equal consecutive blocks: with --nrow, one row per class
+        labels = (torch.arange(args.num) * model.num_classes) // args.num
     if args.sampler == "ddim":
         sampler = DDIMSampler(model.schedule, eta=args.eta)
     else:

@@ -66,7 +66,7 @@ class ImageNoise:
         self._keys = hash32(key ^ (indices_t >> 32))  # [N]
 
     @classmethod
-    def for_request(cls, seed: int, num_images: int, device: torch.device | str = "cpu") -> "ImageNoise":
+    def for_request(cls, seed: int, num_images: int, device: torch.device | str = "cpu") -> ImageNoise:
         """Images 0..num_images-1 of one request."""
         return cls([seed] * num_images, list(range(num_images)), device)
 

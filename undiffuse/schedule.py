@@ -34,7 +34,7 @@ class ScheduleConfig:
     cosine_s: float = 0.008  # cosine only
     max_beta: float = 0.999  # cosine only
 
-    def build(self) -> "NoiseSchedule":
+    def build(self) -> NoiseSchedule:
         if self.kind == "linear":
             return NoiseSchedule.linear(self.num_timesteps, self.beta_start, self.beta_end)
         if self.kind == "cosine":
@@ -65,7 +65,7 @@ class NoiseSchedule:
 
     # --- constructors -------------------------------------------------------------------------
     @classmethod
-    def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
+    def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
         """Ho et al. 2020, Sec. 4: betas linear from 1e-4 to 0.02 over T = 1000 steps."""
         if num_timesteps < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
@@ -76,7 +76,7 @@ class NoiseSchedule:
         return cls(betas, cfg)
 
     @classmethod
-    def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "NoiseSchedule":
+    def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
         """Nichol & Dhariwal 2021, Eq. 17: alpha_bar(t) = cos^2((t/T + s)/(1 + s) * pi/2),
         betas = 1 - alpha_bar(t+1)/alpha_bar(t), capped at max_beta."""
         if num_timesteps < 1:

@@ -45,7 +45,7 @@ class UNetConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
+    def from_dict(cls, d: dict) -> UNetConfig:
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:

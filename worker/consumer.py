@@ -66,8 +66,10 @@ class Consumer:
         if free <= 0:
             await asyncio.wait(self.inflight, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
             return
+        # block for at most half the socket timeout, so an idle queue is never a read timeout
+        block_ms = max(1, int(self.settings.redis_timeout_seconds * 500))
         reply = await self.store.r.xreadgroup(
-            keys.CONSUMER_GROUP, self.name, {keys.SHARD_STREAM: ">"}, count=free, block=1000
+            keys.CONSUMER_GROUP, self.name, {keys.SHARD_STREAM: ">"}, count=free, block=block_ms
         )
         metrics.queue_depth().set(await self.store.queue_depth())
         for _stream, messages in reply or []:

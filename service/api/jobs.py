@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 
+from service import metrics
 from service.api.deps import Context, Ctx, Owner
 from service.schemas import (
     ImageResult,
@@ -143,11 +144,15 @@ async def get_job(job_id: str, ctx: Ctx, owner: Owner) -> JobView:
 async def cancel_job(job_id: str, ctx: Ctx, owner: Owner) -> JobView:
     """A queued job never runs; a running one stops at its next denoising step."""
     try:
-        return job_view(await ctx.store.cancel(job_id, owner), ctx)
+        record = await ctx.store.cancel(job_id, owner)
     except JobNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
     except JobFinished as e:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job already {e.status.value}; nothing to cancel") from None
+    metrics.jobs_total().inc(tags={"status": "canceled"})
+    if record.finished_at is not None:
+        metrics.job_duration_seconds().observe(record.finished_at - record.created_at, tags={"status": "canceled"})
+    return job_view(record, ctx)
 
 
 @router.get("", response_model=JobList)

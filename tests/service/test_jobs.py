@@ -30,3 +30,72 @@ def test_submit_poll_download(api):
         assert png.status_code == 200
         with Image.open(io.BytesIO(png.content)) as im:
             assert im.format == "PNG" and im.size == (28, 28) and im.mode == "L"
+
+
+def test_idempotency_key_returns_the_same_job_and_rejects_another_body(api):
+    body = {"num_images": 1, "steps": 3, "class_label": 1}
+    first = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "abc-1"})
+    again = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "abc-1"})
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["params"]["seed"] == first.json()["params"]["seed"]  # the chosen seed is kept
+    other = api.post("/v1/jobs", json={**body, "steps": 4}, headers={"Idempotency-Key": "abc-1"})
+    assert other.status_code == 409 and "Idempotency-Key" in other.json()["detail"]
+    fresh = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "abc-2"})
+    assert fresh.status_code == 202 and fresh.json()["id"] != first.json()["id"]
+    for job_id in (first.json()["id"], fresh.json()["id"]):
+        assert wait_for_status(api, job_id, {"succeeded"})["status"] == "succeeded"
+
+
+def test_seed_is_chosen_when_absent_and_images_are_reproducible(api, stack):
+    import boto3
+
+    r = api.post("/v1/jobs", json={"num_images": 2, "steps": 4, "class_label": [4, 5]})
+    assert r.status_code == 202
+    seed = r.json()["params"]["seed"]
+    assert isinstance(seed, int) and seed >= 0
+    again = api.post("/v1/jobs", json={"num_images": 2, "steps": 4, "class_label": [4, 5], "seed": seed})
+    a = wait_for_status(api, r.json()["id"], {"succeeded"})
+    b = wait_for_status(api, again.json()["id"], {"succeeded"})
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.settings.s3_endpoint_url,
+        aws_access_key_id=stack.settings.s3_access_key_id,
+        aws_secret_access_key=stack.settings.s3_secret_access_key.get_secret_value(),
+        region_name="us-east-1",
+    )
+    for x, y in zip(
+        sorted(a["results"], key=lambda r: r["index"]), sorted(b["results"], key=lambda r: r["index"]), strict=True
+    ):
+        px = s3.get_object(Bucket=stack.settings.s3_bucket, Key=x["key"])["Body"].read()
+        py = s3.get_object(Bucket=stack.settings.s3_bucket, Key=y["key"])["Body"].read()
+        assert px == py
+
+
+def test_list_jobs_newest_first_with_status_filter_and_cursor(stack):
+    with stack.client("test-key-lister") as anon:
+        assert anon.get("/v1/jobs").status_code == 401  # not a configured key
+    with stack.client() as api:
+        ids = [
+            api.post("/v1/jobs", json={"num_images": 1, "steps": 2, "class_label": 0}).json()["id"] for _ in range(3)
+        ]
+        for job_id in ids:
+            wait_for_status(api, job_id, {"succeeded"})
+        page1 = api.get("/v1/jobs", params={"limit": 2}).json()
+        assert [j["id"] for j in page1["jobs"]] == ids[::-1][:2]
+        page2 = api.get("/v1/jobs", params={"limit": 2, "cursor": page1["next_cursor"]}).json()
+        assert page2["jobs"][0]["id"] == ids[0]
+        succeeded = api.get("/v1/jobs", params={"status": "succeeded", "limit": 100}).json()["jobs"]
+        assert {j["status"] for j in succeeded} == {"succeeded"} and set(ids) <= {j["id"] for j in succeeded}
+        assert api.get("/v1/jobs", params={"status": "bogus"}).status_code == 422
+
+
+def test_models_health_and_readiness(api, stack):
+    models = api.get("/v1/models").json()["models"]
+    mnist = next(m for m in models if m["name"] == "mnist")
+    assert mnist == {**mnist, "image_size": 28, "channels": 1, "num_classes": 10, "default": True}
+    assert httpx.get(f"{stack.base_url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{stack.base_url}/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["checks"] == {"redis": "ok", "s3": "ok", "sampler": "ok"}
+    openapi = httpx.get(f"{stack.base_url}/openapi.json").json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/models"} <= set(openapi["paths"])

@@ -1,0 +1,22 @@
+# Everyday targets. Each one goes through dev.py, which needs only Python and pip.
+PY := .venv/bin/python
+
+.PHONY: up test setup lint bench train-demo sample
+up:            ## set up and start the whole local stack on http://127.0.0.1:8000
+	python3 dev.py up
+test:          ## set up and run the tests
+	python3 dev.py test
+setup:
+	python3 dev.py setup
+lint: setup
+	$(PY) -m ruff check undiffuse service worker tests bench
+	$(PY) -m ruff format --check undiffuse service worker tests bench
+bench: setup   ## the sampler and service benchmarks (see docs/benchmarks.md)
+	$(PY) bench/sampler.py
+	$(PY) bench/service.py
+train-demo: setup   ## retrain the demo model (docs/training.md)
+	$(PY) -m undiffuse.cli train --data ../shared/datasets/mnist/t10k-images-idx3-ubyte.gz \
+	  --labels ../shared/datasets/mnist/t10k-labels-idx1-ubyte.gz --out runs/mnist \
+	  --steps 6000 --lr 8e-4 --checkpoint-every 500
+sample: setup
+	$(PY) -m undiffuse.cli sample --model models/mnist --num 100 --nrow 10 --steps 50 --seed 0 --out grid.png

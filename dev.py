@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Set up and run undiffuse on a machine with only Python 3.10+ and pip.
+
+    python3 dev.py up      # create .venv, install, start the whole local stack
+    python3 dev.py test    # create .venv, install, run the test suite (extra args go to pytest)
+    python3 dev.py setup   # only create/refresh .venv
+
+Standard library only: this script must run before anything is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+LOCK = ROOT / "requirements.lock"
+STAMP = VENV / ".undiffuse-installed"
+PYTHON = VENV / "bin" / "python"
+
+
+def setup() -> None:
+    if not PYTHON.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    digest = hashlib.sha256(LOCK.read_bytes() + (ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == digest:
+        return
+    pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    print("installing dependencies from requirements.lock (torch 2.13.0, CPU build, first)", flush=True)
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "torch==2.13.0"], check=True)  # pinned so a CPU machine never pulls CUDA wheels
+    subprocess.run([*pip, "-r", str(LOCK)], check=True)
+    subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
+    STAMP.write_text(digest)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("setup", "up", "test"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    setup()
+    os.chdir(ROOT)
+    if command == "up":
+        os.execv(PYTHON, [str(PYTHON), "-m", "service.local", *rest])
+    if command == "test":
+        os.execv(PYTHON, [str(PYTHON), "-m", "pytest", *rest])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,70 @@
+"""Auth isolation and every documented error, against the real stack."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.service.conftest import KEY_B, wait_for_status
+
+pytestmark = pytest.mark.integration
+
+
+def test_auth_is_required_and_jobs_are_private(stack, api):
+    with stack.client(None) as nobody:
+        r = nobody.post("/v1/jobs", json={"class_label": 1, "steps": 2})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert nobody.get("/v1/models").status_code == 401
+    with stack.client("not-a-key") as wrong:
+        assert wrong.get("/v1/jobs").status_code == 401
+    job = api.post("/v1/jobs", json={"class_label": 1, "steps": 2}).json()
+    with stack.client(KEY_B) as bob:
+        assert bob.get(f"/v1/jobs/{job['id']}").status_code == 404
+        assert bob.post(f"/v1/jobs/{job['id']}/cancel").status_code == 404
+        assert job["id"] not in {j["id"] for j in bob.get("/v1/jobs", params={"limit": 100}).json()["jobs"]}
+        # the same Idempotency-Key is per caller: Bob's does not see Alice's job
+        a = api.post("/v1/jobs", json={"class_label": 2, "steps": 2}, headers={"Idempotency-Key": "shared"})
+        b = bob.post("/v1/jobs", json={"class_label": 2, "steps": 2}, headers={"Idempotency-Key": "shared"})
+        assert a.status_code == b.status_code == 202 and a.json()["id"] != b.json()["id"]
+        wait_for_status(bob, b.json()["id"], {"succeeded"})
+    wait_for_status(api, job["id"], {"succeeded"})
+
+
+@pytest.mark.parametrize(
+    "body, field, fragment",
+    [
+        ({"class_label": 1, "steps": -3}, "steps", "greater than or equal to 1"),
+        ({"class_label": 1, "steps": 1001}, "steps", "at most 1000"),
+        ({"class_label": 1, "num_images": 65}, "num_images", "at most 64"),
+        ({"class_label": 1, "num_images": 0}, "num_images", "greater than or equal to 1"),
+        ({"class_label": 1, "model": "imagenet"}, "model", "unknown model 'imagenet'"),
+        ({"class_label": 1, "sampler": "euler"}, "sampler", "'ddpm' or 'ddim'"),
+        ({"class_label": 10}, "class_label", "out of range 0..9"),
+        ({"class_label": [1, 2], "num_images": 3}, "class_label", "2 labels for 3 images"),
+        ({}, "class_label", "required"),
+        ({"class_label": 1, "eta": 2}, "eta", "less than or equal to 1"),
+        ({"class_label": 1, "seed": -1}, "seed", "greater than or equal to 0"),
+        ({"class_label": 1, "colour": "red"}, "colour", "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_requests_get_422_naming_the_field(api, body, field, fragment):
+    r = api.post("/v1/jobs", json=body)
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    assert any(e["loc"][-1] == field and fragment in e["msg"] for e in errors), errors
+
+
+def test_malformed_json_unknown_job_and_oversized_body(api, stack):
+    r = api.post("/v1/jobs", content=b'{"num_images": 2,', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+    assert api.get("/v1/jobs/doesnotexist").status_code == 404
+    assert api.post("/v1/jobs/doesnotexist/cancel").status_code == 404
+    big = {"class_label": [1] * 40_000, "num_images": 40_000}
+    r = api.post("/v1/jobs", json=big)
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+
+def test_cancel_finished_job_is_a_conflict(api):
+    job = api.post("/v1/jobs", json={"class_label": 5, "steps": 2}).json()
+    wait_for_status(api, job["id"], {"succeeded"})
+    r = api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 409 and "already succeeded" in r.json()["detail"]

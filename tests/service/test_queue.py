@@ -1,0 +1,143 @@
+"""Queue semantics against the real stack: cancellation, crash recovery, retries and the
+dead-letter stream, and Redis going away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import boto3
+import httpx
+import pytest
+import redis as redis_lib
+
+from service import keys
+from service.schemas import JobParams, ShardTask
+from service.store import JobStore
+from tests.service.conftest import wait_for, wait_for_status
+
+pytestmark = pytest.mark.integration
+
+
+def _s3(stack):
+    s = stack.settings
+    return boto3.client(
+        "s3",
+        endpoint_url=s.s3_endpoint_url,
+        aws_access_key_id=s.s3_access_key_id,
+        aws_secret_access_key=s.s3_secret_access_key.get_secret_value(),
+        region_name="us-east-1",
+    )
+
+
+def _objects(stack, job_id: str) -> list[str]:
+    listed = _s3(stack).list_objects_v2(Bucket=stack.settings.s3_bucket, Prefix=f"jobs/{job_id}/")
+    return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+def _slow_job(api, images: int = 64) -> str:
+    """A job that keeps every worker slot busy for a while (DDPM, 1000 steps)."""
+    r = api.post("/v1/jobs", json={"num_images": images, "steps": 1000, "sampler": "ddpm", "class_label": 8})
+    assert r.status_code == 202
+    return r.json()["id"]
+
+
+def test_cancel_queued_job_never_runs_and_running_job_stops(api, stack):
+    blocker = _slow_job(api)
+    wait_for(lambda: api.get(f"/v1/jobs/{blocker}").json()["progress"]["step"] > 0, 60, what="blocker to start")
+    queued = api.post("/v1/jobs", json={"num_images": 4, "steps": 3, "class_label": 2}).json()["id"]
+    r = api.post(f"/v1/jobs/{queued}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "canceled"
+
+    # the blocker is running: after cancel its step counter stops moving
+    r = api.post(f"/v1/jobs/{blocker}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "canceled"
+    wait_for(lambda: redis_lib.Redis.from_url(stack.redis.url).xlen(keys.SHARD_STREAM) == 0, 60, what="queue to drain")
+    before = api.get(f"/v1/jobs/{blocker}").json()
+    time.sleep(1.5)
+    after = api.get(f"/v1/jobs/{blocker}").json()
+    assert after["status"] == "canceled" and after["progress"]["step"] == before["progress"]["step"] < 1000
+    assert after["progress"]["images_done"] < 64
+
+    never = api.get(f"/v1/jobs/{queued}").json()
+    assert never["status"] == "canceled" and never["started_at"] is None
+    assert never["progress"]["images_done"] == 0 and never["results"] == []
+    assert _objects(stack, queued) == []
+
+
+def _kill_worker_holding(stack, job_id: str) -> str:
+    import ray
+
+    r = redis_lib.Redis.from_url(stack.redis.url, decode_responses=True)
+    pending = r.xpending_range(keys.SHARD_STREAM, keys.CONSUMER_GROUP, "-", "+", 100)
+    holders = set()
+    for p in pending:
+        fields = r.xrange(keys.SHARD_STREAM, p["message_id"], p["message_id"])
+        if fields and job_id in fields[0][1]["task"]:
+            holders.add(p["consumer"].removeprefix("worker-"))
+    assert holders, "no worker holds a shard of the job"
+    victim = sorted(holders)[0]
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if "Worker" in actor["name"] and victim in actor["name"]:
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+            return victim
+    raise AssertionError(f"worker replica {victim} not found among Ray actors")
+
+
+def test_consumer_killed_mid_shard_job_still_succeeds_with_each_image_once(api, stack):
+    r = api.post("/v1/jobs", json={"num_images": 8, "steps": 300, "sampler": "ddpm", "class_label": 3})
+    job_id = r.json()["id"]
+    wait_for(lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["step"] > 0, 60, what="sampling to start")
+    _kill_worker_holding(stack, job_id)
+    done = wait_for_status(api, job_id, {"succeeded", "failed"}, timeout=240)
+    assert done["status"] == "succeeded", done
+    assert done["progress"]["images_done"] == 8  # a retried shard is not counted twice
+    assert _objects(stack, job_id) == [f"jobs/{job_id}/{i:05d}.png" for i in range(8)]
+    assert sorted(x["index"] for x in done["results"]) == list(range(8))
+
+
+def test_failing_shard_is_retried_then_fails_its_job_and_goes_to_dead_letter(api, stack):
+    """A shard the Sampler cannot run (more steps than the model has, which the API would have
+    refused) is tried max_attempts times, then fails the job with the reason."""
+
+    async def enqueue_bad_job() -> str:
+        store = JobStore.from_url(stack.redis.url, 3600, stack.settings.shard_size)
+        params = JobParams(
+            model="mnist", num_images=2, steps=5000, sampler="ddim", eta=0.0, seed=1, class_label=1, guidance_scale=1.0
+        )
+        # the owner of test-key-alice, as the API computes it
+        import hashlib
+
+        owner = hashlib.sha256(b"test-key-alice").hexdigest()[:24]
+        job_id, _ = await store.submit(owner, params, {"bad": True})
+        await store.close()
+        return job_id
+
+    dead_before = redis_lib.Redis.from_url(stack.redis.url).xlen(keys.DEAD_LETTER_STREAM)
+    job_id = asyncio.run(enqueue_bad_job())
+    failed = wait_for_status(api, job_id, {"failed", "succeeded"}, timeout=120)
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "shard_failed"
+    assert "failed 2 times" in failed["error"]["message"] and "steps must be in" in failed["error"]["message"]
+    dead = redis_lib.Redis.from_url(stack.redis.url, decode_responses=True).xrange(keys.DEAD_LETTER_STREAM)
+    assert len(dead) == dead_before + 1 and job_id in dead[-1][1]["task"]
+    assert ShardTask.model_validate_json(dead[-1][1]["task"]).attempt == 3
+
+
+def test_redis_down_gives_503_then_recovers(api, stack):
+    stack.redis.stop()
+    try:
+        r = api.post("/v1/jobs", json={"class_label": 1, "steps": 2})
+        assert r.status_code == 503 and "Redis is unreachable" in r.json()["detail"]
+        assert r.headers["retry-after"] == "5"
+        assert api.get("/v1/jobs/whatever").status_code == 503
+        ready = httpx.get(f"{stack.base_url}/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("unavailable")
+    finally:
+        stack.redis.start()  # same port, same AOF directory
+    r = wait_for(
+        lambda: (x := api.post("/v1/jobs", json={"class_label": 1, "steps": 2})).status_code == 202 and x,
+        30,
+        what="the API to accept jobs again",
+    )
+    assert wait_for_status(api, r.json()["id"], {"succeeded"}, timeout=120)["status"] == "succeeded"
