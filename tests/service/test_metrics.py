@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 import pytest
@@ -35,11 +36,19 @@ def test_step_histogram_grows_by_steps_times_batches(api, stack):
     job = api.post("/v1/jobs", json={"num_images": 3, "steps": 7, "class_label": 6}).json()
     assert wait_for_status(api, job["id"], {"succeeded"})["status"] == "succeeded"
 
+    # each replica process exports on its own timer: wait until all three have reported
     def settled():
         text = _scrape(stack)
-        return text if _sum(text, "ray_undiffuse_jobs_total", status="succeeded") >= jobs_before + 1 else None
+        done = (
+            _sum(text, "ray_undiffuse_jobs_total", status="succeeded") >= jobs_before + 1
+            and _sum(text, "ray_undiffuse_sampler_batch_images_count", model="mnist") > batches_before
+            and _sum(text, name, model="mnist", sampler="ddim") > before
+        )
+        return text if done else None
 
-    text = wait_for(settled, 30, 0.5, "metrics to be exported")
+    wait_for(settled, 30, 0.5, "metrics to be exported")
+    time.sleep(2)  # a further export round: counts must not grow past steps x batches
+    text = _scrape(stack)
     batches = _sum(text, "ray_undiffuse_sampler_batch_images_count", model="mnist") - batches_before
     assert batches == 1
     assert _sum(text, name, model="mnist", sampler="ddim") - before == 7 * batches
