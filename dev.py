@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
@@ -37,7 +39,26 @@ def setup() -> None:
     subprocess.run([*pip, "torch==2.13.0"], check=True)  # pinned so a CPU machine never pulls CUDA wheels
     subprocess.run([*pip, "-r", str(LOCK)], check=True)
     subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
+    fetch_promtool()
     STAMP.write_text(digest)
+
+
+def fetch_promtool() -> None:
+    """promtool (for the Prometheus-config test) from Debian's prometheus package, unpacked into
+    .venv/tools without root. Where apt is missing the test says so and is skipped."""
+    target = VENV / "tools"
+    if shutil.which("promtool") or (target / "usr" / "bin" / "promtool").exists():
+        return
+    if not (shutil.which("apt-get") and shutil.which("dpkg")):
+        print("note: no apt-get/dpkg here; the promtool test will be skipped", flush=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        got = subprocess.run(["apt-get", "download", "prometheus"], cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob("prometheus_*.deb"))
+        if got.returncode != 0 or not debs:
+            print(f"note: could not download Debian's prometheus package: {got.stderr.strip()[:200]}", flush=True)
+            return
+        subprocess.run(["dpkg", "-x", str(debs[0]), str(target)], check=True)
 
 
 def main(argv: list[str]) -> int:

@@ -15,33 +15,43 @@ import argparse
 import asyncio
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+if not __package__:  # run as `python bench/service.py`: this file must not shadow the package
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import httpx  # noqa: E402
 
 KEY = "bench-key"
 
 
-async def wait_done(client: httpx.AsyncClient, job_id: str, poll: float = 0.01) -> dict:
-    while True:
-        body = (await client.get(f"/v1/jobs/{job_id}")).json()
-        if body["status"] in ("succeeded", "failed", "canceled"):
-            assert body["status"] == "succeeded", body
-            return body
-        await asyncio.sleep(poll)
+class Jobs:
+    """Submits over HTTP; watches completion in the job record in Redis (what GET /v1/jobs/{id}
+    reads), so that polling does not load the 2-core machine's HTTP proxy."""
+
+    def __init__(self, client: httpx.AsyncClient, redis_url: str) -> None:
+        from service.store import async_redis
+
+        self.client = client
+        self.redis = async_redis(redis_url, 5.0)
+
+    async def run(self, body: dict) -> float:
+        from service import keys
+
+        start = time.perf_counter()
+        r = await self.client.post("/v1/jobs", json=body)
+        r.raise_for_status()
+        key = keys.job(r.json()["id"])
+        while (status := await self.redis.hget(key, "status")) in ("queued", "running"):
+            await asyncio.sleep(0.005)
+        assert status == "succeeded", status
+        return time.perf_counter() - start
 
 
-async def run_job(client: httpx.AsyncClient, body: dict) -> float:
-    start = time.perf_counter()
-    r = await client.post("/v1/jobs", json=body)
-    r.raise_for_status()
-    await wait_done(client, r.json()["id"])
-    return time.perf_counter() - start
-
-
-async def overhead(client, sampler, repeats: int) -> tuple[float, float]:
+async def overhead(jobs: Jobs, sampler, repeats: int) -> tuple[float, float]:
     from service.schemas import JobParams, ShardTask
 
     body = {
@@ -63,34 +73,36 @@ async def overhead(client, sampler, repeats: int) -> tuple[float, float]:
     )
     task = ShardTask(job_id="bench-direct", shard=0, start=0, count=16, params=params)
     await sampler.generate.remote(task)  # warm up both paths
-    await run_job(client, body)
+    await jobs.run(body)
     direct, e2e = [], []
     for _ in range(repeats):
         t = time.perf_counter()
         await sampler.generate.remote(task)
         direct.append(time.perf_counter() - t)
-        e2e.append(await run_job(client, body))
+        e2e.append(await jobs.run(body))
     return statistics.median(direct), statistics.median(e2e)
 
 
-async def submit_throughput(base_url: str, requests: int, clients: int) -> tuple[float, float, float, int]:
+async def request_storm(
+    base_url: str, requests: int, clients: int, method: str, path: str, body: dict | None
+) -> tuple[float, float, float, int]:
+    """requests calls by `clients` concurrent clients: (per second, p50 ms, p99 ms, errors)."""
     latencies: list[float] = []
     errors = 0
-    body = {"num_images": 1, "steps": 1, "class_label": 0}
+    ok = 202 if method == "POST" else 200
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(
-        base_url=base_url, headers={"Authorization": f"Bearer {KEY}"}, limits=limits, timeout=30
-    ) as c:
-        queue = list(range(requests))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=30) as c:
+        remaining = requests
 
         async def client_loop():
-            nonlocal errors
-            while queue:
-                queue.pop()
+            nonlocal errors, remaining
+            while remaining > 0:
+                remaining -= 1
                 t = time.perf_counter()
-                r = await c.post("/v1/jobs", json=body)
+                r = await c.request(method, path, json=body)
                 latencies.append(time.perf_counter() - t)
-                errors += r.status_code != 202
+                errors += r.status_code != ok
 
         start = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(clients)))
@@ -100,14 +112,14 @@ async def submit_throughput(base_url: str, requests: int, clients: int) -> tuple
     return requests / wall, p(0.50), p(0.99), errors
 
 
-async def batching(client, n: int = 16) -> tuple[float, float]:
+async def batching(jobs: Jobs, n: int = 16) -> tuple[float, float]:
     body = {"num_images": 1, "steps": 50, "sampler": "ddim", "class_label": 3}
     start = time.perf_counter()
     for _ in range(n):
-        await run_job(client, body)
+        await jobs.run(body)
     sequential = time.perf_counter() - start
     start = time.perf_counter()
-    await asyncio.gather(*(run_job(client, body) for _ in range(n)))
+    await asyncio.gather(*(jobs.run(body) for _ in range(n)))
     concurrent = time.perf_counter() - start
     return sequential, concurrent
 
@@ -148,6 +160,7 @@ def main() -> None:
             "s3_access_key_id": "bench",
             "s3_secret_access_key": "bench-secret-123",
             "api_keys": [KEY],
+            "worker_concurrency": 16,  # let one worker feed the Sampler full batches
         }
         serve.run(build_app(AppArgs(settings=settings)), name="undiffuse", route_prefix="/")
         sampler = serve.get_deployment_handle("Sampler", app_name="undiffuse")
@@ -155,13 +168,16 @@ def main() -> None:
 
         async def all_benchmarks():
             async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
-                direct, e2e = await overhead(c, sampler, args.repeats)
-                seq, conc = await batching(c)
-            rate, p50, p99, errors = await submit_throughput(base, args.requests, args.clients)
+                jobs = Jobs(c, redis.url)
+                direct, e2e = await overhead(jobs, sampler, args.repeats)
+                seq, conc = await batching(jobs)
+            floor = await request_storm(base, args.requests, args.clients, "GET", "/healthz", None)
+            body = {"num_images": 1, "steps": 1, "class_label": 0}
+            submit = await request_storm(base, args.requests, args.clients, "POST", "/v1/jobs", body)
             await drain(redis.url)
-            return direct, e2e, seq, conc, rate, p50, p99, errors
+            return direct, e2e, seq, conc, floor, submit
 
-        direct, e2e, seq, conc, rate, p50, p99, errors = asyncio.run(all_benchmarks())
+        direct, e2e, seq, conc, floor, submit = asyncio.run(all_benchmarks())
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -176,8 +192,13 @@ def main() -> None:
     print(
         f"| (a) 16 images, DDIM 50: end to end vs direct Sampler call | {direct:.2f} s | {e2e:.2f} s | {e2e / direct:.2f}x | <= 1.10x |"
     )
+
+    def fmt(r: tuple[float, float, float, int]) -> str:
+        return f"{r[0]:.0f}/s, p50 {r[1]:.1f} ms, p99 {r[2]:.1f} ms, {r[3]} errors"
+
     print(
-        f"| (b) POST /v1/jobs, {args.clients} clients, {args.requests} requests | - | {rate:.0f} jobs/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms, {errors} errors | - | >= 300 jobs/s |"
+        f"| (b) POST /v1/jobs vs GET /healthz (Serve's floor), {args.clients} clients x {args.requests} "
+        f"| {fmt(floor)} | {fmt(submit)} | {submit[0] / floor[0]:.2f}x | >= 300 jobs/s |"
     )
     print(
         f"| (c) 16 one-image jobs: one after another vs concurrent | {seq:.2f} s | {conc:.2f} s | {seq / conc:.2f}x faster | > 1x |"

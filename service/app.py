@@ -18,10 +18,36 @@ from service.settings import Settings
 from worker.deployment import Worker
 
 
+class SamplerAutoscaling(BaseModel):
+    """Scale the Sampler with the Redis backlog (service.autoscaling.BacklogPolicy)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    shards_per_replica: float = Field(4.0, gt=0, description="backlog one replica should carry")
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(300.0, ge=0)
+
+    def to_serve(self) -> dict[str, Any]:
+        if self.max_replicas < max(1, self.min_replicas):
+            raise ValueError("sampler_autoscaling.max_replicas must be >= max(1, min_replicas)")
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "initial_replicas": max(1, self.min_replicas),
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "policy": {
+                "policy_function": "service.autoscaling:BacklogPolicy",
+                "policy_kwargs": {"shards_per_replica": self.shards_per_replica},
+            },
+        }
+
+
 class AppArgs(BaseModel):
     """How the application is laid out on the cluster. Service behaviour lives in Settings."""
 
-    sampler_replicas: int = Field(1, ge=1)
+    sampler_replicas: int = Field(1, ge=1, description="fixed replica count when sampler_autoscaling is unset")
+    sampler_autoscaling: SamplerAutoscaling | None = None
     sampler_num_gpus: float = Field(0.0, ge=0, description="1 on GPU nodes: one GPU per replica")
     sampler_num_cpus: float = Field(1.0, ge=0)
     max_batch_images: int = Field(64, ge=1, description="images per Sampler batch (@serve.batch)")
@@ -36,8 +62,13 @@ def build_app(args: AppArgs) -> Application:
     if settings.shard_size > args.max_batch_images:
         raise ValueError(f"shard_size {settings.shard_size} exceeds max_batch_images {args.max_batch_images}")
     ModelRegistry(settings.model_dir, settings.default_model)  # fail fast on a bad model dir
+    replicas: dict[str, Any] = (
+        {"num_replicas": "auto", "autoscaling_config": args.sampler_autoscaling.to_serve()}
+        if args.sampler_autoscaling
+        else {"num_replicas": args.sampler_replicas}
+    )
     sampler = Sampler.options(
-        num_replicas=args.sampler_replicas,
+        **replicas,
         ray_actor_options={"num_cpus": args.sampler_num_cpus, "num_gpus": args.sampler_num_gpus},
         user_config={"max_batch_images": args.max_batch_images, "batch_wait_timeout_s": args.batch_wait_timeout_s},
     ).bind(settings)

@@ -153,7 +153,7 @@ class S3Server(_Process):
         config.write_text(json.dumps(identities))
         data = self.workdir / "data"
         data.mkdir(exist_ok=True)
-        master, volume, filer, iceberg = (free_port_pair(self._taken) for _ in range(4))
+        master, volume, filer = (free_port_pair(self._taken) for _ in range(3))
         self._spawn(
             [
                 seaweed_binary(),
@@ -166,7 +166,8 @@ class S3Server(_Process):
                 f"-volume.port={volume}",
                 f"-filer.port={filer}",
                 f"-s3.port={self.port}",
-                f"-s3.port.iceberg={iceberg}",
+                "-s3.port.iceberg=0",  # 0 disables the Iceberg and Lance catalog listeners,
+                "-s3.port.lance=0",  # which otherwise take fixed ports 8181 and 9101
                 "-master.telemetry=false",
                 f"-s3.config={config}",
                 # small volumes, and room for many: the default 30 GB volumes with an

@@ -155,5 +155,4 @@ class Sampler:
         except redis.RedisError as e:
             log.warning("progress not recorded: %s", e)
             return set()
-        gone = {t.job_id for t, s in zip(tasks, statuses, strict=True) if s in (None, "canceled")}
-        return gone & set(job_ids)
+        return {t.job_id for t, s in zip(tasks, statuses, strict=True) if s == "canceled"}

@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PLACEHOLDER_SECRETS = {"", "changeme", "localsecret"}
+PLACEHOLDER_SECRETS = {"", "changeme", "localsecret", "REPLACE_ME"}
 
 
 class Settings(BaseSettings):
@@ -66,6 +66,6 @@ class Settings(BaseSettings):
         if self.environment == "production":
             if self.s3_secret_access_key.get_secret_value() in PLACEHOLDER_SECRETS:
                 raise ValueError("UNDIFFUSE_S3_SECRET_ACCESS_KEY is a placeholder; set a real secret in production")
-            if not self.api_keys:
-                raise ValueError("UNDIFFUSE_API_KEYS is empty; production requires API keys")
+            if not self.api_keys or any(k in PLACEHOLDER_SECRETS for k in self.api_keys):
+                raise ValueError("UNDIFFUSE_API_KEYS is empty or a placeholder; production requires API keys")
         return self

@@ -186,8 +186,9 @@ class JobStore:
     # --- submit --------------------------------------------------------------------------------
     async def submit(
         self, owner: str, params: JobParams, body: dict, idempotency_key: str | None = None
-    ) -> tuple[str, bool]:
-        """Create the job and enqueue its shards in one MULTI/EXEC. Returns (job id, created).
+    ) -> tuple[str, bool, float]:
+        """Create the job and enqueue its shards in one MULTI/EXEC. Returns (job id, created,
+        created_at).
 
         With an idempotency key, the same key and body return the first job (created=False);
         the same key with another body raises IdempotencyConflict.
@@ -207,13 +208,13 @@ class JobStore:
                             prior = json.loads(prior)
                             if prior["body_hash"] != digest:
                                 raise IdempotencyConflict(idempotency_key)
-                            return prior["job_id"], False
+                            return prior["job_id"], False, 0.0
                     pipe.multi()
                     if idem:
                         pipe.set(idem, json.dumps({"job_id": job_id, "body_hash": digest}), ex=self.ttl)
                     self._queue_job(pipe, job_id, owner, params, now, shards)
                     await pipe.execute()
-                    return job_id, True
+                    return job_id, True, now
                 except WatchError:
                     continue  # a concurrent request used the same key: read its job
 

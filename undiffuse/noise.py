@@ -4,8 +4,8 @@ Image i of a request with seed s must look the same whether it is generated alon
 of 64 or in a shard on another replica. A `torch.Generator` per image would give that, but
 drawing from N generators is a Python loop over the batch at every denoising step. Instead the
 noise is a pure function of (seed, index, draw, element): a 32-bit integer hash of those
-counters (Wellons' "lowbias32" finaliser) gives two uniforms per element and Box-Muller turns
-them into a standard normal. The whole batch is one vectorised expression, identical on CPU and
+counters (Wellons' "lowbias32" finaliser) gives uniforms, and Box-Muller turns each pair of
+them into two standard normals. The whole batch is one vectorised expression, identical on CPU and
 CUDA up to float32 round-off of log/cos, with no generator state to carry between steps.
 
 `draw` numbers the calls within one trajectory: 0 is x_T, k >= 1 the noise of sampler step k.
@@ -64,6 +64,7 @@ class ImageNoise:
         key = hash32(key ^ (seeds_t >> 32))
         key = hash32(key ^ (indices_t & _MASK32))
         self._keys = hash32(key ^ (indices_t >> 32))  # [N]
+        self._counter_cache: dict[int, Tensor] = {}
 
     @classmethod
     def for_request(cls, seed: int, num_images: int, device: torch.device | str = "cpu") -> ImageNoise:
@@ -76,10 +77,20 @@ class ImageNoise:
     def draw(self, k: int, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
         """Standard normal noise [N, *shape] for draw number k of every image."""
         n_elem = math.prod(shape)
+        pairs = (n_elem + 1) // 2  # Box-Muller turns 2 uniforms into 2 normals
         stream = hash32(self._keys ^ (k & _MASK32))[:, None]  # [N, 1]
-        counters = hash32(torch.arange(2 * n_elem, device=self.device, dtype=torch.int64))
-        bits = hash32(stream ^ counters[None, :])  # [N, 2E]
-        u = bits.to(torch.float64) * 2.0**-32  # [0, 1)
-        u1, u2 = 1.0 - u[:, :n_elem], u[:, n_elem:]  # u1 in (0, 1] keeps log finite
-        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+        bits = hash32(stream ^ self._counters(2 * pairs)[None, :])  # [N, 2P] in [0, 2**32)
+        # 24-bit uniforms strictly inside (0, 1): exact in float32, so log(u1) is finite
+        u = ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24
+        radius = torch.sqrt(-2.0 * torch.log(u[:, :pairs]))
+        theta = (2.0 * math.pi) * u[:, pairs:]
+        z = torch.cat([radius * torch.cos(theta), radius * torch.sin(theta)], dim=1)[:, :n_elem]
         return z.to(dtype).reshape(len(self), *shape)
+
+    def _counters(self, n: int) -> Tensor:
+        """hash32(0..n-1), the per-element part of the stream; the same for every key, so cached."""
+        cached = self._counter_cache.get(n)
+        if cached is None:
+            cached = hash32(torch.arange(n, device=self.device, dtype=torch.int64))
+            self._counter_cache[n] = cached
+        return cached

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from pydantic import ValidationError
@@ -43,6 +44,7 @@ class Consumer:
         self.stopping = asyncio.Event()
         self._last_reclaim = 0.0
         self.handled = 0
+        self._uploads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="upload")
 
     # --- the loop ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -166,8 +168,13 @@ class Consumer:
         pixels = np.frombuffer(result.pixels, dtype=np.uint8).reshape(result.shape)
         if pixels.shape[0] != task.count:
             raise RuntimeError(f"Sampler returned {pixels.shape[0]} images for a shard of {task.count}")
-        for k in range(task.count):
-            self.objects.put_png(image_key(task.job_id, task.start + k), encode_png(pixels[k]))
+        # boto3 clients are thread-safe; uploads overlap their network round trips
+        list(
+            self._uploads.map(
+                lambda k: self.objects.put_png(image_key(task.job_id, task.start + k), encode_png(pixels[k])),
+                range(task.count),
+            )
+        )
 
     async def _heartbeat(self, message_id: str) -> None:
         """Reset the message's idle time while we work on it, so nobody reclaims it."""

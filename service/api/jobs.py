@@ -120,16 +120,22 @@ async def submit_job(
     """Validate and durably queue a job. The same Idempotency-Key and body return the same job."""
     params = resolve_params(body, ctx)
     try:
-        job_id, created = await ctx.store.submit(owner, params, body.model_dump(), idempotency_key)
+        job_id, created, created_at = await ctx.store.submit(owner, params, body.model_dump(), idempotency_key)
     except IdempotencyConflict:
         raise HTTPException(
             status.HTTP_409_CONFLICT, "Idempotency-Key was already used with a different body"
         ) from None
-    record = await ctx.store.get_owned(job_id, owner)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
-    if not created:
+    if not created:  # an earlier request made it: report its current state
         response.status_code = status.HTTP_200_OK
-    return job_view(record, ctx)
+        return job_view(await ctx.store.get_owned(job_id, owner), ctx)
+    return JobView(
+        id=job_id,
+        status=JobStatus.queued,
+        progress=Progress(images_done=0, images_total=params.num_images, step=0, steps=params.steps),
+        params=params,
+        created_at=created_at,
+    )
 
 
 @router.get("/{job_id}", response_model=JobView)

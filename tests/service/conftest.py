@@ -101,3 +101,25 @@ def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeo
         return body if body["status"] in statuses else None
 
     return wait_for(check, timeout, 0.25, f"job {job_id} to reach {statuses}")
+
+
+def enqueue_unrunnable_job(stack: Stack) -> str:
+    """A job of Alice's that the Sampler cannot run (more steps than the model has, which the
+    API would refuse), written straight to Redis: its shard fails every attempt."""
+    import asyncio
+    import hashlib
+
+    from service.schemas import JobParams
+    from service.store import JobStore
+
+    async def enqueue() -> str:
+        store = JobStore.from_url(stack.redis.url, 3600, stack.settings.shard_size)
+        params = JobParams(
+            model="mnist", num_images=2, steps=5000, sampler="ddim", eta=0.0, seed=1, class_label=1, guidance_scale=1.0
+        )
+        owner = hashlib.sha256(KEY_A.encode()).hexdigest()[:24]  # as service.api.deps computes it
+        job_id, _, _ = await store.submit(owner, params, {"unrunnable": True})
+        await store.close()
+        return job_id
+
+    return asyncio.run(enqueue())

@@ -3,7 +3,6 @@ dead-letter stream, and Redis going away."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import boto3
@@ -12,9 +11,8 @@ import pytest
 import redis as redis_lib
 
 from service import keys
-from service.schemas import JobParams, ShardTask
-from service.store import JobStore
-from tests.service.conftest import wait_for, wait_for_status
+from service.schemas import ShardTask
+from tests.service.conftest import enqueue_unrunnable_job, wait_for, wait_for_status
 
 pytestmark = pytest.mark.integration
 
@@ -100,21 +98,8 @@ def test_failing_shard_is_retried_then_fails_its_job_and_goes_to_dead_letter(api
     """A shard the Sampler cannot run (more steps than the model has, which the API would have
     refused) is tried max_attempts times, then fails the job with the reason."""
 
-    async def enqueue_bad_job() -> str:
-        store = JobStore.from_url(stack.redis.url, 3600, stack.settings.shard_size)
-        params = JobParams(
-            model="mnist", num_images=2, steps=5000, sampler="ddim", eta=0.0, seed=1, class_label=1, guidance_scale=1.0
-        )
-        # the owner of test-key-alice, as the API computes it
-        import hashlib
-
-        owner = hashlib.sha256(b"test-key-alice").hexdigest()[:24]
-        job_id, _ = await store.submit(owner, params, {"bad": True})
-        await store.close()
-        return job_id
-
     dead_before = redis_lib.Redis.from_url(stack.redis.url).xlen(keys.DEAD_LETTER_STREAM)
-    job_id = asyncio.run(enqueue_bad_job())
+    job_id = enqueue_unrunnable_job(stack)
     failed = wait_for_status(api, job_id, {"failed", "succeeded"}, timeout=120)
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "shard_failed"

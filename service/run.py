@@ -1,0 +1,52 @@
+"""Run the application in a container against external Redis and S3 (what the Docker image and
+the compose stack start): a single-node Ray head with the Serve app on 0.0.0.0:8000 and Ray's
+metrics on 0.0.0.0:8080. On Kubernetes the RayService deploys the app instead.
+
+    python -m service.run [--sampler-num-gpus 1] [--sampler-replicas 1] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m service.run", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8080)
+    p.add_argument("--sampler-replicas", type=int, default=1)
+    p.add_argument("--sampler-num-gpus", type=float, default=0.0)
+    p.add_argument("--workers", type=int, default=1)
+    args = p.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from service.app import AppArgs, build_app
+
+    app = build_app(  # validates Settings from the environment before Ray starts
+        AppArgs(
+            sampler_replicas=args.sampler_replicas, sampler_num_gpus=args.sampler_num_gpus, worker_replicas=args.workers
+        )
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ray.init(include_dashboard=False, _metrics_export_port=args.metrics_port)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name="undiffuse", route_prefix="/")
+        print(f"undiffuse serving on http://{args.host}:{args.port}", flush=True)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
