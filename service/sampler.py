@@ -69,17 +69,27 @@ class Sampler:
 
     async def generate(self, task: ShardTask) -> ShardResult:
         """Denoise one shard (batched with whatever else is in flight)."""
-        return await self.generate_batch(task)
+        result = await self.generate_batch(task)
+        if isinstance(result, Exception):
+            raise result  # this shard's group failed; other groups of the batch are unaffected
+        return result
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.02, batch_size_fn=_batch_images)
-    async def generate_batch(self, tasks: list[ShardTask]) -> list[ShardResult]:
+    async def generate_batch(self, tasks: list[ShardTask]) -> list[ShardResult | Exception]:
+        """One tensor batch per compatible group. A group that fails hands its exception to its
+        own shards only: a bad shard must not fail the other jobs it was batched with."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, task in enumerate(tasks):
             groups[task.batch_key].append(i)
-        results: list[ShardResult | None] = [None] * len(tasks)
-        for members in groups.values():  # one tensor batch per compatible group
+        results: list[ShardResult | Exception | None] = [None] * len(tasks)
+        for members in groups.values():
             group = [tasks[i] for i in members]
-            for i, result in zip(members, await asyncio.to_thread(self._run_group, group), strict=True):
+            try:
+                outcome: list[ShardResult | Exception] = await asyncio.to_thread(self._run_group, group)
+            except Exception as e:
+                log.exception("batch of %d shards (%s) failed", len(group), group[0].batch_key)
+                outcome = [e] * len(group)
+            for i, result in zip(members, outcome, strict=True):
                 results[i] = result
         return results  # type: ignore[return-value]
 

@@ -89,6 +89,16 @@ def stack(tmp_path_factory) -> Stack:
         redis.stop()
 
 
+def wait_idle(stack: Stack, timeout: float = 120) -> None:
+    """Until no shard is queued or in flight (handled shards are deleted from the stream)."""
+    import redis
+
+    from service import keys
+
+    client = redis.Redis.from_url(stack.redis.url)
+    wait_for(lambda: client.xlen(keys.SHARD_STREAM) == 0, timeout, 0.2, "the queue to drain")
+
+
 @pytest.fixture
 def api(stack) -> httpx.Client:
     with stack.client() as c:

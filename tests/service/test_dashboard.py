@@ -24,8 +24,9 @@ def test_dashboard_metrics_exist_in_a_scrape(api, stack):
     wanted = {_base(m) for p in panels for t in p["targets"] for m in re.findall(r"\bray_[a-z_]+", t["expr"])}
     assert len(wanted) >= 6
     # exercise every path once: a job that succeeds and one whose shard fails and is retried
-    ok = api.post("/v1/jobs", json={"num_images": 2, "steps": 3, "class_label": 9}).json()["id"]
+    # submitted together, so the Sampler may batch them: the bad shard must not fail the good one
     bad = enqueue_unrunnable_job(stack)
+    ok = api.post("/v1/jobs", json={"num_images": 2, "steps": 3, "class_label": 9}).json()["id"]
     wait_for_status(api, ok, {"succeeded"})
     wait_for_status(api, bad, {"failed"})
 

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.service.conftest import wait_for, wait_for_status
+from tests.service.conftest import wait_for, wait_for_status, wait_idle
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +28,8 @@ def _scrape(stack) -> str:
 
 
 def test_step_histogram_grows_by_steps_times_batches(api, stack):
+    wait_idle(stack)  # nothing else may be sampled meanwhile
+    time.sleep(1.5)  # and the last export of earlier work is in
     name = "ray_undiffuse_denoise_step_seconds_count"
     before = _sum(_scrape(stack), name, model="mnist", sampler="ddim")
     batches_before = _sum(_scrape(stack), "ray_undiffuse_sampler_batch_images_count", model="mnist")

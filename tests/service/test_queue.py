@@ -100,7 +100,10 @@ def test_failing_shard_is_retried_then_fails_its_job_and_goes_to_dead_letter(api
 
     dead_before = redis_lib.Redis.from_url(stack.redis.url).xlen(keys.DEAD_LETTER_STREAM)
     job_id = enqueue_unrunnable_job(stack)
+    # a good job in flight at the same time may share the Sampler's batch: it must not fail with it
+    good = api.post("/v1/jobs", json={"num_images": 4, "steps": 3, "class_label": 4}).json()["id"]
     failed = wait_for_status(api, job_id, {"failed", "succeeded"}, timeout=120)
+    assert wait_for_status(api, good, {"failed", "succeeded"})["status"] == "succeeded"
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "shard_failed"
     assert "failed 2 times" in failed["error"]["message"] and "steps must be in" in failed["error"]["message"]
