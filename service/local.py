@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import secrets
-import signal
 import sys
-import threading
 from pathlib import Path
 
-from service.localstack import RedisServer, S3Server, free_port
+from service.localstack import RedisServer, S3Server
 from service.settings import REPO_ROOT
 
 
@@ -32,17 +30,25 @@ def main(argv: list[str] | None = None) -> int:
     s3_secret = secrets.token_urlsafe(24)
     redis = RedisServer(args.workdir / "redis").start()
     s3 = S3Server(args.workdir / "seaweedfs", access_key="undiffuse", secret_key=s3_secret).start()
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    base = f"http://127.0.0.1:{args.port}"
+    banner = f"""
+undiffuse is up.
+  API          {base}   (OpenAPI docs: {base}/docs)
+  API key      {api_key}
+  metrics      http://127.0.0.1:{args.metrics_port}/metrics   (names start with ray_undiffuse_)
+  Redis        {redis.url}
+  S3           {s3.endpoint}   bucket: undiffuse
+
+Try:
+  export KEY={api_key}
+  curl -s -X POST {base}/v1/jobs -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\
+       -d '{{"num_images": 4, "class_label": 7, "steps": 50}}'
+
+Ctrl-C stops everything."""
     try:
-        import ray
-        from ray import serve
-
         from service.app import AppArgs, build_app
+        from service.run import serve_until_stopped
 
-        ray.init(include_dashboard=False, _metrics_export_port=args.metrics_port or free_port())
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         app = build_app(
             AppArgs(
                 sampler_replicas=args.sampler_replicas,
@@ -56,38 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                 },
             )
         )
-        serve.run(app, name="undiffuse", route_prefix="/")
-        base = f"http://127.0.0.1:{args.port}"
-        print(
-            f"""
-undiffuse is up.
-  API          {base}   (OpenAPI docs: {base}/docs)
-  API key      {api_key}
-  metrics      http://127.0.0.1:{args.metrics_port}/metrics   (names start with ray_undiffuse_)
-  Redis        {redis.url}
-  S3           {s3.endpoint}   bucket: undiffuse
-
-Try:
-  export KEY={api_key}
-  curl -s -X POST {base}/v1/jobs -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\
-       -d '{{"num_images": 4, "class_label": 7, "steps": 50}}'
-
-Ctrl-C stops everything.""",
-            flush=True,
-        )
-        stop.wait()
+        serve_until_stopped(app, "127.0.0.1", args.port, args.metrics_port, banner)
     finally:
-        print("\nstopping...", file=sys.stderr)
-        try:
-            from ray import serve as _serve
-
-            _serve.shutdown()
-            import ray as _ray
-
-            _ray.shutdown()
-        finally:
-            s3.stop()
-            redis.stop()
+        s3.stop()
+        redis.stop()
     return 0
 
 

@@ -23,9 +23,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args(argv)
 
-    import ray
-    from ray import serve
-
     from service.app import AppArgs, build_app
 
     app = build_app(  # validates Settings from the environment before Ray starts
@@ -33,19 +30,31 @@ def main(argv: list[str] | None = None) -> int:
             sampler_replicas=args.sampler_replicas, sampler_num_gpus=args.sampler_num_gpus, worker_replicas=args.workers
         )
     )
+    serve_until_stopped(
+        app, args.host, args.port, args.metrics_port, f"undiffuse serving on http://{args.host}:{args.port}"
+    )
+    return 0
+
+
+def serve_until_stopped(app, host: str, port: int, metrics_port: int, banner: str) -> None:
+    """Start local Ray and Serve, run the application, print banner, and block until SIGINT or
+    SIGTERM; then shut Serve and Ray down. Shared by this entry point and service.local."""
+    import ray
+    from ray import serve
+
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    ray.init(include_dashboard=False, _metrics_export_port=args.metrics_port)
+    ray.init(include_dashboard=False, _metrics_export_port=metrics_port)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": host, "port": port})
         serve.run(app, name="undiffuse", route_prefix="/")
-        print(f"undiffuse serving on http://{args.host}:{args.port}", flush=True)
+        print(banner, flush=True)
         stop.wait()
     finally:
+        print("stopping...", file=sys.stderr, flush=True)
         serve.shutdown()
         ray.shutdown()
-    return 0
 
 
 if __name__ == "__main__":
