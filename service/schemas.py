@@ -82,8 +82,6 @@ class ShardTask(BaseModel):
 class ShardResult(BaseModel):
     """What the Sampler returns for a shard: PNG-ready pixels, or canceled."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
     job_id: str
     shard: int
     canceled: bool = False

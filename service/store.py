@@ -268,7 +268,7 @@ class JobStore:
             raise JobNotFound(job_id)
         return record
 
-    async def list(
+    async def list_owned(
         self, owner: str, status: JobStatus | None, limit: int, cursor: int | None
     ) -> tuple[list[JobRecord], int | None]:
         """The owner's jobs newest first, optionally of one status; cursor: a score to start below."""

@@ -170,7 +170,7 @@ async def list_jobs(
     cursor: Annotated[int | None, Query(ge=0, description="next_cursor of the previous page")] = None,
 ) -> JobList:
     """The caller's jobs, newest first."""
-    records, next_cursor = await ctx.store.list(owner, status_, limit, cursor)
+    records, next_cursor = await ctx.store.list_owned(owner, status_, limit, cursor)
     jobs = [
         JobSummary(id=r.id, status=r.status, progress=_progress(r), created_at=r.created_at, finished_at=r.finished_at)
         for r in records

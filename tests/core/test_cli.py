@@ -44,77 +44,38 @@ def test_read_idx_rejects_truncated_file(tmp_path, idx_data):
         read_idx(bad)
 
 
+def _train(img, lab, run, steps: int) -> int:
+    """A tiny training run through the CLI."""
+    small = "--base-channels 16 --channel-mult 1,2 --batch-size 4 --attention="
+    return main(
+        [
+            "train",
+            "--data",
+            str(img),
+            "--labels",
+            str(lab),
+            "--out",
+            str(run),
+            "--steps",
+            str(steps),
+            "--checkpoint-every",
+            str(steps),
+            *small.split(),
+        ]
+    )
+
+
 def test_train_then_sample_end_to_end(tmp_path, idx_data, capsys):
     img, lab, _ = idx_data
     run = tmp_path / "run"
-    argv = [
-        "train",
-        "--data",
-        str(img),
-        "--labels",
-        str(lab),
-        "--out",
-        str(run),
-        "--steps",
-        "3",
-        "--checkpoint-every",
-        "3",
-        "--base-channels",
-        "16",
-        "--channel-mult",
-        "1,2",
-        "--attention",
-        "",
-        "--batch-size",
-        "4",
-    ]
-    assert main(argv) == 0
+    assert _train(img, lab, run, steps=3) == 0
     out = tmp_path / "grid.png"
-    assert (
-        main(
-            [
-                "sample",
-                "--model",
-                str(run / "model"),
-                "--num",
-                "6",
-                "--steps",
-                "4",
-                "--class",
-                "2",
-                "--nrow",
-                "3",
-                "--out",
-                str(out),
-                "--sampler",
-                "ddpm",
-            ]
-        )
-        == 0
-    )
+    sample = f"sample --model {run / 'model'} --num 6 --steps 4 --class 2 --nrow 3 --out {out} --sampler ddpm"
+    assert main(sample.split()) == 0
     with Image.open(out) as im:
         assert im.size == (3 * 10 + 2, 2 * 10 + 2)  # 8 px tiles, 2 px padding
     # resume picks up where it stopped
-    assert (
-        main(
-            argv[:-6]
-            + [
-                "--steps",
-                "5",
-                "--checkpoint-every",
-                "5",
-                "--base-channels",
-                "16",
-                "--channel-mult",
-                "1,2",
-                "--attention",
-                "",
-                "--batch-size",
-                "4",
-            ]
-        )
-        == 0
-    )
+    assert _train(img, lab, run, steps=5) == 0
     assert "resumed from" in capsys.readouterr().err
 
 
@@ -140,27 +101,7 @@ def test_bad_arguments_exit_nonzero_with_one_line(args, message):
 def test_sample_checks_class_against_model(tmp_path, idx_data):
     img, lab, _ = idx_data
     run = tmp_path / "run"
-    main(
-        [
-            "train",
-            "--data",
-            str(img),
-            "--labels",
-            str(lab),
-            "--out",
-            str(run),
-            "--steps",
-            "1",
-            "--base-channels",
-            "16",
-            "--channel-mult",
-            "1,2",
-            "--attention",
-            "",
-            "--batch-size",
-            "2",
-        ]
-    )
+    _train(img, lab, run, steps=1)
     proc = subprocess.run(
         [
             sys.executable,
