@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     shard_size: int = Field(16, ge=1, description="images per shard; at most the Sampler's batch")
     visibility_timeout_seconds: float = Field(300.0, gt=0, description="idle time before a shard is reclaimed")
     max_attempts: int = Field(3, ge=1, description="tries per shard before its job fails")
+    shard_timeout_seconds: float = Field(1800.0, gt=0, description="longest a shard may sample before it is retried")
     worker_concurrency: int = Field(4, ge=1, description="shards in flight per worker replica")
 
     # --- auth ---

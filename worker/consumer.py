@@ -143,11 +143,15 @@ class Consumer:
 
         heartbeat = asyncio.create_task(self._heartbeat(message_id))
         try:
-            result = await self.generate(task)
+            result = await asyncio.wait_for(self.generate(task), self.settings.shard_timeout_seconds)
             if result.canceled:
                 await self.store.ack(message_id)
                 return
             await asyncio.to_thread(self._upload, task, result)
+        except asyncio.TimeoutError:  # a hung GPU or replica: give the shard to another attempt
+            timeout = self.settings.shard_timeout_seconds
+            await self._retry(message_id, task, f"sampling timed out after {timeout:g} s", "timeout")
+            return
         except STORAGE_ERRORS as e:
             await self._retry(message_id, task, f"upload failed: {e}", "storage")
             return
