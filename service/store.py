@@ -325,21 +325,22 @@ class JobStore:
     async def requeue(self, message_id: str, task: ShardTask) -> None:
         """Put the shard back as its next attempt and ack the old message, atomically."""
         retry = task.model_copy(update={"attempt": task.attempt + 1})
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.xadd(keys.SHARD_STREAM, {"task": retry.model_dump_json()})
-            pipe.xack(keys.SHARD_STREAM, keys.CONSUMER_GROUP, message_id)
-            pipe.xdel(keys.SHARD_STREAM, message_id)
-            await pipe.execute()
+        await self._settle(message_id, keys.SHARD_STREAM, {"task": retry.model_dump_json()})
 
-    async def dead_letter(self, message_id: str, task: ShardTask, reason: str) -> None:
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.xadd(keys.DEAD_LETTER_STREAM, {"task": task.model_dump_json(), "reason": reason}, maxlen=10_000)
-            pipe.xack(keys.SHARD_STREAM, keys.CONSUMER_GROUP, message_id)
-            pipe.xdel(keys.SHARD_STREAM, message_id)
-            await pipe.execute()
+    async def dead_letter(self, message_id: str, fields: dict[str, str], reason: str) -> None:
+        """Move a message (a shard out of attempts, or one that does not parse) to the
+        dead-letter stream, atomically with its ack."""
+        await self._settle(message_id, keys.DEAD_LETTER_STREAM, {**fields, "reason": reason})
 
     async def ack(self, message_id: str) -> None:
+        await self._settle(message_id)
+
+    async def _settle(self, message_id: str, stream: str | None = None, fields: dict[str, str] | None = None) -> None:
+        """Ack and delete a handled message, after appending `fields` to `stream` if given,
+        in one MULTI/EXEC."""
         async with self.r.pipeline(transaction=True) as pipe:
+            if stream is not None:
+                pipe.xadd(stream, fields, maxlen=10_000 if stream == keys.DEAD_LETTER_STREAM else None)
             pipe.xack(keys.SHARD_STREAM, keys.CONSUMER_GROUP, message_id)
             pipe.xdel(keys.SHARD_STREAM, message_id)
             await pipe.execute()

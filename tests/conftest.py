@@ -3,8 +3,6 @@ a Redis-compatible server, SeaweedFS's S3 gateway and a Ray Serve application (C
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -16,9 +14,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _quiet_ray():
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    yield

@@ -95,6 +95,22 @@ class DiffusionModel(nn.Module):
         self.class_names = class_names
         self.source = source
 
+    @classmethod
+    def from_config(
+        cls, network: nn.Module, config: ModelConfig, schedule: NoiseSchedule | None = None, source: str = ""
+    ) -> DiffusionModel:
+        """Wrap an undiffuse UNet with what its ModelConfig says about it."""
+        return cls(
+            network,
+            schedule or config.schedule.build(),
+            image_size=config.unet.image_size,
+            channels=config.unet.in_channels,
+            num_classes=config.unet.num_classes,
+            prediction_type=config.prediction_type,
+            class_names=config.class_names,
+            source=source,
+        )
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
@@ -196,17 +212,7 @@ def load_model(folder: str | Path, device: torch.device | str = "cpu", channels_
         raise CheckpointError(f"{folder / CONFIG_FILE}: invalid config ({e})") from e
     network = UNet(config.unet)
     _load_state(network, _read_safetensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
-    model = DiffusionModel(
-        network,
-        config.schedule.build(),
-        image_size=config.unet.image_size,
-        channels=config.unet.in_channels,
-        num_classes=config.unet.num_classes,
-        prediction_type=config.prediction_type,
-        class_names=config.class_names,
-        source=str(folder),
-    )
-    return _ready(model, device, channels_last)
+    return _ready(DiffusionModel.from_config(network, config, source=str(folder)), device, channels_last)
 
 
 def _ready(model: DiffusionModel, device: torch.device | str, channels_last: bool) -> DiffusionModel:

@@ -177,16 +177,7 @@ class Trainer:
         self.wall_seconds = time.perf_counter() - started
 
     def served_model(self) -> DiffusionModel:
-        cfg = self.model_config
-        return DiffusionModel(
-            self.ema.module,
-            self.schedule,
-            image_size=cfg.unet.image_size,
-            channels=cfg.unet.in_channels,
-            num_classes=cfg.unet.num_classes,
-            prediction_type=cfg.prediction_type,
-            class_names=cfg.class_names,
-        )
+        return DiffusionModel.from_config(self.ema.module, self.model_config, self.schedule)
 
     @torch.no_grad()
     def write_grid(self) -> Path:

@@ -101,11 +101,15 @@ class Consumer:
                 continue
             task = self._parse(fields)
             if task is None:
-                await self.store.dead_letter(message_id, ShardTask.model_construct(), "unparseable message")
+                await self._drop_unparseable(message_id, fields)
                 continue
             log.warning("reclaimed shard %s/%d from a silent consumer", task.job_id, task.shard)
             metrics.shard_retries_total().inc(tags={"reason": "reclaimed"})
             await self.store.requeue(message_id, task.model_copy(update={"last_error": "consumer timed out"}))
+
+    async def _drop_unparseable(self, message_id: str, fields: dict) -> None:
+        log.error("moving unparseable message %s to the dead-letter stream", message_id)
+        await self.store.dead_letter(message_id, fields, "unparseable message")
 
     @staticmethod
     def _parse(fields: dict) -> ShardTask | None:
@@ -119,9 +123,7 @@ class Consumer:
         task = self._parse(fields)
         try:
             if task is None:
-                log.error("dropping unparseable message %s to the dead-letter stream", message_id)
-                await self.store.r.xadd(keys.DEAD_LETTER_STREAM, {**fields, "reason": "unparseable"})
-                await self.store.ack(message_id)
+                await self._drop_unparseable(message_id, fields)
                 return
             await self._process(message_id, task)
         except RedisError as e:
@@ -200,7 +202,7 @@ class Consumer:
 
     async def _fail(self, message_id: str, task: ShardTask, created_at: float) -> None:
         message = f"shard {task.shard} failed {task.attempt - 1} times; last error: {task.last_error}"
-        await self.store.dead_letter(message_id, task, message)
+        await self.store.dead_letter(message_id, {"task": task.model_dump_json()}, message)
         if await self.store.finish(task.job_id, JobStatus.failed, JobError(code="shard_failed", message=message)):
             metrics.jobs_total().inc(tags={"status": "failed"})
             metrics.job_duration_seconds().observe(time.time() - created_at, tags={"status": "failed"})

@@ -81,7 +81,8 @@ def test_malformed_config_is_explained(saved):
 
 
 def test_loads_a_diffusers_unet2dmodel_folder(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
+
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(
         sample_size=16,

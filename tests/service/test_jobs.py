@@ -48,7 +48,7 @@ def test_idempotency_key_returns_the_same_job_and_rejects_another_body(api):
 
 
 def test_seed_is_chosen_when_absent_and_images_are_reproducible(api, stack):
-    import boto3
+    from service.storage import ObjectStore
 
     r = api.post("/v1/jobs", json={"num_images": 2, "steps": 4, "class_label": [4, 5]})
     assert r.status_code == 202
@@ -57,13 +57,7 @@ def test_seed_is_chosen_when_absent_and_images_are_reproducible(api, stack):
     again = api.post("/v1/jobs", json={"num_images": 2, "steps": 4, "class_label": [4, 5], "seed": seed})
     a = wait_for_status(api, r.json()["id"], {"succeeded"})
     b = wait_for_status(api, again.json()["id"], {"succeeded"})
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=stack.settings.s3_endpoint_url,
-        aws_access_key_id=stack.settings.s3_access_key_id,
-        aws_secret_access_key=stack.settings.s3_secret_access_key.get_secret_value(),
-        region_name="us-east-1",
-    )
+    s3 = ObjectStore(stack.settings).client
     for x, y in zip(
         sorted(a["results"], key=lambda r: r["index"]), sorted(b["results"], key=lambda r: r["index"]), strict=True
     ):

@@ -5,31 +5,22 @@ from __future__ import annotations
 
 import time
 
-import boto3
 import httpx
 import pytest
 import redis as redis_lib
 
 from service import keys
 from service.schemas import ShardTask
+from service.storage import ObjectStore
 from tests.service.conftest import enqueue_unrunnable_job, wait_for, wait_for_status
 
 pytestmark = pytest.mark.integration
 
 
-def _s3(stack):
-    s = stack.settings
-    return boto3.client(
-        "s3",
-        endpoint_url=s.s3_endpoint_url,
-        aws_access_key_id=s.s3_access_key_id,
-        aws_secret_access_key=s.s3_secret_access_key.get_secret_value(),
-        region_name="us-east-1",
-    )
-
-
 def _objects(stack, job_id: str) -> list[str]:
-    listed = _s3(stack).list_objects_v2(Bucket=stack.settings.s3_bucket, Prefix=f"jobs/{job_id}/")
+    listed = ObjectStore(stack.settings).client.list_objects_v2(
+        Bucket=stack.settings.s3_bucket, Prefix=f"jobs/{job_id}/"
+    )
     return sorted(o["Key"] for o in listed.get("Contents", []))
 
 
