@@ -1,12 +1,8 @@
 """Checkpoints: safetensors weights plus a JSON config, and loading diffusers' UNet2DModel.
 
-An undiffuse model folder holds
-    config.json        {"format": "undiffuse", "version": 1, "unet": {...}, "schedule": {...},
-                        "prediction_type": "epsilon" | "v", "class_names": [...] | null}
-    model.safetensors  the EMA weights (what gets served)
-A diffusers folder (the layout of google/ddpm-cifar10-32) holds config.json with
-"_class_name": "UNet2DModel", diffusion_pytorch_model.safetensors (or .bin) and optionally
-scheduler_config.json; loading it needs the optional `diffusers` extra.
+What a model folder holds, and how it is read without torch, is `undiffuse.config`; this module
+turns a folder into a network with weights (`load_model`) and writes one (`save_model`).
+Loading a diffusers folder needs the optional `diffusers` extra.
 """
 
 from __future__ import annotations
@@ -14,56 +10,25 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from undiffuse.schedule import NoiseSchedule, ScheduleConfig
-from undiffuse.unet import UNet, UNetConfig
+from undiffuse.config import (
+    CONFIG_FILE,
+    DIFFUSERS_WEIGHTS,
+    WEIGHTS_FILE,
+    CheckpointError,
+    ModelConfig,
+    ModelSpec,
+    PredictionType,
+    read_model_folder,
+)
+from undiffuse.schedule import NoiseSchedule
+from undiffuse.unet import UNet
 
-PredictionType = Literal["epsilon", "v"]
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated or does not match its config; names the file."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    unet: UNetConfig
-    schedule: ScheduleConfig
-    prediction_type: PredictionType = "epsilon"
-    class_names: tuple[str, ...] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": "undiffuse",
-            "version": FORMAT_VERSION,
-            "unet": self.unet.to_dict(),
-            "schedule": asdict(self.schedule),
-            "prediction_type": self.prediction_type,
-            "class_names": list(self.class_names) if self.class_names else None,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        if d.get("format") != "undiffuse" or d.get("version") != FORMAT_VERSION:
-            raise ValueError(f"not an undiffuse v{FORMAT_VERSION} config (format/version fields)")
-        if d.get("prediction_type") not in ("epsilon", "v"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v', got {d.get('prediction_type')!r}")
-        names = d.get("class_names")
-        return cls(
-            unet=UNetConfig.from_dict(d["unet"]),
-            schedule=ScheduleConfig(**d["schedule"]),
-            prediction_type=d["prediction_type"],
-            class_names=tuple(names) if names else None,
-        )
+__all__ = ["CheckpointError", "DiffusionModel", "ModelConfig", "load_model", "save_model"]
 
 
 class DiffusionModel(nn.Module):
@@ -102,13 +67,27 @@ class DiffusionModel(nn.Module):
         """Wrap an undiffuse UNet with what its ModelConfig says about it."""
         return cls(
             network,
-            schedule or config.schedule.build(),
+            schedule or NoiseSchedule.from_config(config.schedule),
             image_size=config.unet.image_size,
             channels=config.unet.in_channels,
             num_classes=config.unet.num_classes,
             prediction_type=config.prediction_type,
             class_names=config.class_names,
             source=source,
+        )
+
+    @classmethod
+    def from_spec(cls, network: nn.Module, spec: ModelSpec) -> DiffusionModel:
+        """Wrap any network with what its model folder says about it."""
+        return cls(
+            network,
+            NoiseSchedule.from_config(spec.schedule),
+            image_size=spec.image_size,
+            channels=spec.channels,
+            num_classes=spec.num_classes,
+            prediction_type=spec.prediction_type,
+            class_names=spec.class_names,
+            source=str(spec.path),
         )
 
     @property
@@ -146,18 +125,6 @@ def save_model(folder: str | Path, state_dict: dict[str, Tensor], config: ModelC
     text = json.dumps(config.to_dict(), indent=2) + "\n"
     _atomic_write(folder / CONFIG_FILE, lambda p: Path(p).write_text(text))
     return folder
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -200,19 +167,13 @@ def load_model(folder: str | Path, device: torch.device | str = "cpu", channels_
     faster (about 25 % per step for the demo model on a 2-core CPU, see docs/benchmarks.md);
     outputs match the default layout to float round-off.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: model folder not found")
-    raw = _read_json(folder / CONFIG_FILE)
-    if raw.get("_class_name") == "UNet2DModel":
-        return _ready(_load_diffusers(folder, raw, "cpu"), device, channels_last)
-    try:
-        config = ModelConfig.from_dict(raw)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: invalid config ({e})") from e
-    network = UNet(config.unet)
-    _load_state(network, _read_safetensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
-    return _ready(DiffusionModel.from_config(network, config, source=str(folder)), device, channels_last)
+    spec = read_model_folder(folder)
+    if spec.format == "diffusers":
+        return _ready(_load_diffusers(spec), device, channels_last)
+    network = UNet(spec.unet)
+    weights = spec.path / WEIGHTS_FILE
+    _load_state(network, _read_safetensors(weights), weights)
+    return _ready(DiffusionModel.from_spec(network, spec), device, channels_last)
 
 
 def _ready(model: DiffusionModel, device: torch.device | str, channels_last: bool) -> DiffusionModel:
@@ -231,51 +192,17 @@ class _DiffusersUNet(nn.Module):
         return self.unet(x, t, class_labels=class_labels).sample
 
 
-def _diffusers_schedule(folder: Path) -> tuple[NoiseSchedule, PredictionType]:
-    path = folder / "scheduler_config.json"
-    if not path.is_file():
-        path = folder.parent / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        return NoiseSchedule.linear(), "epsilon"
-    cfg = _read_json(path)
-    kind = cfg.get("beta_schedule", "linear")
-    steps = int(cfg.get("num_train_timesteps", 1000))
-    if kind == "linear":
-        schedule = NoiseSchedule.linear(steps, cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02))
-    elif kind == "squaredcos_cap_v2":
-        schedule = NoiseSchedule.cosine(steps)
-    else:
-        raise CheckpointError(f"{path}: unsupported beta_schedule {kind!r}")
-    pred = {"epsilon": "epsilon", "v_prediction": "v"}.get(cfg.get("prediction_type", "epsilon"))
-    if pred is None:
-        raise CheckpointError(f"{path}: unsupported prediction_type {cfg.get('prediction_type')!r}")
-    return schedule, pred  # type: ignore[return-value]
-
-
-def _load_diffusers(folder: Path, raw: dict[str, Any], device: torch.device | str) -> DiffusionModel:
+def _load_diffusers(spec: ModelSpec) -> DiffusionModel:
     try:
         from diffusers import UNet2DModel
     except ImportError as e:
         raise CheckpointError(
-            f"{folder}: a diffusers UNet2DModel folder; install the 'diffusers' extra to load it"
+            f"{spec.path}: a diffusers UNet2DModel folder; install the 'diffusers' extra to load it"
         ) from e
-    names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-    if not any((folder / n).is_file() for n in names):
-        raise CheckpointError(f"{folder / names[0]}: missing (nor {names[1]})")
+    if not any((spec.path / n).is_file() for n in DIFFUSERS_WEIGHTS):
+        raise CheckpointError(f"{spec.path / DIFFUSERS_WEIGHTS[0]}: missing (nor {DIFFUSERS_WEIGHTS[1]})")
     try:
-        unet = UNet2DModel.from_pretrained(folder, local_files_only=True)
+        unet = UNet2DModel.from_pretrained(spec.path, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{folder}: cannot load diffusers UNet2DModel ({e})") from e
-    schedule, prediction = _diffusers_schedule(folder)
-    size = raw.get("sample_size", 32)
-    size = size[0] if isinstance(size, (list, tuple)) else int(size)
-    model = DiffusionModel(
-        _DiffusersUNet(unet),
-        schedule,
-        image_size=size,
-        channels=int(raw.get("in_channels", 3)),
-        num_classes=raw.get("num_class_embeds"),
-        prediction_type=prediction,
-        source=str(folder),
-    )
-    return model
+        raise CheckpointError(f"{spec.path}: cannot load diffusers UNet2DModel ({e})") from e
+    return DiffusionModel.from_spec(_DiffusersUNet(unet), spec)

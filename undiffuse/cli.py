@@ -51,6 +51,8 @@ def _device(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from undiffuse.registry import DEFAULT_SAMPLER, SAMPLERS
+
     p = _Parser(prog="undiffuse", description="Train and sample DDPM/DDIM diffusion models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -83,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, type=Path, help="model folder (undiffuse or diffusers)")
     s.add_argument("--num", type=_positive("--num"), default=16)
     s.add_argument("--steps", type=_positive("--steps"), default=50)
-    s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    s.add_argument(
+        "--sampler",
+        choices=tuple(SAMPLERS),
+        default=DEFAULT_SAMPLER,
+        help="; ".join(f"{e.name}: {e.summary}" for e in SAMPLERS.values()),
+    )
     s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class", dest="class_label", type=int, help="class of every image")
@@ -97,11 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> None:
     import torch
 
-    from undiffuse.checkpoint import ModelConfig
+    from undiffuse.config import ModelConfig, ScheduleConfig, UNetConfig
     from undiffuse.data import load_idx_dataset, load_image_folder
-    from undiffuse.schedule import ScheduleConfig
     from undiffuse.training import TrainConfig, Trainer
-    from undiffuse.unet import UNetConfig
 
     if not args.data.exists():
         raise UsageError(f"--data {args.data}: no such file or folder")
@@ -156,7 +161,7 @@ def _sample(args: argparse.Namespace) -> None:
     from undiffuse.checkpoint import load_model
     from undiffuse.images import make_grid, save_png
     from undiffuse.noise import ImageNoise
-    from undiffuse.samplers import DDIMSampler, DDPMSampler
+    from undiffuse.registry import make_sampler, sampler_entry
 
     if args.out.suffix.lower() != ".png":
         raise UsageError(f"--out {args.out}: must be a .png path")
@@ -176,10 +181,8 @@ def _sample(args: argparse.Namespace) -> None:
     elif model.num_classes is not None:
         # every class in turn, in equal consecutive blocks: with --nrow, one row per class
         labels = (torch.arange(args.num) * model.num_classes) // args.num
-    if args.sampler == "ddim":
-        sampler = DDIMSampler(model.schedule, eta=args.eta)
-    else:
-        sampler = DDPMSampler(model.schedule)
+    options = sampler_entry(args.sampler).select({"eta": args.eta})
+    sampler = make_sampler(args.sampler, model.schedule, **options)
     bar = tqdm(total=args.steps, unit="step", file=sys.stderr)
     x = sampler.sample(
         model.eps,
@@ -198,7 +201,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from undiffuse.checkpoint import CheckpointError
+    from undiffuse.config import CheckpointError
     from undiffuse.data import DatasetError
 
     try:

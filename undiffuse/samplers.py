@@ -4,9 +4,18 @@ A sampler knows the schedule, never the network: `sample()` calls any
 `eps_model(x_t, t) -> eps` (or `eps_model(x_t, t, class_labels)` for a conditional model), and
 `step()` maps (model output, t, x_t, noise) to x_{t_prev} for the whole batch at once.
 
+Every step is per row: t and t_prev are [N] long tensors, so one call can advance rows that
+sit at different timesteps (what a continuous-batching engine does); an int means "the same for
+every row". t_prev comes from the sampler's own timestep list (`timesteps(steps)`), and
+t_prev = -1 marks a row's last step, whose "previous" signal level is alpha_bar = 1 (x_0).
+Every per-row coefficient is gathered from float64 tables and cast once, and no step ever
+reads a tensor back to the host, so a step never waits on the GPU.
+
 Timesteps are respaced the way diffusers' "leading" spacing does it, so a 50-step sampler
 visits t = 980, 960, ..., 0 of a T = 1000 schedule, and both samplers agree with diffusers'
 DDPMScheduler / DDIMScheduler step for step (tests/core/test_diffusers_parity.py).
+
+New samplers subclass `Sampler` and get an entry in `undiffuse.registry`.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from undiffuse.schedule import NoiseSchedule
 
 VarianceType = Literal["fixed_small", "fixed_large"]
 NULL_CLASS = -1  # the label a conditional model reads as "no class" (classifier-free guidance)
+LAST = -1  # t_prev of a row's last step
 
 
 class EpsModel(Protocol):
@@ -47,53 +57,89 @@ def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return [i * ratio for i in range(steps - 1, -1, -1)]
 
 
+def previous_timesteps(timesteps: Sequence[int]) -> list[int]:
+    """t_prev for each entry of a descending timestep list: the next entry, LAST for the end."""
+    return [*timesteps[1:], LAST]
+
+
+def guided_eps(
+    eps_model: EpsModel,
+    x_t: Tensor,
+    t: Tensor,
+    class_labels: Tensor | None,
+    guidance_scale: float,
+) -> Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): eps_u + w * (eps_c - eps_u).
+
+    w = 1 is plain conditional sampling (one network call); w != 1 evaluates the conditional
+    and unconditional halves in one batch of 2N.
+    """
+    if class_labels is None:
+        return eps_model(x_t, t)
+    if guidance_scale == 1.0:
+        return eps_model(x_t, t, class_labels)
+    null = torch.full_like(class_labels, NULL_CLASS)
+    both = eps_model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([class_labels, null]))
+    eps_c, eps_u = both.chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
 class Sampler:
-    """The common part of DDPM and DDIM: timesteps, guidance and the sampling loop."""
+    """The common part of every sampler: timesteps, per-row coefficients and the sampling loop.
+
+    Subclasses set `name` (their registry key) and `needs_noise`, and implement `step`.
+    """
+
+    name: str = ""
+    needs_noise: bool = False  # whether step() consumes fresh noise at non-final steps
 
     def __init__(self, schedule: NoiseSchedule, clip_x0: bool = True) -> None:
         self.schedule = schedule
         self.clip_x0 = clip_x0
+        self._tables: dict[torch.device, Tensor] = {}
 
     # --- to be provided by subclasses ------------------------------------------------------------
-    def step(self, model_output: Tensor, t: int, x_t: Tensor, noise: Tensor | None = None, *, steps: int) -> StepOutput:
+    def step(
+        self, model_output: Tensor, t: Tensor | int, x_t: Tensor, noise: Tensor | None = None, *, t_prev: Tensor | int
+    ) -> StepOutput:
+        """One step x_t -> x_{t_prev} for every row. model_output: eps [N, C, H, W]; t, t_prev:
+        [N] long or int (t_prev = LAST on a row's last step); noise: [N, C, H, W] standard
+        normal, required when `needs_noise` unless every row is on its last step."""
         raise NotImplementedError
 
-    def needs_noise(self, t: int) -> bool:
-        raise NotImplementedError
+    def timesteps(self, steps: int) -> list[int]:
+        """The timesteps a `steps`-step run visits, descending."""
+        return respaced_timesteps(self.schedule.num_timesteps, steps)
 
     # --- shared ----------------------------------------------------------------------------------
-    def _alphas(self, t: int, steps: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """(alpha_bar_t, alpha_bar_prev) as scalars of like's dtype; prev of the last step is 1."""
-        prev_t = t - self.schedule.num_timesteps // steps
-        a_t = self.schedule.alphas_cumprod[t]
-        a_prev = self.schedule.alphas_cumprod[prev_t] if prev_t >= 0 else a_t.new_tensor(1.0)
-        return a_t.to(like.dtype).to(like.device), a_prev.to(like.dtype).to(like.device)
+    def _alpha_bars(self, t: Tensor | int, t_prev: Tensor | int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(alpha_bar_t, alpha_bar_prev, is_last), float64 and shaped [N, 1, 1, 1] (or scalars
+        for int inputs); alpha_bar_prev is 1 where t_prev = LAST."""
+        table = self._tables.get(like.device)
+        if table is None:  # [T + 1]: alpha_bar_t, then 1.0 at index T for LAST
+            table = torch.cat([self.schedule.alphas_cumprod, torch.ones(1, dtype=torch.float64)]).to(like.device)
+            self._tables[like.device] = table
+        t = torch.as_tensor(t, device=like.device)
+        t_prev = torch.as_tensor(t_prev, device=like.device)
+        last = t_prev < 0
+        a_t = table[t]
+        a_prev = table[torch.where(last, self.schedule.num_timesteps, t_prev)]
+        if a_t.ndim:
+            shape = (-1, *([1] * (like.ndim - 1)))
+            return a_t.reshape(shape), a_prev.reshape(shape), last.reshape(shape)
+        return a_t, a_prev, last
 
-    def _pred_x0(self, eps: Tensor, x_t: Tensor, a_t: Tensor) -> Tensor:
-        x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    def _pred_x0(self, eps: Tensor, x_t: Tensor, t: Tensor | int) -> Tensor:
+        x0 = self.schedule.predict_x0(x_t, t, eps)
         return x0.clamp(-1, 1) if self.clip_x0 else x0
 
-    @staticmethod
-    def guided_eps(
-        eps_model: EpsModel,
-        x_t: Tensor,
-        t: Tensor,
-        class_labels: Tensor | None,
-        guidance_scale: float,
-    ) -> Tensor:
-        """Classifier-free guidance (Ho & Salimans 2022): eps_u + w * (eps_c - eps_u).
-
-        w = 1 is plain conditional sampling (one network call); w != 1 evaluates the
-        conditional and unconditional halves in one batch of 2N.
-        """
-        if class_labels is None:
-            return eps_model(x_t, t)
-        if guidance_scale == 1.0:
-            return eps_model(x_t, t, class_labels)
-        null = torch.full_like(class_labels, NULL_CLASS)
-        both = eps_model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([class_labels, null]))
-        eps_c, eps_u = both.chunk(2)
-        return eps_u + guidance_scale * (eps_c - eps_u)
+    def _noise_term(self, sigma: Tensor, noise: Tensor | None, t_prev: Tensor | int, like: Tensor) -> Tensor | None:
+        """sigma * noise cast to like's dtype, or None when no row needs noise."""
+        if noise is None:
+            if isinstance(t_prev, int) and t_prev < 0:
+                return None  # the last step of every row: nothing to add
+            raise ValueError(f"{type(self).__name__} needs noise for every step but the last")
+        return sigma.to(like.dtype) * noise
 
     @torch.no_grad()
     def sample(
@@ -114,14 +160,14 @@ class Sampler:
 
         shape: (C, H, W) of one image; the batch size is len(noise), one (seed, index) per image.
         x_T: optional [N, C, H, W] start (default: noise draw 0). class_labels: [N] long or None.
-        Returns x_0: [N, C, H, W] in dtype, nominally in [-1, 1].
+        Step i uses noise draw i + 1. Returns x_0: [N, C, H, W] in dtype, nominally in [-1, 1].
         """
         n = len(noise)
         if n == 0:
             raise ValueError("nothing to sample: the batch is empty")
         if class_labels is not None and class_labels.shape != (n,):
             raise ValueError(f"class_labels must have shape ({n},), got {tuple(class_labels.shape)}")
-        timesteps = respaced_timesteps(self.schedule.num_timesteps, steps)
+        timesteps = self.timesteps(steps)
         if x_T is None:
             x = noise.draw(0, shape, dtype).to(device)
         else:
@@ -129,11 +175,12 @@ class Sampler:
                 raise ValueError(f"x_T must have shape {(n, *shape)}, got {tuple(x_T.shape)}")
             x = x_T.to(device=device, dtype=dtype)
         labels = None if class_labels is None else class_labels.to(device)
-        for i, t in enumerate(timesteps):
-            t_batch = torch.full((n,), t, device=device, dtype=torch.long)
-            eps = self.guided_eps(eps_model, x, t_batch, labels, guidance_scale).to(dtype)
-            z = noise.draw(i + 1, shape, dtype).to(device) if self.needs_noise(t) else None
-            out = self.step(eps, t, x, z, steps=steps)
+        for i, (t, t_prev) in enumerate(zip(timesteps, previous_timesteps(timesteps), strict=True)):
+            t_rows = torch.full((n,), t, device=device, dtype=torch.long)
+            t_prev_rows = torch.full((n,), t_prev, device=device, dtype=torch.long)
+            eps = guided_eps(eps_model, x, t_rows, labels, guidance_scale).to(dtype)
+            z = noise.draw(i + 1, shape, dtype).to(device) if self.needs_noise else None
+            out = self.step(eps, t_rows, x, z, t_prev=t_prev_rows)
             x = out.prev_sample
             if callback is not None:
                 callback(i, t, x, out.pred_x0)
@@ -147,86 +194,64 @@ class DDPMSampler(Sampler):
     uses beta_t (Ho et al. 2020, Sec. 3.2 discuss both).
     """
 
+    name = "ddpm"
+    needs_noise = True
+
     def __init__(self, schedule: NoiseSchedule, variance: VarianceType = "fixed_small", clip_x0: bool = True) -> None:
         super().__init__(schedule, clip_x0)
         if variance not in ("fixed_small", "fixed_large"):
             raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
         self.variance = variance
 
-    def needs_noise(self, t: int) -> bool:
-        return t > 0
-
     def step(
-        self,
-        model_output: Tensor,
-        t: int,
-        x_t: Tensor,
-        noise: Tensor | None = None,
-        *,
-        steps: int | None = None,
+        self, model_output: Tensor, t: Tensor | int, x_t: Tensor, noise: Tensor | None = None, *, t_prev: Tensor | int
     ) -> StepOutput:
-        """One ancestral step x_t -> x_{t_prev}.
-
-        model_output: predicted eps [N, C, H, W]; t: the current timestep; noise: [N, C, H, W]
-        standard normal (required when t > 0); steps: the sampler's step count (default T).
-        """
-        steps = steps or self.schedule.num_timesteps
-        a_t, a_prev = self._alphas(t, steps, x_t)
+        """One ancestral step x_t -> x_{t_prev} (see Sampler.step for the shapes)."""
+        a_t, a_prev, last = self._alpha_bars(t, t_prev, x_t)
         beta_t = 1 - a_t / a_prev  # the respaced beta
         # 1. predict x0 (DDPM Eq. 15), optionally clipped to the data range
-        x0 = self._pred_x0(model_output, x_t, a_t)
+        x0 = self._pred_x0(model_output, x_t, t)
         # 2. posterior mean of q(x_prev | x_t, x0) (DDPM Eq. 7)
-        coef_x0 = a_prev.sqrt() * beta_t / (1 - a_t)
-        coef_xt = (1 - beta_t).sqrt() * (1 - a_prev) / (1 - a_t)
+        coef_x0 = (a_prev.sqrt() * beta_t / (1 - a_t)).to(x_t.dtype)
+        coef_xt = ((1 - beta_t).sqrt() * (1 - a_prev) / (1 - a_t)).to(x_t.dtype)
         mean = coef_x0 * x0 + coef_xt * x_t
-        if t == 0:
-            return StepOutput(mean, x0)
-        # 3. add sigma_t * z (DDPM Alg. 2, line 4)
-        if noise is None:
-            raise ValueError("DDPM needs noise for every step with t > 0")
+        # 3. add sigma_t * z (DDPM Alg. 2, line 4), except on the last step
         if self.variance == "fixed_small":
             var = ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
         else:
             var = beta_t
-        return StepOutput(mean + var.sqrt() * noise, x0)
+        sigma = torch.where(last, 0.0, var.sqrt())
+        term = self._noise_term(sigma, noise, t_prev, x_t)
+        return StepOutput(mean if term is None else mean + term, x0)
 
 
 class DDIMSampler(Sampler):
     """DDIM (Song et al. 2021, Eq. 12) with stochasticity eta: eta = 0 is deterministic,
     eta = 1 matches DDPM's posterior variance."""
 
+    name = "ddim"
+
     def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, clip_x0: bool = True) -> None:
         super().__init__(schedule, clip_x0)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         self.eta = eta
-
-    def needs_noise(self, t: int) -> bool:
-        return self.eta > 0
+        self.needs_noise = eta > 0
 
     def step(
-        self,
-        model_output: Tensor,
-        t: int,
-        x_t: Tensor,
-        noise: Tensor | None = None,
-        *,
-        steps: int,
+        self, model_output: Tensor, t: Tensor | int, x_t: Tensor, noise: Tensor | None = None, *, t_prev: Tensor | int
     ) -> StepOutput:
-        """One DDIM step x_t -> x_{t_prev}, t_prev = t - T // steps.
-
-        model_output: predicted eps [N, C, H, W]; noise: [N, C, H, W], required when eta > 0.
-        """
-        a_t, a_prev = self._alphas(t, steps, x_t)
+        """One DDIM step x_t -> x_{t_prev} (see Sampler.step for the shapes)."""
+        a_t, a_prev, _ = self._alpha_bars(t, t_prev, x_t)
         # 1. predict x0 (DDIM Eq. 12, "predicted x0")
-        x0 = self._pred_x0(model_output, x_t, a_t)
-        # 2. sigma_t (DDIM Eq. 16)
+        x0 = self._pred_x0(model_output, x_t, t)
+        # 2. sigma_t (DDIM Eq. 16); 0 on the last step, where alpha_bar_prev = 1
         sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         # 3. direction pointing to x_t, then x_prev (DDIM Eq. 12)
-        direction = (1 - a_prev - sigma**2).sqrt() * model_output
-        prev = a_prev.sqrt() * x0 + direction
+        direction = (1 - a_prev - sigma**2).sqrt().to(x_t.dtype) * model_output
+        prev = a_prev.sqrt().to(x_t.dtype) * x0 + direction
         if self.eta > 0:
-            if noise is None:
-                raise ValueError("DDIM with eta > 0 needs noise for every step")
-            prev = prev + sigma * noise
+            term = self._noise_term(sigma, noise, t_prev, x_t)
+            if term is not None:
+                prev = prev + term
         return StepOutput(prev, x0)

@@ -14,32 +14,13 @@ Timesteps are 0-based: t = 0 is the first noising step, t = T - 1 the last.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-ScheduleKind = Literal["linear", "cosine"]
+from undiffuse.config import ScheduleConfig
 
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """What is saved in a checkpoint to rebuild the schedule exactly."""
-
-    kind: ScheduleKind = "linear"
-    num_timesteps: int = 1000
-    beta_start: float = 1e-4  # linear only
-    beta_end: float = 0.02  # linear only
-    cosine_s: float = 0.008  # cosine only
-    max_beta: float = 0.999  # cosine only
-
-    def build(self) -> NoiseSchedule:
-        if self.kind == "linear":
-            return NoiseSchedule.linear(self.num_timesteps, self.beta_start, self.beta_end)
-        if self.kind == "cosine":
-            return NoiseSchedule.cosine(self.num_timesteps, self.cosine_s, self.max_beta)
-        raise ValueError(f"unknown schedule kind {self.kind!r}; expected 'linear' or 'cosine'")
+__all__ = ["NoiseSchedule", "ScheduleConfig"]
 
 
 class NoiseSchedule:
@@ -64,6 +45,13 @@ class NoiseSchedule:
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
 
     # --- constructors -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ScheduleConfig) -> NoiseSchedule:
+        """The schedule a checkpoint's ScheduleConfig describes."""
+        if config.kind == "linear":
+            return cls.linear(config.num_timesteps, config.beta_start, config.beta_end)
+        return cls.cosine(config.num_timesteps, config.cosine_s, config.max_beta)
+
     @classmethod
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
         """Ho et al. 2020, Sec. 4: betas linear from 1e-4 to 0.02 over T = 1000 steps."""
@@ -124,7 +112,11 @@ class NoiseSchedule:
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def predict_x0(self, x_t: Tensor, t: Tensor | int, eps: Tensor) -> Tensor:
-        """Invert the forward process given predicted noise (DDPM Eq. 15)."""
+        """Invert the forward process given predicted noise (DDPM Eq. 15):
+        x0 = (x_t - sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_bar_t).
+
+        x_t, eps: [N, C, H, W]; t: [N] long (a timestep per row) or an int.
+        """
         a = self.gather(self.alphas_cumprod, t, x_t)
         return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 

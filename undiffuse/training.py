@@ -9,7 +9,6 @@ Layout of a training run folder:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from undiffuse.checkpoint import DiffusionModel, ModelConfig, PredictionType, save_model
+from undiffuse.checkpoint import DiffusionModel, save_model
+from undiffuse.config import ModelConfig, PredictionType
 from undiffuse.images import make_grid, save_png
 from undiffuse.noise import ImageNoise
 from undiffuse.samplers import NULL_CLASS, DDIMSampler
@@ -78,7 +78,7 @@ class Trainer:
         self.model_config = model_config
         self.cfg = train_config
         self.device = torch.device(device)
-        self.schedule = model_config.schedule.build()
+        self.schedule = NoiseSchedule.from_config(model_config.schedule)
         torch.manual_seed(train_config.seed)
         self.network = UNet(model_config.unet).to(self.device)
         self.ema = AveragedModel(
@@ -164,7 +164,6 @@ class Trainer:
         labels = labels.to(self.device) if labels is not None and self.model_config.unet.num_classes else None
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed + self.step)
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress, unit="it", dynamic_ncols=True)
-        started = time.perf_counter()
         while self.step < self.cfg.steps:
             idx = torch.randint(0, images.shape[0], (self.cfg.batch_size,), generator=gen).to(self.device)
             loss = self.train_step(images[idx], labels[idx] if labels is not None else None)
@@ -174,7 +173,6 @@ class Trainer:
                 self.save()
                 self.write_grid()
         bar.close()
-        self.wall_seconds = time.perf_counter() - started
 
     def served_model(self) -> DiffusionModel:
         return DiffusionModel.from_config(self.ema.module, self.model_config, self.schedule)

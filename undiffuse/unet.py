@@ -9,52 +9,14 @@ Class label NULL_CLASS (-1) is the "no class" embedding used for classifier-free
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from undiffuse.config import UNetConfig
 
-@dataclass(frozen=True)
-class UNetConfig:
-    image_size: int = 28
-    in_channels: int = 1
-    base_channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 2
-    attention_resolutions: tuple[int, ...] = (7,)
-    num_heads: int = 4
-    dropout: float = 0.1
-    num_classes: int | None = None
-    norm_groups: int = 8
-
-    def __post_init__(self) -> None:
-        factor = 2 ** (len(self.channel_mult) - 1)
-        if self.in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
-        if self.image_size < 1 or self.image_size % factor:
-            raise ValueError(f"image_size {self.image_size} must be divisible by the down-sampling factor {factor}")
-        for m in self.channel_mult:
-            if (self.base_channels * m) % self.norm_groups:
-                raise ValueError(f"channels {self.base_channels * m} not divisible by norm_groups")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1 or None, got {self.num_classes}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> UNetConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown UNet config fields: {sorted(unknown)}")
-        d = dict(d)
-        for key in ("channel_mult", "attention_resolutions"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
+__all__ = ["UNet", "UNetConfig"]
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -210,7 +172,3 @@ class UNet(nn.Module):
             else:
                 h = block(h)
         return self.out(h)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

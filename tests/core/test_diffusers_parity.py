@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from undiffuse import DDIMSampler, DDPMSampler, NoiseSchedule
-from undiffuse.samplers import respaced_timesteps
+from undiffuse.samplers import previous_timesteps, respaced_timesteps
 
 SHAPE = (4, 3, 8, 8)
 
@@ -35,6 +35,12 @@ def test_schedules_agree_with_diffusers():
         assert torch.allclose(ours.alphas_cumprod.float(), theirs.alphas_cumprod, rtol=2e-4)
 
 
+def _prev(sampler, steps: int, t: int) -> int:
+    """t_prev of timestep t, from the sampler's own timestep list."""
+    timesteps = sampler.timesteps(steps)
+    return dict(zip(timesteps, previous_timesteps(timesteps), strict=True))[t]
+
+
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 @pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("steps", [1000, 50])
@@ -50,7 +56,7 @@ def test_ddpm_step_matches_diffusers(variance, clip, steps, which):
         x_t, eps = _inputs(t)
         noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99))
         expected = theirs.step(eps, t, x_t, generator=torch.Generator().manual_seed(99))
-        got = ours.step(eps, t, x_t, noise if t > 0 else None, steps=steps)
+        got = ours.step(eps, t, x_t, noise if t > 0 else None, t_prev=_prev(ours, steps, t))
         assert torch.allclose(got.prev_sample, expected.prev_sample, atol=1e-5), t
         assert torch.allclose(got.pred_x0, expected.pred_original_sample, atol=1e-5), t
 
@@ -70,6 +76,6 @@ def test_ddim_step_matches_diffusers(eta, clip, steps, which):
         x_t, eps = _inputs(t + 1)
         noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
         expected = theirs.step(eps, t, x_t, eta=eta, variance_noise=noise)
-        got = ours.step(eps, t, x_t, noise, steps=steps)
+        got = ours.step(eps, t, x_t, noise, t_prev=_prev(ours, steps, t))
         assert torch.allclose(got.prev_sample, expected.prev_sample, atol=1e-5), t
         assert torch.allclose(got.pred_x0, expected.pred_original_sample, atol=1e-5), t

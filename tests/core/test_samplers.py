@@ -161,4 +161,46 @@ def test_respacing_and_argument_checks():
     with pytest.raises(ValueError, match="variance"):
         DDPMSampler(NoiseSchedule.linear(), variance="learned")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs noise"):
-        DDPMSampler(NoiseSchedule.linear()).step(torch.zeros(1, 1, 2, 2), 5, torch.zeros(1, 1, 2, 2))
+        DDPMSampler(NoiseSchedule.linear()).step(torch.zeros(1, 1, 2, 2), 5, torch.zeros(1, 1, 2, 2), t_prev=4)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda s: DDPMSampler(s), lambda s: DDIMSampler(s, eta=0.7), lambda s: DDIMSampler(s)]
+)
+def test_rows_at_different_timesteps_step_like_each_row_alone(make):
+    """One step() call over rows at different (t, t_prev), last steps included, equals stepping
+    each row alone with scalar timesteps: what a continuous-batching engine relies on."""
+    sampler = make(NoiseSchedule.linear())
+    gen = torch.Generator().manual_seed(3)
+    x, eps, noise = (torch.randn(4, 1, 4, 4, generator=gen) for _ in range(3))
+    t = torch.tensor([980, 500, 20, 0])
+    t_prev = torch.tensor([960, 480, 0, -1])
+    batch = sampler.step(eps, t, x, noise, t_prev=t_prev)
+    for i in range(4):
+        alone = sampler.step(eps[i : i + 1], int(t[i]), x[i : i + 1], noise[i : i + 1], t_prev=int(t_prev[i]))
+        assert torch.allclose(batch.prev_sample[i], alone.prev_sample[0], atol=1e-6), i
+        assert torch.allclose(batch.pred_x0[i], alone.pred_x0[0], atol=1e-6), i
+    # the last step adds no noise, whatever noise is passed
+    other = sampler.step(eps, t, x, noise + 1, t_prev=t_prev)
+    assert torch.equal(other.prev_sample[3], batch.prev_sample[3])
+
+
+def test_previous_timestep_comes_from_the_timestep_list_not_even_spacing():
+    """A sampler with an uneven timestep list steps to the list's next entry."""
+
+    class Uneven(DDIMSampler):
+        def timesteps(self, steps):
+            return [900, 400, 50, 0][:steps]
+
+    schedule = NoiseSchedule.linear()
+    seen = []
+    sampler = Uneven(schedule)
+    original = sampler.step
+
+    def spy(eps, t, x_t, noise=None, *, t_prev):
+        seen.append((int(t[0]), int(t_prev[0])))
+        return original(eps, t, x_t, noise, t_prev=t_prev)
+
+    sampler.step = spy
+    sampler.sample(lambda x, t: torch.zeros_like(x), (1, 2, 2), steps=4, noise=ImageNoise.for_request(0, 2))
+    assert seen == [(900, 400), (400, 50), (50, 0), (0, -1)]

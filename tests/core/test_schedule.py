@@ -8,7 +8,7 @@ from undiffuse import NoiseSchedule, ScheduleConfig
 
 @pytest.fixture(params=["linear", "cosine"])
 def schedule(request) -> NoiseSchedule:
-    return ScheduleConfig(kind=request.param).build()
+    return NoiseSchedule.from_config(ScheduleConfig(kind=request.param))
 
 
 def test_alpha_bar_strictly_decreasing_inside_unit_interval(schedule):
@@ -90,4 +90,4 @@ def test_invalid_constructor_arguments():
     with pytest.raises(ValueError):
         NoiseSchedule.linear(10, beta_start=0.1, beta_end=0.01)
     with pytest.raises(ValueError, match="unknown schedule kind"):
-        ScheduleConfig(kind="quadratic").build()  # type: ignore[arg-type]
+        NoiseSchedule.from_config(ScheduleConfig(kind="quadratic"))  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 import torch
 
-from undiffuse import ModelConfig, ScheduleConfig, UNetConfig, load_model
+from undiffuse import ModelConfig, NoiseSchedule, ScheduleConfig, UNetConfig, load_model
 from undiffuse.training import TrainConfig, Trainer, diffusion_loss
 
 TINY = UNetConfig(
@@ -56,7 +56,7 @@ def test_resume_continues_from_the_saved_step(tmp_path):
 
 def test_v_prediction_target():
     cfg_eps = ModelConfig(unet=TINY, schedule=ScheduleConfig(num_timesteps=10))
-    schedule = cfg_eps.schedule.build()
+    schedule = NoiseSchedule.from_config(cfg_eps.schedule)
     x0 = torch.zeros(4, 1, 8, 8)
     # a network that returns zeros: eps loss is E[eps^2] = 1, v loss is E[a_bar eps^2] < 1
     zero = lambda x, t, y: torch.zeros_like(x)  # noqa: E731
