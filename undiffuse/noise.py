@@ -3,12 +3,37 @@
 Image i of a request with seed s must look the same whether it is generated alone, in a batch
 of 64 or in a shard on another replica. A `torch.Generator` per image would give that, but
 drawing from N generators is a Python loop over the batch at every denoising step. Instead the
-noise is a pure function of (seed, index, draw, element): a 32-bit integer hash of those
-counters (Wellons' "lowbias32" finaliser) gives uniforms, and Box-Muller turns each pair of
-them into two standard normals. The whole batch is one vectorised expression, identical on CPU and
-CUDA up to float32 round-off of log/cos, with no generator state to carry between steps.
+noise is a pure function of (seed, index, draw, element), computed with the Philox-4x32-10
+counter-based generator (Salmon, Moraes, Dror & Shaw, "Parallel random numbers: as easy as
+1, 2, 3", SC 2011; the Random123 library). Philox maps a 128-bit counter and a 64-bit key to
+128 random bits through 10 rounds of 32x32->64-bit multiplies and xors; for a fixed key it is a
+bijection of the counter. The layout used here:
+
+    key     = (seed mod 2**32, seed >> 32)                    seed in [0, 2**63)
+    counter = (block, draw, index mod 2**32, index >> 32)     index in [0, 2**63), draw in [0, 2**32)
 
 `draw` numbers the calls within one trajectory: 0 is x_T, k >= 1 the noise of sampler step k.
+`block` numbers the groups of 4 output words within one draw of one image. Each block's words
+(w0, w1, w2, w3) become 24-bit uniforms strictly inside (0, 1), u = ((w >> 8) + 0.5) * 2**-24
+(exact in float32, so log(u) is finite), and Box-Muller turns the pairs (w0, w1) and (w2, w3)
+into four standard normals:
+
+    z[4b + 0] = r01 * cos(t01),  z[4b + 1] = r01 * sin(t01)     r01 = sqrt(-2 log u0), t01 = 2 pi u1
+    z[4b + 2] = r23 * cos(t23),  z[4b + 3] = r23 * sin(t23)     r23 = sqrt(-2 log u2), t23 = 2 pi u3
+
+Element e of an image's noise (flattened in C order) is z[e]: the first prod(shape) normals of
+the stream, so a smaller shape sees a prefix of a larger one.
+
+Distinct (seed, index, draw, block) never share a (key, counter) pair: images of one seed differ
+in the counter, where Philox is a bijection, and different seeds are different keys. The whole
+seed is the key on purpose. An earlier release folded (seed, index) into a 32-bit key with an
+integer hash, and 32 bits collide across seeds: seed 18373 image i got exactly the noise of seed
+11935 image i XOR 46, for every i < 1024. So the images a given (seed, index) produces changed
+once, with the switch to Philox; they are now fixed by the layout above.
+
+The whole batch is one vectorised expression over [N images x blocks] on int64 tensors (torch
+has no uint32 arithmetic that is reliable on every device), identical on CPU and CUDA up to
+float32 round-off of log/cos, with no generator state to carry between steps.
 """
 
 from __future__ import annotations
@@ -20,29 +45,70 @@ import torch
 from torch import Tensor
 
 _MASK32 = 0xFFFFFFFF
-_MAX_SEED = 2**63 - 1
+_ROUNDS = 10
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 multipliers
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments between rounds
+_RANGE_ERROR = "seeds and indices must be non-negative and below 2**63"
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x * c) mod 2**32 for x in [0, 2**32), without overflowing int64."""
-    lo, hi = x & 0xFFFF, x >> 16
-    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _MASK32
+def _mulhilo(m: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit halves of m * x for a constant m and int64 x in [0, 2**32).
+
+    m * x needs 64 bits unsigned, more than int64 holds, so m is split into 16-bit halves:
+    m * x = (x * m_hi) * 2**16 + x * m_lo, and no intermediate exceeds 2**49. In-place ops on
+    the fresh temporaries: this is most of the cost of a draw on CPU.
+    """
+    p = x * (m & 0xFFFF)  # < 2**48
+    t = x * (m >> 16)
+    t += p >> 16  # (m * x) >> 16, < 2**49
+    hi = t >> 16
+    t &= 0xFFFF
+    t <<= 16
+    p &= 0xFFFF
+    t |= p  # lo = ((m * x) >> 16 mod 2**16) * 2**16 + (m * x mod 2**16)
+    return hi, t
 
 
-def hash32(x: Tensor) -> Tensor:
-    """lowbias32 integer hash on int64 tensors holding values in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def philox4x32(
+    counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox-4x32-10 block function on int64 tensors holding 32-bit words in [0, 2**32).
+
+    The six inputs broadcast against each other; returns the 4 output words, broadcast shape.
+    Round (Random123's `_philox4x32round`): (hi0, lo0) = M0 * c0, (hi1, lo1) = M1 * c2,
+    c = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0); the key is bumped by (W0, W1) mod 2**32
+    between rounds, so round r uses key + r * (W0, W1).
+    """
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(_ROUNDS):
+        if r:
+            k0, k1 = (k0 + _W0) & _MASK32, (k1 + _W1) & _MASK32
+        hi0, lo0 = _mulhilo(_M0, c0)
+        hi1, lo1 = _mulhilo(_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def _as_keys(values: Sequence[int] | Tensor) -> Tensor:
+    """[N] int64 tensor of seeds or indices, rejecting anything outside [0, 2**63)."""
+    if isinstance(values, Tensor):  # uint64 values >= 2**63 wrap negative and fail the sign check
+        return values.to(torch.int64).flatten()
+    try:
+        return torch.as_tensor(values, dtype=torch.int64).flatten()
+    except (ValueError, OverflowError, RuntimeError) as e:  # a Python int outside int64
+        if "overflow" in str(e).lower():
+            raise ValueError(_RANGE_ERROR) from None
+        raise
 
 
 class ImageNoise:
     """The noise source of a batch of images, each keyed by its (seed, index).
 
-    seeds, indices: [N] integers (seed in [0, 2**63), index >= 0). `draw(k, shape)` returns
-    [N, *shape] standard normal noise that depends only on (seed_i, index_i, k).
+    seeds, indices: [N] integers in [0, 2**63). `draw(k, shape)` returns [N, *shape] standard
+    normal noise that depends only on (seed_i, index_i, k); `draw_rows(ks, shape)` gives each
+    row its own draw number; `select(rows)` is the noise of a sub-batch (see the module
+    docstring for the exact function).
     """
 
     def __init__(
@@ -51,20 +117,16 @@ class ImageNoise:
         indices: Sequence[int] | Tensor,
         device: torch.device | str = "cpu",
     ) -> None:
-        seeds_t = torch.as_tensor(seeds, dtype=torch.int64).flatten()
-        indices_t = torch.as_tensor(indices, dtype=torch.int64).flatten()
+        seeds_t, indices_t = _as_keys(seeds), _as_keys(indices)
         if seeds_t.shape != indices_t.shape:
             raise ValueError(f"{seeds_t.numel()} seeds but {indices_t.numel()} indices")
         if seeds_t.numel() and (int(seeds_t.min()) < 0 or int(indices_t.min()) < 0):
-            raise ValueError("seeds and indices must be non-negative")
-        self.device = torch.device(device)
-        seeds_t, indices_t = seeds_t.to(self.device), indices_t.to(self.device)
-        # 1. fold the 64-bit seed and the index into one 32-bit key per image
-        key = hash32(seeds_t & _MASK32)
-        key = hash32(key ^ (seeds_t >> 32))
-        key = hash32(key ^ (indices_t & _MASK32))
-        self._keys = hash32(key ^ (indices_t >> 32))  # [N]
-        self._counter_cache: dict[int, Tensor] = {}
+            raise ValueError(_RANGE_ERROR)
+        self._set(seeds_t, indices_t, torch.device(device))
+
+    def _set(self, seeds: Tensor, indices: Tensor, device: torch.device) -> None:
+        self.device = device
+        self._seeds, self._indices = seeds.to(device), indices.to(device)  # [N] int64, checked
 
     @classmethod
     def for_request(cls, seed: int, num_images: int, device: torch.device | str = "cpu") -> ImageNoise:
@@ -72,25 +134,67 @@ class ImageNoise:
         return cls([seed] * num_images, list(range(num_images)), device)
 
     def __len__(self) -> int:
-        return self._keys.numel()
+        return self._seeds.numel()
+
+    @property
+    def seeds(self) -> Tensor:
+        """[N] int64 seeds, on `device`."""
+        return self._seeds
+
+    @property
+    def indices(self) -> Tensor:
+        """[N] int64 image indices, on `device`."""
+        return self._indices
+
+    def select(self, rows: Tensor | Sequence[int]) -> ImageNoise:
+        """The noise of a sub-batch: row j of the result is row rows[j] of this batch.
+
+        rows: integer positions (repeats and reordering allowed) or an [N] bool mask. No
+        re-validation or host sync: the keys are already checked. To grow a batch (a
+        continuous-batching engine admitting requests), build a new ImageNoise from
+        torch.cat of the `seeds` / `indices` of its parts.
+        """
+        rows_t = torch.as_tensor(rows, device=self.device)
+        if rows_t.dtype != torch.bool:
+            rows_t = rows_t.to(torch.int64)
+        out = ImageNoise.__new__(ImageNoise)
+        out._set(self._seeds[rows_t], self._indices[rows_t], self.device)
+        return out
 
     def draw(self, k: int, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
-        """Standard normal noise [N, *shape] for draw number k of every image."""
-        n_elem = math.prod(shape)
-        pairs = (n_elem + 1) // 2  # Box-Muller turns 2 uniforms into 2 normals
-        stream = hash32(self._keys ^ (k & _MASK32))[:, None]  # [N, 1]
-        bits = hash32(stream ^ self._counters(2 * pairs)[None, :])  # [N, 2P] in [0, 2**32)
-        # 24-bit uniforms strictly inside (0, 1): exact in float32, so log(u1) is finite
-        u = ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24
-        radius = torch.sqrt(-2.0 * torch.log(u[:, :pairs]))
-        theta = (2.0 * math.pi) * u[:, pairs:]
-        z = torch.cat([radius * torch.cos(theta), radius * torch.sin(theta)], dim=1)[:, :n_elem]
-        return z.to(dtype).reshape(len(self), *shape)
+        """Standard normal noise [N, *shape] for draw number k (in [0, 2**32)) of every image."""
+        if not 0 <= k <= _MASK32:
+            raise ValueError(f"draw number {k} is outside [0, 2**32)")
+        return self._normals(torch.full((1, 1), k, dtype=torch.int64, device=self.device), shape, dtype)
 
-    def _counters(self, n: int) -> Tensor:
-        """hash32(0..n-1), the per-element part of the stream; the same for every key, so cached."""
-        cached = self._counter_cache.get(n)
-        if cached is None:
-            cached = hash32(torch.arange(n, device=self.device, dtype=torch.int64))
-            self._counter_cache[n] = cached
-        return cached
+    def draw_rows(self, ks: Tensor | Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+        """Standard normal noise [N, *shape] where row i is draw number ks[i] of image i.
+
+        For a batch whose rows are at different steps (continuous batching); row i equals
+        `draw(ks[i], shape)[i]`. ks: [N] integers in [0, 2**32). They are range-checked when
+        given as a list or a CPU tensor; a tensor already on an accelerator is trusted, as
+        checking it would cost a host sync at every step.
+        """
+        ks_t = torch.as_tensor(ks).to(torch.int64)
+        if ks_t.shape != (len(self),):
+            raise ValueError(f"{ks_t.numel()} draw numbers for {len(self)} images")
+        if ks_t.device.type == "cpu" and ks_t.numel() and (int(ks_t.min()) < 0 or int(ks_t.max()) > _MASK32):
+            raise ValueError("draw numbers must be in [0, 2**32)")
+        return self._normals(ks_t.to(self.device)[:, None], shape, dtype)
+
+    def _normals(self, draws: Tensor, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+        """draws: [N, 1] or [1, 1] int64 draw numbers -> [N, *shape] normals."""
+        n_elem = math.prod(shape)
+        blocks = (n_elem + 3) // 4  # 4 normals per Philox block
+        if blocks > _MASK32 + 1:
+            raise ValueError(f"{n_elem} elements per image exceed the 2**34 one draw can hold")
+        block = torch.arange(blocks, dtype=torch.int64, device=self.device)[None, :]  # [1, B]
+        seeds, indices = self._seeds[:, None], self._indices[:, None]  # [N, 1]
+        key = (seeds & _MASK32, seeds >> 32)
+        w = philox4x32((block, draws, indices & _MASK32, indices >> 32), key)  # 4 x [N, B]
+        # 24-bit uniforms strictly inside (0, 1): exact in float32, so log(u) is finite
+        u = ((torch.stack(w, dim=-1) >> 8).to(torch.float32) + 0.5) * 2.0**-24  # [N, B, 4]
+        radius = torch.sqrt(-2.0 * torch.log(u[..., 0::2]))  # from w0, w2: [N, B, 2]
+        theta = (2.0 * math.pi) * u[..., 1::2]  # from w1, w3
+        z = torch.stack([radius * torch.cos(theta), radius * torch.sin(theta)], dim=-1)  # [N, B, 2, 2]
+        return z.reshape(len(self), 4 * blocks)[:, :n_elem].to(dtype).reshape(len(self), *shape)
