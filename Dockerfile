@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# undiffuse: one image for the API, the Sampler (GPU) and the workers.
+# undiffuse: one image for the API, the Denoiser (GPU) and the workers.
 #   docker build -t undiffuse:gpu .                          # CUDA runtime + torch cu130 (default)
 #   docker build -t undiffuse:cpu --build-arg VARIANT=cpu .  # no CUDA, torch CPU build
 ARG VARIANT=gpu
@@ -35,7 +35,6 @@ RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" torch==2.1
       numpy safetensors pillow tqdm
 COPY undiffuse ./undiffuse
 COPY service ./service
-COPY worker ./worker
 RUN pip install --no-cache-dir --no-deps . \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 

@@ -9,8 +9,8 @@ test:          ## set up and run the tests
 setup:
 	python3 dev.py setup
 lint: setup
-	$(PY) -m ruff check undiffuse service worker tests bench
-	$(PY) -m ruff format --check undiffuse service worker tests bench
+	$(PY) -m ruff check undiffuse service tests bench
+	$(PY) -m ruff format --check undiffuse service tests bench
 bench: setup   ## the sampler and service benchmarks (see docs/benchmarks.md)
 	$(PY) bench/sampler.py
 	$(PY) bench/service.py

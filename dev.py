@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
     setup()
     os.chdir(ROOT)
     if command == "up":
-        os.execv(PYTHON, [str(PYTHON), "-m", "service.local", *rest])
+        os.execv(PYTHON, [str(PYTHON), "-m", "service.dev.local", *rest])
     if command == "test":
         os.execv(PYTHON, [str(PYTHON), "-m", "pytest", *rest])
     return 0

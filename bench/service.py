@@ -2,7 +2,7 @@
 (Redis-compatible server, SeaweedFS, Ray Serve) started by this script:
 
   (a) overhead: a 16-image DDIM-50 job end to end over HTTP (queue, worker, PNG, S3) against
-      a direct call of the Sampler deployment for the same 16 images -> ratio (goal <= 1.10);
+      a direct call of the Denoiser deployment for the same 16 images -> ratio (goal <= 1.10);
   (b) POST /v1/jobs throughput and p50/p99 latency with 32 concurrent clients (goal >= 300/s),
       against GET /healthz through the same proxy; load from wrk when installed, else httpx;
   (c) 16 concurrent one-image jobs against the same 16 run one after another -> batching gain.
@@ -35,13 +35,13 @@ class Jobs:
     reads), so that polling does not load the 2-core machine's HTTP proxy."""
 
     def __init__(self, client: httpx.AsyncClient, redis_url: str) -> None:
-        from service.store import async_redis
+        from service.jobs.connection import async_redis
 
         self.client = client
         self.redis = async_redis(redis_url, 5.0)
 
     async def run(self, body: dict) -> float:
-        from service import keys
+        from service.jobs import keys
 
         start = time.perf_counter()
         r = await self.client.post("/v1/jobs", json=body)
@@ -54,7 +54,7 @@ class Jobs:
 
 
 async def overhead(jobs: Jobs, sampler, repeats: int) -> tuple[float, float]:
-    from service.schemas import JobParams, ShardTask
+    from service.jobs.schemas import JobParams, ShardTask
 
     body = {
         "num_images": 16,
@@ -160,8 +160,8 @@ async def batching(jobs: Jobs, n: int = 16) -> tuple[float, float]:
 
 
 async def drain(redis_url: str) -> None:
-    from service import keys
-    from service.store import async_redis
+    from service.jobs import keys
+    from service.jobs.connection import async_redis
 
     r = async_redis(redis_url, 2.0)
     while await r.xlen(keys.SHARD_STREAM):
@@ -181,7 +181,7 @@ def main() -> None:
     from ray import serve
 
     from service.app import AppArgs, build_app
-    from service.localstack import RedisServer, S3Server, free_port
+    from service.dev.servers import RedisServer, S3Server, free_port
 
     work = Path(tempfile.mkdtemp(prefix="undiffuse-bench-"))
     port = free_port()
@@ -198,10 +198,10 @@ def main() -> None:
                 "s3_access_key_id": "bench",
                 "s3_secret_access_key": "bench-secret-123",
                 "api_keys": [KEY],
-                "worker_concurrency": 16,  # let one worker feed the Sampler full batches
+                "worker_concurrency": 16,  # let one worker feed the Denoiser full batches
             }
             serve.run(build_app(AppArgs(settings=settings)), name="undiffuse", route_prefix="/")
-            sampler = serve.get_deployment_handle("Sampler", app_name="undiffuse")
+            sampler = serve.get_deployment_handle("Denoiser", app_name="undiffuse")
             base = f"http://127.0.0.1:{port}"
 
             async def all_benchmarks():
@@ -233,7 +233,7 @@ def main() -> None:
     print("| benchmark | reference | undiffuse | ratio | goal |")
     print("|---|---|---|---|---|")
     print(
-        f"| (a) 16 images, DDIM 50: end to end vs direct Sampler call | {direct:.2f} s | {e2e:.2f} s | {e2e / direct:.2f}x | <= 1.10x |"
+        f"| (a) 16 images, DDIM 50: end to end vs direct Denoiser call | {direct:.2f} s | {e2e:.2f} s | {e2e / direct:.2f}x | <= 1.10x |"
     )
 
     def fmt(r: tuple[float, float, float, int]) -> str:

@@ -1,1 +1,1 @@
-"""The undiffuse job service: a Ray Serve application (HTTP ingress, Sampler, queue workers)."""
+"""The undiffuse job service: a Ray Serve application (HTTP ingress, Denoiser, queue workers)."""

@@ -1,7 +1,7 @@
 """The application builder: one typed entry point for `serve run`, `serve deploy` and a
 KubeRay RayService (import_path: service.app:build_app).
 
-    serve run service.app:build_app sampler_replicas=2 sampler_num_gpus=1
+    serve run service.app:build_app denoiser_replicas=2 denoiser_num_gpus=1
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from typing import Any
 from pydantic import BaseModel, Field
 from ray.serve import Application
 
+from service.denoiser import Denoiser
 from service.ingress import Ingress
 from service.models import ModelRegistry
-from service.sampler import Sampler
 from service.settings import Settings
-from worker.deployment import Worker
+from service.worker.deployment import Worker
 
 
-class SamplerAutoscaling(BaseModel):
-    """Scale the Sampler with the Redis backlog (service.autoscaling.BacklogPolicy)."""
+class DenoiserAutoscaling(BaseModel):
+    """Scale the Denoiser with the Redis backlog (service.autoscaling.BacklogPolicy)."""
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
@@ -29,7 +29,7 @@ class SamplerAutoscaling(BaseModel):
 
     def to_serve(self) -> dict[str, Any]:
         if self.max_replicas < max(1, self.min_replicas):
-            raise ValueError("sampler_autoscaling.max_replicas must be >= max(1, min_replicas)")
+            raise ValueError("denoiser_autoscaling.max_replicas must be >= max(1, min_replicas)")
         return {
             "min_replicas": self.min_replicas,
             "max_replicas": self.max_replicas,
@@ -46,11 +46,11 @@ class SamplerAutoscaling(BaseModel):
 class AppArgs(BaseModel):
     """How the application is laid out on the cluster. Service behaviour lives in Settings."""
 
-    sampler_replicas: int = Field(1, ge=1, description="fixed replica count when sampler_autoscaling is unset")
-    sampler_autoscaling: SamplerAutoscaling | None = None
-    sampler_num_gpus: float = Field(0.0, ge=0, description="1 on GPU nodes: one GPU per replica")
-    sampler_num_cpus: float = Field(1.0, ge=0)
-    max_batch_images: int = Field(64, ge=1, description="images per Sampler batch (@serve.batch)")
+    denoiser_replicas: int = Field(1, ge=1, description="fixed replica count when denoiser_autoscaling is unset")
+    denoiser_autoscaling: DenoiserAutoscaling | None = None
+    denoiser_num_gpus: float = Field(0.0, ge=0, description="1 on GPU nodes: one GPU per replica")
+    denoiser_num_cpus: float = Field(1.0, ge=0)
+    max_batch_images: int = Field(64, ge=1, description="images per Denoiser batch (@serve.batch)")
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     worker_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
@@ -63,14 +63,14 @@ def build_app(args: AppArgs) -> Application:
         raise ValueError(f"shard_size {settings.shard_size} exceeds max_batch_images {args.max_batch_images}")
     ModelRegistry(settings.model_dir, settings.default_model)  # fail fast on a bad model dir
     replicas: dict[str, Any] = (
-        {"num_replicas": "auto", "autoscaling_config": args.sampler_autoscaling.to_serve()}
-        if args.sampler_autoscaling
-        else {"num_replicas": args.sampler_replicas}
+        {"num_replicas": "auto", "autoscaling_config": args.denoiser_autoscaling.to_serve()}
+        if args.denoiser_autoscaling
+        else {"num_replicas": args.denoiser_replicas}
     )
-    sampler = Sampler.options(
+    denoiser = Denoiser.options(
         **replicas,
-        ray_actor_options={"num_cpus": args.sampler_num_cpus, "num_gpus": args.sampler_num_gpus},
+        ray_actor_options={"num_cpus": args.denoiser_num_cpus, "num_gpus": args.denoiser_num_gpus},
         user_config={"max_batch_images": args.max_batch_images, "batch_wait_timeout_s": args.batch_wait_timeout_s},
     ).bind(settings)
-    workers = Worker.options(num_replicas=args.worker_replicas).bind(settings, sampler)
-    return Ingress.options(num_replicas=args.ingress_replicas).bind(settings, sampler, workers)
+    workers = Worker.options(num_replicas=args.worker_replicas).bind(settings, denoiser)
+    return Ingress.options(num_replicas=args.ingress_replicas).bind(settings, denoiser, workers)

@@ -1,4 +1,4 @@
-"""Scale the Sampler with the Redis queue's backlog.
+"""Scale the Denoiser with the Redis queue's backlog.
 
 Serve's default policy scales on requests in flight, but here the work waits in Redis, not in
 Serve: with 2 replicas busy and 500 shards queued, Serve sees only the handful of requests the
@@ -50,8 +50,8 @@ class BacklogPolicy:
         self._read_at = -math.inf
 
     def _read_backlog(self) -> int:
-        from service import keys
-        from service.store import sync_redis
+        from service.jobs.connection import sync_redis
+        from service.jobs.queue import backlog
 
         if self._client is None:
             url = self._redis_url
@@ -60,7 +60,7 @@ class BacklogPolicy:
 
                 url = Settings().redis_url
             self._client = sync_redis(url, 1.0)
-        return int(self._client.xlen(keys.SHARD_STREAM))
+        return backlog(self._client)
 
     def backlog(self) -> int | None:
         now = time.monotonic()

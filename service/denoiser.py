@@ -1,28 +1,29 @@
-"""The Sampler deployment: loads every model once per replica (one GPU each where GPUs exist)
+"""The Denoiser deployment: loads every model once per replica (one GPU each where GPUs exist)
 and runs the reverse process for batches of shards assembled by @serve.batch.
 
-Shards whose (model, sampler, steps, eta, guidance) agree run as one tensor batch; each image
-keeps its own (seed, index) noise stream, so batching never changes an image. Every denoising
-step is timed into undiffuse_denoise_step_seconds, reports progress to the job record and
-checks for cancellation; a batch whose jobs are all canceled stops at its next step.
+Shards whose (model, sampler, sampler options, steps, guidance) agree run as one tensor batch;
+each image keeps its own (seed, index) noise stream, so batching never changes an image. Every
+denoising step is timed into undiffuse_denoise_step_seconds, reports progress to the job record
+and checks for cancellation; a batch whose jobs are all canceled stops at its next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections import defaultdict
 from typing import Any
 
-import redis
 from ray import serve
+from redis.exceptions import RedisError
 
-from service import keys, metrics
+from service import metrics
+from service.jobs.schemas import JobStatus, ShardResult, ShardTask
+from service.jobs.store import JobStore
 from service.models import ModelRegistry
-from service.schemas import ShardResult, ShardTask
 from service.settings import Settings
-from service.store import STEP_SCRIPT, sync_redis
 
 log = logging.getLogger("ray.serve")
 DEFAULT_BATCH = {"max_batch_images": 64, "batch_wait_timeout_s": 0.02}
@@ -36,8 +37,8 @@ def _batch_images(tasks: list[ShardTask]) -> int:
     return sum(t.count for t in tasks)
 
 
-@serve.deployment(name="Sampler", max_ongoing_requests=64, user_config=DEFAULT_BATCH)
-class Sampler:
+@serve.deployment(name="Denoiser", max_ongoing_requests=64, user_config=DEFAULT_BATCH)
+class Denoiser:
     def __init__(self, settings: Settings) -> None:
         # heavy imports live here, in the replica, never at import time of the HTTP layer
         import torch
@@ -49,10 +50,13 @@ class Sampler:
         use_cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.registry = ModelRegistry(settings.model_dir, settings.default_model)
-        self.models = {name: load_model(self.registry.path(name), self.device) for name in self.registry.models}
-        self.redis = sync_redis(settings.redis_url, settings.redis_timeout_seconds)
-        self._step_script = self.redis.register_script(STEP_SCRIPT)
-        log.info("Sampler ready on %s with models %s", self.device, sorted(self.models))
+        self.models = {name: load_model(spec.path, self.device) for name, spec in self.registry.models.items()}
+        self.store = JobStore.from_url(
+            settings.redis_url, settings.job_ttl_seconds, settings.shard_size, settings.redis_timeout_seconds
+        )
+        self.progress_timeout_s = settings.redis_timeout_seconds * 2
+        self.loop: asyncio.AbstractEventLoop | None = None
+        log.info("Denoiser ready on %s with models %s", self.device, sorted(self.models))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Tune batching without a redeploy: max_batch_images, batch_wait_timeout_s."""
@@ -78,6 +82,7 @@ class Sampler:
     async def generate_batch(self, tasks: list[ShardTask]) -> list[ShardResult | Exception]:
         """One tensor batch per compatible group. A group that fails hands its exception to its
         own shards only: a bad shard must not fail the other jobs it was batched with."""
+        self.loop = asyncio.get_running_loop()
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, task in enumerate(tasks):
             groups[task.batch_key].append(i)
@@ -97,8 +102,9 @@ class Sampler:
     def _run_group(self, tasks: list[ShardTask]) -> list[ShardResult]:
         import torch
 
-        from undiffuse import DDIMSampler, DDPMSampler, ImageNoise
+        from undiffuse import ImageNoise
         from undiffuse.images import to_uint8
+        from undiffuse.registry import make_sampler
 
         p = tasks[0].params
         model = self.models[p.model]
@@ -107,12 +113,12 @@ class Sampler:
         labels = None
         if model.num_classes is not None:  # the ingress made labels mandatory for these models
             labels = torch.tensor([c for t in tasks for c in t.params.labels_for(t.start, t.count) or []])
-        sampler = DDIMSampler(model.schedule, eta=p.eta) if p.sampler == "ddim" else DDPMSampler(model.schedule)
+        sampler = make_sampler(p.sampler, model.schedule, **p.sampler_options)
         metrics.sampler_batch_images().observe(len(seeds), tags={"model": p.model})
         step_hist = metrics.denoise_step_seconds()
         tags = {"model": p.model, "sampler": p.sampler}
         canceled: set[str] = set()
-        job_ids = sorted({t.job_id for t in tasks})
+        job_ids = {t.job_id for t in tasks}
         last = time.perf_counter()
 
         def on_step(i: int, t: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
@@ -122,8 +128,8 @@ class Sampler:
             now = time.perf_counter()
             step_hist.observe(now - last, tags=tags)
             last = now
-            canceled.update(self._report_step(tasks, job_ids, i + 1))
-            if len(canceled) == len(job_ids):
+            canceled.update(self._report_step(tasks, i + 1))
+            if canceled >= job_ids:
                 raise _AllCanceled
 
         try:
@@ -155,14 +161,16 @@ class Sampler:
             )
         return out
 
-    def _report_step(self, tasks: list[ShardTask], job_ids: list[str], step: int) -> set[str]:
-        """Write each shard's step and return the jobs that were canceled meanwhile. A Redis
-        outage only costs progress updates, never the images."""
+    def _report_step(self, tasks: list[ShardTask], step: int) -> set[str]:
+        """Write each shard's step (on the replica's event loop) and return the jobs that were
+        canceled meanwhile. A Redis outage only costs progress updates, never the images."""
+        assert self.loop is not None, "set by generate_batch before any group runs"
+        shards = [(t.job_id, t.shard) for t in tasks]
+        future = asyncio.run_coroutine_threadsafe(self.store.record_steps(shards, step), self.loop)
         try:
-            statuses = self._step_script(
-                keys=[keys.job(t.job_id) for t in tasks], args=[step, *(t.shard for t in tasks)]
-            )
-        except redis.RedisError as e:
+            statuses = future.result(self.progress_timeout_s)
+        except (RedisError, concurrent.futures.TimeoutError) as e:
+            future.cancel()
             log.warning("progress not recorded: %s", e)
             return set()
-        return {t.job_id for t, s in zip(tasks, statuses, strict=True) if s == "canceled"}
+        return {job_id for (job_id, _), s in zip(shards, statuses, strict=True) if s == JobStatus.canceled}

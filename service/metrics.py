@@ -29,7 +29,7 @@ def denoise_step_seconds() -> metrics.Histogram:
 def sampler_batch_images() -> metrics.Histogram:
     return metrics.Histogram(
         "undiffuse_sampler_batch_images",
-        description="Images denoised together in one Sampler batch.",
+        description="Images denoised together in one Denoiser batch.",
         boundaries=BATCH_BUCKETS,
         tag_keys=("model",),
     )

@@ -2,7 +2,7 @@
 the compose stack start): a single-node Ray head with the Serve app on 0.0.0.0:8000 and Ray's
 metrics on 0.0.0.0:8080. On Kubernetes the RayService deploys the app instead.
 
-    python -m service.run [--sampler-num-gpus 1] [--sampler-replicas 1] [--workers 1]
+    python -m service.run [--denoiser-num-gpus 1] [--denoiser-replicas 1] [--workers 1]
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8080)
-    p.add_argument("--sampler-replicas", type=int, default=1)
-    p.add_argument("--sampler-num-gpus", type=float, default=0.0)
+    p.add_argument("--denoiser-replicas", type=int, default=1)
+    p.add_argument("--denoiser-num-gpus", type=float, default=0.0)
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args(argv)
 
@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
 
     app = build_app(  # validates Settings from the environment before Ray starts
         AppArgs(
-            sampler_replicas=args.sampler_replicas, sampler_num_gpus=args.sampler_num_gpus, worker_replicas=args.workers
+            denoiser_replicas=args.denoiser_replicas,
+            denoiser_num_gpus=args.denoiser_num_gpus,
+            worker_replicas=args.workers,
         )
     )
     serve_until_stopped(
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve_until_stopped(app, host: str, port: int, metrics_port: int, banner: str) -> None:
     """Start local Ray and Serve, run the application, print banner, and block until SIGINT or
-    SIGTERM; then shut Serve and Ray down. Shared by this entry point and service.local."""
+    SIGTERM; then shut Serve and Ray down. Shared by this entry point and service.dev.local."""
     import ray
     from ray import serve
 

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     max_images_per_job: int = Field(1024, ge=1)
     max_steps: int = Field(1000, ge=1)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
-    shard_size: int = Field(16, ge=1, description="images per shard; at most the Sampler's batch")
+    shard_size: int = Field(16, ge=1, description="images per shard; at most the Denoiser's batch")
     visibility_timeout_seconds: float = Field(300.0, gt=0, description="idle time before a shard is reclaimed")
     max_attempts: int = Field(3, ge=1, description="tries per shard before its job fails")
     shard_timeout_seconds: float = Field(1800.0, gt=0, description="longest a shard may sample before it is retried")

@@ -1,1 +1,1 @@
-"""The HTTP layer (FastAPI). It imports neither torch nor the Sampler's code."""
+"""The HTTP layer (FastAPI). It imports neither torch nor the Denoiser's code."""

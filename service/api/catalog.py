@@ -3,11 +3,26 @@
 from fastapi import APIRouter
 
 from service.api.deps import Ctx, Owner
-from service.schemas import ModelList
+from service.api.schemas import ModelInfo, ModelList
+from undiffuse.config import ModelSpec
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
+def model_info(spec: ModelSpec, default: bool) -> ModelInfo:
+    return ModelInfo(
+        name=spec.name,
+        image_size=spec.image_size,
+        channels=spec.channels,
+        num_classes=spec.num_classes,
+        class_names=list(spec.class_names) if spec.class_names else None,
+        num_timesteps=spec.schedule.num_timesteps,
+        prediction_type=spec.prediction_type,
+        default=default,
+    )
+
+
 @router.get("", response_model=ModelList)
 async def list_models(ctx: Ctx, _owner: Owner) -> ModelList:
-    return ModelList(models=list(ctx.registry.models.values()))
+    registry = ctx.registry
+    return ModelList(models=[model_info(spec, name == registry.default) for name, spec in registry.models.items()])

@@ -9,10 +9,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, status
 
+from service.jobs.lifecycle import JobLifecycle
+from service.jobs.store import JobStore
 from service.models import ModelRegistry
 from service.settings import Settings
 from service.storage import ObjectStore
-from service.store import JobStore
 
 
 @dataclass
@@ -21,9 +22,10 @@ class Context:
 
     settings: Settings
     store: JobStore
+    lifecycle: JobLifecycle
     objects: ObjectStore
     registry: ModelRegistry
-    sampler: Any  # a DeploymentHandle to the Sampler (None when run without Serve)
+    denoiser: Any  # a DeploymentHandle to the Denoiser (None when run without Serve)
 
 
 _context: Context | None = None

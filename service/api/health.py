@@ -1,4 +1,4 @@
-"""/healthz (the process is up) and /readyz (Redis, S3 and the Sampler answer)."""
+"""/healthz (the process is up) and /readyz (Redis, S3 and the Denoiser answer)."""
 
 from __future__ import annotations
 
@@ -28,16 +28,16 @@ async def _check(name: str, probe) -> tuple[str, str]:
 
 @router.get("/readyz")
 async def readyz(ctx: Ctx) -> JSONResponse:
-    async def sampler() -> None:
-        if ctx.sampler is None:
-            raise RuntimeError("no Sampler handle")
-        await ctx.sampler.ready.remote()
+    async def denoiser() -> None:
+        if ctx.denoiser is None:
+            raise RuntimeError("no Denoiser handle")
+        await ctx.denoiser.ready.remote()
 
     checks = dict(
         await asyncio.gather(
-            _check("redis", ctx.store.r.ping),
+            _check("redis", ctx.store.ping),
             _check("s3", lambda: asyncio.to_thread(ctx.objects.ping)),
-            _check("sampler", sampler),
+            _check("sampler", denoiser),  # the key API users see; the Denoiser replicas answer it
         )
     )
     ok = all(v == "ok" for v in checks.values())

@@ -8,21 +8,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 
-from service import metrics
 from service.api.deps import Context, Ctx, Owner
-from service.schemas import (
-    ImageResult,
-    JobCreate,
-    JobList,
-    JobParams,
-    JobStatus,
-    JobSummary,
-    JobView,
-    ModelInfo,
-    Progress,
-)
+from service.api.schemas import ImageResult, JobCreate, JobList, JobSummary, JobView, Progress
+from service.jobs.schemas import JobParams, JobStatus
+from service.jobs.store import IdempotencyConflict, JobFinished, JobNotFound, JobRecord
 from service.storage import image_key
-from service.store import IdempotencyConflict, JobFinished, JobNotFound, JobRecord, shard_ranges
+from undiffuse.config import ModelSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND = "job not found"
@@ -43,7 +34,7 @@ def resolve_params(body: JobCreate, ctx: Context) -> JobParams:
     limit = ctx.settings.max_images_per_job
     if body.num_images > limit:
         raise _invalid("num_images", f"must be at most {limit}", body.num_images)
-    max_steps = min(model.num_timesteps, ctx.settings.max_steps)
+    max_steps = min(model.schedule.num_timesteps, ctx.settings.max_steps)
     if body.steps > max_steps:
         raise _invalid("steps", f"must be at most {max_steps} for model {model.name!r}", body.steps)
     _check_labels(body, model)
@@ -59,7 +50,7 @@ def resolve_params(body: JobCreate, ctx: Context) -> JobParams:
     )
 
 
-def _check_labels(body: JobCreate, model: ModelInfo) -> None:
+def _check_labels(body: JobCreate, model: ModelSpec) -> None:
     labels = body.class_label
     if model.num_classes is None:
         if labels is not None:
@@ -81,9 +72,8 @@ def _check_labels(body: JobCreate, model: ModelInfo) -> None:
 
 def job_view(record: JobRecord, ctx: Context) -> JobView:
     results = []
-    ranges = shard_ranges(record.params.num_images, ctx.settings.shard_size)
     for shard in sorted(record.done_shards):
-        start, count = ranges[shard]
+        start, count = record.shard_range(shard)  # as the job was cut, whatever the setting is now
         for index in range(start, start + count):
             key = image_key(record.id, index)
             results.append(ImageResult(index=index, seed=record.params.seed, key=key, url=ctx.objects.presign(key)))
@@ -150,14 +140,11 @@ async def get_job(job_id: str, ctx: Ctx, owner: Owner) -> JobView:
 async def cancel_job(job_id: str, ctx: Ctx, owner: Owner) -> JobView:
     """A queued job never runs; a running one stops at its next denoising step."""
     try:
-        record = await ctx.store.cancel(job_id, owner)
+        record = await ctx.lifecycle.cancel(job_id, owner)
     except JobNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
     except JobFinished as e:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job already {e.status.value}; nothing to cancel") from None
-    metrics.jobs_total().inc(tags={"status": "canceled"})
-    if record.finished_at is not None:
-        metrics.job_duration_seconds().observe(record.finished_at - record.created_at, tags={"status": "canceled"})
     return job_view(record, ctx)
 
 

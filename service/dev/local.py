@@ -1,4 +1,4 @@
-"""The whole stack on one machine: `python -m service.local` (what `make up` runs).
+"""The whole stack on one machine: `python -m service.dev.local` (what `make up` runs).
 
 Starts a Redis-compatible server and SeaweedFS's S3 gateway on 127.0.0.1 (state under .run/),
 local Ray, and the Serve application serving the demo model on http://127.0.0.1:8000.
@@ -12,17 +12,17 @@ import secrets
 import sys
 from pathlib import Path
 
-from service.localstack import RedisServer, S3Server
+from service.dev.servers import RedisServer, S3Server
 from service.settings import REPO_ROOT
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.local", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m service.dev.local", description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the API")
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus endpoint of Ray's metrics agent")
     p.add_argument("--workdir", type=Path, default=REPO_ROOT / ".run", help="state of Redis and SeaweedFS")
     p.add_argument("--api-key", default=None, help="default: a new random key each start")
-    p.add_argument("--sampler-replicas", type=int, default=1)
+    p.add_argument("--denoiser-replicas", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args(argv)
 
@@ -57,7 +57,7 @@ Ctrl-C stops everything."""
 
     app = build_app(
         AppArgs(
-            sampler_replicas=args.sampler_replicas,
+            denoiser_replicas=args.denoiser_replicas,
             worker_replicas=args.workers,
             settings={
                 "redis_url": redis.url,

@@ -7,7 +7,7 @@ CONSUMER_GROUP = "workers"
 
 
 def job(job_id: str) -> str:
-    """HASH: the job record (see service.store for its fields)."""
+    """HASH: the job record (see service.jobs.store for its fields)."""
     return f"{PREFIX}:job:{job_id}"
 
 

@@ -1,13 +1,16 @@
-"""Job records and the shard queue in Redis.
+"""Job records in Redis, and every state transition of a job.
 
-A job is a HASH (service.keys.job) with the fields
+A job is a HASH (service.jobs.keys.job) with the fields
     params        JSON of JobParams          owner        who submitted it
     status        a JobStatus value          created_at / started_at / finished_at   epoch seconds
-    num_shards    shards the job was cut in  images_done  images uploaded so far
-    error         JSON {"code", "message"}   step:{k}     denoising steps done by shard k
-plus a SET of finished shard indices. Shards travel on a Redis Stream read through a consumer
-group. State changes go through Lua scripts so that they are atomic and guarded: a canceled or
-finished job never goes back to running, and repeating a shard's completion is harmless.
+    num_shards    shards the job was cut in  shard_size   images per shard when it was cut
+    images_done   images uploaded so far     error        JSON {"code", "message"}
+    step:{k}      denoising steps done by shard k
+plus a SET of finished shard indices. State changes go through Lua scripts so that they are
+atomic and guarded: a canceled or finished job never goes back to running, and repeating a
+shard's completion is harmless. The shards themselves travel on the queue (service.jobs.queue),
+which a submission writes in the same MULTI/EXEC as the record. Side effects of a job reaching
+a terminal state belong to service.jobs.lifecycle, which drives the terminal transitions here.
 """
 
 from __future__ import annotations
@@ -19,17 +22,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import redis
 import redis.asyncio as aioredis
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError, WatchError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
-from service import keys
-from service.schemas import JobError, JobParams, JobStatus, ShardTask
-
-_ACTIVE = ("queued", "running")
+from service.jobs import keys
+from service.jobs.connection import async_redis
+from service.jobs.queue import ShardQueue
+from service.jobs.schemas import JobError, JobParams, JobStatus, ShardTask
 
 # KEYS[1] job; ARGV now. Returns 1 when queued -> running, 0 when already running, -1 otherwise.
 _START = """
@@ -73,7 +72,7 @@ return 0
 
 # KEYS: job hashes; ARGV[1] step, ARGV[2..] shard per job key. Records each shard's step on jobs
 # that still exist and returns their statuses (false for a missing job).
-STEP_SCRIPT = """
+_RECORD_STEPS = """
 local out = {}
 for i, key in ipairs(KEYS) do
   local s = redis.call('HGET', key, 'status')
@@ -82,32 +81,6 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
-
-
-def _client_options(timeout: float) -> dict:
-    """Shared by the async and sync clients: redis-py reconnects and retries a command on a
-    dropped or stale connection (e.g. after a Redis restart) before giving up."""
-    return dict(
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        decode_responses=True,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        health_check_interval=30,
-    )
-
-
-def async_redis(url: str, timeout: float) -> aioredis.Redis:
-    from redis.asyncio.retry import Retry
-
-    return aioredis.Redis.from_url(
-        url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3), **_client_options(timeout)
-    )
-
-
-def sync_redis(url: str, timeout: float) -> redis.Redis:
-    from redis.retry import Retry
-
-    return redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3), **_client_options(timeout))
 
 
 class IdempotencyConflict(Exception):
@@ -137,9 +110,14 @@ class JobRecord:
     finished_at: float | None
     error: JobError | None
     num_shards: int
+    shard_size: int
     images_done: int
     shard_steps: dict[int, int]
     done_shards: set[int]
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """(start, count) of one shard, as the job was cut when it was submitted."""
+        return shard_ranges(self.params.num_images, self.shard_size)[shard]
 
     @property
     def step(self) -> int:
@@ -153,6 +131,9 @@ def body_hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+LEGACY_SHARD_SIZE = 16
+
+
 def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
     """[(start, count)] covering 0..num_images-1 in shards of at most shard_size."""
     n = math.ceil(num_images / shard_size)
@@ -160,13 +141,20 @@ def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
 
 
 class JobStore:
+    """Job records on one Redis client; `queue` is the shard queue on the same client.
+
+    shard_size: images per shard for jobs submitted through this store (stored on each record,
+    so a later change of the setting never changes an existing job's shards)."""
+
     def __init__(self, client: aioredis.Redis, ttl_seconds: int, shard_size: int) -> None:
         self.r = client
         self.ttl = ttl_seconds
         self.shard_size = shard_size
+        self.queue = ShardQueue(client)
         self._start = client.register_script(_START)
         self._complete = client.register_script(_COMPLETE_SHARD)
         self._finish = client.register_script(_FINISH)
+        self._record_steps = client.register_script(_RECORD_STEPS)
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: int, shard_size: int, timeout: float = 2.0) -> JobStore:
@@ -175,13 +163,8 @@ class JobStore:
     async def close(self) -> None:
         await self.r.aclose()
 
-    async def ensure_group(self) -> None:
-        """Create the stream and its consumer group if they do not exist yet."""
-        try:
-            await self.r.xgroup_create(keys.SHARD_STREAM, keys.CONSUMER_GROUP, id="0", mkstream=True)
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+    async def ping(self) -> None:
+        await self.r.ping()
 
     # --- submit --------------------------------------------------------------------------------
     async def submit(
@@ -228,15 +211,18 @@ class JobStore:
                 "status": JobStatus.queued.value,
                 "created_at": repr(now),
                 "num_shards": len(shards),
+                "shard_size": self.shard_size,
                 "images_done": 0,
             },
         )
         pipe.expire(key, self.ttl)
         pipe.zadd(keys.owner_jobs(owner), {job_id: int(now * 1e6)})
         pipe.expire(keys.owner_jobs(owner), self.ttl)
-        for k, (start, count) in enumerate(shards):
-            task = ShardTask(job_id=job_id, shard=k, start=start, count=count, params=params)
-            pipe.xadd(keys.SHARD_STREAM, {"task": task.model_dump_json()})
+        tasks = [
+            ShardTask(job_id=job_id, shard=k, start=start, count=count, params=params)
+            for k, (start, count) in enumerate(shards)
+        ]
+        self.queue.enqueue(pipe, tasks)
 
     # --- read ----------------------------------------------------------------------------------
     async def get(self, job_id: str) -> JobRecord | None:
@@ -257,6 +243,8 @@ class JobStore:
             finished_at=float(raw["finished_at"]) if raw.get("finished_at") else None,
             error=JobError.model_validate_json(err) if err else None,
             num_shards=int(raw["num_shards"]),
+            # records written before the shard size was stored were cut with the default of 16
+            shard_size=int(raw.get("shard_size", LEGACY_SHARD_SIZE)),
             images_done=int(raw.get("images_done", 0)),
             shard_steps={int(k[5:]): int(v) for k, v in raw.items() if k.startswith("step:")},
             done_shards={int(s) for s in done},
@@ -306,41 +294,13 @@ class JobStore:
         err = error.model_dump_json() if error else ""
         return bool(await self._finish(keys=[keys.job(job_id)], args=[status.value, repr(time.time()), err]))
 
-    async def cancel(self, job_id: str, owner: str) -> JobRecord:
-        record = await self.get_owned(job_id, owner)
-        if not await self.finish(job_id, JobStatus.canceled):
-            record = await self.get_owned(job_id, owner)
-            raise JobFinished(record.status)
-        return await self.get_owned(job_id, owner)
-
-    async def set_step(self, job_id: str, shard: int, step: int) -> None:
-        await self.r.hset(keys.job(job_id), f"step:{shard}", step)
-
-    # --- the stream ----------------------------------------------------------------------------
-    async def queue_depth(self) -> int:
-        """Shards waiting or in flight. Every handled message is deleted as it is acked, so the
-        stream's length is exactly the backlog."""
-        return int(await self.r.xlen(keys.SHARD_STREAM))
-
-    async def requeue(self, message_id: str, task: ShardTask) -> None:
-        """Put the shard back as its next attempt and ack the old message, atomically."""
-        retry = task.model_copy(update={"attempt": task.attempt + 1})
-        await self._settle(message_id, keys.SHARD_STREAM, {"task": retry.model_dump_json()})
-
-    async def dead_letter(self, message_id: str, fields: dict[str, str], reason: str) -> None:
-        """Move a message (a shard out of attempts, or one that does not parse) to the
-        dead-letter stream, atomically with its ack."""
-        await self._settle(message_id, keys.DEAD_LETTER_STREAM, {**fields, "reason": reason})
-
-    async def ack(self, message_id: str) -> None:
-        await self._settle(message_id)
-
-    async def _settle(self, message_id: str, stream: str | None = None, fields: dict[str, str] | None = None) -> None:
-        """Ack and delete a handled message, after appending `fields` to `stream` if given,
-        in one MULTI/EXEC."""
-        async with self.r.pipeline(transaction=True) as pipe:
-            if stream is not None:
-                pipe.xadd(stream, fields, maxlen=10_000 if stream == keys.DEAD_LETTER_STREAM else None)
-            pipe.xack(keys.SHARD_STREAM, keys.CONSUMER_GROUP, message_id)
-            pipe.xdel(keys.SHARD_STREAM, message_id)
-            await pipe.execute()
+    async def record_steps(self, shards: list[tuple[str, int]], step: int) -> list[JobStatus | None]:
+        """Record `step` as the progress of each (job id, shard) in one round trip, and return
+        each job's status (None for a job that no longer exists), so a caller learns of
+        cancellations at the same time."""
+        if not shards:
+            return []
+        statuses = await self._record_steps(
+            keys=[keys.job(job_id) for job_id, _ in shards], args=[step, *(shard for _, shard in shards)]
+        )
+        return [JobStatus(s) if s else None for s in statuses]

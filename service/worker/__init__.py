@@ -1,1 +1,1 @@
-"""Queue consumers: read shards from the Redis stream, call the Sampler, upload PNGs, ack."""
+"""Queue consumers: read shards from the queue, call the Denoiser, upload PNGs, settle."""

@@ -1,7 +1,7 @@
-"""The shard consumer: at-least-once processing of the Redis stream through a consumer group.
+"""The shard consumer: at-least-once processing of the shard queue (service.jobs.queue).
 
 For each shard: skip it if its job is finished or canceled; mark the job running; call the
-Sampler; upload the PNGs under deterministic keys; record the shard done; and only then XACK.
+Denoiser; upload the PNGs under deterministic keys; record the shard done; and only then XACK.
 A failure puts the shard back as its next attempt; a shard that exhausts its attempts fails
 its job and goes to the dead-letter stream. A shard whose consumer died (no heartbeat for the
 visibility timeout) is reclaimed with XAUTOCLAIM and retried, and since object keys are
@@ -17,15 +17,16 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from service import keys, metrics
-from service.schemas import JobError, JobStatus, ShardResult, ShardTask
+from service import metrics
+from service.jobs.lifecycle import JobLifecycle
+from service.jobs.queue import Message
+from service.jobs.schemas import JobError, ShardResult, ShardTask
+from service.jobs.store import JobStore
 from service.settings import Settings
 from service.storage import STORAGE_ERRORS, ObjectStore, image_key
-from service.store import JobStore
-from worker.png import encode_png
+from undiffuse.images import png_bytes
 
 log = logging.getLogger("ray.serve")
 Generate = Callable[[ShardTask], Awaitable[ShardResult]]
@@ -33,10 +34,18 @@ Generate = Callable[[ShardTask], Awaitable[ShardResult]]
 
 class Consumer:
     def __init__(
-        self, settings: Settings, store: JobStore, objects: ObjectStore, generate: Generate, name: str
+        self,
+        settings: Settings,
+        store: JobStore,
+        objects: ObjectStore,
+        generate: Generate,
+        name: str,
+        lifecycle: JobLifecycle | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.queue = store.queue
+        self.lifecycle = lifecycle or JobLifecycle(store)
         self.objects = objects
         self.generate = generate
         self.name = name
@@ -51,7 +60,7 @@ class Consumer:
         backoff = 0.5
         while not self.stopping.is_set():
             try:
-                await self.store.ensure_group()
+                await self.queue.ensure_group()
                 await self._poll_once()
                 backoff = 0.5
             except RedisError as e:
@@ -70,15 +79,12 @@ class Consumer:
             return
         # block for at most half the socket timeout, so an idle queue is never a read timeout
         block_ms = max(1, int(self.settings.redis_timeout_seconds * 500))
-        reply = await self.store.r.xreadgroup(
-            keys.CONSUMER_GROUP, self.name, {keys.SHARD_STREAM: ">"}, count=free, block=block_ms
-        )
-        metrics.queue_depth().set(await self.store.queue_depth())
-        for _stream, messages in reply or []:
-            for message_id, fields in messages:
-                task = asyncio.create_task(self.handle(message_id, fields))
-                self.inflight.add(task)
-                task.add_done_callback(self.inflight.discard)
+        messages = await self.queue.read(self.name, free, block_ms)
+        metrics.queue_depth().set(await self.queue.depth())
+        for message in messages:
+            task = asyncio.create_task(self.handle(message))
+            self.inflight.add(task)
+            task.add_done_callback(self.inflight.discard)
 
     async def drain(self, timeout: float) -> None:
         """Stop reading and give in-flight shards up to timeout seconds (SIGTERM grace)."""
@@ -93,61 +99,49 @@ class Consumer:
             return
         self._last_reclaim = now
         idle_ms = int(self.settings.visibility_timeout_seconds * 1000)
-        _next, claimed, *_ = await self.store.r.xautoclaim(
-            keys.SHARD_STREAM, keys.CONSUMER_GROUP, self.name, idle_ms, start_id="0-0", count=50
-        )
-        for message_id, fields in claimed:
-            if not fields:
+        for message in await self.queue.reclaim(self.name, idle_ms):
+            if message.task is None:
+                await self._drop_unparseable(message)
                 continue
-            task = self._parse(fields)
-            if task is None:
-                await self._drop_unparseable(message_id, fields)
-                continue
+            task = message.task
             log.warning("reclaimed shard %s/%d from a silent consumer", task.job_id, task.shard)
             metrics.shard_retries_total().inc(tags={"reason": "reclaimed"})
-            await self.store.requeue(message_id, task.model_copy(update={"last_error": "consumer timed out"}))
+            await self.queue.requeue(message.id, task.model_copy(update={"last_error": "consumer timed out"}))
 
-    async def _drop_unparseable(self, message_id: str, fields: dict) -> None:
-        log.error("moving unparseable message %s to the dead-letter stream", message_id)
-        await self.store.dead_letter(message_id, fields, "unparseable message")
-
-    @staticmethod
-    def _parse(fields: dict) -> ShardTask | None:
-        try:
-            return ShardTask.model_validate_json(fields["task"])
-        except (KeyError, ValidationError):
-            return None
+    async def _drop_unparseable(self, message: Message) -> None:
+        log.error("moving unparseable message %s to the dead-letter stream", message.id)
+        await self.queue.dead_letter(message.id, message.fields, "unparseable message")
 
     # --- one shard -----------------------------------------------------------------------------
-    async def handle(self, message_id: str, fields: dict) -> None:
-        task = self._parse(fields)
+    async def handle(self, message: Message) -> None:
         try:
-            if task is None:
-                await self._drop_unparseable(message_id, fields)
+            if message.task is None:
+                await self._drop_unparseable(message)
                 return
-            await self._process(message_id, task)
+            await self._process(message.id, message.task)
         except RedisError as e:
             # the message stays pending and is reclaimed after the visibility timeout
-            log.warning("shard %s left pending: Redis error %s", message_id, e)
+            log.warning("shard %s left pending: Redis error %s", message.id, e)
         finally:
             self.handled += 1
 
     async def _process(self, message_id: str, task: ShardTask) -> None:
         record = await self.store.get(task.job_id)
         if record is None or record.status.terminal:
-            await self.store.ack(message_id)  # canceled, failed, finished or expired
+            await self.queue.ack(message_id)  # canceled, failed, finished or expired
             return
         if task.attempt > self.settings.max_attempts:
             await self._fail(message_id, task, record.created_at)
             return
-        if await self.store.mark_running(task.job_id) == 1 and record.started_at is None:
-            metrics.queue_wait_seconds().observe(max(0.0, time.time() - record.created_at))
+        if not await self.lifecycle.start(record):
+            await self.queue.ack(message_id)  # ended between the read and now
+            return
 
         heartbeat = asyncio.create_task(self._heartbeat(message_id))
         try:
             result = await asyncio.wait_for(self.generate(task), self.settings.shard_timeout_seconds)
             if result.canceled:
-                await self.store.ack(message_id)
+                await self.queue.ack(message_id)
                 return
             await asyncio.to_thread(self._upload, task, result)
         except asyncio.TimeoutError:  # a hung GPU or replica: give the shard to another attempt
@@ -157,27 +151,26 @@ class Consumer:
         except STORAGE_ERRORS as e:
             await self._retry(message_id, task, f"upload failed: {e}", "storage")
             return
-        except Exception as e:  # the Sampler raised or its replica died
-            await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
+        except Exception as e:  # the Denoiser raised or its replica died
+            await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "denoiser")
             return
         finally:
             heartbeat.cancel()
 
-        status, finished = await self.store.complete_shard(task)
+        await self.lifecycle.complete_shard(task, record.created_at)
         metrics.images_generated_total().inc(task.count, tags={"model": task.params.model})
-        if finished:
-            metrics.jobs_total().inc(tags={"status": "succeeded"})
-            metrics.job_duration_seconds().observe(time.time() - record.created_at, tags={"status": "succeeded"})
-        await self.store.ack(message_id)
+        await self.queue.ack(message_id)
 
     def _upload(self, task: ShardTask, result: ShardResult) -> None:
         pixels = np.frombuffer(result.pixels, dtype=np.uint8).reshape(result.shape)
         if pixels.shape[0] != task.count:
-            raise RuntimeError(f"Sampler returned {pixels.shape[0]} images for a shard of {task.count}")
+            raise RuntimeError(f"Denoiser returned {pixels.shape[0]} images for a shard of {task.count}")
         # boto3 clients are thread-safe; uploads overlap their network round trips
         list(
             self._uploads.map(
-                lambda k: self.objects.put_png(image_key(task.job_id, task.start + k), encode_png(pixels[k])),
+                lambda k: self.objects.put_png(
+                    image_key(task.job_id, task.start + k), png_bytes(pixels[k], compress_level=1)
+                ),
                 range(task.count),
             )
         )
@@ -188,9 +181,7 @@ class Consumer:
         while True:
             await asyncio.sleep(period)
             try:
-                await self.store.r.xclaim(
-                    keys.SHARD_STREAM, keys.CONSUMER_GROUP, self.name, 0, [message_id], justid=True
-                )
+                await self.queue.heartbeat(self.name, message_id)
             except RedisError as e:
                 log.warning("heartbeat for %s failed: %s", message_id, e)
 
@@ -198,11 +189,9 @@ class Consumer:
         log.warning("shard %s/%d attempt %d failed: %s", task.job_id, task.shard, task.attempt, reason)
         metrics.shard_retries_total().inc(tags={"reason": kind})
         await asyncio.sleep(min(0.5 * task.attempt, 5.0))
-        await self.store.requeue(message_id, task.model_copy(update={"last_error": reason}))
+        await self.queue.requeue(message_id, task.model_copy(update={"last_error": reason}))
 
     async def _fail(self, message_id: str, task: ShardTask, created_at: float) -> None:
         message = f"shard {task.shard} failed {task.attempt - 1} times; last error: {task.last_error}"
-        await self.store.dead_letter(message_id, {"task": task.model_dump_json()}, message)
-        if await self.store.finish(task.job_id, JobStatus.failed, JobError(code="shard_failed", message=message)):
-            metrics.jobs_total().inc(tags={"status": "failed"})
-            metrics.job_duration_seconds().observe(time.time() - created_at, tags={"status": "failed"})
+        await self.queue.dead_letter(message_id, {"task": task.model_dump_json()}, message)
+        await self.lifecycle.fail(task.job_id, JobError(code="shard_failed", message=message), created_at)

@@ -8,19 +8,19 @@ import logging
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from service.schemas import ShardResult, ShardTask
+from service.jobs.schemas import ShardResult, ShardTask
+from service.jobs.store import JobStore
 from service.settings import Settings
 from service.storage import ObjectStore
-from service.store import JobStore
-from worker.consumer import Consumer
+from service.worker.consumer import Consumer
 
 log = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="Worker", ray_actor_options={"num_cpus": 0.5}, graceful_shutdown_timeout_s=30)
 class Worker:
-    async def __init__(self, settings: Settings, sampler: DeploymentHandle) -> None:
-        self.sampler = sampler
+    async def __init__(self, settings: Settings, denoiser: DeploymentHandle) -> None:
+        self.denoiser = denoiser
         store = JobStore.from_url(
             settings.redis_url, settings.job_ttl_seconds, settings.shard_size, settings.redis_timeout_seconds
         )
@@ -30,7 +30,7 @@ class Worker:
         self.loop_task = asyncio.get_running_loop().create_task(self.consumer.run())
 
     async def _generate(self, task: ShardTask) -> ShardResult:
-        return await self.sampler.generate.remote(task)
+        return await self.denoiser.generate.remote(task)
 
     def check_health(self) -> None:
         if self.loop_task.done():

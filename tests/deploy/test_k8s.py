@@ -94,7 +94,7 @@ def _rayservice(docs):
     return next(d for d in docs if d["kind"] == "RayService")
 
 
-def test_gpu_overlay_puts_samplers_on_gpu_nodes():
+def test_gpu_overlay_puts_denoisers_on_gpu_nodes():
     rs = _rayservice(render("gpu"))
     rc = rs["spec"]["rayClusterConfig"]
     assert rc["enableInTreeAutoscaling"] is True
@@ -120,10 +120,10 @@ def test_serve_config_imports_and_builds_the_application(overlay):
     assert builder is build_app
     built = builder(AppArgs.model_validate(app["args"]))
     assert isinstance(built, Application)
-    sampler = app["args"]["sampler_num_gpus"]
+    sampler = app["args"]["denoiser_num_gpus"]
     assert sampler == (1 if name == "gpu" else 0)
-    policy = app["args"]["sampler_autoscaling"]
-    serve_autoscaling = AppArgs.model_validate(app["args"]).sampler_autoscaling.to_serve()
+    policy = app["args"]["denoiser_autoscaling"]
+    serve_autoscaling = AppArgs.model_validate(app["args"]).denoiser_autoscaling.to_serve()
     module, _, cls = serve_autoscaling["policy"]["policy_function"].partition(":")
     assert callable(getattr(__import__(module, fromlist=[cls]), cls))
     assert serve_autoscaling["max_replicas"] == policy["max_replicas"]

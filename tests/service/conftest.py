@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.localstack import RedisServer, S3Server, free_port
+from service.dev.servers import RedisServer, S3Server, free_port
 from service.settings import REPO_ROOT, Settings
 
 KEY_A, KEY_B = "test-key-alice", "test-key-bob"
@@ -41,13 +41,17 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> Stack:
+def redis_server(tmp_path_factory) -> RedisServer:
+    """A real Redis-compatible server for the session (the stack uses database 0)."""
+    with RedisServer(tmp_path_factory.mktemp("redis")).start() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, redis_server) -> Stack:
     work: Path = tmp_path_factory.mktemp("stack")
-    with (
-        RedisServer(work / "redis").start() as redis,
-        S3Server(work / "s3", access_key=S3_KEY, secret_key=S3_SECRET).start() as s3,
-    ):
-        yield from _serve_stack(redis, s3)
+    with S3Server(work / "s3", access_key=S3_KEY, secret_key=S3_SECRET).start() as s3:
+        yield from _serve_stack(redis_server, s3)
 
 
 def _serve_stack(redis: RedisServer, s3: S3Server):
@@ -96,7 +100,7 @@ def wait_idle(stack: Stack, timeout: float = 120) -> None:
     """Until no shard is queued or in flight (handled shards are deleted from the stream)."""
     import redis
 
-    from service import keys
+    from service.jobs import keys
 
     client = redis.Redis.from_url(stack.redis.url)
     wait_for(lambda: client.xlen(keys.SHARD_STREAM) == 0, timeout, 0.2, "the queue to drain")
@@ -117,13 +121,13 @@ def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeo
 
 
 def enqueue_unrunnable_job(stack: Stack) -> str:
-    """A job of Alice's that the Sampler cannot run (more steps than the model has, which the
+    """A job of Alice's that the Denoiser cannot run (more steps than the model has, which the
     API would refuse), written straight to Redis: its shard fails every attempt."""
     import asyncio
     import hashlib
 
-    from service.schemas import JobParams
-    from service.store import JobStore
+    from service.jobs.schemas import JobParams
+    from service.jobs.store import JobStore
 
     async def enqueue() -> str:
         store = JobStore.from_url(stack.redis.url, 3600, stack.settings.shard_size)
@@ -136,3 +140,24 @@ def enqueue_unrunnable_job(stack: Stack) -> str:
         return job_id
 
     return asyncio.run(enqueue())
+
+
+def scrape(stack: Stack) -> list:
+    """The metrics endpoint, parsed by prometheus-client's exposition parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return list(text_string_to_metric_families(httpx.get(stack.metrics_url, timeout=10).text))
+
+
+def sample_sum(families: list, sample: str, **labels: str) -> float:
+    """The sum of every sample named `sample` (e.g. foo_count) whose labels include `labels`."""
+    return sum(
+        s.value
+        for family in families
+        for s in family.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def sample_names(families: list) -> set[str]:
+    return {s.name for family in families for s in family.samples}

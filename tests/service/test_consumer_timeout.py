@@ -1,6 +1,6 @@
 """A shard whose sampling never returns is given up after shard_timeout_seconds and retried, and
 its job fails once the attempts are spent. The consumer runs in-process against the real Redis
-(its own database, so the stack's workers do not see it) with a Sampler that hangs."""
+(its own database, so the stack's workers do not see it) with a Denoiser that hangs."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import asyncio
 
 import pytest
 
-from service.schemas import JobParams, JobStatus, ShardResult, ShardTask
+from service.jobs.schemas import JobParams, JobStatus, ShardResult, ShardTask
+from service.jobs.store import JobStore
 from service.settings import Settings
 from service.storage import ObjectStore
-from service.store import JobStore
-from worker.consumer import Consumer
+from service.worker.consumer import Consumer
 
 pytestmark = pytest.mark.integration
 

@@ -6,10 +6,9 @@ import json
 import re
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.service.conftest import enqueue_unrunnable_job, wait_for, wait_for_status
+from tests.service.conftest import enqueue_unrunnable_job, sample_names, scrape, wait_for, wait_for_status
 
 pytestmark = pytest.mark.integration
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "undiffuse.json"
@@ -24,15 +23,14 @@ def test_dashboard_metrics_exist_in_a_scrape(api, stack):
     wanted = {_base(m) for p in panels for t in p["targets"] for m in re.findall(r"\bray_[a-z_]+", t["expr"])}
     assert len(wanted) >= 6
     # exercise every path once: a job that succeeds and one whose shard fails and is retried
-    # submitted together, so the Sampler may batch them: the bad shard must not fail the good one
+    # submitted together, so the Denoiser may batch them: the bad shard must not fail the good one
     bad = enqueue_unrunnable_job(stack)
     ok = api.post("/v1/jobs", json={"num_images": 2, "steps": 3, "class_label": 9}).json()["id"]
     wait_for_status(api, ok, {"succeeded"})
     wait_for_status(api, bad, {"failed"})
 
     def exported():
-        text = httpx.get(stack.metrics_url, timeout=10).text
-        names = {_base(line.split("{")[0].split(" ")[0]) for line in text.splitlines() if line.startswith("ray_")}
+        names = {_base(name) for name in sample_names(scrape(stack)) if name.startswith("ray_")}
         return names if wanted <= names else None
 
     names = wait_for(exported, 30, 1.0, "every dashboard metric to be exported")

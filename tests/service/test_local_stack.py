@@ -1,4 +1,4 @@
-"""`python -m service.local` (what `python3 dev.py up` / `make up` run) as a user starts it:
+"""`python -m service.dev.local` (what `python3 dev.py up` / `make up` run) as a user starts it:
 it comes up, serves a job end to end, and Ctrl-C stops everything it started."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.localstack import free_port
+from service.dev.servers import free_port
 from tests.service.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ def test_local_stack_starts_serves_and_stops(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "service.local",
+                "service.dev.local",
                 "--port",
                 str(port),
                 "--metrics-port",

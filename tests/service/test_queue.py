@@ -9,8 +9,8 @@ import httpx
 import pytest
 import redis as redis_lib
 
-from service import keys
-from service.schemas import ShardTask
+from service.jobs import keys
+from service.jobs.schemas import ShardTask
 from service.storage import ObjectStore
 from tests.service.conftest import enqueue_unrunnable_job, wait_for, wait_for_status
 
@@ -86,12 +86,12 @@ def test_consumer_killed_mid_shard_job_still_succeeds_with_each_image_once(api, 
 
 
 def test_failing_shard_is_retried_then_fails_its_job_and_goes_to_dead_letter(api, stack):
-    """A shard the Sampler cannot run (more steps than the model has, which the API would have
+    """A shard the Denoiser cannot run (more steps than the model has, which the API would have
     refused) is tried max_attempts times, then fails the job with the reason."""
 
     dead_before = redis_lib.Redis.from_url(stack.redis.url).xlen(keys.DEAD_LETTER_STREAM)
     job_id = enqueue_unrunnable_job(stack)
-    # a good job in flight at the same time may share the Sampler's batch: it must not fail with it
+    # a good job in flight at the same time may share the Denoiser's batch: it must not fail with it
     good = api.post("/v1/jobs", json={"num_images": 4, "steps": 3, "class_label": 4}).json()["id"]
     failed = wait_for_status(api, job_id, {"failed", "succeeded"}, timeout=120)
     assert wait_for_status(api, good, {"failed", "succeeded"})["status"] == "succeeded"

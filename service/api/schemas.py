@@ -1,0 +1,79 @@
+"""The HTTP request and response schemas of /v1 (separate from the internal job records)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.jobs.schemas import MAX_SEED, JobError, JobParams, JobStatus
+from undiffuse.registry import DEFAULT_SAMPLER, SamplerName
+
+
+class JobCreate(BaseModel):
+    """POST /v1/jobs body. Model-dependent checks (steps, class labels) happen in the route."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="a name from GET /v1/models; default: the demo model")
+    num_images: int = Field(1, ge=1, description="1..UNDIFFUSE_MAX_IMAGES_PER_JOB")
+    steps: int = Field(50, ge=1, description="denoising steps, at most the model's timesteps")
+    sampler: SamplerName = DEFAULT_SAMPLER  # type: ignore[assignment]
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="chosen and returned when absent")
+    class_label: int | list[int] | None = Field(
+        None, description="one class for every image, or one per image; required by conditional models"
+    )
+    guidance_scale: float = Field(1.0, ge=0.0, le=30.0, description="classifier-free guidance; 1 = none")
+
+
+class Progress(BaseModel):
+    images_done: int
+    images_total: int
+    step: int
+    steps: int
+
+
+class ImageResult(BaseModel):
+    index: int
+    seed: int
+    key: str
+    url: str
+
+
+class JobView(BaseModel):
+    id: str
+    status: JobStatus
+    progress: Progress
+    params: JobParams
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: JobError | None = None
+    results: list[ImageResult] = Field(default_factory=list)
+
+
+class JobSummary(BaseModel):
+    id: str
+    status: JobStatus
+    progress: Progress
+    created_at: float
+    finished_at: float | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+    next_cursor: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    image_size: int
+    channels: int
+    num_classes: int | None
+    class_names: list[str] | None = None
+    num_timesteps: int
+    prediction_type: str
+    default: bool = False
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]

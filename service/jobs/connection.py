@@ -1,0 +1,34 @@
+"""Redis clients for the job store and the queue: redis-py reconnects and retries a command
+on a dropped or stale connection (e.g. after a Redis restart) before giving up."""
+
+from __future__ import annotations
+
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+def _client_options(timeout: float) -> dict:
+    return dict(
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        decode_responses=True,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=30,
+    )
+
+
+def async_redis(url: str, timeout: float) -> aioredis.Redis:
+    from redis.asyncio.retry import Retry
+
+    return aioredis.Redis.from_url(
+        url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3), **_client_options(timeout)
+    )
+
+
+def sync_redis(url: str, timeout: float) -> redis.Redis:
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3), **_client_options(timeout))

@@ -1,0 +1,90 @@
+"""The one place where a job starts or reaches a terminal state, and where that has its side
+effects: metrics today; events and webhooks belong here next.
+
+Every terminal transition goes through `JobLifecycle`: success when a shard's completion
+finishes the job (the worker), failure when a shard runs out of attempts (the worker), cancel
+(the API). The transition itself is a guarded Lua script in the store, so each job ends exactly
+once, and the side effects run only for the call that ended it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.jobs.schemas import JobError, JobStatus, ShardTask
+from service.jobs.store import JobFinished, JobRecord, JobStore
+
+
+@dataclass(frozen=True)
+class JobEnded:
+    """A job reached a terminal status; duration is from submission to the end."""
+
+    job_id: str
+    status: JobStatus
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class JobStarted:
+    """A job's first shard started; wait_s is the time it spent queued."""
+
+    job_id: str
+    wait_s: float
+
+
+Listener = Callable[[JobStarted | JobEnded], None]
+
+
+def record_metrics(event: JobStarted | JobEnded) -> None:
+    """The default listener: the job counters and histograms (service.metrics)."""
+    from service import metrics
+
+    if isinstance(event, JobEnded):
+        metrics.jobs_total().inc(tags={"status": event.status.value})
+        metrics.job_duration_seconds().observe(event.duration_s, tags={"status": event.status.value})
+    else:
+        metrics.queue_wait_seconds().observe(event.wait_s)
+
+
+class JobLifecycle:
+    def __init__(self, store: JobStore, listeners: list[Listener] | None = None) -> None:
+        self.store = store
+        self.listeners = listeners if listeners is not None else [record_metrics]
+
+    def _emit(self, event: JobStarted | JobEnded) -> None:
+        for listener in self.listeners:
+            listener(event)
+
+    async def start(self, record: JobRecord) -> bool:
+        """Mark the job running for one of its shards. False if the job already ended."""
+        outcome = await self.store.mark_running(record.id)
+        if outcome == 1:
+            self._emit(JobStarted(record.id, max(0.0, time.time() - record.created_at)))
+        return outcome >= 0
+
+    async def complete_shard(self, task: ShardTask, created_at: float) -> bool:
+        """Record a shard's images as done (idempotent); True if this finished the job."""
+        _status, finished = await self.store.complete_shard(task)
+        if finished:
+            self._emit(JobEnded(task.job_id, JobStatus.succeeded, time.time() - created_at))
+        return finished
+
+    async def fail(self, job_id: str, error: JobError, created_at: float) -> bool:
+        """Fail an active job; False if it had already ended."""
+        if await self.store.finish(job_id, JobStatus.failed, error):
+            self._emit(JobEnded(job_id, JobStatus.failed, time.time() - created_at))
+            return True
+        return False
+
+    async def cancel(self, job_id: str, owner: str) -> JobRecord:
+        """Cancel the owner's active job and return its record: a queued job never runs, a
+        running one stops at its next denoising step. JobNotFound / JobFinished otherwise."""
+        await self.store.get_owned(job_id, owner)
+        if not await self.store.finish(job_id, JobStatus.canceled):
+            raise JobFinished((await self.store.get_owned(job_id, owner)).status)
+        record = await self.store.get_owned(job_id, owner)
+        end = record.finished_at if record.finished_at is not None else time.time()
+        self._emit(JobEnded(job_id, JobStatus.canceled, end - record.created_at))
+        return record

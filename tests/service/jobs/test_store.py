@@ -1,0 +1,123 @@
+"""JobStore against the real Redis-compatible server: submission, and each Lua transition."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.api.deps import Context
+from service.api.jobs import job_view
+from service.jobs.schemas import JobError, JobParams, JobStatus, ShardTask
+from service.jobs.store import IdempotencyConflict, JobStore
+from service.settings import Settings
+from service.storage import ObjectStore
+
+
+def params(num_images: int = 10, steps: int = 5) -> JobParams:
+    return JobParams(
+        model="mnist", num_images=num_images, steps=steps, sampler="ddim", eta=0.0, seed=3, class_label=1,
+        guidance_scale=1.0,
+    )  # fmt: skip
+
+
+def task(job_id: str, shard: int, start: int, count: int, p: JobParams) -> ShardTask:
+    return ShardTask(job_id=job_id, shard=shard, start=start, count=count, params=p)
+
+
+def test_submit_writes_the_record_and_queues_every_shard_atomically(store, run):
+    run(store.queue.ensure_group())
+    job_id, created, created_at = run(store.submit("alice", params(10), {"n": 10}))
+    record = run(store.get(job_id))
+    assert created and record.owner == "alice" and record.status == JobStatus.queued
+    assert record.created_at == created_at and record.started_at is None
+    assert (record.num_shards, record.shard_size, record.images_done) == (3, 4, 0)
+    assert [record.shard_range(k) for k in range(3)] == [(0, 4), (4, 4), (8, 2)]
+    messages = run(store.queue.read("c", 10, 10))
+    assert [(m.task.shard, m.task.start, m.task.count) for m in messages] == [(0, 0, 4), (1, 4, 4), (2, 8, 2)]
+
+
+def test_idempotency_key_returns_the_first_job_or_conflicts(store, run):
+    first, created, _ = run(store.submit("alice", params(), {"a": 1}, idempotency_key="k"))
+    again, created_again, _ = run(store.submit("alice", params(), {"a": 1}, idempotency_key="k"))
+    assert created and not created_again and again == first
+    with pytest.raises(IdempotencyConflict):
+        run(store.submit("alice", params(), {"a": 2}, idempotency_key="k"))
+    other, created_other, _ = run(store.submit("bob", params(), {"a": 1}, idempotency_key="k"))
+    assert created_other and other != first  # keys are per owner
+    assert run(store.queue.depth()) == 2 * 3  # the repeat queued nothing
+
+
+def test_start_moves_queued_to_running_once_and_never_revives_a_finished_job(store, run):
+    job_id, _, _ = run(store.submit("alice", params(), {}))
+    assert run(store.mark_running(job_id)) == 1
+    assert run(store.get(job_id)).started_at is not None
+    assert run(store.mark_running(job_id)) == 0
+    assert run(store.finish(job_id, JobStatus.canceled))
+    assert run(store.mark_running(job_id)) == -1
+    assert run(store.get(job_id)).status == JobStatus.canceled
+    assert run(store.mark_running("no-such-job")) == -1
+
+
+def test_complete_shard_counts_each_shard_once_and_finishes_the_job_once(store, run):
+    p = params(10)
+    job_id, _, _ = run(store.submit("alice", p, {}))
+    shards = [task(job_id, 0, 0, 4, p), task(job_id, 1, 4, 4, p), task(job_id, 2, 8, 2, p)]
+    assert run(store.complete_shard(shards[0])) == ("queued", False)
+    assert run(store.complete_shard(shards[0])) == ("queued", False)  # a retried shard: no double count
+    assert run(store.get(job_id)).images_done == 4
+    assert run(store.complete_shard(shards[1])) == ("queued", False)
+    assert run(store.complete_shard(shards[2])) == ("succeeded", True)
+    assert run(store.complete_shard(shards[2])) == ("succeeded", False)  # finished exactly once
+    record = run(store.get(job_id))
+    assert record.status == JobStatus.succeeded and record.finished_at is not None
+    assert record.images_done == 10 and record.done_shards == {0, 1, 2}
+    assert record.shard_steps == {0: 5, 1: 5, 2: 5}
+
+
+def test_complete_shard_of_a_canceled_or_missing_job_changes_nothing(store, run):
+    p = params(4)
+    job_id, _, _ = run(store.submit("alice", p, {}))
+    run(store.finish(job_id, JobStatus.canceled))
+    assert run(store.complete_shard(task(job_id, 0, 0, 4, p))) == ("canceled", False)
+    assert run(store.get(job_id)).status == JobStatus.canceled
+    assert run(store.complete_shard(task("gone", 0, 0, 4, p))) == ("missing", False)
+    assert run(store.get("gone")) is None
+
+
+def test_finish_moves_only_active_jobs_and_stores_the_error(store, run):
+    job_id, _, _ = run(store.submit("alice", params(), {}))
+    error = JobError(code="shard_failed", message="boom")
+    assert run(store.finish(job_id, JobStatus.failed, error))
+    assert not run(store.finish(job_id, JobStatus.canceled))  # already terminal
+    record = run(store.get(job_id))
+    assert record.status == JobStatus.failed and record.error == error and record.finished_at is not None
+
+
+def test_record_steps_writes_progress_and_reports_statuses(store, run):
+    a, _, _ = run(store.submit("alice", params(8), {}))
+    b, _, _ = run(store.submit("alice", params(8), {}))
+    run(store.finish(b, JobStatus.canceled))
+    statuses = run(store.record_steps([(a, 0), (a, 1), (b, 0), ("gone", 0)], 3))
+    assert statuses == [JobStatus.queued, JobStatus.queued, JobStatus.canceled, None]
+    assert run(store.get(a)).shard_steps == {0: 3, 1: 3}
+    assert run(store.get("gone")) is None  # no record is created for a missing job
+    assert run(store.record_steps([], 1)) == []
+
+
+def test_result_indices_come_from_the_shard_size_the_job_was_cut_with(store, run, redis_server):
+    """Regression: 40 images submitted with shard size 16, read back while the setting says 32,
+    used to raise IndexError (and map shard 1 to the wrong images)."""
+    p = params(40)
+    store.shard_size = 16
+    job_id, _, _ = run(store.submit("alice", p, {}))
+    for k, (start, count) in enumerate([(0, 16), (16, 16), (32, 8)]):
+        assert run(store.complete_shard(task(job_id, k, start, count, p)))[0] in ("queued", "succeeded")
+    later = JobStore(store.r, 600, shard_size=32)  # the setting changed after submission
+    record = run(later.get(job_id))
+    assert record.shard_size == 16 and record.status == JobStatus.succeeded
+    settings = Settings(shard_size=32)
+    ctx = Context(
+        settings=settings, store=later, lifecycle=None, objects=ObjectStore(settings), registry=None, denoiser=None
+    )  # type: ignore[arg-type]
+    view = job_view(record, ctx)
+    assert [r.index for r in view.results] == list(range(40))
+    assert all(r.key.endswith(f"/{r.index:05d}.png") for r in view.results)
