@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from service.denoiser import Denoiser
@@ -20,6 +20,8 @@ from service.worker.deployment import Worker
 
 class DenoiserAutoscaling(BaseModel):
     """Scale the Denoiser with the Redis backlog (service.autoscaling.BacklogPolicy)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
@@ -44,7 +46,12 @@ class DenoiserAutoscaling(BaseModel):
 
 
 class AppArgs(BaseModel):
-    """How the application is laid out on the cluster. Service behaviour lives in Settings."""
+    """How the application is laid out on the cluster. Service behaviour lives in Settings.
+
+    Unknown fields are refused, so a config written for an older release (sampler_num_gpus,
+    now denoiser_num_gpus) fails to deploy instead of silently running without a GPU."""
+
+    model_config = ConfigDict(extra="forbid")
 
     denoiser_replicas: int = Field(1, ge=1, description="fixed replica count when denoiser_autoscaling is unset")
     denoiser_autoscaling: DenoiserAutoscaling | None = None

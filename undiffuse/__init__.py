@@ -54,11 +54,27 @@ __all__ = [
     "save_model",
 ]
 __version__ = "0.1.0"
+_SUBMODULES = {
+    "checkpoint",
+    "cli",
+    "config",
+    "data",
+    "engine",
+    "images",
+    "noise",
+    "registry",
+    "samplers",
+    "schedule",
+    "training",
+    "unet",
+}
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
+        if name in _SUBMODULES:  # `import undiffuse; undiffuse.samplers.DDIMSampler`
+            return importlib.import_module(f"undiffuse.{name}")
         raise AttributeError(f"module 'undiffuse' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

@@ -96,7 +96,10 @@ class DiffusionModel(nn.Module):
 
     def eps(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """x_t: [N, C, H, W]; t: [N] long; class_labels: [N] long or None -> eps [N, C, H, W]."""
-        out = self.network(x_t, t, class_labels)
+        return self.eps_from_output(x_t, t, self.network(x_t, t, class_labels))
+
+    def eps_from_output(self, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        """The network's output as predicted noise (converted from v for a v-prediction model)."""
         if self.prediction_type == "v":
             return self.schedule.eps_from_velocity(x_t, t, out)
         return out

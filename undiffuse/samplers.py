@@ -104,7 +104,8 @@ class Sampler:
     ) -> StepOutput:
         """One step x_t -> x_{t_prev} for every row. model_output: eps [N, C, H, W]; t, t_prev:
         [N] long or int (t_prev = LAST on a row's last step); noise: [N, C, H, W] standard
-        normal, required when `needs_noise` unless every row is on its last step."""
+        normal, required when `needs_noise` unless t_prev is the int LAST (last rows of a
+        tensor t_prev get their noise multiplied by 0: checking would read the device)."""
         raise NotImplementedError
 
     def timesteps(self, steps: int) -> list[int]:
@@ -113,21 +114,30 @@ class Sampler:
 
     # --- shared ----------------------------------------------------------------------------------
     def _alpha_bars(self, t: Tensor | int, t_prev: Tensor | int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(alpha_bar_t, alpha_bar_prev, is_last), float64 and shaped [N, 1, 1, 1] (or scalars
-        for int inputs); alpha_bar_prev is 1 where t_prev = LAST."""
-        table = self._tables.get(like.device)
-        if table is None:  # [T + 1]: alpha_bar_t, then 1.0 at index T for LAST
-            table = torch.cat([self.schedule.alphas_cumprod, torch.ones(1, dtype=torch.float64)]).to(like.device)
-            self._tables[like.device] = table
-        t = torch.as_tensor(t, device=like.device)
-        t_prev = torch.as_tensor(t_prev, device=like.device)
+        """(alpha_bar_t, alpha_bar_prev, is_last), float64 and shaped [N, 1, 1, 1] (scalars when
+        t and t_prev are both ints); alpha_bar_prev is 1 where t_prev = LAST. An int t or t_prev
+        beside a tensor applies to every row."""
+        table = self._table(like.device)
+        if isinstance(t, int) and isinstance(t_prev, int):
+            last = t_prev < 0
+            a_prev = table[self.schedule.num_timesteps if last else t_prev]
+            return table[t], a_prev, torch.tensor(last, device=like.device)
+        rows = t if isinstance(t, Tensor) else t_prev  # built on the device: no host-to-device copy
+        t = t if isinstance(t, Tensor) else torch.full_like(rows, t)
+        t_prev = t_prev if isinstance(t_prev, Tensor) else torch.full_like(rows, t_prev)
         last = t_prev < 0
         a_t = table[t]
         a_prev = table[torch.where(last, self.schedule.num_timesteps, t_prev)]
-        if a_t.ndim:
-            shape = (-1, *([1] * (like.ndim - 1)))
-            return a_t.reshape(shape), a_prev.reshape(shape), last.reshape(shape)
-        return a_t, a_prev, last
+        shape = (-1, *([1] * (like.ndim - 1)))
+        return a_t.reshape(shape), a_prev.reshape(shape), last.reshape(shape)
+
+    def _table(self, device: torch.device) -> Tensor:
+        """[T + 1]: alpha_bar_t, then 1.0 at index T (the "previous" level of a last step)."""
+        table = self._tables.get(device)
+        if table is None:
+            a = self.schedule.on_device(self.schedule.alphas_cumprod, device)
+            table = self._tables[device] = torch.cat([a, a.new_ones(1)])
+        return table
 
     def _pred_x0(self, eps: Tensor, x_t: Tensor, t: Tensor | int) -> Tensor:
         x0 = self.schedule.predict_x0(x_t, t, eps)
@@ -177,10 +187,12 @@ class Sampler:
         labels = None if class_labels is None else class_labels.to(device)
         for i, (t, t_prev) in enumerate(zip(timesteps, previous_timesteps(timesteps), strict=True)):
             t_rows = torch.full((n,), t, device=device, dtype=torch.long)
-            t_prev_rows = torch.full((n,), t_prev, device=device, dtype=torch.long)
             eps = guided_eps(eps_model, x, t_rows, labels, guidance_scale).to(dtype)
-            z = noise.draw(i + 1, shape, dtype).to(device) if self.needs_noise else None
-            out = self.step(eps, t_rows, x, z, t_prev=t_prev_rows)
+            if t_prev == LAST:  # the last step adds no noise
+                out = self.step(eps, t_rows, x, None, t_prev=LAST)
+            else:
+                z = noise.draw(i + 1, shape, dtype).to(device) if self.needs_noise else None
+                out = self.step(eps, t_rows, x, z, t_prev=torch.full((n,), t_prev, device=device, dtype=torch.long))
             x = out.prev_sample
             if callback is not None:
                 callback(i, t, x, out.pred_x0)

@@ -43,6 +43,7 @@ class NoiseSchedule:
         self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
         # DDPM Eq. 7: variance of q(x_{t-1} | x_t, x_0).
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self._device_tables: dict[tuple[int, torch.device], Tensor] = {}
 
     # --- constructors -------------------------------------------------------------------------
     @classmethod
@@ -80,16 +81,26 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return self.betas.numel()
 
-    @staticmethod
-    def gather(values: Tensor, t: Tensor | int, like: Tensor) -> Tensor:
+    def gather(self, values: Tensor, t: Tensor | int, like: Tensor) -> Tensor:
         """values[t] cast to like's dtype/device and shaped [N, 1, 1, ...] to broadcast over like.
 
-        values: [T] float64; t: [N] long or int; like: [N, ...].
+        values: [T] float64 (an attribute of this schedule); t: [N] long or int; like: [N, ...].
+        The table is moved to t's device once and cached, so a step on a GPU never copies it.
         """
         if isinstance(t, int):
             return values[t].to(dtype=like.dtype, device=like.device)
-        out = values.to(t.device)[t].to(dtype=like.dtype, device=like.device)
+        out = self.on_device(values, t.device)[t].to(dtype=like.dtype, device=like.device)
         return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def on_device(self, values: Tensor, device: torch.device) -> Tensor:
+        """values (a [T] table of this schedule) on device, cached. float64, except on devices
+        without float64 (MPS), where float32."""
+        key = (id(values), device)
+        cached = self._device_tables.get(key)
+        if cached is None:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            cached = self._device_tables[key] = values.to(device=device, dtype=dtype)
+        return cached
 
     def _check_t(self, t: Tensor | int) -> None:
         lo, hi = (t, t) if isinstance(t, int) else (int(t.min()), int(t.max()))

@@ -9,6 +9,7 @@ once, and the side effects run only for the call that ended it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class JobStarted:
 
 
 Listener = Callable[[JobStarted | JobEnded], None]
+log = logging.getLogger("ray.serve")
 
 
 def record_metrics(event: JobStarted | JobEnded) -> None:
@@ -55,7 +57,10 @@ class JobLifecycle:
 
     def _emit(self, event: JobStarted | JobEnded) -> None:
         for listener in self.listeners:
-            listener(event)
+            try:
+                listener(event)
+            except Exception:  # a side effect must never undo or repeat the transition itself
+                log.exception("job %s: listener %r failed on %s", event.job_id, listener, type(event).__name__)
 
     async def start(self, record: JobRecord) -> bool:
         """Mark the job running for one of its shards. False if the job already ended."""

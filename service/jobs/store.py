@@ -117,7 +117,10 @@ class JobRecord:
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         """(start, count) of one shard, as the job was cut when it was submitted."""
-        return shard_ranges(self.params.num_images, self.shard_size)[shard]
+        if not 0 <= shard < self.num_shards:
+            raise ValueError(f"job {self.id} has no shard {shard} (it has {self.num_shards})")
+        start = shard * self.shard_size
+        return start, min(self.shard_size, self.params.num_images - start)
 
     @property
     def step(self) -> int:
@@ -129,9 +132,6 @@ class JobRecord:
 
 def body_hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-LEGACY_SHARD_SIZE = 16
 
 
 def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
@@ -243,8 +243,8 @@ class JobStore:
             finished_at=float(raw["finished_at"]) if raw.get("finished_at") else None,
             error=JobError.model_validate_json(err) if err else None,
             num_shards=int(raw["num_shards"]),
-            # records written before the shard size was stored were cut with the default of 16
-            shard_size=int(raw.get("shard_size", LEGACY_SHARD_SIZE)),
+            # records written before the shard size was stored: the setting, as read then
+            shard_size=int(raw.get("shard_size", self.shard_size)),
             images_done=int(raw.get("images_done", 0)),
             shard_steps={int(k[5:]): int(v) for k, v in raw.items() if k.startswith("step:")},
             done_shards={int(s) for s in done},

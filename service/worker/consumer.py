@@ -152,7 +152,7 @@ class Consumer:
             await self._retry(message_id, task, f"upload failed: {e}", "storage")
             return
         except Exception as e:  # the Denoiser raised or its replica died
-            await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "denoiser")
+            await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
             return
         finally:
             heartbeat.cancel()

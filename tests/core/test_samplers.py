@@ -198,9 +198,19 @@ def test_previous_timestep_comes_from_the_timestep_list_not_even_spacing():
     original = sampler.step
 
     def spy(eps, t, x_t, noise=None, *, t_prev):
-        seen.append((int(t[0]), int(t_prev[0])))
+        seen.append((int(t[0]), t_prev if isinstance(t_prev, int) else int(t_prev[0])))
         return original(eps, t, x_t, noise, t_prev=t_prev)
 
     sampler.step = spy
     sampler.sample(lambda x, t: torch.zeros_like(x), (1, 2, 2), steps=4, noise=ImageNoise.for_request(0, 2))
     assert seen == [(900, 400), (400, 50), (50, 0), (0, -1)]
+
+
+def test_an_int_timestep_beside_per_row_tensors_applies_to_every_row():
+    sampler = DDIMSampler(NoiseSchedule.linear(), eta=0.5)
+    gen = torch.Generator().manual_seed(5)
+    x, eps, noise = (torch.randn(4, 1, 4, 4, generator=gen) for _ in range(3))
+    both = sampler.step(eps, torch.full((4,), 500), x, noise, t_prev=torch.full((4,), 480))
+    mixed = sampler.step(eps, 500, x, noise, t_prev=torch.full((4,), 480))
+    other = sampler.step(eps, torch.full((4,), 500), x, noise, t_prev=480)
+    assert torch.equal(both.prev_sample, mixed.prev_sample) and torch.equal(both.prev_sample, other.prev_sample)

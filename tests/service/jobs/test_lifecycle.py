@@ -53,3 +53,14 @@ def test_cancel_is_owner_scoped_and_happens_once(store, lifecycle, events, run):
         run(lifecycle.cancel(job_id, "alice"))
     assert err.value.status == JobStatus.canceled
     assert [(type(e), e.status) for e in events] == [(JobEnded, JobStatus.canceled)]
+
+
+def test_a_failing_listener_does_not_undo_the_transition(store, run):
+    def broken(event):
+        raise RuntimeError("webhook down")
+
+    seen = []
+    lifecycle = JobLifecycle(store, listeners=[broken, seen.append])
+    job_id, _, _ = run(store.submit("alice", P, {}))
+    record = run(lifecycle.cancel(job_id, "alice"))
+    assert record.status == JobStatus.canceled and [e.status for e in seen] == [JobStatus.canceled]

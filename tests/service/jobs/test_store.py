@@ -121,3 +121,15 @@ def test_result_indices_come_from_the_shard_size_the_job_was_cut_with(store, run
     view = job_view(record, ctx)
     assert [r.index for r in view.results] == list(range(40))
     assert all(r.key.endswith(f"/{r.index:05d}.png") for r in view.results)
+
+
+def test_records_without_a_stored_shard_size_use_the_stores_setting(store, run):
+    """Jobs submitted before the shard size was stored keep their old meaning: the setting."""
+    p = params(10)
+    job_id, _, _ = run(store.submit("alice", p, {}))
+    run(store.r.hdel(f"undiffuse:job:{job_id}", "shard_size"))
+    record = run(store.get(job_id))
+    assert record.shard_size == store.shard_size == 4
+    assert record.shard_range(2) == (8, 2)
+    with pytest.raises(ValueError, match="has no shard 3"):
+        record.shard_range(3)
