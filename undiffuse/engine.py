@@ -1,0 +1,551 @@
+"""The denoising engine: iteration-level ("continuous") batching of denoising steps.
+
+LLM servers batch the *tokens* of many requests one decoding step at a time; this engine does
+the same with *denoising steps*. It owns a pool of requests (a request is a group of images, e.g.
+one shard of a job) and advances them together:
+
+    engine = DenoisingEngine(model, EngineConfig(max_batch=256))
+    engine.add(Request(id="job1/0", owner="alice", seed=7, start=0, count=16, steps=50, labels=[3] * 16))
+    while not engine.idle:
+        for done in engine.step():        # one network call for every selected row
+            done.pixels()                 # [count, H, W, C] uint8 (waits for the device copy)
+
+One `step()`:
+  1. schedules: picks the requests that run this step (see `_select`): fair across owners,
+     shortest remaining work first, within `max_batch` rows (guidance twins count), and only as
+     many as keep the step fast for the shortest request where the measured step-time table
+     says joining is expensive (a CPU), while merging freely where it is cheap (a GPU);
+  2. assembles the batch only when the selection changed (requests joined, finished, were
+     canceled or paused): per-row x, timestep-table offsets and positions, labels, guidance;
+  3. runs the network once: rows at different timesteps in one call (the UNet takes a timestep
+     per row), plus a null-class twin for each row whose guidance scale is not 1;
+  4. applies each sampler's per-row `step()` to its rows (one call per distinct sampler in the
+     batch, never per row), with per-row noise draws from (seed, index, step);
+  5. hands back requests whose rows all finished: uint8 on the device, copied to pinned host
+     memory without waiting (`Finished.pixels()` waits for that copy, off the stepping thread).
+
+Nothing in a step reads a device tensor back to the host: positions are mirrored on the host
+(every selected row advances by exactly one step), so the loop never waits on the GPU. A row's
+trajectory depends only on its (seed, index, sampler, steps, label, guidance): the same as
+`Sampler.sample` for the same image, whatever its batch neighbours or arrival time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from undiffuse.checkpoint import DiffusionModel
+from undiffuse.noise import ImageNoise
+from undiffuse.registry import make_sampler
+from undiffuse.samplers import NULL_CLASS, Sampler, previous_timesteps
+
+Precision = Literal["fp32", "bf16", "fp16"]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Request:
+    """Images [start, start + count) of one job: image i uses noise (seed, start + i).
+
+    labels: one class per image for a conditional model (None for an unconditional one);
+    options: the sampler's options (undiffuse.registry), e.g. {"eta": 0.0} for DDIM.
+    """
+
+    id: Hashable
+    owner: str
+    seed: int
+    start: int
+    count: int
+    steps: int
+    sampler: str = "ddim"
+    options: dict[str, Any] = field(default_factory=dict)
+    labels: Sequence[int] | None = None
+    guidance_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """max_batch: rows per network call (guidance twins included); the service sets it from a
+    setting and the free GPU memory (`max_batch_for_memory`).
+    precision: network precision; None picks bf16 on CUDA (fp16 where bf16 is unsupported) and
+    fp32 on a CPU. The sampler arithmetic always runs in fp32.
+    compile: torch.compile the network, padding each call to the next bucket size so that
+    steady state never recompiles; compile_mode e.g. "max-autotune-no-cudagraphs" or
+    "reduce-overhead" (CUDA graphs). None compiles on CUDA only.
+    latency_slack: a request may join a step only if the step stays within this factor of the
+    shortest request's own step time (from the warm-up table), unless its remaining work is
+    within merge_ratio of that request's. None disables the check (always merge).
+    """
+
+    max_batch: int = 256
+    precision: Precision | None = None
+    channels_last: bool = True
+    compile: bool | None = None
+    compile_mode: str = "max-autotune-no-cudagraphs"
+    buckets: tuple[int, ...] | None = None
+    latency_slack: float | None = 1.25
+    merge_ratio: float = 2.0
+    keep_samples: bool = False  # also hand back the float samples (Finished.samples): tests, benchmarks
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.precision is not None and self.precision not in _DTYPES:
+            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {self.precision!r}")
+        if self.latency_slack is not None and self.latency_slack < 1:
+            raise ValueError(f"latency_slack must be >= 1, got {self.latency_slack}")
+
+
+class Finished:
+    """A request whose rows all finished. `pixels()` -> [count, H, W, C] uint8 numpy array."""
+
+    def __init__(
+        self, request: Request, host: Tensor, ready: torch.cuda.Event | None, samples: Tensor | None = None
+    ) -> None:
+        self.request = request
+        self._host = host
+        self._ready = ready
+        self.samples = samples  # [count, C, H, W] float32 x_0, with EngineConfig.keep_samples
+
+    @property
+    def id(self) -> Hashable:
+        return self.request.id
+
+    def pixels(self):
+        if self._ready is not None:
+            self._ready.synchronize()  # the async device-to-host copy, not the whole device
+        return self._host.numpy()
+
+
+class _Slot:
+    """Engine state of one request: its rows' x while paused, its position, its sampler."""
+
+    __slots__ = ("request", "sampler", "ts_offset", "pos", "x", "order", "waited")
+
+    def __init__(self, request: Request, sampler: Sampler, ts_offset: int, order: int) -> None:
+        self.request = request
+        self.sampler = sampler
+        self.ts_offset = ts_offset  # where its timestep list starts in the engine's table
+        self.pos = 0  # steps done; every row of the request advances together
+        self.x: Tensor | None = None  # [count, C, H, W] when not in the batch (None before start)
+        self.order = order  # arrival order (ties)
+        self.waited = 0  # steps it was passed over since it arrived (ageing: nothing starves)
+
+    @property
+    def priority(self) -> tuple[int, int]:
+        """Lower runs first: remaining work less the steps waited, then arrival."""
+        return (self.remaining - self.waited, self.order)
+
+    @property
+    def remaining(self) -> int:
+        return self.request.steps - self.pos
+
+    @property
+    def rows(self) -> int:
+        """Rows it takes in a network call: its images plus their null-class twins."""
+        return self.request.count * (2 if self.request.guidance_scale != 1.0 else 1)
+
+
+@dataclass
+class _Batch:
+    """The assembled batch: valid until the selection changes."""
+
+    slots: list[_Slot]
+    x: Tensor  # [B, C, H, W] float32
+    rows: Tensor  # [B] long: offset of each row's timestep list + its position
+    starts: Tensor  # [B] long: offset of each row's timestep list (rows - starts = steps done)
+    labels: Tensor | None  # [B] long
+    twins: Tensor | None  # [G] long: rows with guidance != 1
+    scales: Tensor | None  # [G, 1, 1, 1] float32: their guidance scales
+    groups: list[tuple[Sampler, Tensor | None, ImageNoise]]  # (sampler, its rows or None for all, their noise)
+    bounds: list[tuple[int, int]]  # each slot's [begin, end) rows in x
+
+
+class DenoisingEngine:
+    """Runs requests of one model with step-level continuous batching (see the module docs)."""
+
+    def __init__(self, model: DiffusionModel, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = cfg = config or EngineConfig()
+        self.device = model_device(model)
+        cuda = self.device.type == "cuda"
+        self.dtype = _DTYPES[cfg.precision or _default_precision(self.device)]
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.network: Callable[..., Tensor] = model.network
+        self.compiled = cfg.compile if cfg.compile is not None else cuda
+        if self.compiled:
+            self.network = torch.compile(model.network, mode=cfg.compile_mode, dynamic=False)
+        self.buckets = _buckets(cfg.max_batch, cfg.buckets)
+        self.step_time: dict[int, float] = {}  # bucket -> seconds, from warm_up()
+        self._samplers: dict[tuple, Sampler] = {}
+        self._ts_table = torch.empty(0, dtype=torch.long, device=self.device)
+        self._ts_offsets: dict[tuple, int] = {}
+        self._slots: dict[Hashable, _Slot] = {}
+        self._owners: deque[str] = deque()  # round-robin order of owners with work
+        self._arrivals = itertools.count()
+        self._canceled: set[Hashable] = set()
+        self._batch: _Batch | None = None
+        self.steps_run = 0
+
+    # --- the public surface ----------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        return not self._slots
+
+    def __len__(self) -> int:
+        """Requests queued or running."""
+        return len(self._slots)
+
+    def add(self, request: Request) -> None:
+        """Queue a request; it joins the batch at a coming step."""
+        if request.id in self._slots:
+            raise ValueError(f"request {request.id!r} is already in the engine")
+        self._validate(request)
+        key = (request.sampler, tuple(sorted(request.options.items())))
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            sampler = self._samplers[key] = make_sampler(request.sampler, self.model.schedule, **request.options)
+        offset = self._timesteps(key, sampler, request.steps)
+        self._slots[request.id] = _Slot(request, sampler, offset, next(self._arrivals))
+        if request.owner not in self._owners:
+            self._owners.append(request.owner)
+
+    def cancel(self, request_id: Hashable) -> bool:
+        """Drop a request: its rows leave the batch at the next step. False if unknown."""
+        if request_id not in self._slots:
+            return False
+        self._canceled.add(request_id)
+        return True
+
+    def progress(self) -> dict[Hashable, int]:
+        """Steps done by each queued or running request."""
+        return {rid: s.pos for rid, s in self._slots.items()}
+
+    @torch.no_grad()
+    def step(self) -> list[Finished]:
+        """Advance the selected requests by one denoising step; return those that finished."""
+        self._drop_canceled()
+        if not self._slots:
+            return []
+        selected = self._select()
+        batch = self._batch
+        if batch is None or [s.request.id for s in batch.slots] != [s.request.id for s in selected]:
+            batch = self._assemble(selected)
+        # 1. one network call for every row, at its own timestep, plus guidance twins
+        t = self._ts_table[batch.rows]
+        eps = self._eps(batch, t)
+        # 2. each sampler's per-row update on its rows (one call per sampler, not per row)
+        t_prev = self._ts_table[batch.rows + 1]
+        x = batch.x
+        for sampler, rows, noise in batch.groups:
+            if rows is None:
+                xs, es, ts, tp, done = x, eps, t, t_prev, batch.rows - batch.starts
+            else:
+                xs, es, ts, tp, done = x[rows], eps[rows], t[rows], t_prev[rows], (batch.rows - batch.starts)[rows]
+            # step k uses noise draw k + 1, as Sampler.sample does
+            z = noise.draw_rows(done + 1, self.model.image_shape) if sampler.needs_noise else None
+            out = sampler.step(es, ts, xs, z, t_prev=tp).prev_sample
+            x = out if rows is None else x.index_copy(0, rows, out)
+        batch.x = x
+        batch.rows = batch.rows + 1
+        ran = {id(slot) for slot in selected}
+        for slot in self._slots.values():
+            if id(slot) in ran:
+                slot.pos += 1
+            else:
+                slot.waited += 1
+        self.steps_run += 1
+        return self._collect_finished(batch)
+
+    # --- scheduling --------------------------------------------------------------------------------
+    def _select(self) -> list[_Slot]:
+        """The requests that run this step, in arrival order.
+
+        The head is the request with the least remaining work less the steps it has waited since
+        it arrived: a long request passed over by a stream of short ones moves up one place per
+        step and, once at the front, stays there, so every wait is bounded. The rest are offered in round-robin turns across
+        owners, starting after the head's owner, each owner's requests shortest first. One
+        joins if its rows fit in max_batch and the step would take at most latency_slack times
+        as long as the short ones alone (those within merge_ratio of the shortest remaining
+        work): merging is free where the measured step time is flat (a GPU below saturation)
+        and refused where it would slow the shortest request down (a CPU).
+        """
+        cfg = self.config
+        by_owner: dict[str, list[_Slot]] = {}
+        for slot in self._slots.values():
+            by_owner.setdefault(slot.request.owner, []).append(slot)
+        for slots in by_owner.values():
+            slots.sort(key=lambda s: s.priority)
+        owners = [o for o in self._owners if o in by_owner]
+        head_owner = min(owners, key=lambda o: by_owner[o][0].priority)
+        head = by_owner[head_owner].pop(0)
+        turn = owners.index(head_owner) + 1
+        offered = itertools.zip_longest(*(by_owner[o] for o in owners[turn:] + owners[:turn]))
+        chosen, rows = [head], head.rows
+        for slot in (s for group in offered for s in group if s is not None):
+            if rows + slot.rows > cfg.max_batch:
+                continue
+            if self._cheap_to_join([*chosen, slot], rows + slot.rows):
+                chosen.append(slot)
+                rows += slot.rows
+        owners.remove(head_owner)  # the head's owner goes to the back of the round-robin
+        self._owners = deque([*owners, head_owner])
+        return sorted(chosen, key=lambda s: s.order)
+
+    def _cheap_to_join(self, trial: list[_Slot], rows: int) -> bool:
+        """Whether a step over trial's rows stays within latency_slack of the time the short
+        requests in it (within merge_ratio of the least remaining work) would take alone.
+        Always true without a measured step-time table or with latency_slack None."""
+        slack = self.config.latency_slack
+        if slack is None or not self.step_time:
+            return True
+        shortest = min(s.remaining for s in trial)
+        short_rows = sum(s.rows for s in trial if s.remaining <= self.config.merge_ratio * shortest)
+        return self._cost(rows) <= slack * self._cost(short_rows)
+
+    def _cost(self, rows: int) -> float:
+        """Seconds per step for a batch of rows, from the warm-up table."""
+        return self.step_time.get(self._bucket(rows), 0.0)
+
+    def _bucket(self, rows: int) -> int:
+        for b in self.buckets:
+            if rows <= b:
+                return b
+        return rows
+
+    # --- assembling a batch ------------------------------------------------------------------------
+    def _assemble(self, selected: list[_Slot]) -> _Batch:
+        """Write the old batch's rows back to their slots and build the new batch."""
+        old = self._batch
+        if old is not None:
+            for slot, (lo, hi) in zip(old.slots, old.bounds, strict=True):
+                if slot.request.id in self._slots:
+                    slot.x = old.x[lo:hi]
+        xs, rows, starts, labels, seeds, indices, scales = [], [], [], [], [], [], []
+        bounds, begin = [], 0
+        for slot in selected:
+            r = slot.request
+            if slot.x is None:  # first step: x_T is noise draw 0, as in Sampler.sample
+                slot.x = ImageNoise([r.seed] * r.count, range(r.start, r.start + r.count), self.device).draw(
+                    0, self.model.image_shape
+                )
+            xs.append(slot.x)
+            rows += [slot.ts_offset + slot.pos] * r.count
+            starts += [slot.ts_offset] * r.count
+            labels += list(r.labels) if r.labels is not None else [NULL_CLASS] * r.count
+            seeds += [r.seed] * r.count
+            indices += range(r.start, r.start + r.count)
+            scales += [r.guidance_scale] * r.count
+            bounds.append((begin, begin + r.count))
+            begin += r.count
+            slot.x = None  # the batch owns the rows now
+        dev = self.device
+        twins = [i for i, w in enumerate(scales) if w != 1.0]
+        groups: dict[int, tuple[Sampler, list[int]]] = {}
+        for slot, (lo, hi) in zip(selected, bounds, strict=True):
+            groups.setdefault(id(slot.sampler), (slot.sampler, []))[1].extend(range(lo, hi))
+        conditional = self.model.num_classes is not None
+        noise = ImageNoise(seeds, indices, dev)
+        group_rows = [
+            (s, None if len(g) == begin else torch.tensor(g, dtype=torch.long, device=dev)) for s, g in groups.values()
+        ]
+        batch = _Batch(
+            slots=selected,
+            x=torch.cat(xs),
+            rows=torch.tensor(rows, dtype=torch.long, device=dev),
+            starts=torch.tensor(starts, dtype=torch.long, device=dev),
+            labels=torch.tensor(labels, dtype=torch.long, device=dev) if conditional else None,
+            twins=torch.tensor(twins, dtype=torch.long, device=dev) if twins and conditional else None,
+            scales=torch.tensor([scales[i] for i in twins], device=dev).view(-1, 1, 1, 1) if twins else None,
+            groups=[(s, g, noise if g is None else noise.select(g)) for s, g in group_rows],
+            bounds=bounds,
+        )
+        self._batch = batch
+        return batch
+
+    # --- the network ---------------------------------------------------------------------------------
+    def _eps(self, batch: _Batch, t: Tensor) -> Tensor:
+        """eps for every row, guided where the scale is not 1: [B, C, H, W] float32."""
+        x, labels, twins = batch.x, batch.labels, batch.twins
+        n = x.shape[0]
+        if twins is not None:  # the null-class twins ride in the same call
+            x_in = torch.cat([x, x[twins]])
+            t_in = torch.cat([t, t[twins]])
+            labels_in = torch.cat([labels, torch.full_like(twins, NULL_CLASS)])
+        else:
+            x_in, t_in, labels_in = x, t, labels
+        out = self._forward(x_in, t_in, labels_in)
+        if twins is None:
+            return out
+        eps, eps_u = out[:n], out[n:]
+        eps_c = eps[twins]
+        return eps.index_copy(0, twins, eps_u + batch.scales * (eps_c - eps_u))  # Ho & Salimans 2022
+
+    def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        """The network at the engine's precision, padded to a bucket when compiled; returns eps
+        in float32 (v predictions converted in float32)."""
+        n = x.shape[0]
+        if self.compiled:
+            pad = self._bucket(n) - n
+            if pad:
+                x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+                t = torch.cat([t, t.new_zeros(pad)])
+                labels = None if labels is None else torch.cat([labels, labels.new_full((pad,), NULL_CLASS)])
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = self.network(x, t, labels)
+        out = out[:n].float()
+        return self.model.eps_from_output(x[:n].float(), t[:n], out)
+
+    # --- results ---------------------------------------------------------------------------------------
+    def _collect_finished(self, batch: _Batch) -> list[Finished]:
+        done = [(slot, b) for slot, b in zip(batch.slots, batch.bounds, strict=True) if slot.remaining == 0]
+        if not done:
+            return []
+        out = []
+        for slot, (lo, hi) in done:
+            out.append(self._to_host(slot.request, batch.x[lo:hi]))
+            del self._slots[slot.request.id]
+        self._batch = None  # membership changed; the next step reassembles (and writes back)
+        remaining = [(s, b) for s, b in zip(batch.slots, batch.bounds, strict=True) if s.remaining > 0]
+        for slot, (lo, hi) in remaining:
+            slot.x = batch.x[lo:hi]
+        return out
+
+    def _to_host(self, request: Request, x: Tensor) -> Finished:
+        """uint8 on the device, then an async copy to pinned host memory."""
+        pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        samples = x.clone() if self.config.keep_samples else None
+        if self.device.type != "cuda":
+            return Finished(request, pixels.contiguous(), None, samples)
+        host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return Finished(request, host, ready, samples)
+
+    def _drop_canceled(self) -> None:
+        if not self._canceled:
+            return
+        for rid in self._canceled:
+            self._slots.pop(rid, None)
+        if self._batch is not None and any(s.request.id in self._canceled for s in self._batch.slots):
+            old, self._batch = self._batch, None
+            for slot, (lo, hi) in zip(old.slots, old.bounds, strict=True):
+                if slot.request.id in self._slots:
+                    slot.x = old.x[lo:hi]
+        self._canceled.clear()
+
+    # --- set-up ------------------------------------------------------------------------------------------
+    def _timesteps(self, key: tuple, sampler: Sampler, steps: int) -> int:
+        """Offset of (sampler, steps)'s timestep list, followed by LAST, in the shared table."""
+        full = (*key, steps)
+        offset = self._ts_offsets.get(full)
+        if offset is None:
+            ts = sampler.timesteps(steps)
+            entry = torch.tensor([*ts, previous_timesteps(ts)[-1]], dtype=torch.long, device=self.device)
+            offset = self._ts_offsets[full] = self._ts_table.numel()
+            self._ts_table = torch.cat([self._ts_table, entry])
+        return offset
+
+    def _validate(self, request: Request) -> None:
+        m = self.model
+        if request.count < 1:
+            raise ValueError(f"request {request.id!r}: count must be >= 1")
+        if not 1 <= request.steps <= m.schedule.num_timesteps:
+            raise ValueError(f"request {request.id!r}: steps must be in [1, {m.schedule.num_timesteps}]")
+        if m.num_classes is None:
+            if request.labels is not None or request.guidance_scale != 1.0:
+                raise ValueError(f"request {request.id!r}: the model is unconditional (no labels or guidance)")
+        elif request.labels is None or len(request.labels) != request.count:
+            raise ValueError(f"request {request.id!r}: needs one class label per image")
+        rows = request.count * (2 if request.guidance_scale != 1.0 else 1)
+        if rows > self.config.max_batch:
+            raise ValueError(
+                f"request {request.id!r} needs {rows} rows (guidance twins count); max_batch is {self.config.max_batch}"
+            )
+
+    @torch.no_grad()
+    def warm_up(self, max_seconds: float = 120.0, log: Callable[[str], None] | None = None) -> dict[int, float]:
+        """Run every bucket once (compiling it when compiled) and time a second call of each,
+        smallest first, until max_seconds have passed. Fills `step_time`, which the scheduler's
+        latency check reads. Returns {bucket: seconds per step}."""
+        started = time.perf_counter()
+        c, h, w = self.model.image_shape
+        for b in self.buckets:
+            if time.perf_counter() - started > max_seconds:
+                if log:
+                    log(f"warm-up stopped at {max_seconds:.0f} s; buckets above {b // 2} stay cold")
+                break
+            x = torch.randn(b, c, h, w, device=self.device)
+            t = torch.full((b,), self.model.schedule.num_timesteps // 2, device=self.device)
+            labels = None if self.model.num_classes is None else torch.zeros(b, dtype=torch.long, device=self.device)
+            self._forward(x, t, labels)  # compile / allocate
+            _sync(self.device)
+            t0 = time.perf_counter()
+            self._forward(x, t, labels)
+            _sync(self.device)
+            self.step_time[b] = time.perf_counter() - t0
+            if log:
+                log(f"bucket {b}: {self.step_time[b] * 1e3:.1f} ms per step")
+        return dict(self.step_time)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights live (a CPU for a model without any)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _default_precision(device: torch.device) -> Precision:
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _buckets(max_batch: int, buckets: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Padded batch sizes: powers of two up to max_batch, and max_batch itself."""
+    if buckets:
+        out = sorted({b for b in buckets if 1 <= b <= max_batch} | {max_batch})
+    else:
+        out = sorted({2**k for k in range(int(math.log2(max_batch)) + 1)} | {max_batch})
+    return tuple(out)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def max_batch_for_memory(model: DiffusionModel, setting: int, fraction: float = 0.8, probe_rows: int = 32) -> int:
+    """The largest batch (rows per network call) that fits: min(setting, what fraction of the
+    free device memory holds, at the activation memory per row measured with a probe forward).
+    On a CPU: the setting."""
+    device = model_device(model)
+    if device.type != "cuda":
+        return setting
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    c, h, w = model.image_shape
+    x = torch.randn(probe_rows, c, h, w, device=device)
+    t = torch.zeros(probe_rows, dtype=torch.long, device=device)
+    labels = None if model.num_classes is None else torch.zeros(probe_rows, dtype=torch.long, device=device)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model.network(x, t, labels)
+    torch.cuda.synchronize(device)
+    per_row = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe_rows)
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(1, min(setting, int(free * fraction // per_row)))
