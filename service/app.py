@@ -57,8 +57,9 @@ class AppArgs(BaseModel):
     denoiser_autoscaling: DenoiserAutoscaling | None = None
     denoiser_num_gpus: float = Field(0.0, ge=0, description="1 on GPU nodes: one GPU per replica")
     denoiser_num_cpus: float = Field(1.0, ge=0)
-    max_batch_images: int = Field(64, ge=1, description="images per Denoiser batch (@serve.batch)")
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_batch_images: int = Field(
+        64, ge=1, description="rows per Denoiser network call (guidance twins count); capped by free GPU memory"
+    )
     worker_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
     settings: dict[str, Any] = Field(default_factory=dict, description="overrides of UNDIFFUSE_* settings")
@@ -66,8 +67,10 @@ class AppArgs(BaseModel):
 
 def build_app(args: AppArgs) -> Application:
     settings = Settings(**args.settings)
-    if settings.shard_size > args.max_batch_images:
-        raise ValueError(f"shard_size {settings.shard_size} exceeds max_batch_images {args.max_batch_images}")
+    if 2 * settings.shard_size > args.max_batch_images:  # a guided shard takes twice its images in rows
+        raise ValueError(
+            f"max_batch_images {args.max_batch_images} must be at least twice shard_size {settings.shard_size}"
+        )
     ModelRegistry(settings.model_dir, settings.default_model)  # fail fast on a bad model dir
     replicas: dict[str, Any] = (
         {"num_replicas": "auto", "autoscaling_config": args.denoiser_autoscaling.to_serve()}
@@ -77,7 +80,7 @@ def build_app(args: AppArgs) -> Application:
     denoiser = Denoiser.options(
         **replicas,
         ray_actor_options={"num_cpus": args.denoiser_num_cpus, "num_gpus": args.denoiser_num_gpus},
-        user_config={"max_batch_images": args.max_batch_images, "batch_wait_timeout_s": args.batch_wait_timeout_s},
+        user_config={"max_batch_images": args.max_batch_images},
     ).bind(settings)
     workers = Worker.options(num_replicas=args.worker_replicas).bind(settings, denoiser)
     return Ingress.options(num_replicas=args.ingress_replicas).bind(settings, denoiser, workers)

@@ -1,19 +1,32 @@
-"""The Denoiser deployment: loads every model once per replica (one GPU each where GPUs exist)
-and runs the reverse process for batches of shards assembled by @serve.batch.
+"""The Denoiser deployment: a thin Serve shell around `undiffuse.engine.DenoisingEngine`.
 
-Shards whose (model, sampler, sampler options, steps, guidance) agree run as one tensor batch;
-each image keeps its own (seed, index) noise stream, so batching never changes an image. Every
-denoising step is timed into undiffuse_denoise_step_seconds, reports progress to the job record
-and checks for cancellation; a batch whose jobs are all canceled stops at its next step.
+Each replica loads every model once (one GPU per replica where GPUs exist) and runs one engine
+per model on a dedicated thread, which does nothing but step: shards from any job join the
+running batch at the next denoising step, and leave it as soon as their rows are done. The
+replica's event loop does everything else, off the stepping path:
+
+- `generate(shard)` hands the shard to the engine thread and awaits its pixels; the engine
+  finishes a shard with uint8 pixels copied to pinned host memory without waiting, and the loop
+  waits for that copy in a worker thread, so PNG encoding and upload (the Worker's job) overlap
+  with the next steps;
+- every `progress_interval_seconds` (0.25 s) it writes each running shard's step to its job
+  record in one Redis round trip and reads back the jobs' statuses: a canceled (or failed, or
+  expired) job's rows are removed from the batch at the engine's next step;
+- it records every denoising step in undiffuse_denoise_step_seconds and its batch size in
+  undiffuse_sampler_batch_images, from timings the engine takes without a device-wide sync.
+
+A Redis outage costs progress updates only; it never stalls a step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
+import queue
+import threading
 import time
-from collections import defaultdict
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
@@ -26,151 +39,254 @@ from service.models import ModelRegistry
 from service.settings import Settings
 
 log = logging.getLogger("ray.serve")
-DEFAULT_BATCH = {"max_batch_images": 64, "batch_wait_timeout_s": 0.02}
+DEFAULT_CONFIG = {"max_batch_images": 64}
+STOP_STATUSES = {JobStatus.canceled, JobStatus.failed, None}  # None: the job record is gone
 
 
-class _AllCanceled(Exception):
-    pass
+@dataclass
+class _Pending:
+    task: ShardTask
+    future: asyncio.Future
+    model: str
 
 
-def _batch_images(tasks: list[ShardTask]) -> int:
-    return sum(t.count for t in tasks)
-
-
-@serve.deployment(name="Denoiser", max_ongoing_requests=64, user_config=DEFAULT_BATCH)
+@serve.deployment(name="Denoiser", max_ongoing_requests=1024, user_config=DEFAULT_CONFIG)
 class Denoiser:
     def __init__(self, settings: Settings) -> None:
         # heavy imports live here, in the replica, never at import time of the HTTP layer
         import torch
 
         from undiffuse import load_model
+        from undiffuse.engine import DenoisingEngine, EngineConfig
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         use_cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.settings = settings
         self.registry = ModelRegistry(settings.model_dir, settings.default_model)
-        self.models = {name: load_model(spec.path, self.device) for name, spec in self.registry.models.items()}
+        compile_ = {"auto": None, "on": True, "off": False}[settings.compile]
+        self.engines: dict[str, DenoisingEngine] = {}
+        for name, spec in self.registry.models.items():
+            precision = settings.model_precision.get(name) or (
+                None if settings.precision == "auto" else settings.precision
+            )
+            config = EngineConfig(
+                max_batch=DEFAULT_CONFIG["max_batch_images"],
+                precision=precision,
+                compile=compile_,
+                compile_mode=settings.compile_mode,
+                latency_slack=settings.latency_slack,
+            )
+            self.engines[name] = DenoisingEngine(load_model(spec.path, self.device), config)
         self.store = JobStore.from_url(
             settings.redis_url, settings.job_ttl_seconds, settings.shard_size, settings.redis_timeout_seconds
         )
-        self.progress_timeout_s = settings.redis_timeout_seconds * 2
-        self.loop: asyncio.AbstractEventLoop | None = None
-        log.info("Denoiser ready on %s with models %s", self.device, sorted(self.models))
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # to the engine thread
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._pending: dict[str, _Pending] = {}  # touched on the event loop only
+        self._progress: dict[str, int] = {}  # published by the engine thread (swapped whole)
+        self._timings: list[tuple[str, float, int, str]] = []  # appended by the engine thread
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._exchange_task: asyncio.Task | None = None
+        self._thread = threading.Thread(target=self._run_engines, name="denoiser-engine", daemon=True)
+        self._thread.start()
+        log.info("Denoiser on %s with models %s", self.device, sorted(self.engines))
 
+    # --- Serve hooks -------------------------------------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Tune batching without a redeploy: max_batch_images, batch_wait_timeout_s."""
-        cfg = {**DEFAULT_BATCH, **(user_config or {})}
-        self.generate_batch.set_max_batch_size(int(cfg["max_batch_images"]))
-        self.generate_batch.set_batch_wait_timeout_s(float(cfg["batch_wait_timeout_s"]))
+        """max_batch_images: rows per network call (capped by free GPU memory). Applied on the
+        engine thread, which then warms up every batch bucket within warmup_seconds."""
+        cfg = {**DEFAULT_CONFIG, **(user_config or {})}
+        done = threading.Event()
+        self._command("reconfigure", int(cfg["max_batch_images"]), done)
+        done.wait()
 
     def check_health(self) -> None:
-        if not self.models:
-            raise RuntimeError("no model loaded")
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine thread stopped")
 
     async def ready(self) -> list[str]:
-        return sorted(self.models)
+        return sorted(self.engines)
 
     async def generate(self, task: ShardTask) -> ShardResult:
-        """Denoise one shard (batched with whatever else is in flight)."""
-        result = await self.generate_batch(task)
-        if isinstance(result, Exception):
-            raise result  # this shard's group failed; other groups of the batch are unaffected
-        return result
+        """Denoise one shard; it joins the running batch at the next step."""
+        from undiffuse.engine import Request
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.02, batch_size_fn=_batch_images)
-    async def generate_batch(self, tasks: list[ShardTask]) -> list[ShardResult | Exception]:
-        """One tensor batch per compatible group. A group that fails hands its exception to its
-        own shards only: a bad shard must not fail the other jobs it was batched with."""
-        self.loop = asyncio.get_running_loop()
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, task in enumerate(tasks):
-            groups[task.batch_key].append(i)
-        results: list[ShardResult | Exception | None] = [None] * len(tasks)
-        for members in groups.values():
-            group = [tasks[i] for i in members]
+        self._start_exchange()
+        p = task.params
+        rid = f"{task.job_id}/{task.shard}/{uuid.uuid4().hex[:8]}"
+        request = Request(
+            id=rid,
+            owner=task.job_id if task.owner is None else task.owner,
+            seed=p.seed,
+            start=task.start,
+            count=task.count,
+            steps=p.steps,
+            sampler=p.sampler,
+            options=p.sampler_options,
+            labels=p.labels_for(task.start, task.count),
+            guidance_scale=p.guidance_scale,
+        )
+        future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = _Pending(task, future, p.model)
+        self._command("add", p.model, request)
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller gave up (a timeout): free the rows
+            self._command("cancel", p.model, rid)
+            raise
+        finally:
+            self._pending.pop(rid, None)
+
+    def __del__(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    # --- the engine thread -------------------------------------------------------------------------
+    def _command(self, *command: Any) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _run_engines(self) -> None:
+        """Step every engine with work; between steps, apply commands. Nothing here waits on
+        Redis or (beyond the step itself) on the device."""
+        last_publish = 0.0
+        while not self._stopping.is_set():
             try:
-                outcome: list[ShardResult | Exception] = await asyncio.to_thread(self._run_group, group)
-            except Exception as e:
-                log.exception("batch of %d shards (%s) failed", len(group), group[0].batch_key)
-                outcome = [e] * len(group)
-            for i, result in zip(members, outcome, strict=True):
-                results[i] = result
-        return results  # type: ignore[return-value]
+                last_publish = self._run_once(last_publish)
+            except Exception:  # never let the thread die: check_health would fail the replica
+                log.exception("engine loop error")
+                time.sleep(0.1)
 
-    # --- runs in a worker thread so the replica's event loop stays responsive ---------------------
-    def _run_group(self, tasks: list[ShardTask]) -> list[ShardResult]:
-        import torch
+    def _run_once(self, last_publish: float) -> float:
+        self._apply_commands()
+        busy = [(name, e) for name, e in self.engines.items() if not e.idle]
+        if not busy:
+            self._publish()
+            self._wake.wait(0.1)
+            self._wake.clear()
+            return last_publish
+        for name, engine in busy:
+            self._step(name, engine)
+        now = time.monotonic()
+        if now - last_publish >= self.settings.progress_interval_seconds / 2:
+            self._publish()
+            return now
+        return last_publish
 
-        from undiffuse import ImageNoise
-        from undiffuse.images import to_uint8
-        from undiffuse.registry import make_sampler
-
-        p = tasks[0].params
-        model = self.models[p.model]
-        seeds = [t.params.seed for t in tasks for _ in range(t.count)]
-        indices = [t.start + k for t in tasks for k in range(t.count)]
-        labels = None
-        if model.num_classes is not None:  # the ingress made labels mandatory for these models
-            labels = torch.tensor([c for t in tasks for c in t.params.labels_for(t.start, t.count) or []])
-        sampler = make_sampler(p.sampler, model.schedule, **p.sampler_options)
-        metrics.sampler_batch_images().observe(len(seeds), tags={"model": p.model})
-        step_hist = metrics.denoise_step_seconds()
-        tags = {"model": p.model, "sampler": p.sampler}
-        canceled: set[str] = set()
-        job_ids = {t.job_id for t in tasks}
-        last = time.perf_counter()
-
-        def on_step(i: int, t: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
-            nonlocal last
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            step_hist.observe(now - last, tags=tags)
-            last = now
-            canceled.update(self._report_step(tasks, i + 1))
-            if canceled >= job_ids:
-                raise _AllCanceled
-
+    def _step(self, name: str, engine) -> None:
         try:
-            x = sampler.sample(
-                model.eps,
-                model.image_shape,
-                steps=p.steps,
-                noise=ImageNoise(seeds, indices, self.device),
-                class_labels=labels,
-                guidance_scale=p.guidance_scale,
-                callback=on_step,
-                device=self.device,
-            )
-        except _AllCanceled:
-            return [ShardResult(job_id=t.job_id, shard=t.shard, canceled=True) for t in tasks]
-        pixels = to_uint8(x)  # [N, H, W, C] uint8
-        out, offset = [], 0
-        for t in tasks:
-            chunk = pixels[offset : offset + t.count]
-            offset += t.count
-            out.append(
-                ShardResult(
-                    job_id=t.job_id,
-                    shard=t.shard,
-                    canceled=t.job_id in canceled,
-                    pixels=chunk.tobytes(),
-                    shape=tuple(chunk.shape),
-                )
-            )
-        return out
+            finished = engine.step()
+        except Exception as e:  # e.g. out of memory: fail this engine's shards, keep serving
+            log.exception("engine %s failed a step; failing its %d shards", name, len(engine))
+            for rid in list(engine.progress()):
+                engine.cancel(rid)
+                self._resolve(rid, error=e)
+            engine.step()  # drops the canceled rows
+            return
+        for done in finished:
+            self._resolve(done.id, finished=done)
+        self._timings.extend((name, *t) for t in engine.step_times())
 
-    def _report_step(self, tasks: list[ShardTask], step: int) -> set[str]:
-        """Write each shard's step (on the replica's event loop) and return the jobs that were
-        canceled meanwhile. A Redis outage only costs progress updates, never the images."""
-        assert self.loop is not None, "set by generate_batch before any group runs"
-        shards = [(t.job_id, t.shard) for t in tasks]
-        future = asyncio.run_coroutine_threadsafe(self.store.record_steps(shards, step), self.loop)
-        try:
-            statuses = future.result(self.progress_timeout_s)
-        except (RedisError, concurrent.futures.TimeoutError) as e:
-            future.cancel()
-            log.warning("progress not recorded: %s", e)
-            return set()
-        return {job_id for (job_id, _), s in zip(shards, statuses, strict=True) if s == JobStatus.canceled}
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            kind, *args = command
+            if kind == "add":
+                model, request = args
+                try:
+                    self.engines[model].add(request)
+                except (ValueError, KeyError) as e:  # this shard only; its batch-mates are unaffected
+                    self._resolve(request.id, error=ValueError(f"cannot run shard: {e}"))
+            elif kind == "cancel":
+                model, rid = args
+                if model in self.engines:
+                    self.engines[model].cancel(rid)
+            elif kind == "reconfigure":
+                max_batch, done = args
+                try:
+                    self._set_max_batch(max_batch)
+                finally:
+                    done.set()
+
+    def _set_max_batch(self, setting: int) -> None:
+        from undiffuse.engine import max_batch_for_memory
+
+        for name, engine in self.engines.items():
+            max_batch = max_batch_for_memory(engine.model, setting)
+            engine.set_max_batch(max_batch)
+            started = time.perf_counter()
+            engine.warm_up(self.settings.warmup_seconds, log=lambda m, n=name: log.info("warm-up %s: %s", n, m))
+            log.info(
+                "engine %s: max_batch %d (setting %d), %s, warm-up %.1f s",
+                name, max_batch, setting, engine.dtype, time.perf_counter() - started,
+            )  # fmt: skip
+
+    def _publish(self) -> None:
+        progress: dict[str, int] = {}
+        for engine in self.engines.values():
+            progress.update(engine.progress())
+        self._progress = progress  # one reference swap: the loop reads whole snapshots
+
+    def _resolve(self, rid: str, finished=None, error: Exception | None = None) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._deliver, rid, finished, error)
+
+    # --- the event loop ------------------------------------------------------------------------------
+    def _start_exchange(self) -> None:
+        if self._exchange_task is None:
+            self._loop = asyncio.get_running_loop()
+            self._exchange_task = self._loop.create_task(self._exchange())
+
+    def _deliver(self, rid: str, finished, error: Exception | None) -> None:
+        pending = self._pending.get(rid)
+        if pending is None or pending.future.done():
+            return
+        if error is not None:
+            pending.future.set_exception(error)
+        else:
+            asyncio.ensure_future(self._hand_over(pending, finished))
+
+    async def _hand_over(self, pending: _Pending, finished) -> None:
+        pixels = await asyncio.to_thread(finished.pixels)  # waits for the async copy, off the loop
+        if not pending.future.done():
+            t = pending.task
+            pending.future.set_result(
+                ShardResult(job_id=t.job_id, shard=t.shard, pixels=pixels.tobytes(), shape=tuple(pixels.shape))
+            )
+
+    async def _exchange(self) -> None:
+        """Progress out, cancellations in, and the step metrics, every progress interval."""
+        while True:
+            await asyncio.sleep(self.settings.progress_interval_seconds)
+            try:
+                self._record_timings()
+                await self._exchange_progress()
+            except RedisError as e:
+                log.warning("progress not recorded: %s", e)
+            except Exception:
+                log.exception("progress exchange failed")
+
+    def _record_timings(self) -> None:
+        timings, self._timings = self._timings, []
+        steps, batches = metrics.denoise_step_seconds(), metrics.sampler_batch_images()
+        for model, seconds, images, sampler in timings:
+            steps.observe(seconds, tags={"model": model, "sampler": sampler})
+            batches.observe(images, tags={"model": model})
+
+    async def _exchange_progress(self) -> None:
+        snapshot = self._progress
+        running = [(rid, p) for rid, p in list(self._pending.items()) if rid in snapshot]
+        if not running:
+            return
+        statuses = await self.store.record_steps([(p.task.job_id, p.task.shard, snapshot[rid]) for rid, p in running])
+        for (rid, p), status in zip(running, statuses, strict=True):
+            if status in STOP_STATUSES and not p.future.done():
+                self._command("cancel", p.model, rid)
+                p.future.set_result(ShardResult(job_id=p.task.job_id, shard=p.task.shard, canceled=True))

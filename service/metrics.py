@@ -12,14 +12,14 @@ from ray.util import metrics
 
 STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 JOB_BUCKETS = [0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
-BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 
 @cache
 def denoise_step_seconds() -> metrics.Histogram:
     return metrics.Histogram(
         "undiffuse_denoise_step_seconds",
-        description="Wall time of one denoising step of one batch.",
+        description="Time of one denoising step of the Denoiser's running batch (device time on a GPU).",
         boundaries=STEP_BUCKETS,
         tag_keys=("model", "sampler"),
     )
@@ -29,7 +29,7 @@ def denoise_step_seconds() -> metrics.Histogram:
 def sampler_batch_images() -> metrics.Histogram:
     return metrics.Histogram(
         "undiffuse_sampler_batch_images",
-        description="Images denoised together in one Denoiser batch.",
+        description="Images advanced together by one denoising step (one network call).",
         boundaries=BATCH_BUCKETS,
         tag_keys=("model",),
     )

@@ -41,12 +41,25 @@ class Settings(BaseSettings):
     default_model: str = "mnist"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(0, ge=0, description="0: torch's default")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="network precision of every model: auto = bf16 on CUDA, fp32 on a CPU"
+    )
+    model_precision: dict[str, Literal["fp32", "bf16", "fp16"]] = Field(
+        default_factory=dict, description='per-model overrides, e.g. {"mnist": "fp32"}'
+    )
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the networks: auto = on CUDA")
+    compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile mode, e.g. reduce-overhead")
+    warmup_seconds: float = Field(120.0, ge=0, description="time budget to warm up (and compile) every batch bucket")
+    latency_slack: float = Field(1.25, ge=1.0, description="engine scheduler: how much a short job may be slowed")
+    progress_interval_seconds: float = Field(
+        0.25, gt=0, description="how often the Denoiser exchanges progress and cancellations with Redis"
+    )
 
     # --- limits and queue semantics ---
     max_images_per_job: int = Field(1024, ge=1)
     max_steps: int = Field(1000, ge=1)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
-    shard_size: int = Field(16, ge=1, description="images per shard; at most the Denoiser's batch")
+    shard_size: int = Field(16, ge=1, description="images per shard; with guidance twins, at most the Denoiser's batch")
     visibility_timeout_seconds: float = Field(300.0, gt=0, description="idle time before a shard is reclaimed")
     max_attempts: int = Field(3, ge=1, description="tries per shard before its job fails")
     shard_timeout_seconds: float = Field(1800.0, gt=0, description="longest a shard may sample before it is retried")

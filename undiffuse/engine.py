@@ -37,7 +37,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -196,6 +196,7 @@ class DenoisingEngine:
         self._canceled: set[Hashable] = set()
         self._batch: _Batch | None = None
         self.steps_run = 0
+        self._timings: deque[tuple[Any, Any, int, str]] = deque()  # (start, end, images, sampler)
 
     # --- the public surface ----------------------------------------------------------------------
     @property
@@ -227,6 +228,12 @@ class DenoisingEngine:
         self._canceled.add(request_id)
         return True
 
+    def set_max_batch(self, max_batch: int) -> None:
+        """Change the rows per network call (the service's user_config); new buckets compile on
+        first use, and the step-time table is kept for the buckets that stay."""
+        self.config = replace(self.config, max_batch=max_batch)
+        self.buckets = _buckets(max_batch, self.config.buckets)
+
     def progress(self) -> dict[Hashable, int]:
         """Steps done by each queued or running request."""
         return {rid: s.pos for rid, s in self._slots.items()}
@@ -238,6 +245,7 @@ class DenoisingEngine:
         if not self._slots:
             return []
         selected = self._select()
+        started = self._mark()
         batch = self._batch
         if batch is None or [s.request.id for s in batch.slots] != [s.request.id for s in selected]:
             batch = self._assemble(selected)
@@ -265,7 +273,34 @@ class DenoisingEngine:
             else:
                 slot.waited += 1
         self.steps_run += 1
+        names = {s.request.sampler for s in selected}
+        self._timings.append((started, self._mark(), batch.x.shape[0], names.pop() if len(names) == 1 else "mixed"))
         return self._collect_finished(batch)
+
+    def step_times(self) -> list[tuple[float, int, str]]:
+        """(seconds, images, sampler) of each step whose timing is known by now, oldest first;
+        "mixed" when a step ran rows of several samplers. On CUDA a step is timed by events
+        around it and read only once the device has passed them, so timing never waits on the
+        device; on a CPU it is wall time."""
+        out = []
+        while self._timings:
+            start, end, images, sampler = self._timings[0]
+            if isinstance(end, float):
+                seconds = end - start
+            elif end.query():
+                seconds = start.elapsed_time(end) / 1e3
+            else:
+                break
+            self._timings.popleft()
+            out.append((seconds, images, sampler))
+        return out
+
+    def _mark(self) -> Any:
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     # --- scheduling --------------------------------------------------------------------------------
     def _select(self) -> list[_Slot]:

@@ -80,8 +80,15 @@ class _Process:
 
     def _spawn(self, argv: list[str]) -> None:
         log = open(self.log_path, "ab")
+        # a session of its own: a terminal's Ctrl-C goes to the stack's launcher, which stops Serve
+        # (draining its workers) before it stops these servers, not to the servers first
         self.proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.workdir,
+            start_new_session=True,
         )
 
     def __enter__(self):

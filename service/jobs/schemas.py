@@ -61,6 +61,7 @@ class ShardTask(BaseModel):
     shard: int
     start: int
     count: int
+    owner: str | None = None  # who submitted the job: the Denoiser shares its batch fairly by owner
     attempt: int = 1
     last_error: str | None = None
     params: JobParams

@@ -70,13 +70,13 @@ return 0
 """
 
 
-# KEYS: job hashes; ARGV[1] step, ARGV[2..] shard per job key. Records each shard's step on jobs
-# that still exist and returns their statuses (false for a missing job).
+# KEYS: job hashes; ARGV: (shard, step) per key, flattened. Records each shard's step on jobs that
+# still exist and returns their statuses (false for a missing job).
 _RECORD_STEPS = """
 local out = {}
 for i, key in ipairs(KEYS) do
   local s = redis.call('HGET', key, 'status')
-  if s then redis.call('HSET', key, 'step:' .. ARGV[i + 1], ARGV[1]) end
+  if s then redis.call('HSET', key, 'step:' .. ARGV[2 * i - 1], ARGV[2 * i]) end
   out[i] = s
 end
 return out
@@ -219,7 +219,7 @@ class JobStore:
         pipe.zadd(keys.owner_jobs(owner), {job_id: int(now * 1e6)})
         pipe.expire(keys.owner_jobs(owner), self.ttl)
         tasks = [
-            ShardTask(job_id=job_id, shard=k, start=start, count=count, params=params)
+            ShardTask(job_id=job_id, shard=k, start=start, count=count, owner=owner, params=params)
             for k, (start, count) in enumerate(shards)
         ]
         self.queue.enqueue(pipe, tasks)
@@ -294,13 +294,14 @@ class JobStore:
         err = error.model_dump_json() if error else ""
         return bool(await self._finish(keys=[keys.job(job_id)], args=[status.value, repr(time.time()), err]))
 
-    async def record_steps(self, shards: list[tuple[str, int]], step: int) -> list[JobStatus | None]:
-        """Record `step` as the progress of each (job id, shard) in one round trip, and return
-        each job's status (None for a job that no longer exists), so a caller learns of
-        cancellations at the same time."""
-        if not shards:
+    async def record_steps(self, progress: list[tuple[str, int, int]]) -> list[JobStatus | None]:
+        """Record each (job id, shard, steps done) in one round trip and return each job's status
+        (None for a job that no longer exists), so the caller learns of cancellations at the
+        same time."""
+        if not progress:
             return []
         statuses = await self._record_steps(
-            keys=[keys.job(job_id) for job_id, _ in shards], args=[step, *(shard for _, shard in shards)]
+            keys=[keys.job(job_id) for job_id, _, _ in progress],
+            args=[v for _, shard, step in progress for v in (shard, step)],
         )
         return [JobStatus(s) if s else None for s in statuses]

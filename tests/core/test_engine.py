@@ -198,3 +198,13 @@ def test_bad_requests_are_refused(model):
         engine.add(Request("x", "a", seed=0, start=0, count=1, steps=5, labels=[1]))
     with pytest.raises(ValueError, match="max_batch"):
         EngineConfig(max_batch=0)
+
+
+def test_every_step_is_timed_with_its_batch_and_sampler(model):
+    engine = DenoisingEngine(model, EngineConfig(max_batch=64, latency_slack=None))
+    engine.add(Request("a", "a", seed=1, start=0, count=2, steps=3, labels=[0, 1]))
+    engine.add(Request("b", "b", seed=1, start=0, count=1, steps=2, sampler="ddpm", labels=[0]))
+    run(engine)
+    times = engine.step_times()
+    assert [(images, sampler) for _, images, sampler in times] == [(3, "mixed"), (3, "mixed"), (2, "ddim")]
+    assert all(seconds > 0 for seconds, _, _ in times) and engine.step_times() == []

@@ -11,14 +11,15 @@ from tests.service.conftest import sample_names, sample_sum, scrape, wait_for, w
 pytestmark = pytest.mark.integration
 
 
-def test_step_histogram_grows_by_steps_times_batches(api, stack):
+def test_every_denoising_step_is_recorded_with_its_batch_size(api, stack):
     wait_idle(stack)  # nothing else may be sampled meanwhile
     time.sleep(1.5)  # and the last export of earlier work is in
     name = "ray_undiffuse_denoise_step_seconds_count"
     before = sample_sum(scrape(stack), name, model="mnist", sampler="ddim")
     batches_before = sample_sum(scrape(stack), "ray_undiffuse_sampler_batch_images_count", model="mnist")
+    rows_before = sample_sum(scrape(stack), "ray_undiffuse_sampler_batch_images_sum", model="mnist")
     jobs_before = sample_sum(scrape(stack), "ray_undiffuse_jobs_total", status="succeeded")
-    # 3 images fit one shard (shard_size 4) and the stack is otherwise idle: one batch of 7 steps
+    # 3 images fit one shard (shard_size 4) and the stack is otherwise idle: 7 steps of 3 rows
     job = api.post("/v1/jobs", json={"num_images": 3, "steps": 7, "class_label": 6}).json()
     assert wait_for_status(api, job["id"], {"succeeded"})["status"] == "succeeded"
 
@@ -33,11 +34,11 @@ def test_step_histogram_grows_by_steps_times_batches(api, stack):
         return text if done else None
 
     wait_for(settled, 30, 0.5, "metrics to be exported")
-    time.sleep(2)  # a further export round: counts must not grow past steps x batches
+    time.sleep(2)  # a further export round: counts must not grow past the job's steps
     text = scrape(stack)
-    batches = sample_sum(text, "ray_undiffuse_sampler_batch_images_count", model="mnist") - batches_before
-    assert batches == 1
-    assert sample_sum(text, name, model="mnist", sampler="ddim") - before == 7 * batches
+    assert sample_sum(text, name, model="mnist", sampler="ddim") - before == 7
+    assert sample_sum(text, "ray_undiffuse_sampler_batch_images_count", model="mnist") - batches_before == 7
+    assert sample_sum(text, "ray_undiffuse_sampler_batch_images_sum", model="mnist") - rows_before == 7 * 3
     for metric in (
         "ray_undiffuse_job_duration_seconds_bucket",
         "ray_undiffuse_queue_wait_seconds_bucket",

@@ -96,11 +96,11 @@ def test_record_steps_writes_progress_and_reports_statuses(store, run):
     a, _, _ = run(store.submit("alice", params(8), {}))
     b, _, _ = run(store.submit("alice", params(8), {}))
     run(store.finish(b, JobStatus.canceled))
-    statuses = run(store.record_steps([(a, 0), (a, 1), (b, 0), ("gone", 0)], 3))
+    statuses = run(store.record_steps([(a, 0, 3), (a, 1, 5), (b, 0, 2), ("gone", 0, 1)]))
     assert statuses == [JobStatus.queued, JobStatus.queued, JobStatus.canceled, None]
-    assert run(store.get(a)).shard_steps == {0: 3, 1: 3}
+    assert run(store.get(a)).shard_steps == {0: 3, 1: 5}
     assert run(store.get("gone")) is None  # no record is created for a missing job
-    assert run(store.record_steps([], 1)) == []
+    assert run(store.record_steps([])) == []
 
 
 def test_result_indices_come_from_the_shard_size_the_job_was_cut_with(store, run, redis_server):
