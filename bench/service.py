@@ -27,6 +27,7 @@ if not __package__:  # run as `python bench/service.py`: this file must not shad
 
 import httpx  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-key"
 
 
@@ -53,7 +54,30 @@ class Jobs:
         return time.perf_counter() - start
 
 
-async def overhead(jobs: Jobs, sampler, repeats: int) -> tuple[float, float]:
+def engine_alone(repeats: int) -> float:
+    """The same 16 images through a DenoisingEngine in this process (no Serve, no Redis, no S3):
+    median seconds, pixels on the host included."""
+    import torch
+
+    from undiffuse import load_model
+    from undiffuse.engine import DenoisingEngine, EngineConfig, Request
+
+    torch.set_num_threads(1)  # what one Denoiser replica gets here (num_cpus=1)
+    engine = DenoisingEngine(load_model(ROOT / "models" / "mnist"), EngineConfig(max_batch=64, compile=False))
+    labels = list(range(10)) + list(range(6))
+    times = []
+    for k in range(repeats + 1):
+        t = time.perf_counter()
+        engine.add(Request(k, "bench", seed=0, start=0, count=16, steps=50, labels=labels))
+        done = []
+        while not engine.idle:
+            done += engine.step()
+        done[0].pixels()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+async def overhead(jobs: Jobs, denoiser, repeats: int) -> tuple[float, float]:
     from service.jobs.schemas import JobParams, ShardTask
 
     body = {
@@ -74,12 +98,12 @@ async def overhead(jobs: Jobs, sampler, repeats: int) -> tuple[float, float]:
         guidance_scale=1.0,
     )
     task = ShardTask(job_id="bench-direct", shard=0, start=0, count=16, params=params)
-    await sampler.generate.remote(task)  # warm up both paths
+    await denoiser.generate.remote(task)  # warm up both paths
     await jobs.run(body)
     direct, e2e = [], []
     for _ in range(repeats):
         t = time.perf_counter()
-        await sampler.generate.remote(task)
+        await denoiser.generate.remote(task)
         direct.append(time.perf_counter() - t)
         e2e.append(await jobs.run(body))
     return statistics.median(direct), statistics.median(e2e)
@@ -201,7 +225,7 @@ def main() -> None:
                 "worker_concurrency": 16,  # let one worker feed the Denoiser full batches
             }
             serve.run(build_app(AppArgs(settings=settings)), name="undiffuse", route_prefix="/")
-            sampler = serve.get_deployment_handle("Denoiser", app_name="undiffuse")
+            denoiser = serve.get_deployment_handle("Denoiser", app_name="undiffuse")
             base = f"http://127.0.0.1:{port}"
 
             async def all_benchmarks():
@@ -209,7 +233,7 @@ def main() -> None:
                     base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
                 ) as c:
                     jobs = Jobs(c, redis.url)
-                    direct, e2e = await overhead(jobs, sampler, args.repeats)
+                    direct, e2e = await overhead(jobs, denoiser, args.repeats)
                     seq, conc = await batching(jobs)
                 body = {"num_images": 1, "steps": 1, "class_label": 0}
                 if shutil.which("wrk"):
@@ -223,6 +247,7 @@ def main() -> None:
                 return direct, e2e, seq, conc, floor, submit
 
             direct, e2e, seq, conc, floor, submit = asyncio.run(all_benchmarks())
+            alone = engine_alone(args.repeats)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -234,6 +259,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     print(
         f"| (a) 16 images, DDIM 50: end to end vs direct Denoiser call | {direct:.2f} s | {e2e:.2f} s | {e2e / direct:.2f}x | <= 1.10x |"
+    )
+    print(
+        f"| (a) the same: end to end vs the engine alone, in-process | {alone:.2f} s | {e2e:.2f} s | {e2e / alone:.2f}x | <= 1.05x |"
     )
 
     def fmt(r: tuple[float, float, float, int]) -> str:

@@ -208,3 +208,17 @@ def test_every_step_is_timed_with_its_batch_and_sampler(model):
     times = engine.step_times()
     assert [(images, sampler) for _, images, sampler in times] == [(3, "mixed"), (3, "mixed"), (2, "ddim")]
     assert all(seconds > 0 for seconds, _, _ in times) and engine.step_times() == []
+
+
+def test_padding_to_batch_buckets_changes_no_image(model):
+    """The compiled path pads every call to the next bucket (so steady state never recompiles);
+    here padding is switched on with the eager network: rows of 3, 5, 7 ... padded to 4, 8 ...
+    give the same images as unpadded calls."""
+    plain = DenoisingEngine(model, EngineConfig(max_batch=16, keep_samples=True, latency_slack=None, compile=False))
+    padded = DenoisingEngine(model, EngineConfig(max_batch=16, keep_samples=True, latency_slack=None, compile=False))
+    padded.compiled = True  # pad as the compiled engine does, without compiling
+    assert padded.buckets == (1, 2, 4, 8, 16)
+    arrivals = {0: REQUESTS[:2], 2: REQUESTS[2:4], 5: REQUESTS[4:]}
+    a, b = run(plain, arrivals), run(padded, arrivals)
+    for r in REQUESTS:
+        assert (a[r.id].samples - b[r.id].samples).abs().max().item() <= UNET_TOLERANCE, r.id

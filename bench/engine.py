@@ -1,0 +1,356 @@
+"""The denoising engine against its references, side by side in one run; one markdown table.
+
+    python bench/engine.py                 # CPU section (2 cores: a few minutes)
+    python bench/engine.py --gpu           # + GPU section (one H100: < 5 minutes)
+    python bench/engine.py --gpu --smoke   # the GPU section's code paths, tiny, on any device
+
+CPU section (the demo model, models/mnist):
+  (1) throughput: DDIM, a batch of images through the engine exactly as the Denoiser drives it,
+      against Sampler.sample on the same images (the one-request loop) -> ratio;
+  (2) mixed load: 1-image 10-step DDIM jobs arriving every `--short-every` seconds while
+      1,000-step DDPM jobs run: p50 completion of the short jobs against their time alone, and
+      total images/s against static batching (each batch runs all its steps before the next
+      starts: the Denoiser before the engine) on the same arrivals.
+GPU section:
+  (3) demo model, DDIM 50, through the engine at large batch: images/s (goal >= 4,000 on one
+      H100), fp32 eager vs the engine's fast path (bf16, channels_last, compile);
+  (4) a CIFAR-10-sized DDPM UNet (diffusers UNet2DModel, 35.7 M parameters), DDIM 20, batch 256:
+      the engine's fast path against diffusers' DDIMPipeline in fp32 (goal >= 1,200 images/s and
+      >= 6x), with achieved TFLOP/s and the fraction of the card's bf16 peak;
+  (5) precision (CPU and GPU): the largest pixel difference of bf16 from fp32 on the same 100
+      digits, and the class accuracy of each by 5-NN on the shared MNIST test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from undiffuse import ImageNoise, load_model, make_sampler
+from undiffuse.engine import DenoisingEngine, EngineConfig, Request
+
+ROOT = Path(__file__).resolve().parent.parent
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # dense bf16, per vendor sheets
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_engine(engine: DenoisingEngine, requests: list[Request]) -> float:
+    """Seconds to finish requests added at once (pixels on the host included)."""
+    sync()
+    start = time.perf_counter()
+    for r in requests:
+        engine.add(r)
+    pending = []
+    while not engine.idle:
+        pending += engine.step()
+    for f in pending:
+        f.pixels()
+    return time.perf_counter() - start
+
+
+def run_sampler(model, requests: list[Request]) -> float:
+    """Seconds for Sampler.sample over the same images, one request after the other."""
+    device = next(model.parameters()).device
+    sync()
+    start = time.perf_counter()
+    for r in requests:
+        sampler = make_sampler(r.sampler, model.schedule, **r.options)
+        x = sampler.sample(
+            model.eps,
+            model.image_shape,
+            steps=r.steps,
+            noise=ImageNoise([r.seed] * r.count, range(r.start, r.start + r.count), device),
+            class_labels=torch.tensor(r.labels, device=device) if r.labels else None,
+            device=device,
+        )
+        ((x.clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    sync()
+    return time.perf_counter() - start
+
+
+def digits(count: int, steps: int, job: str = "b", sampler: str = "ddim", owner: str = "bench") -> list[Request]:
+    """count images of the demo model in shards of 16, classes in turn."""
+    out = []
+    for k, start in enumerate(range(0, count, 16)):
+        n = min(16, count - start)
+        out.append(
+            Request((job, k), owner, seed=0, start=start, count=n, steps=steps, sampler=sampler,
+                    labels=[(start + i) % 10 for i in range(n)])
+        )  # fmt: skip
+    return out
+
+
+# --- (1) throughput ---------------------------------------------------------------------------
+def throughput(model, images: int, steps: int, max_batch: int) -> list[str]:
+    engine = DenoisingEngine(model, EngineConfig(max_batch=max_batch, compile=False))
+    run_engine(engine, digits(16, 2))  # warm-up
+    t_engine = min(run_engine(engine, digits(images, steps)) for _ in range(2))
+    t_ref = min(run_sampler(model, digits(images, steps)) for _ in range(2))
+    return [
+        f"| (1) DDIM {steps}, {images} images: engine vs Sampler.sample per shard | {images / t_ref:.1f} img/s "
+        f"| {images / t_engine:.1f} img/s | {t_ref / t_engine:.2f}x | - |"
+    ]
+
+
+# --- (2) mixed load -----------------------------------------------------------------------------
+def mixed_load(model, args) -> list[str]:
+    """Short jobs every short_every s while long DDPM jobs run; engine vs static batching."""
+    long_jobs = [
+        r
+        for j in range(args.long_jobs)
+        for r in digits(args.long_images, args.long_steps, job=f"long{j}", sampler="ddpm", owner=f"long{j}")
+    ]
+    shorts = [
+        (i * args.short_every, Request(("short", i), f"short{i}", seed=i, start=0, count=1, steps=10, labels=[i % 10]))
+        for i in range(args.short_jobs)
+    ]
+    # a short job alone, on an idle engine
+    warm = DenoisingEngine(model, EngineConfig(max_batch=args.max_batch, compile=False))
+    warm.warm_up(60)
+    alone = statistics.median(run_engine(warm, [shorts[0][1]]) for _ in range(5))
+
+    def drive(step_fn, add_fn, idle_fn) -> tuple[list[float], float]:
+        start = time.perf_counter()
+        for r in long_jobs:
+            add_fn(r, 0.0)
+        queue, done_at = list(shorts), {}
+        while queue or not idle_fn():
+            now = time.perf_counter() - start
+            while queue and queue[0][0] <= now:
+                arrival, r = queue.pop(0)
+                add_fn(r, arrival)
+            if idle_fn():
+                time.sleep(max(0.0, queue[0][0] - now))
+                continue
+            for rid in step_fn():
+                done_at[rid] = time.perf_counter() - start
+        arrivals = dict((r.id, a) for a, r in shorts)
+        latency = [done_at[rid] - arrivals[rid] for rid in arrivals]
+        return latency, time.perf_counter() - start
+
+    # static batching: a batch (everything waiting, compatible requests together) runs to completion
+    waiting: list[Request] = []
+
+    def static_step() -> list:
+        batch, waiting[:] = list(waiting), []
+        groups: dict[tuple, list[Request]] = {}
+        for r in batch:
+            groups.setdefault((r.sampler, r.steps), []).append(r)
+        finished = []
+        for group in groups.values():
+            merged = Request("g", "g", seed=0, start=0, count=sum(r.count for r in group), steps=group[0].steps,
+                             sampler=group[0].sampler, labels=[c for r in group for c in r.labels])  # fmt: skip
+            run_sampler(model, [merged])  # same compute as the group's own seeds
+            finished += [r.id for r in group]
+        return finished
+
+    # alternate the two, repeats times each, and keep each one's best span (and its latencies)
+    runs: dict[str, list[tuple[float, list[float]]]] = {"engine": [], "static": []}
+    for _ in range(args.repeats):
+        engine = DenoisingEngine(model, EngineConfig(max_batch=args.max_batch, compile=False))
+        engine.step_time = dict(warm.step_time)  # the table the Denoiser measures at start
+        lat, span = drive(
+            lambda e=engine: [f.id for f in e.step()], lambda r, a, e=engine: e.add(r), lambda e=engine: e.idle
+        )
+        runs["engine"].append((span, lat))
+        lat, span = drive(static_step, lambda r, a: waiting.append(r), lambda: not waiting)
+        runs["static"].append((span, lat))
+    span_engine, lat_engine = min(runs["engine"])
+    span_static, lat_static = min(runs["static"])
+    images = sum(r.count for r in long_jobs) + args.short_jobs
+    p50_e, p50_s = statistics.median(lat_engine), statistics.median(lat_static)
+    load = (
+        f"{args.long_jobs} x {args.long_images}-image DDPM {args.long_steps}-step jobs + {args.short_jobs} "
+        f"1-image DDIM 10-step jobs every {args.short_every:g} s"
+    )
+    return [
+        f"| (2) mixed load ({load}): p50 short-job completion vs alone | alone {alone * 1e3:.0f} ms "
+        f"| engine {p50_e * 1e3:.0f} ms (static: {p50_s * 1e3:.0f} ms) | {p50_e / alone:.2f}x alone | <= 1.5x |",
+        f"| (2) same load: total images/s, engine vs static batching | {images / span_static:.2f} img/s "
+        f"| {images / span_engine:.2f} img/s | {span_static / span_engine:.2f}x | >= 1.0x |",
+        f"| (2) spans of each run (s), engine / static | {' '.join(f'{s:.1f}' for s, _ in runs['static'])} "
+        f"| {' '.join(f'{s:.1f}' for s, _ in runs['engine'])} | best of {args.repeats} | - |",
+    ]
+
+
+# --- GPU section --------------------------------------------------------------------------------
+def demo_gpu(model, images: int, steps: int, max_batch: int) -> list[str]:
+    rows = []
+    base = None
+    for label, cfg in (
+        ("fp32 eager", EngineConfig(max_batch=max_batch, precision="fp32", compile=False)),
+        ("bf16 + compile", EngineConfig(max_batch=max_batch, precision="bf16", compile=True)),
+    ):
+        engine = DenoisingEngine(model, cfg)
+        started = time.perf_counter()
+        engine.warm_up(120)
+        warm = time.perf_counter() - started
+        t = min(run_engine(engine, digits(images, steps)) for _ in range(2))
+        base = base or t
+        rows.append(
+            f"| (3) demo model DDIM {steps}, {images} images, engine {label} (max_batch {max_batch}, warm-up "
+            f"{warm:.0f} s) | - | {images / t:,.0f} img/s | {base / t:.2f}x vs fp32 | >= 4,000 img/s |"
+        )
+    return rows
+
+
+def cifar_unet(device: torch.device, smoke: bool):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    if smoke:
+        return UNet2DModel(sample_size=32, block_out_channels=(32, 64), layers_per_block=1,
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8).to(device).eval()  # fmt: skip
+    # google/ddpm-cifar10-32's architecture (35.7 M parameters), random weights: speed only
+    return (
+        UNet2DModel(
+            sample_size=32,
+            block_out_channels=(128, 256, 256, 256),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        )
+        .to(device)
+        .eval()
+    )
+
+
+def cifar_gpu(device: torch.device, batch: int, steps: int, smoke: bool) -> list[str]:
+    from diffusers import DDIMPipeline, DDIMScheduler
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from undiffuse.checkpoint import DiffusionModel, _DiffusersUNet
+    from undiffuse.schedule import NoiseSchedule
+
+    unet = cifar_unet(device, smoke)
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(torch.randn(1, 3, 32, 32, device=device), torch.tensor([500], device=device))
+    gflop = counter.get_total_flops() / 1e9
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+
+    def diffusers_run() -> float:
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            pipe(
+                batch_size=batch,
+                num_inference_steps=steps,
+                output_type="np",
+                generator=torch.Generator(device).manual_seed(0),
+            )
+        sync()
+        return time.perf_counter() - start
+
+    diffusers_run()
+    t_ref = min(diffusers_run() for _ in range(2))
+    model = DiffusionModel(_DiffusersUNet(unet), NoiseSchedule.linear(), image_size=32, channels=3, num_classes=None)
+    engine = DenoisingEngine(model, EngineConfig(max_batch=batch, precision="bf16", compile=not smoke))
+    engine.warm_up(180)
+    reqs = [Request(("c", k), "bench", seed=0, start=16 * k, count=16, steps=steps) for k in range(batch // 16)]
+    run_engine(engine, reqs)
+    t = min(run_engine(engine, reqs) for _ in range(2))
+    tflops = batch * steps * gflop / t / 1e3
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    frac = f", {tflops / peak:.0%} of bf16 peak" if peak else ""
+    return [
+        f"| (4) CIFAR-10 UNet ({params:.1f} M params, {gflop:.1f} GFLOP/img/step) DDIM {steps}, batch {batch}: "
+        f"engine bf16+compile vs diffusers DDIMPipeline fp32 | {batch / t_ref:,.0f} img/s | {batch / t:,.0f} img/s "
+        f"({tflops:.0f} TFLOP/s{frac}) | {t_ref / t:.2f}x | >= 1,200 img/s, >= 6x |"
+    ]
+
+
+def knn_accuracy(pixels: torch.Tensor, wanted: torch.Tensor) -> float | None:
+    """Share of images that 5-NN on the shared MNIST test set (raw pixels) puts in the wanted
+    class; None where the data is not beside the checkout."""
+    mnist = ROOT.parent / "shared" / "datasets" / "mnist"
+    if not mnist.is_dir():
+        return None
+    from undiffuse.data import load_idx_dataset
+
+    images, labels = load_idx_dataset(mnist / "t10k-images-idx3-ubyte.gz", mnist / "t10k-labels-idx1-ubyte.gz")
+    queries = pixels.float().permute(0, 3, 1, 2) / 127.5 - 1
+    votes = labels[torch.cdist(queries.flatten(1), images.flatten(1)).topk(5, largest=False).indices]
+    return (votes.mode(dim=1).values == wanted).float().mean().item()
+
+
+def precision_check(model, steps: int, images: int = 100) -> list[str]:
+    """The same digits in fp32 and bf16: largest pixel difference and class accuracy of each."""
+    reqs = digits(images, steps)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        engine = DenoisingEngine(model, EngineConfig(max_batch=256, precision=precision, compile=False))
+        for r in reqs:
+            engine.add(r)
+        done = []
+        while not engine.idle:
+            done += engine.step()
+        out[precision] = torch.cat([torch.from_numpy(f.pixels()) for f in sorted(done, key=lambda f: f.id)])
+    diff = (out["fp32"].int() - out["bf16"].int()).abs().float()
+    wanted = torch.tensor([c for r in reqs for c in r.labels])
+    acc = {k: knn_accuracy(v, wanted) for k, v in out.items()}
+    accuracy = "" if acc["fp32"] is None else f"; 5-NN class accuracy fp32 {acc['fp32']:.2f}, bf16 {acc['bf16']:.2f}"
+    device = next(model.parameters()).device.type
+    return [
+        f"| (5) bf16 vs fp32 on {device}, the same {images} digits, DDIM {steps}: pixel difference (0-255 levels) "
+        f"| - | mean {diff.mean():.2f}, {(diff <= 8).float().mean():.1%} within 8, worst image mean "
+        f"{diff.flatten(1).mean(1).max():.2f}, largest {int(diff.max())}{accuracy} | - | accuracy unchanged |"
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu", action="store_true", help="also run the GPU section")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: check the code paths, not the speed")
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--long-jobs", type=int, default=1)
+    p.add_argument("--long-images", type=int, default=16)
+    p.add_argument("--long-steps", type=int, default=1000)
+    p.add_argument("--short-jobs", type=int, default=8)
+    p.add_argument("--short-every", type=float, default=2.0)
+    p.add_argument("--repeats", type=int, default=2, help="mixed load: runs of each, alternating")
+    p.add_argument("--skip-cpu", action="store_true")
+    args = p.parse_args()
+    if args.smoke:
+        args.images, args.steps, args.long_steps, args.short_jobs, args.short_every = 16, 3, 30, 3, 0.2
+
+    device = torch.device("cuda" if args.gpu and torch.cuda.is_available() else "cpu")
+    machine = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    )
+    rows = []
+    if not args.skip_cpu:
+        cpu_model = load_model(ROOT / "models" / "mnist", "cpu")
+        rows += throughput(cpu_model, args.images, args.steps, args.max_batch)
+        rows += mixed_load(cpu_model, args)
+        rows += precision_check(cpu_model, 3 if args.smoke else 50, 20 if args.smoke else 100)
+    if args.gpu:
+        model = load_model(ROOT / "models" / "mnist", device)
+        big = 256 if args.smoke else 4096
+        rows += demo_gpu(model, big, 3 if args.smoke else 50, big)
+        rows += cifar_gpu(device, 32 if args.smoke else 256, 2 if args.smoke else 20, args.smoke)
+        rows += precision_check(model, 3 if args.smoke else 50, 20 if args.smoke else 100)
+    print(f"\nundiffuse engine benchmark — torch {torch.__version__}, {machine}\n")
+    print("| measurement | reference | undiffuse | ratio | goal |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
