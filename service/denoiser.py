@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,10 @@ from service.settings import Settings
 
 log = logging.getLogger("ray.serve")
 DEFAULT_CONFIG = {"max_batch_images": 64}
-STOP_STATUSES = {JobStatus.canceled, JobStatus.failed, None}  # None: the job record is gone
+# a shard of a job that ended stops (a duplicate attempt of a finished job too); a missing record
+# is left to the worker, as before
+STOP_STATUSES = {JobStatus.canceled, JobStatus.failed, JobStatus.succeeded}
+MAX_FAILED_STEPS = 3  # consecutive failed steps before check_health fails the replica
 
 
 @dataclass
@@ -87,9 +91,11 @@ class Denoiser:
         self._stopping = threading.Event()
         self._pending: dict[str, _Pending] = {}  # touched on the event loop only
         self._progress: dict[str, int] = {}  # published by the engine thread (swapped whole)
-        self._timings: list[tuple[str, float, int, str]] = []  # appended by the engine thread
+        self._timings: deque[tuple[str, float, int, str]] = deque(maxlen=100_000)  # engine thread appends
+        self._failed_steps = 0  # consecutive, across engines
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exchange_task: asyncio.Task | None = None
+        self._handovers: set[asyncio.Task] = set()
         self._thread = threading.Thread(target=self._run_engines, name="denoiser-engine", daemon=True)
         self._thread.start()
         log.info("Denoiser on %s with models %s", self.device, sorted(self.engines))
@@ -99,13 +105,17 @@ class Denoiser:
         """max_batch_images: rows per network call (capped by free GPU memory). Applied on the
         engine thread, which then warms up every batch bucket within warmup_seconds."""
         cfg = {**DEFAULT_CONFIG, **(user_config or {})}
-        done = threading.Event()
-        self._command("reconfigure", int(cfg["max_batch_images"]), done)
+        done, failure = threading.Event(), []
+        self._command("reconfigure", int(cfg["max_batch_images"]), done, failure)
         done.wait()
+        if failure:  # Serve keeps the replica out of service rather than running it misconfigured
+            raise RuntimeError(f"reconfigure failed: {failure[0]!r}") from failure[0]
 
     def check_health(self) -> None:
         if not self._thread.is_alive():
             raise RuntimeError("the engine thread stopped")
+        if self._failed_steps >= MAX_FAILED_STEPS:  # e.g. a broken CUDA context: let Serve replace us
+            raise RuntimeError(f"{self._failed_steps} denoising steps failed in a row")
 
     async def ready(self) -> list[str]:
         return sorted(self.engines)
@@ -177,15 +187,25 @@ class Denoiser:
         return last_publish
 
     def _step(self, name: str, engine) -> None:
+        import torch
+
         try:
             finished = engine.step()
-        except Exception as e:  # e.g. out of memory: fail this engine's shards, keep serving
+        except Exception as e:  # fail this engine's shards (the workers retry them), keep serving
+            self._failed_steps += 1
             log.exception("engine %s failed a step; failing its %d shards", name, len(engine))
+            if isinstance(e, torch.cuda.OutOfMemoryError):  # retry the shards with smaller steps
+                engine.set_max_batch(max(2 * self.settings.shard_size, engine.config.max_batch // 2))
+                torch.cuda.empty_cache()
+                log.warning(
+                    "engine %s: max_batch lowered to %d after running out of memory", name, engine.config.max_batch
+                )
             for rid in list(engine.progress()):
                 engine.cancel(rid)
                 self._resolve(rid, error=e)
             engine.step()  # drops the canceled rows
             return
+        self._failed_steps = 0
         for done in finished:
             self._resolve(done.id, finished=done)
         self._timings.extend((name, *t) for t in engine.step_times())
@@ -208,23 +228,39 @@ class Denoiser:
                 if model in self.engines:
                     self.engines[model].cancel(rid)
             elif kind == "reconfigure":
-                max_batch, done = args
+                max_batch, done, failure = args
                 try:
                     self._set_max_batch(max_batch)
+                except Exception as e:
+                    log.exception("reconfigure to max_batch_images=%d failed", max_batch)
+                    failure.append(e)
                 finally:
                     done.set()
 
     def _set_max_batch(self, setting: int) -> None:
+        """Each engine's max_batch: the setting, capped by free GPU memory (probed at the engine's
+        precision), then every bucket warmed up; an engine whose warm-up fails keeps its old size."""
         from undiffuse.engine import max_batch_for_memory
 
+        floor = 2 * self.settings.shard_size  # a guided shard's rows
         for name, engine in self.engines.items():
-            max_batch = max_batch_for_memory(engine.model, setting)
+            max_batch = max_batch_for_memory(engine.model, setting, engine.dtype)
+            if max_batch < floor:
+                log.warning(
+                    "engine %s: free memory fits %d rows, below 2 x shard_size; using %d", name, max_batch, floor
+                )
+                max_batch = floor
+            previous = engine.config.max_batch
             engine.set_max_batch(max_batch)
             started = time.perf_counter()
-            engine.warm_up(self.settings.warmup_seconds, log=lambda m, n=name: log.info("warm-up %s: %s", n, m))
+            try:
+                engine.warm_up(self.settings.warmup_seconds, log=lambda m, n=name: log.info("warm-up %s: %s", n, m))
+            except Exception:
+                engine.set_max_batch(previous)
+                raise
             log.info(
                 "engine %s: max_batch %d (setting %d), %s, warm-up %.1f s",
-                name, max_batch, setting, engine.dtype, time.perf_counter() - started,
+                name, engine.config.max_batch, setting, engine.dtype, time.perf_counter() - started,
             )  # fmt: skip
 
     def _publish(self) -> None:
@@ -251,10 +287,17 @@ class Denoiser:
         if error is not None:
             pending.future.set_exception(error)
         else:
-            asyncio.ensure_future(self._hand_over(pending, finished))
+            task = asyncio.ensure_future(self._hand_over(pending, finished))
+            self._handovers.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._handovers.discard)
 
     async def _hand_over(self, pending: _Pending, finished) -> None:
-        pixels = await asyncio.to_thread(finished.pixels)  # waits for the async copy, off the loop
+        try:
+            pixels = await asyncio.to_thread(finished.pixels)  # waits for the async copy, off the loop
+        except Exception as e:  # a device error surfacing at the copy: this shard fails, now
+            if not pending.future.done():
+                pending.future.set_exception(e)
+            return
         if not pending.future.done():
             t = pending.task
             pending.future.set_result(
@@ -274,9 +317,9 @@ class Denoiser:
                 log.exception("progress exchange failed")
 
     def _record_timings(self) -> None:
-        timings, self._timings = self._timings, []
         steps, batches = metrics.denoise_step_seconds(), metrics.sampler_batch_images()
-        for model, seconds, images, sampler in timings:
+        while self._timings:  # popleft is safe against the engine thread's appends
+            model, seconds, images, sampler = self._timings.popleft()
             steps.observe(seconds, tags={"model": model, "sampler": sampler})
             batches.observe(images, tags={"model": model})
 

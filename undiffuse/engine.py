@@ -25,7 +25,9 @@ One `step()`:
      memory without waiting (`Finished.pixels()` waits for that copy, off the stepping thread).
 
 Nothing in a step reads a device tensor back to the host: positions are mirrored on the host
-(every selected row advances by exactly one step), so the loop never waits on the GPU. A row's
+(every selected row advances by exactly one step), and a batch rebuilt after a change of
+membership reaches the device through pinned memory with asynchronous copies, so the loop
+never waits on the GPU. A row's
 trajectory depends only on its (seed, index, sampler, steps, label, guidance): the same as
 `Sampler.sample` for the same image, whatever its batch neighbours or arrival time.
 """
@@ -186,6 +188,8 @@ class DenoisingEngine:
         if self.compiled:
             self.network = torch.compile(model.network, mode=cfg.compile_mode, dynamic=False)
         self.buckets = _buckets(cfg.max_batch, cfg.buckets)
+        if self.compiled:
+            _allow_recompiles(len(self.buckets))
         self.step_time: dict[int, float] = {}  # bucket -> seconds, from warm_up()
         self._samplers: dict[tuple, Sampler] = {}
         self._ts_table = torch.empty(0, dtype=torch.long, device=self.device)
@@ -196,7 +200,7 @@ class DenoisingEngine:
         self._canceled: set[Hashable] = set()
         self._batch: _Batch | None = None
         self.steps_run = 0
-        self._timings: deque[tuple[Any, Any, int, str]] = deque()  # (start, end, images, sampler)
+        self._timings: deque[tuple[Any, Any, int, str]] = deque(maxlen=100_000)  # (start, end, images, sampler)
 
     # --- the public surface ----------------------------------------------------------------------
     @property
@@ -229,10 +233,15 @@ class DenoisingEngine:
         return True
 
     def set_max_batch(self, max_batch: int) -> None:
-        """Change the rows per network call (the service's user_config); new buckets compile on
-        first use, and the step-time table is kept for the buckets that stay."""
+        """Change the rows per network call (the service's user_config); never below the rows of
+        a request already queued. New buckets compile on first use (warm_up compiles them), and
+        the step-time table is kept for the buckets that stay."""
+        largest = max((slot.rows for slot in self._slots.values()), default=1)
+        max_batch = max(max_batch, largest)  # a request already queued must still fit
         self.config = replace(self.config, max_batch=max_batch)
         self.buckets = _buckets(max_batch, self.config.buckets)
+        if self.compiled:
+            _allow_recompiles(len(self.buckets))
 
     def progress(self) -> dict[Hashable, int]:
         """Steps done by each queued or running request."""
@@ -333,8 +342,9 @@ class DenoisingEngine:
             if self._cheap_to_join([*chosen, slot], rows + slot.rows):
                 chosen.append(slot)
                 rows += slot.rows
-        owners.remove(head_owner)  # the head's owner goes to the back of the round-robin
-        self._owners = deque([*owners, head_owner])
+        # every step the fill starts one owner further round (and the head's owner goes last)
+        rest = owners[turn:] + owners[: turn - 1]
+        self._owners = deque([*rest[1:], *rest[:1], head_owner])
         return sorted(chosen, key=lambda s: s.order)
 
     def _cheap_to_join(self, trial: list[_Slot], rows: int) -> bool:
@@ -349,8 +359,13 @@ class DenoisingEngine:
         return self._cost(rows) <= slack * self._cost(short_rows)
 
     def _cost(self, rows: int) -> float:
-        """Seconds per step for a batch of rows, from the warm-up table."""
-        return self.step_time.get(self._bucket(rows), 0.0)
+        """Seconds per step for a batch of rows, from the warm-up table; a bucket warm-up did not
+        reach is extrapolated linearly from the largest measured one (never free)."""
+        bucket = self._bucket(rows)
+        if bucket in self.step_time:
+            return self.step_time[bucket]
+        largest = max(self.step_time)
+        return self.step_time[largest] * max(1.0, bucket / largest)
 
     def _bucket(self, rows: int) -> int:
         for b in self.buckets:
@@ -383,28 +398,28 @@ class DenoisingEngine:
             scales += [r.guidance_scale] * r.count
             bounds.append((begin, begin + r.count))
             begin += r.count
-            slot.x = None  # the batch owns the rows now
         dev = self.device
+        as_long = lambda values: _host_to_device(torch.tensor(values, dtype=torch.long), dev)  # noqa: E731
         twins = [i for i, w in enumerate(scales) if w != 1.0]
         groups: dict[int, tuple[Sampler, list[int]]] = {}
         for slot, (lo, hi) in zip(selected, bounds, strict=True):
             groups.setdefault(id(slot.sampler), (slot.sampler, []))[1].extend(range(lo, hi))
         conditional = self.model.num_classes is not None
         noise = ImageNoise(seeds, indices, dev)
-        group_rows = [
-            (s, None if len(g) == begin else torch.tensor(g, dtype=torch.long, device=dev)) for s, g in groups.values()
-        ]
+        group_rows = [(s, None if len(g) == begin else as_long(g)) for s, g in groups.values()]
         batch = _Batch(
             slots=selected,
             x=torch.cat(xs),
-            rows=torch.tensor(rows, dtype=torch.long, device=dev),
-            starts=torch.tensor(starts, dtype=torch.long, device=dev),
-            labels=torch.tensor(labels, dtype=torch.long, device=dev) if conditional else None,
-            twins=torch.tensor(twins, dtype=torch.long, device=dev) if twins and conditional else None,
-            scales=torch.tensor([scales[i] for i in twins], device=dev).view(-1, 1, 1, 1) if twins else None,
+            rows=as_long(rows),
+            starts=as_long(starts),
+            labels=as_long(labels) if conditional else None,
+            twins=as_long(twins) if twins and conditional else None,
+            scales=_host_to_device(torch.tensor([scales[i] for i in twins]), dev).view(-1, 1, 1, 1) if twins else None,
             groups=[(s, g, noise if g is None else noise.select(g)) for s, g in group_rows],
             bounds=bounds,
         )
+        for slot in selected:
+            slot.x = None  # the batch owns the rows now
         self._batch = batch
         return batch
 
@@ -489,7 +504,7 @@ class DenoisingEngine:
         offset = self._ts_offsets.get(full)
         if offset is None:
             ts = sampler.timesteps(steps)
-            entry = torch.tensor([*ts, previous_timesteps(ts)[-1]], dtype=torch.long, device=self.device)
+            entry = _host_to_device(torch.tensor([*ts, previous_timesteps(ts)[-1]], dtype=torch.long), self.device)
             offset = self._ts_offsets[full] = self._ts_table.numel()
             self._ts_table = torch.cat([self._ts_table, entry])
         return offset
@@ -498,6 +513,8 @@ class DenoisingEngine:
         m = self.model
         if request.count < 1:
             raise ValueError(f"request {request.id!r}: count must be >= 1")
+        if not (0 <= request.seed < 2**63 and 0 <= request.start and request.start + request.count <= 2**63):
+            raise ValueError(f"request {request.id!r}: seed and image indices must lie in [0, 2**63)")
         if not 1 <= request.steps <= m.schedule.num_timesteps:
             raise ValueError(f"request {request.id!r}: steps must be in [1, {m.schedule.num_timesteps}]")
         if m.num_classes is None:
@@ -537,6 +554,23 @@ class DenoisingEngine:
         return dict(self.step_time)
 
 
+def _host_to_device(values: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on the device without waiting for it: pinned memory, asynchronous copy."""
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values
+
+
+def _allow_recompiles(buckets: int) -> None:
+    """torch.compile(dynamic=False) compiles once per batch bucket; dynamo stops recompiling
+    after recompile_limit (8) shapes and runs the rest eager, so make room for every bucket."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), buckets + 8))
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where the model's weights live (a CPU for a model without any)."""
     for tensor in itertools.chain(model.parameters(), model.buffers()):
@@ -564,10 +598,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def max_batch_for_memory(model: DiffusionModel, setting: int, fraction: float = 0.8, probe_rows: int = 32) -> int:
-    """The largest batch (rows per network call) that fits: min(setting, what fraction of the
-    free device memory holds, at the activation memory per row measured with a probe forward).
-    On a CPU: the setting."""
+def max_batch_for_memory(
+    model: DiffusionModel,
+    setting: int,
+    dtype: torch.dtype = torch.bfloat16,
+    fraction: float = 0.8,
+    probe_rows: int = 32,
+) -> int:
+    """The largest batch (rows per network call) that fits: min(setting, what `fraction` of the
+    device memory not held by tensors takes at the activation memory per row, measured with a
+    probe forward at the engine's precision). Memory the caching allocator holds but no tensor
+    uses counts as free. On a CPU: the setting."""
     device = model_device(model)
     if device.type != "cuda":
         return setting
@@ -578,9 +619,11 @@ def max_batch_for_memory(model: DiffusionModel, setting: int, fraction: float = 
     x = torch.randn(probe_rows, c, h, w, device=device)
     t = torch.zeros(probe_rows, dtype=torch.long, device=device)
     labels = None if model.num_classes is None else torch.zeros(probe_rows, dtype=torch.long, device=device)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         model.network(x, t, labels)
     torch.cuda.synchronize(device)
     per_row = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe_rows)
+    del x, t, labels
     free, _total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return max(1, min(setting, int(free * fraction // per_row)))

@@ -90,6 +90,13 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
+def _to_device(values: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on a CUDA device without waiting for the device (pinned, asynchronous)."""
+    if device.type == "cuda" and values.device.type == "cpu":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
+
+
 def _as_keys(values: Sequence[int] | Tensor) -> Tensor:
     """[N] int64 tensor of seeds or indices, rejecting anything outside [0, 2**63)."""
     if isinstance(values, Tensor):  # uint64 values >= 2**63 wrap negative and fail the sign check
@@ -126,7 +133,7 @@ class ImageNoise:
 
     def _set(self, seeds: Tensor, indices: Tensor, device: torch.device) -> None:
         self.device = device
-        self._seeds, self._indices = seeds.to(device), indices.to(device)  # [N] int64, checked
+        self._seeds, self._indices = _to_device(seeds, device), _to_device(indices, device)  # [N] int64, checked
 
     @classmethod
     def for_request(cls, seed: int, num_images: int, device: torch.device | str = "cpu") -> ImageNoise:

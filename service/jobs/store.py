@@ -70,13 +70,17 @@ return 0
 """
 
 
-# KEYS: job hashes; ARGV: (shard, step) per key, flattened. Records each shard's step on jobs that
-# still exist and returns their statuses (false for a missing job).
+# KEYS: (job hash, done-shards set) per shard, flattened; ARGV: (shard, step) per shard,
+# flattened. Records each shard's step on jobs that still exist, unless the shard is already done
+# (a duplicate attempt must not move a finished shard's progress back), and returns the jobs'
+# statuses (false for a missing job).
 _RECORD_STEPS = """
 local out = {}
-for i, key in ipairs(KEYS) do
-  local s = redis.call('HGET', key, 'status')
-  if s then redis.call('HSET', key, 'step:' .. ARGV[2 * i - 1], ARGV[2 * i]) end
+for i = 1, #KEYS / 2 do
+  local s = redis.call('HGET', KEYS[2 * i - 1], 'status')
+  if s and redis.call('SISMEMBER', KEYS[2 * i], ARGV[2 * i - 1]) == 0 then
+    redis.call('HSET', KEYS[2 * i - 1], 'step:' .. ARGV[2 * i - 1], ARGV[2 * i])
+  end
   out[i] = s
 end
 return out
@@ -301,7 +305,7 @@ class JobStore:
         if not progress:
             return []
         statuses = await self._record_steps(
-            keys=[keys.job(job_id) for job_id, _, _ in progress],
+            keys=[k for job_id, _, _ in progress for k in (keys.job(job_id), keys.job_done_shards(job_id))],
             args=[v for _, shard, step in progress for v in (shard, step)],
         )
         return [JobStatus(s) if s else None for s in statuses]

@@ -222,3 +222,36 @@ def test_padding_to_batch_buckets_changes_no_image(model):
     a, b = run(plain, arrivals), run(padded, arrivals)
     for r in REQUESTS:
         assert (a[r.id].samples - b[r.id].samples).abs().max().item() <= UNET_TOLERANCE, r.id
+
+
+def test_the_fill_order_rotates_so_no_owner_waits_behind_another(model):
+    """alice's stream of short requests is always the head; bob's and carol's requests each
+    fill the rest of the batch (one at a time fits): they take turns, step by step."""
+    engine = DenoisingEngine(model, EngineConfig(max_batch=20, latency_slack=None))
+    for owner in ("bob", "carol"):
+        engine.add(Request(owner, owner, seed=1, start=0, count=16, steps=30, labels=[0] * 16))
+    ran = {"bob": 0, "carol": 0}
+    for k in range(6):
+        engine.add(Request(("alice", k), "alice", seed=2, start=k, count=1, steps=1, labels=[1]))
+        before = engine.progress()
+        engine.step()
+        after = engine.progress()
+        for owner in ran:
+            ran[owner] += after[owner] - before[owner]
+    assert ran == {"bob": 3, "carol": 3}
+
+
+def test_buckets_warm_up_did_not_reach_are_never_free(model):
+    engine = DenoisingEngine(model, EngineConfig(max_batch=64))
+    engine.step_time = {1: 0.001, 2: 0.002, 4: 0.004, 8: 0.008}  # warm-up stopped at 8
+    assert engine._cost(64) == pytest.approx(0.064) and engine._cost(3) == 0.004
+
+
+def test_max_batch_never_drops_below_a_queued_request(model):
+    engine = DenoisingEngine(model, EngineConfig(max_batch=64))
+    engine.add(Request("big", "a", seed=1, start=0, count=16, steps=3, labels=[0] * 16, guidance_scale=2.0))
+    engine.set_max_batch(4)
+    assert engine.config.max_batch == 32 and engine.buckets[-1] == 32
+    assert set(run(engine)) == {"big"}
+    with pytest.raises(ValueError, match="must lie in"):
+        engine.add(Request("neg", "a", seed=-1, start=0, count=1, steps=3, labels=[0]))

@@ -133,3 +133,11 @@ def test_records_without_a_stored_shard_size_use_the_stores_setting(store, run):
     assert record.shard_range(2) == (8, 2)
     with pytest.raises(ValueError, match="has no shard 3"):
         record.shard_range(3)
+
+
+def test_record_steps_never_moves_a_finished_shard_back(store, run):
+    p = params(8)
+    job_id, _, _ = run(store.submit("alice", p, {}))
+    run(store.complete_shard(task(job_id, 0, 0, 4, p)))  # shard 0 done at step 5
+    run(store.record_steps([(job_id, 0, 2), (job_id, 1, 3)]))  # a late duplicate of shard 0
+    assert run(store.get(job_id)).shard_steps == {0: 5, 1: 3}
