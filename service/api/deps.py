@@ -55,9 +55,10 @@ def get_owner(ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -
     if not keys:
         return ANONYMOUS
     challenge = {"WWW-Authenticate": "Bearer"}
-    if not authorization or not authorization.startswith("Bearer "):
+    scheme, _, presented = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():  # schemes are case-insensitive (RFC 9110)
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing Authorization: Bearer <api key>", challenge)
-    presented = authorization.removeprefix("Bearer ").strip()
+    presented = presented.strip()
     if not any(hmac.compare_digest(presented.encode(), k.encode()) for k in keys):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key", challenge)
     return hashlib.sha256(presented.encode()).hexdigest()[:24]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Annotated, Any
 
@@ -17,6 +18,16 @@ from undiffuse.config import ModelSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND = "job not found"
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as submit_job makes them
+ERRORS = {404: {"description": "no such job for this API key"}}
+
+
+def _known_format(job_id: str) -> str:
+    """A job id of the form the service issues; anything else is 404 before Redis is asked (an
+    id like '<job>:done' would otherwise name another key, and reveal that it exists)."""
+    if not JOB_ID.fullmatch(job_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND)
+    return job_id
 
 
 def _invalid(field: str, message: str, value: Any) -> RequestValidationError:
@@ -118,7 +129,12 @@ async def submit_job(
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     if not created:  # an earlier request made it: report its current state
         response.status_code = status.HTTP_200_OK
-        return job_view(await ctx.store.get_owned(job_id, owner), ctx)
+        try:
+            return job_view(await ctx.store.get_owned(job_id, owner), ctx)
+        except JobNotFound:  # the key outlived its job's record (both expire; the record first)
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, "Idempotency-Key belongs to a job that no longer exists; use a new key"
+            ) from None
     return JobView(
         id=job_id,
         status=JobStatus.queued,
@@ -128,19 +144,23 @@ async def submit_job(
     )
 
 
-@router.get("/{job_id}", response_model=JobView)
+@router.get("/{job_id}", response_model=JobView, responses=ERRORS)
 async def get_job(job_id: str, ctx: Ctx, owner: Owner) -> JobView:
     try:
-        return job_view(await ctx.store.get_owned(job_id, owner), ctx)
+        return job_view(await ctx.store.get_owned(_known_format(job_id), owner), ctx)
     except JobNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
 
 
-@router.post("/{job_id}/cancel", response_model=JobView)
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobView,
+    responses={**ERRORS, 409: {"description": "the job already finished"}},
+)
 async def cancel_job(job_id: str, ctx: Ctx, owner: Owner) -> JobView:
     """A queued job never runs; a running one stops at its next denoising step."""
     try:
-        record = await ctx.lifecycle.cancel(job_id, owner)
+        record = await ctx.lifecycle.cancel(_known_format(job_id), owner)
     except JobNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
     except JobFinished as e:

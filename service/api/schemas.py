@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from service.jobs.schemas import MAX_SEED, JobError, JobParams, JobStatus
 from undiffuse.registry import DEFAULT_SAMPLER, SamplerName
@@ -17,12 +17,14 @@ class JobCreate(BaseModel):
     num_images: int = Field(1, ge=1, description="1..UNDIFFUSE_MAX_IMAGES_PER_JOB")
     steps: int = Field(50, ge=1, description="denoising steps, at most the model's timesteps")
     sampler: SamplerName = DEFAULT_SAMPLER  # type: ignore[assignment]
-    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity")
+    eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM stochasticity")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="chosen and returned when absent")
-    class_label: int | list[int] | None = Field(
+    class_label: StrictInt | list[StrictInt] | None = Field(
         None, description="one class for every image, or one per image; required by conditional models"
     )
-    guidance_scale: float = Field(1.0, ge=0.0, le=30.0, description="classifier-free guidance; 1 = none")
+    guidance_scale: float = Field(
+        1.0, ge=0.0, le=30.0, allow_inf_nan=False, description="classifier-free guidance; 1 = none"
+    )
 
 
 class Progress(BaseModel):

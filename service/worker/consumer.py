@@ -11,6 +11,7 @@ deterministic and completion is idempotent, each image ends up in the bucket exa
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,17 @@ from service.storage import STORAGE_ERRORS, ObjectStore, image_key
 from undiffuse.images import png_bytes
 
 log = logging.getLogger("ray.serve")
+
+
+def job_id_of(fields: dict) -> str | None:
+    """The job id a broken shard message still names, if any."""
+    try:
+        job_id = json.loads(fields.get("task", "")).get("job_id")
+    except (ValueError, AttributeError):
+        return None
+    return job_id if isinstance(job_id, str) and job_id else None
+
+
 Generate = Callable[[ShardTask], Awaitable[ShardResult]]
 
 
@@ -109,8 +121,15 @@ class Consumer:
             await self.queue.requeue(message.id, task.model_copy(update={"last_error": "consumer timed out"}))
 
     async def _drop_unparseable(self, message: Message) -> None:
+        """Dead-letter a message that is not a ShardTask, and fail its job if it names one: left
+        alone, the job would wait in `queued` until its record expires."""
         log.error("moving unparseable message %s to the dead-letter stream", message.id)
         await self.queue.dead_letter(message.id, message.fields, "unparseable message")
+        job_id = job_id_of(message.fields)
+        record = await self.store.get(job_id) if job_id else None
+        if record is not None:
+            error = JobError(code="shard_unreadable", message="a shard of this job could not be read from the queue")
+            await self.lifecycle.fail(job_id, error, record.created_at)
 
     # --- one shard -----------------------------------------------------------------------------
     async def handle(self, message: Message) -> None:
@@ -149,7 +168,9 @@ class Consumer:
             await self._retry(message_id, task, f"sampling timed out after {timeout:g} s", "timeout")
             return
         except STORAGE_ERRORS as e:
-            await self._retry(message_id, task, f"upload failed: {e}", "storage")
+            # the job's error is client-visible: the storage error (endpoint URLs) goes to the log only
+            log.warning("shard %s/%d upload failed: %s", task.job_id, task.shard, e)
+            await self._retry(message_id, task, f"upload failed: {type(e).__name__}", "storage")
             return
         except Exception as e:  # the Denoiser raised or its replica died
             await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
@@ -192,6 +213,9 @@ class Consumer:
         await self.queue.requeue(message_id, task.model_copy(update={"last_error": reason}))
 
     async def _fail(self, message_id: str, task: ShardTask, created_at: float) -> None:
+        """The job first, then the message: if Redis fails in between, the message stays pending,
+        is reclaimed, and this runs again (failing an ended job is a no-op), so the job can never
+        be left running with its shard already dead-lettered."""
         message = f"shard {task.shard} failed {task.attempt - 1} times; last error: {task.last_error}"
-        await self.queue.dead_letter(message_id, {"task": task.model_dump_json()}, message)
         await self.lifecycle.fail(task.job_id, JobError(code="shard_failed", message=message), created_at)
+        await self.queue.dead_letter(message_id, {"task": task.model_dump_json()}, message)

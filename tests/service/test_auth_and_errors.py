@@ -68,3 +68,44 @@ def test_cancel_finished_job_is_a_conflict(api):
     wait_for_status(api, job["id"], {"succeeded"})
     r = api.post(f"/v1/jobs/{job['id']}/cancel")
     assert r.status_code == 409 and "already succeeded" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ('{"class_label": 1, "eta": NaN}', "eta"),
+        ('{"class_label": 1, "guidance_scale": Infinity}', "guidance_scale"),
+        ('{"class_label": 1, "guidance_scale": -Infinity}', "guidance_scale"),
+    ],
+)
+def test_non_finite_numbers_get_422_not_500(api, raw, field):
+    r = api.post("/v1/jobs", content=raw.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert any(e["loc"][-1] == field and "finite" in e["msg"] for e in r.json()["detail"]), r.text
+
+
+def test_boolean_class_labels_are_refused(api):
+    for label in (True, [True, 1]):
+        r = api.post("/v1/jobs", json={"class_label": label, "num_images": 2 if isinstance(label, list) else 1})
+        assert r.status_code == 422 and all(e["loc"][1] == "class_label" for e in r.json()["detail"]), r.text
+
+
+def test_ids_that_are_not_job_ids_are_404_before_redis(api):
+    job = api.post("/v1/jobs", json={"class_label": 1, "steps": 2}).json()
+    for suffix in (":done", ":nope", "/../x"):
+        assert api.get(f"/v1/jobs/{job['id']}{suffix}").status_code == 404  # was 500 (WRONGTYPE)
+        assert api.post(f"/v1/jobs/{job['id']}{suffix}/cancel").status_code == 404
+    wait_for_status(api, job["id"], {"succeeded"})
+
+
+def test_bearer_scheme_is_case_insensitive_and_headers_are_bounded(stack):
+    import httpx
+
+    from tests.service.conftest import KEY_A
+
+    with httpx.Client(base_url=stack.base_url, timeout=30) as c:
+        assert c.get("/v1/models", headers={"Authorization": f"bearer {KEY_A}"}).status_code == 200
+        assert c.get("/v1/models", headers={"Authorization": f"BEARER {KEY_A}"}).status_code == 200
+        assert c.get("/v1/models", headers={"Authorization": "Bearer"}).status_code == 401
+        r = c.get("/v1/models", headers={"Authorization": f"Bearer {KEY_A}", "X-Padding": "x" * 20_000})
+        assert 400 <= r.status_code < 500, r.status_code
