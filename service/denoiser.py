@@ -67,6 +67,7 @@ class Denoiser:
             torch.set_num_threads(settings.torch_threads)
         use_cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
+        self._torch = torch  # for the engine thread, without an import on its path
         self.settings = settings
         self.registry = ModelRegistry(settings.model_dir, settings.default_model)
         compile_ = {"auto": None, "on": True, "off": False}[settings.compile]
@@ -171,12 +172,12 @@ class Denoiser:
                 time.sleep(0.1)
 
     def _run_once(self, last_publish: float) -> float:
+        self._wake.clear()  # before draining: a command that arrives after the drain wakes the wait
         self._apply_commands()
         busy = [(name, e) for name, e in self.engines.items() if not e.idle]
         if not busy:
             self._publish()
             self._wake.wait(0.1)
-            self._wake.clear()
             return last_publish
         for name, engine in busy:
             self._step(name, engine)
@@ -187,16 +188,14 @@ class Denoiser:
         return last_publish
 
     def _step(self, name: str, engine) -> None:
-        import torch
-
         try:
             finished = engine.step()
         except Exception as e:  # fail this engine's shards (the workers retry them), keep serving
             self._failed_steps += 1
             log.exception("engine %s failed a step; failing its %d shards", name, len(engine))
-            if isinstance(e, torch.cuda.OutOfMemoryError):  # retry the shards with smaller steps
+            if isinstance(e, self._torch.cuda.OutOfMemoryError):  # retry the shards with smaller steps
                 engine.set_max_batch(max(2 * self.settings.shard_size, engine.config.max_batch // 2))
-                torch.cuda.empty_cache()
+                self._torch.cuda.empty_cache()
                 log.warning(
                     "engine %s: max_batch lowered to %d after running out of memory", name, engine.config.max_batch
                 )
