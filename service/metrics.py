@@ -74,3 +74,12 @@ def shard_retries_total() -> metrics.Counter:
     return metrics.Counter(
         "undiffuse_shard_retries_total", description="Shards put back for another attempt.", tag_keys=("reason",)
     )
+
+
+@cache
+def dependency_waits_total() -> metrics.Counter:
+    return metrics.Counter(
+        "undiffuse_dependency_waits_total",
+        description="Retries of a finished shard's upload, completion or ack while S3 or Redis was unreachable.",
+        tag_keys=("step",),
+    )

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="tries per shard before its job fails")
     shard_timeout_seconds: float = Field(1800.0, gt=0, description="longest a shard may sample before it is retried")
     worker_concurrency: int = Field(4, ge=1, description="shards in flight per worker replica")
+    dependency_patience_seconds: float = Field(
+        600.0, ge=0, description="how long a worker waits out an S3 or Redis outage on a shard whose images are done"
+    )
 
     # --- auth ---
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -158,29 +158,60 @@ class Consumer:
 
         heartbeat = asyncio.create_task(self._heartbeat(message_id))
         try:
-            result = await asyncio.wait_for(self.generate(task), self.settings.shard_timeout_seconds)
+            try:
+                result = await asyncio.wait_for(self.generate(task), self.settings.shard_timeout_seconds)
+            except asyncio.TimeoutError:  # a hung GPU or replica: give the shard to another attempt
+                timeout = self.settings.shard_timeout_seconds
+                await self._retry(message_id, task, f"sampling timed out after {timeout:g} s", "timeout")
+                return
+            except Exception as e:  # the Denoiser raised or its replica died
+                await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
+                return
             if result.canceled:
                 await self.queue.ack(message_id)
                 return
-            await asyncio.to_thread(self._upload, task, result)
-        except asyncio.TimeoutError:  # a hung GPU or replica: give the shard to another attempt
-            timeout = self.settings.shard_timeout_seconds
-            await self._retry(message_id, task, f"sampling timed out after {timeout:g} s", "timeout")
-            return
-        except STORAGE_ERRORS as e:
-            # the job's error is client-visible: the storage error (endpoint URLs) goes to the log only
-            log.warning("shard %s/%d upload failed: %s", task.job_id, task.shard, e)
-            await self._retry(message_id, task, f"upload failed: {type(e).__name__}", "storage")
-            return
-        except Exception as e:  # the Denoiser raised or its replica died
-            await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
-            return
+            # The images exist now: an outage of S3 or Redis is waited out with the pixels in hand,
+            # not counted against the shard's attempts (which are for failures of the shard itself).
+            try:
+                await self._patiently(
+                    "upload", lambda: asyncio.to_thread(self._upload, task, result), STORAGE_ERRORS, task
+                )
+            except STORAGE_ERRORS as e:  # S3 stayed away for dependency_patience_seconds
+                # the job's error is client-visible: the storage error (endpoint URLs) goes to the log only
+                log.warning("shard %s/%d upload failed: %s", task.job_id, task.shard, e)
+                await self._retry(message_id, task, f"upload failed: {type(e).__name__}", "storage")
+                return
+            except Exception as e:  # a malformed result
+                await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
+                return
+            await self._patiently(
+                "completion", lambda: self.lifecycle.complete_shard(task, record.created_at), (RedisError,), task
+            )
+            metrics.images_generated_total().inc(task.count, tags={"model": task.params.model})
+            await self._patiently("ack", lambda: self.queue.ack(message_id), (RedisError,), task)
         finally:
             heartbeat.cancel()
 
-        await self.lifecycle.complete_shard(task, record.created_at)
-        metrics.images_generated_total().inc(task.count, tags={"model": task.params.model})
-        await self.queue.ack(message_id)
+    async def _patiently(self, what: str, call, errors: tuple[type[BaseException], ...], task: ShardTask):
+        """await call(), retrying on errors with capped exponential backoff (0.5 s .. 10 s) for up
+        to dependency_patience_seconds, or until the consumer drains; then the error propagates.
+        Repeating any of these calls is harmless (deterministic object keys, idempotent
+        completion and ack)."""
+        deadline = time.monotonic() + self.settings.dependency_patience_seconds
+        delay = 0.5
+        while True:
+            try:
+                return await call()
+            except errors as e:
+                if self.stopping.is_set() or time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "shard %s/%d: %s failed (%s); waiting %.1f s for the dependency",
+                    task.job_id, task.shard, what, type(e).__name__, delay,
+                )  # fmt: skip
+                metrics.dependency_waits_total().inc(tags={"step": what})
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 10.0)
 
     def _upload(self, task: ShardTask, result: ShardResult) -> None:
         pixels = np.frombuffer(result.pixels, dtype=np.uint8).reshape(result.shape)

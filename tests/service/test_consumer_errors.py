@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 
+import numpy as np
 import pytest
+from redis.exceptions import RedisError
 
 from service.api.health import _check
 from service.jobs import keys
@@ -15,6 +19,7 @@ from service.jobs.store import JobRecord, JobStore
 from service.settings import Settings
 from service.storage import ObjectStore
 from service.worker.consumer import Consumer
+from tests.service.conftest import S3_KEY, S3_SECRET
 
 pytestmark = pytest.mark.integration
 PARAMS = JobParams(
@@ -33,9 +38,10 @@ def _settings(stack, db: int, **overrides) -> Settings:
     )
 
 
-def _run_until_ended(settings: Settings, generate, prepare=None) -> tuple[JobRecord, list]:
+def _run_until_ended(settings: Settings, generate, prepare=None, seconds: float = 10) -> tuple[JobRecord, list]:
     """Submit a 1-image job, let `prepare(store, job_id)` tamper with the queue, run a consumer
-    until the job ends (10 s at most); returns its record and the dead-letter stream."""
+    until the job ends (`seconds` at most; Redis may be away meanwhile); returns its record and
+    the dead-letter stream."""
 
     async def scenario():
         store = JobStore.from_url(settings.redis_url, 600, settings.shard_size)
@@ -47,9 +53,13 @@ def _run_until_ended(settings: Settings, generate, prepare=None) -> tuple[JobRec
         consumer = Consumer(settings, store, ObjectStore(settings), generate, name="errors-test")
         loop = asyncio.create_task(consumer.run())
         try:
-            for _ in range(100):
-                record = await store.get(job_id)
-                if record.status.terminal:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                try:
+                    record = await store.get(job_id)
+                except RedisError:  # a test that takes Redis away
+                    record = None
+                if record is not None and record.status.terminal:
                     break
                 await asyncio.sleep(0.1)
         finally:
@@ -92,6 +102,58 @@ def test_an_unparseable_shard_fails_its_job_instead_of_stranding_it(stack):
     record, dead = _run_until_ended(_settings(stack, 4), never_called, break_the_shard)
     assert record.status == JobStatus.failed and record.error.code == "shard_unreadable"
     assert len(dead) == 1 and dead[0][1]["reason"] == "unparseable message"
+
+
+def _pixels(task: ShardTask) -> ShardResult:
+    image = np.full((task.count, 28, 28, 1), 128, dtype=np.uint8)
+    return ShardResult(job_id=task.job_id, shard=task.shard, pixels=image.tobytes(), shape=image.shape)
+
+
+def test_an_s3_outage_is_waited_out_without_spending_an_attempt(stack, tmp_path):
+    """S3 goes away while the shard samples and comes back 3 s later: the finished images wait
+    for it and the job succeeds with the one sampling call (it used to fail: every attempt
+    re-sampled and the attempts ran out within seconds)."""
+    from service.dev.servers import S3Server
+
+    with S3Server(tmp_path / "s3", access_key=S3_KEY, secret_key=S3_SECRET).start() as s3:
+        settings = _settings(stack, 5, s3_endpoint_url=s3.endpoint, s3_bucket="outage", s3_max_attempts=1)
+        ObjectStore(settings).ensure_bucket()
+        calls: list[int] = []
+
+        async def generate(task: ShardTask) -> ShardResult:
+            calls.append(task.attempt)
+            await asyncio.to_thread(s3.stop)
+            threading.Timer(3.0, s3.start).start()
+            return _pixels(task)
+
+        record, dead = _run_until_ended(settings, generate, seconds=90)
+        listed = ObjectStore(settings).client.list_objects_v2(Bucket="outage", Prefix=f"jobs/{record.id}/")
+    assert record.status == JobStatus.succeeded and record.error is None, record
+    assert calls == [1] and dead == []
+    assert [o["Key"] for o in listed.get("Contents", [])] == [f"jobs/{record.id}/00000.png"]
+
+
+def test_a_redis_blip_after_sampling_completes_the_shard_as_soon_as_redis_returns(stack, tmp_path):
+    """Redis stops right after sampling and restarts from its AOF 2 s later: the shard is
+    completed when Redis answers again, not after the 300 s visibility timeout, and its images
+    are not sampled a second time."""
+    from service.dev.servers import RedisServer
+
+    with RedisServer(tmp_path / "redis").start() as redis_server:
+        settings = _settings(stack, 0, redis_url=redis_server.url, visibility_timeout_seconds=300.0)
+        calls: list[int] = []
+
+        async def generate(task: ShardTask) -> ShardResult:
+            calls.append(task.attempt)
+            await asyncio.to_thread(redis_server.stop)
+            threading.Timer(2.0, redis_server.start).start()
+            return _pixels(task)
+
+        started = time.monotonic()
+        record, _ = _run_until_ended(settings, generate, seconds=60)
+        elapsed = time.monotonic() - started
+    assert record.status == JobStatus.succeeded and calls == [1]
+    assert elapsed < 30, f"took {elapsed:.0f} s"
 
 
 def test_readiness_details_stay_out_of_the_unauthenticated_answer():
