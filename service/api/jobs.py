@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 from typing import Annotated, Any
@@ -101,6 +102,11 @@ def job_view(record: JobRecord, ctx: Context) -> JobView:
     )
 
 
+async def _view(record: JobRecord, ctx: Context) -> JobView:
+    """job_view off the event loop: presigning a large job's URLs must not stall other requests."""
+    return await asyncio.to_thread(job_view, record, ctx)
+
+
 def _progress(record: JobRecord) -> Progress:
     return Progress(
         images_done=record.images_done,
@@ -130,7 +136,7 @@ async def submit_job(
     if not created:  # an earlier request made it: report its current state
         response.status_code = status.HTTP_200_OK
         try:
-            return job_view(await ctx.store.get_owned(job_id, owner), ctx)
+            return await _view(await ctx.store.get_owned(job_id, owner), ctx)
         except JobNotFound:  # the key outlived its job's record (both expire; the record first)
             raise HTTPException(
                 status.HTTP_409_CONFLICT, "Idempotency-Key belongs to a job that no longer exists; use a new key"
@@ -147,7 +153,7 @@ async def submit_job(
 @router.get("/{job_id}", response_model=JobView, responses=ERRORS)
 async def get_job(job_id: str, ctx: Ctx, owner: Owner) -> JobView:
     try:
-        return job_view(await ctx.store.get_owned(_known_format(job_id), owner), ctx)
+        return await _view(await ctx.store.get_owned(_known_format(job_id), owner), ctx)
     except JobNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
 
@@ -165,7 +171,7 @@ async def cancel_job(job_id: str, ctx: Ctx, owner: Owner) -> JobView:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
     except JobFinished as e:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job already {e.status.value}; nothing to cancel") from None
-    return job_view(record, ctx)
+    return await _view(record, ctx)
 
 
 @router.get("", response_model=JobList)
