@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # --- limits and queue semantics ---
     max_images_per_job: int = Field(1024, ge=1)
     max_steps: int = Field(1000, ge=1)
+    max_job_cost: int = Field(
+        262_144, ge=1, description="image-steps per job: num_images x steps, x2 with guidance (twice the rows)"
+    )
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     shard_size: int = Field(16, ge=1, description="images per shard; with guidance twins, at most the Denoiser's batch")
     visibility_timeout_seconds: float = Field(300.0, gt=0, description="idle time before a shard is reclaimed")

@@ -50,6 +50,14 @@ def resolve_params(body: JobCreate, ctx: Context) -> JobParams:
     if body.steps > max_steps:
         raise _invalid("steps", f"must be at most {max_steps} for model {model.name!r}", body.steps)
     _check_labels(body, model)
+    cost = body.num_images * body.steps * (2 if body.guidance_scale != 1.0 else 1)
+    if cost > ctx.settings.max_job_cost:
+        raise _invalid(
+            "num_images",
+            f"the job costs {cost:,} image-steps (num_images x steps, x2 with guidance); "
+            f"the limit is {ctx.settings.max_job_cost:,}: use fewer images or steps, or split the job",
+            body.num_images,
+        )
     return JobParams(
         model=model.name,
         num_images=body.num_images,

@@ -47,6 +47,7 @@ def backlog(client: redis.Redis) -> int:
 class ShardQueue:
     def __init__(self, client: aioredis.Redis) -> None:
         self.r = client
+        self._reclaim_from: dict[str, str] = {}  # consumer -> XAUTOCLAIM cursor
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if they do not exist yet."""
@@ -72,12 +73,26 @@ class ShardQueue:
         ]
 
     async def reclaim(self, consumer: str, idle_ms: int, count: int = 50) -> list[Message]:
-        """Take over messages idle for at least idle_ms (their consumer stopped heart-beating).
-        Entries deleted meanwhile come back without fields and are skipped."""
-        _next, claimed, *_ = await self.r.xautoclaim(
-            keys.SHARD_STREAM, keys.CONSUMER_GROUP, consumer, idle_ms, start_id="0-0", count=count
+        """Take over up to count messages idle for at least idle_ms (their consumer stopped
+        heart-beating), continuing from where this consumer's previous call stopped (so a long
+        pending list is walked, not its first page re-read). Entries deleted meanwhile come back
+        without fields and are skipped."""
+        start = self._reclaim_from.get(consumer, "0-0")
+        cursor, claimed, *_ = await self.r.xautoclaim(
+            keys.SHARD_STREAM, keys.CONSUMER_GROUP, consumer, idle_ms, start_id=start, count=count
         )
+        self._reclaim_from[consumer] = cursor  # "0-0" once the whole list was walked
         return [Message(mid, fields, parse_task(fields)) for mid, fields in claimed if fields]
+
+    async def prune_consumers(self, idle_ms: int, keep: str) -> list[str]:
+        """Remove group members idle for idle_ms that hold no pending message (replicas that
+        went away), except keep. Returns their names."""
+        gone = []
+        for c in await self.r.xinfo_consumers(keys.SHARD_STREAM, keys.CONSUMER_GROUP):
+            if c["name"] != keep and c["pending"] == 0 and c["idle"] >= idle_ms:
+                await self.r.xgroup_delconsumer(keys.SHARD_STREAM, keys.CONSUMER_GROUP, c["name"])
+                gone.append(c["name"])
+        return gone
 
     async def heartbeat(self, consumer: str, message_id: str) -> None:
         """Reset the message's idle time, so nobody reclaims it while consumer works on it."""

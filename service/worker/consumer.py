@@ -30,6 +30,7 @@ from service.storage import STORAGE_ERRORS, ObjectStore, image_key
 from undiffuse.images import png_bytes
 
 log = logging.getLogger("ray.serve")
+DEAD_CONSUMER_IDLE_MS = 24 * 3600 * 1000
 
 
 def job_id_of(fields: dict) -> str | None:
@@ -119,6 +120,9 @@ class Consumer:
             log.warning("reclaimed shard %s/%d from a silent consumer", task.job_id, task.shard)
             metrics.shard_retries_total().inc(tags={"reason": "reclaimed"})
             await self.queue.requeue(message.id, task.model_copy(update={"last_error": "consumer timed out"}))
+        # consumers of replicas that went away, once they hold nothing (a day without a read)
+        for name in await self.queue.prune_consumers(DEAD_CONSUMER_IDLE_MS, keep=self.name):
+            log.info("removed idle consumer %s from the group", name)
 
     async def _drop_unparseable(self, message: Message) -> None:
         """Dead-letter a message that is not a ShardTask, and fail its job if it names one: left

@@ -109,3 +109,26 @@ def test_bearer_scheme_is_case_insensitive_and_headers_are_bounded(stack):
         assert c.get("/v1/models", headers={"Authorization": "Bearer"}).status_code == 401
         r = c.get("/v1/models", headers={"Authorization": f"Bearer {KEY_A}", "X-Padding": "x" * 20_000})
         assert 400 <= r.status_code < 500, r.status_code
+
+
+def test_a_job_over_the_cost_limit_is_refused(stack):
+    """max_job_cost (262,144 image-steps) bounds what one job may take: 1,024 images x 1,000 steps
+    x 2 (guided rows) is refused naming num_images; the stack's own 64-image limit would refuse it
+    first, so the resolver is called with a 1,024-image limit."""
+    from types import SimpleNamespace
+
+    from fastapi.exceptions import RequestValidationError
+
+    from service.api.jobs import resolve_params
+    from service.api.schemas import JobCreate
+    from service.models import ModelRegistry
+
+    ctx = SimpleNamespace(
+        settings=stack.settings.model_copy(update={"max_images_per_job": 1024}),
+        registry=ModelRegistry(stack.settings.model_dir, stack.settings.default_model),
+    )
+    with pytest.raises(RequestValidationError) as err:
+        resolve_params(JobCreate(num_images=1024, steps=1000, class_label=1, guidance_scale=30), ctx)
+    detail = err.value.errors()[0]
+    assert detail["loc"] == ("body", "num_images") and "2,048,000 image-steps" in detail["msg"]
+    assert resolve_params(JobCreate(num_images=1024, steps=250, class_label=1), ctx).num_images == 1024

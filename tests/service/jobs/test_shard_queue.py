@@ -101,3 +101,24 @@ def test_backlog_reads_the_depth_with_a_sync_client(store, run, redis_server):
     enqueue(q, run, tasks(3))
     client = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/7")
     assert backlog(client) == run(q.depth()) == 3
+
+
+def test_reclaim_walks_a_long_pending_list_page_by_page(store, run):
+    q = store.queue
+    enqueue(q, run, tasks(5))
+    run(q.read("dead-consumer", 10, 10))
+    time.sleep(0.05)
+    pages = [run(q.reclaim("rescuer", idle_ms=10, count=2)) for _ in range(3)]
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert sorted(m.task.shard for p in pages for m in p) == [0, 1, 2, 3, 4]  # each once, in order
+
+
+def test_idle_consumers_without_pending_messages_are_pruned(store, run):
+    q = store.queue
+    enqueue(q, run, tasks(1))
+    run(q.read("busy", 1, 10))  # holds a pending message
+    run(q.read("gone", 1, 10))  # nothing left for it: joins the group with nothing pending
+    time.sleep(0.05)
+    assert run(q.prune_consumers(10, keep="me")) == ["gone"]
+    names = {c["name"] for c in run(q.r.xinfo_consumers(keys.SHARD_STREAM, keys.CONSUMER_GROUP))}
+    assert names == {"busy"}
