@@ -199,7 +199,6 @@ class DenoisingEngine:
         self._arrivals = itertools.count()
         self._canceled: set[Hashable] = set()
         self._batch: _Batch | None = None
-        self.steps_run = 0
         self._timings: deque[tuple[Any, Any, int, str]] = deque(maxlen=100_000)  # (start, end, images, sampler)
 
     # --- the public surface ----------------------------------------------------------------------
@@ -281,7 +280,6 @@ class DenoisingEngine:
                 slot.pos += 1
             else:
                 slot.waited += 1
-        self.steps_run += 1
         names = {s.request.sampler for s in selected}
         self._timings.append((started, self._mark(), batch.x.shape[0], names.pop() if len(names) == 1 else "mixed"))
         return self._collect_finished(batch)

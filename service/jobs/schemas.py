@@ -66,12 +66,6 @@ class ShardTask(BaseModel):
     last_error: str | None = None
     params: JobParams
 
-    @property
-    def batch_key(self) -> tuple:
-        """Shards with the same key can be denoised as one batch."""
-        p = self.params
-        return (p.model, p.sampler, tuple(sorted(p.sampler_options.items())), p.steps, p.guidance_scale)
-
 
 class ShardResult(BaseModel):
     """What the Denoiser returns for a shard: PNG-ready pixels, or canceled."""

@@ -123,8 +123,7 @@ class JobRecord:
         """(start, count) of one shard, as the job was cut when it was submitted."""
         if not 0 <= shard < self.num_shards:
             raise ValueError(f"job {self.id} has no shard {shard} (it has {self.num_shards})")
-        start = shard * self.shard_size
-        return start, min(self.shard_size, self.params.num_images - start)
+        return shard_range(self.params.num_images, self.shard_size, shard)
 
     @property
     def step(self) -> int:
@@ -138,10 +137,15 @@ def body_hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def shard_range(num_images: int, shard_size: int, shard: int) -> tuple[int, int]:
+    """(start, count) of shard k when num_images are cut in shards of at most shard_size."""
+    start = shard * shard_size
+    return start, min(shard_size, num_images - start)
+
+
 def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
     """[(start, count)] covering 0..num_images-1 in shards of at most shard_size."""
-    n = math.ceil(num_images / shard_size)
-    return [(k * shard_size, min(shard_size, num_images - k * shard_size)) for k in range(n)]
+    return [shard_range(num_images, shard_size, k) for k in range(math.ceil(num_images / shard_size))]
 
 
 class JobStore:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -104,14 +105,32 @@ def test_an_unparseable_shard_fails_its_job_instead_of_stranding_it(stack):
     assert len(dead) == 1 and dead[0][1]["reason"] == "unparseable message"
 
 
-def _join(timer: threading.Timer) -> None:
-    if timer.ident is not None:  # started
-        timer.join()
-
-
 def _pixels(task: ShardTask) -> ShardResult:
     image = np.full((task.count, 28, 28, 1), 128, dtype=np.uint8)
     return ShardResult(job_id=task.job_id, shard=task.shard, pixels=image.tobytes(), shape=image.shape)
+
+
+@contextmanager
+def _server_away_while_sampling(server, seconds: float):
+    """Yields (generate, calls): a Denoiser stand-in that stops `server` while it "samples",
+    starts it again `seconds` later (once, whatever the retries) and returns finished pixels.
+    The restart is joined on exit, so the server is back before its own `with` stops it:
+    nothing outlives the test, even a failing one."""
+    calls: list[int] = []
+    restart = threading.Timer(seconds, server.start)
+
+    async def generate(task: ShardTask) -> ShardResult:
+        calls.append(task.attempt)
+        await asyncio.to_thread(server.stop)
+        if restart.ident is None:
+            restart.start()
+        return _pixels(task)
+
+    try:
+        yield generate, calls
+    finally:
+        if restart.ident is not None:
+            restart.join()
 
 
 def test_an_s3_outage_is_waited_out_without_spending_an_attempt(stack, tmp_path):
@@ -123,20 +142,8 @@ def test_an_s3_outage_is_waited_out_without_spending_an_attempt(stack, tmp_path)
     with S3Server(tmp_path / "s3", access_key=S3_KEY, secret_key=S3_SECRET).start() as s3:
         settings = _settings(stack, 5, s3_endpoint_url=s3.endpoint, s3_bucket="outage", s3_max_attempts=1)
         ObjectStore(settings).ensure_bucket()
-        calls: list[int] = []
-        restart = threading.Timer(3.0, s3.start)
-
-        async def generate(task: ShardTask) -> ShardResult:
-            calls.append(task.attempt)
-            await asyncio.to_thread(s3.stop)
-            if restart.ident is None:  # once: a retry must not restart it again
-                restart.start()
-            return _pixels(task)
-
-        try:
+        with _server_away_while_sampling(s3, 3.0) as (generate, calls):
             record, dead = _run_until_ended(settings, generate, seconds=90)
-        finally:
-            _join(restart)  # the server is back before `with` stops it: nothing outlives the test
         listed = ObjectStore(settings).client.list_objects_v2(Bucket="outage", Prefix=f"jobs/{record.id}/")
     assert record.status == JobStatus.succeeded and record.error is None, record
     assert calls == [1] and dead == []
@@ -151,21 +158,9 @@ def test_a_redis_blip_after_sampling_completes_the_shard_as_soon_as_redis_return
 
     with RedisServer(tmp_path / "redis").start() as redis_server:
         settings = _settings(stack, 0, redis_url=redis_server.url, visibility_timeout_seconds=300.0)
-        calls: list[int] = []
-        restart = threading.Timer(2.0, redis_server.start)
-
-        async def generate(task: ShardTask) -> ShardResult:
-            calls.append(task.attempt)
-            await asyncio.to_thread(redis_server.stop)
-            if restart.ident is None:  # once: a retry must not restart it again
-                restart.start()
-            return _pixels(task)
-
         started = time.monotonic()
-        try:
+        with _server_away_while_sampling(redis_server, 2.0) as (generate, calls):
             record, _ = _run_until_ended(settings, generate, seconds=60)
-        finally:
-            _join(restart)
         elapsed = time.monotonic() - started
     assert record.status == JobStatus.succeeded and calls == [1]
     assert elapsed < 30, f"took {elapsed:.0f} s"
