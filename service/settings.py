@@ -63,8 +63,13 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     shard_size: int = Field(16, ge=1, description="images per shard; with guidance twins, at most the Denoiser's batch")
-    visibility_timeout_seconds: float = Field(300.0, gt=0, description="idle time before a shard is reclaimed")
+    visibility_timeout_seconds: float = Field(
+        20.0, gt=0, description="a shard not heart-beaten for this long (its Worker died) is reclaimed"
+    )
     max_attempts: int = Field(3, ge=1, description="tries per shard before its job fails")
+    max_interruptions: int = Field(
+        10, ge=0, description="times a Denoiser replica may die under one shard before that counts as an attempt"
+    )
     shard_timeout_seconds: float = Field(1800.0, gt=0, description="longest a shard may sample before it is retried")
     worker_concurrency: int = Field(4, ge=1, description="shards in flight per worker replica")
     dependency_patience_seconds: float = Field(

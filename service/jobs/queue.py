@@ -103,8 +103,11 @@ class ShardQueue:
 
     async def requeue(self, message_id: str, task: ShardTask) -> None:
         """Put the shard back as its next attempt and ack the old message, atomically."""
-        retry = task.model_copy(update={"attempt": task.attempt + 1})
-        await self._settle(message_id, keys.SHARD_STREAM, {"task": retry.model_dump_json()})
+        await self.put_back(message_id, task.model_copy(update={"attempt": task.attempt + 1}))
+
+    async def put_back(self, message_id: str, task: ShardTask) -> None:
+        """Put the shard back as it is given (no attempt spent) and ack the old message, atomically."""
+        await self._settle(message_id, keys.SHARD_STREAM, {"task": task.model_dump_json()})
 
     async def dead_letter(self, message_id: str, fields: dict[str, str], reason: str) -> None:
         """Move a message (a shard out of attempts, or one that does not parse) to the

@@ -63,6 +63,7 @@ class ShardTask(BaseModel):
     count: int
     owner: str | None = None  # who submitted the job: the Denoiser shares its batch fairly by owner
     attempt: int = 1
+    interruptions: int = 0  # times a replica died under the shard: not the shard's failure
     last_error: str | None = None
     params: JobParams
 

@@ -42,6 +42,11 @@ def job_id_of(fields: dict) -> str | None:
     return job_id if isinstance(job_id, str) and job_id else None
 
 
+class ReplicaLost(Exception):
+    """The Denoiser replica sampling a shard died (raised by `generate`). Not the shard's failure
+    unless it keeps happening: see Settings.max_interruptions."""
+
+
 Generate = Callable[[ShardTask], Awaitable[ShardResult]]
 
 
@@ -168,6 +173,9 @@ class Consumer:
                 timeout = self.settings.shard_timeout_seconds
                 await self._retry(message_id, task, f"sampling timed out after {timeout:g} s", "timeout")
                 return
+            except ReplicaLost as e:
+                await self._interrupted(message_id, task, e)
+                return
             except Exception as e:  # the Denoiser raised or its replica died
                 await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
                 return
@@ -233,13 +241,25 @@ class Consumer:
 
     async def _heartbeat(self, message_id: str) -> None:
         """Reset the message's idle time while we work on it, so nobody reclaims it."""
-        period = self.settings.visibility_timeout_seconds / 3
+        period = self.settings.visibility_timeout_seconds / 4
         while True:
             await asyncio.sleep(period)
             try:
                 await self.queue.heartbeat(self.name, message_id)
             except RedisError as e:
                 log.warning("heartbeat for %s failed: %s", message_id, e)
+
+    async def _interrupted(self, message_id: str, task: ShardTask, error: ReplicaLost) -> None:
+        """The replica died under the shard (killed, preempted, out of host memory): put the shard
+        back without spending an attempt; only a shard that keeps losing replicas counts it."""
+        if task.interruptions >= self.settings.max_interruptions:
+            await self._retry(message_id, task, f"the Denoiser replica died {task.interruptions + 1} times", "replica")
+            return
+        log.warning("shard %s/%d: Denoiser replica lost (%s); putting it back", task.job_id, task.shard, error)
+        metrics.shard_retries_total().inc(tags={"reason": "replica_lost"})
+        await asyncio.sleep(1.0)  # let Serve notice the death and route to a live replica
+        update = {"interruptions": task.interruptions + 1, "last_error": f"Denoiser replica lost: {error}"}
+        await self.queue.put_back(message_id, task.model_copy(update=update))
 
     async def _retry(self, message_id: str, task: ShardTask, reason: str, kind: str) -> None:
         log.warning("shard %s/%d attempt %d failed: %s", task.job_id, task.shard, task.attempt, reason)

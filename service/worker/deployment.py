@@ -6,13 +6,14 @@ import asyncio
 import logging
 
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from service.jobs.schemas import ShardResult, ShardTask
 from service.jobs.store import JobStore
 from service.settings import Settings
 from service.storage import ObjectStore
-from service.worker.consumer import Consumer
+from service.worker.consumer import Consumer, ReplicaLost
 
 log = logging.getLogger("ray.serve")
 
@@ -30,7 +31,10 @@ class Worker:
         self.loop_task = asyncio.get_running_loop().create_task(self.consumer.run())
 
     async def _generate(self, task: ShardTask) -> ShardResult:
-        return await self.denoiser.generate.remote(task)
+        try:
+            return await self.denoiser.generate.remote(task)
+        except RayActorError as e:  # the replica died (ActorDiedError, ActorUnavailableError): not the shard
+            raise ReplicaLost(type(e).__name__) from e
 
     def check_health(self) -> None:
         if self.loop_task.done():

@@ -19,7 +19,7 @@ from service.jobs.schemas import JobParams, JobStatus, ShardResult, ShardTask
 from service.jobs.store import JobRecord, JobStore
 from service.settings import Settings
 from service.storage import ObjectStore
-from service.worker.consumer import Consumer
+from service.worker.consumer import Consumer, ReplicaLost
 from tests.service.conftest import S3_KEY, S3_SECRET
 
 pytestmark = pytest.mark.integration
@@ -103,6 +103,39 @@ def test_an_unparseable_shard_fails_its_job_instead_of_stranding_it(stack):
     record, dead = _run_until_ended(_settings(stack, 4), never_called, break_the_shard)
     assert record.status == JobStatus.failed and record.error.code == "shard_unreadable"
     assert len(dead) == 1 and dead[0][1]["reason"] == "unparseable message"
+
+
+def test_a_lost_denoiser_replica_does_not_spend_an_attempt(stack):
+    """Replicas that die under a shard (kill -9, preemption) put it back without spending its
+    attempts: with max_attempts=1 the shard still succeeds on its third delivery."""
+    calls: list[tuple[int, int]] = []
+
+    async def dies_twice(task: ShardTask) -> ShardResult:
+        calls.append((task.attempt, task.interruptions))
+        if len(calls) <= 2:
+            raise ReplicaLost("ActorDiedError")
+        return _pixels(task)
+
+    record, dead = _run_until_ended(_settings(stack, 3, max_attempts=1), dies_twice)
+    assert record.status == JobStatus.succeeded and record.images_done == 1
+    assert calls == [(1, 0), (1, 1), (1, 2)]
+    assert dead == []
+
+
+def test_a_shard_that_keeps_killing_replicas_fails_its_job(stack):
+    """A shard under which the replica always dies (it crashes it, say) is not retried forever:
+    after max_interruptions losses each further loss spends an attempt."""
+    calls: list[tuple[int, int]] = []
+
+    async def always_dies(task: ShardTask) -> ShardResult:
+        calls.append((task.attempt, task.interruptions))
+        raise ReplicaLost("ActorDiedError")
+
+    settings = _settings(stack, 3, max_attempts=2, max_interruptions=1)
+    record, dead = _run_until_ended(settings, always_dies, seconds=20)
+    assert record.status == JobStatus.failed and "replica died" in record.error.message
+    assert calls == [(1, 0), (1, 1), (2, 1)]
+    assert len(dead) == 1
 
 
 def _pixels(task: ShardTask) -> ShardResult:
