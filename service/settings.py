@@ -1,7 +1,8 @@
 """All configuration, validated once at start-up. No other module reads the environment.
 
 Every field can be set as an environment variable with the UNDIFFUSE_ prefix
-(UNDIFFUSE_REDIS_URL, UNDIFFUSE_S3_BUCKET, UNDIFFUSE_API_KEYS=key1,key2, ...).
+(UNDIFFUSE_REDIS_URL, UNDIFFUSE_S3_BUCKET, UNDIFFUSE_API_KEYS=alice=sha256:<hex>,..., see
+service.keys).
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service import keys as api_keys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLACEHOLDER_SECRETS = {"", "changeme", "localsecret", "REPLACE_ME"}
@@ -77,7 +80,15 @@ class Settings(BaseSettings):
     )
 
     # --- auth ---
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="[owner=]sha256:<hex> entries (service.keys); empty: no auth"
+    )
+    _key_owners: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def key_owners(self) -> dict[str, str]:
+        """{SHA-256 hex of a key: owner id}."""
+        return self._key_owners
 
     @model_validator(mode="before")
     @classmethod
@@ -87,10 +98,20 @@ class Settings(BaseSettings):
         return data
 
     @model_validator(mode="after")
+    def _parse_keys(self) -> Settings:
+        self._key_owners = api_keys.parse(self.api_keys)
+        return self
+
+    @model_validator(mode="after")
     def _production_needs_real_secrets(self) -> Settings:
         if self.environment == "production":
             if self.s3_secret_access_key.get_secret_value() in PLACEHOLDER_SECRETS:
                 raise ValueError("UNDIFFUSE_S3_SECRET_ACCESS_KEY is a placeholder; set a real secret in production")
             if not self.api_keys or any(k in PLACEHOLDER_SECRETS for k in self.api_keys):
                 raise ValueError("UNDIFFUSE_API_KEYS is empty or a placeholder; production requires API keys")
+            if not all(api_keys.is_hashed(k) for k in self.api_keys):
+                raise ValueError(
+                    "UNDIFFUSE_API_KEYS holds a plain key; production takes owner=sha256:<hex> entries "
+                    "(python -m service.keys new <owner>)"
+                )
         return self

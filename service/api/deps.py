@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, status
 
+from service import keys
 from service.jobs.lifecycle import JobLifecycle
 from service.jobs.store import JobStore
 from service.models import ModelRegistry
@@ -49,19 +48,21 @@ ANONYMOUS = "anonymous"
 
 
 def get_owner(ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -> str:
-    """With API keys configured, require `Authorization: Bearer <key>`; the owner is a hash of
-    the key, so a key sees only its own jobs. Without keys everyone is the same owner."""
-    keys = ctx.settings.api_keys
-    if not keys:
+    """With API keys configured, require `Authorization: Bearer <key>`; the owner is the id its
+    configuration entry gives it (service.keys), so a key sees only its owner's jobs. Without
+    keys everyone is the same owner."""
+    owners = ctx.settings.key_owners
+    if not owners:
         return ANONYMOUS
     challenge = {"WWW-Authenticate": "Bearer"}
     scheme, _, presented = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():  # schemes are case-insensitive (RFC 9110)
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing Authorization: Bearer <api key>", challenge)
-    presented = presented.strip()
-    if not any(hmac.compare_digest(presented.encode(), k.encode()) for k in keys):
+    # a lookup by the key's SHA-256: what a timing difference could reveal is a prefix of a hash
+    owner = owners.get(keys.digest(presented.strip()))
+    if owner is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key", challenge)
-    return hashlib.sha256(presented.encode()).hexdigest()[:24]
+    return owner
 
 
 Owner = Annotated[str, Depends(get_owner)]

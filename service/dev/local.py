@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from service.dev.servers import RedisServer, S3Server
+from service.keys import digest
 from service.settings import REPO_ROOT
 
 
@@ -64,7 +65,7 @@ Ctrl-C stops everything."""
                 "s3_endpoint_url": s3.endpoint,
                 "s3_access_key_id": "undiffuse",
                 "s3_secret_access_key": s3_secret,
-                "api_keys": [api_key],
+                "api_keys": [f"local=sha256:{digest(api_key)}"],  # configuration holds hashes only
             },
         )
     )

@@ -10,9 +10,11 @@ import httpx
 import pytest
 
 from service.dev.servers import RedisServer, S3Server, free_port
+from service.keys import digest
 from service.settings import REPO_ROOT, Settings
 
 KEY_A, KEY_B = "test-key-alice", "test-key-bob"
+KEY_CAROL_OLD, KEY_CAROL_NEW = "test-key-carol-2025", "test-key-carol-2026"  # one owner, two keys
 S3_KEY, S3_SECRET = "testaccess", "testsecret-0123456789"
 
 
@@ -66,7 +68,12 @@ def _serve_stack(redis: RedisServer, s3: S3Server):
         "s3_access_key_id": S3_KEY,
         "s3_secret_access_key": S3_SECRET,
         "s3_bucket": "undiffuse-test",
-        "api_keys": [KEY_A, KEY_B],
+        "api_keys": [
+            KEY_A,  # plain keys (development): owner id = the first 24 hex digits of the key's hash
+            f"sha256:{digest(KEY_B)}",  # the same owner id, from the hash alone
+            f"carol=sha256:{digest(KEY_CAROL_OLD)}",
+            f"carol=sha256:{digest(KEY_CAROL_NEW)}",
+        ],
         "model_dir": str(REPO_ROOT / "models"),
         "max_images_per_job": 64,
         "shard_size": 4,
@@ -124,7 +131,6 @@ def enqueue_unrunnable_job(stack: Stack) -> str:
     """A job of Alice's that the Denoiser cannot run (more steps than the model has, which the
     API would refuse), written straight to Redis: its shard fails every attempt."""
     import asyncio
-    import hashlib
 
     from service.jobs.schemas import JobParams
     from service.jobs.store import JobStore
@@ -134,7 +140,7 @@ def enqueue_unrunnable_job(stack: Stack) -> str:
         params = JobParams(
             model="mnist", num_images=2, steps=5000, sampler="ddim", eta=0.0, seed=1, class_label=1, guidance_scale=1.0
         )
-        owner = hashlib.sha256(KEY_A.encode()).hexdigest()[:24]  # as service.api.deps computes it
+        owner = digest(KEY_A)[:24]  # the owner id of a plain key (service.keys)
         job_id, _, _ = await store.submit(owner, params, {"unrunnable": True})
         await store.close()
         return job_id

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.service.conftest import KEY_B, wait_for_status
+from tests.service.conftest import KEY_B, KEY_CAROL_NEW, KEY_CAROL_OLD, wait_for_status
 
 pytestmark = pytest.mark.integration
 
@@ -132,3 +132,14 @@ def test_a_job_over_the_cost_limit_is_refused(stack):
     detail = err.value.errors()[0]
     assert detail["loc"] == ("body", "num_images") and "2,048,000 image-steps" in detail["msg"]
     assert resolve_params(JobCreate(num_images=1024, steps=250, class_label=1), ctx).num_images == 1024
+
+
+def test_a_rotated_key_keeps_its_owners_jobs(stack):
+    """Two hashed entries of one owner: a job submitted with the old key is the new key's too,
+    and nobody else's."""
+    with stack.client(KEY_CAROL_OLD) as old, stack.client(KEY_CAROL_NEW) as new, stack.client(KEY_B) as bob:
+        job = old.post("/v1/jobs", json={"num_images": 1, "class_label": 3, "steps": 2}).json()
+        assert new.get(f"/v1/jobs/{job['id']}").status_code == 200
+        assert job["id"] in [j["id"] for j in new.get("/v1/jobs").json()["jobs"]]
+        assert bob.get(f"/v1/jobs/{job['id']}").status_code == 404
+        wait_for_status(new, job["id"], {"succeeded"})

@@ -1,0 +1,52 @@
+"""API key entries (service.keys) and how Settings takes them. No servers."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service import keys
+from service.settings import Settings
+
+HEX = "ab" * 32
+
+
+def test_entries_map_key_hashes_to_owners():
+    owners = keys.parse([f"alice=sha256:{HEX}", f"alice=sha256:{'cd' * 32}", "plain-key", f"sha256:{'ef' * 32}"])
+    assert owners[HEX] == owners["cd" * 32] == "alice"
+    assert owners[keys.digest("plain-key")] == keys.digest("plain-key")[:24]
+    assert owners["ef" * 32] == "ef" * 12
+
+
+@pytest.mark.parametrize(
+    "entry, fragment",
+    [
+        ("alice=sha256:ABC", "64 lower-case hex"),
+        (f"alice=sha256:{HEX[:-1]}", "64 lower-case hex"),
+        ("bad owner=key", r"not \[owner=\]"),
+    ],
+)
+def test_malformed_entries_are_refused_without_echoing_them(entry, fragment):
+    with pytest.raises(ValueError, match=fragment) as info:
+        keys.parse([entry])
+    assert "ABC" not in str(info.value) and HEX[:-1] not in str(info.value)
+
+
+def test_one_key_cannot_belong_to_two_owners():
+    with pytest.raises(ValueError, match="second owner"):
+        keys.parse([f"alice=sha256:{HEX}", f"bob=sha256:{HEX}"])
+
+
+def test_production_takes_hashed_keys_only():
+    secret = "s3-secret-0123456789abcdef"
+    with pytest.raises(ValidationError, match="plain key"):
+        Settings(environment="production", s3_secret_access_key=secret, api_keys=["a-plain-key"])
+    settings = Settings(environment="production", s3_secret_access_key=secret, api_keys=f"alice=sha256:{HEX}")
+    assert settings.key_owners == {HEX: "alice"}
+
+
+def test_the_new_command_prints_a_key_and_its_entry(capsys):
+    assert keys.main(["new", "alice"]) == 0
+    out = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
+    key, entry = out["key"].strip(), out["entry"].strip()
+    assert keys.parse([entry]) == {keys.digest(key): "alice"}
