@@ -7,6 +7,7 @@ from ray.serve.handle import DeploymentHandle
 
 from service.api.app import app
 from service.api.deps import Context, set_context
+from service.api.quotas import SubmissionQuota
 from service.jobs.lifecycle import JobLifecycle
 from service.jobs.store import JobStore
 from service.models import ModelRegistry
@@ -28,9 +29,10 @@ class Ingress:
             Context(
                 settings=settings,
                 store=store,
-                lifecycle=JobLifecycle(store),
+                lifecycle=JobLifecycle(store, purge_delay_seconds=settings.purge_delay_seconds),
                 objects=objects,
                 registry=ModelRegistry(settings.model_dir, settings.default_model),
                 denoiser=denoiser,
+                quota=SubmissionQuota(settings),
             )
         )

@@ -65,6 +65,13 @@ class Settings(BaseSettings):
         262_144, ge=1, description="image-steps per job: num_images x steps, x2 with guidance (twice the rows)"
     )
     max_body_bytes: int = Field(64 * 1024, ge=1024)
+    max_jobs_in_flight_per_key: int = Field(64, ge=1, description="queued + running jobs per owner; more get 429")
+    max_submissions_per_minute_per_key: int = Field(
+        120, ge=1, description="job submissions per owner in any 60 s window (moving window); more get 429"
+    )
+    purge_delay_seconds: float = Field(
+        60.0, ge=0, description="after a job fails, is canceled or deleted, when its images are deleted"
+    )
     shard_size: int = Field(16, ge=1, description="images per shard; with guidance twins, at most the Denoiser's batch")
     visibility_timeout_seconds: float = Field(
         20.0, gt=0, description="a shard not heart-beaten for this long (its Worker died) is reclaimed"

@@ -13,9 +13,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 from service.settings import Settings
 
 
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/"
+
+
 def image_key(job_id: str, index: int) -> str:
     """Deterministic, so a retried shard overwrites its images instead of duplicating them."""
-    return f"jobs/{job_id}/{index:05d}.png"
+    return f"{job_prefix(job_id)}{index:05d}.png"
 
 
 class ObjectStore:
@@ -54,6 +58,23 @@ class ObjectStore:
     def put_png(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="image/png")
 
+    def delete_job(self, job_id: str) -> int:
+        """Delete every object of a job (idempotent); returns how many there were."""
+        deleted = 0
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=job_prefix(job_id))
+        for page in pages:
+            objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if objects:  # a page holds at most 1,000 keys, DeleteObjects' limit
+                reply = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+                if reply.get("Errors"):
+                    first = reply["Errors"][0]
+                    raise ObjectsNotDeleted(f"could not delete {len(reply['Errors'])} objects: {first.get('Code')}")
+                deleted += len(objects)
+        with self._lock:  # URLs of deleted objects must not be handed out again
+            for key in [k for k in self._presigned if k.startswith(job_prefix(job_id))]:
+                del self._presigned[key]
+        return deleted
+
     def presign(self, key: str) -> str:
         """A presigned GET URL for key, valid for at least half of presign_expiry_seconds.
 
@@ -75,5 +96,9 @@ class ObjectStore:
         return url
 
 
-STORAGE_ERRORS = (BotoCoreError, ClientError)
+class ObjectsNotDeleted(Exception):
+    """DeleteObjects answered, but refused some of the keys."""
+
+
+STORAGE_ERRORS = (BotoCoreError, ClientError, ObjectsNotDeleted)
 PRESIGN_CACHE_SIZE = 100_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 from fastapi import FastAPI, Request
@@ -14,7 +15,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.api import catalog, health, jobs
 from service.api.deps import get_context
+from service.storage import STORAGE_ERRORS
 
+log = logging.getLogger("ray.serve")
 MAX_HEADER_BYTES = 16 * 1024
 DESCRIPTION = """Submit image-generation jobs, poll them, and download the PNGs from S3-compatible
 storage through presigned URLs. See the README for a curl session."""
@@ -60,6 +63,17 @@ def create_app() -> FastAPI:
             headers={"Retry-After": "5"},
         )
 
+    async def storage_down(_request: Request, exc: Exception) -> JSONResponse:
+        """The details (endpoint URLs) go to the log, not to the client."""
+        log.warning("object storage error: %s: %s", type(exc).__name__, exc)
+        return JSONResponse(
+            {"detail": "object storage unavailable; retry later (a job is kept until its images are deleted)"},
+            status_code=503,
+            headers={"Retry-After": "10"},
+        )
+
+    for error in STORAGE_ERRORS:
+        app.add_exception_handler(error, storage_down)
     return app
 
 

@@ -25,6 +25,7 @@ class Context:
     objects: ObjectStore
     registry: ModelRegistry
     denoiser: Any  # a DeploymentHandle to the Denoiser (None when run without Serve)
+    quota: Any = None  # service.api.quotas.SubmissionQuota (None: no rate limit)
 
 
 _context: Context | None = None

@@ -5,22 +5,33 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 
 from service.api.deps import Context, Ctx, Owner
+from service.api.quotas import too_many
 from service.api.schemas import ImageResult, JobCreate, JobList, JobSummary, JobView, Progress
 from service.jobs.schemas import JobParams, JobStatus
-from service.jobs.store import IdempotencyConflict, JobFinished, JobNotFound, JobRecord
+from service.jobs.store import (
+    Cursor,
+    IdempotencyConflict,
+    JobFinished,
+    JobNotFound,
+    JobRecord,
+    TooManyJobsInFlight,
+)
 from service.storage import image_key
 from undiffuse.config import ModelSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND = "job not found"
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as submit_job makes them
+CURSOR = re.compile(r"(?P<score>[0-9]{1,20})\.(?P<job_id>[0-9a-f]{32})")
 ERRORS = {404: {"description": "no such job for this API key"}}
+MAX_RESULTS_PAGE = 1024
 
 
 def _known_format(job_id: str) -> str:
@@ -90,13 +101,24 @@ def _check_labels(body: JobCreate, model: ModelSpec) -> None:
             raise _invalid("class_label", f"{value} is out of range 0..{k - 1}", labels)
 
 
-def job_view(record: JobRecord, ctx: Context) -> JobView:
-    results = []
-    for shard in sorted(record.done_shards):
-        start, count = record.shard_range(shard)  # as the job was cut, whatever the setting is now
-        for index in range(start, start + count):
-            key = image_key(record.id, index)
-            results.append(ImageResult(index=index, seed=record.params.seed, key=key, url=ctx.objects.presign(key)))
+def job_view(record: JobRecord, ctx: Context, offset: int = 0, limit: int = MAX_RESULTS_PAGE) -> JobView:
+    """The job as the API shows it, with results [offset, offset + limit) of its finished images
+    (presigned here: call it off the event loop)."""
+    indices: list[int] = []
+    if record.status not in (JobStatus.failed, JobStatus.canceled):  # their images are being deleted
+        for shard in sorted(record.done_shards):
+            start, count = record.shard_range(shard)  # as the job was cut, whatever the setting is now
+            indices.extend(range(start, start + count))
+    page = indices[offset : offset + limit]
+    results = [
+        ImageResult(
+            index=i,
+            seed=record.params.seed,
+            key=image_key(record.id, i),
+            url=ctx.objects.presign(image_key(record.id, i)),
+        )
+        for i in page
+    ]
     return JobView(
         id=record.id,
         status=record.status,
@@ -107,12 +129,13 @@ def job_view(record: JobRecord, ctx: Context) -> JobView:
         finished_at=record.finished_at,
         error=record.error,
         results=results,
+        results_next_offset=offset + limit if offset + limit < len(indices) else None,
     )
 
 
-async def _view(record: JobRecord, ctx: Context) -> JobView:
+async def _view(record: JobRecord, ctx: Context, offset: int = 0, limit: int = MAX_RESULTS_PAGE) -> JobView:
     """job_view off the event loop: presigning a large job's URLs must not stall other requests."""
-    return await asyncio.to_thread(job_view, record, ctx)
+    return await asyncio.to_thread(job_view, record, ctx, offset, limit)
 
 
 def _progress(record: JobRecord) -> Progress:
@@ -124,7 +147,17 @@ def _progress(record: JobRecord) -> Progress:
     )
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobView)
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobView,
+    responses={
+        200: {"description": "a replay: the job this Idempotency-Key made", "model": JobView},
+        409: {"description": "the Idempotency-Key was used with another body"},
+        429: {"description": "a per-key quota is spent; retry after Retry-After seconds"},
+        503: {"description": "Redis is unreachable; nothing was queued, retry after Retry-After seconds"},
+    },
+)
 async def submit_job(
     body: JobCreate,
     ctx: Ctx,
@@ -132,14 +165,24 @@ async def submit_job(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobView:
-    """Validate and durably queue a job. The same Idempotency-Key and body return the same job."""
+    """Validate and durably queue a job. The same Idempotency-Key and body return the same job.
+
+    Per API key: at most max_submissions_per_minute_per_key submissions a minute and
+    max_jobs_in_flight_per_key jobs queued or running; beyond either, 429 with Retry-After."""
     params = resolve_params(body, ctx)
+    if ctx.quota is not None:
+        await ctx.quota.spend(owner)
+    limit = ctx.settings.max_jobs_in_flight_per_key
     try:
-        job_id, created, created_at = await ctx.store.submit(owner, params, body.model_dump(), idempotency_key)
+        job_id, created, created_at = await ctx.store.submit(
+            owner, params, body.model_dump(), idempotency_key, max_in_flight=limit
+        )
     except IdempotencyConflict:
         raise HTTPException(
             status.HTTP_409_CONFLICT, "Idempotency-Key was already used with a different body"
         ) from None
+    except TooManyJobsInFlight:
+        raise too_many(f"quota: at most {limit} jobs queued or running per API key; retry when one ends", 5) from None
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     if not created:  # an earlier request made it: report its current state
         response.status_code = status.HTTP_200_OK
@@ -159,11 +202,43 @@ async def submit_job(
 
 
 @router.get("/{job_id}", response_model=JobView, responses=ERRORS)
-async def get_job(job_id: str, ctx: Ctx, owner: Owner) -> JobView:
+async def get_job(
+    job_id: str,
+    ctx: Ctx,
+    owner: Owner,
+    results_offset: Annotated[int, Query(ge=0, le=2**31, description="first result to return")] = 0,
+    results_limit: Annotated[int, Query(ge=1, le=MAX_RESULTS_PAGE, description="results per page")] = MAX_RESULTS_PAGE,
+) -> JobView:
+    """The job's status, progress and finished images (presigned URLs), results paginated."""
     try:
-        return await _view(await ctx.store.get_owned(_known_format(job_id), owner), ctx)
+        record = await ctx.store.get_owned(_known_format(job_id), owner)
     except JobNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
+    return await _view(record, ctx, results_offset, results_limit)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={
+        **ERRORS,
+        409: {"description": "the job is still queued or running: cancel it first"},
+        503: {"description": "object storage or Redis is unreachable; nothing was deleted"},
+    },
+)
+async def delete_job(job_id: str, ctx: Ctx, owner: Owner) -> Response:
+    """Delete a finished job: its images first, then its record. Repeating it answers 404."""
+    try:
+        record = await ctx.store.get_owned(_known_format(job_id), owner)
+    except JobNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
+    if not record.status.terminal:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job is {record.status.value}; cancel it before deleting it")
+    await asyncio.to_thread(ctx.objects.delete_job, job_id)
+    await ctx.store.delete(job_id, owner)
+    # a shard retried by a slow duplicate could still upload: sweep the prefix once more later
+    await ctx.store.schedule_purge(job_id, time.time() + ctx.settings.purge_delay_seconds)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post(
@@ -188,12 +263,32 @@ async def list_jobs(
     owner: Owner,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[int | None, Query(ge=0, description="next_cursor of the previous page")] = None,
+    cursor: Annotated[str | None, Query(max_length=64, description="next_cursor of the previous page")] = None,
 ) -> JobList:
-    """The caller's jobs, newest first."""
-    records, next_cursor = await ctx.store.list_owned(owner, status_, limit, cursor)
+    """The caller's jobs, newest first, optionally only those of one status."""
+    records, next_cursor = await ctx.store.list_owned(owner, status_, limit, _parse_cursor(cursor))
     jobs = [
         JobSummary(id=r.id, status=r.status, progress=_progress(r), created_at=r.created_at, finished_at=r.finished_at)
         for r in records
     ]
-    return JobList(jobs=jobs, next_cursor=str(next_cursor) if next_cursor is not None else None)
+    return JobList(jobs=jobs, next_cursor=f"{next_cursor[0]}.{next_cursor[1]}" if next_cursor else None)
+
+
+def _parse_cursor(cursor: str | None) -> Cursor | None:
+    """A next_cursor this API issued, or 422. (It is a position only: another key's cursor just
+    positions the caller in its own list.)"""
+    if cursor is None:
+        return None
+    match = CURSOR.fullmatch(cursor)
+    if match is None:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("query", "cursor"),
+                    "msg": "not a cursor this API issued",
+                    "input": cursor,
+                }
+            ]
+        )
+    return int(match["score"]), match["job_id"]

@@ -50,7 +50,13 @@ class JobView(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     error: JobError | None = None
-    results: list[ImageResult] = Field(default_factory=list)
+    results: list[ImageResult] = Field(
+        default_factory=list,
+        description="finished images, by index; none for failed or canceled jobs (their images are deleted)",
+    )
+    results_next_offset: int | None = Field(
+        None, description="more results follow: ask again with results_offset set to this"
+    )
 
 
 class JobSummary(BaseModel):

@@ -16,9 +16,18 @@ def job_done_shards(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:done"
 
 
+PURGE = f"{PREFIX}:purge"
+"""ZSET: job ids scored by when their objects are to be deleted (epoch seconds)."""
+
+
 def owner_jobs(owner: str) -> str:
     """ZSET: the owner's job ids scored by creation time (microseconds)."""
     return f"{PREFIX}:owner:{owner}:jobs"
+
+
+def owner_status_jobs(owner: str, status: str) -> str:
+    """ZSET: the owner's job ids of one status, scored as in owner_jobs (the status index)."""
+    return f"{PREFIX}:owner:{owner}:jobs:{status}"
 
 
 def idempotency(owner: str, key: str) -> str:

@@ -51,9 +51,12 @@ def record_metrics(event: JobStarted | JobEnded) -> None:
 
 
 class JobLifecycle:
-    def __init__(self, store: JobStore, listeners: list[Listener] | None = None) -> None:
+    def __init__(
+        self, store: JobStore, listeners: list[Listener] | None = None, purge_delay_seconds: float = 60.0
+    ) -> None:
         self.store = store
         self.listeners = listeners if listeners is not None else [record_metrics]
+        self.purge_delay = purge_delay_seconds
 
     def _emit(self, event: JobStarted | JobEnded) -> None:
         for listener in self.listeners:
@@ -64,31 +67,41 @@ class JobLifecycle:
 
     async def start(self, record: JobRecord) -> bool:
         """Mark the job running for one of its shards. False if the job already ended."""
-        outcome = await self.store.mark_running(record.id)
+        outcome = await self.store.mark_running(record.id, record.owner)
         if outcome == 1:
             self._emit(JobStarted(record.id, max(0.0, time.time() - record.created_at)))
         return outcome >= 0
 
-    async def complete_shard(self, task: ShardTask, created_at: float) -> bool:
+    async def complete_shard(self, task: ShardTask, record: JobRecord) -> bool:
         """Record a shard's images as done (idempotent); True if this finished the job."""
-        _status, finished = await self.store.complete_shard(task)
+        _status, finished = await self.store.complete_shard(task, record.owner)
         if finished:
-            self._emit(JobEnded(task.job_id, JobStatus.succeeded, time.time() - created_at))
+            self._emit(JobEnded(task.job_id, JobStatus.succeeded, time.time() - record.created_at))
         return finished
 
-    async def fail(self, job_id: str, error: JobError, created_at: float) -> bool:
-        """Fail an active job; False if it had already ended."""
-        if await self.store.finish(job_id, JobStatus.failed, error):
-            self._emit(JobEnded(job_id, JobStatus.failed, time.time() - created_at))
-            return True
-        return False
+    async def fail(self, record: JobRecord, error: JobError) -> bool:
+        """Fail an active job and have its images deleted; False if it had already ended."""
+        if not await self.store.finish(record.id, record.owner, JobStatus.failed, error):
+            return False
+        await self._purge_soon(record.id)
+        self._emit(JobEnded(record.id, JobStatus.failed, time.time() - record.created_at))
+        return True
+
+    async def _purge_soon(self, job_id: str) -> None:
+        """A failed or canceled job's images are deleted after purge_delay (shards still uploading
+        land first). Should this write fail, they go when the record expires."""
+        try:
+            await self.store.schedule_purge(job_id, time.time() + self.purge_delay)
+        except Exception:
+            log.exception("job %s: could not schedule the deletion of its images", job_id)
 
     async def cancel(self, job_id: str, owner: str) -> JobRecord:
         """Cancel the owner's active job and return its record: a queued job never runs, a
         running one stops at its next denoising step. JobNotFound / JobFinished otherwise."""
         await self.store.get_owned(job_id, owner)
-        if not await self.store.finish(job_id, JobStatus.canceled):
+        if not await self.store.finish(job_id, owner, JobStatus.canceled):
             raise JobFinished((await self.store.get_owned(job_id, owner)).status)
+        await self._purge_soon(job_id)
         record = await self.store.get_owned(job_id, owner)
         end = record.finished_at if record.finished_at is not None else time.time()
         self._emit(JobEnded(job_id, JobStatus.canceled, end - record.created_at))

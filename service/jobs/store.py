@@ -30,19 +30,38 @@ from service.jobs.connection import async_redis
 from service.jobs.queue import ShardQueue
 from service.jobs.schemas import JobError, JobParams, JobStatus, ShardTask
 
+# Every transition keeps the owner's status index (service.jobs.keys.owner_status_jobs) in step
+# with the record: its last 6 KEYS are the owner's (all jobs, queued, running, succeeded, failed,
+# canceled) sets, and its last ARGV is the job id.
+_INDEX = """
+local ORDER = {queued = 2, running = 3, succeeded = 4, failed = 5, canceled = 6}
+local function reindex(from, to)
+  local base, job_id = #KEYS - 6, ARGV[#ARGV]
+  local score = redis.call('ZSCORE', KEYS[base + 1], job_id)
+  redis.call('ZREM', KEYS[base + ORDER[from]], job_id)
+  if score then redis.call('ZADD', KEYS[base + ORDER[to]], score, job_id) end
+end
+"""
+
 # KEYS[1] job; ARGV now. Returns 1 when queued -> running, 0 when already running, -1 otherwise.
-_START = """
+_START = (
+    _INDEX
+    + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+  reindex('queued', 'running')
   return 1
 elseif s == 'running' then return 0 end
 return -1
 """
+)
 
 # KEYS[1] job, KEYS[2] done set; ARGV shard, count, steps, now, ttl.
 # Returns {new status, 1 if this call finished the job}.
-_COMPLETE_SHARD = """
+_COMPLETE_SHARD = (
+    _INDEX
+    + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return {'missing', 0} end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
@@ -53,20 +72,37 @@ end
 if (s == 'queued' or s == 'running') and
    redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'num_shards')) then
   redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[4])
+  reindex(s, 'succeeded')
   return {'succeeded', 1}
 end
 return {s, 0}
 """
+)
 
 # KEYS[1] job; ARGV new status, now, error JSON ('' for none). Returns 1 if it moved the job.
-_FINISH = """
+_FINISH = (
+    _INDEX
+    + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s == 'queued' or s == 'running' then
   redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
   if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
+  reindex(s, ARGV[1])
   return 1
 end
 return 0
+"""
+)
+
+# KEYS[1] job, KEYS[2] done set; ARGV job id. Deletes a finished job's record and index entries.
+# Returns the status it had ('missing' if none); an active job is left alone.
+_DELETE = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return 'missing' end
+if s == 'queued' or s == 'running' then return s end
+redis.call('DEL', KEYS[1], KEYS[2])
+for i = #KEYS - 5, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return s
 """
 
 
@@ -93,6 +129,18 @@ class IdempotencyConflict(Exception):
 
 class JobNotFound(Exception):
     pass
+
+
+class TooManyJobsInFlight(Exception):
+    """The owner already has its limit of queued and running jobs."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{limit} jobs already queued or running")
+        self.limit = limit
+
+
+Cursor = tuple[int, str]
+"""A position in an owner's job list: (creation score, job id) of the last job returned."""
 
 
 class JobFinished(Exception):
@@ -143,6 +191,11 @@ def shard_range(num_images: int, shard_size: int, shard: int) -> tuple[int, int]
     return start, min(shard_size, num_images - start)
 
 
+def index_keys(owner: str) -> list[str]:
+    """The owner's job sets in the order the transition scripts take them (see _INDEX)."""
+    return [keys.owner_jobs(owner), *(keys.owner_status_jobs(owner, s.value) for s in JobStatus)]
+
+
 def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
     """[(start, count)] covering 0..num_images-1 in shards of at most shard_size."""
     return [shard_range(num_images, shard_size, k) for k in range(math.ceil(num_images / shard_size))]
@@ -163,6 +216,7 @@ class JobStore:
         self._complete = client.register_script(_COMPLETE_SHARD)
         self._finish = client.register_script(_FINISH)
         self._record_steps = client.register_script(_RECORD_STEPS)
+        self._delete = client.register_script(_DELETE)
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: int, shard_size: int, timeout: float = 2.0) -> JobStore:
@@ -176,30 +230,44 @@ class JobStore:
 
     # --- submit --------------------------------------------------------------------------------
     async def submit(
-        self, owner: str, params: JobParams, body: dict, idempotency_key: str | None = None
+        self,
+        owner: str,
+        params: JobParams,
+        body: dict,
+        idempotency_key: str | None = None,
+        max_in_flight: int | None = None,
     ) -> tuple[str, bool, float]:
         """Create the job and enqueue its shards in one MULTI/EXEC. Returns (job id, created,
         created_at).
 
         With an idempotency key, the same key and body return the first job (created=False);
-        the same key with another body raises IdempotencyConflict.
+        the same key with another body raises IdempotencyConflict. With max_in_flight, an owner
+        who has that many jobs queued or running gets TooManyJobsInFlight (checked in the same
+        transaction, so concurrent submissions cannot overshoot it).
         """
         digest = body_hash(body)
         idem = keys.idempotency(owner, idempotency_key) if idempotency_key else None
+        active = [keys.owner_status_jobs(owner, s.value) for s in (JobStatus.queued, JobStatus.running)]
         job_id = uuid.uuid4().hex
         now = time.time()
         shards = shard_ranges(params.num_images, self.shard_size)
+        if max_in_flight is not None:
+            await self._prune(owner)
         async with self.r.pipeline(transaction=True) as pipe:
             while True:
                 try:
+                    await pipe.watch(*active, *([idem] if idem else []))
                     if idem:
-                        await pipe.watch(idem)
                         prior = await pipe.get(idem)
                         if prior is not None:
                             prior = json.loads(prior)
                             if prior["body_hash"] != digest:
                                 raise IdempotencyConflict(idempotency_key)
                             return prior["job_id"], False, 0.0
+                    if max_in_flight is not None:
+                        in_flight = sum([await pipe.zcard(k) for k in active])
+                        if in_flight >= max_in_flight:
+                            raise TooManyJobsInFlight(max_in_flight)
                     pipe.multi()
                     if idem:
                         pipe.set(idem, json.dumps({"job_id": job_id, "body_hash": digest}), ex=self.ttl)
@@ -224,8 +292,11 @@ class JobStore:
             },
         )
         pipe.expire(key, self.ttl)
-        pipe.zadd(keys.owner_jobs(owner), {job_id: int(now * 1e6)})
-        pipe.expire(keys.owner_jobs(owner), self.ttl)
+        score = int(now * 1e6)
+        for index in (keys.owner_jobs(owner), keys.owner_status_jobs(owner, JobStatus.queued.value)):
+            pipe.zadd(index, {job_id: score})
+            pipe.expire(index, self.ttl)
+        pipe.zadd(keys.PURGE, {job_id: now + self.ttl})  # its images go when its record does
         tasks = [
             ShardTask(job_id=job_id, shard=k, start=start, count=count, owner=owner, params=params)
             for k, (start, count) in enumerate(shards)
@@ -234,10 +305,20 @@ class JobStore:
 
     # --- read ----------------------------------------------------------------------------------
     async def get(self, job_id: str) -> JobRecord | None:
+        return (await self.get_many([job_id]))[0]
+
+    async def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        """The records of job_ids in one round trip (None where a job does not exist)."""
+        if not job_ids:
+            return []
         async with self.r.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keys.job(job_id))
-            pipe.smembers(keys.job_done_shards(job_id))
-            raw, done = await pipe.execute()
+            for job_id in job_ids:
+                pipe.hgetall(keys.job(job_id))
+                pipe.smembers(keys.job_done_shards(job_id))
+            replies = await pipe.execute()
+        return [self._record(job_id, replies[2 * i], replies[2 * i + 1]) for i, job_id in enumerate(job_ids)]
+
+    def _record(self, job_id: str, raw: dict, done: set) -> JobRecord | None:
         if not raw or "params" not in raw:
             return None
         err = raw.get("error")
@@ -265,42 +346,77 @@ class JobStore:
         return record
 
     async def list_owned(
-        self, owner: str, status: JobStatus | None, limit: int, cursor: int | None
-    ) -> tuple[list[JobRecord], int | None]:
-        """The owner's jobs newest first, optionally of one status; cursor: a score to start below."""
-        key = keys.owner_jobs(owner)
-        await self.r.zremrangebyscore(key, "-inf", int((time.time() - self.ttl) * 1e6))
+        self, owner: str, status: JobStatus | None, limit: int, cursor: Cursor | None
+    ) -> tuple[list[JobRecord], Cursor | None]:
+        """The owner's jobs newest first, optionally of one status (read from the status index,
+        so a filter costs what its page costs); cursor: the position after which to continue.
+        Jobs created in the same microsecond are ordered by id, so none is skipped or repeated."""
+        key = keys.owner_status_jobs(owner, status.value) if status else keys.owner_jobs(owner)
+        await self._prune(owner)
         out: list[JobRecord] = []
-        top = f"({cursor}" if cursor is not None else "+inf"
+        top, offset = (cursor[0] if cursor else "+inf"), 0
         while len(out) < limit:
-            page = await self.r.zrevrangebyscore(key, top, "-inf", start=0, num=max(limit, 50), withscores=True)
+            page = await self.r.zrevrangebyscore(key, top, "-inf", start=offset, num=limit + 1, withscores=True)
             if not page:
                 return out, None
-            for job_id, score in page:
-                top = f"({int(score)}"
-                record = await self.get(job_id)
-                if record is not None and (status is None or record.status == status):
-                    out.append(record)
-                    if len(out) == limit:
-                        return out, int(score)
+            offset += len(page)
+            after = [(int(score), job_id) for job_id, score in page if cursor is None or (int(score), job_id) < cursor]
+            for (score, job_id), record in zip(after, await self.get_many([j for _, j in after]), strict=True):
+                if record is None:
+                    continue  # expired since the last prune
+                out.append(record)
+                if len(out) == limit:
+                    return out, (score, job_id)
         return out, None
 
-    # --- transitions ---------------------------------------------------------------------------
-    async def mark_running(self, job_id: str) -> int:
-        """1: queued -> running now; 0: it was running; -1: finished or gone."""
-        return int(await self._start(keys=[keys.job(job_id)], args=[repr(time.time())]))
+    async def _prune(self, owner: str) -> None:
+        """Drop index entries of jobs older than the record lifetime (their records expired)."""
+        oldest = int((time.time() - self.ttl) * 1e6)
+        async with self.r.pipeline(transaction=False) as pipe:
+            for key in index_keys(owner):
+                pipe.zremrangebyscore(key, "-inf", f"({oldest}")
+            await pipe.execute()
 
-    async def complete_shard(self, task: ShardTask) -> tuple[str, bool]:
+    # --- deletion ------------------------------------------------------------------------------
+    async def delete(self, job_id: str, owner: str) -> JobStatus | None:
+        """Delete a finished job's record; returns the status it had (an active one is left as it
+        is), or None if there was no such job. The objects are the caller's (ObjectStore)."""
+        status = await self._delete(
+            keys=[keys.job(job_id), keys.job_done_shards(job_id), *index_keys(owner)], args=[job_id]
+        )
+        return None if status == "missing" else JobStatus(status)
+
+    async def schedule_purge(self, job_id: str, at: float) -> None:
+        """Have the job's objects deleted at epoch time `at` (service.worker.sweeper)."""
+        await self.r.zadd(keys.PURGE, {job_id: at})
+
+    async def due_purges(self, now: float, count: int) -> list[str]:
+        return list(await self.r.zrangebyscore(keys.PURGE, "-inf", now, start=0, num=count))
+
+    async def purged(self, job_ids: list[str]) -> None:
+        if job_ids:
+            await self.r.zrem(keys.PURGE, *job_ids)
+
+    # --- transitions ---------------------------------------------------------------------------
+    async def mark_running(self, job_id: str, owner: str) -> int:
+        """1: queued -> running now; 0: it was running; -1: finished or gone."""
+        return int(await self._start(keys=[keys.job(job_id), *index_keys(owner)], args=[repr(time.time()), job_id]))
+
+    async def complete_shard(self, task: ShardTask, owner: str) -> tuple[str, bool]:
         status, finished = await self._complete(
-            keys=[keys.job(task.job_id), keys.job_done_shards(task.job_id)],
-            args=[task.shard, task.count, task.params.steps, repr(time.time()), self.ttl],
+            keys=[keys.job(task.job_id), keys.job_done_shards(task.job_id), *index_keys(owner)],
+            args=[task.shard, task.count, task.params.steps, repr(time.time()), self.ttl, task.job_id],
         )
         return status, bool(finished)
 
-    async def finish(self, job_id: str, status: JobStatus, error: JobError | None = None) -> bool:
+    async def finish(self, job_id: str, owner: str, status: JobStatus, error: JobError | None = None) -> bool:
         """Move an active job to a terminal status; False if it was already terminal."""
         err = error.model_dump_json() if error else ""
-        return bool(await self._finish(keys=[keys.job(job_id)], args=[status.value, repr(time.time()), err]))
+        return bool(
+            await self._finish(
+                keys=[keys.job(job_id), *index_keys(owner)], args=[status.value, repr(time.time()), err, job_id]
+            )
+        )
 
     async def record_steps(self, progress: list[tuple[str, int, int]]) -> list[JobStatus | None]:
         """Record each (job id, shard, steps done) in one round trip and return each job's status

@@ -24,7 +24,7 @@ from service import metrics
 from service.jobs.lifecycle import JobLifecycle
 from service.jobs.queue import Message
 from service.jobs.schemas import JobError, ShardResult, ShardTask
-from service.jobs.store import JobStore
+from service.jobs.store import JobRecord, JobStore
 from service.settings import Settings
 from service.storage import STORAGE_ERRORS, ObjectStore, image_key
 from undiffuse.images import png_bytes
@@ -63,7 +63,7 @@ class Consumer:
         self.settings = settings
         self.store = store
         self.queue = store.queue
-        self.lifecycle = lifecycle or JobLifecycle(store)
+        self.lifecycle = lifecycle or JobLifecycle(store, purge_delay_seconds=settings.purge_delay_seconds)
         self.objects = objects
         self.generate = generate
         self.name = name
@@ -138,7 +138,7 @@ class Consumer:
         record = await self.store.get(job_id) if job_id else None
         if record is not None:
             error = JobError(code="shard_unreadable", message="a shard of this job could not be read from the queue")
-            await self.lifecycle.fail(job_id, error, record.created_at)
+            await self.lifecycle.fail(record, error)
 
     # --- one shard -----------------------------------------------------------------------------
     async def handle(self, message: Message) -> None:
@@ -159,7 +159,7 @@ class Consumer:
             await self.queue.ack(message_id)  # canceled, failed, finished or expired
             return
         if task.attempt > self.settings.max_attempts:
-            await self._fail(message_id, task, record.created_at)
+            await self._fail(message_id, task, record)
             return
         if not await self.lifecycle.start(record):
             await self.queue.ack(message_id)  # ended between the read and now
@@ -197,7 +197,7 @@ class Consumer:
                 await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
                 return
             await self._patiently(
-                "completion", lambda: self.lifecycle.complete_shard(task, record.created_at), (RedisError,), task
+                "completion", lambda: self.lifecycle.complete_shard(task, record), (RedisError,), task
             )
             metrics.images_generated_total().inc(task.count, tags={"model": task.params.model})
             await self._patiently("ack", lambda: self.queue.ack(message_id), (RedisError,), task)
@@ -267,10 +267,10 @@ class Consumer:
         await asyncio.sleep(min(0.5 * task.attempt, 5.0))
         await self.queue.requeue(message_id, task.model_copy(update={"last_error": reason}))
 
-    async def _fail(self, message_id: str, task: ShardTask, created_at: float) -> None:
+    async def _fail(self, message_id: str, task: ShardTask, record: JobRecord) -> None:
         """The job first, then the message: if Redis fails in between, the message stays pending,
         is reclaimed, and this runs again (failing an ended job is a no-op), so the job can never
         be left running with its shard already dead-lettered."""
         message = f"shard {task.shard} failed {task.attempt - 1} times; last error: {task.last_error}"
-        await self.lifecycle.fail(task.job_id, JobError(code="shard_failed", message=message), created_at)
+        await self.lifecycle.fail(record, JobError(code="shard_failed", message=message))
         await self.queue.dead_letter(message_id, {"task": task.model_dump_json()}, message)

@@ -14,6 +14,7 @@ from service.jobs.store import JobStore
 from service.settings import Settings
 from service.storage import ObjectStore
 from service.worker.consumer import Consumer, ReplicaLost
+from service.worker.sweeper import Sweeper
 
 log = logging.getLogger("ray.serve")
 
@@ -28,7 +29,10 @@ class Worker:
         objects = ObjectStore(settings)
         name = serve.get_replica_context().replica_id.unique_id
         self.consumer = Consumer(settings, store, objects, self._generate, name=f"worker-{name}")
-        self.loop_task = asyncio.get_running_loop().create_task(self.consumer.run())
+        self.sweeper = Sweeper(store, objects)
+        loop = asyncio.get_running_loop()
+        self.loop_task = loop.create_task(self.consumer.run())
+        self.sweep_task = loop.create_task(self.sweeper.run())
 
     async def _generate(self, task: ShardTask) -> ShardResult:
         try:
@@ -44,5 +48,7 @@ class Worker:
         return {"name": self.consumer.name, "inflight": len(self.consumer.inflight), "handled": self.consumer.handled}
 
     async def __del__(self) -> None:
+        self.sweeper.stopping.set()
         await self.consumer.drain(timeout=25)
         self.loop_task.cancel()
+        self.sweep_task.cancel()

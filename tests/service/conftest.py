@@ -167,3 +167,59 @@ def sample_sum(families: list, sample: str, **labels: str) -> float:
 
 def sample_names(families: list) -> set[str]:
     return {s.name for family in families for s in family.samples}
+
+
+@pytest.fixture
+def asgi_api(stack):
+    """A factory of in-process API clients: the ingress's FastAPI app with its own settings,
+    on the real Redis (database 6, which no Worker reads, so submitted jobs never run) and the
+    real S3-compatible server, without Ray. For what the Serve stack's fixed settings cannot
+    show (small quotas) and for generated-request testing."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from service.api.app import app
+    from service.api.deps import Context, set_context
+    from service.api.quotas import SubmissionQuota
+    from service.jobs.lifecycle import JobLifecycle
+    from service.jobs.store import JobStore
+    from service.models import ModelRegistry
+    from service.storage import ObjectStore
+
+    url = stack.redis.url.rsplit("/", 1)[0] + "/6"
+    clients = []
+
+    def make(**overrides) -> TestClient:
+        settings = Settings(
+            **{
+                **stack.settings.model_dump(),
+                "s3_secret_access_key": S3_SECRET,
+                "redis_url": url,
+                **overrides,
+            }
+        )
+        store = JobStore.from_url(url, settings.job_ttl_seconds, settings.shard_size, settings.redis_timeout_seconds)
+        set_context(
+            Context(
+                settings=settings,
+                store=store,
+                lifecycle=JobLifecycle(store, listeners=[]),
+                objects=ObjectStore(settings),
+                registry=ModelRegistry(settings.model_dir, settings.default_model),
+                denoiser=None,
+                quota=SubmissionQuota(settings),
+            )
+        )
+        client = TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {KEY_A}"})
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+    asyncio.set_event_loop(None)

@@ -26,9 +26,9 @@ def test_start_then_success_each_emit_once(store, lifecycle, events, run):
     record = run(store.get(job_id))
     assert run(lifecycle.start(record)) and run(lifecycle.start(record))
     shards = [ShardTask(job_id=job_id, shard=k, start=4 * k, count=c, params=P) for k, c in ((0, 4), (1, 2))]
-    assert not run(lifecycle.complete_shard(shards[0], record.created_at))
-    assert run(lifecycle.complete_shard(shards[1], record.created_at))
-    assert not run(lifecycle.complete_shard(shards[1], record.created_at))  # a retry after success
+    assert not run(lifecycle.complete_shard(shards[0], record))
+    assert run(lifecycle.complete_shard(shards[1], record))
+    assert not run(lifecycle.complete_shard(shards[1], record))  # a retry after success
     assert [type(e) for e in events] == [JobStarted, JobEnded]
     assert events[1].status == JobStatus.succeeded and events[1].duration_s >= 0
 
@@ -37,8 +37,8 @@ def test_fail_emits_once_and_a_finished_job_does_not_start(store, lifecycle, eve
     job_id, _, _ = run(store.submit("alice", P, {}))
     record = run(store.get(job_id))
     error = JobError(code="shard_failed", message="x")
-    assert run(lifecycle.fail(job_id, error, record.created_at))
-    assert not run(lifecycle.fail(job_id, error, record.created_at))
+    assert run(lifecycle.fail(record, error))
+    assert not run(lifecycle.fail(record, error))
     assert not run(lifecycle.start(record))
     assert [(type(e), e.status) for e in events] == [(JobEnded, JobStatus.failed)]
 
@@ -64,3 +64,17 @@ def test_a_failing_listener_does_not_undo_the_transition(store, run):
     job_id, _, _ = run(store.submit("alice", P, {}))
     record = run(lifecycle.cancel(job_id, "alice"))
     assert record.status == JobStatus.canceled and [e.status for e in seen] == [JobStatus.canceled]
+
+
+def test_failed_and_canceled_jobs_have_their_images_purged_soon(store, run):
+    import time
+
+    lifecycle = JobLifecycle(store, listeners=[], purge_delay_seconds=30)
+    failed, _, _ = run(store.submit("alice", P, {}))
+    canceled, _, _ = run(store.submit("alice", P, {}))
+    kept, _, _ = run(store.submit("alice", P, {}))
+    run(lifecycle.fail(run(store.get(failed)), JobError(code="shard_failed", message="x")))
+    run(lifecycle.cancel(canceled, "alice"))
+    soon = time.time() + 31
+    assert sorted(run(store.due_purges(soon, 10))) == sorted([failed, canceled])
+    assert kept not in run(store.due_purges(soon, 10))

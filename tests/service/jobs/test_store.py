@@ -48,25 +48,25 @@ def test_idempotency_key_returns_the_first_job_or_conflicts(store, run):
 
 def test_start_moves_queued_to_running_once_and_never_revives_a_finished_job(store, run):
     job_id, _, _ = run(store.submit("alice", params(), {}))
-    assert run(store.mark_running(job_id)) == 1
+    assert run(store.mark_running(job_id, "alice")) == 1
     assert run(store.get(job_id)).started_at is not None
-    assert run(store.mark_running(job_id)) == 0
-    assert run(store.finish(job_id, JobStatus.canceled))
-    assert run(store.mark_running(job_id)) == -1
+    assert run(store.mark_running(job_id, "alice")) == 0
+    assert run(store.finish(job_id, "alice", JobStatus.canceled))
+    assert run(store.mark_running(job_id, "alice")) == -1
     assert run(store.get(job_id)).status == JobStatus.canceled
-    assert run(store.mark_running("no-such-job")) == -1
+    assert run(store.mark_running("no-such-job", "alice")) == -1
 
 
 def test_complete_shard_counts_each_shard_once_and_finishes_the_job_once(store, run):
     p = params(10)
     job_id, _, _ = run(store.submit("alice", p, {}))
     shards = [task(job_id, 0, 0, 4, p), task(job_id, 1, 4, 4, p), task(job_id, 2, 8, 2, p)]
-    assert run(store.complete_shard(shards[0])) == ("queued", False)
-    assert run(store.complete_shard(shards[0])) == ("queued", False)  # a retried shard: no double count
+    assert run(store.complete_shard(shards[0], "alice")) == ("queued", False)
+    assert run(store.complete_shard(shards[0], "alice")) == ("queued", False)  # a retried shard: no double count
     assert run(store.get(job_id)).images_done == 4
-    assert run(store.complete_shard(shards[1])) == ("queued", False)
-    assert run(store.complete_shard(shards[2])) == ("succeeded", True)
-    assert run(store.complete_shard(shards[2])) == ("succeeded", False)  # finished exactly once
+    assert run(store.complete_shard(shards[1], "alice")) == ("queued", False)
+    assert run(store.complete_shard(shards[2], "alice")) == ("succeeded", True)
+    assert run(store.complete_shard(shards[2], "alice")) == ("succeeded", False)  # finished exactly once
     record = run(store.get(job_id))
     assert record.status == JobStatus.succeeded and record.finished_at is not None
     assert record.images_done == 10 and record.done_shards == {0, 1, 2}
@@ -76,18 +76,18 @@ def test_complete_shard_counts_each_shard_once_and_finishes_the_job_once(store, 
 def test_complete_shard_of_a_canceled_or_missing_job_changes_nothing(store, run):
     p = params(4)
     job_id, _, _ = run(store.submit("alice", p, {}))
-    run(store.finish(job_id, JobStatus.canceled))
-    assert run(store.complete_shard(task(job_id, 0, 0, 4, p))) == ("canceled", False)
+    run(store.finish(job_id, "alice", JobStatus.canceled))
+    assert run(store.complete_shard(task(job_id, 0, 0, 4, p), "alice")) == ("canceled", False)
     assert run(store.get(job_id)).status == JobStatus.canceled
-    assert run(store.complete_shard(task("gone", 0, 0, 4, p))) == ("missing", False)
+    assert run(store.complete_shard(task("gone", 0, 0, 4, p), "alice")) == ("missing", False)
     assert run(store.get("gone")) is None
 
 
 def test_finish_moves_only_active_jobs_and_stores_the_error(store, run):
     job_id, _, _ = run(store.submit("alice", params(), {}))
     error = JobError(code="shard_failed", message="boom")
-    assert run(store.finish(job_id, JobStatus.failed, error))
-    assert not run(store.finish(job_id, JobStatus.canceled))  # already terminal
+    assert run(store.finish(job_id, "alice", JobStatus.failed, error))
+    assert not run(store.finish(job_id, "alice", JobStatus.canceled))  # already terminal
     record = run(store.get(job_id))
     assert record.status == JobStatus.failed and record.error == error and record.finished_at is not None
 
@@ -95,7 +95,7 @@ def test_finish_moves_only_active_jobs_and_stores_the_error(store, run):
 def test_record_steps_writes_progress_and_reports_statuses(store, run):
     a, _, _ = run(store.submit("alice", params(8), {}))
     b, _, _ = run(store.submit("alice", params(8), {}))
-    run(store.finish(b, JobStatus.canceled))
+    run(store.finish(b, "alice", JobStatus.canceled))
     statuses = run(store.record_steps([(a, 0, 3), (a, 1, 5), (b, 0, 2), ("gone", 0, 1)]))
     assert statuses == [JobStatus.queued, JobStatus.queued, JobStatus.canceled, None]
     assert run(store.get(a)).shard_steps == {0: 3, 1: 5}
@@ -110,7 +110,7 @@ def test_result_indices_come_from_the_shard_size_the_job_was_cut_with(store, run
     store.shard_size = 16
     job_id, _, _ = run(store.submit("alice", p, {}))
     for k, (start, count) in enumerate([(0, 16), (16, 16), (32, 8)]):
-        assert run(store.complete_shard(task(job_id, k, start, count, p)))[0] in ("queued", "succeeded")
+        assert run(store.complete_shard(task(job_id, k, start, count, p), "alice"))[0] in ("queued", "succeeded")
     later = JobStore(store.r, 600, shard_size=32)  # the setting changed after submission
     record = run(later.get(job_id))
     assert record.shard_size == 16 and record.status == JobStatus.succeeded
@@ -138,6 +138,86 @@ def test_records_without_a_stored_shard_size_use_the_stores_setting(store, run):
 def test_record_steps_never_moves_a_finished_shard_back(store, run):
     p = params(8)
     job_id, _, _ = run(store.submit("alice", p, {}))
-    run(store.complete_shard(task(job_id, 0, 0, 4, p)))  # shard 0 done at step 5
+    run(store.complete_shard(task(job_id, 0, 0, 4, p), "alice"))  # shard 0 done at step 5
     run(store.record_steps([(job_id, 0, 2), (job_id, 1, 3)]))  # a late duplicate of shard 0
     assert run(store.get(job_id)).shard_steps == {0: 5, 1: 3}
+
+
+def _ids(records) -> list[str]:
+    return [r.id for r in records]
+
+
+def test_the_status_index_follows_every_transition(store, run):
+    """Listing by status reads the index the transition scripts keep, not every job."""
+    a, _, _ = run(store.submit("alice", params(4), {}))
+    b, _, _ = run(store.submit("alice", params(4), {}))
+    c, _, _ = run(store.submit("alice", params(4), {}))
+    run(store.submit("bob", params(4), {}))
+    run(store.mark_running(a, "alice"))
+    run(store.complete_shard(task(a, 0, 0, 4, params(4)), "alice"))
+    run(store.finish(b, "alice", JobStatus.canceled))
+
+    def listed(status):
+        return _ids(run(store.list_owned("alice", status, 10, None))[0])
+
+    assert listed(JobStatus.succeeded) == [a]
+    assert listed(JobStatus.canceled) == [b]
+    assert listed(JobStatus.queued) == [c]
+    assert listed(JobStatus.running) == [] and listed(JobStatus.failed) == []
+    assert listed(None) == [c, b, a]
+    index = run(store.r.zrange("undiffuse:owner:alice:jobs:queued", 0, -1))
+    assert index == [c]  # a and b left the queued index as they moved
+
+
+def test_the_cursor_neither_skips_nor_repeats_jobs_created_in_the_same_microsecond(store, run):
+    ids = [run(store.submit("alice", params(1), {}))[0] for _ in range(7)]
+    # one timestamp for all (a recent one: older entries are pruned as expired)
+    now_us = int(run(store.get(ids[0])).created_at * 1e6)
+    run(store.r.zadd("undiffuse:owner:alice:jobs", {job_id: now_us for job_id in ids}))
+    seen, cursor = [], None
+    while True:
+        page, cursor = run(store.list_owned("alice", None, 2, cursor))
+        seen += _ids(page)
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(ids) and len(seen) == len(set(seen)) == 7
+
+
+def test_jobs_in_flight_are_limited_per_owner_in_the_submit_transaction(store, run):
+    from service.jobs.store import TooManyJobsInFlight
+
+    first, _, _ = run(store.submit("alice", params(1), {}, max_in_flight=2))
+    run(store.submit("alice", params(1), {}, max_in_flight=2))
+    with pytest.raises(TooManyJobsInFlight):
+        run(store.submit("alice", params(1), {}, max_in_flight=2))
+    run(store.submit("bob", params(1), {}, max_in_flight=2))  # another owner's limit is its own
+    run(store.finish(first, "alice", JobStatus.canceled))
+    run(store.submit("alice", params(1), {}, max_in_flight=2))  # an ended job frees its place
+    # an idempotent replay is an answer about an existing job, never refused
+    again, created, _ = run(store.submit("alice", params(1), {"x": 1}, idempotency_key="k", max_in_flight=3))
+    assert created
+    assert run(store.submit("alice", params(1), {"x": 1}, idempotency_key="k", max_in_flight=3))[0] == again
+
+
+def test_delete_removes_a_finished_job_and_leaves_an_active_one(store, run):
+    done, _, _ = run(store.submit("alice", params(4), {}))
+    active, _, _ = run(store.submit("alice", params(4), {}))
+    run(store.complete_shard(task(done, 0, 0, 4, params(4)), "alice"))
+    assert run(store.delete(active, "alice")) == JobStatus.queued
+    assert run(store.get(active)) is not None
+    assert run(store.delete(done, "alice")) == JobStatus.succeeded
+    assert run(store.get(done)) is None
+    assert _ids(run(store.list_owned("alice", None, 10, None))[0]) == [active]
+    assert run(store.list_owned("alice", JobStatus.succeeded, 10, None))[0] == []
+    assert run(store.delete(done, "alice")) is None
+
+
+def test_every_job_is_scheduled_for_purging_when_its_record_expires(store, run):
+    job_id, _, created_at = run(store.submit("alice", params(1), {}))
+    assert run(store.r.zscore("undiffuse:purge", job_id)) == pytest.approx(created_at + store.ttl)
+    assert run(store.due_purges(created_at + store.ttl - 1, 10)) == []
+    assert run(store.due_purges(created_at + store.ttl + 1, 10)) == [job_id]
+    run(store.schedule_purge(job_id, created_at))
+    assert run(store.due_purges(created_at + 1, 10)) == [job_id]
+    run(store.purged([job_id]))
+    assert run(store.due_purges(created_at + store.ttl + 1, 10)) == []

@@ -1,0 +1,53 @@
+"""The sweeper: deletes the images of jobs that are due to go (service.jobs.keys.PURGE).
+
+A job is scheduled when it is submitted (for when its record expires), again when it fails or
+is canceled (purge_delay_seconds later) and when it is deleted (to catch a straggling upload).
+Each Worker replica runs one; deleting is idempotent, so two replicas sweeping the same job is
+harmless. A bucket lifecycle rule on the `jobs/` prefix is a backstop for objects that outlive
+every schedule (docs/deploy.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from redis.exceptions import RedisError
+
+from service.jobs.store import JobStore
+from service.storage import STORAGE_ERRORS, ObjectStore
+
+log = logging.getLogger("ray.serve")
+
+
+class Sweeper:
+    def __init__(self, store: JobStore, objects: ObjectStore, interval_s: float = 30.0, batch: int = 100) -> None:
+        self.store = store
+        self.objects = objects
+        self.interval = interval_s
+        self.batch = batch
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                while await self.sweep_once() == self.batch:
+                    pass  # a full batch: more may be due
+            except (RedisError, *STORAGE_ERRORS) as e:  # a dependency is away: try again next round
+                log.warning("sweeper: %s: %s", type(e).__name__, e)
+            except Exception:
+                log.exception("sweeper: unexpected error")
+            try:
+                await asyncio.wait_for(self.stopping.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+
+    async def sweep_once(self, now: float | None = None) -> int:
+        """Delete the objects of up to `batch` due jobs; returns how many jobs were swept."""
+        due = await self.store.due_purges(time.time() if now is None else now, self.batch)
+        for job_id in due:
+            count = await asyncio.to_thread(self.objects.delete_job, job_id)
+            if count:
+                log.info("sweeper: deleted %d images of job %s", count, job_id)
+        await self.store.purged(due)
+        return len(due)
