@@ -2,11 +2,11 @@
 
 from fastapi import APIRouter
 
-from service.api.deps import Ctx, Owner
+from service.api.deps import UNAUTHORIZED, Ctx, Owner
 from service.api.schemas import ModelInfo, ModelList
 from undiffuse.config import ModelSpec
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=UNAUTHORIZED)
 
 
 def model_info(spec: ModelSpec, default: bool) -> ModelInfo:

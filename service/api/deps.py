@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, HTTPException, status
+from fastapi import Depends, HTTPException, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service import keys
 from service.jobs.lifecycle import JobLifecycle
@@ -48,7 +49,11 @@ Ctx = Annotated[Context, Depends(get_context)]
 ANONYMOUS = "anonymous"
 
 
-def get_owner(ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -> str:
+BEARER = HTTPBearer(auto_error=False, description="an API key: Authorization: Bearer <key>")
+UNAUTHORIZED = {401: {"description": "missing or invalid API key"}}
+
+
+def get_owner(ctx: Ctx, bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> str:
     """With API keys configured, require `Authorization: Bearer <key>`; the owner is the id its
     configuration entry gives it (service.keys), so a key sees only its owner's jobs. Without
     keys everyone is the same owner."""
@@ -56,11 +61,10 @@ def get_owner(ctx: Ctx, authorization: Annotated[str | None, Header()] = None) -
     if not owners:
         return ANONYMOUS
     challenge = {"WWW-Authenticate": "Bearer"}
-    scheme, _, presented = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():  # schemes are case-insensitive (RFC 9110)
+    if bearer is None:  # HTTPBearer compares the scheme case-insensitively (RFC 9110)
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing Authorization: Bearer <api key>", challenge)
     # a lookup by the key's SHA-256: what a timing difference could reveal is a prefix of a hash
-    owner = owners.get(keys.digest(presented.strip()))
+    owner = owners.get(keys.digest(bearer.credentials.strip()))
     if owner is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key", challenge)
     return owner

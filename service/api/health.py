@@ -31,7 +31,13 @@ async def _check(name: str, probe) -> tuple[str, str]:
         return name, f"unavailable: {type(e).__name__}"
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={
+        200: {"description": "Redis, S3 and the Denoiser answer"},
+        503: {"description": "a dependency does not answer; `checks` says which"},
+    },
+)
 async def readyz(ctx: Ctx) -> JSONResponse:
     async def denoiser() -> None:
         if ctx.denoiser is None:

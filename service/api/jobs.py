@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 
-from service.api.deps import Context, Ctx, Owner
+from service.api.deps import UNAUTHORIZED, Context, Ctx, Owner
 from service.api.quotas import too_many
 from service.api.schemas import ImageResult, JobCreate, JobList, JobSummary, JobView, Progress
 from service.jobs.schemas import JobParams, JobStatus
@@ -26,7 +26,7 @@ from service.jobs.store import (
 from service.storage import image_key
 from undiffuse.config import ModelSpec
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=UNAUTHORIZED)
 NOT_FOUND = "job not found"
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as submit_job makes them
 CURSOR = re.compile(r"(?P<score>[0-9]{1,20})\.(?P<job_id>[0-9a-f]{32})")
@@ -153,6 +153,8 @@ def _progress(record: JobRecord) -> Progress:
     response_model=JobView,
     responses={
         200: {"description": "a replay: the job this Idempotency-Key made", "model": JobView},
+        400: {"description": "the body is not JSON (e.g. not UTF-8)"},
+        413: {"description": "the body is larger than max_body_bytes"},
         409: {"description": "the Idempotency-Key was used with another body"},
         429: {"description": "a per-key quota is spent; retry after Retry-After seconds"},
         503: {"description": "Redis is unreachable; nothing was queued, retry after Retry-After seconds"},

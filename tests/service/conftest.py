@@ -223,3 +223,24 @@ def asgi_api(stack):
 
     redis.Redis.from_url(url).flushdb()
     asyncio.set_event_loop(None)
+
+
+@pytest.fixture
+def live_api(asgi_api):
+    """The in-process API (as asgi_api makes it, default settings) served over real HTTP by
+    uvicorn in a thread: one event loop for every request. Yields its base URL."""
+    import threading
+
+    import uvicorn
+
+    from service.api.app import app
+
+    asgi_api()  # sets the context (database 6: submitted jobs never run)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 20, 0.05, "uvicorn to start")
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
