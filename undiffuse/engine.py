@@ -48,7 +48,7 @@ from torch import Tensor
 from undiffuse.checkpoint import DiffusionModel
 from undiffuse.noise import ImageNoise
 from undiffuse.registry import make_sampler
-from undiffuse.samplers import NULL_CLASS, Sampler, previous_timesteps
+from undiffuse.samplers import NO_HISTORY, NULL_CLASS, Sampler, previous_timesteps
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -131,7 +131,7 @@ class Finished:
 class _Slot:
     """Engine state of one request: its rows' x while paused, its position, its sampler."""
 
-    __slots__ = ("request", "sampler", "ts_offset", "pos", "x", "order", "waited")
+    __slots__ = ("request", "sampler", "ts_offset", "pos", "x", "history", "order", "waited")
 
     def __init__(self, request: Request, sampler: Sampler, ts_offset: int, order: int) -> None:
         self.request = request
@@ -139,6 +139,7 @@ class _Slot:
         self.ts_offset = ts_offset  # where its timestep list starts in the engine's table
         self.pos = 0  # steps done; every row of the request advances together
         self.x: Tensor | None = None  # [count, C, H, W] when not in the batch (None before start)
+        self.history: Tensor | None = None  # a multistep sampler's previous x_0, like x (None before step 2)
         self.order = order  # arrival order (ties)
         self.waited = 0  # steps it was passed over since it arrived (ageing: nothing starves)
 
@@ -163,6 +164,7 @@ class _Batch:
 
     slots: list[_Slot]
     x: Tensor  # [B, C, H, W] float32
+    history: Tensor | None  # [B, C, H, W] float32: previous x_0 of every row, when a multistep sampler runs
     rows: Tensor  # [B] long: offset of each row's timestep list + its position
     starts: Tensor  # [B] long: offset of each row's timestep list (rows - starts = steps done)
     labels: Tensor | None  # [B] long
@@ -270,8 +272,16 @@ class DenoisingEngine:
                 xs, es, ts, tp, done = x[rows], eps[rows], t[rows], t_prev[rows], (batch.rows - batch.starts)[rows]
             # step k uses noise draw k + 1, as Sampler.sample does
             z = noise.draw_rows(done + 1, self.model.image_shape) if sampler.needs_noise else None
-            out = sampler.step(es, ts, xs, z, t_prev=tp).prev_sample
-            x = out if rows is None else x.index_copy(0, rows, out)
+            if sampler.multistep:  # its rows' previous x_0 and timestep (none on their first step)
+                hs = batch.history if rows is None else batch.history[rows]
+                here = batch.rows if rows is None else batch.rows[rows]
+                t_last = torch.where(done > 0, self._ts_table[(here - 1).clamp(min=0)], NO_HISTORY)
+                out = sampler.step(es, ts, xs, z, t_prev=tp, t_last=t_last, history=hs)
+                new = out.pred_x0
+                batch.history = new if rows is None else batch.history.index_copy(0, rows, new)
+            else:
+                out = sampler.step(es, ts, xs, z, t_prev=tp)
+            x = out.prev_sample if rows is None else x.index_copy(0, rows, out.prev_sample)
         batch.x = x
         batch.rows = batch.rows + 1
         ran = {id(slot) for slot in selected}
@@ -376,10 +386,8 @@ class DenoisingEngine:
         """Write the old batch's rows back to their slots and build the new batch."""
         old = self._batch
         if old is not None:
-            for slot, (lo, hi) in zip(old.slots, old.bounds, strict=True):
-                if slot.request.id in self._slots:
-                    slot.x = old.x[lo:hi]
-        xs, rows, starts, labels, seeds, indices, scales = [], [], [], [], [], [], []
+            _write_back(old, [s for s in old.slots if s.request.id in self._slots])
+        xs, histories, rows, starts, labels, seeds, indices, scales = [], [], [], [], [], [], [], []
         bounds, begin = [], 0
         for slot in selected:
             r = slot.request
@@ -388,6 +396,7 @@ class DenoisingEngine:
                     0, self.model.image_shape
                 )
             xs.append(slot.x)
+            histories.append(slot.history if slot.history is not None else torch.zeros_like(slot.x))
             rows += [slot.ts_offset + slot.pos] * r.count
             starts += [slot.ts_offset] * r.count
             labels += list(r.labels) if r.labels is not None else [NULL_CLASS] * r.count
@@ -408,6 +417,7 @@ class DenoisingEngine:
         batch = _Batch(
             slots=selected,
             x=torch.cat(xs),
+            history=torch.cat(histories) if any(slot.sampler.multistep for slot in selected) else None,
             rows=as_long(rows),
             starts=as_long(starts),
             labels=as_long(labels) if conditional else None,
@@ -417,7 +427,7 @@ class DenoisingEngine:
             bounds=bounds,
         )
         for slot in selected:
-            slot.x = None  # the batch owns the rows now
+            slot.x = slot.history = None  # the batch owns the rows now
         self._batch = batch
         return batch
 
@@ -466,9 +476,7 @@ class DenoisingEngine:
             out.append(self._to_host(slot.request, batch.x[lo:hi]))
             del self._slots[slot.request.id]
         self._batch = None  # membership changed; the next step reassembles (and writes back)
-        remaining = [(s, b) for s, b in zip(batch.slots, batch.bounds, strict=True) if s.remaining > 0]
-        for slot, (lo, hi) in remaining:
-            slot.x = batch.x[lo:hi]
+        _write_back(batch, [s for s in batch.slots if s.remaining > 0])
         return out
 
     def _to_host(self, request: Request, x: Tensor) -> Finished:
@@ -490,9 +498,7 @@ class DenoisingEngine:
             self._slots.pop(rid, None)
         if self._batch is not None and any(s.request.id in self._canceled for s in self._batch.slots):
             old, self._batch = self._batch, None
-            for slot, (lo, hi) in zip(old.slots, old.bounds, strict=True):
-                if slot.request.id in self._slots:
-                    slot.x = old.x[lo:hi]
+            _write_back(old, [s for s in old.slots if s.request.id in self._slots])
         self._canceled.clear()
 
     # --- set-up ------------------------------------------------------------------------------------------
@@ -550,6 +556,15 @@ class DenoisingEngine:
             if log:
                 log(f"bucket {b}: {self.step_time[b] * 1e3:.1f} ms per step")
         return dict(self.step_time)
+
+
+def _write_back(batch: _Batch, slots: list[_Slot]) -> None:
+    """Give the batch's rows back to those of its slots that stay (the batch is being dropped)."""
+    keep = {id(slot) for slot in slots}
+    for slot, (lo, hi) in zip(batch.slots, batch.bounds, strict=True):
+        if id(slot) in keep:
+            slot.x = batch.x[lo:hi]
+            slot.history = batch.history[lo:hi] if batch.history is not None and slot.sampler.multistep else None
 
 
 def _host_to_device(values: Tensor, device: torch.device) -> Tensor:

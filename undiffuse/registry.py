@@ -42,10 +42,16 @@ SAMPLERS: dict[str, SamplerEntry] = {
         SamplerEntry(
             "ddim", "undiffuse.samplers:DDIMSampler", ("eta",), "DDIM, eta = 0 deterministic (Song et al. 2021)"
         ),
+        SamplerEntry(
+            "dpmpp_2m",
+            "undiffuse.samplers:DPMSolverPP2MSampler",
+            (),
+            "DPM-Solver++(2M), deterministic, good in 10-20 steps (Lu et al. 2022)",
+        ),
     )
 }
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
-SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]  # "ddpm" | "ddim", from the registry
+SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]  # "ddpm" | "ddim" | "dpmpp_2m", from the registry
 DEFAULT_SAMPLER = "ddim"
 
 

@@ -1,4 +1,4 @@
-"""Reverse samplers: DDPM ancestral sampling and DDIM, over respaced timesteps.
+"""Reverse samplers: DDPM ancestral sampling, DDIM and DPM-Solver++(2M), over respaced timesteps.
 
 A sampler knows the schedule, never the network: `sample()` calls any
 `eps_model(x_t, t) -> eps` (or `eps_model(x_t, t, class_labels)` for a conditional model), and
@@ -14,6 +14,12 @@ reads a tensor back to the host, so a step never waits on the GPU.
 Timesteps are respaced the way diffusers' "leading" spacing does it, so a 50-step sampler
 visits t = 980, 960, ..., 0 of a T = 1000 schedule, and both samplers agree with diffusers'
 DDPMScheduler / DDIMScheduler step for step (tests/core/test_diffusers_parity.py).
+DPM-Solver++(2M) uses diffusers' "linspace" spacing (t = 999, ..., ending at x_0) and agrees
+with DPMSolverMultistepScheduler step for step.
+
+A multistep sampler (`multistep = True`) also reads each row's history: the x_0 prediction of
+its previous step (`history`, [N, C, H, W]) and that step's timestep (`t_last`, [N] long,
+NO_HISTORY on a row's first step). Its StepOutput.pred_x0 is the rows' next history.
 
 New samplers subclass `Sampler` and get an entry in `undiffuse.registry`.
 """
@@ -33,6 +39,7 @@ from undiffuse.schedule import NoiseSchedule
 VarianceType = Literal["fixed_small", "fixed_large"]
 NULL_CLASS = -1  # the label a conditional model reads as "no class" (classifier-free guidance)
 LAST = -1  # t_prev of a row's last step
+NO_HISTORY = -1  # t_last of a row's first step (a multistep sampler has no previous x_0 yet)
 
 
 class EpsModel(Protocol):
@@ -92,6 +99,7 @@ class Sampler:
 
     name: str = ""
     needs_noise: bool = False  # whether step() consumes fresh noise at non-final steps
+    multistep: bool = False  # whether step() takes t_last and history (see the module docstring)
 
     def __init__(self, schedule: NoiseSchedule, clip_x0: bool = True) -> None:
         self.schedule = schedule
@@ -185,14 +193,18 @@ class Sampler:
                 raise ValueError(f"x_T must have shape {(n, *shape)}, got {tuple(x_T.shape)}")
             x = x_T.to(device=device, dtype=dtype)
         labels = None if class_labels is None else class_labels.to(device)
+        history: dict[str, Tensor | int] = {}
         for i, (t, t_prev) in enumerate(zip(timesteps, previous_timesteps(timesteps), strict=True)):
             t_rows = torch.full((n,), t, device=device, dtype=torch.long)
             eps = guided_eps(eps_model, x, t_rows, labels, guidance_scale).to(dtype)
             if t_prev == LAST:  # the last step adds no noise
-                out = self.step(eps, t_rows, x, None, t_prev=LAST)
+                out = self.step(eps, t_rows, x, None, t_prev=LAST, **history)
             else:
                 z = noise.draw(i + 1, shape, dtype).to(device) if self.needs_noise else None
-                out = self.step(eps, t_rows, x, z, t_prev=torch.full((n,), t_prev, device=device, dtype=torch.long))
+                t_next = torch.full((n,), t_prev, device=device, dtype=torch.long)
+                out = self.step(eps, t_rows, x, z, t_prev=t_next, **history)
+            if self.multistep:
+                history = {"t_last": t, "history": out.pred_x0}
             x = out.prev_sample
             if callback is not None:
                 callback(i, t, x, out.pred_x0)
@@ -267,3 +279,64 @@ class DDIMSampler(Sampler):
             if term is not None:
                 prev = prev + term
         return StepOutput(prev, x0)
+
+
+class DPMSolverPP2MSampler(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a deterministic second-order multistep
+    solver of the diffusion ODE in data (x_0) prediction, first order on a row's first and last
+    step, as diffusers' DPMSolverMultistepScheduler does with its defaults (midpoint solver,
+    final sigma 0, no thresholding).
+
+    With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma), a
+    step from s0 to t with h = lambda_t - lambda_s0 and the previous step's s1, h_0 = lambda_s0
+    - lambda_s1:
+        x_t = sigma_t / sigma_s0 * x - alpha_t (e^-h - 1) (D0 + D1 / 2),
+        D0 = x0_s0, D1 = (h / h_0) (x0_s0 - x0_s1)   (D1 = 0 on a first-order step).
+    alpha_t (e^-h - 1) is written alpha_t - (sigma_t / sigma_s0) alpha_s0, which stays finite
+    on the last step (sigma_t = 0, lambda_t = inf).
+    """
+
+    name = "dpmpp_2m"
+    multistep = True
+
+    def __init__(self, schedule: NoiseSchedule, clip_x0: bool = False) -> None:
+        super().__init__(schedule, clip_x0)
+
+    def timesteps(self, steps: int) -> list[int]:
+        """diffusers' "linspace" spacing: round(linspace(0, T - 1, steps + 1)), descending,
+        without the final 0 (the last step goes to x_0)."""
+        T = self.schedule.num_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be in [1, {T}], got {steps}")
+        grid = torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().long().tolist()
+        return grid[::-1][:-1]
+
+    def step(
+        self,
+        model_output: Tensor,
+        t: Tensor | int,
+        x_t: Tensor,
+        noise: Tensor | None = None,
+        *,
+        t_prev: Tensor | int,
+        t_last: Tensor | int = NO_HISTORY,
+        history: Tensor | None = None,
+    ) -> StepOutput:
+        """One step x_s0 -> x_t for every row (s0 = t, target t_prev, previous step t_last with
+        x_0 prediction `history`; see Sampler.step for the shapes). `noise` is ignored."""
+        a_s0, a_t, last = self._alpha_bars(t, t_prev, x_t)
+        x0 = self._pred_x0(model_output, x_t, t)
+        alpha_s0, sigma_s0 = a_s0.sqrt(), (1 - a_s0).sqrt()
+        alpha_t, sigma_t = a_t.sqrt(), (1 - a_t).sqrt()
+        ratio = sigma_t / sigma_s0
+        c_x0 = alpha_t - ratio * alpha_s0  # -alpha_t (e^-h - 1)
+        prev = ratio.to(x_t.dtype) * x_t + c_x0.to(x_t.dtype) * x0
+        if history is None:
+            return StepOutput(prev, x0)
+        _, a_s1, first = self._alpha_bars(t, t_last, x_t)  # first: no previous step (t_last = NO_HISTORY)
+        lam = lambda a: 0.5 * (a.log() - (1 - a).log())  # noqa: E731
+        h = lam(a_t) - lam(a_s0)
+        h_0 = lam(a_s0) - lam(a_s1)
+        second = ~first & ~last  # a row's first and last steps are first order
+        c_2 = torch.where(second, 0.5 * c_x0 * h / h_0, 0.0)
+        return StepOutput(prev + c_2.to(x_t.dtype) * (x0 - history), x0)

@@ -79,3 +79,36 @@ def test_ddim_step_matches_diffusers(eta, clip, steps, which):
         got = ours.step(eps, t, x_t, noise, t_prev=_prev(ours, steps, t))
         assert torch.allclose(got.prev_sample, expected.prev_sample, atol=1e-5), t
         assert torch.allclose(got.pred_x0, expected.pred_original_sample, atol=1e-5), t
+
+
+@pytest.mark.parametrize("steps", [10, 20, 50])
+@pytest.mark.parametrize("which", [0, 1])
+def test_dpmsolver_pp_2m_matches_diffusers_step_for_step(steps, which):
+    """A whole run with arbitrary model outputs: every intermediate x and x_0 prediction agree
+    with DPMSolverMultistepScheduler's defaults (2nd order, midpoint, dpmsolver++, final sigma 0)."""
+    from undiffuse.samplers import NO_HISTORY, DPMSolverPP2MSampler
+
+    ours_schedule, kwargs = _schedules()[which]
+    theirs = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, **kwargs)
+    theirs.alphas_cumprod = ours_schedule.alphas_cumprod.float()
+    theirs.alpha_t = theirs.alphas_cumprod.sqrt()
+    theirs.sigma_t = (1 - theirs.alphas_cumprod).sqrt()
+    theirs.lambda_t = theirs.alpha_t.log() - theirs.sigma_t.log()
+    theirs.sigmas = ((1 - theirs.alphas_cumprod) / theirs.alphas_cumprod) ** 0.5
+    theirs.set_timesteps(steps)
+    ours = DPMSolverPP2MSampler(ours_schedule)
+    timesteps = ours.timesteps(steps)
+    assert theirs.timesteps.tolist() == timesteps
+    g = torch.Generator().manual_seed(steps + which)
+    x = torch.randn(SHAPE, generator=g)
+    target = torch.rand(SHAPE, generator=g) * 2 - 1  # outputs that point at one x_0, plus noise,
+    t_last, history = NO_HISTORY, None  # so that x stays in range and atol means something
+    for t, t_prev in zip(timesteps, previous_timesteps(timesteps), strict=True):
+        a = ours_schedule.alphas_cumprod[t].float()
+        x0 = target + 0.1 * torch.randn(SHAPE, generator=g)  # the output's x_0 prediction, kept in range
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        expected = theirs.step(eps, t, x)
+        got = ours.step(eps, torch.full((SHAPE[0],), t), x, t_prev=t_prev, t_last=t_last, history=history)
+        assert torch.allclose(got.prev_sample, expected.prev_sample, atol=1e-5), t
+        x = expected.prev_sample  # each step from the same x: step math, not accumulated rounding
+        t_last, history = t, got.pred_x0
