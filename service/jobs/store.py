@@ -256,7 +256,9 @@ class JobStore:
         async with self.r.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(*active, *([idem] if idem else []))
+                    watched = [*(active if max_in_flight is not None else []), *([idem] if idem else [])]
+                    if watched:
+                        await pipe.watch(*watched)
                     if idem:
                         prior = await pipe.get(idem)
                         if prior is not None:
