@@ -251,7 +251,8 @@ class DDPMSampler(Sampler):
 
 class DDIMSampler(Sampler):
     """DDIM (Song et al. 2021, Eq. 12) with stochasticity eta: eta = 0 is deterministic,
-    eta = 1 matches DDPM's posterior variance."""
+    eta = 1 matches DDPM's posterior variance. With clip_x0 the direction term uses the eps that
+    the clipped x0 implies (diffusers: `use_clipped_model_output=True`)."""
 
     name = "ddim"
 
@@ -269,10 +270,16 @@ class DDIMSampler(Sampler):
         a_t, a_prev, _ = self._alpha_bars(t, t_prev, x_t)
         # 1. predict x0 (DDIM Eq. 12, "predicted x0")
         x0 = self._pred_x0(model_output, x_t, t)
+        eps = model_output
+        if self.clip_x0:
+            # the eps that the clipped x0 implies: a clipped x0 beside the raw eps is a step that
+            # agrees with neither, and under classifier-free guidance (an extrapolated eps whose
+            # x0 is clipped hard) it walks off the data (docs/quality.md has the measurements)
+            eps = (x_t - a_t.sqrt().to(x_t.dtype) * x0) / (1 - a_t).sqrt().to(x_t.dtype)
         # 2. sigma_t (DDIM Eq. 16); 0 on the last step, where alpha_bar_prev = 1
         sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         # 3. direction pointing to x_t, then x_prev (DDIM Eq. 12)
-        direction = (1 - a_prev - sigma**2).sqrt().to(x_t.dtype) * model_output
+        direction = (1 - a_prev - sigma**2).sqrt().to(x_t.dtype) * eps
         prev = a_prev.sqrt().to(x_t.dtype) * x0 + direction
         if self.eta > 0:
             term = self._noise_term(sigma, noise, t_prev, x_t)

@@ -75,7 +75,7 @@ def test_ddim_step_matches_diffusers(eta, clip, steps, which):
     for t in [theirs.timesteps[0].item(), theirs.timesteps[steps // 2].item(), 0]:
         x_t, eps = _inputs(t + 1)
         noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
-        expected = theirs.step(eps, t, x_t, eta=eta, variance_noise=noise)
+        expected = theirs.step(eps, t, x_t, eta=eta, variance_noise=noise, use_clipped_model_output=clip)
         got = ours.step(eps, t, x_t, noise, t_prev=_prev(ours, steps, t))
         assert torch.allclose(got.prev_sample, expected.prev_sample, atol=1e-5), t
         assert torch.allclose(got.pred_x0, expected.pred_original_sample, atol=1e-5), t
