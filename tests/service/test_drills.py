@@ -68,6 +68,8 @@ def test_every_replica_kill_was_recovered_from(drill):
         assert "error" not in k, k
         assert k["replacement_running_s"] is not None and k["recovery_s"] is not None, k
         assert k["recovery_s"] >= k["replacement_running_s"] > 0, k
+        if k["kind"] == "Worker" and k["orphaned_shards"]:  # the shards its consumer held were reclaimed
+            assert k["orphans_reclaimed_s"] is not None, k
 
 
 def test_redis_gap_answers_503_with_retry_after_and_nothing_else_fails(drill):
