@@ -12,6 +12,7 @@ from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
+from service.jobs.connection import async_options
 from service.jobs.keys import PREFIX
 from service.settings import Settings
 
@@ -28,12 +29,13 @@ class SubmissionQuota:
     def __init__(self, settings: Settings) -> None:
         self.per_minute = settings.max_submissions_per_minute_per_key
         self.item = RateLimitItemPerMinute(self.per_minute)
+        # the job store's reconnect-and-retry options: without them every pooled connection
+        # fails once after a Redis restart, and each failure would be a 503
         storage = RedisStorage(
             f"async+{settings.redis_url}",
             implementation="redispy",
             key_prefix=f"{PREFIX}:quota",
-            socket_timeout=settings.redis_timeout_seconds,
-            socket_connect_timeout=settings.redis_timeout_seconds,
+            **async_options(settings.redis_timeout_seconds, decode_responses=False),
         )
         self.limiter = MovingWindowRateLimiter(storage)
 

@@ -20,12 +20,19 @@ def _client_options(timeout: float) -> dict:
     )
 
 
-def async_redis(url: str, timeout: float) -> aioredis.Redis:
+def async_options(timeout: float, decode_responses: bool = True) -> dict:
+    """Options of an asyncio client (for clients another library builds, e.g. `limits`)."""
     from redis.asyncio.retry import Retry
 
-    return aioredis.Redis.from_url(
-        url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3), **_client_options(timeout)
-    )
+    return {
+        **_client_options(timeout),
+        "decode_responses": decode_responses,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+    }
+
+
+def async_redis(url: str, timeout: float) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, **async_options(timeout))
 
 
 def sync_redis(url: str, timeout: float) -> redis.Redis:

@@ -126,3 +126,13 @@ def test_the_sweeper_deletes_the_images_of_due_jobs_only(stack):
 
     assert count("a" * 32) == 0 and count("b" * 32) == 3
     objects.delete_job("b" * 32)
+
+
+def test_submissions_right_after_a_redis_restart_are_accepted_not_503(asgi_api, redis_server):
+    """Regression (drills): the rate limiter's pooled connections died with Redis and each
+    failed once afterwards, a burst of 503s after every restart. Both clients reconnect."""
+    client = asgi_api(max_submissions_per_minute_per_key=1000)
+    assert [client.post("/v1/jobs", json=JOB).status_code for _ in range(4)] == [202] * 4
+    redis_server.stop()
+    redis_server.start()
+    assert [client.post("/v1/jobs", json=JOB).status_code for _ in range(4)] == [202] * 4
