@@ -124,7 +124,8 @@ class Consumer:
             task = message.task
             log.warning("reclaimed shard %s/%d from a silent consumer", task.job_id, task.shard)
             metrics.shard_retries_total().inc(tags={"reason": "reclaimed"})
-            await self.queue.requeue(message.id, task.model_copy(update={"last_error": "consumer timed out"}))
+            # its Worker died (kill -9, a lost node): like a lost Denoiser replica, an interruption
+            await self._put_back_interrupted(message.id, task, "its Worker stopped heart-beating")
         # consumers of replicas that went away, once they hold nothing (a day without a read)
         for name in await self.queue.prune_consumers(DEAD_CONSUMER_IDLE_MS, keep=self.name):
             log.info("removed idle consumer %s from the group", name)
@@ -252,13 +253,19 @@ class Consumer:
     async def _interrupted(self, message_id: str, task: ShardTask, error: ReplicaLost) -> None:
         """The replica died under the shard (killed, preempted, out of host memory): put the shard
         back without spending an attempt; only a shard that keeps losing replicas counts it."""
-        if task.interruptions >= self.settings.max_interruptions:
-            await self._retry(message_id, task, f"the Denoiser replica died {task.interruptions + 1} times", "replica")
-            return
         log.warning("shard %s/%d: Denoiser replica lost (%s); putting it back", task.job_id, task.shard, error)
         metrics.shard_retries_total().inc(tags={"reason": "replica_lost"})
         await asyncio.sleep(1.0)  # let Serve notice the death and route to a live replica
-        update = {"interruptions": task.interruptions + 1, "last_error": f"Denoiser replica lost: {error}"}
+        await self._put_back_interrupted(message_id, task, f"Denoiser replica lost: {error}")
+
+    async def _put_back_interrupted(self, message_id: str, task: ShardTask, reason: str) -> None:
+        """A replica (Denoiser or Worker) died under the shard: back in the queue without spending
+        an attempt, unless it has been interrupted max_interruptions times already, after which
+        each interruption counts as an attempt (a shard that kills its replicas must end)."""
+        if task.interruptions >= self.settings.max_interruptions:
+            await self.queue.requeue(message_id, task.model_copy(update={"last_error": f"{reason} (again)"}))
+            return
+        update = {"interruptions": task.interruptions + 1, "last_error": reason}
         await self.queue.put_back(message_id, task.model_copy(update=update))
 
     async def _retry(self, message_id: str, task: ShardTask, reason: str, kind: str) -> None:

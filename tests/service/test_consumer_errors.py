@@ -122,6 +122,25 @@ def test_a_lost_denoiser_replica_does_not_spend_an_attempt(stack):
     assert dead == []
 
 
+def test_a_dead_workers_shard_is_reclaimed_without_spending_an_attempt(stack):
+    """A shard held by a consumer that stopped heart-beating (its Worker was kill -9ed) is taken
+    over after the visibility timeout as an interruption: with max_attempts=1 it still runs."""
+    calls: list[tuple[int, int]] = []
+
+    async def sampler(task: ShardTask) -> ShardResult:
+        calls.append((task.attempt, task.interruptions))
+        return _pixels(task)
+
+    async def held_by_a_dead_worker(store: JobStore, job_id: str) -> None:
+        await store.queue.ensure_group()
+        assert len(await store.queue.read("dead-worker", 1, 10)) == 1  # read, never acked
+
+    settings = _settings(stack, 3, max_attempts=1, visibility_timeout_seconds=0.5)
+    record, dead = _run_until_ended(settings, sampler, held_by_a_dead_worker, seconds=20)
+    assert record.status == JobStatus.succeeded
+    assert calls == [(1, 1)] and dead == []
+
+
 def test_a_shard_that_keeps_killing_replicas_fails_its_job(stack):
     """A shard under which the replica always dies (it crashes it, say) is not retried forever:
     after max_interruptions losses each further loss spends an attempt."""
@@ -133,7 +152,7 @@ def test_a_shard_that_keeps_killing_replicas_fails_its_job(stack):
 
     settings = _settings(stack, 3, max_attempts=2, max_interruptions=1)
     record, dead = _run_until_ended(settings, always_dies, seconds=20)
-    assert record.status == JobStatus.failed and "replica died" in record.error.message
+    assert record.status == JobStatus.failed and "replica lost" in record.error.message
     assert calls == [(1, 0), (1, 1), (2, 1)]
     assert len(dead) == 1
 
