@@ -1,0 +1,137 @@
+"""Quality per step for the served model: class accuracy and a Fréchet distance by the
+independent judge (bench/judge.py), and images/s, per sampler, step count and guidance scale.
+
+    python bench/quality.py                       # the full table: 1,000 digits (100 per class) per row
+    python bench/quality.py --n 200 --rows quick  # what fits a 2-core CPU in ~15 minutes
+    python bench/quality.py --guidance-study      # why guidance used to hurt (DDIM variants)
+
+Prints a Markdown table (and writes it with --out); docs/quality.md records the runs with the
+machine they ran on. Every row samples the same noise (seed 0, image i = index i) and the same
+labels (i // (n / 10)), so rows differ only by sampler, steps and guidance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from judge import ROOT, Scorer  # noqa: E402
+
+from undiffuse import ImageNoise, load_model  # noqa: E402
+from undiffuse.images import make_grid, save_png  # noqa: E402
+from undiffuse.registry import make_sampler  # noqa: E402
+from undiffuse.samplers import DDIMSampler, StepOutput  # noqa: E402
+
+FULL = [
+    *[("ddpm", steps, w) for steps in (100, 1000) for w in (1.0, 2.0, 3.0)],
+    *[(name, steps, w) for name in ("ddim", "dpmpp_2m") for steps in (10, 20, 50, 100, 1000) for w in (1.0, 2.0, 3.0)],
+]
+QUICK = [
+    ("ddpm", 100, 1.0),
+    *[(name, steps, 1.0) for name in ("ddim", "dpmpp_2m") for steps in (10, 20, 50)],
+    *[(name, 20, w) for name in ("ddim", "dpmpp_2m") for w in (2.0, 3.0)],
+    ("dpmpp_2m", 10, 3.0),
+]
+
+
+class RawEpsDDIM(DDIMSampler):
+    """DDIM as it was before the fix: the clipped x0 beside the raw eps (for the study only)."""
+
+    def step(self, model_output, t, x_t, noise=None, *, t_prev):
+        a_t, a_prev, _ = self._alpha_bars(t, t_prev, x_t)
+        x0 = self._pred_x0(model_output, x_t, t)
+        sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        prev = a_prev.sqrt().to(x_t.dtype) * x0 + (1 - a_prev - sigma**2).sqrt().to(x_t.dtype) * model_output
+        return StepOutput(prev, x0)
+
+
+def sample(
+    model, sampler, steps: int, labels: torch.Tensor, guidance: float, device: str
+) -> tuple[torch.Tensor, float]:
+    """Samples [n, 1, 28, 28] and their images/s."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    x = sampler.sample(
+        model.eps, model.image_shape, steps=steps, noise=ImageNoise.for_request(0, len(labels), device=device),
+        class_labels=labels.to(device), guidance_scale=guidance, device=device,
+    )  # fmt: skip
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return x.cpu(), len(labels) / (time.perf_counter() - started)
+
+
+def table(rows: list[tuple], n: int, device: str, grid_dir: Path | None) -> str:
+    model = load_model(ROOT / "models" / "mnist").to(device)
+    scorer = Scorer()
+    labels = torch.arange(10).repeat_interleave(n // 10)
+    lines = [
+        "| sampler | steps | guidance | class accuracy | Fréchet distance | images/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, steps, guidance in rows:
+        x, rate = sample(model, make_sampler(name, model.schedule), steps, labels, guidance, device)
+        accuracy, distance = scorer.score(x, labels)
+        lines.append(f"| {name} | {steps} | {guidance:g} | {accuracy:.3f} | {distance:.1f} | {rate:,.1f} |")
+        print(lines[-1], flush=True)
+        if grid_dir is not None and steps == 10 and guidance == 1.0:
+            per = n // 10
+            picks = torch.cat([x[c * per : c * per + 10] for c in range(10)])
+            save_png(make_grid(picks, nrow=10), grid_dir / f"quality-grid-{name}-10.png")
+    return "\n".join(lines)
+
+
+def guidance_study(n: int, steps: int, device: str) -> str:
+    model = load_model(ROOT / "models" / "mnist").to(device)
+    scorer = Scorer()
+    labels = torch.arange(10).repeat_interleave(n // 10)
+    variants = {
+        "x0 clipped, raw eps (before the fix)": RawEpsDDIM(model.schedule),
+        "x0 not clipped": DDIMSampler(model.schedule, clip_x0=False),
+        "x0 clipped, eps from the clipped x0 (now)": DDIMSampler(model.schedule),
+    }
+    lines = [
+        f"| DDIM {steps} steps, {n} digits | guidance | class accuracy | Fréchet distance |",
+        "|---|---|---|---|",
+    ]
+    for label, sampler in variants.items():
+        for guidance in (1.0, 2.0, 3.0):
+            x, _ = sample(model, sampler, steps, labels, guidance, device)
+            accuracy, distance = scorer.score(x, labels)
+            lines.append(f"| {label} | {guidance:g} | {accuracy:.3f} | {distance:.1f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=1000, help="digits per row (a multiple of 10)")
+    p.add_argument("--rows", choices=["full", "quick"], default="full")
+    p.add_argument("--guidance-study", action="store_true")
+    p.add_argument("--steps", type=int, default=20, help="steps of the guidance study")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, help="also write the Markdown table here")
+    p.add_argument("--grids", type=Path, help="write a 10-step sample grid per sampler into this folder")
+    args = p.parse_args(argv)
+    if args.n % 10:
+        p.error("--n must be a multiple of 10")
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"device: {name}, torch {torch.__version__}", flush=True)
+    if args.guidance_study:
+        text = guidance_study(args.n, args.steps, args.device)
+    else:
+        text = table(FULL if args.rows == "full" else QUICK, args.n, args.device, args.grids)
+    if args.out:
+        args.out.write_text(f"device: {name}\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
