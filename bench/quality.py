@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from judge import ROOT, Scorer  # noqa: E402
+from judge import ROOT, Scorer, frechet_distance, predict  # noqa: E402
 
 from undiffuse import ImageNoise, load_model  # noqa: E402
 from undiffuse.images import make_grid, save_png  # noqa: E402
@@ -50,15 +50,27 @@ class RawEpsDDIM(DDIMSampler):
         return StepOutput(prev, x0)
 
 
+class DynamicThresholdDDIM(DDIMSampler):
+    """Imagen's dynamic thresholding (p = 0.995) of x0, with the eps it implies (study only)."""
+
+    def step(self, model_output, t, x_t, noise=None, *, t_prev):
+        a_t, _, _ = self._alpha_bars(t, t_prev, x_t)
+        x0 = self.schedule.predict_x0(x_t, t, model_output)
+        s = x0.flatten(1).abs().quantile(0.995, dim=1).clamp(min=1).view(-1, 1, 1, 1)
+        x0 = x0.clamp(-s, s) / s
+        eps = (x_t - a_t.sqrt().to(x_t.dtype) * x0) / (1 - a_t).sqrt().to(x_t.dtype)
+        return super().step(eps, t, x_t, noise, t_prev=t_prev)
+
+
 def sample(
-    model, sampler, steps: int, labels: torch.Tensor, guidance: float, device: str
+    model, sampler, steps: int, labels: torch.Tensor, guidance: float, device: str, seed: int = 0
 ) -> tuple[torch.Tensor, float]:
     """Samples [n, 1, 28, 28] and their images/s."""
     if device == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     x = sampler.sample(
-        model.eps, model.image_shape, steps=steps, noise=ImageNoise.for_request(0, len(labels), device=device),
+        model.eps, model.image_shape, steps=steps, noise=ImageNoise.for_request(seed, len(labels), device=device),
         class_labels=labels.to(device), guidance_scale=guidance, device=device,
     )  # fmt: skip
     if device == "cuda":
@@ -86,7 +98,7 @@ def table(rows: list[tuple], n: int, device: str, grid_dir: Path | None) -> str:
     return "\n".join(lines)
 
 
-def guidance_study(n: int, steps: int, device: str) -> str:
+def guidance_study(n: int, steps: int, device: str, seed: int) -> str:
     model = load_model(ROOT / "models" / "mnist").to(device)
     scorer = Scorer()
     labels = torch.arange(10).repeat_interleave(n // 10)
@@ -94,6 +106,7 @@ def guidance_study(n: int, steps: int, device: str) -> str:
         "x0 clipped, raw eps (before the fix)": RawEpsDDIM(model.schedule),
         "x0 not clipped": DDIMSampler(model.schedule, clip_x0=False),
         "x0 clipped, eps from the clipped x0 (now)": DDIMSampler(model.schedule),
+        "dynamic thresholding, eps from x0": DynamicThresholdDDIM(model.schedule, clip_x0=False),
     }
     lines = [
         f"| DDIM {steps} steps, {n} digits | guidance | class accuracy | Fréchet distance |",
@@ -101,10 +114,16 @@ def guidance_study(n: int, steps: int, device: str) -> str:
     ]
     for label, sampler in variants.items():
         for guidance in (1.0, 2.0, 3.0):
-            x, _ = sample(model, sampler, steps, labels, guidance, device)
+            x, _ = sample(model, sampler, steps, labels, guidance, device, seed)
             accuracy, distance = scorer.score(x, labels)
             lines.append(f"| {label} | {guidance:g} | {accuracy:.3f} | {distance:.1f} |")
             print(lines[-1], flush=True)
+    x, _ = sample(model, DDIMSampler(model.schedule), steps, torch.full_like(labels, -1), 1.0, device, seed)
+    classes, features = predict(scorer.judge, x)
+    counts = torch.bincount(classes, minlength=10).tolist()
+    distance = frechet_distance(features, scorer.real_features)
+    lines.append(f"\nnull class alone: digits per class {counts}, distance {distance:.1f}")
+    print(lines[-1], flush=True)
     return "\n".join(lines)
 
 
@@ -114,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", choices=["full", "quick"], default="full")
     p.add_argument("--guidance-study", action="store_true")
     p.add_argument("--steps", type=int, default=20, help="steps of the guidance study")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the guidance study (docs/quality.md: 123)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="also write the Markdown table here")
     p.add_argument("--grids", type=Path, help="write a 10-step sample grid per sampler into this folder")
@@ -125,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"device: {name}, torch {torch.__version__}", flush=True)
     if args.guidance_study:
-        text = guidance_study(args.n, args.steps, args.device)
+        text = guidance_study(args.n, args.steps, args.device, args.seed)
     else:
         text = table(FULL if args.rows == "full" else QUICK, args.n, args.device, args.grids)
     if args.out:
