@@ -41,9 +41,9 @@ from service.settings import Settings
 
 log = logging.getLogger("ray.serve")
 DEFAULT_CONFIG = {"max_batch_images": 64}
-# a shard of a job that ended stops (a duplicate attempt of a finished job too); a missing record
-# is left to the worker, as before
-STOP_STATUSES = {JobStatus.canceled, JobStatus.failed, JobStatus.succeeded}
+# a shard of a job that ended stops (a duplicate attempt of a finished job too), and so does one
+# whose record is gone (deleted through the API, or expired)
+STOP_STATUSES = {JobStatus.canceled, JobStatus.failed, JobStatus.succeeded, None}
 MAX_FAILED_STEPS = 3  # consecutive failed steps before check_health fails the replica
 
 

@@ -1,6 +1,6 @@
 """API keys: how they are written in configuration and who they belong to.
 
-`UNDIFFUSE_API_KEYS` is a comma-separated list of entries `[owner=]credential`:
+`UNDIFFUSE_API_KEYS` is a comma-separated list of entries `[owner=]sha256:<hex>` or `<plain key>`:
 
     alice=sha256:9f86d08…,alice=sha256:60303ae…,bob=sha256:fd61a03…
 
@@ -22,7 +22,8 @@ import secrets
 import sys
 
 OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-ENTRY = re.compile(rf"(?:(?P<owner>{OWNER.pattern})=)?(?P<credential>\S+)")
+# an owner only before a hash: a plain key may itself contain "=" (base64 padding)
+ENTRY = re.compile(rf"(?:(?P<owner>{OWNER.pattern})=(?=sha256:))?(?P<credential>\S+)")
 HASHED = re.compile(r"sha256:(?P<digest>[0-9a-f]{64})")
 
 

@@ -58,6 +58,15 @@ class ObjectStore:
     def put_png(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="image/png")
 
+    def delete_keys(self, keys: list[str]) -> None:
+        """Delete these objects (at most 1,000; missing ones are fine)."""
+        if keys:
+            reply = self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}
+            )
+            if reply.get("Errors"):
+                raise ObjectsNotDeleted(f"could not delete {len(reply['Errors'])} objects")
+
     def delete_job(self, job_id: str) -> int:
         """Delete every object of a job (idempotent); returns how many there were."""
         deleted = 0

@@ -311,10 +311,13 @@ class DPMSolverPP2MSampler(Sampler):
 
     def timesteps(self, steps: int) -> list[int]:
         """diffusers' "linspace" spacing: round(linspace(0, T - 1, steps + 1)), descending,
-        without the final 0 (the last step goes to x_0)."""
+        without the final 0 (the last step goes to x_0). At steps = T that grid would repeat a
+        timestep (a zero-length step, then a division by it): every timestep T-1 .. 0 instead."""
         T = self.schedule.num_timesteps
         if not 1 <= steps <= T:
             raise ValueError(f"steps must be in [1, {T}], got {steps}")
+        if steps == T:
+            return list(range(T - 1, -1, -1))
         grid = torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().long().tolist()
         return grid[::-1][:-1]
 
@@ -344,6 +347,6 @@ class DPMSolverPP2MSampler(Sampler):
         lam = lambda a: 0.5 * (a.log() - (1 - a).log())  # noqa: E731
         h = lam(a_t) - lam(a_s0)
         h_0 = lam(a_s0) - lam(a_s1)
-        second = ~first & ~last  # a row's first and last steps are first order
+        second = ~first & ~last & (h_0 > 0)  # first and last steps (and a repeated t) are first order
         c_2 = torch.where(second, 0.5 * c_x0 * h / h_0, 0.0)
         return StepOutput(prev + c_2.to(x_t.dtype) * (x0 - history), x0)

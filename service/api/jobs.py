@@ -225,7 +225,7 @@ async def get_job(
     responses={
         **ERRORS,
         409: {"description": "the job is still queued or running: cancel it first"},
-        503: {"description": "object storage or Redis is unreachable; nothing was deleted"},
+        503: {"description": "object storage or Redis is unreachable; retry (the job stays listed until it is gone)"},
     },
 )
 async def delete_job(job_id: str, ctx: Ctx, owner: Owner) -> Response:

@@ -123,6 +123,16 @@ return out
 """
 
 
+# KEYS[1] the purge schedule; ARGV (job id, due time) pairs: removes each entry still due then.
+_UNSCHEDULE = """
+for i = 1, #ARGV, 2 do
+  local at = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if at and tonumber(at) == tonumber(ARGV[i + 1]) then redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
+return 0
+"""
+
+
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different body."""
 
@@ -217,6 +227,7 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
         self._record_steps = client.register_script(_RECORD_STEPS)
         self._delete = client.register_script(_DELETE)
+        self._unschedule = client.register_script(_UNSCHEDULE)
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: int, shard_size: int, timeout: float = 2.0) -> JobStore:
@@ -392,12 +403,14 @@ class JobStore:
         """Have the job's objects deleted at epoch time `at` (service.worker.sweeper)."""
         await self.r.zadd(keys.PURGE, {job_id: at})
 
-    async def due_purges(self, now: float, count: int) -> list[str]:
-        return list(await self.r.zrangebyscore(keys.PURGE, "-inf", now, start=0, num=count))
+    async def due_purges(self, now: float, count: int) -> list[tuple[str, float]]:
+        """Up to count (job id, due time) whose time has come, earliest first."""
+        return list(await self.r.zrangebyscore(keys.PURGE, "-inf", now, start=0, num=count, withscores=True))
 
-    async def purged(self, job_ids: list[str]) -> None:
-        if job_ids:
-            await self.r.zrem(keys.PURGE, *job_ids)
+    async def purged(self, due: list[tuple[str, float]]) -> None:
+        """Remove swept entries, unless rescheduled meanwhile (a DELETE's later sweep stays)."""
+        if due:
+            await self._unschedule(keys=[keys.PURGE], args=[v for job_id, at in due for v in (job_id, repr(at))])
 
     # --- transitions ---------------------------------------------------------------------------
     async def mark_running(self, job_id: str, owner: str) -> int:

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from service import metrics
 from service.jobs.lifecycle import JobLifecycle
 from service.jobs.queue import Message
-from service.jobs.schemas import JobError, ShardResult, ShardTask
+from service.jobs.schemas import JobError, JobStatus, ShardResult, ShardTask
 from service.jobs.store import JobRecord, JobStore
 from service.settings import Settings
 from service.storage import STORAGE_ERRORS, ObjectStore, image_key
@@ -196,6 +196,17 @@ class Consumer:
                 return
             except Exception as e:  # a malformed result
                 await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
+                return
+            # a job that ended badly (or was deleted, or expired) while this shard uploaded may
+            # have been swept already: take back what this shard just wrote
+            now = await self._patiently("status", lambda: self.store.get(task.job_id), (RedisError,), task)
+            if now is None or now.status in (JobStatus.failed, JobStatus.canceled):
+                keys = [image_key(task.job_id, task.start + k) for k in range(task.count)]
+                try:
+                    await asyncio.to_thread(self.objects.delete_keys, keys)
+                except STORAGE_ERRORS as e:  # the bucket's lifecycle rule is the backstop
+                    log.warning("shard %s/%d of an ended job: images not deleted (%s)", task.job_id, task.shard, e)
+                await self._patiently("ack", lambda: self.queue.ack(message_id), (RedisError,), task)
                 return
             await self._patiently(
                 "completion", lambda: self.lifecycle.complete_shard(task, record), (RedisError,), task

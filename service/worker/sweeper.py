@@ -18,6 +18,7 @@ from service.jobs.store import JobStore
 from service.storage import STORAGE_ERRORS, ObjectStore
 
 log = logging.getLogger("ray.serve")
+RETRY_S = 600
 
 
 class Sweeper:
@@ -43,11 +44,20 @@ class Sweeper:
                 pass
 
     async def sweep_once(self, now: float | None = None) -> int:
-        """Delete the objects of up to `batch` due jobs; returns how many jobs were swept."""
-        due = await self.store.due_purges(time.time() if now is None else now, self.batch)
-        for job_id in due:
-            count = await asyncio.to_thread(self.objects.delete_job, job_id)
+        """Delete the objects of up to `batch` due jobs; returns how many jobs were due. A job
+        whose objects cannot be deleted is tried again RETRY_S later; the others go on."""
+        now = time.time() if now is None else now
+        due = await self.store.due_purges(now, self.batch)
+        swept = []
+        for job_id, at in due:
+            try:
+                count = await asyncio.to_thread(self.objects.delete_job, job_id)
+            except STORAGE_ERRORS as e:
+                log.warning("sweeper: job %s: %s; trying again in %d s", job_id, type(e).__name__, RETRY_S)
+                await self.store.schedule_purge(job_id, now + RETRY_S)
+                continue
             if count:
                 log.info("sweeper: deleted %d images of job %s", count, job_id)
-        await self.store.purged(due)
+            swept.append((job_id, at))
+        await self.store.purged(swept)
         return len(due)

@@ -248,3 +248,14 @@ def test_an_int_timestep_beside_per_row_tensors_applies_to_every_row():
     mixed = sampler.step(eps, 500, x, noise, t_prev=torch.full((4,), 480))
     other = sampler.step(eps, torch.full((4,), 500), x, noise, t_prev=480)
     assert torch.equal(both.prev_sample, mixed.prev_sample) and torch.equal(both.prev_sample, other.prev_sample)
+
+
+def test_dpmsolver_pp_2m_at_every_timestep_visits_each_once_and_stays_finite():
+    """Regression: at steps = T the linspace grid repeated a timestep (a zero-length step, then a
+    division by it), and every image came out NaN."""
+    schedule = NoiseSchedule.linear(50)
+    sampler = DPMSolverPP2MSampler(schedule)
+    assert sampler.timesteps(50) == list(range(49, -1, -1))
+    assert len(set(sampler.timesteps(49))) == 49
+    x = sampler.sample(gaussian_optimal_eps(schedule), (1, 4, 4), steps=50, noise=ImageNoise.for_request(0, 8))
+    assert torch.isfinite(x).all()

@@ -32,6 +32,15 @@ def test_malformed_entries_are_refused_without_echoing_them(entry, fragment):
     assert "ABC" not in str(info.value) and HEX[:-1] not in str(info.value)
 
 
+def test_a_plain_key_may_contain_equals_signs():
+    """Only a hash carries an owner: base64 padding or a "team=..." key stays a plain key."""
+    owners = keys.parse(["dGVzdA==", "team-key=abc"])
+    assert owners == {
+        keys.digest("dGVzdA=="): keys.digest("dGVzdA==")[:24],
+        keys.digest("team-key=abc"): keys.digest("team-key=abc")[:24],
+    }
+
+
 def test_one_key_cannot_belong_to_two_owners():
     with pytest.raises(ValueError, match="second owner"):
         keys.parse([f"alice=sha256:{HEX}", f"bob=sha256:{HEX}"])

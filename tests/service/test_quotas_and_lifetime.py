@@ -112,7 +112,7 @@ def test_the_sweeper_deletes_the_images_of_due_jobs_only(stack):
         await store.schedule_purge("a" * 32, time.time() - 1)  # due
         await store.schedule_purge("b" * 32, time.time() + 3600)  # not yet
         swept = await Sweeper(store, objects).sweep_once()
-        left = await store.due_purges(time.time() + 7200, 10)
+        left = [job_id for job_id, _ in await store.due_purges(time.time() + 7200, 10)]
         await store.r.flushdb()
         await store.close()
         return swept, left
@@ -136,3 +136,38 @@ def test_submissions_right_after_a_redis_restart_are_accepted_not_503(asgi_api, 
     redis_server.stop()
     redis_server.start()
     assert [client.post("/v1/jobs", json=JOB).status_code for _ in range(4)] == [202] * 4
+
+
+def test_one_undeletable_job_does_not_stop_the_sweeper(stack):
+    """A job whose objects cannot be deleted (access denied, object lock) is retried later;
+    the jobs after it are still swept."""
+    from botocore.exceptions import ClientError
+
+    from service.worker.sweeper import RETRY_S
+
+    class Refusing(ObjectStore):
+        def delete_job(self, job_id: str) -> int:
+            if job_id == "c" * 32:
+                raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "DeleteObjects")
+            return super().delete_job(job_id)
+
+    objects = Refusing(stack.settings)
+    pixels = png_bytes(np.zeros((28, 28, 1), dtype=np.uint8))
+    objects.put_png(image_key("d" * 32, 0), pixels)
+
+    async def scenario():
+        store = JobStore.from_url(stack.redis.url.rsplit("/", 1)[0] + "/5", 600, 4)
+        await store.r.flushdb()
+        now = time.time()
+        await store.schedule_purge("c" * 32, now - 2)  # first in line, and refused
+        await store.schedule_purge("d" * 32, now - 1)
+        swept = await Sweeper(store, objects).sweep_once(now)
+        left = await store.due_purges(now + 2 * RETRY_S, 10)
+        await store.r.flushdb()
+        await store.close()
+        return swept, left
+
+    swept, left = asyncio.run(scenario())
+    assert swept == 2 and [j for j, _ in left] == ["c" * 32] and left[0][1] >= time.time() + RETRY_S - 60
+    reply = objects.client.list_objects_v2(Bucket=stack.settings.s3_bucket, Prefix=f"jobs/{'d' * 32}/")
+    assert reply.get("KeyCount", 0) == 0
