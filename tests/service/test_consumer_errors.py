@@ -224,3 +224,39 @@ def test_readiness_details_stay_out_of_the_unauthenticated_answer():
 
     name, state = asyncio.run(_check("redis", refused))
     assert (name, state) == ("redis", "unavailable: ConnectionError")
+
+
+def test_images_of_a_job_canceled_while_its_shard_ran_are_taken_back(stack):
+    """The shard finished sampling although its job was canceled meanwhile (the Denoiser had not
+    seen it yet): once uploaded, its images are deleted again rather than left for a sweep that
+    may already have run."""
+    settings = _settings(stack, 3)
+    objects = ObjectStore(settings)
+
+    async def scenario() -> tuple[int, int, int]:
+        store = JobStore.from_url(settings.redis_url, 600, settings.shard_size)
+        await store.r.flushdb()
+        await store.queue.ensure_group()
+        job_id, _, _ = await store.submit("tester", PARAMS, {"n": 1})
+
+        async def canceled_meanwhile(task: ShardTask) -> ShardResult:
+            await store.finish(task.job_id, "tester", JobStatus.canceled)
+            return _pixels(task)
+
+        consumer = Consumer(settings, store, objects, canceled_meanwhile, name="cancel-test")
+        loop = asyncio.create_task(consumer.run())
+        deadline = time.monotonic() + 20
+        while consumer.handled == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await consumer.drain(timeout=5)
+        loop.cancel()
+        left = await asyncio.to_thread(
+            objects.client.list_objects_v2, Bucket=settings.s3_bucket, Prefix=f"jobs/{job_id}/"
+        )
+        pending = await store.r.xlen(keys.SHARD_STREAM)
+        await store.r.flushdb()
+        await store.close()
+        return left.get("KeyCount", 0), consumer.handled, pending
+
+    left, handled, pending = asyncio.run(scenario())
+    assert handled == 1 and pending == 0 and left == 0
