@@ -59,26 +59,23 @@ class ObjectStore:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="image/png")
 
     def delete_keys(self, keys: list[str]) -> None:
-        """Delete these objects (at most 1,000; missing ones are fine)."""
+        """Delete these objects (at most 1,000, DeleteObjects' limit; missing ones are fine)."""
         if keys:
             reply = self.client.delete_objects(
                 Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}
             )
             if reply.get("Errors"):
-                raise ObjectsNotDeleted(f"could not delete {len(reply['Errors'])} objects")
+                first = reply["Errors"][0]
+                raise ObjectsNotDeleted(f"could not delete {len(reply['Errors'])} objects: {first.get('Code')}")
 
     def delete_job(self, job_id: str) -> int:
         """Delete every object of a job (idempotent); returns how many there were."""
         deleted = 0
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=job_prefix(job_id))
-        for page in pages:
-            objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if objects:  # a page holds at most 1,000 keys, DeleteObjects' limit
-                reply = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
-                if reply.get("Errors"):
-                    first = reply["Errors"][0]
-                    raise ObjectsNotDeleted(f"could not delete {len(reply['Errors'])} objects: {first.get('Code')}")
-                deleted += len(objects)
+        for page in pages:  # a page holds at most 1,000 keys
+            keys = [o["Key"] for o in page.get("Contents", [])]
+            self.delete_keys(keys)
+            deleted += len(keys)
         with self._lock:  # URLs of deleted objects must not be handed out again
             for key in [k for k in self._presigned if k.startswith(job_prefix(job_id))]:
                 del self._presigned[key]

@@ -9,6 +9,7 @@ from fastapi import Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service import keys
+from service.api.quotas import SubmissionQuota
 from service.jobs.lifecycle import JobLifecycle
 from service.jobs.store import JobStore
 from service.models import ModelRegistry
@@ -27,6 +28,23 @@ class Context:
     registry: ModelRegistry
     denoiser: Any  # a DeploymentHandle to the Denoiser (None when run without Serve)
     quota: Any = None  # service.api.quotas.SubmissionQuota (None: no rate limit)
+
+
+def build_context(settings: Settings, denoiser: Any, listeners: list | None = None) -> Context:
+    """The context of one ingress replica (the Ingress deployment; the tests' in-process API).
+    listeners: the job lifecycle's (default: its metrics)."""
+    store = JobStore.from_url(
+        settings.redis_url, settings.job_ttl_seconds, settings.shard_size, settings.redis_timeout_seconds
+    )
+    return Context(
+        settings=settings,
+        store=store,
+        lifecycle=JobLifecycle(store, listeners, purge_delay_seconds=settings.purge_delay_seconds),
+        objects=ObjectStore(settings),
+        registry=ModelRegistry(settings.model_dir, settings.default_model),
+        denoiser=denoiser,
+        quota=SubmissionQuota(settings),
+    )
 
 
 _context: Context | None = None

@@ -180,12 +180,7 @@ def asgi_api(stack):
     from fastapi.testclient import TestClient
 
     from service.api.app import app
-    from service.api.deps import Context, set_context
-    from service.api.quotas import SubmissionQuota
-    from service.jobs.lifecycle import JobLifecycle
-    from service.jobs.store import JobStore
-    from service.models import ModelRegistry
-    from service.storage import ObjectStore
+    from service.api.deps import build_context, set_context
 
     url = stack.redis.url.rsplit("/", 1)[0] + "/6"
     clients = []
@@ -199,18 +194,7 @@ def asgi_api(stack):
                 **overrides,
             }
         )
-        store = JobStore.from_url(url, settings.job_ttl_seconds, settings.shard_size, settings.redis_timeout_seconds)
-        set_context(
-            Context(
-                settings=settings,
-                store=store,
-                lifecycle=JobLifecycle(store, listeners=[]),
-                objects=ObjectStore(settings),
-                registry=ModelRegistry(settings.model_dir, settings.default_model),
-                denoiser=None,
-                quota=SubmissionQuota(settings),
-            )
-        )
+        set_context(build_context(settings, denoiser=None, listeners=[]))  # no Ray: no metrics
         client = TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {KEY_A}"})
         client.__enter__()
         clients.append(client)
