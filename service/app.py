@@ -64,6 +64,19 @@ class AppArgs(BaseModel):
     ingress_replicas: int = Field(1, ge=1)
     settings: dict[str, Any] = Field(default_factory=dict, description="overrides of UNDIFFUSE_* settings")
 
+    def cpus_needed(self) -> float:
+        """Ray CPUs the initial replicas reserve (Denoiser, Worker and Ingress; Serve's controller
+        and proxies take none). A single-node Ray started with fewer never schedules them all and
+        `serve.run` waits forever, so service.run starts Ray with at least this many."""
+        denoisers = (
+            max(1, self.denoiser_autoscaling.min_replicas) if self.denoiser_autoscaling else self.denoiser_replicas
+        )
+        return (
+            denoisers * self.denoiser_num_cpus
+            + self.worker_replicas * Worker.ray_actor_options["num_cpus"]
+            + self.ingress_replicas * Ingress.ray_actor_options["num_cpus"]
+        )
+
 
 def build_app(args: AppArgs) -> Application:
     settings = Settings(**args.settings)

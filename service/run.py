@@ -8,6 +8,8 @@ metrics on 0.0.0.0:8080. On Kubernetes the RayService deploys the app instead.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import signal
 import sys
 import threading
@@ -25,29 +27,40 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.app import AppArgs, build_app
 
-    app = build_app(  # validates Settings from the environment before Ray starts
-        AppArgs(
-            denoiser_replicas=args.denoiser_replicas,
-            denoiser_num_gpus=args.denoiser_num_gpus,
-            worker_replicas=args.workers,
-        )
+    app_args = AppArgs(
+        denoiser_replicas=args.denoiser_replicas,
+        denoiser_num_gpus=args.denoiser_num_gpus,
+        worker_replicas=args.workers,
     )
+    app = build_app(app_args)  # validates Settings from the environment before Ray starts
     serve_until_stopped(
-        app, args.host, args.port, args.metrics_port, f"undiffuse serving on http://{args.host}:{args.port}"
+        app,
+        app_args.cpus_needed(),
+        args.host,
+        args.port,
+        args.metrics_port,
+        f"undiffuse serving on http://{args.host}:{args.port}",
     )
     return 0
 
 
-def serve_until_stopped(app, host: str, port: int, metrics_port: int, banner: str) -> None:
-    """Start local Ray and Serve, run the application, print banner, and block until SIGINT or
-    SIGTERM; then shut Serve and Ray down. Shared by this entry point and service.dev.local."""
+def ray_cpus(cpus_needed: float) -> int:
+    """Logical CPUs for a single-node Ray: the machine's, but never fewer than the application's
+    replicas reserve (on a 1-core machine or container they would otherwise never start)."""
+    return max(os.cpu_count() or 1, math.ceil(cpus_needed))
+
+
+def serve_until_stopped(app, cpus_needed: float, host: str, port: int, metrics_port: int, banner: str) -> None:
+    """Start local Ray (ray_cpus(cpus_needed) CPUs) and Serve, run the application, print banner,
+    and block until SIGINT or SIGTERM; then shut Serve and Ray down. Shared by this entry point
+    and service.dev.local."""
     import ray
     from ray import serve
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    ray.init(include_dashboard=False, _metrics_export_port=metrics_port)
+    ray.init(num_cpus=ray_cpus(cpus_needed), include_dashboard=False, _metrics_export_port=metrics_port)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name="undiffuse", route_prefix="/")

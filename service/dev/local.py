@@ -56,20 +56,18 @@ Ctrl-C stops everything."""
     from service.app import AppArgs, build_app
     from service.run import serve_until_stopped
 
-    app = build_app(
-        AppArgs(
-            denoiser_replicas=args.denoiser_replicas,
-            worker_replicas=args.workers,
-            settings={
-                "redis_url": redis.url,
-                "s3_endpoint_url": s3.endpoint,
-                "s3_access_key_id": "undiffuse",
-                "s3_secret_access_key": s3_secret,
-                "api_keys": [f"local=sha256:{digest(api_key)}"],  # configuration holds hashes only
-            },
-        )
+    app_args = AppArgs(
+        denoiser_replicas=args.denoiser_replicas,
+        worker_replicas=args.workers,
+        settings={
+            "redis_url": redis.url,
+            "s3_endpoint_url": s3.endpoint,
+            "s3_access_key_id": "undiffuse",
+            "s3_secret_access_key": s3_secret,
+            "api_keys": [f"local=sha256:{digest(api_key)}"],  # configuration holds hashes only
+        },
     )
-    serve_until_stopped(app, "127.0.0.1", args.port, args.metrics_port, banner)
+    serve_until_stopped(build_app(app_args), app_args.cpus_needed(), "127.0.0.1", args.port, args.metrics_port, banner)
 
 
 if __name__ == "__main__":

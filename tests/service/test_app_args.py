@@ -12,3 +12,18 @@ def test_arguments_of_an_older_release_are_refused_not_ignored():
     with pytest.raises(ValidationError, match="shards"):
         AppArgs(denoiser_autoscaling={"shards": 4})
     assert AppArgs(denoiser_num_gpus=1).denoiser_num_gpus == 1
+
+
+def test_a_single_node_ray_always_has_the_cpus_the_replicas_reserve(monkeypatch):
+    from service.run import ray_cpus
+
+    # Denoiser 1 + Worker 0.5 + Ingress 0.5: the whole default stack needs two Ray CPUs
+    assert AppArgs().cpus_needed() == 2.0
+    assert AppArgs(denoiser_replicas=2, worker_replicas=3).cpus_needed() == 2.0 + 1.5 + 0.5
+    assert AppArgs(denoiser_autoscaling={"min_replicas": 0, "max_replicas": 4}).cpus_needed() == 2.0
+
+    monkeypatch.setattr("os.cpu_count", lambda: 1)  # a 1-core container: Ray must still fit the app
+    assert ray_cpus(AppArgs().cpus_needed()) == 2
+    assert ray_cpus(4.5) == 5
+    monkeypatch.setattr("os.cpu_count", lambda: 16)  # a big machine keeps its real count
+    assert ray_cpus(AppArgs().cpus_needed()) == 16

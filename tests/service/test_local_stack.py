@@ -21,6 +21,14 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _banner_key(log: Path, proc: subprocess.Popen) -> str | None:
+    """The API key from the banner once it is printed; fails at once if the stack exited instead."""
+    text = log.read_text()
+    if proc.poll() is not None:
+        raise AssertionError(f"the stack exited ({proc.returncode}) before its banner:\n{text[-6000:]}")
+    return (m := re.search(r"API key\s+(\S+)", text)) and m.group(1)
+
+
 def test_local_stack_starts_serves_and_stops(tmp_path):
     port, metrics = free_port(), free_port()
     log = tmp_path / "up.log"
@@ -45,9 +53,13 @@ def test_local_stack_starts_serves_and_stops(tmp_path):
             start_new_session=True,
         )
     try:
-        key = wait_for(
-            lambda: (m := re.search(r"API key\s+(\S+)", log.read_text())) and m.group(1), 240, 1.0, "the banner"
-        )
+        # ~40 s on an idle 2-core VM; CI once took over 240 s beside the session's own stack,
+        # so the wait is generous and a timeout shows what the stack printed and the disk left.
+        try:
+            key = wait_for(lambda: _banner_key(log, proc), 540, 1.0, "the banner")
+        except AssertionError as timeout:
+            disk = subprocess.run(["df", "-h", "/tmp", "/dev/shm"], capture_output=True, text=True).stdout
+            raise AssertionError(f"{timeout}\n{disk}what it printed:\n{log.read_text()[-6000:]}") from None
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
         job = api.post("/v1/jobs", json={"num_images": 2, "class_label": 7, "steps": 5}).json()
         done = wait_for(
