@@ -57,7 +57,9 @@ REQUESTS = [
     Request("ddpm", "a", seed=3, start=0, count=2, steps=9, sampler="ddpm", labels=[2, 0]),
     Request("guided", "c", seed=4, start=3, count=2, steps=10, labels=[1, 2], guidance_scale=2.5),
     Request("late", "b", seed=1, start=3, count=1, steps=12, labels=[0]),
-    Request("dpm-guided", "a", seed=6, start=1, count=2, steps=6, sampler="dpmpp_2m", labels=[2, 1], guidance_scale=2.0),
+    Request(
+        "dpm-guided", "a", seed=6, start=1, count=2, steps=6, sampler="dpmpp_2m", labels=[2, 1], guidance_scale=2.0
+    ),
 ]
 
 

@@ -69,7 +69,11 @@ def test_dpmsolver_pp_2m_rows_with_and_without_history_step_like_each_row_alone(
     sampler = DPMSolverPP2MSampler(NoiseSchedule.linear())
     gen = torch.Generator().manual_seed(4)
     x, eps, history = (torch.randn(3, 1, 4, 4, generator=gen) for _ in range(3))
-    t, t_prev, t_last = torch.tensor([999, 500, 100]), torch.tensor([899, 400, -1]), torch.tensor([NO_HISTORY, 600, 200])
+    t, t_prev, t_last = (
+        torch.tensor([999, 500, 100]),
+        torch.tensor([899, 400, -1]),
+        torch.tensor([NO_HISTORY, 600, 200]),
+    )
     batch = sampler.step(eps, t, x, t_prev=t_prev, t_last=t_last, history=history)
     for i in range(3):
         alone = sampler.step(
