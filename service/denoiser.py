@@ -47,6 +47,23 @@ STOP_STATUSES = {JobStatus.canceled, JobStatus.failed, JobStatus.succeeded, None
 MAX_FAILED_STEPS = 3  # consecutive failed steps before check_health fails the replica
 
 
+def pick_device(requested: str, torch):
+    """The torch.device for UNDIFFUSE_DEVICE: `auto` is CUDA when available, else the CPU; `cuda`
+    without a usable GPU raises, so a replica given the CPU image or no GPU fails to start (and
+    Serve reports why) instead of sampling on the CPU unnoticed."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        why = (
+            f"this torch ({torch.__version__}) is a CPU build: the pod runs the CPU image"
+            if torch.version.cuda is None
+            else f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU: check the "
+            "driver (>= 580 for CUDA 13), the nvidia.com/gpu request and NVIDIA_VISIBLE_DEVICES"
+        )
+        raise RuntimeError(f"UNDIFFUSE_DEVICE=cuda, but {why}")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
 @dataclass
 class _Pending:
     task: ShardTask
@@ -65,8 +82,7 @@ class Denoiser:
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        use_cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.device = pick_device(settings.device, torch)
         self._torch = torch  # for the engine thread, without an import on its path
         self.settings = settings
         self.registry = ModelRegistry(settings.model_dir, settings.default_model)

@@ -34,15 +34,22 @@ class Settings(BaseSettings):
     s3_public_endpoint_url: str | None = Field(None, description="endpoint used in presigned URLs")
     s3_bucket: str = "undiffuse"
     s3_region: str = "us-east-1"
-    s3_access_key_id: str = "undiffuse"
-    s3_secret_access_key: SecretStr = SecretStr("localsecret")
+    # static keys, both or neither; neither: boto3's default credential chain (AWS_* variables,
+    # IRSA / EKS Pod Identity, an instance profile), so no long-lived secret has to exist
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_create_bucket: bool = Field(
+        True, description="create the bucket at start if S3 says it does not exist (404); never on any other error"
+    )
     s3_max_attempts: int = Field(5, ge=1, description="botocore retries per request")
     presign_expiry_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
 
     # --- models ---
     model_dir: Path = REPO_ROOT / "models"
     default_model: str = "mnist"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when available; cuda: a Denoiser replica without a usable GPU fails to start"
+    )
     torch_threads: int = Field(0, ge=0, description="0: torch's default")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="network precision of every model: auto = bf16 on CUDA, fp32 on a CPU"
@@ -110,10 +117,25 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _s3_keys_come_in_pairs(self) -> Settings:
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError(
+                "set both UNDIFFUSE_S3_ACCESS_KEY_ID and UNDIFFUSE_S3_SECRET_ACCESS_KEY, or neither "
+                "(then boto3's default credential chain is used)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _production_needs_real_secrets(self) -> Settings:
         if self.environment == "production":
-            if self.s3_secret_access_key.get_secret_value() in PLACEHOLDER_SECRETS:
-                raise ValueError("UNDIFFUSE_S3_SECRET_ACCESS_KEY is a placeholder; set a real secret in production")
+            if self.s3_secret_access_key is not None and (
+                self.s3_secret_access_key.get_secret_value() in PLACEHOLDER_SECRETS
+                or self.s3_access_key_id in PLACEHOLDER_SECRETS
+            ):
+                raise ValueError(
+                    "UNDIFFUSE_S3_ACCESS_KEY_ID / _SECRET_ACCESS_KEY hold a placeholder; set real keys in production, "
+                    "or unset both to use the default credential chain (IRSA, instance profile)"
+                )
             if not self.api_keys or any(k in PLACEHOLDER_SECRETS for k in self.api_keys):
                 raise ValueError("UNDIFFUSE_API_KEYS is empty or a placeholder; production requires API keys")
             if not all(api_keys.is_hashed(k) for k in self.api_keys):

@@ -25,12 +25,20 @@ def image_key(job_id: str, index: int) -> str:
 class ObjectStore:
     def __init__(self, settings: Settings) -> None:
         self.bucket = settings.s3_bucket
+        self.region = settings.s3_region
+        self.create_bucket = settings.s3_create_bucket
         self.expiry = settings.presign_expiry_seconds
-        common = dict(
-            aws_access_key_id=settings.s3_access_key_id,
-            aws_secret_access_key=settings.s3_secret_access_key.get_secret_value(),
-            region_name=settings.s3_region,
+        # static keys when configured; otherwise the session resolves boto3's default credential
+        # chain (AWS_* variables, IRSA's web identity token, EKS Pod Identity, an instance profile)
+        keys = (
+            {}
+            if settings.s3_secret_access_key is None
+            else dict(
+                aws_access_key_id=settings.s3_access_key_id,
+                aws_secret_access_key=settings.s3_secret_access_key.get_secret_value(),
+            )
         )
+        session = boto3.session.Session(region_name=settings.s3_region, **keys)
         retries = Config(
             retries={"max_attempts": settings.s3_max_attempts, "mode": "standard"},
             connect_timeout=3,
@@ -38,18 +46,40 @@ class ObjectStore:
             signature_version="s3v4",
             s3={"addressing_style": "path"},
         )
-        self.client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=retries, **common)
+        self.client = session.client("s3", endpoint_url=settings.s3_endpoint_url, config=retries)
         # presigned URLs must name the endpoint the *client* reaches, which can differ
         public = settings.s3_public_endpoint_url or settings.s3_endpoint_url
-        self.presigner = boto3.client("s3", endpoint_url=public, config=retries, **common)
+        self.presigner = session.client("s3", endpoint_url=public, config=retries)
         self._presigned: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (url, reuse until)
         self._lock = threading.Lock()
 
     def ensure_bucket(self) -> None:
+        """Check that the bucket exists and these credentials reach it. Only when S3 answers that
+        it does not exist (404) is it created, and only if s3_create_bucket allows; any other
+        answer (403: the credentials may not read it) is a BucketUnavailable naming the answer."""
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            self.client.create_bucket(Bucket=self.bucket)
+            return
+        except ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = e.response.get("Error", {}).get("Code")
+            if status != 404 and code not in ("404", "NoSuchBucket"):
+                raise BucketUnavailable(
+                    f"S3 bucket {self.bucket!r}: HeadBucket answered {status} {code}; check the credentials "
+                    "and that they may list the bucket (s3:ListBucket)"
+                ) from e
+        if not self.create_bucket:
+            raise BucketUnavailable(
+                f"S3 bucket {self.bucket!r} does not exist; create it, or set UNDIFFUSE_S3_CREATE_BUCKET=true"
+            )
+        location = (
+            {} if self.region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": self.region}}
+        )
+        try:
+            self.client.create_bucket(Bucket=self.bucket, **location)
+        except ClientError as e:  # another replica created it first
+            if e.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
+                raise
 
     def ping(self) -> None:
         """Raises when the bucket is unreachable."""
@@ -104,6 +134,10 @@ class ObjectStore:
 
 class ObjectsNotDeleted(Exception):
     """DeleteObjects answered, but refused some of the keys."""
+
+
+class BucketUnavailable(Exception):
+    """The bucket is missing (and may not be created) or these credentials may not reach it."""
 
 
 STORAGE_ERRORS = (BotoCoreError, ClientError, ObjectsNotDeleted)

@@ -47,10 +47,10 @@ def test_one_key_cannot_belong_to_two_owners():
 
 
 def test_production_takes_hashed_keys_only():
-    secret = "s3-secret-0123456789abcdef"
+    s3 = {"s3_access_key_id": "s3-key", "s3_secret_access_key": "s3-secret-0123456789abcdef"}
     with pytest.raises(ValidationError, match="plain key"):
-        Settings(environment="production", s3_secret_access_key=secret, api_keys=["a-plain-key"])
-    settings = Settings(environment="production", s3_secret_access_key=secret, api_keys=f"alice=sha256:{HEX}")
+        Settings(environment="production", api_keys=["a-plain-key"], **s3)
+    settings = Settings(environment="production", api_keys=f"alice=sha256:{HEX}", **s3)
     assert settings.key_owners == {HEX: "alice"}
 
 
