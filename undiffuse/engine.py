@@ -22,7 +22,9 @@ One `step()`:
   4. applies each sampler's per-row `step()` to its rows (one call per distinct sampler in the
      batch, never per row), with per-row noise draws from (seed, index, step);
   5. hands back requests whose rows all finished: uint8 on the device, copied to pinned host
-     memory without waiting (`Finished.pixels()` waits for that copy, off the stepping thread).
+     memory without waiting (`Finished.pixels()` waits for that copy, off the stepping thread);
+     and, for a request that asked for previews (`Request.preview_every`), every k-th step's
+     x0 prediction of its first image, copied the same way (`take_previews()`).
 
 Nothing in a step reads a device tensor back to the host: positions are mirrored on the host
 (every selected row advances by exactly one step), and a batch rebuilt after a change of
@@ -60,6 +62,8 @@ class Request:
 
     labels: one class per image for a conditional model (None for an unconditional one);
     options: the sampler's options (undiffuse.registry), e.g. {"eta": 0.0} for DDIM.
+    preview_every: every this many steps (and never at the last), the sampler's x0 prediction
+    of the request's first image is handed back as a `Preview` (None: no previews).
     """
 
     id: Hashable
@@ -72,6 +76,7 @@ class Request:
     options: dict[str, Any] = field(default_factory=dict)
     labels: Sequence[int] | None = None
     guidance_scale: float = 1.0
+    preview_every: int | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,26 @@ class Finished:
         return self._host.numpy()
 
 
+class Preview:
+    """The x0 prediction of a request's first image after `step` of its steps, for a progress
+    preview. `pixels()` -> [H, W, C] uint8 numpy array (waits for the device copy)."""
+
+    def __init__(self, request: Request, step: int, host: Tensor, ready: torch.cuda.Event | None) -> None:
+        self.request = request
+        self.step = step
+        self._host = host
+        self._ready = ready
+
+    @property
+    def id(self) -> Hashable:
+        return self.request.id
+
+    def pixels(self):
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host[0].numpy()
+
+
 class _Slot:
     """Engine state of one request: its rows' x while paused, its position, its sampler."""
 
@@ -172,6 +197,7 @@ class _Batch:
     scales: Tensor | None  # [G, 1, 1, 1] float32: their guidance scales
     groups: list[tuple[Sampler, Tensor | None, ImageNoise]]  # (sampler, its rows or None for all, their noise)
     bounds: list[tuple[int, int]]  # each slot's [begin, end) rows in x
+    previews: list[tuple[_Slot, int, int]]  # (slot, its group, its first row within the group) where previews are due
 
 
 class DenoisingEngine:
@@ -201,6 +227,7 @@ class DenoisingEngine:
         self._arrivals = itertools.count()
         self._canceled: set[Hashable] = set()
         self._batch: _Batch | None = None
+        self._previews: list[Preview] = []
         self._timings: deque[tuple[Any, Any, int, str]] = deque(maxlen=100_000)  # (start, end, images, sampler)
 
     # --- the public surface ----------------------------------------------------------------------
@@ -244,6 +271,11 @@ class DenoisingEngine:
         if self.compiled:
             _allow_recompiles(len(self.buckets))
 
+    def take_previews(self) -> list[Preview]:
+        """The previews made since the last call, oldest first (Request.preview_every)."""
+        out, self._previews = self._previews, []
+        return out
+
     def progress(self) -> dict[Hashable, int]:
         """Steps done by each queued or running request."""
         return {rid: s.pos for rid, s in self._slots.items()}
@@ -265,6 +297,7 @@ class DenoisingEngine:
         # 2. each sampler's per-row update on its rows (one call per sampler, not per row)
         t_prev = self._ts_table[batch.rows + 1]
         x = batch.x
+        x0s: list[Tensor] | None = [] if batch.previews else None  # each group's x0 prediction
         for sampler, rows, noise in batch.groups:
             if rows is None:
                 xs, es, ts, tp, done = x, eps, t, t_prev, batch.rows - batch.starts
@@ -282,6 +315,8 @@ class DenoisingEngine:
             else:
                 out = sampler.step(es, ts, xs, z, t_prev=tp)
             x = out.prev_sample if rows is None else x.index_copy(0, rows, out.prev_sample)
+            if x0s is not None:
+                x0s.append(out.pred_x0)
         batch.x = x
         batch.rows = batch.rows + 1
         ran = {id(slot) for slot in selected}
@@ -290,6 +325,8 @@ class DenoisingEngine:
                 slot.pos += 1
             else:
                 slot.waited += 1
+        if x0s is not None:
+            self._capture_previews(batch, x0s)
         names = {s.request.sampler for s in selected}
         self._timings.append((started, self._mark(), batch.x.shape[0], names.pop() if len(names) == 1 else "mixed"))
         return self._collect_finished(batch)
@@ -318,6 +355,15 @@ class DenoisingEngine:
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
+
+    def _capture_previews(self, batch: _Batch, x0s: list[Tensor]) -> None:
+        """3. a preview of each previewing request whose step count just reached a multiple of
+        its preview_every (not its last step: that is the image itself)."""
+        for slot, group, row in batch.previews:
+            every, steps = slot.request.preview_every, slot.request.steps
+            if slot.pos % every == 0 and slot.pos < steps:
+                host, ready = self._pixels_to_host(x0s[group][row : row + 1])
+                self._previews.append(Preview(slot.request, slot.pos, host, ready))
 
     # --- scheduling --------------------------------------------------------------------------------
     def _select(self) -> list[_Slot]:
@@ -414,6 +460,11 @@ class DenoisingEngine:
         conditional = self.model.num_classes is not None
         noise = ImageNoise(seeds, indices, dev)
         group_rows = [(s, None if len(g) == begin else as_long(g)) for s, g in groups.values()]
+        previews = []  # few: in the service only a job's first shard previews
+        for slot, (lo, _hi) in zip(selected, bounds, strict=True):
+            if slot.request.preview_every is not None:
+                group = list(groups).index(id(slot.sampler))
+                previews.append((slot, group, groups[id(slot.sampler)][1].index(lo)))
         batch = _Batch(
             slots=selected,
             x=torch.cat(xs),
@@ -425,6 +476,7 @@ class DenoisingEngine:
             scales=_host_to_device(torch.tensor([scales[i] for i in twins]), dev).view(-1, 1, 1, 1) if twins else None,
             groups=[(s, g, noise if g is None else noise.select(g)) for s, g in group_rows],
             bounds=bounds,
+            previews=previews,
         )
         for slot in selected:
             slot.x = slot.history = None  # the batch owns the rows now
@@ -480,16 +532,20 @@ class DenoisingEngine:
         return out
 
     def _to_host(self, request: Request, x: Tensor) -> Finished:
-        """uint8 on the device, then an async copy to pinned host memory."""
-        pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
         samples = x.clone() if self.config.keep_samples else None
+        return Finished(request, *self._pixels_to_host(x), samples)
+
+    def _pixels_to_host(self, x: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
+        """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] on the device, then an async copy to
+        pinned host memory; returns it with the event that marks the copy done (None on a CPU)."""
+        pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
         if self.device.type != "cuda":
-            return Finished(request, pixels.contiguous(), None, samples)
+            return pixels.contiguous(), None
         host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
         host.copy_(pixels, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return Finished(request, host, ready, samples)
+        return host, ready
 
     def _drop_canceled(self) -> None:
         if not self._canceled:
@@ -526,6 +582,8 @@ class DenoisingEngine:
                 raise ValueError(f"request {request.id!r}: the model is unconditional (no labels or guidance)")
         elif request.labels is None or len(request.labels) != request.count:
             raise ValueError(f"request {request.id!r}: needs one class label per image")
+        if request.preview_every is not None and request.preview_every < 1:
+            raise ValueError(f"request {request.id!r}: preview_every must be >= 1")
         rows = request.count * (2 if request.guidance_scale != 1.0 else 1)
         if rows > self.config.max_batch:
             raise ValueError(

@@ -4,6 +4,8 @@ requests fast where merging is expensive."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -259,3 +261,47 @@ def test_max_batch_never_drops_below_a_queued_request(model):
     assert set(run(engine)) == {"big"}
     with pytest.raises(ValueError, match="must lie in"):
         engine.add(Request("neg", "a", seed=-1, start=0, count=1, steps=3, labels=[0]))
+
+
+def test_previews_are_the_first_images_x0_prediction_every_k_steps(model):
+    """A previewing request hands back the sampler's x0 prediction of its first image after
+    every k-th step (not the last), in a mixed batch with every sampler, exactly what the
+    one-request sampler's callback sees; requests without previews hand back none."""
+    rowwise = DiffusionModel.from_config(RowWise(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200)))
+    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, latency_slack=None))
+    every = {"ddim": 3, "dpm": 2, "ddpm": 4, "guided": 5}
+    asked = [replace(r, preview_every=every[r.id]) if r.id in every else r for r in REQUESTS]
+    got: dict = {}
+    k = 0
+    for arrival, group in ((0, asked[:2]), (2, asked[2:4]), (5, asked[4:])):
+        while k < arrival:
+            engine.step()
+            got.update({(p.id, p.step): p.pixels() for p in engine.take_previews()})
+            k += 1
+        for r in group:
+            engine.add(r)
+    while not engine.idle:
+        engine.step()
+        got.update({(p.id, p.step): p.pixels() for p in engine.take_previews()})
+    want = {}
+    for r in asked:
+        if r.preview_every is None:
+            continue
+        x0s = []
+        sampler = make_sampler(r.sampler, rowwise.schedule, **r.options)
+        sampler.sample(
+            rowwise.eps,
+            rowwise.image_shape,
+            steps=r.steps,
+            noise=ImageNoise([r.seed] * r.count, list(range(r.start, r.start + r.count))),
+            class_labels=torch.tensor(list(r.labels)),
+            guidance_scale=r.guidance_scale,
+            callback=lambda i, t, x, x0, x0s=x0s: x0s.append(x0[:1]),
+        )
+        for step in range(r.preview_every, r.steps, r.preview_every):
+            want[(r.id, step)] = ((x0s[step - 1].clamp(-1, 1) + 1) * 127.5).round().byte()[0].permute(1, 2, 0).numpy()
+    assert sorted(got, key=str) == sorted(want, key=str)  # every k steps, never the last, only where asked
+    for key, pixels in want.items():
+        assert pixels.shape == (8, 8, 1) and (got[key] == pixels).all(), key
+    with pytest.raises(ValueError, match="preview_every"):
+        engine.add(replace(REQUESTS[0], preview_every=0))
