@@ -1,6 +1,15 @@
-"""The `undiffuse` command line: `undiffuse train ...` and `undiffuse sample ...`.
+"""The `undiffuse` command line.
 
-Bad arguments exit with status 2 and one line on stderr: "undiffuse: error: <reason>".
+Local work: `undiffuse train ...` and `undiffuse sample ...`. A client of a running service
+(URL and key from --url/--api-key or $UNDIFFUSE_URL/$UNDIFFUSE_API_KEY):
+
+    undiffuse submit --num 64 --class 7 --steps 50 --wait --out digits/
+    undiffuse jobs list|get|wait|cancel|download ...
+
+Exit status: 0 done; 1 the job failed or was canceled, or a download did not match its
+manifest; 2 bad arguments or a request the service refused (4xx), with one line on stderr:
+"undiffuse: error: <reason>"; 3 the service is unreachable or unavailable (retry later);
+130 interrupted (a submitted job goes on: `undiffuse jobs wait ID`).
 """
 
 from __future__ import annotations
@@ -98,7 +107,54 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=_positive("--nrow"), help="images per grid row")
     s.add_argument("--out", type=Path, default=Path("grid.png"))
     s.add_argument("--device", default="auto")
+
+    _add_client_commands(sub)
     return p
+
+
+def _class_labels(text: str) -> int | list[int]:
+    """--class 7 (every image) or --class 1,2,3 (one per image)."""
+    values = _int_tuple(text)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a class or comma-separated classes, got {text!r}")
+    return values[0] if len(values) == 1 and "," not in text else list(values)
+
+
+def _add_client_commands(sub) -> None:
+    from undiffuse.client import DEFAULT_URL
+
+    service = argparse.ArgumentParser(add_help=False)
+    service.add_argument("--url", help=f"the service (default: $UNDIFFUSE_URL or {DEFAULT_URL})")
+    service.add_argument("--api-key", help="default: $UNDIFFUSE_API_KEY")
+    service.add_argument("--json", action="store_true", help="print the job(s) as JSON")
+    waiting = argparse.ArgumentParser(add_help=False)
+    waiting.add_argument("--out", type=Path, help="when it succeeds, download its images and manifest here")
+    waiting.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    waiting.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("submit", parents=[service, waiting], help="submit a job to a running service")
+    s.add_argument("--num", dest="num_images", type=_positive("--num"), default=1, help="images")
+    s.add_argument("--class", dest="class_label", type=_class_labels, help="one class, or one per image: 1,2,3")
+    s.add_argument("--steps", type=_positive("--steps"), default=None, help="default: the service's (50)")
+    s.add_argument("--sampler", default=None, help="ddpm, ddim or dpmpp_2m (default: the service's)")
+    s.add_argument("--eta", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None, help="default: chosen by the service and shown")
+    s.add_argument("--guidance", dest="guidance_scale", type=float, default=None)
+    s.add_argument("--model", default=None, help="a name from the service's /v1/models")
+    s.add_argument("--wait", action="store_true", help="follow it with progress bars until it ends")
+
+    jobs = sub.add_parser("jobs", help="list, inspect, wait for, cancel or download jobs").add_subparsers(
+        dest="jobs_command", required=True, parser_class=_Parser
+    )
+    ls = jobs.add_parser("list", parents=[service], help="your jobs, newest first")
+    ls.add_argument("--status", choices=("queued", "running", "succeeded", "failed", "canceled"))
+    ls.add_argument("--limit", type=_positive("--limit"), default=20)
+    for name, summary in (("get", "a job's status"), ("cancel", "cancel a queued or running job")):
+        jobs.add_parser(name, parents=[service], help=summary).add_argument("job_id")
+    jobs.add_parser("wait", parents=[service, waiting], help="follow a job until it ends").add_argument("job_id")
+    d = jobs.add_parser("download", parents=[service], help="a succeeded job's images and manifest")
+    d.add_argument("job_id")
+    d.add_argument("--out", type=Path, required=True)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -201,6 +257,10 @@ def _sample(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("submit", "jobs"):
+        from undiffuse.client_cli import run
+
+        return run(args)
     from undiffuse.config import CheckpointError
     from undiffuse.data import DatasetError
 

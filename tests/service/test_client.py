@@ -1,0 +1,178 @@
+"""undiffuse.client and the `undiffuse submit` / `undiffuse jobs` commands against the real stack
+(Ray Serve, Redis, SeaweedFS): typed results, the server's errors as exceptions, waiting on the
+event stream, downloads checked against the job's manifest, and the CLI's files and exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.storage import ObjectStore
+from tests.service.conftest import KEY_A, KEY_B
+from undiffuse.client import (
+    AsyncClient,
+    AuthenticationError,
+    ChecksumError,
+    Client,
+    ConflictError,
+    Job,
+    NotFoundError,
+    Progress,
+    ValidationError,
+    _polled_events,
+)
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def client(stack):
+    with Client(stack.base_url, KEY_A) as c:
+        yield c
+
+
+def test_submit_wait_and_download_checked_against_the_manifest(client, stack, tmp_path):
+    job = client.submit(5, class_label=3, steps=6, seed=42)
+    assert isinstance(job, Job) and job.status == "queued" and job.params["seed"] == 42
+
+    events = []
+    done = client.wait(job.id, on_event=events.append, timeout=120)
+    assert done.status == "succeeded" and len(done.results) == 5
+    kinds = [e.event for e in events]
+    assert kinds[0] == "queued" and kinds.count("succeeded") == 1 and kinds[-1] == "succeeded"
+    assert not {"failed", "canceled"} & set(kinds)
+    progress = [e.data for e in events if e.event == "progress"]
+    assert progress and all(0 <= p["step"] <= p["steps"] == 6 for p in progress)
+    assert events[-1].data["status"] == "succeeded" and events[-1].data["progress"]["images_done"] == 5
+
+    result = client.download(job.id, tmp_path / "out")
+    assert result.verified and result.manifest and result.manifest.exists()
+    manifest = json.loads(result.manifest.read_text())
+    assert [p.name for p in result.images] == [f"{i:05d}.png" for i in range(5)]
+    s3 = ObjectStore(stack.settings).client
+    for entry, path in zip(sorted(manifest["images"], key=lambda e: e["index"]), result.images, strict=True):
+        data = path.read_bytes()
+        assert data[:8] == PNG
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"]
+        assert s3.get_object(Bucket=stack.settings.s3_bucket, Key=entry["key"])["Body"].read() == data
+
+    # a second download finds every file in place and fetches nothing (the files keep their times)
+    mtimes = [p.stat().st_mtime_ns for p in result.images]
+    again = client.download(job.id, tmp_path / "out")
+    assert [p.stat().st_mtime_ns for p in again.images] == mtimes
+
+
+def test_a_tampered_image_fails_the_download_and_is_not_written(client, stack, tmp_path):
+    job = client.wait(client.submit(2, class_label=1, steps=3).id, timeout=120)
+    assert job.status == "succeeded"
+    s3 = ObjectStore(stack.settings).client
+    s3.put_object(Bucket=stack.settings.s3_bucket, Key=job.results[1].key, Body=PNG + b"not the image")
+    with pytest.raises(ChecksumError, match="00001.png"):
+        client.download(job.id, tmp_path / "out", concurrency=1)
+    assert not (tmp_path / "out" / "00001.png").exists()
+
+
+def test_the_servers_errors_are_raised_with_its_message(client, stack):
+    with pytest.raises(ValidationError) as refused:
+        client.submit(100_000, class_label=1)
+    assert refused.value.status_code == 422 and "num_images" in refused.value.message
+
+    with pytest.raises(NotFoundError):
+        client.get("0" * 32)
+    job = client.wait(client.submit(1, class_label=2, steps=2).id, timeout=120)
+    with pytest.raises(ConflictError, match="409"):
+        client.cancel(job.id)
+    with Client(stack.base_url, KEY_B) as bob, pytest.raises(NotFoundError):
+        bob.get(job.id)  # another owner's job does not exist for Bob
+    with Client(stack.base_url, "no-such-key") as stranger, pytest.raises(AuthenticationError):
+        stranger.list()
+
+
+def test_the_async_client_follows_several_jobs_at_once(stack, tmp_path):
+    async def main() -> list[tuple[Job, int]]:
+        async with AsyncClient(stack.base_url, KEY_A) as api:
+            jobs = [await api.submit(2, class_label=c, steps=4) for c in (4, 5)]
+            done = await asyncio.gather(*(api.wait(j.id, timeout=120) for j in jobs))
+            downloads = await asyncio.gather(*(api.download(j.id, tmp_path / j.id) for j in done))
+            return [(j, len(d.images)) for j, d in zip(done, downloads, strict=True) if d.verified]
+
+    finished = asyncio.run(main())
+    assert [(j.status, n) for j, n in finished] == [("succeeded", 2), ("succeeded", 2)]
+
+
+def test_polling_reports_what_the_event_stream_would():
+    """The fallback for a server without /events: changes between polls become events."""
+
+    def job(status: str, step: int, done: int) -> Job:
+        return Job("j", status, Progress(done, 4, step, 10), {}, 0.0)
+
+    first = _polled_events(None, job("queued", 0, 0))
+    assert [e.event for e in first] == ["queued", "progress"]
+    running = _polled_events(job("queued", 0, 0), job("running", 3, 0))
+    assert [e.event for e in running] == ["started", "progress"] and running[1].data["step"] == 3
+    assert _polled_events(job("running", 3, 0), job("running", 3, 0)) == []  # nothing changed
+    end = _polled_events(job("running", 3, 0), job("succeeded", 10, 4))
+    assert [e.event for e in end] == ["progress", "succeeded"] and end[-1].terminal
+
+
+def _cli(*args: str, stack=None, key: str = KEY_A, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "UNDIFFUSE_API_KEY": key}
+    if stack is not None:
+        env["UNDIFFUSE_URL"] = stack.base_url
+    return subprocess.run(
+        [sys.executable, "-m", "undiffuse.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_cli_submit_wait_writes_the_images_and_manifest(stack, tmp_path):
+    out = tmp_path / "digits"
+    proc = _cli("submit", "--num", "3", "--class", "7", "--steps", "5", "--wait", "--out", str(out), stack=stack)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip()  # the one line a script captures
+    assert len(job_id) == 32
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == ["00000.png", "00001.png", "00002.png"]
+    assert all(p.read_bytes()[:8] == PNG for p in pngs)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["job_id"] == job_id and len(manifest["images"]) == 3
+    assert "checked against manifest.json" in proc.stderr
+
+    listed = _cli("jobs", "list", "--json", "--limit", "5", stack=stack)
+    assert listed.returncode == 0 and job_id in [j["id"] for j in json.loads(listed.stdout)]
+    shown = _cli("jobs", "get", job_id, stack=stack)
+    assert shown.returncode == 0 and "succeeded" in shown.stdout and "00002.png" in shown.stdout
+
+
+def test_cli_exit_codes_and_one_line_errors(stack, tmp_path):
+    refused = _cli("submit", "--num", "100000", "--class", "1", stack=stack)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0 and "num_images" in refused.stderr
+
+    missing = _cli("jobs", "get", "0" * 32, stack=stack)
+    assert missing.returncode == 2 and missing.stderr.startswith("undiffuse: error: HTTP 404")
+
+    canceled = _cli("submit", "--num", "8", "--class", "1", "--steps", "400", stack=stack)
+    job_id = canceled.stdout.strip()
+    assert _cli("jobs", "cancel", job_id, stack=stack).returncode == 0
+    waited = _cli("jobs", "wait", job_id, "--quiet", stack=stack)
+    assert waited.returncode == 1 and "canceled" in waited.stderr
+
+    unreachable = _cli("jobs", "list", "--url", "http://127.0.0.1:9", timeout=60)
+    assert unreachable.returncode == 3 and "cannot reach the service" in unreachable.stderr
+
+    bad_args = _cli("submit", "--num", "0")
+    assert bad_args.returncode == 2 and "--num must be >= 1" in bad_args.stderr
