@@ -40,6 +40,7 @@ def setup() -> None:
     subprocess.run([*pip, "-r", str(LOCK)], check=True)
     subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
     fetch_promtool()
+    install_browser()
     STAMP.write_text(digest)
 
 
@@ -59,6 +60,24 @@ def fetch_promtool() -> None:
             print(f"note: could not download Debian's prometheus package: {got.stderr.strip()[:200]}", flush=True)
             return
         subprocess.run(["dpkg", "-x", str(debs[0]), str(target)], check=True)
+
+
+def install_browser() -> None:
+    """Chromium and its driver (for the web page's browser tests) from Debian's packages, where
+    this runs as root with apt, as CI does. Elsewhere the test says so and is skipped."""
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        return
+    if not (shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0):
+        print("note: Chromium needs root and apt-get here; the browser tests will be skipped", flush=True)
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium", "chromium-driver"]
+    print("installing Debian's chromium and chromium-driver for the browser tests", flush=True)
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)  # stale package lists
+        got = subprocess.run(install, env=env, capture_output=True, text=True)
+        if got.returncode != 0:
+            print(f"note: could not install Chromium: {got.stderr.strip()[-300:]}", flush=True)
 
 
 def main(argv: list[str]) -> int:

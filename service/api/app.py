@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError as RedisReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.api import catalog, health, jobs
+from service.api import catalog, health, jobs, page
 from service.api.deps import get_context
 from service.storage import STORAGE_ERRORS
 
@@ -28,6 +28,7 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(catalog.router)
     app.include_router(health.router)
+    app.include_router(page.router)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):

@@ -1,0 +1,181 @@
+"""The web page at `/`, in a real browser (headless Chromium driven by Selenium) against the real
+stack: paste a key, submit, watch progress and previews, see the gallery, list and cancel jobs,
+errors in words, and a phone-sized window without sideways scrolling.
+
+Needs Debian's chromium and chromium-driver (`python3 dev.py test` installs them when it runs as
+root with apt, as CI does); skipped with that reason elsewhere."""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import pytest
+
+from tests.service.conftest import KEY_A
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+needs_browser = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (dev.py installs them as root)"
+)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+        "--window-size=1280,900",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def _wait(driver, condition, timeout: float = 120, what: str = "the page"):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition, f"timed out waiting for {what}")
+
+
+def _open(driver, stack, key: str = KEY_A) -> None:
+    """Load the page and paste the key; the models and the job list load."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver.get(stack.base_url + "/")
+    driver.execute_script("localStorage.clear()")
+    driver.get(stack.base_url + "/")
+    field = driver.find_element(By.ID, "api-key")
+    field.clear()
+    field.send_keys(key)
+    driver.execute_script("document.getElementById('api-key').dispatchEvent(new Event('change'))")
+    if key == KEY_A:
+        _wait(driver, lambda d: Select(d.find_element(By.ID, "model")).options, 30, "the models")
+
+
+def _fill(driver, **fields: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    for element_id, value in fields.items():
+        element = driver.find_element(By.ID, element_id.replace("_", "-"))
+        element.clear()
+        element.send_keys(value)
+
+
+def test_the_page_is_served_with_its_assets_and_a_strict_policy(stack):
+    page = httpx.get(stack.base_url + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert '<script type="module" src="/ui/app.js">' in page.text and "https://" not in page.text  # no CDN
+    script = httpx.get(stack.base_url + "/ui/app.js", timeout=10)
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    assert httpx.get(stack.base_url + "/ui/..%2Fapp.py", timeout=10).status_code == 404
+    assert httpx.get(stack.base_url + "/ui/index.html", timeout=10).status_code == 404
+
+
+@needs_browser
+def test_submit_watch_and_see_the_gallery(browser, stack):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    _open(browser, stack)
+    assert [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options] == ["mnist"]
+    Select(browser.find_element(By.ID, "class-label")).select_by_visible_text("7")
+    _fill(browser, num_images="3", steps="16", seed="11")
+    Select(browser.find_element(By.ID, "sampler")).select_by_value("dpmpp_2m")
+    browser.find_element(By.ID, "submit").click()
+
+    job_id = _wait(browser, lambda d: d.find_element(By.ID, "job-id").text, 30, "the job id")
+    _wait(browser, lambda d: d.find_element(By.ID, "job-status").text == "succeeded", 120, "the job to succeed")
+    images = _wait(
+        browser,
+        lambda d: d.execute_script(
+            "const imgs = [...document.querySelectorAll('#gallery img')];"
+            "return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth === 28) && imgs.length"
+        ),
+        60,
+        "three images in the gallery",
+    )
+    assert images == 3
+    # previews of the first image arrived while it ran (the gallery has replaced the last one);
+    # each is a data: PNG of the model's 28×28 size
+    previews = browser.execute_script(
+        "const p = document.getElementById('preview');"
+        "return [Number(document.body.dataset.previews || 0), p.src.slice(0, 22), p.naturalWidth]"
+    )
+    assert previews[0] >= 1 and previews[1:] == ["data:image/png;base64,", 28]
+    assert browser.find_element(By.ID, "step-text").text == "16 / 16"
+    assert browser.find_element(By.ID, "image-text").text == "3 / 3"
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f"tr[data-job-id='{job_id}']"), 30, "the job list")
+    row = browser.find_element(By.CSS_SELECTOR, f"tr[data-job-id='{job_id}']")
+    assert "succeeded" in row.text and not row.find_elements(By.CSS_SELECTOR, "button.cancel-job")
+    with stack.client() as api:  # the page's job is the API's job, with the parameters chosen
+        params = api.get(f"/v1/jobs/{job_id}").json()["params"]
+    assert (params["num_images"], params["steps"], params["sampler"], params["seed"]) == (3, 16, "dpmpp_2m", 11)
+
+
+@needs_browser
+def test_a_running_job_is_canceled_from_the_list(browser, stack):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, stack)
+    _fill(browser, num_images="8", steps="900")
+    browser.find_element(By.ID, "previews").click()  # off
+    browser.find_element(By.ID, "submit").click()
+    job_id = _wait(browser, lambda d: d.find_element(By.ID, "job-id").text, 30, "the job id")
+    button = _wait(
+        browser, lambda d: d.find_elements(By.CSS_SELECTOR, f"tr[data-job-id='{job_id}'] button.cancel-job"), 30
+    )
+    button[0].click()
+    _wait(browser, lambda d: d.find_element(By.ID, "job-status").text == "canceled", 60, "the job to be canceled")
+    assert not browser.find_element(By.ID, "preview-box").is_displayed()  # previews were not asked for
+    with stack.client() as api:
+        assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "canceled"
+
+
+@needs_browser
+def test_errors_are_shown_in_words(browser, stack):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, stack)
+    _fill(browser, steps="5000")
+    browser.find_element(By.ID, "submit").click()
+    error = _wait(browser, lambda d: d.find_element(By.ID, "error").text, 30, "the error")
+    assert "steps" in error and "HTTP 422" in error
+
+    _open(browser, stack, key="not-a-key")
+    error = _wait(browser, lambda d: d.find_element(By.ID, "error").text, 30, "the error")
+    assert "HTTP 401" in error
+
+
+@needs_browser
+def test_readable_on_a_phone(browser, stack):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, stack)
+    browser.set_window_size(390, 844)
+    try:
+        overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"{overflow} px of sideways scrolling"
+        submit = browser.find_element(By.ID, "submit")
+        assert submit.is_displayed() and submit.size["width"] >= 44  # a thumb-sized target
+    finally:
+        browser.set_window_size(1280, 900)
