@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import boto3
 from botocore.config import Config
@@ -20,6 +21,11 @@ def job_prefix(job_id: str) -> str:
 def image_key(job_id: str, index: int) -> str:
     """Deterministic, so a retried shard overwrites its images instead of duplicating them."""
     return f"{job_prefix(job_id)}{index:05d}.png"
+
+
+def manifest_key(job_id: str) -> str:
+    """The job's manifest.json (service.archive), next to its images: deleted with them."""
+    return f"{job_prefix(job_id)}manifest.json"
 
 
 class ObjectStore:
@@ -87,6 +93,32 @@ class ObjectStore:
 
     def put_png(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="image/png")
+
+    def put_json(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json")
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The object's bytes, or None if there is no such object (other errors raise)."""
+        try:
+            reply = self.client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        body = reply["Body"]
+        try:
+            return body.read()
+        finally:
+            body.close()
+
+    def iter_object(self, key: str, chunk_size: int = 64 * 1024) -> Iterator[bytes]:
+        """The object's bytes in chunks, fetched when iteration starts (for streaming responses:
+        at most one chunk is held)."""
+        body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        try:
+            yield from body.iter_chunks(chunk_size)
+        finally:
+            body.close()
 
     def delete_keys(self, keys: list[str]) -> None:
         """Delete these objects (at most 1,000, DeleteObjects' limit; missing ones are fine)."""

@@ -16,6 +16,17 @@ def job_done_shards(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:done"
 
 
+def job_events(job_id: str) -> str:
+    """STREAM: the job's events (service.jobs.events), as long-lived as the record."""
+    return f"{PREFIX}:job:{job_id}:events"
+
+
+def job_files(job_id: str) -> str:
+    """HASH: shard index -> JSON [[sha256 hex, size], ...] of the shard's PNGs as uploaded, from
+    which the job's manifest is written (service.manifest)."""
+    return f"{PREFIX}:job:{job_id}:files"
+
+
 PURGE = f"{PREFIX}:purge"
 """ZSET: job ids scored by when their objects are to be deleted (epoch seconds)."""
 

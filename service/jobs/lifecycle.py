@@ -1,8 +1,9 @@
 """The one place where a job starts or reaches a terminal state, and where that has its side
-effects: metrics today; events and webhooks belong here next.
+effects: metrics, and the job's events (appended by the store's transition scripts themselves,
+service.jobs.events); webhooks belong here next.
 
-Every terminal transition goes through `JobLifecycle`: success when a shard's completion
-finishes the job (the worker), failure when a shard runs out of attempts (the worker), cancel
+Every terminal transition goes through `JobLifecycle`: success once every shard is done and the
+manifest is written (the worker), failure when a shard runs out of attempts (the worker), cancel
 (the API). The transition itself is a guarded Lua script in the store, so each job ends exactly
 once, and the side effects run only for the call that ended it.
 """
@@ -72,12 +73,20 @@ class JobLifecycle:
             self._emit(JobStarted(record.id, max(0.0, time.time() - record.created_at)))
         return outcome >= 0
 
-    async def complete_shard(self, task: ShardTask, record: JobRecord) -> bool:
-        """Record a shard's images as done (idempotent); True if this finished the job."""
-        _status, finished = await self.store.complete_shard(task, record.owner)
-        if finished:
-            self._emit(JobEnded(task.job_id, JobStatus.succeeded, time.time() - record.created_at))
-        return finished
+    async def complete_shard(
+        self, task: ShardTask, record: JobRecord, files: list[tuple[str, int]] | None = None
+    ) -> bool:
+        """Record a shard's images as done (idempotent), with their PNGs' (sha256, size); True
+        when every shard of the still active job is done: write the manifest, then `succeed`."""
+        _status, all_done = await self.store.complete_shard(task, files)
+        return all_done
+
+    async def succeed(self, record: JobRecord) -> bool:
+        """Move the job, all of its shards done, to succeeded; False if it had already ended."""
+        if not await self.store.succeed(record.id, record.owner):
+            return False
+        self._emit(JobEnded(record.id, JobStatus.succeeded, time.time() - record.created_at))
+        return True
 
     async def fail(self, record: JobRecord, error: JobError) -> bool:
         """Fail an active job and have its images deleted; False if it had already ended."""

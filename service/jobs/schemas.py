@@ -40,6 +40,8 @@ class JobParams(BaseModel):
     seed: int
     class_label: int | list[int] | None
     guidance_scale: float
+    previews: bool = False
+    preview_every: int | None = None  # steps between previews of the first image; set when previews
 
     def labels_for(self, start: int, count: int) -> list[int] | None:
         if self.class_label is None:

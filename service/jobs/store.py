@@ -6,9 +6,11 @@ A job is a HASH (service.jobs.keys.job) with the fields
     num_shards    shards the job was cut in  shard_size   images per shard when it was cut
     images_done   images uploaded so far     error        JSON {"code", "message"}
     step:{k}      denoising steps done by shard k
-plus a SET of finished shard indices. State changes go through Lua scripts so that they are
-atomic and guarded: a canceled or finished job never goes back to running, and repeating a
-shard's completion is harmless. The shards themselves travel on the queue (service.jobs.queue),
+plus a SET of finished shard indices, a HASH of the finished shards' file checksums (for the
+manifest) and the job's event stream (service.jobs.events). State changes go through Lua scripts
+so that they are atomic and guarded: a canceled or finished job never goes back to running, and
+repeating a shard's completion is harmless; each script appends the job's events with the change
+it makes, so the event stream and the record never disagree. The shards themselves travel on the queue (service.jobs.queue),
 which a submission writes in the same MULTI/EXEC as the record. Side effects of a job reaching
 a terminal state belong to service.jobs.lifecycle, which drives the terminal transitions here.
 """
@@ -25,8 +27,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from service.jobs import keys
+from service.jobs import events, keys
 from service.jobs.connection import async_redis
+from service.jobs.events import JobEvent
 from service.jobs.queue import ShardQueue
 from service.jobs.schemas import JobError, JobParams, JobStatus, ShardTask
 
@@ -43,84 +46,138 @@ local function reindex(from, to)
 end
 """
 
-# KEYS[1] job; ARGV now. Returns 1 when queued -> running, 0 when already running, -1 otherwise.
+# KEYS[1] job, KEYS[2] events; ARGV now. Returns 1 when queued -> running, 0 when already
+# running, -1 otherwise.
 _START = (
     _INDEX
+    + events.LUA
     + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
   reindex('queued', 'running')
+  emit(KEYS[1], KEYS[2], 'started', '{"status": "running"}')
   return 1
 elseif s == 'running' then return 0 end
 return -1
 """
 )
 
-# KEYS[1] job, KEYS[2] done set; ARGV shard, count, steps, now, ttl.
-# Returns {new status, 1 if this call finished the job}.
+# KEYS[1] job, KEYS[2] done set, KEYS[3] events, KEYS[4] files; ARGV shard, count, steps, ttl,
+# files JSON ('' for none), now in ms. Counts the shard's images the first time only. Returns
+# {status, 1 if every shard of the active job is done now}: the caller then writes the manifest
+# and moves the job to succeeded (_SUCCEED), so a job is never succeeded without its manifest.
 _COMPLETE_SHARD = (
-    _INDEX
+    events.LUA
     + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return {'missing', 0} end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'images_done', ARGV[2])
   redis.call('HSET', KEYS[1], 'step:' .. ARGV[1], ARGV[3])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  if ARGV[5] ~= '' then
+    redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
+    redis.call('EXPIRE', KEYS[4], ARGV[4])
+  end
 end
-if (s == 'queued' or s == 'running') and
-   redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'num_shards')) then
-  redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[4])
-  reindex(s, 'succeeded')
-  return {'succeeded', 1}
+if s == 'queued' or s == 'running' then
+  progress(KEYS[1], KEYS[3], ARGV[6], false)
+  if redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'num_shards')) then return {s, 1} end
 end
 return {s, 0}
 """
 )
 
-# KEYS[1] job; ARGV new status, now, error JSON ('' for none). Returns 1 if it moved the job.
-_FINISH = (
+# KEYS[1] job, KEYS[2] done set, KEYS[3] events; ARGV now, now in ms. Moves an active job whose
+# shards are all done to succeeded, with its last progress and its terminal event. Returns 1 if
+# it moved the job.
+_SUCCEED = (
     _INDEX
+    + events.LUA
     + """
 local s = redis.call('HGET', KEYS[1], 'status')
-if s == 'queued' or s == 'running' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
-  if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
-  reindex(s, ARGV[1])
+if (s == 'queued' or s == 'running') and
+   redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'num_shards')) then
+  redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[1])
+  reindex(s, 'succeeded')
+  progress(KEYS[1], KEYS[3], ARGV[2], true)
+  emit(KEYS[1], KEYS[3], 'succeeded', '')
   return 1
 end
 return 0
 """
 )
 
-# KEYS[1] job, KEYS[2] done set; ARGV job id. Deletes a finished job's record and index entries.
-# Returns the status it had ('missing' if none); an active job is left alone.
+# KEYS[1] job, KEYS[2] events; ARGV new status, now, error JSON ('' for none). Returns 1 if it
+# moved the job (and appended its terminal event).
+_FINISH = (
+    _INDEX
+    + events.LUA
+    + """
+local s = redis.call('HGET', KEYS[1], 'status')
+if s == 'queued' or s == 'running' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
+  if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
+  reindex(s, ARGV[1])
+  emit(KEYS[1], KEYS[2], ARGV[1], '')
+  return 1
+end
+return 0
+"""
+)
+
+# KEYS[1] job, KEYS[2] done set, KEYS[3] events, KEYS[4] files; ARGV job id. Deletes a finished
+# job's record, events and index entries. Returns the status it had ('missing' if none); an
+# active job is left alone.
 _DELETE = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
 if s == 'queued' or s == 'running' then return s end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 for i = #KEYS - 5, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return s
 """
 
 
-# KEYS: (job hash, done-shards set) per shard, flattened; ARGV: (shard, step) per shard,
-# flattened. Records each shard's step on jobs that still exist, unless the shard is already done
-# (a duplicate attempt must not move a finished shard's progress back), and returns the jobs'
-# statuses (false for a missing job).
-_RECORD_STEPS = """
+# KEYS: (job hash, done-shards set, events) per shard, flattened; ARGV: (shard, step) per shard,
+# flattened, then now in ms. Records each shard's step on jobs that still exist, unless the shard
+# is already done (a duplicate attempt must not move a finished shard's progress back), appends
+# a progress event per running job where due, and returns the jobs' statuses (false for a
+# missing job).
+_RECORD_STEPS = (
+    events.LUA
+    + """
 local out = {}
-for i = 1, #KEYS / 2 do
-  local s = redis.call('HGET', KEYS[2 * i - 1], 'status')
-  if s and redis.call('SISMEMBER', KEYS[2 * i], ARGV[2 * i - 1]) == 0 then
-    redis.call('HSET', KEYS[2 * i - 1], 'step:' .. ARGV[2 * i - 1], ARGV[2 * i])
+local n = #KEYS / 3
+for i = 1, n do
+  local s = redis.call('HGET', KEYS[3 * i - 2], 'status')
+  if s and redis.call('SISMEMBER', KEYS[3 * i - 1], ARGV[2 * i - 1]) == 0 then
+    redis.call('HSET', KEYS[3 * i - 2], 'step:' .. ARGV[2 * i - 1], ARGV[2 * i])
   end
   out[i] = s
 end
+local seen = {}
+for i = 1, n do  -- after every shard's step is in: one event per job, with all of them
+  if out[i] == 'running' and not seen[KEYS[3 * i - 2]] then
+    seen[KEYS[3 * i - 2]] = true
+    progress(KEYS[3 * i - 2], KEYS[3 * i], ARGV[#ARGV], false)
+  end
+end
 return out
 """
+)
+
+# KEYS[1] job, KEYS[2] events; ARGV the preview's JSON. Appended only while the job runs (never
+# after its terminal event). Returns 1 if appended.
+_PREVIEW = (
+    events.LUA
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+emit(KEYS[1], KEYS[2], 'preview', ARGV[1])
+return 1
+"""
+)
 
 
 # KEYS[1] the purge schedule; ARGV (job id, due time) pairs: removes each entry still due then.
@@ -224,6 +281,8 @@ class JobStore:
         self.queue = ShardQueue(client)
         self._start = client.register_script(_START)
         self._complete = client.register_script(_COMPLETE_SHARD)
+        self._succeed = client.register_script(_SUCCEED)
+        self._preview = client.register_script(_PREVIEW)
         self._finish = client.register_script(_FINISH)
         self._record_steps = client.register_script(_RECORD_STEPS)
         self._delete = client.register_script(_DELETE)
@@ -305,6 +364,9 @@ class JobStore:
             },
         )
         pipe.expire(key, self.ttl)
+        stream = keys.job_events(job_id)
+        pipe.xadd(stream, {"event": events.EventKind.queued.value, "data": ""}, maxlen=events.MAX_EVENTS)
+        pipe.expire(stream, self.ttl)
         score = int(now * 1e6)
         for index in (keys.owner_jobs(owner), keys.owner_status_jobs(owner, JobStatus.queued.value)):
             pipe.zadd(index, {job_id: score})
@@ -395,7 +457,14 @@ class JobStore:
         """Delete a finished job's record; returns the status it had (an active one is left as it
         is), or None if there was no such job. The objects are the caller's (ObjectStore)."""
         status = await self._delete(
-            keys=[keys.job(job_id), keys.job_done_shards(job_id), *index_keys(owner)], args=[job_id]
+            keys=[
+                keys.job(job_id),
+                keys.job_done_shards(job_id),
+                keys.job_events(job_id),
+                keys.job_files(job_id),
+                *index_keys(owner),
+            ],
+            args=[job_id],
         )
         return None if status == "missing" else JobStatus(status)
 
@@ -415,21 +484,62 @@ class JobStore:
     # --- transitions ---------------------------------------------------------------------------
     async def mark_running(self, job_id: str, owner: str) -> int:
         """1: queued -> running now; 0: it was running; -1: finished or gone."""
-        return int(await self._start(keys=[keys.job(job_id), *index_keys(owner)], args=[repr(time.time()), job_id]))
-
-    async def complete_shard(self, task: ShardTask, owner: str) -> tuple[str, bool]:
-        status, finished = await self._complete(
-            keys=[keys.job(task.job_id), keys.job_done_shards(task.job_id), *index_keys(owner)],
-            args=[task.shard, task.count, task.params.steps, repr(time.time()), self.ttl, task.job_id],
+        return int(
+            await self._start(
+                keys=[keys.job(job_id), keys.job_events(job_id), *index_keys(owner)], args=[repr(time.time()), job_id]
+            )
         )
-        return status, bool(finished)
+
+    async def complete_shard(self, task: ShardTask, files: list[tuple[str, int]] | None = None) -> tuple[str, bool]:
+        """Record the shard done (its images counted once, however often this repeats), with its
+        PNGs' (sha256 hex, size) in image order. Returns (status, whether every shard of the
+        active job is done): then the caller writes the manifest and calls `succeed`."""
+        status, all_done = await self._complete(
+            keys=[
+                keys.job(task.job_id),
+                keys.job_done_shards(task.job_id),
+                keys.job_events(task.job_id),
+                keys.job_files(task.job_id),
+            ],
+            args=[
+                task.shard,
+                task.count,
+                task.params.steps,
+                self.ttl,
+                json.dumps(files) if files is not None else "",
+                _now_ms(),
+            ],
+        )
+        return status, bool(all_done)
+
+    async def succeed(self, job_id: str, owner: str) -> bool:
+        """Move an active job whose shards are all done to succeeded; False if it was not active
+        or not done."""
+        return bool(
+            await self._succeed(
+                keys=[keys.job(job_id), keys.job_done_shards(job_id), keys.job_events(job_id), *index_keys(owner)],
+                args=[repr(time.time()), _now_ms(), job_id],
+            )
+        )
+
+    async def files(self, record: JobRecord) -> dict[int, tuple[str, int]]:
+        """{image index: (sha256 hex, size)} of the finished shards that recorded them."""
+        raw = await self.r.hgetall(keys.job_files(record.id))
+        out: dict[int, tuple[str, int]] = {}
+        for shard, value in raw.items():
+            start, count = record.shard_range(int(shard))
+            entries = json.loads(value)
+            if len(entries) == count:
+                out.update({start + k: (sha, int(size)) for k, (sha, size) in enumerate(entries)})
+        return out
 
     async def finish(self, job_id: str, owner: str, status: JobStatus, error: JobError | None = None) -> bool:
         """Move an active job to a terminal status; False if it was already terminal."""
         err = error.model_dump_json() if error else ""
         return bool(
             await self._finish(
-                keys=[keys.job(job_id), *index_keys(owner)], args=[status.value, repr(time.time()), err, job_id]
+                keys=[keys.job(job_id), keys.job_events(job_id), *index_keys(owner)],
+                args=[status.value, repr(time.time()), err, job_id],
             )
         )
 
@@ -440,7 +550,32 @@ class JobStore:
         if not progress:
             return []
         statuses = await self._record_steps(
-            keys=[k for job_id, _, _ in progress for k in (keys.job(job_id), keys.job_done_shards(job_id))],
-            args=[v for _, shard, step in progress for v in (shard, step)],
+            keys=[
+                k
+                for job_id, _, _ in progress
+                for k in (keys.job(job_id), keys.job_done_shards(job_id), keys.job_events(job_id))
+            ],
+            args=[*(v for _, shard, step in progress for v in (shard, step)), _now_ms()],
         )
         return [JobStatus(s) if s else None for s in statuses]
+
+    # --- events --------------------------------------------------------------------------------
+    async def add_preview(self, job_id: str, data: str) -> bool:
+        """Append a preview event (JSON data) while the job runs; False once it has ended."""
+        return bool(await self._preview(keys=[keys.job(job_id), keys.job_events(job_id)], args=[data]))
+
+    async def read_events(
+        self, job_id: str, after: str, count: int = 100, block_ms: int | None = None
+    ) -> list[JobEvent]:
+        """Up to count of the job's events after the event id `after` ("0" for all), oldest
+        first; with block_ms, waits up to that long for one to arrive."""
+        reply = await self.r.xread({keys.job_events(job_id): after}, count=count, block=block_ms)
+        return [
+            JobEvent(entry_id, events.EventKind(fields["event"]), fields.get("data", ""))
+            for _stream, entries in reply or []
+            for entry_id, fields in entries
+        ]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

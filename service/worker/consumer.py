@@ -1,7 +1,9 @@
 """The shard consumer: at-least-once processing of the shard queue (service.jobs.queue).
 
 For each shard: skip it if its job is finished or canceled; mark the job running; call the
-Denoiser; upload the PNGs under deterministic keys; record the shard done; and only then XACK.
+Denoiser; upload the PNGs under deterministic keys; record the shard done (with its PNGs'
+checksums); if that completed the job, write its manifest and move it to succeeded; and only
+then XACK. A redelivered shard that is already done skips straight to the last two steps.
 A failure puts the shard back as its next attempt; a shard that exhausts its attempts fails
 its job and goes to the dead-letter stream. A shard whose consumer died (no heartbeat for the
 visibility timeout) is reclaimed with XAUTOCLAIM and retried, and since object keys are
@@ -11,6 +13,7 @@ deterministic and completion is idempotent, each image ends up in the bucket exa
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -21,6 +24,7 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from service import metrics
+from service.archive import write_manifest
 from service.jobs.lifecycle import JobLifecycle
 from service.jobs.queue import Message
 from service.jobs.schemas import JobError, JobStatus, ShardResult, ShardTask
@@ -168,6 +172,9 @@ class Consumer:
 
         heartbeat = asyncio.create_task(self._heartbeat(message_id))
         try:
+            if task.shard in record.done_shards:  # redelivered after its completion: finish what followed
+                await self._completed(message_id, task, record, None)
+                return
             try:
                 result = await asyncio.wait_for(self.generate(task), self.settings.shard_timeout_seconds)
             except asyncio.TimeoutError:  # a hung GPU or replica: give the shard to another attempt
@@ -186,7 +193,7 @@ class Consumer:
             # The images exist now: an outage of S3 or Redis is waited out with the pixels in hand,
             # not counted against the shard's attempts (which are for failures of the shard itself).
             try:
-                await self._patiently(
+                files = await self._patiently(
                     "upload", lambda: asyncio.to_thread(self._upload, task, result), STORAGE_ERRORS, task
                 )
             except STORAGE_ERRORS as e:  # S3 stayed away for dependency_patience_seconds
@@ -197,24 +204,53 @@ class Consumer:
             except Exception as e:  # a malformed result
                 await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
                 return
-            # a job that ended badly (or was deleted, or expired) while this shard uploaded may
-            # have been swept already: take back what this shard just wrote
-            now = await self._patiently("status", lambda: self.store.get(task.job_id), (RedisError,), task)
-            if now is None or now.status in (JobStatus.failed, JobStatus.canceled):
-                keys = [image_key(task.job_id, task.start + k) for k in range(task.count)]
-                try:
-                    await asyncio.to_thread(self.objects.delete_keys, keys)
-                except STORAGE_ERRORS as e:  # the bucket's lifecycle rule is the backstop
-                    log.warning("shard %s/%d of an ended job: images not deleted (%s)", task.job_id, task.shard, e)
-                await self._patiently("ack", lambda: self.queue.ack(message_id), (RedisError,), task)
+            if await self._ended_meanwhile(message_id, task):
                 return
-            await self._patiently(
-                "completion", lambda: self.lifecycle.complete_shard(task, record), (RedisError,), task
-            )
-            metrics.images_generated_total().inc(task.count, tags={"model": task.params.model})
-            await self._patiently("ack", lambda: self.queue.ack(message_id), (RedisError,), task)
+            await self._completed(message_id, task, record, files)
         finally:
             heartbeat.cancel()
+
+    async def _ended_meanwhile(self, message_id: str, task: ShardTask) -> bool:
+        """A job that ended badly (or was deleted, or expired) while this shard uploaded may
+        have been swept already: take back what this shard just wrote, ack, and say so."""
+        now = await self._patiently("status", lambda: self.store.get(task.job_id), (RedisError,), task)
+        if now is not None and now.status not in (JobStatus.failed, JobStatus.canceled):
+            return False
+        keys = [image_key(task.job_id, task.start + k) for k in range(task.count)]
+        try:
+            await asyncio.to_thread(self.objects.delete_keys, keys)
+        except STORAGE_ERRORS as e:  # the bucket's lifecycle rule is the backstop
+            log.warning("shard %s/%d of an ended job: images not deleted (%s)", task.job_id, task.shard, e)
+        await self._patiently("ack", lambda: self.queue.ack(message_id), (RedisError,), task)
+        return True
+
+    async def _completed(
+        self, message_id: str, task: ShardTask, record: JobRecord, files: list[tuple[str, int]] | None
+    ) -> None:
+        """The shard's images are in the bucket: record it done (files: their checksums; None
+        for a redelivered shard that is done already); if that completes the job, write the
+        manifest, then move the job to succeeded; then ack. A manifest that cannot be written
+        (S3 away beyond the patience) puts the shard back, and its redelivery tries again."""
+        all_done = await self._patiently(
+            "completion", lambda: self.lifecycle.complete_shard(task, record, files), (RedisError,), task
+        )
+        if files is not None:
+            metrics.images_generated_total().inc(task.count, tags={"model": task.params.model})
+        if all_done:
+            checksums = await self._patiently("manifest", lambda: self.store.files(record), (RedisError,), task)
+            try:
+                await self._patiently(
+                    "manifest",
+                    lambda: asyncio.to_thread(write_manifest, self.objects, record, checksums),
+                    STORAGE_ERRORS,
+                    task,
+                )
+            except STORAGE_ERRORS as e:
+                log.warning("job %s: manifest not written: %s", task.job_id, e)
+                await self._retry(message_id, task, f"manifest upload failed: {type(e).__name__}", "storage")
+                return
+            await self._patiently("success", lambda: self.lifecycle.succeed(record), (RedisError,), task)
+        await self._patiently("ack", lambda: self.queue.ack(message_id), (RedisError,), task)
 
     async def _patiently(self, what: str, call, errors: tuple[type[BaseException], ...], task: ShardTask):
         """await call(), retrying on errors with capped exponential backoff (0.5 s .. 10 s) for up
@@ -237,19 +273,19 @@ class Consumer:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 10.0)
 
-    def _upload(self, task: ShardTask, result: ShardResult) -> None:
+    def _upload(self, task: ShardTask, result: ShardResult) -> list[tuple[str, int]]:
+        """Encode and upload the shard's PNGs; returns their (sha256 hex, size), in image order."""
         pixels = np.frombuffer(result.pixels, dtype=np.uint8).reshape(result.shape)
         if pixels.shape[0] != task.count:
             raise RuntimeError(f"Denoiser returned {pixels.shape[0]} images for a shard of {task.count}")
+
+        def upload(k: int) -> tuple[str, int]:
+            data = png_bytes(pixels[k], compress_level=1)
+            self.objects.put_png(image_key(task.job_id, task.start + k), data)
+            return hashlib.sha256(data).hexdigest(), len(data)
+
         # boto3 clients are thread-safe; uploads overlap their network round trips
-        list(
-            self._uploads.map(
-                lambda k: self.objects.put_png(
-                    image_key(task.job_id, task.start + k), png_bytes(pixels[k], compress_level=1)
-                ),
-                range(task.count),
-            )
-        )
+        return list(self._uploads.map(upload, range(task.count)))
 
     async def _heartbeat(self, message_id: str) -> None:
         """Reset the message's idle time while we work on it, so nobody reclaims it."""

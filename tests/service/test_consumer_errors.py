@@ -157,6 +157,44 @@ def test_a_shard_that_keeps_killing_replicas_fails_its_job(stack):
     assert len(dead) == 1
 
 
+def test_a_worker_dying_between_the_last_completion_and_the_manifest_leaves_no_job_without_one(stack):
+    """The Worker completed the job's last shard, then died before writing the manifest: the job
+    stays running (never succeeded without a manifest) and the shard's redelivery writes the
+    manifest and succeeds the job without sampling it again."""
+    import hashlib
+
+    from service.storage import image_key, manifest_key
+
+    calls: list[int] = []
+    settings = _settings(stack, 3, visibility_timeout_seconds=0.5)
+    objects = ObjectStore(settings)
+    png = b"not-really-a-png"
+
+    async def sampler(task: ShardTask) -> ShardResult:
+        calls.append(task.attempt)
+        return _pixels(task)
+
+    async def died_after_completion(store: JobStore, job_id: str) -> None:
+        await store.queue.ensure_group()
+        [message] = await store.queue.read("dead-worker", 1, 10)  # read, never acked
+        await store.mark_running(job_id, "tester")
+        await asyncio.to_thread(objects.put_png, image_key(job_id, 0), png)
+        assert await store.complete_shard(message.task, [(hashlib.sha256(png).hexdigest(), len(png))]) == (
+            "running",
+            True,
+        )
+        assert (await store.get(job_id)).status == JobStatus.running
+        assert await asyncio.to_thread(objects.get_bytes, manifest_key(job_id)) is None
+
+    record, dead = _run_until_ended(settings, sampler, died_after_completion, seconds=20)
+    assert record.status == JobStatus.succeeded and calls == [] and dead == []
+    manifest = json.loads(objects.get_bytes(manifest_key(record.id)))
+    assert manifest["job_id"] == record.id and manifest["params"] == PARAMS.model_dump(mode="json")
+    assert manifest["images"] == [
+        {"index": 0, "seed": 0, "key": image_key(record.id, 0), "sha256": hashlib.sha256(png).hexdigest(), "size": 16}
+    ]
+
+
 def _pixels(task: ShardTask) -> ShardResult:
     image = np.full((task.count, 28, 28, 1), 128, dtype=np.uint8)
     return ShardResult(job_id=task.job_id, shard=task.shard, pixels=image.tobytes(), shape=image.shape)
@@ -199,7 +237,10 @@ def test_an_s3_outage_is_waited_out_without_spending_an_attempt(stack, tmp_path)
         listed = ObjectStore(settings).client.list_objects_v2(Bucket="outage", Prefix=f"jobs/{record.id}/")
     assert record.status == JobStatus.succeeded and record.error is None, record
     assert calls == [1] and dead == []
-    assert [o["Key"] for o in listed.get("Contents", [])] == [f"jobs/{record.id}/00000.png"]
+    assert [o["Key"] for o in listed.get("Contents", [])] == [
+        f"jobs/{record.id}/00000.png",
+        f"jobs/{record.id}/manifest.json",
+    ]
 
 
 def test_a_redis_blip_after_sampling_completes_the_shard_as_soon_as_redis_returns(stack, tmp_path):

@@ -86,7 +86,8 @@ def test_large_results_are_paginated(asgi_api, stack):
         for k in range(record.num_shards):
             start, count = record.shard_range(k)
             task = ShardTask(job_id=job_id, shard=k, start=start, count=count, params=record.params)
-            await store.complete_shard(task, record.owner)
+            await store.complete_shard(task)
+        await store.succeed(job_id, record.owner)
         await store.close()
 
     asyncio.run(finish())

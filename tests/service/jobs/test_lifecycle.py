@@ -27,8 +27,11 @@ def test_start_then_success_each_emit_once(store, lifecycle, events, run):
     assert run(lifecycle.start(record)) and run(lifecycle.start(record))
     shards = [ShardTask(job_id=job_id, shard=k, start=4 * k, count=c, params=P) for k, c in ((0, 4), (1, 2))]
     assert not run(lifecycle.complete_shard(shards[0], record))
-    assert run(lifecycle.complete_shard(shards[1], record))
-    assert not run(lifecycle.complete_shard(shards[1], record))  # a retry after success
+    assert run(lifecycle.complete_shard(shards[1], record))  # all done: the manifest, then succeed
+    assert [type(e) for e in events] == [JobStarted]
+    assert run(lifecycle.succeed(record))
+    assert not run(lifecycle.succeed(record))  # a retry after success
+    assert not run(lifecycle.complete_shard(shards[1], record))
     assert [type(e) for e in events] == [JobStarted, JobEnded]
     assert events[1].status == JobStatus.succeeded and events[1].duration_s >= 0
 

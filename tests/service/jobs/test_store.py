@@ -57,16 +57,21 @@ def test_start_moves_queued_to_running_once_and_never_revives_a_finished_job(sto
     assert run(store.mark_running("no-such-job", "alice")) == -1
 
 
-def test_complete_shard_counts_each_shard_once_and_finishes_the_job_once(store, run):
+def test_complete_shard_counts_each_shard_once_and_the_job_succeeds_once(store, run):
     p = params(10)
     job_id, _, _ = run(store.submit("alice", p, {}))
     shards = [task(job_id, 0, 0, 4, p), task(job_id, 1, 4, 4, p), task(job_id, 2, 8, 2, p)]
-    assert run(store.complete_shard(shards[0], "alice")) == ("queued", False)
-    assert run(store.complete_shard(shards[0], "alice")) == ("queued", False)  # a retried shard: no double count
+    assert not run(store.succeed(job_id, "alice"))  # shards still to do
+    assert run(store.complete_shard(shards[0])) == ("queued", False)
+    assert run(store.complete_shard(shards[0])) == ("queued", False)  # a retried shard: no double count
     assert run(store.get(job_id)).images_done == 4
-    assert run(store.complete_shard(shards[1], "alice")) == ("queued", False)
-    assert run(store.complete_shard(shards[2], "alice")) == ("succeeded", True)
-    assert run(store.complete_shard(shards[2], "alice")) == ("succeeded", False)  # finished exactly once
+    assert run(store.complete_shard(shards[1])) == ("queued", False)
+    assert run(store.complete_shard(shards[2])) == ("queued", True)  # all done: the manifest, then succeed
+    assert run(store.get(job_id)).status == JobStatus.queued
+    assert run(store.complete_shard(shards[2])) == ("queued", True)  # a retry before succeed says so again
+    assert run(store.succeed(job_id, "alice"))
+    assert not run(store.succeed(job_id, "alice"))  # succeeded exactly once
+    assert run(store.complete_shard(shards[2])) == ("succeeded", False)
     record = run(store.get(job_id))
     assert record.status == JobStatus.succeeded and record.finished_at is not None
     assert record.images_done == 10 and record.done_shards == {0, 1, 2}
@@ -77,9 +82,9 @@ def test_complete_shard_of_a_canceled_or_missing_job_changes_nothing(store, run)
     p = params(4)
     job_id, _, _ = run(store.submit("alice", p, {}))
     run(store.finish(job_id, "alice", JobStatus.canceled))
-    assert run(store.complete_shard(task(job_id, 0, 0, 4, p), "alice")) == ("canceled", False)
+    assert run(store.complete_shard(task(job_id, 0, 0, 4, p))) == ("canceled", False)
     assert run(store.get(job_id)).status == JobStatus.canceled
-    assert run(store.complete_shard(task("gone", 0, 0, 4, p), "alice")) == ("missing", False)
+    assert run(store.complete_shard(task("gone", 0, 0, 4, p))) == ("missing", False)
     assert run(store.get("gone")) is None
 
 
@@ -110,11 +115,13 @@ def test_result_indices_come_from_the_shard_size_the_job_was_cut_with(store, run
     store.shard_size = 16
     job_id, _, _ = run(store.submit("alice", p, {}))
     for k, (start, count) in enumerate([(0, 16), (16, 16), (32, 8)]):
-        assert run(store.complete_shard(task(job_id, k, start, count, p), "alice"))[0] in ("queued", "succeeded")
+        assert run(store.complete_shard(task(job_id, k, start, count, p)))[0] == "queued"
+    assert run(store.succeed(job_id, "alice"))
     later = JobStore(store.r, 600, shard_size=32)  # the setting changed after submission
     record = run(later.get(job_id))
     assert record.shard_size == 16 and record.status == JobStatus.succeeded
-    settings = Settings(shard_size=32)
+    # presigning needs keys (since S3 keys became optional), not a server
+    settings = Settings(shard_size=32, s3_access_key_id="k", s3_secret_access_key="offline")
     ctx = Context(
         settings=settings, store=later, lifecycle=None, objects=ObjectStore(settings), registry=None, denoiser=None
     )  # type: ignore[arg-type]
@@ -138,7 +145,7 @@ def test_records_without_a_stored_shard_size_use_the_stores_setting(store, run):
 def test_record_steps_never_moves_a_finished_shard_back(store, run):
     p = params(8)
     job_id, _, _ = run(store.submit("alice", p, {}))
-    run(store.complete_shard(task(job_id, 0, 0, 4, p), "alice"))  # shard 0 done at step 5
+    run(store.complete_shard(task(job_id, 0, 0, 4, p)))  # shard 0 done at step 5
     run(store.record_steps([(job_id, 0, 2), (job_id, 1, 3)]))  # a late duplicate of shard 0
     assert run(store.get(job_id)).shard_steps == {0: 5, 1: 3}
 
@@ -154,7 +161,8 @@ def test_the_status_index_follows_every_transition(store, run):
     c, _, _ = run(store.submit("alice", params(4), {}))
     run(store.submit("bob", params(4), {}))
     run(store.mark_running(a, "alice"))
-    run(store.complete_shard(task(a, 0, 0, 4, params(4)), "alice"))
+    run(store.complete_shard(task(a, 0, 0, 4, params(4))))
+    run(store.succeed(a, "alice"))
     run(store.finish(b, "alice", JobStatus.canceled))
 
     def listed(status):
@@ -202,7 +210,8 @@ def test_jobs_in_flight_are_limited_per_owner_in_the_submit_transaction(store, r
 def test_delete_removes_a_finished_job_and_leaves_an_active_one(store, run):
     done, _, _ = run(store.submit("alice", params(4), {}))
     active, _, _ = run(store.submit("alice", params(4), {}))
-    run(store.complete_shard(task(done, 0, 0, 4, params(4)), "alice"))
+    run(store.complete_shard(task(done, 0, 0, 4, params(4))))
+    run(store.succeed(done, "alice"))
     assert run(store.delete(active, "alice")) == JobStatus.queued
     assert run(store.get(active)) is not None
     assert run(store.delete(done, "alice")) == JobStatus.succeeded
