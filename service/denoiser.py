@@ -13,7 +13,10 @@ replica's event loop does everything else, off the stepping path:
   record in one Redis round trip and reads back the jobs' statuses: a canceled (or failed, or
   expired) job's rows are removed from the batch at the engine's next step;
 - it records every denoising step in undiffuse_denoise_step_seconds and its batch size in
-  undiffuse_sampler_batch_images, from timings the engine takes without a device-wide sync.
+  undiffuse_sampler_batch_images, from timings the engine takes without a device-wide sync;
+- for a job that asked for previews, its first shard's engine request makes previews of the
+  job's first image (undiffuse.engine.Preview); one writer task encodes each as a PNG (off the
+  loop) and appends it to the job's events, in order, dropping previews if Redis falls behind.
 
 A Redis outage costs progress updates only; it never stalls a step.
 """
@@ -21,6 +24,8 @@ A Redis outage costs progress updates only; it never stalls a step.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import queue
 import threading
@@ -38,6 +43,7 @@ from service.jobs.schemas import JobStatus, ShardResult, ShardTask
 from service.jobs.store import JobStore
 from service.models import ModelRegistry
 from service.settings import Settings
+from undiffuse.images import png_bytes
 
 log = logging.getLogger("ray.serve")
 DEFAULT_CONFIG = {"max_batch_images": 64}
@@ -45,6 +51,7 @@ DEFAULT_CONFIG = {"max_batch_images": 64}
 # whose record is gone (deleted through the API, or expired)
 STOP_STATUSES = {JobStatus.canceled, JobStatus.failed, JobStatus.succeeded, None}
 MAX_FAILED_STEPS = 3  # consecutive failed steps before check_health fails the replica
+MAX_QUEUED_PREVIEWS = 64  # previews waiting for Redis beyond this are dropped
 
 
 def pick_device(requested: str, torch):
@@ -113,6 +120,8 @@ class Denoiser:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exchange_task: asyncio.Task | None = None
         self._handovers: set[asyncio.Task] = set()
+        self._previews: asyncio.Queue | None = None  # (task, Preview) for the preview writer
+        self._preview_task: asyncio.Task | None = None
         self._thread = threading.Thread(target=self._run_engines, name="denoiser-engine", daemon=True)
         self._thread.start()
         log.info("Denoiser on %s with models %s", self.device, sorted(self.engines))
@@ -155,6 +164,7 @@ class Denoiser:
             options=p.sampler_options,
             labels=p.labels_for(task.start, task.count),
             guidance_scale=p.guidance_scale,
+            preview_every=p.preview_every if task.start == 0 else None,  # the job's first image only
         )
         future = asyncio.get_running_loop().create_future()
         self._pending[rid] = _Pending(task, future, p.model)
@@ -206,6 +216,7 @@ class Denoiser:
     def _step(self, name: str, engine) -> None:
         try:
             finished = engine.step()
+            previews = engine.take_previews()
         except Exception as e:  # fail this engine's shards (the workers retry them), keep serving
             self._failed_steps += 1
             log.exception("engine %s failed a step; failing its %d shards", name, len(engine))
@@ -223,6 +234,8 @@ class Denoiser:
         self._failed_steps = 0
         for done in finished:
             self._resolve(done.id, finished=done)
+        if previews and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._queue_previews, previews)
         self._timings.extend((name, *t) for t in engine.step_times())
 
     def _apply_commands(self) -> None:
@@ -293,7 +306,37 @@ class Denoiser:
     def _start_exchange(self) -> None:
         if self._exchange_task is None:
             self._loop = asyncio.get_running_loop()
+            self._previews = asyncio.Queue(MAX_QUEUED_PREVIEWS)
+            self._preview_task = self._loop.create_task(self._write_previews())
             self._exchange_task = self._loop.create_task(self._exchange())
+
+    def _queue_previews(self, previews: list) -> None:
+        for preview in previews:
+            pending = self._pending.get(preview.id)
+            if pending is None or pending.future.done():
+                continue  # its shard was canceled or given up
+            try:
+                self._previews.put_nowait((pending.task, preview))
+            except asyncio.QueueFull:
+                log.warning("preview of job %s at step %d dropped: Redis is behind", pending.task.job_id, preview.step)
+
+    async def _write_previews(self) -> None:
+        """One at a time, so each job's previews are appended in step order."""
+        while True:
+            task, preview = await self._previews.get()
+            try:
+                png = await asyncio.to_thread(lambda p=preview: png_bytes(p.pixels(), compress_level=1))
+                data = {
+                    "step": preview.step,
+                    "steps": task.params.steps,
+                    "index": 0,
+                    "png": base64.b64encode(png).decode(),
+                }
+                await self.store.add_preview(task.job_id, json.dumps(data))
+            except RedisError as e:
+                log.warning("preview of job %s not recorded: %s", task.job_id, e)
+            except Exception:
+                log.exception("preview of job %s failed", task.job_id)
 
     def _deliver(self, rid: str, finished, error: Exception | None) -> None:
         pending = self._pending.get(rid)

@@ -1,19 +1,28 @@
-"""/v1/jobs: submit, poll, cancel and list generation jobs."""
+"""/v1/jobs: submit, poll, follow (server-sent events), cancel, list and download generation
+jobs."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from service import archive
 from service.api.deps import UNAUTHORIZED, Context, Ctx, Owner
 from service.api.quotas import too_many
 from service.api.schemas import ImageResult, JobCreate, JobList, JobSummary, JobView, Progress
+from service.jobs.events import EVENT_ID, EventKind, JobEvent, default_preview_every
 from service.jobs.schemas import JobParams, JobStatus
 from service.jobs.store import (
     Cursor,
@@ -23,7 +32,7 @@ from service.jobs.store import (
     JobRecord,
     TooManyJobsInFlight,
 )
-from service.storage import image_key
+from service.storage import image_key, manifest_key
 from undiffuse.config import ModelSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=UNAUTHORIZED)
@@ -32,6 +41,9 @@ JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as submit_job makes them
 CURSOR = re.compile(r"(?P<score>[0-9]{1,20})\.(?P<job_id>[0-9a-f]{32})")
 ERRORS = {404: {"description": "no such job for this API key"}}
 MAX_RESULTS_PAGE = 1024
+KEEPALIVE_S = 15  # an SSE comment line this often keeps proxies from closing an idle stream
+RECHECK_S = 10  # an idle event stream re-reads the record this often (a job gone or from before events)
+log = logging.getLogger("ray.serve")
 
 
 def _known_format(job_id: str) -> str:
@@ -69,6 +81,8 @@ def resolve_params(body: JobCreate, ctx: Context) -> JobParams:
             f"the limit is {ctx.settings.max_job_cost:,}: use fewer images or steps, or split the job",
             body.num_images,
         )
+    if body.preview_every is not None and not body.previews:
+        raise _invalid("preview_every", "needs previews: true", body.preview_every)
     return JobParams(
         model=model.name,
         num_images=body.num_images,
@@ -78,7 +92,18 @@ def resolve_params(body: JobCreate, ctx: Context) -> JobParams:
         seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
         class_label=body.class_label,
         guidance_scale=body.guidance_scale,
+        previews=body.previews,
+        preview_every=(body.preview_every or default_preview_every(body.steps)) if body.previews else None,
     )
+
+
+def _hashed_body(body: JobCreate) -> dict:
+    """What an Idempotency-Key is compared on: the body with its defaults filled in, less the
+    preview fields when unused (so keys used before previews existed still match)."""
+    dump = body.model_dump()
+    if not body.previews and body.preview_every is None:
+        del dump["previews"], dump["preview_every"]
+    return dump
 
 
 def _check_labels(body: JobCreate, model: ModelSpec) -> None:
@@ -130,6 +155,18 @@ def job_view(record: JobRecord, ctx: Context, offset: int = 0, limit: int = MAX_
         error=record.error,
         results=results,
         results_next_offset=offset + limit if offset + limit < len(indices) else None,
+        manifest_url=ctx.objects.presign(manifest_key(record.id)) if record.status == JobStatus.succeeded else None,
+    )
+
+
+def queued_view(job_id: str, params: JobParams, created_at: float) -> JobView:
+    """The job as it was when it was queued: what submit answers and the `queued` event says."""
+    return JobView(
+        id=job_id,
+        status=JobStatus.queued,
+        progress=Progress(images_done=0, images_total=params.num_images, step=0, steps=params.steps),
+        params=params,
+        created_at=created_at,
     )
 
 
@@ -177,7 +214,7 @@ async def submit_job(
     limit = ctx.settings.max_jobs_in_flight_per_key
     try:
         job_id, created, created_at = await ctx.store.submit(
-            owner, params, body.model_dump(), idempotency_key, max_in_flight=limit
+            owner, params, _hashed_body(body), idempotency_key, max_in_flight=limit
         )
     except IdempotencyConflict:
         raise HTTPException(
@@ -194,13 +231,7 @@ async def submit_job(
             raise HTTPException(
                 status.HTTP_409_CONFLICT, "Idempotency-Key belongs to a job that no longer exists; use a new key"
             ) from None
-    return JobView(
-        id=job_id,
-        status=JobStatus.queued,
-        progress=Progress(images_done=0, images_total=params.num_images, step=0, steps=params.steps),
-        params=params,
-        created_at=created_at,
-    )
+    return queued_view(job_id, params, created_at)
 
 
 @router.get("/{job_id}", response_model=JobView, responses=ERRORS)
@@ -217,6 +248,108 @@ async def get_job(
     except JobNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
     return await _view(record, ctx, results_offset, results_limit)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={
+        **ERRORS,
+        200: {"description": "the job's server-sent events (README)", "content": {"text/event-stream": {}}},
+        400: {"description": "Last-Event-ID is not an event id this API issued"},
+    },
+)
+async def job_events(
+    job_id: str,
+    ctx: Ctx,
+    owner: Owner,
+    last_event_id: Annotated[str | None, Header(max_length=64, description="resume after this event")] = None,
+) -> EventSourceResponse:
+    """The job's events as server-sent events: `queued` (the job view), `started`, `progress`,
+    `preview` (when asked for at submit), then exactly one of `succeeded`, `failed` or
+    `canceled` (the job view), after which the stream ends. Each event's id resumes the stream
+    after it through the Last-Event-ID header; a finished job's events are replayed."""
+    try:
+        record = await ctx.store.get_owned(_known_format(job_id), owner)
+    except JobNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
+    if last_event_id is not None and not EVENT_ID.fullmatch(last_event_id):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "Last-Event-ID is not an event id of this stream")
+    return EventSourceResponse(
+        _event_stream(ctx, record, last_event_id or "0"),
+        ping=KEEPALIVE_S,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def _event_stream(ctx: Context, record: JobRecord, after: str) -> AsyncIterator[ServerSentEvent]:
+    """The job's stored events after `after`, then live ones, until its terminal event. Reads
+    block for half the Redis socket timeout at a time (a longer block would be a read timeout);
+    sse-starlette writes the keep-alive comments meanwhile. A Redis error ends the stream: the
+    client resumes with Last-Event-ID."""
+    block_ms = max(1, int(ctx.settings.redis_timeout_seconds * 500))
+    recheck = 0.0  # at once when the stream is first idle
+    try:
+        while True:
+            events = await ctx.store.read_events(record.id, after, block_ms=block_ms)
+            if not events and time.monotonic() >= recheck:
+                recheck = time.monotonic() + RECHECK_S
+                now = await ctx.store.get(record.id)
+                if now is None:  # deleted or expired: nothing more will come
+                    return
+                if now.status.terminal:  # its terminal event was appended with the status, or never (older jobs)
+                    events = await ctx.store.read_events(record.id, after) or [JobEvent("", EventKind(now.status), "")]
+            for event in events:
+                yield await _render(ctx, record, event)
+                after = event.id or after
+                if event.kind.terminal:
+                    return
+    except RedisError as e:
+        log.warning("job %s: event stream ended by a Redis error: %s", record.id, type(e).__name__)
+
+
+async def _render(ctx: Context, record: JobRecord, event: JobEvent) -> ServerSentEvent:
+    """An event as sent: queued and terminal events carry the job view (the terminal one as the
+    job is now, with fresh result URLs), the others their stored data."""
+    if event.kind == EventKind.queued:
+        data = queued_view(record.id, record.params, record.created_at).model_dump_json()
+    elif event.kind.terminal:
+        now = await ctx.store.get(record.id) or dataclasses.replace(record, status=JobStatus(event.kind.value))
+        data = (await _view(now, ctx)).model_dump_json()
+    else:
+        data = event.data
+    return ServerSentEvent(data=data, event=event.kind.value, id=event.id or None)
+
+
+@router.get(
+    "/{job_id}/archive",
+    response_class=StreamingResponse,
+    responses={
+        **ERRORS,
+        200: {"description": "a ZIP of the job's images and manifest.json", "content": {"application/zip": {}}},
+        409: {"description": "the job has not succeeded"},
+        503: {"description": "object storage is unreachable; retry"},
+    },
+)
+async def job_archive(job_id: str, ctx: Ctx, owner: Owner) -> StreamingResponse:
+    """A succeeded job's images (00000.png, 00001.png, ... by result index) and its
+    manifest.json in one ZIP, streamed from the bucket as it is sent."""
+    try:
+        record = await ctx.store.get_owned(_known_format(job_id), owner)
+    except JobNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
+    if record.status != JobStatus.succeeded:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"job is {record.status.value}; only a succeeded job has an archive"
+        )
+    files = await ctx.store.files(record)
+    manifest = await asyncio.to_thread(archive.load_manifest, ctx.objects, record, files)  # S3 away: 503
+    stream = archive.zip_archive(ctx.objects, manifest)
+    return StreamingResponse(
+        stream,  # a sync iterator: Starlette runs each read in a thread
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{record.id}.zip"', "Content-Length": str(len(stream))},
+    )
 
 
 @router.delete(

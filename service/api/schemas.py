@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from service.jobs.schemas import MAX_SEED, JobError, JobParams, JobStatus
 from undiffuse.registry import DEFAULT_SAMPLER, SamplerName
@@ -24,6 +24,12 @@ class JobCreate(BaseModel):
     )
     guidance_scale: float = Field(
         1.0, ge=0.0, le=30.0, allow_inf_nan=False, description="classifier-free guidance; 1 = none"
+    )
+    previews: StrictBool = Field(
+        False, description="stream previews of the first image (its current x0 prediction) as `preview` events"
+    )
+    preview_every: int | None = Field(
+        None, ge=1, description="steps between previews (with previews); default: about 8 previews per job"
     )
 
 
@@ -56,6 +62,9 @@ class JobView(BaseModel):
     )
     results_next_offset: int | None = Field(
         None, description="more results follow: ask again with results_offset set to this"
+    )
+    manifest_url: str | None = Field(
+        None, description="presigned GET URL of the job's manifest.json, once it has succeeded"
     )
 
 
