@@ -106,3 +106,25 @@ def test_events_are_the_owners_alone_and_ids_are_checked(api, stack):
     )
     assert zero.status_code == 422
     wait_for_status(api, job_id, {"succeeded"})
+
+
+def test_an_idle_stream_sends_keep_alive_comments(live_api, monkeypatch):
+    """A job that waits (database 6: no Worker runs it) keeps its stream open with comment
+    lines every KEEPALIVE_S (15 s; 1 s here), which SSE clients ignore."""
+    import httpx
+
+    from service.api import jobs
+
+    monkeypatch.setattr(jobs, "KEEPALIVE_S", 1)
+    headers = {"Authorization": "Bearer test-key-alice"}
+    with httpx.Client(base_url=live_api, headers=headers, timeout=30) as client:
+        job_id = client.post("/v1/jobs", json={"num_images": 1, "steps": 2, "class_label": 0}).json()["id"]
+        lines = []
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if line.startswith(":"):
+                    break
+    assert [line for line in lines if line.startswith("event:")] == ["event: queued"]
+    [data] = [line for line in lines if line.startswith("data:")]
+    assert json.loads(data[5:])["status"] == "queued" and lines[-1].startswith(":")
