@@ -121,3 +121,32 @@ def test_max_batch_follows_free_memory():
     assert max_batch_for_memory(model, 64) == 64  # the demo model fits 64 rows on any CUDA card
     free, _ = torch.cuda.mem_get_info()
     assert 1 <= max_batch_for_memory(model, 10**9) < 10**9 and free > 0
+
+
+def test_previews_never_synchronize_the_device_and_match_the_cpu():
+    """A previewing request in a steady batch adds no synchronizing CUDA call (its x0 rows go to
+    pinned memory asynchronously), and its previews are the CPU engine's within round-off."""
+    from dataclasses import replace
+
+    from undiffuse.engine import DenoisingEngine, EngineConfig
+
+    reqs = _digits(32, 30)
+    reqs[0] = replace(reqs[0], preview_every=3)
+    previews = {}
+    for device in ("cpu", "cuda"):
+        engine = DenoisingEngine(load_model(MODEL, device), EngineConfig(max_batch=64, precision="fp32", compile=False))
+        for r in reqs:
+            engine.add(r)
+        engine.step()  # assembles the batch
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(10):
+                assert engine.step() == []
+            made = engine.take_previews()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert [(p.id, p.step) for p in made] == [(0, 3), (0, 6), (0, 9)]
+        previews[device] = torch.stack([torch.from_numpy(p.pixels()) for p in made]).int()
+    assert previews["cuda"].shape == (3, 28, 28, 1)
+    assert (previews["cpu"] - previews["cuda"]).abs().float().mean() <= 2.0

@@ -128,3 +128,16 @@ def test_an_idle_stream_sends_keep_alive_comments(live_api, monkeypatch):
     assert [line for line in lines if line.startswith("event:")] == ["event: queued"]
     [data] = [line for line in lines if line.startswith("data:")]
     assert json.loads(data[5:])["status"] == "queued" and lines[-1].startswith(":")
+
+
+def test_preview_defaults_and_idempotency_hashes_of_bodies_without_previews_are_unchanged():
+    from service.api.jobs import _hashed_body
+    from service.api.schemas import JobCreate
+    from service.jobs.events import default_preview_every
+
+    assert [default_preview_every(s) for s in (1, 8, 12, 50, 400)] == [1, 1, 1, 6, 50]
+    plain = _hashed_body(JobCreate(num_images=2, class_label=1))
+    assert "previews" not in plain and "preview_every" not in plain  # hashed as before previews existed
+    assert set(plain) == {"model", "num_images", "steps", "sampler", "eta", "seed", "class_label", "guidance_scale"}
+    asked = _hashed_body(JobCreate(num_images=2, class_label=1, previews=True))
+    assert asked["previews"] is True and asked["preview_every"] is None
