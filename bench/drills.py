@@ -11,6 +11,7 @@ Prints one table of outcomes and exits 1 if any target is missed. See docs/relia
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -649,7 +650,7 @@ def png_ok(data: bytes, size: int) -> bool:
 
 def verify(stack: Stack, jobs: list[Job], created_elsewhere: set[str]) -> dict:
     from service.settings import Settings
-    from service.storage import ObjectStore, image_key
+    from service.storage import ObjectStore, image_key, manifest_key
 
     objects = bucket_objects(stack.settings)
     accepted = [j for j in jobs if j.id]
@@ -661,13 +662,20 @@ def verify(stack: Stack, jobs: list[Job], created_elsewhere: set[str]) -> dict:
         size = clients["A"].get("/v1/models").json()["models"][0]["image_size"]
     for c in clients.values():
         c.close()
-    out = Counter()
+    out = Counter(manifests_missing=0, manifests_wrong=0)
     problems = []
     present = []
+    manifests = []  # (job id, key, images) of succeeded jobs' manifest.json
     for job, (status, indices) in zip(accepted, views, strict=True):
         n = job.body["num_images"]
         expected = {image_key(job.id, i) for i in range(n)}
         found = objects.pop(job.id, set())
+        if manifest_key(job.id) in found:  # a succeeded job's; checked against its images below
+            found.discard(manifest_key(job.id))
+            manifests.append((job.id, manifest_key(job.id), n))
+        elif status == "succeeded":
+            out["manifests_missing"] += 1
+            problems.append(f"{job.phase} {job.id}: succeeded without a manifest")
         out["succeeded"] += status == "succeeded"
         out["lost"] += status == "GET 404"
         out["failed"] += status in ("failed", "canceled")
@@ -682,10 +690,26 @@ def verify(stack: Stack, jobs: list[Job], created_elsewhere: set[str]) -> dict:
             problems.append(f"{job.phase} {job.id}: {status}, {len(found)}/{n} objects, results {sorted(indices)}")
         present += sorted(expected & found)
     store = ObjectStore(Settings(**stack.settings)).client
+
+    def check(key: str) -> tuple[bool, tuple[str, int]]:
+        data = store.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        return png_ok(data, size), (hashlib.sha256(data).hexdigest(), len(data))
+
     with ThreadPoolExecutor(8) as pool:
-        decoded = list(pool.map(lambda k: png_ok(store.get_object(Bucket=BUCKET, Key=k)["Body"].read(), size), present))
+        checked = dict(zip(present, pool.map(check, present), strict=True))
+        listed = list(
+            pool.map(lambda m: json.loads(store.get_object(Bucket=BUCKET, Key=m[1])["Body"].read()), manifests)
+        )
+    decoded = [ok for ok, _ in checked.values()]
     out["pngs_decoded"] = sum(decoded)
     out["pngs_bad"] = len(decoded) - sum(decoded)
+    out["manifests"] = len(manifests)
+    for (job_id, _, n), manifest in zip(manifests, listed, strict=True):
+        entries = {e["key"]: (e["sha256"], e["size"]) for e in manifest["images"]}
+        wrong = [k for k, v in entries.items() if checked.get(k, (None, None))[1] != v]
+        if manifest["job_id"] != job_id or len(entries) != n or wrong:
+            out["manifests_wrong"] += 1
+            problems.append(f"job {job_id}: its manifest does not match its images")
     strays = {k: len(v) for k, v in objects.items() if k not in created_elsewhere}
     return {
         "jobs": len(jobs),
@@ -740,6 +764,12 @@ def targets(result: dict) -> list[tuple[str, object, str, bool]]:
             v["images_missing"] == 0,
         ),
         ("images missing", v["images_missing"], "0", v["images_missing"] == 0),
+        (
+            "manifests missing / not matching the images",
+            f"{v.get('manifests_missing', 0)} / {v.get('manifests_wrong', 0)}",
+            "0 / 0",
+            not v.get("manifests_missing") and not v.get("manifests_wrong"),
+        ),  # fmt: skip
         (
             "objects extra / results duplicated",
             f"{v['objects_extra']} / {v['results_duplicated']}",

@@ -59,6 +59,8 @@ def test_every_image_is_in_the_bucket_exactly_once_and_decodes(drill):
     assert v["objects_extra"] == 0 and v["objects_of_unknown_jobs"] == 0
     assert v["results_duplicated"] == 0 and v["results_wrong"] == 0, v["problems"]
     assert v["pngs_decoded"] == v["images_present"] and v["pngs_bad"] == 0
+    # every succeeded job has its manifest.json, and it vouches for the images as stored
+    assert v["manifests"] == v["succeeded"] and v["manifests_missing"] == 0 and v["manifests_wrong"] == 0
 
 
 def test_every_replica_kill_was_recovered_from(drill):
