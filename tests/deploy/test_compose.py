@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT.parent / "shared" / "schemas"
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
 COMPOSE = yaml.safe_load(COMPOSE_TEXT)
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 
 def test_validates_against_the_compose_spec():
@@ -33,11 +35,45 @@ def test_every_service_is_healthchecked_and_waits_for_healthy_dependencies():
             assert cond == {"condition": "service_healthy"}, (name, dep)
 
 
-def test_only_the_api_port_is_published_and_secrets_are_required():
+def test_only_the_api_and_s3_are_published_and_secrets_are_required():
     published = {name: svc.get("ports") for name, svc in COMPOSE["services"].items() if svc.get("ports")}
-    assert published == {"undiffuse": ["8000:8000"], "undiffuse-cpu": ["8000:8000"]}
+    assert published == {
+        "undiffuse": ["8000:8000"],
+        "undiffuse-cpu": ["8000:8000"],
+        "minio": ["${S3_PUBLISH_ADDRESS:-127.0.0.1}:9000:9000"],  # loopback unless told otherwise
+    }
     for var in ("UNDIFFUSE_API_KEYS", "S3_ACCESS_KEY", "S3_SECRET_KEY", "GRAFANA_ADMIN_PASSWORD"):
         assert re.search(r"\$\{" + var + r":\?[^}]+\}", COMPOSE_TEXT), var
+
+
+def _default(value: str) -> str:
+    """`${VAR:-default}` -> default (compose's interpolation, for the defaults used here)."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
+def test_presigned_urls_point_at_a_port_published_on_the_host():
+    """The README's download step fetches each result's presigned URL from the host: its
+    endpoint must be where MinIO's S3 API is published, by default."""
+    env = COMPOSE["services"]["undiffuse"]["environment"]
+    public = urlsplit(_default(env["UNDIFFUSE_S3_PUBLIC_ENDPOINT_URL"]))
+    internal = urlsplit(env["UNDIFFUSE_S3_ENDPOINT_URL"])
+    assert (internal.hostname, internal.port) == ("minio", 9000)
+    host, host_port, container_port = _default(COMPOSE["services"]["minio"]["ports"][0]).rsplit(":", 2)
+    assert int(container_port) == internal.port  # MinIO's S3 API (`minio server` listens on :9000)
+    assert public.port == int(host_port) and public.hostname in ("localhost", host)
+    assert host == "127.0.0.1"
+
+
+def test_healthchecks_run_what_the_image_has_and_the_gpu_service_insists_on_cuda():
+    installed = re.search(r"apt-get install[^\n]*", DOCKERFILE.replace("\\\n", " ")).group(0)
+    for name in ("undiffuse", "undiffuse-cpu"):
+        binary = COMPOSE["services"][name]["healthcheck"]["test"][1]
+        assert re.search(rf"\b{binary}=", installed), f"{name}'s healthcheck runs {binary}, not in the image"
+    assert COMPOSE["services"]["undiffuse"]["environment"]["UNDIFFUSE_DEVICE"] == "cuda"
+    assert "UNDIFFUSE_DEVICE" not in COMPOSE["services"]["undiffuse-cpu"]["environment"]
+    # the rest of the environment is shared (a YAML merge, not a copy that drifts)
+    gpu_env = {k: v for k, v in COMPOSE["services"]["undiffuse"]["environment"].items() if k != "UNDIFFUSE_DEVICE"}
+    assert gpu_env == COMPOSE["services"]["undiffuse-cpu"]["environment"]
 
 
 def test_gpu_reserved_with_a_cpu_profile_and_persistent_redis():
