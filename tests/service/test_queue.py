@@ -81,7 +81,9 @@ def test_consumer_killed_mid_shard_job_still_succeeds_with_each_image_once(api, 
     done = wait_for_status(api, job_id, {"succeeded", "failed"}, timeout=240)
     assert done["status"] == "succeeded", done
     assert done["progress"]["images_done"] == 8  # a retried shard is not counted twice
-    assert _objects(stack, job_id) == [f"jobs/{job_id}/{i:05d}.png" for i in range(8)]
+    assert _objects(stack, job_id) == [f"jobs/{job_id}/{i:05d}.png" for i in range(8)] + [
+        f"jobs/{job_id}/manifest.json"
+    ]
     assert sorted(x["index"] for x in done["results"]) == list(range(8))
 
 
