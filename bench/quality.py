@@ -4,6 +4,8 @@ independent judge (bench/judge.py), and images/s, per sampler, step count and gu
     python bench/quality.py                       # the full table: 1,000 digits (100 per class) per row
     python bench/quality.py --n 200 --rows quick  # what fits a 2-core CPU in ~15 minutes
     python bench/quality.py --guidance-study      # why guidance used to hurt (DDIM variants)
+    python bench/quality.py --rows targets        # the three targets, 1,000 digits per row
+    python bench/quality.py --model runs/mnist-ft/model --rows targets   # a candidate model
 
 Prints a Markdown table (and writes it with --out); docs/quality.md records the runs with the
 machine they ran on. Every row samples the same noise (seed 0, image i = index i) and the same
@@ -37,6 +39,9 @@ QUICK = [
     *[(name, 20, w) for name in ("ddim", "dpmpp_2m") for w in (2.0, 3.0)],
     ("dpmpp_2m", 10, 3.0),
 ]
+TARGETS = [("ddim", 20, 1.0), ("ddim", 50, 1.0), ("dpmpp_2m", 10, 1.0), ("ddim", 20, 3.0)]
+ROWS = {"full": FULL, "quick": QUICK, "targets": TARGETS}
+SERVED = ROOT / "models" / "mnist"
 
 
 class RawEpsDDIM(DDIMSampler):
@@ -78,8 +83,8 @@ def sample(
     return x.cpu(), len(labels) / (time.perf_counter() - started)
 
 
-def table(rows: list[tuple], n: int, device: str, grid_dir: Path | None) -> str:
-    model = load_model(ROOT / "models" / "mnist").to(device)
+def table(rows: list[tuple], n: int, device: str, grid_dir: Path | None, model_dir: Path = SERVED) -> str:
+    model = load_model(model_dir).to(device)
     scorer = Scorer()
     labels = torch.arange(10).repeat_interleave(n // 10)
     lines = [
@@ -130,7 +135,8 @@ def guidance_study(n: int, steps: int, device: str, seed: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1000, help="digits per row (a multiple of 10)")
-    p.add_argument("--rows", choices=["full", "quick"], default="full")
+    p.add_argument("--rows", choices=list(ROWS), default="full")
+    p.add_argument("--model", type=Path, default=SERVED, help="model folder (default: the served demo model)")
     p.add_argument("--guidance-study", action="store_true")
     p.add_argument("--steps", type=int, default=20, help="steps of the guidance study")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the guidance study (docs/quality.md: 123)")
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.guidance_study:
         text = guidance_study(args.n, args.steps, args.device, args.seed)
     else:
-        text = table(FULL if args.rows == "full" else QUICK, args.n, args.device, args.grids)
+        text = table(ROWS[args.rows], args.n, args.device, args.grids, args.model)
     if args.out:
         args.out.write_text(f"device: {name}\n\n{text}\n")
     return 0
