@@ -22,7 +22,7 @@ from service import archive
 from service.api.deps import UNAUTHORIZED, Context, Ctx, Owner
 from service.api.quotas import too_many
 from service.api.schemas import ImageResult, JobCreate, JobList, JobSummary, JobView, Progress
-from service.jobs.events import EVENT_ID, EventKind, JobEvent, default_preview_every
+from service.jobs.events import EVENT_ID, MAX_PREVIEWS, EventKind, JobEvent, default_preview_every
 from service.jobs.schemas import JobParams, JobStatus
 from service.jobs.store import (
     Cursor,
@@ -83,6 +83,13 @@ def resolve_params(body: JobCreate, ctx: Context) -> JobParams:
         )
     if body.preview_every is not None and not body.previews:
         raise _invalid("preview_every", "needs previews: true", body.preview_every)
+    fewest = -(-body.steps // MAX_PREVIEWS)
+    if body.previews and body.preview_every is not None and body.preview_every < fewest:
+        raise _invalid(
+            "preview_every",
+            f"must be at least {fewest} for {body.steps} steps (at most {MAX_PREVIEWS} previews)",
+            body.preview_every,
+        )
     return JobParams(
         model=model.name,
         num_images=body.num_images,

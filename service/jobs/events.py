@@ -56,6 +56,9 @@ class JobEvent:
     data: str  # JSON, or "" where the reader renders the job view
 
 
+MAX_PREVIEWS = 100  # per job: previews are the stream's largest entries (a PNG each)
+
+
 def default_preview_every(steps: int) -> int:
     """Steps between previews when a job asks for previews without saying: about 8 per job."""
     return max(1, steps // 8)

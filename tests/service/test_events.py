@@ -105,6 +105,10 @@ def test_events_are_the_owners_alone_and_ids_are_checked(api, stack):
         "/v1/jobs", json={"num_images": 1, "steps": 2, "class_label": 0, "previews": True, "preview_every": 0}
     )
     assert zero.status_code == 422
+    many = api.post(
+        "/v1/jobs", json={"num_images": 1, "steps": 1000, "class_label": 0, "previews": True, "preview_every": 9}
+    )
+    assert many.status_code == 422 and "at least 10 for 1000 steps" in many.json()["detail"][0]["msg"]
     wait_for_status(api, job_id, {"succeeded"})
 
 
