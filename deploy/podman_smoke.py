@@ -45,6 +45,11 @@ def main() -> int:
     p.add_argument("--image", default="localhost/undiffuse:cpu")
     p.add_argument("--podman", default="podman --runtime runc")
     p.add_argument("--name", default="undiffuse-smoke")
+    p.add_argument(
+        "--cuda-refusal",
+        action="store_true",
+        help="instead of a job: start with UNDIFFUSE_DEVICE=cuda (a CPU image, or no GPU) and expect the Denoiser to refuse",
+    )
     args = p.parse_args()
     podman = shlex.split(args.podman)
 
@@ -60,6 +65,8 @@ def main() -> int:
         ).stdout.split(),
     )
 
+    _kuberay_probe(podman, args.image, f"{args.name}-probe")
+
     with tempfile.TemporaryDirectory() as work, RedisServer(Path(work) / "redis").start() as redis:
         with S3Server(Path(work) / "s3", access_key=s3_key, secret_key=s3_secret).start() as s3:
             env = {
@@ -71,6 +78,8 @@ def main() -> int:
                 "UNDIFFUSE_S3_ACCESS_KEY_ID": s3_key,
                 "UNDIFFUSE_S3_SECRET_ACCESS_KEY": s3_secret,
             }
+            if args.cuda_refusal:
+                env["UNDIFFUSE_DEVICE"] = "cuda"
             sh(podman, "rm", "-f", args.name, check=False)
             started = time.monotonic()
             run = ["run", "-d", "--name", args.name, "--network", "host", "--shm-size", "2g"]
@@ -79,6 +88,8 @@ def main() -> int:
             sh(podman, *run, args.image)
             try:
                 print("  runs as:", sh(podman, "exec", args.name, "id").stdout.strip())
+                if args.cuda_refusal:
+                    return _expect_cuda_refusal(podman, args.name, started)
                 healthy = wait(
                     "the HEALTHCHECK",
                     lambda: sh(podman, "healthcheck", "run", args.name, check=False).returncode == 0,
@@ -113,6 +124,47 @@ def main() -> int:
                 Path(tempfile.gettempdir(), f"{args.name}.log").write_text(logs.stdout + logs.stderr)
                 sh(podman, "rm", "-f", "-t", "30", args.name, check=False)
     return 0
+
+
+# KubeRay's exec readiness/liveness probe of a head pod (ray-operator/controllers/ray/common/pod.go:
+# BaseWgetHealthCommand for the dashboard agent's raylet check and the dashboard's GCS check)
+KUBERAY_HEAD_PROBE = (
+    "wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"
+    " && wget --tries 1 -T 2 -q -O- http://localhost:8265/api/gcs_healthz | grep success"
+)
+
+
+def _kuberay_probe(podman: list[str], image: str, name: str) -> None:
+    """Start the image as KubeRay starts a head (`ray start --head --block`) and run KubeRay's
+    probe command in it, as the kubelet would."""
+    sh(podman, "rm", "-f", name, check=False)
+    started = time.monotonic()
+    sh(podman, "run", "-d", "--name", name, "--shm-size", "1g", image, "bash", "-c",
+       "ray start --head --dashboard-host=0.0.0.0 --num-cpus=1 --block")  # fmt: skip
+    try:
+        probe = lambda: sh(podman, "exec", name, "bash", "-c", KUBERAY_HEAD_PROBE, check=False).returncode == 0  # noqa: E731
+        wait("KubeRay's head probe", probe, 180)
+        print(
+            f"  KubeRay's head probe (bash -c 'wget ... | grep success') passes {time.monotonic() - started:.0f} s after `ray start`"
+        )
+    finally:
+        sh(podman, "rm", "-f", "-t", "5", name, check=False)
+
+
+def _expect_cuda_refusal(podman: list[str], name: str, started: float) -> int:
+    """The Denoiser must fail at start naming the reason, and the container must exit non-zero."""
+
+    def logs() -> str:
+        out = sh(podman, "logs", name, check=False)
+        return out.stdout + out.stderr
+
+    wait("the Denoiser's refusal", lambda: "RuntimeError: UNDIFFUSE_DEVICE=cuda, but" in logs(), 300)
+    refusal = next(line for line in logs().splitlines() if "RuntimeError: UNDIFFUSE_DEVICE=cuda, but" in line)
+    print(f"  refused {time.monotonic() - started:.0f} s after start: {refusal.split('RuntimeError: ', 1)[1]}")
+    state = lambda: sh(podman, "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name).stdout.split()  # noqa: E731
+    wait("the container to exit", lambda: state()[0] == "exited", 300)
+    print(f"  container exited with {state()[1]} {time.monotonic() - started:.0f} s after start")
+    return 0 if state()[1] != "0" else 1
 
 
 def _status(api: httpx.Client, path: str) -> int:
