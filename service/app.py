@@ -6,7 +6,7 @@ KubeRay RayService (import_path: service.app:build_app).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
@@ -62,6 +62,11 @@ class AppArgs(BaseModel):
     )
     worker_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
+    log_encoding: Literal["TEXT", "JSON"] = Field(
+        "TEXT",
+        description="JSON: every replica's log file (Ray's logs/serve/) holds one JSON object per line, "
+        "with the job, shard, owner, attempt, status and duration_ms of job events, for a log shipper",
+    )
     settings: dict[str, Any] = Field(default_factory=dict, description="overrides of UNDIFFUSE_* settings")
 
     def cpus_needed(self) -> float:
@@ -90,10 +95,12 @@ def build_app(args: AppArgs) -> Application:
         if args.denoiser_autoscaling
         else {"num_replicas": args.denoiser_replicas}
     )
+    logs = {"encoding": args.log_encoding}
     denoiser = Denoiser.options(
         **replicas,
         ray_actor_options={"num_cpus": args.denoiser_num_cpus, "num_gpus": args.denoiser_num_gpus},
         user_config={"max_batch_images": args.max_batch_images},
+        logging_config=logs,
     ).bind(settings)
-    workers = Worker.options(num_replicas=args.worker_replicas).bind(settings, denoiser)
-    return Ingress.options(num_replicas=args.ingress_replicas).bind(settings, denoiser, workers)
+    workers = Worker.options(num_replicas=args.worker_replicas, logging_config=logs).bind(settings, denoiser)
+    return Ingress.options(num_replicas=args.ingress_replicas, logging_config=logs).bind(settings, denoiser, workers)

@@ -41,6 +41,7 @@ from redis.exceptions import RedisError
 from service import metrics
 from service.jobs.schemas import JobStatus, ShardResult, ShardTask
 from service.jobs.store import JobStore
+from service.logs import ms, shard_fields
 from service.models import ModelRegistry
 from service.settings import Settings
 from undiffuse.images import png_bytes
@@ -169,13 +170,21 @@ class Denoiser:
         future = asyncio.get_running_loop().create_future()
         self._pending[rid] = _Pending(task, future, p.model)
         self._command("add", p.model, request)
+        started = time.monotonic()
         try:
-            return await future
+            result = await future
         except asyncio.CancelledError:  # the caller gave up (a timeout): free the rows
             self._command("cancel", p.model, rid)
             raise
         finally:
             self._pending.pop(rid, None)
+        took = time.monotonic() - started
+        log.info(
+            "shard %s/%d %s: %d images, %d steps, %.0f ms", task.job_id, task.shard,
+            "canceled" if result.canceled else "sampled", task.count, p.steps, ms(took),
+            extra=shard_fields(task, images=task.count, steps=p.steps, model=p.model, duration_ms=ms(took)),
+        )  # fmt: skip
+        return result
 
     def __del__(self) -> None:
         self._stopping.set()

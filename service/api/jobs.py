@@ -32,6 +32,7 @@ from service.jobs.store import (
     JobRecord,
     TooManyJobsInFlight,
 )
+from service.logs import job_fields
 from service.storage import image_key, manifest_key
 from undiffuse.config import ModelSpec
 
@@ -238,6 +239,11 @@ async def submit_job(
             raise HTTPException(
                 status.HTTP_409_CONFLICT, "Idempotency-Key belongs to a job that no longer exists; use a new key"
             ) from None
+    log.info(
+        "job %s queued: %d images, %s, %d steps", job_id, params.num_images, params.sampler, params.steps,
+        extra=job_fields(job_id, owner, status="queued", images=params.num_images, steps=params.steps,
+                         sampler=params.sampler, model=params.model),
+    )  # fmt: skip
     return queued_view(job_id, params, created_at)
 
 
@@ -380,6 +386,7 @@ async def delete_job(job_id: str, ctx: Ctx, owner: Owner) -> Response:
     await ctx.store.delete(job_id, owner)
     # a shard retried by a slow duplicate could still upload: sweep the prefix once more later
     await ctx.store.schedule_purge(job_id, time.time() + ctx.settings.purge_delay_seconds)
+    log.info("job %s deleted", job_id, extra=job_fields(job_id, owner, status="deleted"))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -396,6 +403,7 @@ async def cancel_job(job_id: str, ctx: Ctx, owner: Owner) -> JobView:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
     except JobFinished as e:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job already {e.status.value}; nothing to cancel") from None
+    log.info("job %s canceled", job_id, extra=job_fields(job_id, owner, status="canceled"))
     return await _view(record, ctx)
 
 

@@ -29,6 +29,7 @@ from service.jobs.lifecycle import JobLifecycle
 from service.jobs.queue import Message
 from service.jobs.schemas import JobError, JobStatus, ShardResult, ShardTask
 from service.jobs.store import JobRecord, JobStore
+from service.logs import ms, shard_fields
 from service.settings import Settings
 from service.storage import STORAGE_ERRORS, ObjectStore, image_key
 from undiffuse.images import png_bytes
@@ -171,10 +172,12 @@ class Consumer:
             return
 
         heartbeat = asyncio.create_task(self._heartbeat(message_id))
+        started = time.monotonic()
         try:
             if task.shard in record.done_shards:  # redelivered after its completion: finish what followed
                 await self._completed(message_id, task, record, None)
                 return
+            log.info("shard %s/%d attempt %d started", task.job_id, task.shard, task.attempt, extra=shard_fields(task))
             try:
                 result = await asyncio.wait_for(self.generate(task), self.settings.shard_timeout_seconds)
             except asyncio.TimeoutError:  # a hung GPU or replica: give the shard to another attempt
@@ -188,8 +191,10 @@ class Consumer:
                 await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
                 return
             if result.canceled:
+                log.info("shard %s/%d canceled", task.job_id, task.shard, extra=shard_fields(task))
                 await self.queue.ack(message_id)
                 return
+            sampled = time.monotonic()
             # The images exist now: an outage of S3 or Redis is waited out with the pixels in hand,
             # not counted against the shard's attempts (which are for failures of the shard itself).
             try:
@@ -206,7 +211,19 @@ class Consumer:
                 return
             if await self._ended_meanwhile(message_id, task):
                 return
+            uploaded = time.monotonic()
             await self._completed(message_id, task, record, files)
+            log.info(
+                "shard %s/%d done: %d images, %.0f ms sampling, %.0f ms upload",
+                task.job_id, task.shard, task.count, ms(sampled - started), ms(uploaded - sampled),
+                extra=shard_fields(
+                    task,
+                    images=task.count,
+                    sample_ms=ms(sampled - started),
+                    upload_ms=ms(uploaded - sampled),
+                    duration_ms=ms(time.monotonic() - started),
+                ),
+            )  # fmt: skip
         finally:
             heartbeat.cancel()
 
@@ -250,6 +267,11 @@ class Consumer:
                 await self._retry(message_id, task, f"manifest upload failed: {type(e).__name__}", "storage")
                 return
             await self._patiently("success", lambda: self.lifecycle.succeed(record), (RedisError,), task)
+            took = time.time() - record.created_at
+            log.info(
+                "job %s succeeded: %d images in %.1f s", task.job_id, task.params.num_images, took,
+                extra=shard_fields(task, status="succeeded", images=task.params.num_images, duration_ms=ms(took)),
+            )  # fmt: skip
         await self._patiently("ack", lambda: self.queue.ack(message_id), (RedisError,), task)
 
     async def _patiently(self, what: str, call, errors: tuple[type[BaseException], ...], task: ShardTask):
@@ -300,7 +322,10 @@ class Consumer:
     async def _interrupted(self, message_id: str, task: ShardTask, error: ReplicaLost) -> None:
         """The replica died under the shard (killed, preempted, out of host memory): put the shard
         back without spending an attempt; only a shard that keeps losing replicas counts it."""
-        log.warning("shard %s/%d: Denoiser replica lost (%s); putting it back", task.job_id, task.shard, error)
+        log.warning(
+            "shard %s/%d: Denoiser replica lost (%s); putting it back", task.job_id, task.shard, error,
+            extra=shard_fields(task, error=f"replica lost: {error}"),
+        )  # fmt: skip
         metrics.shard_retries_total().inc(tags={"reason": "replica_lost"})
         await asyncio.sleep(1.0)  # let Serve notice the death and route to a live replica
         await self._put_back_interrupted(message_id, task, f"Denoiser replica lost: {error}")
@@ -316,7 +341,10 @@ class Consumer:
         await self.queue.put_back(message_id, task.model_copy(update=update))
 
     async def _retry(self, message_id: str, task: ShardTask, reason: str, kind: str) -> None:
-        log.warning("shard %s/%d attempt %d failed: %s", task.job_id, task.shard, task.attempt, reason)
+        log.warning(
+            "shard %s/%d attempt %d failed: %s", task.job_id, task.shard, task.attempt, reason,
+            extra=shard_fields(task, error=reason),
+        )  # fmt: skip
         metrics.shard_retries_total().inc(tags={"reason": kind})
         await asyncio.sleep(min(0.5 * task.attempt, 5.0))
         await self.queue.requeue(message_id, task.model_copy(update={"last_error": reason}))
@@ -326,5 +354,6 @@ class Consumer:
         is reclaimed, and this runs again (failing an ended job is a no-op), so the job can never
         be left running with its shard already dead-lettered."""
         message = f"shard {task.shard} failed {task.attempt - 1} times; last error: {task.last_error}"
+        log.warning("job %s failed: %s", task.job_id, message, extra=shard_fields(task, status="failed", error=message))
         await self.lifecycle.fail(record, JobError(code="shard_failed", message=message))
         await self.queue.dead_letter(message_id, {"task": task.model_dump_json()}, message)

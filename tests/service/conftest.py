@@ -91,7 +91,7 @@ def _serve_stack(redis: RedisServer, s3: S3Server):
         _system_config={"metrics_report_interval_ms": 500},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    app = build_app(AppArgs(worker_replicas=2, max_batch_images=16, settings=overrides))
+    app = build_app(AppArgs(worker_replicas=2, max_batch_images=16, log_encoding="JSON", settings=overrides))
     serve.run(app, name="undiffuse", route_prefix="/")
     stack = Stack(
         redis, s3, Settings(**overrides), f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics"
