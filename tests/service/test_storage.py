@@ -124,3 +124,18 @@ def test_a_403_is_a_clear_error_never_a_blind_create(s3):
     with pytest.raises(BucketUnavailable, match=rf"{bucket}.*403.*credentials"):
         store.ensure_bucket()
     assert calls == ["HeadBucket"] and not _bucket_exists(s3, bucket)
+
+
+def test_urls_presigned_for_the_public_endpoint_download_from_there(s3):
+    """Workers write to the internal endpoint; clients get URLs signed for the public one (compose:
+    http://minio:9000 inside, http://localhost:9000 published), and those URLs work there."""
+    public = s3.endpoint.replace("127.0.0.1", "localhost")
+    settings = Settings(s3_endpoint_url=s3.endpoint, s3_public_endpoint_url=public, s3_bucket="public", **KEYS)
+    store = ObjectStore(settings)
+    store.ensure_bucket()
+    store.put_png("jobs/p/00000.png", b"\x89PNG-public")
+    url = store.presign("jobs/p/00000.png")
+    assert url.startswith(public + "/public/jobs/p/00000.png?")
+    assert httpx.get(url).content == b"\x89PNG-public"
+    # signed for one host, refused from another: the public endpoint really is what counts
+    assert httpx.get(url.replace("localhost", "127.0.0.1")).status_code == 403
