@@ -109,3 +109,57 @@ def test_runtime_stage_is_lean_and_non_root():
     assert "COPY --from=builder /opt/venv /opt/venv" in runtime
     assert "COPY --chown=undiffuse:undiffuse models /app/models" in runtime
     assert not any(re.search(r"apt-get install[^\n]*(gcc|build-essential|g\+\+)", i) for i in runtime)
+
+
+def _declared_for_the_image() -> set[str]:
+    """Distributions the image installs on purpose: pyproject's dependencies and its service and
+    diffusers extras (the Dockerfile reads exactly these), and what those require in turn."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    direct = [Requirement(r) for r in project["dependencies"] + extras["service"] + extras["diffusers"]]
+    declared = {canonicalize_name(r.name) for r in direct}
+    for req in direct:
+        try:
+            needs = requires(req.name) or []
+        except PackageNotFoundError:
+            continue
+        for need in map(Requirement, needs):
+            wanted = [{"extra": e} for e in req.extras] or [{"extra": ""}]
+            if need.marker is None or any(need.marker.evaluate(env) for env in wanted):
+                declared.add(canonicalize_name(need.name))
+    return declared
+
+
+def test_every_module_the_service_imports_is_installed_in_the_image():
+    """The image installs what pyproject declares, not what happens to be in a developer's venv:
+    a service import of an undeclared package fails only in the container (as `limits` did)."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    declared = _declared_for_the_image()
+    dists = packages_distributions()
+    missing = {}
+    for path in (ROOT / "service").rglob("*.py"):
+        if "dev" in path.relative_to(ROOT / "service").parts[:1]:
+            continue  # development only: the local servers, never in the image
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                else []
+            )
+            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"service", "undiffuse"}:
+                providers = {canonicalize_name(d) for d in dists.get(top, [top])}
+                if not providers & declared:
+                    missing.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    assert missing == {}, f"imported by the service but not declared in pyproject's dependencies/extras: {missing}"
