@@ -27,6 +27,16 @@ def job_files(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:files"
 
 
+def job_webhooks(job_id: str) -> str:
+    """HASH: webhook event -> JSON outcome of its delivery (service.jobs.webhooks), as
+    long-lived as the record and deleted with it."""
+    return f"{PREFIX}:job:{job_id}:webhooks"
+
+
+WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
+"""ZSET: "{job id}:{event}" of every delivery not yet delivered or given up, scored by when its
+next attempt is due (epoch seconds); a claimed one is pushed a lease ahead."""
+
 PURGE = f"{PREFIX}:purge"
 """ZSET: job ids scored by when their objects are to be deleted (epoch seconds)."""
 

@@ -6,11 +6,13 @@ A job is a HASH (service.jobs.keys.job) with the fields
     num_shards    shards the job was cut in  shard_size   images per shard when it was cut
     images_done   images uploaded so far     error        JSON {"code", "message"}
     step:{k}      denoising steps done by shard k
+    webhook_url, webhook_events   where and for which events deliveries go (service.jobs.webhooks)
 plus a SET of finished shard indices, a HASH of the finished shards' file checksums (for the
-manifest) and the job's event stream (service.jobs.events). State changes go through Lua scripts
+manifest), the job's event stream (service.jobs.events) and its webhook outcomes. State changes go through Lua scripts
 so that they are atomic and guarded: a canceled or finished job never goes back to running, and
 repeating a shard's completion is harmless; each script appends the job's events with the change
-it makes, so the event stream and the record never disagree. The shards themselves travel on the queue (service.jobs.queue),
+it makes, so the event stream and the record never disagree, and schedules the webhook
+deliveries the change calls for (service.jobs.webhooks) in the same script. The shards themselves travel on the queue (service.jobs.queue),
 which a submission writes in the same MULTI/EXEC as the record. Side effects of a job reaching
 a terminal state belong to service.jobs.lifecycle, which drives the terminal transitions here.
 """
@@ -22,16 +24,17 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from service.jobs import events, keys
+from service.jobs import events, keys, webhooks
 from service.jobs.connection import async_redis
 from service.jobs.events import JobEvent
 from service.jobs.queue import ShardQueue
 from service.jobs.schemas import JobError, JobParams, JobStatus, ShardTask
+from service.jobs.webhooks import WebhookOutcome, WebhookSchedule
 
 # Every transition keeps the owner's status index (service.jobs.keys.owner_status_jobs) in step
 # with the record: its last 6 KEYS are the owner's (all jobs, queued, running, succeeded, failed,
@@ -46,17 +49,19 @@ local function reindex(from, to)
 end
 """
 
-# KEYS[1] job, KEYS[2] events; ARGV now. Returns 1 when queued -> running, 0 when already
-# running, -1 otherwise.
+# KEYS[1] job, KEYS[2] events, KEYS[3] webhooks, KEYS[4] webhooks due; ARGV now. Returns 1 when
+# queued -> running, 0 when already running, -1 otherwise.
 _START = (
     _INDEX
     + events.LUA
+    + webhooks.LUA
     + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
   reindex('queued', 'running')
   emit(KEYS[1], KEYS[2], 'started', '{"status": "running"}')
+  webhook(KEYS[1], KEYS[3], KEYS[4], ARGV[#ARGV], 'started', ARGV[1])
   return 1
 elseif s == 'running' then return 0 end
 return -1
@@ -89,12 +94,13 @@ return {s, 0}
 """
 )
 
-# KEYS[1] job, KEYS[2] done set, KEYS[3] events; ARGV now, now in ms. Moves an active job whose
-# shards are all done to succeeded, with its last progress and its terminal event. Returns 1 if
-# it moved the job.
+# KEYS[1] job, KEYS[2] done set, KEYS[3] events, KEYS[4] webhooks, KEYS[5] webhooks due; ARGV
+# now, now in ms. Moves an active job whose shards are all done to succeeded, with its last
+# progress and its terminal event. Returns 1 if it moved the job.
 _SUCCEED = (
     _INDEX
     + events.LUA
+    + webhooks.LUA
     + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if (s == 'queued' or s == 'running') and
@@ -103,17 +109,19 @@ if (s == 'queued' or s == 'running') and
   reindex(s, 'succeeded')
   progress(KEYS[1], KEYS[3], ARGV[2], true)
   emit(KEYS[1], KEYS[3], 'succeeded', '')
+  webhook(KEYS[1], KEYS[4], KEYS[5], ARGV[#ARGV], 'succeeded', ARGV[1])
   return 1
 end
 return 0
 """
 )
 
-# KEYS[1] job, KEYS[2] events; ARGV new status, now, error JSON ('' for none). Returns 1 if it
-# moved the job (and appended its terminal event).
+# KEYS[1] job, KEYS[2] events, KEYS[3] webhooks, KEYS[4] webhooks due; ARGV new status, now,
+# error JSON ('' for none). Returns 1 if it moved the job (and appended its terminal event).
 _FINISH = (
     _INDEX
     + events.LUA
+    + webhooks.LUA
     + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s == 'queued' or s == 'running' then
@@ -121,20 +129,23 @@ if s == 'queued' or s == 'running' then
   if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
   reindex(s, ARGV[1])
   emit(KEYS[1], KEYS[2], ARGV[1], '')
+  webhook(KEYS[1], KEYS[3], KEYS[4], ARGV[#ARGV], ARGV[1], ARGV[2])
   return 1
 end
 return 0
 """
 )
 
-# KEYS[1] job, KEYS[2] done set, KEYS[3] events, KEYS[4] files; ARGV job id. Deletes a finished
-# job's record, events and index entries. Returns the status it had ('missing' if none); an
-# active job is left alone.
+# KEYS[1] job, KEYS[2] done set, KEYS[3] events, KEYS[4] files, KEYS[5] webhooks, KEYS[6]
+# webhooks due; ARGV job id. Deletes a finished job's record, events, webhook outcomes (and their
+# pending deliveries) and index entries. Returns the status it had ('missing' if none); an active
+# job is left alone.
 _DELETE = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
 if s == 'queued' or s == 'running' then return s end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+for _, event in ipairs(redis.call('HKEYS', KEYS[5])) do redis.call('ZREM', KEYS[6], ARGV[1] .. ':' .. event) end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 for i = #KEYS - 5, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return s
 """
@@ -233,6 +244,9 @@ class JobRecord:
     images_done: int
     shard_steps: dict[int, int]
     done_shards: set[int]
+    webhook_url: str | None = None
+    webhook_events: list[str] = field(default_factory=list)
+    webhooks: list[WebhookOutcome] = field(default_factory=list)  # each subscribed event's delivery so far
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         """(start, count) of one shard, as the job was cut when it was submitted."""
@@ -279,6 +293,7 @@ class JobStore:
         self.ttl = ttl_seconds
         self.shard_size = shard_size
         self.queue = ShardQueue(client)
+        self.webhooks = WebhookSchedule(client)
         self._start = client.register_script(_START)
         self._complete = client.register_script(_COMPLETE_SHARD)
         self._succeed = client.register_script(_SUCCEED)
@@ -306,6 +321,7 @@ class JobStore:
         body: dict,
         idempotency_key: str | None = None,
         max_in_flight: int | None = None,
+        webhook: tuple[str, list[str]] | None = None,
     ) -> tuple[str, bool, float]:
         """Create the job and enqueue its shards in one MULTI/EXEC. Returns (job id, created,
         created_at).
@@ -313,7 +329,8 @@ class JobStore:
         With an idempotency key, the same key and body return the first job (created=False);
         the same key with another body raises IdempotencyConflict. With max_in_flight, an owner
         who has that many jobs queued or running gets TooManyJobsInFlight (checked in the same
-        transaction, so concurrent submissions cannot overshoot it).
+        transaction, so concurrent submissions cannot overshoot it). webhook: (url, events) to
+        deliver to (service.jobs.webhooks).
         """
         digest = body_hash(body)
         idem = keys.idempotency(owner, idempotency_key) if idempotency_key else None
@@ -343,14 +360,15 @@ class JobStore:
                     pipe.multi()
                     if idem:
                         pipe.set(idem, json.dumps({"job_id": job_id, "body_hash": digest}), ex=self.ttl)
-                    self._queue_job(pipe, job_id, owner, params, now, shards)
+                    self._queue_job(pipe, job_id, owner, params, now, shards, webhook)
                     await pipe.execute()
                     return job_id, True, now
                 except WatchError:
                     continue  # a concurrent request used the same key: read its job
 
-    def _queue_job(self, pipe, job_id: str, owner: str, params: JobParams, now: float, shards) -> None:
+    def _queue_job(self, pipe, job_id: str, owner: str, params: JobParams, now: float, shards, webhook) -> None:
         key = keys.job(job_id)
+        hook = {"webhook_url": webhook[0], "webhook_events": webhooks.encode_events(webhook[1])} if webhook else {}
         pipe.hset(
             key,
             mapping={
@@ -361,6 +379,7 @@ class JobStore:
                 "num_shards": len(shards),
                 "shard_size": self.shard_size,
                 "images_done": 0,
+                **hook,
             },
         )
         pipe.expire(key, self.ttl)
@@ -390,10 +409,11 @@ class JobStore:
             for job_id in job_ids:
                 pipe.hgetall(keys.job(job_id))
                 pipe.smembers(keys.job_done_shards(job_id))
+                pipe.hgetall(keys.job_webhooks(job_id))
             replies = await pipe.execute()
-        return [self._record(job_id, replies[2 * i], replies[2 * i + 1]) for i, job_id in enumerate(job_ids)]
+        return [self._record(job_id, *replies[3 * i : 3 * i + 3]) for i, job_id in enumerate(job_ids)]
 
-    def _record(self, job_id: str, raw: dict, done: set) -> JobRecord | None:
+    def _record(self, job_id: str, raw: dict, done: set, hooks: dict) -> JobRecord | None:
         if not raw or "params" not in raw:
             return None
         err = raw.get("error")
@@ -412,6 +432,9 @@ class JobStore:
             images_done=int(raw.get("images_done", 0)),
             shard_steps={int(k[5:]): int(v) for k, v in raw.items() if k.startswith("step:")},
             done_shards={int(s) for s in done},
+            webhook_url=raw.get("webhook_url"),
+            webhook_events=webhooks.decode_events(raw.get("webhook_events")),
+            webhooks=webhooks.outcomes(hooks),
         )
 
     async def get_owned(self, job_id: str, owner: str) -> JobRecord:
@@ -462,6 +485,8 @@ class JobStore:
                 keys.job_done_shards(job_id),
                 keys.job_events(job_id),
                 keys.job_files(job_id),
+                keys.job_webhooks(job_id),
+                keys.WEBHOOKS_DUE,
                 *index_keys(owner),
             ],
             args=[job_id],
@@ -486,7 +511,8 @@ class JobStore:
         """1: queued -> running now; 0: it was running; -1: finished or gone."""
         return int(
             await self._start(
-                keys=[keys.job(job_id), keys.job_events(job_id), *index_keys(owner)], args=[repr(time.time()), job_id]
+                keys=[keys.job(job_id), keys.job_events(job_id), *_hook_keys(job_id), *index_keys(owner)],
+                args=[repr(time.time()), job_id],
             )
         )
 
@@ -517,7 +543,13 @@ class JobStore:
         or not done."""
         return bool(
             await self._succeed(
-                keys=[keys.job(job_id), keys.job_done_shards(job_id), keys.job_events(job_id), *index_keys(owner)],
+                keys=[
+                    keys.job(job_id),
+                    keys.job_done_shards(job_id),
+                    keys.job_events(job_id),
+                    *_hook_keys(job_id),
+                    *index_keys(owner),
+                ],
                 args=[repr(time.time()), _now_ms(), job_id],
             )
         )
@@ -538,7 +570,7 @@ class JobStore:
         err = error.model_dump_json() if error else ""
         return bool(
             await self._finish(
-                keys=[keys.job(job_id), keys.job_events(job_id), *index_keys(owner)],
+                keys=[keys.job(job_id), keys.job_events(job_id), *_hook_keys(job_id), *index_keys(owner)],
                 args=[status.value, repr(time.time()), err, job_id],
             )
         )
@@ -575,6 +607,11 @@ class JobStore:
             for _stream, entries in reply or []
             for entry_id, fields in entries
         ]
+
+
+def _hook_keys(job_id: str) -> list[str]:
+    """The keys a transition schedules the job's webhook deliveries in (webhooks.LUA)."""
+    return [keys.job_webhooks(job_id), keys.WEBHOOKS_DUE]
 
 
 def _now_ms() -> int:
