@@ -93,6 +93,30 @@ class Settings(BaseSettings):
         600.0, ge=0, description="how long a worker waits out an S3 or Redis outage on a shard whose images are done"
     )
 
+    # --- webhooks (service.webhooks, service.worker.dispatcher) ---
+    webhook_signing_key: SecretStr | None = Field(
+        None,
+        description="server key from which each owner's webhook secret is derived (GET /v1/webhook-secret); "
+        "changing it rotates every owner's secret. Unset: a fixed development key in development, "
+        "webhooks refused (422) in production",
+    )
+    webhook_previous_signing_key: SecretStr | None = Field(
+        None, description="during a rotation: deliveries also carry a signature with the secret derived from this key"
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="allow webhook URLs that resolve to loopback, private, link-local or otherwise non-public "
+        "addresses (SSRF guard off; for development and tests)",
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=60, description="one delivery attempt, connect to response")
+    webhook_resolve_timeout_seconds: float = Field(2.0, gt=0, le=30, description="DNS lookup of a webhook URL's host")
+    webhook_retry_base_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="first retry delay; later ones follow the schedule in service.jobs.webhooks (~3 h in all)",
+    )
+    webhook_concurrency: int = Field(16, ge=1, description="deliveries in flight per Worker replica")
+
     # --- auth ---
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="[owner=]sha256:<hex> entries (service.keys); empty: no auth"
@@ -136,6 +160,13 @@ class Settings(BaseSettings):
                     "UNDIFFUSE_S3_ACCESS_KEY_ID / _SECRET_ACCESS_KEY hold a placeholder; set real keys in production, "
                     "or unset both to use the default credential chain (IRSA, instance profile)"
                 )
+            for name in ("webhook_signing_key", "webhook_previous_signing_key"):
+                value = getattr(self, name)
+                if value is not None and (value.get_secret_value() in PLACEHOLDER_SECRETS or len(value) < 16):
+                    raise ValueError(
+                        f"UNDIFFUSE_{name.upper()} is a placeholder or shorter than 16 characters; set a random key "
+                        "(python -c 'import secrets; print(secrets.token_urlsafe(32))'), or unset it to refuse webhooks"
+                    )
             if not self.api_keys or any(k in PLACEHOLDER_SECRETS for k in self.api_keys):
                 raise ValueError("UNDIFFUSE_API_KEYS is empty or a placeholder; production requires API keys")
             if not all(api_keys.is_hashed(k) for k in self.api_keys):
