@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError as RedisReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.api import catalog, health, jobs, page
+from service.api import catalog, health, jobs, page, webhooks
 from service.api.deps import get_context
 from service.storage import STORAGE_ERRORS
 
@@ -26,6 +26,7 @@ storage through presigned URLs. See the README for a curl session."""
 def create_app() -> FastAPI:
     app = FastAPI(title="undiffuse", version="0.1.0", description=DESCRIPTION)
     app.include_router(jobs.router)
+    app.include_router(webhooks.router)
     app.include_router(catalog.router)
     app.include_router(health.router)
     app.include_router(page.router)

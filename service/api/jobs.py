@@ -22,6 +22,7 @@ from service import archive
 from service.api.deps import UNAUTHORIZED, Context, Ctx, Owner
 from service.api.quotas import too_many
 from service.api.schemas import ImageResult, JobCreate, JobList, JobSummary, JobView, Progress
+from service.api.webhooks import webhook_target
 from service.jobs.events import EVENT_ID, MAX_PREVIEWS, EventKind, JobEvent, default_preview_every
 from service.jobs.schemas import JobParams, JobStatus
 from service.jobs.store import (
@@ -107,10 +108,12 @@ def resolve_params(body: JobCreate, ctx: Context) -> JobParams:
 
 def _hashed_body(body: JobCreate) -> dict:
     """What an Idempotency-Key is compared on: the body with its defaults filled in, less the
-    preview fields when unused (so keys used before previews existed still match)."""
+    preview and webhook fields when unused (so keys used before they existed still match)."""
     dump = body.model_dump()
     if not body.previews and body.preview_every is None:
         del dump["previews"], dump["preview_every"]
+    if body.webhook_url is None and body.webhook_events is None:
+        del dump["webhook_url"], dump["webhook_events"]
     return dump
 
 
@@ -164,6 +167,7 @@ def job_view(record: JobRecord, ctx: Context, offset: int = 0, limit: int = MAX_
         results=results,
         results_next_offset=offset + limit if offset + limit < len(indices) else None,
         manifest_url=ctx.objects.presign(manifest_key(record.id)) if record.status == JobStatus.succeeded else None,
+        webhooks=record.webhooks,
     )
 
 
@@ -217,12 +221,13 @@ async def submit_job(
     Per API key: at most max_submissions_per_minute_per_key submissions a minute and
     max_jobs_in_flight_per_key jobs queued or running; beyond either, 429 with Retry-After."""
     params = resolve_params(body, ctx)
+    webhook = await webhook_target(body, ctx)  # 422 for a URL that resolves to a non-public address
     if ctx.quota is not None:
         await ctx.quota.spend(owner)
     limit = ctx.settings.max_jobs_in_flight_per_key
     try:
         job_id, created, created_at = await ctx.store.submit(
-            owner, params, _hashed_body(body), idempotency_key, max_in_flight=limit
+            owner, params, _hashed_body(body), idempotency_key, max_in_flight=limit, webhook=webhook
         )
     except IdempotencyConflict:
         raise HTTPException(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from service.jobs.schemas import MAX_SEED, JobError, JobParams, JobStatus
+from service.jobs.webhooks import WebhookEvent, WebhookOutcome
 from undiffuse.registry import DEFAULT_SAMPLER, SamplerName
+
+MAX_WEBHOOK_URL = 2048
 
 
 class JobCreate(BaseModel):
@@ -31,6 +35,43 @@ class JobCreate(BaseModel):
     preview_every: int | None = Field(
         None, ge=1, description="steps between previews (with previews); default: about 8 previews per job"
     )
+    webhook_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_WEBHOOK_URL,
+        description="http(s) URL to POST the job's events to, signed per Standard Webhooks (README); "
+        "its host must resolve to public addresses",
+    )
+    webhook_events: list[WebhookEvent] | None = Field(
+        None,
+        min_length=1,
+        max_length=4,
+        description="events to deliver (with webhook_url); default: succeeded, failed, canceled",
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, ValueError) as e:
+            raise ValueError(f"not a URL: {e}") from None
+        if parsed.scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        if not parsed.host:
+            raise ValueError("must name a host")
+        if any(c.isspace() or not c.isprintable() for c in url):
+            raise ValueError("must not contain spaces or control characters")
+        return url
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _distinct(cls, events: list[str] | None) -> list[str] | None:
+        if events is not None and len(set(events)) != len(events):
+            raise ValueError("lists an event twice")
+        return events
 
 
 class Progress(BaseModel):
@@ -66,6 +107,10 @@ class JobView(BaseModel):
     manifest_url: str | None = Field(
         None, description="presigned GET URL of the job's manifest.json, once it has succeeded"
     )
+    webhooks: list[WebhookOutcome] = Field(
+        default_factory=list,
+        description="each webhook event that happened and its delivery: pending (next_attempt_at), delivered or failed",
+    )
 
 
 class JobSummary(BaseModel):
@@ -94,3 +139,7 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
+
+
+class WebhookSecret(BaseModel):
+    secret: str = Field(description="whsec_...: verify deliveries with standardwebhooks.Webhook(secret).verify")

@@ -1,0 +1,54 @@
+"""/v1/webhook-secret, and the checks of a submission's webhook (service.webhooks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, status
+from fastapi.exceptions import RequestValidationError
+
+from service.api.deps import UNAUTHORIZED, Context, Ctx, Owner
+from service.api.schemas import JobCreate, WebhookSecret
+from service.jobs.webhooks import DEFAULT_EVENTS
+from service.webhooks import signing
+from service.webhooks.addresses import AddressRefused, checked_addresses
+
+router = APIRouter(prefix="/v1", tags=["webhooks"], responses=UNAUTHORIZED)
+DISABLED = "webhooks are not enabled on this server (UNDIFFUSE_WEBHOOK_SIGNING_KEY is unset)"
+
+
+def _invalid(field: str, message: str, value: Any) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
+
+
+async def webhook_target(body: JobCreate, ctx: Context) -> tuple[str, list[str]] | None:
+    """(url, events) of the submission's webhook, or None; a 422 naming the field when the URL
+    may not be delivered to (its host resolves to a non-public address, or not at all) or the
+    events come without a URL."""
+    if body.webhook_url is None:
+        if body.webhook_events is not None:
+            raise _invalid("webhook_events", "needs webhook_url", body.webhook_events)
+        return None
+    if not signing.enabled(ctx.settings):
+        raise _invalid("webhook_url", DISABLED, body.webhook_url)
+    try:
+        await checked_addresses(
+            body.webhook_url, ctx.settings.webhook_allow_private, ctx.settings.webhook_resolve_timeout_seconds
+        )
+    except AddressRefused as e:
+        raise _invalid("webhook_url", str(e), body.webhook_url) from None
+    return body.webhook_url, list(body.webhook_events or DEFAULT_EVENTS)
+
+
+@router.get(
+    "/webhook-secret",
+    response_model=WebhookSecret,
+    responses={404: {"description": "webhooks are not enabled on this server"}},
+)
+async def webhook_secret(ctx: Ctx, owner: Owner) -> WebhookSecret:
+    """The secret that signs this key owner's webhook deliveries (Standard Webhooks, whsec_...).
+    Every key of one owner gets the same; it changes when the server's signing key is rotated."""
+    secrets = signing.owner_secrets(ctx.settings, owner)
+    if not secrets:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, DISABLED)
+    return WebhookSecret(secret=secrets[0])
