@@ -83,3 +83,13 @@ def dependency_waits_total() -> metrics.Counter:
         description="Retries of a finished shard's upload, completion or ack while S3 or Redis was unreachable.",
         tag_keys=("step",),
     )
+
+
+@cache
+def webhook_deliveries_total() -> metrics.Counter:
+    return metrics.Counter(
+        "undiffuse_webhook_deliveries_total",
+        description="Webhook delivery attempts by outcome: delivered, retried (failed, another attempt is due), "
+        "failed (the last attempt failed), dropped (the job was deleted first).",
+        tag_keys=("outcome",),
+    )

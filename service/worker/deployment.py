@@ -1,4 +1,5 @@
-"""The Worker deployment: each replica runs one Consumer loop in its event loop."""
+"""The Worker deployment: each replica runs a Consumer loop, a Sweeper and a webhook Dispatcher in its
+event loop."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from service.jobs.store import JobStore
 from service.settings import Settings
 from service.storage import ObjectStore
 from service.worker.consumer import Consumer, ReplicaLost
+from service.worker.dispatcher import Dispatcher
 from service.worker.sweeper import Sweeper
 
 log = logging.getLogger("ray.serve")
@@ -30,9 +32,11 @@ class Worker:
         name = serve.get_replica_context().replica_id.unique_id
         self.consumer = Consumer(settings, store, objects, self._generate, name=f"worker-{name}")
         self.sweeper = Sweeper(store, objects)
+        self.dispatcher = Dispatcher(settings, store, objects)
         loop = asyncio.get_running_loop()
         self.loop_task = loop.create_task(self.consumer.run())
         self.sweep_task = loop.create_task(self.sweeper.run())
+        self.dispatch_task = loop.create_task(self.dispatcher.run())
 
     async def _generate(self, task: ShardTask) -> ShardResult:
         try:
@@ -49,6 +53,9 @@ class Worker:
 
     async def __del__(self) -> None:
         self.sweeper.stopping.set()
+        self.dispatcher.stopping.set()
         await self.consumer.drain(timeout=25)
+        await self.dispatcher.drain(timeout=2)  # an unfinished attempt is sent again when its lease ends
         self.loop_task.cancel()
         self.sweep_task.cancel()
+        self.dispatch_task.cancel()

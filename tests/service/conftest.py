@@ -81,6 +81,8 @@ def _serve_stack(redis: RedisServer, s3: S3Server):
         "max_attempts": 2,
         "torch_threads": 1,
         "redis_timeout_seconds": 1.0,
+        "webhook_allow_private": True,  # the tests' receivers listen on 127.0.0.1
+        "webhook_retry_base_seconds": 0.2,
     }
     metrics_port = free_port()
     http_port = free_port()
