@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--denoiser-replicas", type=int, default=1)
     p.add_argument("--denoiser-num-gpus", type=float, default=0.0)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--log-encoding", choices=("TEXT", "JSON"), default="TEXT", help="JSON: structured log files")
     args = p.parse_args(argv)
 
     from service.app import AppArgs, build_app
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         denoiser_replicas=args.denoiser_replicas,
         denoiser_num_gpus=args.denoiser_num_gpus,
         worker_replicas=args.workers,
+        log_encoding=args.log_encoding,
     )
     app = build_app(app_args)  # validates Settings from the environment before Ray starts
     serve_until_stopped(
