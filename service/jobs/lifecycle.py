@@ -1,6 +1,7 @@
 """The one place where a job starts or reaches a terminal state, and where that has its side
-effects: metrics, and the job's events (appended by the store's transition scripts themselves,
-service.jobs.events); webhooks belong here next.
+effects: metrics, and the job's events and webhook deliveries (appended and scheduled by the
+store's transition scripts themselves, service.jobs.events and service.jobs.webhooks: a side
+effect that must happen exactly once with the transition is written in the same script).
 
 Every terminal transition goes through `JobLifecycle`: success once every shard is done and the
 manifest is written (the worker), failure when a shard runs out of attempts (the worker), cancel
