@@ -124,12 +124,13 @@ def test_submit_watch_and_see_the_gallery(browser, stack):
     assert previews[0] >= 1 and previews[1:] == ["data:image/png;base64,", 28]
     assert browser.find_element(By.ID, "step-text").text == "16 / 16"
     assert browser.find_element(By.ID, "image-text").text == "3 / 3"
-    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f"tr[data-job-id='{job_id}']"), 30, "the job list")
-    row = browser.find_element(By.CSS_SELECTOR, f"tr[data-job-id='{job_id}']")
-    assert "succeeded" in row.text and not row.find_elements(By.CSS_SELECTOR, "button.cancel-job")
+    row = f"tr[data-job-id='{job_id}']"  # the list refreshes itself when the job ends
+    _wait(browser, lambda d: "succeeded" in "".join(r.text for r in d.find_elements(By.CSS_SELECTOR, row)), 30)
+    assert not browser.find_elements(By.CSS_SELECTOR, f"{row} button.cancel-job")  # nothing to cancel
     with stack.client() as api:  # the page's job is the API's job, with the parameters chosen
         params = api.get(f"/v1/jobs/{job_id}").json()["params"]
-    assert (params["num_images"], params["steps"], params["sampler"], params["seed"]) == (3, 16, "dpmpp_2m", 11)
+    chosen = (params["num_images"], params["steps"], params["sampler"], params["seed"], params["class_label"])
+    assert chosen == (3, 16, "dpmpp_2m", 11, 7)
 
 
 @needs_browser
@@ -171,11 +172,15 @@ def test_readable_on_a_phone(browser, stack):
     from selenium.webdriver.common.by import By
 
     _open(browser, stack)
-    browser.set_window_size(390, 844)
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#jobs tbody tr"), 30, "the job list")  # its widest part
+    # a phone's viewport (headless windows are never narrower than 500 px, so emulate the device)
+    phone = {"width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": True}
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", phone)
     try:
-        overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
-        assert overflow <= 0, f"{overflow} px of sideways scrolling"
+        width, scroll_width = browser.execute_script("return [window.innerWidth, document.documentElement.scrollWidth]")
+        assert width == 390
+        assert scroll_width <= width, f"{scroll_width - width} px of sideways scrolling"
         submit = browser.find_element(By.ID, "submit")
         assert submit.is_displayed() and submit.size["width"] >= 44  # a thumb-sized target
     finally:
-        browser.set_window_size(1280, 900)
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

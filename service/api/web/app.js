@@ -69,8 +69,10 @@ async function loadModels() {
   const body = await api("/v1/models");
   models = body.models;
   const select = $("model");
+  const chosen = select.value;
+  const isChosen = (m) => (chosen ? m.name === chosen : m.default);
   select.replaceChildren(
-    ...models.map((m) => new Option(`${m.name} (${m.image_size}×${m.image_size})`, m.name, m.default, m.default))
+    ...models.map((m) => new Option(`${m.name} (${m.image_size}×${m.image_size})`, m.name, isChosen(m), isChosen(m)))
   );
   fillClasses();
 }
@@ -78,8 +80,9 @@ async function loadModels() {
 function fillClasses() {
   const model = models.find((m) => m.name === $("model").value);
   const select = $("class-label");
+  const chosen = select.value; // kept when the new model has that class too
   const names = model && model.num_classes ? model.class_names || [...Array(model.num_classes).keys()].map(String) : [];
-  select.replaceChildren(...names.map((name, i) => new Option(name, String(i))));
+  select.replaceChildren(...names.map((name, i) => new Option(name, String(i), false, String(i) === chosen)));
   select.disabled = names.length === 0;
   $("steps").max = model ? model.num_timesteps : 1000;
 }
@@ -339,13 +342,17 @@ function jobRow(job) {
 
 // --- start ------------------------------------------------------------------------------------
 
+let connectedKey = null;
+
 async function connect() {
+  if (!key() || key() === connectedKey) return; // the change event also fires on blur
   showError(null);
-  if (!key()) return;
+  connectedKey = key();
   try {
     await loadModels();
     await refreshJobs();
   } catch (e) {
+    connectedKey = null; // try again with the next change
     showError(e);
   }
 }
