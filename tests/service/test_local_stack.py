@@ -67,6 +67,18 @@ def test_local_stack_starts_serves_and_stops(tmp_path):
         )
         assert httpx.get(done["results"][0]["url"], timeout=10).content[:8] == b"\x89PNG\r\n\x1a\n"
         assert api.get("/v1/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        # the README's command line against the stack it printed the key of
+        out = tmp_path / "fours"
+        cli = subprocess.run(
+            [sys.executable, "-m", "undiffuse.cli", "submit", "--num", "3", "--class", "4", "--steps", "5"]
+            + ["--wait", "--quiet", "--out", str(out), "--url", f"http://127.0.0.1:{port}", "--api-key", key],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "00002.png", "manifest.json"]
+        assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.glob("*.png"))
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         try:
