@@ -176,3 +176,113 @@ def test_cli_exit_codes_and_one_line_errors(stack, tmp_path):
 
     bad_args = _cli("submit", "--num", "0")
     assert bad_args.returncode == 2 and "--num must be >= 1" in bad_args.stderr
+
+
+class _CuttingProxy:
+    """A TCP proxy to the stack that cuts the first event stream after its first events, as a
+    dropped connection would; it records each request's head to see how the client came back."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import socket
+        import threading
+
+        self.upstream_port = upstream_port
+        self.requests: list[str] = []
+        self.cut = False
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client) -> None:
+        import socket
+        import threading
+
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+
+        def pump_up() -> None:  # requests (several per connection: httpx keeps connections alive)
+            try:
+                while data := client.recv(65536):
+                    self.requests.append(data.decode("latin-1"))
+                    upstream.sendall(data)
+            except OSError:
+                pass
+
+        threading.Thread(target=pump_up, daemon=True).start()
+        seen = b""
+        try:
+            while data := upstream.recv(65536):
+                client.sendall(data)
+                seen += data
+                stream = seen[seen.rfind(b"HTTP/1.1 ") :]  # the response now being relayed
+                if not self.cut and b"text/event-stream" in stream and stream.count(b"\nid:") >= 2:
+                    self.cut = True
+                    break  # drop the connection mid-stream
+        except OSError:
+            pass
+        finally:
+            for s in (client, upstream):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_dropped_event_stream_is_resumed_with_last_event_id(stack):
+    proxy = _CuttingProxy(int(stack.base_url.rsplit(":", 1)[1]))
+    try:
+        with Client(f"http://127.0.0.1:{proxy.port}", KEY_A) as api:
+            job = api.submit(4, class_label=6, steps=40)
+            events = list(api.events(job.id))
+    finally:
+        proxy.close()
+    assert proxy.cut, "the proxy never cut a stream"
+    streams = [r for r in proxy.requests if r.split("\r\n", 1)[0].startswith(f"GET /v1/jobs/{job.id}/events")]
+    assert len(streams) >= 2
+    resumed = [line for line in streams[1].split("\r\n") if line.lower().startswith("last-event-id:")]
+    assert resumed, "the client reconnected without Last-Event-ID"
+    ids = [e.id for e in events]
+    assert resumed[0].split(":", 1)[1].strip() in ids  # it resumed after an event it had seen
+    assert len(ids) == len(set(ids)), "an event was delivered twice"
+    assert [e.event for e in events].count("succeeded") == 1 and events[-1].event == "succeeded"
+
+
+@pytest.mark.timeout(90)  # before the fix, wait() sat on the idle stream's keep-alives for ever
+def test_wait_gives_up_after_its_timeout_while_the_stream_only_keeps_alive(live_api, monkeypatch):
+    """A job that waits in the queue (database 6: no Worker runs it) sends no events, only
+    keep-alive comments: `wait(timeout=)` and `jobs wait --timeout` must still give up on time."""
+    import time
+
+    from service.api import jobs
+    from undiffuse.client import WaitTimeout
+
+    monkeypatch.setattr(jobs, "KEEPALIVE_S", 1)  # comments every second: they must not count as progress
+    with Client(live_api, KEY_A) as api:
+        job = api.submit(1, class_label=0, steps=2)
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout, match="did not finish within 3 s"):
+            api.wait(job.id, timeout=3)
+        assert time.monotonic() - started < 10
+        assert api.get(job.id).status == "queued"  # giving up left the job alone
+
+    env = {**os.environ, "UNDIFFUSE_API_KEY": KEY_A, "UNDIFFUSE_URL": live_api}
+    started = time.monotonic()
+    waited = subprocess.run(
+        [sys.executable, "-m", "undiffuse.cli", "jobs", "wait", job.id, "--timeout", "3", "--quiet"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert waited.returncode == 3 and "did not finish within 3 s" in waited.stderr, waited.stderr
+    assert time.monotonic() - started < 20
