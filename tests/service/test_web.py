@@ -99,7 +99,7 @@ def test_submit_watch_and_see_the_gallery(browser, stack):
     _open(browser, stack)
     assert [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options] == ["mnist"]
     Select(browser.find_element(By.ID, "class-label")).select_by_visible_text("7")
-    _fill(browser, num_images="3", steps="16", seed="11")
+    _fill(browser, num_images="4", steps="60", seed="11")
     Select(browser.find_element(By.ID, "sampler")).select_by_value("dpmpp_2m")
     browser.find_element(By.ID, "submit").click()
 
@@ -109,12 +109,14 @@ def test_submit_watch_and_see_the_gallery(browser, stack):
         browser,
         lambda d: d.execute_script(
             "const imgs = [...document.querySelectorAll('#gallery img')];"
-            "return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth === 28) && imgs.length"
+            "return imgs.length === 4 && imgs.every(i => i.complete && i.naturalWidth === 28) && imgs.length"
         ),
         60,
-        "three images in the gallery",
+        "four images in the gallery",
     )
-    assert images == 3
+    assert images == 4
+    # progress advanced on the way: several progress events, ending at the last step
+    assert int(browser.execute_script("return document.body.dataset.progressEvents || 0")) >= 2
     # previews of the first image arrived while it ran (the gallery has replaced the last one);
     # each is a data: PNG of the model's 28×28 size
     previews = browser.execute_script(
@@ -122,15 +124,15 @@ def test_submit_watch_and_see_the_gallery(browser, stack):
         "return [Number(document.body.dataset.previews || 0), p.src.slice(0, 22), p.naturalWidth]"
     )
     assert previews[0] >= 1 and previews[1:] == ["data:image/png;base64,", 28]
-    assert browser.find_element(By.ID, "step-text").text == "16 / 16"
-    assert browser.find_element(By.ID, "image-text").text == "3 / 3"
+    assert browser.find_element(By.ID, "step-text").text == "60 / 60"
+    assert browser.find_element(By.ID, "image-text").text == "4 / 4"
     row = f"tr[data-job-id='{job_id}']"  # the list refreshes itself when the job ends
     _wait(browser, lambda d: "succeeded" in "".join(r.text for r in d.find_elements(By.CSS_SELECTOR, row)), 30)
     assert not browser.find_elements(By.CSS_SELECTOR, f"{row} button.cancel-job")  # nothing to cancel
     with stack.client() as api:  # the page's job is the API's job, with the parameters chosen
         params = api.get(f"/v1/jobs/{job_id}").json()["params"]
     chosen = (params["num_images"], params["steps"], params["sampler"], params["seed"], params["class_label"])
-    assert chosen == (3, 16, "dpmpp_2m", 11, 7)
+    assert chosen == (4, 60, "dpmpp_2m", 11, 7)
 
 
 @needs_browser

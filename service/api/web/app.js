@@ -253,7 +253,10 @@ async function readEvents(response, signal, onEvent) {
 
 async function handle(jobId, event) {
   const data = JSON.parse(event.data);
-  if (event.event === "progress") showProgress(data);
+  if (event.event === "progress") {
+    document.body.dataset.progressEvents = Number(document.body.dataset.progressEvents || 0) + 1;
+    showProgress(data);
+  }
   else if (event.event === "preview") showPreview(data);
   else if (event.event === "started") $("job-status").textContent = "running";
   else if (event.event === "queued") showJob(data);
