@@ -259,6 +259,33 @@ def _job_json(job: Job) -> dict[str, Any]:
     return body
 
 
+class _EventParser:
+    """text/event-stream framing (WHATWG HTML, "Interpreting an event stream"), one line at a
+    time. A comment line (the server's keep-alive, `: ping`) and a blank line without data
+    dispatch nothing: httpx-sse's iter_sse (0.4) turns every keep-alive after the first id into
+    an empty `message` event, which would reach `on_event` as a job event."""
+
+    def __init__(self) -> None:
+        self._event, self._data, self._id = "", [], None
+
+    def feed(self, line: str) -> JobEvent | None:
+        if not line:  # the end of an event
+            event, data, event_id = self._event or "message", "\n".join(self._data), self._id
+            self._event, self._data, self._id = "", [], None
+            return JobEvent(event, json.loads(data), event_id or None) if data else None
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+        elif name == "id" and "\0" not in value:
+            self._id = value
+        return None
+
+
 # --- downloads ----------------------------------------------------------------------------------
 
 
@@ -391,21 +418,42 @@ class Client:
 
     # -- watching
 
-    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[JobEvent]:
+    def events(
+        self, job_id: str, last_event_id: str | None = None, *, timeout: float | None = None
+    ) -> Iterator[JobEvent]:
         """The job's events until its terminal one, reconnecting with Last-Event-ID if the
-        connection drops; polls instead against a server without the event stream."""
+        connection drops; polls instead against a server without the event stream. With
+        `timeout`, raises WaitTimeout once that many seconds have passed, also while the stream
+        carries nothing but keep-alive comments (a queued job)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float:
+            """Seconds to the deadline (WaitTimeout once it has passed)."""
+            if deadline is None:
+                return _STREAM_TIMEOUT.read or 90.0
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(f"job {job_id} did not finish within {timeout:g} s")
+            return remaining
+
         reconnects = 0
         while True:
             try:
                 headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+                # no read outlasts the deadline: an idle stream's next keep-alive may be 15 s off
+                limit = httpx.Timeout(min(30.0, left()), read=min(_STREAM_TIMEOUT.read or 90.0, left()))
                 with connect_sse(
-                    self._http, "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=_STREAM_TIMEOUT
+                    self._http, "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=limit
                 ) as source:
                     if not self._has_stream(job_id, source.response):
-                        yield from self._poll(job_id)
+                        yield from self._poll(job_id, left=left)
                         return
-                    for sse in source.iter_sse():
-                        event = JobEvent(sse.event, json.loads(sse.data) if sse.data else {}, sse.id or None)
+                    parser = _EventParser()
+                    for line in source.response.iter_lines():
+                        left()  # every line, keep-alive comments included
+                        event = parser.feed(line)
+                        if event is None:
+                            continue
                         last_event_id = event.id or last_event_id
                         reconnects = 0
                         yield event
@@ -415,9 +463,9 @@ class Client:
                 pass
             reconnects += 1  # the stream ended or dropped before the terminal event
             if reconnects > _RECONNECTS:
-                yield from self._poll(job_id)
+                yield from self._poll(job_id, left=left)
                 return
-            time.sleep(min(0.5 * 2**reconnects, 8.0))
+            time.sleep(min(0.5 * 2**reconnects, 8.0, left()))
 
     def _has_stream(self, job_id: str, response: httpx.Response) -> bool:
         if response.is_success and response.headers.get("content-type", "").startswith("text/event-stream"):
@@ -430,7 +478,7 @@ class Client:
         _raise_for(response)
         return False
 
-    def _poll(self, job_id: str, interval: float = 0.5) -> Iterator[JobEvent]:
+    def _poll(self, job_id: str, interval: float = 0.5, left: Callable[[], float] | None = None) -> Iterator[JobEvent]:
         before = None
         while True:
             job = self.get(job_id, results_limit=1)
@@ -438,22 +486,19 @@ class Client:
             if job.done:
                 return
             before = job
-            time.sleep(interval)
+            time.sleep(min(interval, left()) if left else interval)
 
     def wait(
         self, job_id: str, *, on_event: Callable[[JobEvent], None] | None = None, timeout: float | None = None
     ) -> Job:
         """Follow the job until it succeeds, fails or is canceled, and return it (its first page
         of results). `on_event` sees every event on the way. Raises WaitTimeout after `timeout`
-        seconds (checked between events)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for event in self.events(job_id):
+        seconds, whether or not events arrive meanwhile."""
+        for event in self.events(job_id, timeout=timeout):
             if on_event:
                 on_event(event)
             if event.terminal:
                 return self.get(job_id)
-            if deadline is not None and time.monotonic() > deadline:
-                raise WaitTimeout(f"job {job_id} did not finish within {timeout:g} s")
         return self.get(job_id)
 
     # -- downloading
@@ -600,8 +645,11 @@ class AsyncClient:
                         async for event in self._poll(job_id):
                             yield event
                         return
-                    async for sse in source.aiter_sse():
-                        event = JobEvent(sse.event, json.loads(sse.data) if sse.data else {}, sse.id or None)
+                    parser = _EventParser()
+                    async for line in source.response.aiter_lines():
+                        event = parser.feed(line)
+                        if event is None:
+                            continue
                         last_event_id = event.id or last_event_id
                         reconnects = 0
                         yield event

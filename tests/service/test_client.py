@@ -260,22 +260,32 @@ def test_a_dropped_event_stream_is_resumed_with_last_event_id(stack):
     assert [e.event for e in events].count("succeeded") == 1 and events[-1].event == "succeeded"
 
 
-@pytest.mark.timeout(90)  # before the fix, wait() sat on the idle stream's keep-alives for ever
-def test_wait_gives_up_after_its_timeout_while_the_stream_only_keeps_alive(live_api, monkeypatch):
-    """A job that waits in the queue (database 6: no Worker runs it) sends no events, only
-    keep-alive comments: `wait(timeout=)` and `jobs wait --timeout` must still give up on time."""
+@pytest.mark.timeout(90)
+def test_keep_alives_are_no_events_and_wait_gives_up_on_time(live_api, monkeypatch):
+    """A job that waits in the queue (database 6: no Worker runs it) sends `queued` and then only
+    keep-alive comments. They reach no one as events (httpx-sse's iter_sse made each an empty
+    `message` event), and `wait(timeout=)` and `jobs wait --timeout` still give up on time (they
+    used to notice the deadline only when one of those bogus events came, every 15 s)."""
     import time
 
     from service.api import jobs
     from undiffuse.client import WaitTimeout
 
-    monkeypatch.setattr(jobs, "KEEPALIVE_S", 1)  # comments every second: they must not count as progress
+    monkeypatch.setattr(jobs, "KEEPALIVE_S", 1)  # a comment every second
     with Client(live_api, KEY_A) as api:
         job = api.submit(1, class_label=0, steps=2)
+        seen = []
         started = time.monotonic()
         with pytest.raises(WaitTimeout, match="did not finish within 3 s"):
-            api.wait(job.id, timeout=3)
-        assert time.monotonic() - started < 10
+            api.wait(job.id, on_event=seen.append, timeout=3)
+        assert time.monotonic() - started < 6
+        assert [e.event for e in seen] == ["queued"] and seen[0].data["id"] == job.id
+
+        monkeypatch.setattr(jobs, "KEEPALIVE_S", 15)  # the default: the deadline falls between two comments
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout):
+            api.wait(job.id, timeout=2)
+        assert time.monotonic() - started < 5
         assert api.get(job.id).status == "queued"  # giving up left the job alone
 
     env = {**os.environ, "UNDIFFUSE_API_KEY": KEY_A, "UNDIFFUSE_URL": live_api}
