@@ -8,8 +8,8 @@ Local work: `undiffuse train ...` and `undiffuse sample ...`. A client of a runn
 
 Exit status: 0 done; 1 the job failed or was canceled, or a download did not match its
 manifest; 2 bad arguments or a request the service refused (4xx), with one line on stderr:
-"undiffuse: error: <reason>"; 3 the service is unreachable or unavailable (retry later);
-130 interrupted (a submitted job goes on: `undiffuse jobs wait ID`).
+"undiffuse: error: <reason>"; 3 the service is unreachable or unavailable (retry later), or
+--timeout ran out before the job ended; 130 interrupted (a submitted job goes on: `undiffuse jobs wait ID`).
 """
 
 from __future__ import annotations

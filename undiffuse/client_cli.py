@@ -2,8 +2,8 @@
 
 Kept apart from the training and sampling commands so that a client command never imports torch.
 Exit statuses are cli.py's: 0 done, 1 the job did not succeed (or a download failed its
-checksums), 2 refused (bad arguments, 4xx), 3 the service is unreachable or unavailable, 130
-interrupted.
+checksums), 2 refused (bad arguments, 4xx), 3 the service is unreachable or unavailable
+(or --timeout ran out), 130 interrupted.
 """
 
 from __future__ import annotations
