@@ -41,6 +41,7 @@ def setup() -> None:
     subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
     fetch_promtool()
     install_browser()
+    install_podman()
     STAMP.write_text(digest)
 
 
@@ -78,6 +79,26 @@ def install_browser() -> None:
         got = subprocess.run(install, env=env, capture_output=True, text=True)
         if got.returncode != 0:
             print(f"note: could not install Chromium: {got.stderr.strip()[-300:]}", flush=True)
+
+
+def install_podman() -> None:
+    """podman, runc, slirp4netns and debootstrap (for the image test, which builds the real
+    Dockerfile: tests/deploy/test_image.py) from Debian's packages, where this runs as root with
+    apt, as CI does. Elsewhere the test says so and is skipped."""
+    tools = ("podman", "runc", "slirp4netns", "debootstrap")
+    if all(shutil.which(t) for t in tools):
+        return
+    if not (shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0):
+        print("note: podman needs root and apt-get here; the image test will be skipped", flush=True)
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", *tools]  # podman's recommends: its network backend
+    print("installing Debian's podman, runc, slirp4netns and debootstrap for the image test", flush=True)
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)  # stale package lists
+        got = subprocess.run(install, env=env, capture_output=True, text=True)
+        if got.returncode != 0:
+            print(f"note: could not install podman: {got.stderr.strip()[-300:]}", flush=True)
 
 
 def main(argv: list[str]) -> int:
