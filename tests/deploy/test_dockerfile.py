@@ -1,6 +1,6 @@
 """The Dockerfile, checked offline: hadolint, and the promises the image makes to KubeRay, to
-the GPU nodes and to the build cache. (The CPU variant was also built and run with podman:
-docs/deploy.md, deploy/podman_smoke.py; that takes minutes and is not part of the suite.)"""
+the GPU nodes and to the build cache. (The CPU variant is also built and run with podman:
+tests/deploy/test_image.py; the GPU variant is checked here only.)"""
 
 import re
 import shutil
