@@ -3,7 +3,8 @@
 For each shard: skip it if its job is finished or canceled; mark the job running; call the
 Denoiser; upload the PNGs under deterministic keys; record the shard done (with its PNGs'
 checksums); if that completed the job, write its manifest and move it to succeeded; and only
-then XACK. A redelivered shard that is already done skips straight to the last two steps.
+then XACK. A redelivered shard that is already done skips straight to the last two steps, and so
+does an attempt whose shard a duplicate attempt completed while it sampled (it uploads nothing).
 A failure puts the shard back as its next attempt; a shard that exhausts its attempts fails
 its job and goes to the dead-letter stream. A shard whose consumer died (no heartbeat for the
 visibility timeout) is reclaimed with XAUTOCLAIM and retried, and since object keys are
@@ -190,9 +191,7 @@ class Consumer:
             except Exception as e:  # the Denoiser raised or its replica died
                 await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
                 return
-            if result.canceled:
-                log.info("shard %s/%d canceled", task.job_id, task.shard, extra=shard_fields(task))
-                await self.queue.ack(message_id)
+            if await self._nothing_to_upload(message_id, task, result):
                 return
             sampled = time.monotonic()
             # The images exist now: an outage of S3 or Redis is waited out with the pixels in hand,
@@ -226,6 +225,33 @@ class Consumer:
             )  # fmt: skip
         finally:
             heartbeat.cancel()
+
+    async def _nothing_to_upload(self, message_id: str, task: ShardTask, result: ShardResult) -> bool:
+        """The shard was canceled under the Denoiser, or completed by another attempt while this
+        one sampled: ack (or finish what followed that completion) and say so."""
+        if result.canceled:
+            log.info("shard %s/%d canceled", task.job_id, task.shard, extra=shard_fields(task))
+            await self.queue.ack(message_id)
+            return True
+        return await self._completed_by_another_attempt(message_id, task)
+
+    async def _completed_by_another_attempt(self, message_id: str, task: ShardTask) -> bool:
+        """Whether a duplicate attempt of this shard (its message reclaimed while this Worker still
+        worked on it, e.g. its heartbeats did not reach Redis) completed the shard while this one
+        sampled. Then its images and their checksums stand, and these are not uploaded: their
+        bytes can differ (the network's output for a row depends on its batch) and would leave
+        the manifest vouching for bytes the bucket no longer holds. What follows the completion
+        is finished as for a redelivered done shard. (Two attempts uploading at the very same
+        time can still interleave; this closes the window of a whole sampling run.)"""
+        now = await self._patiently("status", lambda: self.store.get(task.job_id), (RedisError,), task)
+        if now is None or task.shard not in now.done_shards:
+            return False
+        log.warning(
+            "shard %s/%d attempt %d: completed by another attempt meanwhile; its images stand",
+            task.job_id, task.shard, task.attempt, extra=shard_fields(task),
+        )  # fmt: skip
+        await self._completed(message_id, task, now, None)
+        return True
 
     async def _ended_meanwhile(self, message_id: str, task: ShardTask) -> bool:
         """A job that ended badly (or was deleted, or expired) while this shard uploaded may

@@ -301,3 +301,52 @@ def test_images_of_a_job_canceled_while_its_shard_ran_are_taken_back(stack):
 
     left, handled, pending = asyncio.run(scenario())
     assert handled == 1 and pending == 0 and left == 0
+
+
+def test_a_duplicate_attempt_finishing_after_the_shard_completed_leaves_its_images_alone(stack):
+    """Two attempts of one shard at once (a live Worker's shard reclaimed after its heartbeats
+    failed to reach Redis): the first completes the shard and the job, with the manifest written
+    from its bytes; the second, still sampling then, must not replace the stored images with its
+    own, which can differ (the UNet's output for a row depends on its batch, tests/core/
+    test_engine.py), or the manifest would vouch for bytes the bucket no longer holds."""
+    import hashlib
+
+    from service.storage import image_key, manifest_key
+
+    settings = _settings(stack, 3)
+    objects = ObjectStore(settings)
+
+    async def scenario() -> tuple[dict, bytes, JobRecord, int]:
+        store = JobStore.from_url(settings.redis_url, 600, settings.shard_size)
+        await store.r.flushdb()
+        await store.queue.ensure_group()
+        job_id, _, _ = await store.submit("tester", PARAMS, {"n": 1})
+        [message] = await store.queue.read("first", 1, 10)
+        first_done = asyncio.Event()
+
+        async def first(task: ShardTask) -> ShardResult:
+            return _pixels(task)
+
+        async def second(task: ShardTask) -> ShardResult:  # the same image, one grey level off
+            await first_done.wait()
+            image = np.full((task.count, 28, 28, 1), 129, dtype=np.uint8)
+            return ShardResult(job_id=task.job_id, shard=task.shard, pixels=image.tobytes(), shape=image.shape)
+
+        late = Consumer(settings, store, objects, second, name="second")
+        duplicate = asyncio.create_task(late.handle(message))  # reads the record, then samples
+        await asyncio.sleep(0.3)
+        await Consumer(settings, store, objects, first, name="first").handle(message)
+        first_done.set()
+        await asyncio.wait_for(duplicate, 20)
+        manifest = json.loads(await asyncio.to_thread(objects.get_bytes, manifest_key(job_id)))
+        stored = await asyncio.to_thread(objects.get_bytes, image_key(job_id, 0))
+        record = await store.get(job_id)
+        pending = await store.r.xlen(keys.SHARD_STREAM)
+        await store.r.flushdb()
+        await store.close()
+        return manifest, stored, record, pending
+
+    manifest, stored, record, pending = asyncio.run(scenario())
+    assert record.status == JobStatus.succeeded and record.images_done == 1 and pending == 0
+    [entry] = manifest["images"]
+    assert (hashlib.sha256(stored).hexdigest(), len(stored)) == (entry["sha256"], entry["size"])
