@@ -186,3 +186,29 @@ def test_readable_on_a_phone(browser, stack):
         assert submit.is_displayed() and submit.size["width"] >= 44  # a thumb-sized target
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+@needs_browser
+def test_the_event_parser_survives_a_line_ending_split_across_chunks(browser, stack):
+    """sse-starlette ends lines with \\r\\n; a network read can end between the \\r and the \\n.
+    Normalizing each chunk on its own turned that into an empty line, which cut the event in two:
+    its `event:` or `id:` went one way and its data the other (a progress event lost, a terminal
+    one read as a nameless `message`)."""
+    _open(browser, stack)
+    events = browser.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        const { readEvents } = await import("/ui/app.js");
+        const text = new TextEncoder();
+        const chunks = ["id: 1-0\\r", "\\nevent: progress\\r", "\\ndata: {\\"step\\": 3}\\r", "\\n\\r",
+                        "\\nid: 2-0\\r\\nevent: succeeded\\r\\ndata: {}\\r\\n\\r\\n"];
+        const body = new ReadableStream({ start(c) { for (const s of chunks) c.enqueue(text.encode(s)); c.close(); } });
+        const seen = [];
+        await readEvents(new Response(body), new AbortController().signal, (e) => { seen.push(e); return false; });
+        done(seen);
+        """
+    )
+    assert events == [
+        {"event": "progress", "data": '{"step": 3}', "id": "1-0"},
+        {"event": "succeeded", "data": "{}", "id": "2-0"},
+    ]

@@ -220,7 +220,7 @@ async function watch(jobId, signal) {
   return poll(jobId, signal);
 }
 
-async function readEvents(response, signal, onEvent) {
+export async function readEvents(response, signal, onEvent) {
   // text/event-stream framing: fields per line, events separated by a blank line
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
@@ -228,7 +228,9 @@ async function readEvents(response, signal, onEvent) {
     for (;;) {
       const { value, done } = await reader.read();
       if (done) return false;
-      buffer += value.replace(/\r\n?/g, "\n");
+      // \r\n and \r end lines too; a \r that ends the buffer waits for the next chunk, which may
+      // begin with its \n (normalized alone, the pair would make an empty line and cut the event)
+      buffer = (buffer + value).replace(/\r\n|\r(?!$)/g, "\n");
       let cut;
       while ((cut = buffer.indexOf("\n\n")) >= 0) {
         const block = buffer.slice(0, cut);
