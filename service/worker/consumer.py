@@ -32,7 +32,7 @@ from service.jobs.schemas import JobError, JobStatus, ShardResult, ShardTask
 from service.jobs.store import JobRecord, JobStore
 from service.logs import ms, shard_fields
 from service.settings import Settings
-from service.storage import STORAGE_ERRORS, ObjectStore, image_key
+from service.storage import STORAGE_ERRORS, ObjectStore, image_key, manifest_key
 from undiffuse.images import png_bytes
 
 log = logging.getLogger("ray.serve")
@@ -292,13 +292,28 @@ class Consumer:
                 log.warning("job %s: manifest not written: %s", task.job_id, e)
                 await self._retry(message_id, task, f"manifest upload failed: {type(e).__name__}", "storage")
                 return
-            await self._patiently("success", lambda: self.lifecycle.succeed(record), (RedisError,), task)
+            await self._succeed(task, record)
+        await self._patiently("ack", lambda: self.queue.ack(message_id), (RedisError,), task)
+
+    async def _succeed(self, task: ShardTask, record: JobRecord) -> None:
+        """The succeed transition, its manifest written. If the job ended otherwise meanwhile
+        (canceled or failed between the completion and now: its sweep may have run already), the
+        manifest just written is taken back like a late shard's images; if a duplicate attempt
+        succeeded it first, both wrote the same manifest and it stays."""
+        if await self._patiently("success", lambda: self.lifecycle.succeed(record), (RedisError,), task):
             took = time.time() - record.created_at
             log.info(
                 "job %s succeeded: %d images in %.1f s", task.job_id, task.params.num_images, took,
                 extra=shard_fields(task, status="succeeded", images=task.params.num_images, duration_ms=ms(took)),
             )  # fmt: skip
-        await self._patiently("ack", lambda: self.queue.ack(message_id), (RedisError,), task)
+            return
+        now = await self._patiently("status", lambda: self.store.get(task.job_id), (RedisError,), task)
+        if now is not None and now.status == JobStatus.succeeded:
+            return
+        try:
+            await asyncio.to_thread(self.objects.delete_keys, [manifest_key(task.job_id)])
+        except STORAGE_ERRORS as e:  # the bucket's lifecycle rule is the backstop
+            log.warning("job %s ended before success: its manifest not deleted (%s)", task.job_id, e)
 
     async def _patiently(self, what: str, call, errors: tuple[type[BaseException], ...], task: ShardTask):
         """await call(), retrying on errors with capped exponential backoff (0.5 s .. 10 s) for up

@@ -350,3 +350,47 @@ def test_a_duplicate_attempt_finishing_after_the_shard_completed_leaves_its_imag
     assert record.status == JobStatus.succeeded and record.images_done == 1 and pending == 0
     [entry] = manifest["images"]
     assert (hashlib.sha256(stored).hexdigest(), len(stored)) == (entry["sha256"], entry["size"])
+
+
+def test_a_job_canceled_while_its_manifest_was_written_keeps_no_manifest_and_is_not_logged_succeeded(stack, caplog):
+    """Every shard done, the manifest written, and then the job is canceled before the succeed
+    transition: the job stays canceled, its manifest is taken back like its images (the cancel's
+    sweep may have run already), and the Worker does not log that the job succeeded."""
+    import logging
+
+    from service.jobs.lifecycle import JobLifecycle
+    from service.storage import manifest_key
+
+    settings = _settings(stack, 3)
+    objects = ObjectStore(settings)
+
+    class CanceledBeforeSuccess(JobLifecycle):
+        async def succeed(self, record: JobRecord) -> bool:
+            assert await asyncio.to_thread(objects.get_bytes, manifest_key(record.id)) is not None
+            await self.store.finish(record.id, record.owner, JobStatus.canceled)
+            return await super().succeed(record)
+
+    async def scenario() -> tuple[JobRecord, bytes | None, int]:
+        store = JobStore.from_url(settings.redis_url, 600, settings.shard_size)
+        await store.r.flushdb()
+        await store.queue.ensure_group()
+        job_id, _, _ = await store.submit("tester", PARAMS, {"n": 1})
+        [message] = await store.queue.read("worker", 1, 10)
+
+        async def sampler(task: ShardTask) -> ShardResult:
+            return _pixels(task)
+
+        consumer = Consumer(settings, store, objects, sampler, name="worker", lifecycle=CanceledBeforeSuccess(store))
+        await consumer.handle(message)
+        record = await store.get(job_id)
+        manifest = await asyncio.to_thread(objects.get_bytes, manifest_key(job_id))
+        pending = await store.r.xlen(keys.SHARD_STREAM)
+        await store.r.flushdb()
+        await store.close()
+        return record, manifest, pending
+
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        record, manifest, pending = asyncio.run(scenario())
+    assert record.status == JobStatus.canceled and pending == 0
+    assert manifest is None
+    assert not [r for r in caplog.records if getattr(r, "status", None) == "succeeded"]
