@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import signal
 import sys
 import threading
@@ -46,10 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ray_cpus(cpus_needed: float) -> int:
-    """Logical CPUs for a single-node Ray: the machine's, but never fewer than the application's
-    replicas reserve (on a 1-core machine or container they would otherwise never start)."""
-    return max(os.cpu_count() or 1, math.ceil(cpus_needed))
+def ray_cpus(cpus_needed: float, detected: float | None = None) -> int | None:
+    """Logical CPUs for a single-node Ray: None (Ray's own count, which honours a container's
+    CPU limit) unless that is fewer than the application's replicas reserve; then that many (on
+    a 1-core machine or container the replicas would otherwise never start)."""
+    if detected is None:
+        from ray._private.utils import get_num_cpus
+
+        detected = get_num_cpus()
+    return None if detected >= cpus_needed else math.ceil(cpus_needed)
 
 
 def serve_until_stopped(app, cpus_needed: float, host: str, port: int, metrics_port: int, banner: str) -> None:

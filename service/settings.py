@@ -76,6 +76,14 @@ class Settings(BaseSettings):
     max_submissions_per_minute_per_key: int = Field(
         120, ge=1, description="job submissions per owner in any 60 s window (moving window); more get 429"
     )
+    max_event_streams_per_key: int = Field(
+        16,
+        ge=1,
+        description="open event streams (GET /v1/jobs/{id}/events) per owner on one Ingress replica; more get 429",
+    )
+    event_stream_max_seconds: float = Field(
+        900.0, gt=0, description="an event stream is ended after this long; clients resume it with Last-Event-ID"
+    )
     purge_delay_seconds: float = Field(
         60.0, ge=0, description="after a job fails, is canceled or deleted, when its images are deleted"
     )

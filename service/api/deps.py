@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, status
@@ -28,6 +29,7 @@ class Context:
     registry: ModelRegistry
     denoiser: Any  # a DeploymentHandle to the Denoiser (None when run without Serve)
     quota: Any = None  # service.api.quotas.SubmissionQuota (None: no rate limit)
+    open_streams: Counter = field(default_factory=Counter)  # owner -> event streams open on this replica
 
 
 def build_context(settings: Settings, denoiser: Any, listeners: list | None = None) -> Context:

@@ -221,9 +221,9 @@ async def submit_job(
     Per API key: at most max_submissions_per_minute_per_key submissions a minute and
     max_jobs_in_flight_per_key jobs queued or running; beyond either, 429 with Retry-After."""
     params = resolve_params(body, ctx)
-    webhook = await webhook_target(body, ctx)  # 422 for a URL that resolves to a non-public address
-    if ctx.quota is not None:
+    if ctx.quota is not None:  # before any DNS lookup, so slow lookups are rate-limited too
         await ctx.quota.spend(owner)
+    webhook = await webhook_target(body, ctx)  # 422 for a URL that resolves to a non-public address
     limit = ctx.settings.max_jobs_in_flight_per_key
     try:
         job_id, created, created_at = await ctx.store.submit(
@@ -275,6 +275,7 @@ async def get_job(
         **ERRORS,
         200: {"description": "the job's server-sent events (README)", "content": {"text/event-stream": {}}},
         400: {"description": "Last-Event-ID is not an event id this API issued"},
+        429: {"description": "this key has max_event_streams_per_key streams open; retry after Retry-After"},
     },
 )
 async def job_events(
@@ -293,22 +294,39 @@ async def job_events(
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
     if last_event_id is not None and not EVENT_ID.fullmatch(last_event_id):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "Last-Event-ID is not an event id of this stream")
+    limit = ctx.settings.max_event_streams_per_key
+    if ctx.open_streams[owner] >= limit:  # each stream holds one of the replica's request slots
+        raise too_many(f"at most {limit} open event streams per API key; close one or poll GET /v1/jobs/{{id}}", 5)
     return EventSourceResponse(
-        _event_stream(ctx, record, last_event_id or "0"),
+        _counted(ctx, owner, _event_stream(ctx, record, last_event_id or "0")),
         ping=KEEPALIVE_S,
         headers={"Cache-Control": "no-store"},
     )
 
 
+async def _counted(ctx: Context, owner: str, events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[ServerSentEvent]:
+    """events, counted among the owner's open streams on this replica while they flow."""
+    ctx.open_streams[owner] += 1
+    try:
+        async for event in events:
+            yield event
+    finally:
+        ctx.open_streams[owner] -= 1
+        if ctx.open_streams[owner] <= 0:
+            del ctx.open_streams[owner]
+
+
 async def _event_stream(ctx: Context, record: JobRecord, after: str) -> AsyncIterator[ServerSentEvent]:
-    """The job's stored events after `after`, then live ones, until its terminal event. Reads
-    block for half the Redis socket timeout at a time (a longer block would be a read timeout);
-    sse-starlette writes the keep-alive comments meanwhile. A Redis error ends the stream: the
-    client resumes with Last-Event-ID."""
+    """The job's stored events after `after`, then live ones, until its terminal event, or for
+    at most event_stream_max_seconds. Reads block for half the Redis socket timeout at a time (a
+    longer block would be a read timeout); sse-starlette writes the keep-alive comments
+    meanwhile. A Redis error or the time limit ends the stream: the client resumes with
+    Last-Event-ID."""
     block_ms = max(1, int(ctx.settings.redis_timeout_seconds * 500))
     recheck = 0.0  # at once when the stream is first idle
+    ends = time.monotonic() + ctx.settings.event_stream_max_seconds
     try:
-        while True:
+        while time.monotonic() < ends:
             events = await ctx.store.read_events(record.id, after, block_ms=block_ms)
             if not events and time.monotonic() >= recheck:
                 recheck = time.monotonic() + RECHECK_S

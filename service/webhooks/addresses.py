@@ -12,10 +12,16 @@ runs at submission (a 422) and again at each delivery, which connects to the add
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+
+# Lookups of webhook hosts get threads of their own: a name whose DNS never answers holds its
+# thread past the timeout, and must not hold the default pool's (uploads, presigning) meanwhile.
+_RESOLVER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="webhook-dns")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -62,8 +68,9 @@ async def resolve(host: str, port: int, timeout: float) -> list[IPAddress]:
     except ValueError:
         pass
     loop = asyncio.get_running_loop()
+    lookup = loop.run_in_executor(_RESOLVER, functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM))
     try:
-        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+        infos = await asyncio.wait_for(lookup, timeout)
     except asyncio.TimeoutError:
         raise AddressRefused(f"host {host!r} did not resolve within {timeout:g} s") from None
     except OSError as e:  # socket.gaierror
@@ -89,6 +96,12 @@ async def checked_addresses(url: str, allow_private: bool, timeout: float) -> li
         for ip in ips:
             why = refusal(ip)
             if why is not None:
-                shown = "" if parsed.host == str(ip) else f"{parsed.host!r} resolves to "
-                raise AddressRefused(f"{shown}{ip}, a {why} address; webhooks go to public addresses only")
+                # a name's address stays out of the message: it goes back to the client (the 422,
+                # the job's webhook outcome), which must not learn the internal DNS from it
+                shown = (
+                    f"{ip}, a {why} address"
+                    if parsed.host == str(ip)
+                    else f"{parsed.host!r} resolves to a {why} address"
+                )
+                raise AddressRefused(f"{shown}; webhooks go to public addresses only")
     return ips

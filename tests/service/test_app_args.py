@@ -14,7 +14,7 @@ def test_arguments_of_an_older_release_are_refused_not_ignored():
     assert AppArgs(denoiser_num_gpus=1).denoiser_num_gpus == 1
 
 
-def test_a_single_node_ray_always_has_the_cpus_the_replicas_reserve(monkeypatch):
+def test_a_single_node_ray_always_has_the_cpus_the_replicas_reserve():
     from service.run import ray_cpus
 
     # Denoiser 1 + Worker 0.5 + Ingress 0.5: the whole default stack needs two Ray CPUs
@@ -22,8 +22,10 @@ def test_a_single_node_ray_always_has_the_cpus_the_replicas_reserve(monkeypatch)
     assert AppArgs(denoiser_replicas=2, worker_replicas=3).cpus_needed() == 2.0 + 1.5 + 0.5
     assert AppArgs(denoiser_autoscaling={"min_replicas": 0, "max_replicas": 4}).cpus_needed() == 2.0
 
-    monkeypatch.setattr("os.cpu_count", lambda: 1)  # a 1-core container: Ray must still fit the app
-    assert ray_cpus(AppArgs().cpus_needed()) == 2
-    assert ray_cpus(4.5) == 5
-    monkeypatch.setattr("os.cpu_count", lambda: 16)  # a big machine keeps its real count
-    assert ray_cpus(AppArgs().cpus_needed()) == 16
+    # a 1-core container: Ray must still fit the app; where Ray's own count suffices it is kept
+    # (it honours a container's CPU limit, which os.cpu_count() does not)
+    assert ray_cpus(AppArgs().cpus_needed(), detected=1.0) == 2
+    assert ray_cpus(4.5, detected=2.0) == 5
+    assert ray_cpus(AppArgs().cpus_needed(), detected=16.0) is None
+    assert ray_cpus(AppArgs().cpus_needed(), detected=2.0) is None
+    assert ray_cpus(2.0) in (None, 2)  # this machine's own detection

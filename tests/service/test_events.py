@@ -145,3 +145,31 @@ def test_preview_defaults_and_idempotency_hashes_of_bodies_without_previews_are_
     assert set(plain) == {"model", "num_images", "steps", "sampler", "eta", "seed", "class_label", "guidance_scale"}
     asked = _hashed_body(JobCreate(num_images=2, class_label=1, previews=True))
     assert asked["previews"] is True and asked["preview_every"] is None
+
+
+def test_open_streams_are_limited_per_key_and_end_after_their_lifetime(live_api, asgi_api):
+    """In-process API over HTTP (no Workers: the job stays queued, so its stream stays open):
+    with one stream allowed, a second gets 429; the first ends at its lifetime without a
+    terminal event, and then a new one is accepted."""
+    import time
+
+    import httpx
+
+    from tests.service.conftest import KEY_A
+
+    asgi_api(max_event_streams_per_key=1, event_stream_max_seconds=3)  # the live server's context now
+    headers = {"Authorization": f"Bearer {KEY_A}"}
+    with httpx.Client(base_url=live_api, headers=headers, timeout=30) as client:
+        job = client.post("/v1/jobs", json={"num_images": 1, "class_label": 1, "steps": 5}).json()
+        with connect_sse(client, "GET", f"/v1/jobs/{job['id']}/events") as first:
+            events = first.iter_sse()
+            assert next(events).event == "queued"  # the stream is open and counted
+            second = client.get(f"/v1/jobs/{job['id']}/events")
+            assert second.status_code == 429 and int(second.headers["Retry-After"]) >= 1
+            assert "open event streams" in second.json()["detail"]
+            started = time.monotonic()
+            rest = [e.event for e in events]  # until the server ends the stream
+            assert 1.5 < time.monotonic() - started < 15
+            assert not TERMINAL & set(rest)  # ended by its lifetime, not by the job
+        with connect_sse(client, "GET", f"/v1/jobs/{job['id']}/events") as again:
+            assert again.response.status_code == 200 and next(again.iter_sse()).event == "queued"
