@@ -64,41 +64,33 @@ def fetch_promtool() -> None:
 
 
 def install_browser() -> None:
-    """Chromium and its driver (for the web page's browser tests) from Debian's packages, where
-    this runs as root with apt, as CI does. Elsewhere the test says so and is skipped."""
-    if shutil.which("chromium") and shutil.which("chromedriver"):
-        return
-    if not (shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0):
-        print("note: Chromium needs root and apt-get here; the browser tests will be skipped", flush=True)
-        return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium", "chromium-driver"]
-    print("installing Debian's chromium and chromium-driver for the browser tests", flush=True)
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)  # stale package lists
-        got = subprocess.run(install, env=env, capture_output=True, text=True)
-        if got.returncode != 0:
-            print(f"note: could not install Chromium: {got.stderr.strip()[-300:]}", flush=True)
+    """Chromium and its driver (for the web page's browser tests)."""
+    apt_install(("chromium", "chromium-driver"), ("chromium", "chromedriver"), "the browser tests", recommends=False)
 
 
 def install_podman() -> None:
     """podman, runc, slirp4netns and debootstrap (for the image test, which builds the real
-    Dockerfile: tests/deploy/test_image.py) from Debian's packages, where this runs as root with
-    apt, as CI does. Elsewhere the test says so and is skipped."""
+    Dockerfile: tests/deploy/test_image.py); podman's recommends bring its network backend."""
     tools = ("podman", "runc", "slirp4netns", "debootstrap")
-    if all(shutil.which(t) for t in tools):
+    apt_install(tools, tools, "the image test", recommends=True)
+
+
+def apt_install(packages: tuple[str, ...], commands: tuple[str, ...], purpose: str, recommends: bool) -> None:
+    """Debian packages for some tests, where this runs as root with apt, as CI does; elsewhere
+    a note, and those tests say so and are skipped. Nothing happens if the commands exist."""
+    if all(shutil.which(c) for c in commands):
         return
     if not (shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0):
-        print("note: podman needs root and apt-get here; the image test will be skipped", flush=True)
+        print(f"note: {', '.join(packages)} need root and apt-get here; {purpose} will be skipped", flush=True)
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", *tools]  # podman's recommends: its network backend
-    print("installing Debian's podman, runc, slirp4netns and debootstrap for the image test", flush=True)
+    install = ["apt-get", "install", "-y", "-q", *([] if recommends else ["--no-install-recommends"]), *packages]
+    print(f"installing Debian's {', '.join(packages)} for {purpose}", flush=True)
     if subprocess.run(install, env=env, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)  # stale package lists
         got = subprocess.run(install, env=env, capture_output=True, text=True)
         if got.returncode != 0:
-            print(f"note: could not install podman: {got.stderr.strip()[-300:]}", flush=True)
+            print(f"note: could not install {', '.join(packages)}: {got.stderr.strip()[-300:]}", flush=True)
 
 
 def main(argv: list[str]) -> int:
