@@ -244,7 +244,9 @@ def test_delivery_checks_the_address_again_and_refuses_a_private_one(redis_serve
 
     outcome = scenario(redis_server, settings, body)
     assert outcome.status == "pending" and outcome.last_status_code is None
-    assert outcome.last_error.startswith("refused: ") and "127.0.0.1, a loopback address" in outcome.last_error
+    assert outcome.last_error.startswith("refused: ") and "a loopback address" in outcome.last_error
+    if host == "localhost":  # a name's internal address is not told to the job's owner
+        assert "127.0.0.1" not in outcome.last_error
     assert receiver.to("/internal") == []
 
 
