@@ -333,6 +333,14 @@ def _manifest_entries(manifest: dict[str, Any] | None) -> dict[int, dict[str, An
     return {int(e["index"]): e for e in manifest["images"]} if manifest else {}
 
 
+def _endpoint(url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
+    """The service's base URL and the API's headers: arguments, else $UNDIFFUSE_URL and
+    $UNDIFFUSE_API_KEY, else the local stack without a key."""
+    base = (url or os.environ.get("UNDIFFUSE_URL") or DEFAULT_URL).rstrip("/")
+    key = api_key if api_key is not None else os.environ.get("UNDIFFUSE_API_KEY")
+    return base, ({"Authorization": f"Bearer {key}"} if key else {})
+
+
 # --- the sync client -------------------------------------------------------------------------------
 
 
@@ -348,9 +356,7 @@ class Client:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.url = (url or os.environ.get("UNDIFFUSE_URL") or DEFAULT_URL).rstrip("/")
-        key = api_key if api_key is not None else os.environ.get("UNDIFFUSE_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.url, headers = _endpoint(url, api_key)
         self._http = httpx.Client(
             base_url=self.url,
             headers=headers,
@@ -574,9 +580,7 @@ class AsyncClient:
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.url = (url or os.environ.get("UNDIFFUSE_URL") or DEFAULT_URL).rstrip("/")
-        key = api_key if api_key is not None else os.environ.get("UNDIFFUSE_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.url, headers = _endpoint(url, api_key)
         self._http = httpx.AsyncClient(
             base_url=self.url,
             headers=headers,
