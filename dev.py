@@ -40,8 +40,6 @@ def setup() -> None:
     subprocess.run([*pip, "-r", str(LOCK)], check=True)
     subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
     fetch_promtool()
-    install_browser()
-    install_podman()
     STAMP.write_text(digest)
 
 
@@ -103,6 +101,8 @@ def main(argv: list[str]) -> int:
     if command == "up":
         os.execv(PYTHON, [str(PYTHON), "-m", "service.dev.local", *rest])
     if command == "test":
+        install_browser()  # the tests' system packages (each a no-op once its commands exist;
+        install_podman()  # `up` needs neither, so a user who only starts the stack never waits for them)
         os.execv(PYTHON, [str(PYTHON), "-m", "pytest", *rest])
     return 0
 
