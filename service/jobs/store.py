@@ -49,12 +49,15 @@ local function reindex(from, to)
 end
 """
 
+
+# What every status transition's script starts with: the owner's status index, the job's event
+# stream and its webhook schedule, kept in step with the record in the same script.
+_TRANSITION = _INDEX + events.LUA + webhooks.LUA
+
 # KEYS[1] job, KEYS[2] events, KEYS[3] webhooks, KEYS[4] webhooks due; ARGV now. Returns 1 when
 # queued -> running, 0 when already running, -1 otherwise.
 _START = (
-    _INDEX
-    + events.LUA
-    + webhooks.LUA
+    _TRANSITION
     + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s == 'queued' then
@@ -98,9 +101,7 @@ return {s, 0}
 # now, now in ms. Moves an active job whose shards are all done to succeeded, with its last
 # progress and its terminal event. Returns 1 if it moved the job.
 _SUCCEED = (
-    _INDEX
-    + events.LUA
-    + webhooks.LUA
+    _TRANSITION
     + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if (s == 'queued' or s == 'running') and
@@ -119,9 +120,7 @@ return 0
 # KEYS[1] job, KEYS[2] events, KEYS[3] webhooks, KEYS[4] webhooks due; ARGV new status, now,
 # error JSON ('' for none). Returns 1 if it moved the job (and appended its terminal event).
 _FINISH = (
-    _INDEX
-    + events.LUA
-    + webhooks.LUA
+    _TRANSITION
     + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s == 'queued' or s == 'running' then
