@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive("--steps"), default=8000)
     t.add_argument("--batch-size", type=_positive("--batch-size"), default=64)
     t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument(
+        "--lr-decay", choices=("constant", "cosine"), default="constant", help="after warm-up; cosine ends at 0"
+    )
     t.add_argument("--ema-decay", type=float, default=0.999)
     t.add_argument("--grad-clip", type=float, default=1.0)
     t.add_argument("--label-dropout", type=float, default=0.1)
@@ -197,6 +200,7 @@ def _train(args: argparse.Namespace) -> None:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_decay=args.lr_decay,
         ema_decay=args.ema_decay,
         grad_clip=args.grad_clip,
         label_dropout=args.label_dropout,

@@ -9,6 +9,7 @@ Layout of a training run folder:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,6 +36,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 5e-4
     warmup_steps: int = 200
+    lr_decay: Literal["constant", "cosine"] = "constant"  # cosine: lr -> 0 at `steps`
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -43,6 +45,19 @@ class TrainConfig:
     sample_steps: int = 50  # DDIM steps for the checkpoint grids
     seed: int = 0
     mixed_precision: Literal["auto", "no"] = "auto"  # auto: bf16/fp16 autocast on CUDA
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The multiplier of cfg.lr at an absolute optimizer step: a linear warm-up, then constant or
+    a cosine to 0 at cfg.steps. A function of the step alone, so a resumed run (even one resumed
+    with a larger --steps) continues on the same curve."""
+    warmup = max(1, cfg.warmup_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def diffusion_loss(
@@ -87,8 +102,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.network.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay
         )
-        warmup = max(1, train_config.warmup_steps)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, train_config))
         self.step = 0
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
@@ -128,6 +142,12 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"].cpu())
         self.step = int(state["step"])
+        # --lr may differ from the run's first: the curve continues from this run's base lr, at
+        # the optimizer's step (a state whose schedule was restarted may count from elsewhere).
+        self.lr_schedule.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
+        self.lr_schedule.last_epoch = self.step
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_factor(self.step, self.cfg)
         return True
 
     # --- loop -----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 import torch
 
 from undiffuse import ModelConfig, NoiseSchedule, ScheduleConfig, UNetConfig, load_model
-from undiffuse.training import TrainConfig, Trainer, diffusion_loss
+from undiffuse.training import TrainConfig, Trainer, diffusion_loss, lr_factor
 
 TINY = UNetConfig(
     image_size=8, base_channels=16, channel_mult=(1, 2), attention_resolutions=(), num_classes=2, dropout=0.0
@@ -65,3 +65,26 @@ def test_v_prediction_target():
     torch.manual_seed(0)
     l_v = diffusion_loss(zero, schedule, x0, None, "v")
     assert 0.8 < l_eps.item() < 1.2 and l_v.item() < l_eps.item()
+
+
+def test_cosine_lr_warms_up_then_decays_to_zero_at_the_last_step():
+    cfg = TrainConfig(steps=1000, lr=1e-3, warmup_steps=100, lr_decay="cosine")
+    factors = [lr_factor(s, cfg) for s in range(1001)]
+    assert factors[0] == 0.01 and factors[99] == 1.0
+    assert factors[100] == 1.0 and abs(factors[550] - 0.5) < 1e-9 and factors[1000] == 0.0
+    assert all(a >= b for a, b in zip(factors[100:], factors[101:]))
+    assert lr_factor(500, TrainConfig(steps=1000, warmup_steps=100)) == 1.0  # constant by default
+
+
+def test_resume_with_a_new_lr_and_decay_follows_the_new_curve(tmp_path):
+    images, labels = _data()
+    cfg = ModelConfig(unet=TINY, schedule=ScheduleConfig(num_timesteps=100))
+    Trainer(tmp_path, cfg, TrainConfig(steps=4, lr=8e-4, warmup_steps=2, checkpoint_every=4, sample_steps=2)).fit(
+        images, labels, progress=False
+    )
+    tc = TrainConfig(steps=12, lr=4e-4, warmup_steps=2, lr_decay="cosine", checkpoint_every=4, sample_steps=2)
+    again = Trainer(tmp_path, cfg, tc)
+    assert again.resume() and again.step == 4
+    assert again.optimizer.param_groups[0]["lr"] == 4e-4 * lr_factor(4, tc)
+    again.fit(images, labels, progress=False)
+    assert again.optimizer.param_groups[0]["lr"] == 0.0  # the cosine's end, from the new base lr
