@@ -48,6 +48,7 @@ class DiffusionModel(nn.Module):
         num_classes: int | None,
         prediction_type: PredictionType = "epsilon",
         class_names: tuple[str, ...] | None = None,
+        guidance_interval: tuple[float, float] | None = None,
         source: str = "",
     ) -> None:
         super().__init__()
@@ -58,6 +59,7 @@ class DiffusionModel(nn.Module):
         self.num_classes = num_classes
         self.prediction_type = prediction_type
         self.class_names = class_names
+        self.guidance_interval = guidance_interval  # sigma bounds where guidance acts (None: all)
         self.source = source
 
     @classmethod
@@ -73,6 +75,7 @@ class DiffusionModel(nn.Module):
             num_classes=config.unet.num_classes,
             prediction_type=config.prediction_type,
             class_names=config.class_names,
+            guidance_interval=config.guidance_interval,
             source=source,
         )
 
@@ -87,6 +90,7 @@ class DiffusionModel(nn.Module):
             num_classes=spec.num_classes,
             prediction_type=spec.prediction_type,
             class_names=spec.class_names,
+            guidance_interval=spec.guidance_interval,
             source=str(spec.path),
         )
 

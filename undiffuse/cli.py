@@ -49,6 +49,17 @@ def _int_tuple(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _float_pair(text: str) -> tuple[float, float]:
+    from undiffuse.config import check_guidance_interval
+
+    try:
+        low, high = (float(v) for v in text.split(","))
+        check_guidance_interval((low, high))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with 0 <= LOW < HIGH, got {text!r}") from None
+    return (low, high)
+
+
 def _device(name: str):
     import torch
 
@@ -89,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=("linear", "cosine"), default="linear")
     t.add_argument("--timesteps", type=_positive("--timesteps"), default=1000)
     t.add_argument("--prediction", choices=("epsilon", "v"), default="epsilon")
+    t.add_argument(
+        "--guidance-interval",
+        type=_float_pair,
+        help="LOW,HIGH: the noise levels sigma where classifier-free guidance acts when sampling (default: all)",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-resume", action="store_true", help="start over even if --out has a state")
     t.add_argument("--device", default="auto")
@@ -195,6 +211,7 @@ def _train(args: argparse.Namespace) -> None:
         schedule=ScheduleConfig(kind=args.schedule, num_timesteps=args.timesteps),
         prediction_type=args.prediction,
         class_names=tuple(str(i) for i in range(num_classes)) if num_classes else None,
+        guidance_interval=args.guidance_interval,
     )
     train_cfg = TrainConfig(
         steps=args.steps,
@@ -251,6 +268,7 @@ def _sample(args: argparse.Namespace) -> None:
         noise=ImageNoise.for_request(args.seed, args.num, device),
         class_labels=labels,
         guidance_scale=args.guidance,
+        guidance_interval=model.guidance_interval,
         callback=lambda *_: bar.update(1),
         device=device,
     )

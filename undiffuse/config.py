@@ -8,7 +8,8 @@ Two folder layouts are understood:
 
     undiffuse   config.json        {"format": "undiffuse", "version": 1, "unet": {...},
                                     "schedule": {...}, "prediction_type": "epsilon" | "v",
-                                    "class_names": [...] | null}
+                                    "class_names": [...] | null,
+                                    "guidance_interval": [low, high] | null}
                 model.safetensors  the EMA weights (what gets served)
 
     diffusers   config.json        {"_class_name": "UNet2DModel", ...}   (google/ddpm-cifar10-32)
@@ -101,12 +102,19 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """An undiffuse model: network, schedule, what the network predicts, class names."""
+    """An undiffuse model: network, schedule, what the network predicts, class names, and the
+    noise levels where classifier-free guidance applies (`guidance_interval`: guidance acts
+    where low < sigma_t <= high, sigma_t = sqrt((1 - a_bar_t) / a_bar_t); None: every step).
+    """
 
     unet: UNetConfig
     schedule: ScheduleConfig
     prediction_type: PredictionType = "epsilon"
     class_names: tuple[str, ...] | None = None
+    guidance_interval: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        check_guidance_interval(self.guidance_interval)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +124,7 @@ class ModelConfig:
             "schedule": asdict(self.schedule),
             "prediction_type": self.prediction_type,
             "class_names": list(self.class_names) if self.class_names else None,
+            "guidance_interval": list(self.guidance_interval) if self.guidance_interval else None,
         }
 
     @classmethod
@@ -125,12 +134,22 @@ class ModelConfig:
         if d.get("prediction_type") not in ("epsilon", "v"):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v', got {d.get('prediction_type')!r}")
         names = d.get("class_names")
+        interval = d.get("guidance_interval")
         return cls(
             unet=UNetConfig.from_dict(d["unet"]),
             schedule=ScheduleConfig(**d["schedule"]),
             prediction_type=d["prediction_type"],
             class_names=tuple(names) if names else None,
+            guidance_interval=(float(interval[0]), float(interval[1])) if interval is not None else None,
         )
+
+
+def check_guidance_interval(interval: tuple[float, float] | None) -> None:
+    """A ValueError unless interval is None or two noise levels 0 <= low < high."""
+    if interval is None:
+        return
+    if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
+        raise ValueError(f"guidance_interval must be [low, high] with 0 <= low < high, got {list(interval)}")
 
 
 @dataclass(frozen=True)
@@ -150,6 +169,7 @@ class ModelSpec:
     schedule: ScheduleConfig
     prediction_type: PredictionType
     class_names: tuple[str, ...] | None = None
+    guidance_interval: tuple[float, float] | None = None
     unet: UNetConfig | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -165,7 +185,7 @@ class ModelSpec:
         """The undiffuse ModelConfig (undiffuse folders only)."""
         if self.unet is None:
             raise CheckpointError(f"{self.path}: a diffusers folder has no undiffuse ModelConfig")
-        return ModelConfig(self.unet, self.schedule, self.prediction_type, self.class_names)
+        return ModelConfig(self.unet, self.schedule, self.prediction_type, self.class_names, self.guidance_interval)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -202,6 +222,7 @@ def read_model_folder(folder: str | Path) -> ModelSpec:
         schedule=config.schedule,
         prediction_type=config.prediction_type,
         class_names=config.class_names,
+        guidance_interval=config.guidance_interval,
         unet=config.unet,
         raw=raw,
     )

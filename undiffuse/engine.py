@@ -50,7 +50,7 @@ from torch import Tensor
 from undiffuse.checkpoint import DiffusionModel
 from undiffuse.noise import ImageNoise
 from undiffuse.registry import make_sampler
-from undiffuse.samplers import NO_HISTORY, NULL_CLASS, Sampler, previous_timesteps
+from undiffuse.samplers import NO_HISTORY, NULL_CLASS, Sampler, guided_timesteps, previous_timesteps
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -219,6 +219,9 @@ class DenoisingEngine:
         if self.compiled:
             _allow_recompiles(len(self.buckets))
         self.step_time: dict[int, float] = {}  # bucket -> seconds, from warm_up()
+        interval = getattr(model, "guidance_interval", None)
+        # [T] bool, where guidance acts (the model's interval); None: at every timestep
+        self._guided_t = None if interval is None else guided_timesteps(model.schedule, interval).to(self.device)
         self._samplers: dict[tuple, Sampler] = {}
         self._ts_table = torch.empty(0, dtype=torch.long, device=self.device)
         self._ts_offsets: dict[tuple, int] = {}
@@ -499,7 +502,10 @@ class DenoisingEngine:
             return out
         eps, eps_u = out[:n], out[n:]
         eps_c = eps[twins]
-        return eps.index_copy(0, twins, eps_u + batch.scales * (eps_c - eps_u))  # Ho & Salimans 2022
+        guided = eps_u + batch.scales * (eps_c - eps_u)  # Ho & Salimans 2022
+        if self._guided_t is not None:  # outside the model's guidance interval: plain conditional
+            guided = torch.where(self._guided_t[t[twins]].view(-1, 1, 1, 1), guided, eps_c)
+        return eps.index_copy(0, twins, guided)
 
     def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
         """The network at the engine's precision, padded to a bucket when compiled; returns eps

@@ -91,6 +91,21 @@ def guided_eps(
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
+def guided_timesteps(schedule: NoiseSchedule, interval: tuple[float, float] | None) -> Tensor:
+    """[T] bool: the timesteps where guidance acts, those with low < sigma_t <= high, where
+    sigma_t = sqrt((1 - a_bar_t) / a_bar_t) (EDM's noise level); every one when interval is None.
+
+    Guidance in a limited interval (Kynkaanniemi et al. 2024): at high noise it pulls every
+    sample of a class towards the same few shapes, and at low noise it does little, so guiding
+    only the middle keeps the class without losing the variety (docs/quality.md measures it).
+    """
+    a_bar = schedule.alphas_cumprod
+    if interval is None:
+        return torch.ones(a_bar.shape, dtype=torch.bool)
+    sigma = ((1 - a_bar) / a_bar).sqrt()
+    return (sigma > interval[0]) & (sigma <= interval[1])
+
+
 class Sampler:
     """The common part of every sampler: timesteps, per-row coefficients and the sampling loop.
 
@@ -170,6 +185,7 @@ class Sampler:
         x_T: Tensor | None = None,
         class_labels: Tensor | None = None,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         callback: StepCallback | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -178,6 +194,8 @@ class Sampler:
 
         shape: (C, H, W) of one image; the batch size is len(noise), one (seed, index) per image.
         x_T: optional [N, C, H, W] start (default: noise draw 0). class_labels: [N] long or None.
+        guidance_interval: the (low, high] noise levels where guidance_scale applies (the
+        model's `guidance_interval`; see guided_timesteps); plain conditional steps elsewhere.
         Step i uses noise draw i + 1. Returns x_0: [N, C, H, W] in dtype, nominally in [-1, 1].
         """
         n = len(noise)
@@ -194,9 +212,11 @@ class Sampler:
             x = x_T.to(device=device, dtype=dtype)
         labels = None if class_labels is None else class_labels.to(device)
         history: dict[str, Tensor | int] = {}
+        guided = guided_timesteps(self.schedule, guidance_interval)
         for i, (t, t_prev) in enumerate(zip(timesteps, previous_timesteps(timesteps), strict=True)):
             t_rows = torch.full((n,), t, device=device, dtype=torch.long)
-            eps = guided_eps(eps_model, x, t_rows, labels, guidance_scale).to(dtype)
+            scale = guidance_scale if guided[t] else 1.0
+            eps = guided_eps(eps_model, x, t_rows, labels, scale).to(dtype)
             if t_prev == LAST:  # the last step adds no noise
                 out = self.step(eps, t_rows, x, None, t_prev=LAST, **history)
             else:

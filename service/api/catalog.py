@@ -18,6 +18,7 @@ def model_info(spec: ModelSpec, default: bool) -> ModelInfo:
         class_names=list(spec.class_names) if spec.class_names else None,
         num_timesteps=spec.schedule.num_timesteps,
         prediction_type=spec.prediction_type,
+        guidance_interval=list(spec.guidance_interval) if spec.guidance_interval else None,
         default=default,
     )
 

@@ -134,6 +134,11 @@ class ModelInfo(BaseModel):
     class_names: list[str] | None = None
     num_timesteps: int
     prediction_type: str
+    guidance_interval: list[float] | None = Field(
+        default=None,
+        description="[low, high]: guidance_scale acts where low < sigma_t <= high, "
+        "sigma_t = sqrt((1 - a_bar_t) / a_bar_t); null: at every step",
+    )
     default: bool = False
 
 

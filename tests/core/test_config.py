@@ -26,6 +26,19 @@ def test_reads_an_undiffuse_folder(tmp_path):
     assert spec.model_config() == cfg
 
 
+def test_the_guidance_interval_is_saved_read_and_checked(tmp_path):
+    cfg = ModelConfig(TINY, ScheduleConfig(), class_names=("a", "b", "c"), guidance_interval=(0.28, 5.42))
+    _write(tmp_path / "m" / "config.json", cfg.to_dict())
+    spec = read_model_folder(tmp_path / "m")
+    assert spec.guidance_interval == (0.28, 5.42) and spec.model_config() == cfg
+    older = {k: v for k, v in cfg.to_dict().items() if k != "guidance_interval"}  # written before the field
+    _write(tmp_path / "old" / "config.json", older)
+    assert read_model_folder(tmp_path / "old").guidance_interval is None
+    _write(tmp_path / "bad" / "config.json", {**cfg.to_dict(), "guidance_interval": [5.0, 1.0]})
+    with pytest.raises(CheckpointError, match="guidance_interval must be"):
+        read_model_folder(tmp_path / "bad")
+
+
 def _diffusers_unet(folder, **extra):
     _write(folder / "config.json", {"_class_name": "UNet2DModel", "sample_size": 32, "in_channels": 3, **extra})
 

@@ -36,6 +36,7 @@ def reference(model: DiffusionModel, r: Request) -> torch.Tensor:
         noise=ImageNoise([r.seed] * r.count, list(range(r.start, r.start + r.count))),
         class_labels=torch.tensor(list(r.labels)) if r.labels is not None else None,
         guidance_scale=r.guidance_scale,
+        guidance_interval=model.guidance_interval,
     )
 
 
@@ -85,6 +86,24 @@ def test_the_engine_arithmetic_is_exact(model):
     assert set(done) == {r.id for r in REQUESTS}
     for r in REQUESTS:
         assert torch.equal(done[r.id].samples, reference(rowwise, r)), r.id
+
+
+def test_guidance_acts_only_inside_the_models_interval_exactly_as_in_the_sampler(model):
+    """A model with a guidance interval: the engine's twins guide only the timesteps inside it,
+    bit for bit as Sampler.sample does (and the result is neither unguided nor guided throughout)."""
+    config = ModelConfig(TINY, ScheduleConfig(num_timesteps=200), guidance_interval=(0.3, 1.5))
+    rowwise = DiffusionModel.from_config(RowWise(), config)
+    assert rowwise.guidance_interval == (0.3, 1.5)
+    guided = [r for r in REQUESTS if r.guidance_scale != 1.0]
+    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
+    done = run(engine, {0: REQUESTS})
+    everywhere = DiffusionModel.from_config(RowWise(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200)))
+    for r in REQUESTS:
+        assert torch.equal(done[r.id].samples, reference(rowwise, r)), r.id
+    for r in guided:
+        unguided = reference(rowwise, replace(r, guidance_scale=1.0))
+        assert not torch.allclose(done[r.id].samples, unguided, atol=1e-4), r.id
+        assert not torch.allclose(done[r.id].samples, reference(everywhere, r), atol=1e-4), r.id
 
 
 # The UNet's convolutions return a row's output differently by up to ~1e-6 depending on the batch

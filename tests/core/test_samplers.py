@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from undiffuse import DDIMSampler, DDPMSampler, ImageNoise, NoiseSchedule, UNet, UNetConfig
-from undiffuse.samplers import DPMSolverPP2MSampler, respaced_timesteps
+from undiffuse.samplers import DPMSolverPP2MSampler, guided_timesteps, respaced_timesteps
 
 MU, SIGMA = 0.5, 0.3
 
@@ -263,3 +263,25 @@ def test_dpmsolver_pp_2m_at_every_timestep_visits_each_once_and_stays_finite():
     assert len(set(sampler.timesteps(49))) == 49
     x = sampler.sample(gaussian_optimal_eps(schedule), (1, 4, 4), steps=50, noise=ImageNoise.for_request(0, 8))
     assert torch.isfinite(x).all()
+
+
+def test_guidance_acts_only_inside_the_models_noise_interval(tiny_unet):
+    schedule = NoiseSchedule.linear()
+    a_bar = schedule.alphas_cumprod
+    sigma = ((1 - a_bar) / a_bar).sqrt()
+    assert guided_timesteps(schedule, None).all()
+    inside = guided_timesteps(schedule, (0.28, 5.42))
+    assert torch.equal(inside, (sigma > 0.28) & (sigma <= 5.42))
+    assert inside.any() and not inside.all() and not inside[0] and not inside[-1]
+
+    sampler = DDIMSampler(schedule)
+    labels = torch.tensor([1, 2])
+    run = lambda w, interval: sampler.sample(  # noqa: E731
+        tiny_unet, (1, 8, 8), steps=10, noise=ImageNoise.for_request(0, 2), class_labels=labels,
+        guidance_scale=w, guidance_interval=interval,
+    )  # fmt: skip
+    plain, everywhere = run(1.0, None), run(3.0, None)
+    assert torch.equal(run(3.0, (1e6, 2e6)), plain)  # an interval no step falls in: no guidance
+    assert torch.equal(run(3.0, (0.0, float("inf"))), everywhere)
+    middle = run(3.0, (0.28, 5.42))
+    assert not torch.allclose(middle, plain, atol=1e-4) and not torch.allclose(middle, everywhere, atol=1e-4)
