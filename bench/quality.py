@@ -5,6 +5,7 @@ independent judge (bench/judge.py), and images/s, per sampler, step count and gu
     python bench/quality.py --n 200 --rows quick  # what fits a 2-core CPU in ~15 minutes
     python bench/quality.py --guidance-study      # why guidance used to hurt (DDIM variants)
     python bench/quality.py --rows targets        # the issue's three targets, 1,000 digits per row
+    python bench/quality.py --interval-study --n 500   # guidance on all steps vs a noise interval
     python bench/quality.py --model runs/mnist-ft/model --rows targets   # a candidate model
 
 Prints a Markdown table (and writes it with --out); docs/quality.md records the runs with the
@@ -27,7 +28,7 @@ from judge import ROOT, Scorer, frechet_distance, predict  # noqa: E402
 from undiffuse import ImageNoise, load_model  # noqa: E402
 from undiffuse.images import make_grid, save_png  # noqa: E402
 from undiffuse.registry import make_sampler  # noqa: E402
-from undiffuse.samplers import DDIMSampler, StepOutput  # noqa: E402
+from undiffuse.samplers import DDIMSampler, StepOutput, guided_eps  # noqa: E402
 
 FULL = [
     *[("ddpm", steps, w) for steps in (100, 1000) for w in (1.0, 2.0, 3.0)],
@@ -39,7 +40,10 @@ QUICK = [
     *[(name, 20, w) for name in ("ddim", "dpmpp_2m") for w in (2.0, 3.0)],
     ("dpmpp_2m", 10, 3.0),
 ]
-TARGETS = [("ddim", 20, 1.0), ("ddim", 50, 1.0), ("dpmpp_2m", 10, 1.0), ("ddim", 20, 3.0)]
+TARGETS = [
+    ("ddim", 20, 1.0), ("ddim", 50, 1.0), ("dpmpp_2m", 10, 1.0), ("ddim", 20, 3.0),
+    ("ddim", 20, 3.0, None),  # guidance at every step, for comparison with the model's interval
+]  # fmt: skip
 ROWS = {"full": FULL, "quick": QUICK, "targets": TARGETS}
 SERVED = ROOT / "models" / "mnist"
 
@@ -68,15 +72,17 @@ class DynamicThresholdDDIM(DDIMSampler):
 
 
 def sample(
-    model, sampler, steps: int, labels: torch.Tensor, guidance: float, device: str, seed: int = 0
+    model, sampler, steps: int, labels: torch.Tensor, guidance: float, device: str, seed: int = 0, interval="model"
 ) -> tuple[torch.Tensor, float]:
-    """Samples [n, 1, 28, 28] and their images/s."""
+    """Samples [n, 1, 28, 28] and their images/s; guidance acts on the model's interval unless
+    `interval` says otherwise (None: every step)."""
     if device == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     x = sampler.sample(
         model.eps, model.image_shape, steps=steps, noise=ImageNoise.for_request(seed, len(labels), device=device),
         class_labels=labels.to(device), guidance_scale=guidance, device=device,
+        guidance_interval=model.guidance_interval if interval == "model" else interval,
     )  # fmt: skip
     if device == "cuda":
         torch.cuda.synchronize()
@@ -91,16 +97,24 @@ def table(rows: list[tuple], n: int, device: str, grid_dir: Path | None, model_d
         "| sampler | steps | guidance | class accuracy | Fréchet distance | images/s |",
         "|---|---|---|---|---|---|",
     ]
-    for name, steps, guidance in rows:
-        x, rate = sample(model, make_sampler(name, model.schedule), steps, labels, guidance, device)
+    for name, steps, guidance, *interval in rows:  # a 4th element overrides the model's interval
+        where = interval[0] if interval else "model"
+        x, rate = sample(model, make_sampler(name, model.schedule), steps, labels, guidance, device, interval=where)
         accuracy, distance = scorer.score(x, labels)
-        lines.append(f"| {name} | {steps} | {guidance:g} | {accuracy:.3f} | {distance:.1f} | {rate:,.1f} |")
+        note = " (every step)" if interval and interval[0] is None else ""
+        lines.append(f"| {name} | {steps} | {guidance:g}{note} | {accuracy:.3f} | {distance:.1f} | {rate:,.1f} |")
         print(lines[-1], flush=True)
-        if grid_dir is not None and steps == 10 and guidance == 1.0:
-            per = n // 10
-            picks = torch.cat([x[c * per : c * per + 10] for c in range(10)])
-            save_png(make_grid(picks, nrow=10), grid_dir / f"quality-grid-{name}-10.png")
+    if grid_dir is not None:
+        grids(model, grid_dir, device)
     return "\n".join(lines)
+
+
+def grids(model, grid_dir: Path, device: str) -> None:
+    """A 10-step grid per sampler: one row per class, 10 digits each (seed 0)."""
+    labels = torch.arange(10).repeat_interleave(10)
+    for name in ("ddpm", "ddim", "dpmpp_2m"):
+        x, _ = sample(model, make_sampler(name, model.schedule), 10, labels, 1.0, device)
+        save_png(make_grid(x, nrow=10), grid_dir / f"quality-grid-{name}-10.png")
 
 
 def guidance_study(n: int, steps: int, device: str, seed: int) -> str:
@@ -119,7 +133,7 @@ def guidance_study(n: int, steps: int, device: str, seed: int) -> str:
     ]
     for label, sampler in variants.items():
         for guidance in (1.0, 2.0, 3.0):
-            x, _ = sample(model, sampler, steps, labels, guidance, device, seed)
+            x, _ = sample(model, sampler, steps, labels, guidance, device, seed, interval=None)
             accuracy, distance = scorer.score(x, labels)
             lines.append(f"| {label} | {guidance:g} | {accuracy:.3f} | {distance:.1f} |")
             print(lines[-1], flush=True)
@@ -132,12 +146,58 @@ def guidance_study(n: int, steps: int, device: str, seed: int) -> str:
     return "\n".join(lines)
 
 
+def interval_guided(model, low: float, high: float):
+    """An eps function that guides (two halves) only where low < sigma_t <= high, and is plain
+    conditional elsewhere (Kynkaanniemi et al. 2024); sigma_t = sqrt((1 - a_bar) / a_bar)."""
+    a_bar = model.schedule.alphas_cumprod
+    sigma = ((1 - a_bar) / a_bar).sqrt()
+    inside = (sigma > low) & (sigma <= high)
+
+    def eps(x, t, labels, scale):
+        guided = guided_eps(model.eps, x, t, labels, scale)
+        if bool(inside[t.cpu()].all()):
+            return guided
+        plain = model.eps(x, t, labels)
+        return torch.where(inside[t.cpu()].to(x.device).view(-1, 1, 1, 1), guided, plain)
+
+    return eps
+
+
+def interval_study(n: int, steps: int, device: str, model_dir: Path) -> str:
+    """DDIM at guidance 1, 2, 3 with guidance on every step and on sigma intervals only."""
+    model = load_model(model_dir).to(device)
+    scorer = Scorer()
+    labels = torch.arange(10).repeat_interleave(n // 10).to(device)
+    intervals = {"every step": (0.0, float("inf")), "sigma in (0.28, 5.42]": (0.28, 5.42),
+                 "sigma <= 5.42": (0.0, 5.42), "sigma in (0.28, 2]": (0.28, 2.0)}  # fmt: skip
+    lines = [f"| DDIM {steps} steps, {n} digits | guidance | class accuracy | Fréchet distance |", "|---|---|---|---|"]
+    x, _ = sample(model, DDIMSampler(model.schedule), steps, labels, 1.0, device)
+    accuracy, distance = scorer.score(x, labels.cpu())
+    lines.append(f"| no guidance | 1 | {accuracy:.3f} | {distance:.1f} |")
+    print(lines[-1], flush=True)
+    for label, (low, high) in intervals.items():
+        fn = interval_guided(model, low, high)
+        for guidance in (2.0, 3.0):
+            eps_model = lambda x, t, y=None, w=guidance, fn=fn: fn(x, t, y, w)  # noqa: E731
+            started = time.perf_counter()
+            x = DDIMSampler(model.schedule).sample(
+                eps_model, model.image_shape, steps=steps, noise=ImageNoise.for_request(0, n, device=device),
+                class_labels=labels, device=device,
+            ).cpu()  # fmt: skip
+            rate = n / (time.perf_counter() - started)
+            accuracy, distance = scorer.score(x, labels.cpu())
+            lines.append(f"| {label} | {guidance:g} | {accuracy:.3f} | {distance:.1f} | {rate:.1f} img/s")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1000, help="digits per row (a multiple of 10)")
     p.add_argument("--rows", choices=list(ROWS), default="full")
     p.add_argument("--model", type=Path, default=SERVED, help="model folder (default: the served demo model)")
     p.add_argument("--guidance-study", action="store_true")
+    p.add_argument("--interval-study", action="store_true", help="guidance on a sigma interval only")
     p.add_argument("--steps", type=int, default=20, help="steps of the guidance study")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the guidance study (docs/quality.md: 123)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -152,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name}, torch {torch.__version__}", flush=True)
     if args.guidance_study:
         text = guidance_study(args.n, args.steps, args.device, args.seed)
+    elif args.interval_study:
+        text = interval_study(args.n, args.steps, args.device, args.model)
     else:
         text = table(ROWS[args.rows], args.n, args.device, args.grids, args.model)
     if args.out:

@@ -72,7 +72,7 @@ def test_cosine_lr_warms_up_then_decays_to_zero_at_the_last_step():
     factors = [lr_factor(s, cfg) for s in range(1001)]
     assert factors[0] == 0.01 and factors[99] == 1.0
     assert factors[100] == 1.0 and abs(factors[550] - 0.5) < 1e-9 and factors[1000] == 0.0
-    assert all(a >= b for a, b in zip(factors[100:], factors[101:]))
+    assert all(a >= b for a, b in zip(factors[100:], factors[101:], strict=False))
     assert lr_factor(500, TrainConfig(steps=1000, warmup_steps=100)) == 1.0  # constant by default
 
 
