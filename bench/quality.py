@@ -28,7 +28,7 @@ from judge import ROOT, Scorer, frechet_distance, predict  # noqa: E402
 from undiffuse import ImageNoise, load_model  # noqa: E402
 from undiffuse.images import make_grid, save_png  # noqa: E402
 from undiffuse.registry import make_sampler  # noqa: E402
-from undiffuse.samplers import DDIMSampler, StepOutput, guided_eps  # noqa: E402
+from undiffuse.samplers import DDIMSampler, StepOutput  # noqa: E402
 
 FULL = [
     *[("ddpm", steps, w) for steps in (100, 1000) for w in (1.0, 2.0, 3.0)],
@@ -146,47 +146,27 @@ def guidance_study(n: int, steps: int, device: str, seed: int) -> str:
     return "\n".join(lines)
 
 
-def interval_guided(model, low: float, high: float):
-    """An eps function that guides (two halves) only where low < sigma_t <= high, and is plain
-    conditional elsewhere (Kynkaanniemi et al. 2024); sigma_t = sqrt((1 - a_bar) / a_bar)."""
-    a_bar = model.schedule.alphas_cumprod
-    sigma = ((1 - a_bar) / a_bar).sqrt()
-    inside = (sigma > low) & (sigma <= high)
-
-    def eps(x, t, labels, scale):
-        guided = guided_eps(model.eps, x, t, labels, scale)
-        if bool(inside[t.cpu()].all()):
-            return guided
-        plain = model.eps(x, t, labels)
-        return torch.where(inside[t.cpu()].to(x.device).view(-1, 1, 1, 1), guided, plain)
-
-    return eps
-
-
-def interval_study(n: int, steps: int, device: str, model_dir: Path) -> str:
-    """DDIM at guidance 1, 2, 3 with guidance on every step and on sigma intervals only."""
+def interval_study(n: int, steps: int, device: str, model_dir: Path, seed: int) -> str:
+    """DDIM at guidance 2 and 3 with guidance at every step and on sigma intervals only
+    (Kynkaanniemi et al. 2024), against no guidance; sigma_t = sqrt((1 - a_bar) / a_bar)."""
     model = load_model(model_dir).to(device)
     scorer = Scorer()
-    labels = torch.arange(10).repeat_interleave(n // 10).to(device)
-    intervals = {"every step": (0.0, float("inf")), "sigma in (0.28, 5.42]": (0.28, 5.42),
+    labels = torch.arange(10).repeat_interleave(n // 10)
+    intervals = {"every step": None, "sigma in (0.28, 5.42]": (0.28, 5.42),
                  "sigma <= 5.42": (0.0, 5.42), "sigma in (0.28, 2]": (0.28, 2.0)}  # fmt: skip
-    lines = [f"| DDIM {steps} steps, {n} digits | guidance | class accuracy | Fréchet distance |", "|---|---|---|---|"]
-    x, _ = sample(model, DDIMSampler(model.schedule), steps, labels, 1.0, device)
-    accuracy, distance = scorer.score(x, labels.cpu())
-    lines.append(f"| no guidance | 1 | {accuracy:.3f} | {distance:.1f} |")
+    lines = [
+        f"| DDIM {steps} steps, {n} digits | guidance | class accuracy | Fréchet distance | images/s |",
+        "|---|---|---|---|---|",
+    ]
+    x, rate = sample(model, DDIMSampler(model.schedule), steps, labels, 1.0, device, seed)
+    accuracy, distance = scorer.score(x, labels)
+    lines.append(f"| no guidance | 1 | {accuracy:.3f} | {distance:.1f} | {rate:.1f} |")
     print(lines[-1], flush=True)
-    for label, (low, high) in intervals.items():
-        fn = interval_guided(model, low, high)
+    for label, interval in intervals.items():
         for guidance in (2.0, 3.0):
-            eps_model = lambda x, t, y=None, w=guidance, fn=fn: fn(x, t, y, w)  # noqa: E731
-            started = time.perf_counter()
-            x = DDIMSampler(model.schedule).sample(
-                eps_model, model.image_shape, steps=steps, noise=ImageNoise.for_request(0, n, device=device),
-                class_labels=labels, device=device,
-            ).cpu()  # fmt: skip
-            rate = n / (time.perf_counter() - started)
-            accuracy, distance = scorer.score(x, labels.cpu())
-            lines.append(f"| {label} | {guidance:g} | {accuracy:.3f} | {distance:.1f} | {rate:.1f} img/s")
+            x, rate = sample(model, DDIMSampler(model.schedule), steps, labels, guidance, device, seed, interval)
+            accuracy, distance = scorer.score(x, labels)
+            lines.append(f"| {label} | {guidance:g} | {accuracy:.3f} | {distance:.1f} | {rate:.1f} |")
             print(lines[-1], flush=True)
     return "\n".join(lines)
 
@@ -198,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=SERVED, help="model folder (default: the served demo model)")
     p.add_argument("--guidance-study", action="store_true")
     p.add_argument("--interval-study", action="store_true", help="guidance on a sigma interval only")
-    p.add_argument("--steps", type=int, default=20, help="steps of the guidance study")
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the guidance study (docs/quality.md: 123)")
+    p.add_argument("--steps", type=int, default=20, help="steps of the guidance and interval studies")
+    p.add_argument(
+        "--seed", type=int, default=0, help="noise seed of the studies (docs/quality.md: 123 for the guidance study)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="also write the Markdown table here")
     p.add_argument("--grids", type=Path, help="write a 10-step sample grid per sampler into this folder")
@@ -213,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.guidance_study:
         text = guidance_study(args.n, args.steps, args.device, args.seed)
     elif args.interval_study:
-        text = interval_study(args.n, args.steps, args.device, args.model)
+        text = interval_study(args.n, args.steps, args.device, args.model, args.seed)
     else:
         text = table(ROWS[args.rows], args.n, args.device, args.grids, args.model)
     if args.out:

@@ -21,6 +21,7 @@ Two folder layouts are understood:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -140,16 +141,25 @@ class ModelConfig:
             schedule=ScheduleConfig(**d["schedule"]),
             prediction_type=d["prediction_type"],
             class_names=tuple(names) if names else None,
-            guidance_interval=(float(interval[0]), float(interval[1])) if interval is not None else None,
+            guidance_interval=_interval_from_json(interval),
         )
 
 
+def _interval_from_json(value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, (int, float)) for v in value):
+        raise ValueError(f"guidance_interval must be [low, high] (two numbers) or null, got {value!r}")
+    return (float(value[0]), float(value[1]))
+
+
 def check_guidance_interval(interval: tuple[float, float] | None) -> None:
-    """A ValueError unless interval is None or two noise levels 0 <= low < high."""
+    """A ValueError unless interval is None or two finite noise levels 0 <= low < high (None,
+    not an infinite bound, means every step)."""
     if interval is None:
         return
-    if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
-        raise ValueError(f"guidance_interval must be [low, high] with 0 <= low < high, got {list(interval)}")
+    if len(interval) != 2 or not all(math.isfinite(v) for v in interval) or not 0 <= interval[0] < interval[1]:
+        raise ValueError(f"guidance_interval must be [low, high] with 0 <= low < high, finite, got {list(interval)}")
 
 
 @dataclass(frozen=True)

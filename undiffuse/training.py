@@ -46,11 +46,16 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: Literal["auto", "no"] = "auto"  # auto: bf16/fp16 autocast on CUDA
 
+    def __post_init__(self) -> None:
+        if self.lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {self.lr_decay!r}")
+
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """The multiplier of cfg.lr at an absolute optimizer step: a linear warm-up, then constant or
-    a cosine to 0 at cfg.steps. A function of the step alone, so a resumed run (even one resumed
-    with a larger --steps) continues on the same curve."""
+    a cosine to 0 at cfg.steps. It depends on the step and this run's settings only, so a run
+    resumed with the same --steps continues on its curve; a different --steps moves the cosine's
+    end, and the rate jumps to the new curve's value at the resumed step."""
     warmup = max(1, cfg.warmup_steps)
     if step < warmup:
         return (step + 1) / warmup

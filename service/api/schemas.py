@@ -136,6 +136,8 @@ class ModelInfo(BaseModel):
     prediction_type: str
     guidance_interval: list[float] | None = Field(
         default=None,
+        min_length=2,
+        max_length=2,
         description="[low, high]: guidance_scale acts where low < sigma_t <= high, "
         "sigma_t = sqrt((1 - a_bar_t) / a_bar_t); null: at every step",
     )

@@ -34,9 +34,10 @@ def test_the_guidance_interval_is_saved_read_and_checked(tmp_path):
     older = {k: v for k, v in cfg.to_dict().items() if k != "guidance_interval"}  # written before the field
     _write(tmp_path / "old" / "config.json", older)
     assert read_model_folder(tmp_path / "old").guidance_interval is None
-    _write(tmp_path / "bad" / "config.json", {**cfg.to_dict(), "guidance_interval": [5.0, 1.0]})
-    with pytest.raises(CheckpointError, match="guidance_interval must be"):
-        read_model_folder(tmp_path / "bad")
+    for bad in ([5.0, 1.0], [1.0], [], [0.1, 1.0, 99], {"low": 1}, ["a", "b"], [0.1, 1e400]):
+        _write(tmp_path / "bad" / "config.json", {**cfg.to_dict(), "guidance_interval": bad})
+        with pytest.raises(CheckpointError, match="guidance_interval must be"):
+            read_model_folder(tmp_path / "bad")
 
 
 def _diffusers_unet(folder, **extra):

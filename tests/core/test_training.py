@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from undiffuse import ModelConfig, NoiseSchedule, ScheduleConfig, UNetConfig, load_model
@@ -74,6 +75,8 @@ def test_cosine_lr_warms_up_then_decays_to_zero_at_the_last_step():
     assert factors[100] == 1.0 and abs(factors[550] - 0.5) < 1e-9 and factors[1000] == 0.0
     assert all(a >= b for a, b in zip(factors[100:], factors[101:], strict=False))
     assert lr_factor(500, TrainConfig(steps=1000, warmup_steps=100)) == 1.0  # constant by default
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay="linear")  # type: ignore[arg-type]
 
 
 def test_resume_with_a_new_lr_and_decay_follows_the_new_curve(tmp_path):
