@@ -31,6 +31,7 @@ def samples(model):
 def test_declared_shape_and_range(model, samples):
     assert (model.image_size, model.channels, model.num_classes) == (28, 1, 10)
     assert model.class_names == tuple(str(i) for i in range(10))
+    assert model.guidance_interval == (0.28, 5.42)  # docs/quality.md: guidance in a limited interval
     x, _ = samples
     assert x.shape == (100, 1, 28, 28) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1
@@ -70,6 +71,6 @@ def test_guidance_makes_the_requested_class_more_likely_not_less(model, samples)
     x, wanted = samples
     guided = DDIMSampler(model.schedule).sample(
         model.eps, model.image_shape, steps=20, noise=ImageNoise.for_request(0, 100), class_labels=wanted,
-        guidance_scale=3.0,
+        guidance_scale=3.0, guidance_interval=model.guidance_interval,
     )  # fmt: skip
     assert accuracy(guided, wanted) >= max(0.9, accuracy(x, wanted))

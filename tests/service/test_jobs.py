@@ -88,6 +88,7 @@ def test_models_health_and_readiness(api, stack):
     models = api.get("/v1/models").json()["models"]
     mnist = next(m for m in models if m["name"] == "mnist")
     assert mnist == {**mnist, "image_size": 28, "channels": 1, "num_classes": 10, "default": True}
+    assert mnist["guidance_interval"] == [0.28, 5.42]
     assert httpx.get(f"{stack.base_url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{stack.base_url}/readyz", timeout=30)
     assert ready.status_code == 200 and ready.json()["checks"] == {"redis": "ok", "s3": "ok", "sampler": "ok"}
