@@ -8,6 +8,7 @@ model told to guide every step, interleaved, in one run.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 from dataclasses import replace
@@ -27,7 +28,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     with_interval = load_model(ROOT / "models" / "mnist").eval()
-    every_step = load_model(ROOT / "models" / "mnist").eval()
+    every_step = copy.copy(with_interval)  # the same network, told to guide every step
     every_step.guidance_interval = None
     assert with_interval.guidance_interval is not None, "the demo model names no guidance interval"
     guided = [replace(r, guidance_scale=3.0) for r in digits(args.images, args.steps, job="g")]

@@ -219,8 +219,8 @@ class DenoisingEngine:
         if self.compiled:
             _allow_recompiles(len(self.buckets))
         self.step_time: dict[int, float] = {}  # bucket -> seconds, from warm_up()
-        interval = getattr(model, "guidance_interval", None)
         # [T] bool, where guidance acts (the model's interval); None: at every timestep
+        interval = model.guidance_interval
         self._guided_t = None if interval is None else guided_timesteps(model.schedule, interval).to(self.device)
         self._samplers: dict[tuple, Sampler] = {}
         self._ts_table = torch.empty(0, dtype=torch.long, device=self.device)
