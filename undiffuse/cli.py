@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_float_pair,
         help="LOW,HIGH: the noise levels sigma where classifier-free guidance acts when sampling (default: all)",
     )
+    t.add_argument(
+        "--mixed-precision",
+        choices=("auto", "no", "bf16"),
+        default="auto",
+        help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU; bf16: autocast on any device (fast on CPUs with AMX)",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-resume", action="store_true", help="start over even if --out has a state")
     t.add_argument("--device", default="auto")
@@ -223,6 +229,7 @@ def _train(args: argparse.Namespace) -> None:
         label_dropout=args.label_dropout,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        mixed_precision=args.mixed_precision,
     )
     trainer = Trainer(args.out, config, train_cfg, _device(args.device))
     if not args.no_resume and trainer.resume():

@@ -87,6 +87,7 @@ def test_train_then_sample_end_to_end(tmp_path, idx_data, capsys):
         (["sample", "--model", "x", "--sampler", "euler"], "invalid choice: 'euler'"),
         (["sample", "--model", "x", "--out", "a.jpg"], "must be a .png path"),
         (["train", "--data", "/nonexistent", "--out", "/tmp/x"], "no such file or folder"),
+        (["train", "--data", "x", "--out", "/tmp/x", "--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
         (["frobnicate"], "invalid choice"),
     ],
 )

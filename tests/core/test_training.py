@@ -40,6 +40,28 @@ def test_loss_decreases_and_checkpoint_is_served_model(tmp_path):
         assert torch.equal(v, ema[k]), k
 
 
+def test_bf16_autocast_trains_on_the_cpu_and_keeps_fp32_weights(tmp_path):
+    images, labels = _data()
+    cfg = ModelConfig(unet=TINY, schedule=ScheduleConfig(num_timesteps=100))
+    tc = TrainConfig(steps=120, batch_size=32, lr=2e-3, warmup_steps=10, checkpoint_every=120, sample_steps=2)
+    trainer = Trainer(tmp_path, cfg, TrainConfig(**{**tc.__dict__, "mixed_precision": "bf16"}))
+    assert trainer.amp_dtype is torch.bfloat16
+    assert Trainer(tmp_path / "fp32", cfg, tc).amp_dtype is None  # auto is fp32 on the CPU
+    seen = []
+    hook = trainer.network.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    torch.manual_seed(0)
+    before = sum(diffusion_loss(trainer.network, trainer.schedule, images, labels).item() for _ in range(5))
+    trainer.fit(images, labels, progress=False)
+    hook.remove()
+    torch.manual_seed(0)
+    after = sum(diffusion_loss(trainer.network, trainer.schedule, images, labels).item() for _ in range(5))
+    assert set(seen[5:]) == {torch.bfloat16}  # the training steps ran under autocast
+    assert after < 0.7 * before
+    assert all(p.dtype == torch.float32 for p in load_model(tmp_path / "model").network.parameters())
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")  # type: ignore[arg-type]
+
+
 def test_resume_continues_from_the_saved_step(tmp_path):
     images, labels = _data()
     cfg = ModelConfig(unet=TINY, schedule=ScheduleConfig(num_timesteps=100), prediction_type="v")
