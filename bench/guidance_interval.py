@@ -1,6 +1,6 @@
-"""What the guidance interval costs in the engine: guided DDIM rows of the demo model through
-DenoisingEngine with the model's interval (a torch.where per step on the twins) against the same
-model told to guide every step, interleaved, in one run.
+"""What the guidance interval saves in the engine: guided DDIM rows of the demo model through
+DenoisingEngine with the model's interval (null-class twins sent to the network only at the steps
+inside it) against the same model told to guide every step, interleaved, in one run.
 
     python bench/guidance_interval.py [--images 64] [--steps 20] [--repeats 3]
 """

@@ -18,7 +18,8 @@ One `step()`:
   2. assembles the batch only when the selection changed (requests joined, finished, were
      canceled or paused): per-row x, timestep-table offsets and positions, labels, guidance;
   3. runs the network once: rows at different timesteps in one call (the UNet takes a timestep
-     per row), plus a null-class twin for each row whose guidance scale is not 1;
+     per row), plus a null-class twin for each row whose guidance scale is not 1 and whose
+     timestep is inside the model's guidance interval (outside it the twin would go unused);
   4. applies each sampler's per-row `step()` to its rows (one call per distinct sampler in the
      batch, never per row), with per-row noise draws from (seed, index, step);
   5. hands back requests whose rows all finished: uint8 on the device, copied to pinned host
@@ -193,7 +194,9 @@ class _Batch:
     rows: Tensor  # [B] long: offset of each row's timestep list + its position
     starts: Tensor  # [B] long: offset of each row's timestep list (rows - starts = steps done)
     labels: Tensor | None  # [B] long
-    twins: Tensor | None  # [G] long: rows with guidance != 1
+    guided: list[tuple[_Slot, int, int, float]]  # (slot, begin, end, scale) of requests with guidance != 1
+    twin_key: tuple[int, ...] | None  # which of `guided` have twins in `twins` (None: not built yet)
+    twins: Tensor | None  # [G] long: rows whose null-class twin runs this step
     scales: Tensor | None  # [G, 1, 1, 1] float32: their guidance scales
     groups: list[tuple[Sampler, Tensor | None, ImageNoise]]  # (sampler, its rows or None for all, their noise)
     bounds: list[tuple[int, int]]  # each slot's [begin, end) rows in x
@@ -219,11 +222,12 @@ class DenoisingEngine:
         if self.compiled:
             _allow_recompiles(len(self.buckets))
         self.step_time: dict[int, float] = {}  # bucket -> seconds, from warm_up()
-        # [T] bool, where guidance acts (the model's interval); None: at every timestep
+        # per timestep, whether guidance acts (the model's interval; None: at every one), on the host
         interval = model.guidance_interval
-        self._guided_t = None if interval is None else guided_timesteps(model.schedule, interval).to(self.device)
+        self._guided_t = None if interval is None else guided_timesteps(model.schedule, interval).tolist()
         self._samplers: dict[tuple, Sampler] = {}
         self._ts_table = torch.empty(0, dtype=torch.long, device=self.device)
+        self._ts_host: list[int] = []  # the same table on the host: which steps need twins
         self._ts_offsets: dict[tuple, int] = {}
         self._slots: dict[Hashable, _Slot] = {}
         self._owners: deque[str] = deque()  # round-robin order of owners with work
@@ -436,7 +440,7 @@ class DenoisingEngine:
         old = self._batch
         if old is not None:
             _write_back(old, [s for s in old.slots if s.request.id in self._slots])
-        xs, histories, rows, starts, labels, seeds, indices, scales = [], [], [], [], [], [], [], []
+        xs, histories, rows, starts, labels, seeds, indices = [], [], [], [], [], [], []
         bounds, begin = [], 0
         for slot in selected:
             r = slot.request
@@ -451,12 +455,11 @@ class DenoisingEngine:
             labels += list(r.labels) if r.labels is not None else [NULL_CLASS] * r.count
             seeds += [r.seed] * r.count
             indices += range(r.start, r.start + r.count)
-            scales += [r.guidance_scale] * r.count
             bounds.append((begin, begin + r.count))
             begin += r.count
         dev = self.device
         as_long = lambda values: _host_to_device(torch.tensor(values, dtype=torch.long), dev)  # noqa: E731
-        twins = [i for i, w in enumerate(scales) if w != 1.0]
+        guided = [(slot, lo, hi, slot.request.guidance_scale) for slot, (lo, hi) in zip(selected, bounds, strict=True)]
         groups: dict[int, tuple[Sampler, list[int]]] = {}
         for slot, (lo, hi) in zip(selected, bounds, strict=True):
             groups.setdefault(id(slot.sampler), (slot.sampler, []))[1].extend(range(lo, hi))
@@ -475,8 +478,10 @@ class DenoisingEngine:
             rows=as_long(rows),
             starts=as_long(starts),
             labels=as_long(labels) if conditional else None,
-            twins=as_long(twins) if twins and conditional else None,
-            scales=_host_to_device(torch.tensor([scales[i] for i in twins]), dev).view(-1, 1, 1, 1) if twins else None,
+            guided=[g for g in guided if g[3] != 1.0] if conditional else [],
+            twin_key=None,
+            twins=None,
+            scales=None,
             groups=[(s, g, noise if g is None else noise.select(g)) for s, g in group_rows],
             bounds=bounds,
             previews=previews,
@@ -489,7 +494,8 @@ class DenoisingEngine:
     # --- the network ---------------------------------------------------------------------------------
     def _eps(self, batch: _Batch, t: Tensor) -> Tensor:
         """eps for every row, guided where the scale is not 1: [B, C, H, W] float32."""
-        x, labels, twins = batch.x, batch.labels, batch.twins
+        x, labels = batch.x, batch.labels
+        twins = self._twins(batch)
         n = x.shape[0]
         if twins is not None:  # the null-class twins ride in the same call
             x_in = torch.cat([x, x[twins]])
@@ -503,9 +509,27 @@ class DenoisingEngine:
         eps, eps_u = out[:n], out[n:]
         eps_c = eps[twins]
         guided = eps_u + batch.scales * (eps_c - eps_u)  # Ho & Salimans 2022
-        if self._guided_t is not None:  # outside the model's guidance interval: plain conditional
-            guided = torch.where(self._guided_t[t[twins]].view(-1, 1, 1, 1), guided, eps_c)
         return eps.index_copy(0, twins, guided)
+
+    def _twins(self, batch: _Batch) -> Tensor | None:
+        """[G] long: the rows whose null-class twin runs this step, those of guided requests at a
+        timestep inside the model's guidance interval (plain conditional steps outside it need
+        none). Every row of a request is at the same step, so this is decided per request on the
+        host; the index tensors are rebuilt only when the set changes (at the interval's edges)."""
+        if not batch.guided:
+            return None
+        key = tuple(
+            i
+            for i, (slot, _, _, _) in enumerate(batch.guided)
+            if self._guided_t is None or self._guided_t[self._ts_host[slot.ts_offset + slot.pos]]
+        )
+        if key != batch.twin_key:
+            rows = [row for i in key for row in range(batch.guided[i][1], batch.guided[i][2])]
+            scales = [batch.guided[i][3] for i in key for _ in range(batch.guided[i][1], batch.guided[i][2])]
+            batch.twin_key = key
+            batch.twins = _host_to_device(torch.tensor(rows, dtype=torch.long), self.device) if rows else None
+            batch.scales = _host_to_device(torch.tensor(scales), self.device).view(-1, 1, 1, 1) if rows else None
+        return batch.twins
 
     def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
         """The network at the engine's precision, padded to a bucket when compiled; returns eps
@@ -570,9 +594,12 @@ class DenoisingEngine:
         offset = self._ts_offsets.get(full)
         if offset is None:
             ts = sampler.timesteps(steps)
-            entry = _host_to_device(torch.tensor([*ts, previous_timesteps(ts)[-1]], dtype=torch.long), self.device)
+            values = [*ts, previous_timesteps(ts)[-1]]
             offset = self._ts_offsets[full] = self._ts_table.numel()
-            self._ts_table = torch.cat([self._ts_table, entry])
+            self._ts_table = torch.cat(
+                [self._ts_table, _host_to_device(torch.tensor(values, dtype=torch.long), self.device)]
+            )
+            self._ts_host += values
         return offset
 
     def _validate(self, request: Request) -> None:

@@ -12,6 +12,7 @@ import torch
 from undiffuse import DiffusionModel, ImageNoise, ModelConfig, ScheduleConfig, UNet, UNetConfig
 from undiffuse.engine import DenoisingEngine, EngineConfig, Request
 from undiffuse.registry import make_sampler
+from undiffuse.samplers import NULL_CLASS, guided_timesteps
 
 TINY = UNetConfig(image_size=8, base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,), num_classes=3)
 
@@ -104,6 +105,33 @@ def test_guidance_acts_only_inside_the_models_interval_exactly_as_in_the_sampler
         unguided = reference(rowwise, replace(r, guidance_scale=1.0))
         assert not torch.allclose(done[r.id].samples, unguided, atol=1e-4), r.id
         assert not torch.allclose(done[r.id].samples, reference(everywhere, r), atol=1e-4), r.id
+
+
+def test_null_class_twins_run_only_at_the_timesteps_inside_the_interval():
+    """Outside the guidance interval a guided row is plain conditional, so its twin is not sent to
+    the network at all: every call has the images plus one twin per guided image whose timestep
+    is inside the interval, and the unguided request never has one."""
+    calls: list[tuple[int, int]] = []  # (rows, null-class rows) of each network call
+
+    class Counting(RowWise):
+        def forward(self, x, t, labels=None):
+            calls.append((x.shape[0], int((labels == NULL_CLASS).sum())))
+            return super().forward(x, t, labels)
+
+    rowwise = DiffusionModel.from_config(
+        Counting(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200), guidance_interval=(0.3, 1.5))
+    )
+    guided = Request("g", "a", seed=1, start=0, count=3, steps=12, labels=[0, 1, 2], guidance_scale=3.0)
+    plain = Request("p", "b", seed=2, start=0, count=2, steps=12, labels=[1, 1])
+    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
+    done = run(engine, {0: [guided, plain]})
+    inside = guided_timesteps(rowwise.schedule, rowwise.guidance_interval)
+    expected = [
+        (5 + 3 * int(inside[t]), 3 * int(inside[t])) for t in make_sampler("ddim", rowwise.schedule).timesteps(12)
+    ]
+    assert calls == expected
+    assert {twins for _, twins in calls} == {0, 3}  # the interval starts and ends within the 12 steps
+    assert torch.equal(done["g"].samples, reference(rowwise, guided))
 
 
 # The UNet's convolutions return a row's output differently by up to ~1e-6 depending on the batch
