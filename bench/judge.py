@@ -118,14 +118,45 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     return float((mu_a - mu_b).square().sum() + torch.trace(s_a + s_b - 2 * cross))
 
 
+def nearest_distances(queries: Tensor, pool: Tensor, skip_first: int = 0, chunk: int = 500) -> Tensor:
+    """[N] Euclidean pixel distance of each query [N, 1, 28, 28] to its nearest image in pool
+    [M, 1, 28, 28]; skip_first > 0: queries i < skip_first are pool[offset + i] themselves and
+    must not match themselves (the caller passes pool with the queries' own rows first)."""
+    q, p = queries.float().flatten(1), pool.float().flatten(1)
+    out = []
+    for start in range(0, len(q), chunk):
+        d = torch.cdist(q[start : start + chunk], p)
+        own = torch.arange(start, min(start + chunk, len(q)))
+        mine = own < skip_first
+        d[mine.nonzero().squeeze(1), own[mine]] = float("inf")
+        out.append(d.min(1).values)
+    return torch.cat(out)
+
+
 class Scorer:
-    """Scores generated digits against the held-out real ones."""
+    """Scores generated digits against the held-out real ones, and checks them for near-copies of
+    the generator's training digits (all 10,000 shared digits)."""
+
+    COPY_QUANTILE = 0.01  # a "near-copy" is nearer its nearest training digit than 99 % of real digits are
 
     def __init__(self) -> None:
         self.judge = load()
         x, y = mnist()
         self.real_x, self.real_y = x[HELD_OUT], y[HELD_OUT]
         _, self.real_features = predict(self.judge, self.real_x)
+        self.training_x = x  # what models/mnist trained on
+        # each held-out digit's nearest *other* digit of the 10,000 (itself first, then the rest)
+        held = torch.arange(len(x))[HELD_OUT]
+        rest = torch.ones(len(x), dtype=torch.bool)
+        rest[held] = False
+        real_nearest = nearest_distances(x[held], torch.cat([x[held], x[rest]]), skip_first=len(held))
+        self.copy_distance = float(real_nearest.quantile(self.COPY_QUANTILE))
+
+    def near_copies(self, images: Tensor) -> float:
+        """The fraction of images [N, 1, 28, 28] nearer (in pixels) to some training digit than
+        all but 1 % of real digits are to their nearest other digit: 0.01 for real digits, far
+        above it for a model that reproduces its training set."""
+        return float((nearest_distances(images, self.training_x) < self.copy_distance).float().mean())
 
     def score(self, images: Tensor, labels: Tensor) -> tuple[float, float]:
         """(class accuracy, Fréchet distance to real held-out digits) of images [N, 1, 28, 28]."""
@@ -149,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     _, train_features = predict(scorer.judge, x[TRAIN][:2000])
     fd = frechet_distance(train_features, scorer.real_features)
     print(f"held-out accuracy {accuracy:.4f} on 2,000 real digits; Fréchet distance real-to-real {fd:.2f}")
+    print(f"near-copy distance (1st percentile of real digits' nearest other digit): {scorer.copy_distance:.2f}")
     return 0
 
 

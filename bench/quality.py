@@ -94,15 +94,18 @@ def table(rows: list[tuple], n: int, device: str, grid_dir: Path | None, model_d
     scorer = Scorer()
     labels = torch.arange(10).repeat_interleave(n // 10)
     lines = [
-        "| sampler | steps | guidance | class accuracy | Fréchet distance | images/s |",
-        "|---|---|---|---|---|---|",
+        "| sampler | steps | guidance | class accuracy | Fréchet distance | near-copies | images/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, steps, guidance, *interval in rows:  # a 4th element overrides the model's interval
         where = interval[0] if interval else "model"
         x, rate = sample(model, make_sampler(name, model.schedule), steps, labels, guidance, device, interval=where)
         accuracy, distance = scorer.score(x, labels)
+        copies = scorer.near_copies(x)
         note = " (every step)" if interval and interval[0] is None else ""
-        lines.append(f"| {name} | {steps} | {guidance:g}{note} | {accuracy:.3f} | {distance:.1f} | {rate:,.1f} |")
+        lines.append(
+            f"| {name} | {steps} | {guidance:g}{note} | {accuracy:.3f} | {distance:.1f} | {copies:.3f} | {rate:,.1f} |"
+        )
         print(lines[-1], flush=True)
     if grid_dir is not None:
         grids(model, grid_dir, device)
