@@ -194,8 +194,8 @@ class _Batch:
     rows: Tensor  # [B] long: offset of each row's timestep list + its position
     starts: Tensor  # [B] long: offset of each row's timestep list (rows - starts = steps done)
     labels: Tensor | None  # [B] long
-    guided: list[tuple[_Slot, int, int, float]]  # (slot, begin, end, scale) of requests with guidance != 1
-    twin_key: tuple[int, ...] | None  # which of `guided` have twins in `twins` (None: not built yet)
+    guided: list[tuple[_Slot, int, int]]  # (slot, begin, end) of each request with guidance != 1
+    twin_key: tuple[int, ...] | None  # which of `guided` have their twins in `twins` (None: not built yet)
     twins: Tensor | None  # [G] long: rows whose null-class twin runs this step
     scales: Tensor | None  # [G, 1, 1, 1] float32: their guidance scales
     groups: list[tuple[Sampler, Tensor | None, ImageNoise]]  # (sampler, its rows or None for all, their noise)
@@ -459,7 +459,6 @@ class DenoisingEngine:
             begin += r.count
         dev = self.device
         as_long = lambda values: _host_to_device(torch.tensor(values, dtype=torch.long), dev)  # noqa: E731
-        guided = [(slot, lo, hi, slot.request.guidance_scale) for slot, (lo, hi) in zip(selected, bounds, strict=True)]
         groups: dict[int, tuple[Sampler, list[int]]] = {}
         for slot, (lo, hi) in zip(selected, bounds, strict=True):
             groups.setdefault(id(slot.sampler), (slot.sampler, []))[1].extend(range(lo, hi))
@@ -478,7 +477,11 @@ class DenoisingEngine:
             rows=as_long(rows),
             starts=as_long(starts),
             labels=as_long(labels) if conditional else None,
-            guided=[g for g in guided if g[3] != 1.0] if conditional else [],
+            guided=[
+                (slot, lo, hi)
+                for slot, (lo, hi) in zip(selected, bounds, strict=True)
+                if conditional and slot.request.guidance_scale != 1.0
+            ],
             twin_key=None,
             twins=None,
             scales=None,
@@ -520,12 +523,13 @@ class DenoisingEngine:
             return None
         key = tuple(
             i
-            for i, (slot, _, _, _) in enumerate(batch.guided)
+            for i, (slot, _, _) in enumerate(batch.guided)
             if self._guided_t is None or self._guided_t[self._ts_host[slot.ts_offset + slot.pos]]
         )
         if key != batch.twin_key:
-            rows = [row for i in key for row in range(batch.guided[i][1], batch.guided[i][2])]
-            scales = [batch.guided[i][3] for i in key for _ in range(batch.guided[i][1], batch.guided[i][2])]
+            active = [batch.guided[i] for i in key]
+            rows = [row for _, lo, hi in active for row in range(lo, hi)]
+            scales = [slot.request.guidance_scale for slot, lo, hi in active for _ in range(lo, hi)]
             batch.twin_key = key
             batch.twins = _host_to_device(torch.tensor(rows, dtype=torch.long), self.device) if rows else None
             batch.scales = _host_to_device(torch.tensor(scales), self.device).view(-1, 1, 1, 1) if rows else None
