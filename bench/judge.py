@@ -120,9 +120,9 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
 
 def nearest_distances(queries: Tensor, pool: Tensor, skip_first: int = 0, chunk: int = 500) -> Tensor:
     """[N] Euclidean pixel distance of each query [N, 1, 28, 28] to its nearest image in pool
-    [M, 1, 28, 28]; skip_first > 0: queries i < skip_first are pool[offset + i] themselves and
-    must not match themselves (the caller passes pool with the queries' own rows first)."""
-    q, p = queries.float().flatten(1), pool.float().flatten(1)
+    [M, 1, 28, 28], both in [-1, 1]; queries i < skip_first are pool[i] themselves and must not
+    match themselves (the caller puts the queries' own rows first in pool)."""
+    q, p = queries.float().clamp(-1, 1).flatten(1), pool.float().flatten(1)
     out = []
     for start in range(0, len(q), chunk):
         d = torch.cdist(q[start : start + chunk], p)

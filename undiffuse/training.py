@@ -118,6 +118,9 @@ class Trainer:
 
     def _amp_dtype(self) -> torch.dtype | None:
         if self.cfg.mixed_precision == "bf16":
+            if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                # CUDA autocast would switch itself off with a warning and train in fp32
+                raise ValueError("mixed_precision 'bf16': this GPU has no bf16; use 'auto' (fp16) or 'no'")
             return torch.bfloat16
         if self.cfg.mixed_precision == "no" or self.device.type != "cuda":
             return None
@@ -150,7 +153,8 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the saving run had no fp16 scaler (CPU, bf16 or fp32)
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"].cpu())
         self.step = int(state["step"])
         # --lr may differ from the run's first: the curve continues from this run's base lr, at

@@ -161,6 +161,18 @@ def test_a_small_batch_budget_pauses_and_resumes_rows_without_changing_them(mode
         assert (done[r.id].samples - reference(model, r)).abs().max().item() <= UNET_TOLERANCE, r.id
 
 
+def test_guided_rows_paused_across_the_interval_edges_keep_their_twins_right():
+    """A budget that makes requests take turns while their twins switch on and off at the
+    interval's edges: every image is still the sampler's, bit for bit (row-wise network)."""
+    config = ModelConfig(TINY, ScheduleConfig(num_timesteps=200), guidance_interval=(0.3, 1.5))
+    rowwise = DiffusionModel.from_config(RowWise(), config)
+    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=6, keep_samples=True, latency_slack=None))
+    done = run(engine, {0: REQUESTS[:4], 3: REQUESTS[4:]})
+    assert set(done) == {r.id for r in REQUESTS}
+    for r in REQUESTS:
+        assert torch.equal(done[r.id].samples, reference(rowwise, r)), r.id
+
+
 def test_cancel_removes_rows_at_the_next_step_and_spares_the_others(model):
     engine = DenoisingEngine(model, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
     keep, drop = REQUESTS[0], REQUESTS[3]
