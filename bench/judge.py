@@ -118,17 +118,16 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     return float((mu_a - mu_b).square().sum() + torch.trace(s_a + s_b - 2 * cross))
 
 
-def nearest_distances(queries: Tensor, pool: Tensor, skip_first: int = 0, chunk: int = 500) -> Tensor:
+def nearest_distances(queries: Tensor, pool: Tensor, own: Tensor | None = None, chunk: int = 500) -> Tensor:
     """[N] Euclidean pixel distance of each query [N, 1, 28, 28] to its nearest image in pool
-    [M, 1, 28, 28], both in [-1, 1]; queries i < skip_first are pool[i] themselves and must not
-    match themselves (the caller puts the queries' own rows first in pool)."""
+    [M, 1, 28, 28], both in [-1, 1]; own [N] long: each query's own index in pool, which it must
+    not match (leave-one-out), or None when the queries are not in pool."""
     q, p = queries.float().clamp(-1, 1).flatten(1), pool.float().flatten(1)
     out = []
     for start in range(0, len(q), chunk):
         d = torch.cdist(q[start : start + chunk], p)
-        own = torch.arange(start, min(start + chunk, len(q)))
-        mine = own < skip_first
-        d[mine.nonzero().squeeze(1), own[mine]] = float("inf")
+        if own is not None:
+            d[torch.arange(len(d)), own[start : start + chunk]] = float("inf")
         out.append(d.min(1).values)
     return torch.cat(out)
 
@@ -145,11 +144,8 @@ class Scorer:
         self.real_x, self.real_y = x[HELD_OUT], y[HELD_OUT]
         _, self.real_features = predict(self.judge, self.real_x)
         self.training_x = x  # what models/mnist trained on
-        # each held-out digit's nearest *other* digit of the 10,000 (itself first, then the rest)
-        held = torch.arange(len(x))[HELD_OUT]
-        rest = torch.ones(len(x), dtype=torch.bool)
-        rest[held] = False
-        real_nearest = nearest_distances(x[held], torch.cat([x[held], x[rest]]), skip_first=len(held))
+        # each held-out digit's nearest *other* digit of the 10,000
+        real_nearest = nearest_distances(self.real_x, x, own=torch.arange(len(x))[HELD_OUT])
         self.copy_distance = float(real_nearest.quantile(self.COPY_QUANTILE))
 
     def near_copies(self, images: Tensor) -> float:
