@@ -13,6 +13,7 @@ checked on the last 2,000 (the "real" reference for the distance).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parent.parent
-MNIST = ROOT.parent / "shared" / "datasets" / "mnist"
+MNIST = Path(os.environ.get("UNDIFFUSE_MNIST", ROOT.parent / "shared" / "datasets" / "mnist"))  # the IDX files
 WEIGHTS = Path(__file__).resolve().parent / "judge.safetensors"
 TRAIN, HELD_OUT = slice(0, 8000), slice(8000, 10000)
 

@@ -89,26 +89,51 @@ def sample(
     return x.cpu(), len(labels) / (time.perf_counter() - started)
 
 
-def table(rows: list[tuple], n: int, device: str, grid_dir: Path | None, model_dir: Path = SERVED) -> str:
+def table(
+    rows: list[tuple],
+    n: int,
+    device: str,
+    grid_dir: Path | None,
+    model_dir: Path = SERVED,
+    max_seconds: float | None = None,
+) -> str:
+    """The rows in their listed order. With max_seconds, the cheapest rows run first and a row
+    that would not finish in time (at the network rows per second measured so far) is listed as
+    not run; the grids come first."""
     model = load_model(model_dir).to(device)
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    if grid_dir is not None:
+        grids(model, grid_dir, device)
     scorer = Scorer()
     labels = torch.arange(10).repeat_interleave(n // 10)
     lines = [
         "| sampler | steps | guidance | class accuracy | Fréchet distance | near-copies | images/s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, steps, guidance, *interval in rows:  # a 4th element overrides the model's interval
+
+    def cost(row: tuple) -> float:  # network rows per image, guidance twins counted as half the steps
+        return row[1] * (1.0 if row[2] == 1.0 else 1.5)
+
+    done: dict[tuple, str] = {}
+    order = sorted(rows, key=cost) if deadline else rows
+    per_cost = 0.0  # seconds per unit of cost, as the last row ran
+    for row in order:
+        name, steps, guidance, *interval = row  # a 4th element overrides the model's interval
+        if deadline is not None and time.monotonic() + per_cost * cost(row) > deadline:
+            done[row] = f"| {name} | {steps} | {guidance:g} | not run (time limit) | | | |"
+            continue
         where = interval[0] if interval else "model"
+        started = time.monotonic()
         x, rate = sample(model, make_sampler(name, model.schedule), steps, labels, guidance, device, interval=where)
+        per_cost = (time.monotonic() - started) / cost(row)
         accuracy, distance = scorer.score(x, labels)
         copies = scorer.near_copies(x)
         note = " (every step)" if interval and interval[0] is None else ""
-        lines.append(
+        done[row] = (
             f"| {name} | {steps} | {guidance:g}{note} | {accuracy:.3f} | {distance:.1f} | {copies:.3f} | {rate:,.1f} |"
         )
-        print(lines[-1], flush=True)
-    if grid_dir is not None:
-        grids(model, grid_dir, device)
+        print(done[row], flush=True)
+    lines += [done[row] for row in rows]
     return "\n".join(lines)
 
 
@@ -188,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="also write the Markdown table here")
     p.add_argument("--grids", type=Path, help="write a 10-step sample grid per sampler into this folder")
+    p.add_argument("--max-minutes", type=float, help="table: cheapest rows first, none started after this")
     args = p.parse_args(argv)
     if args.n % 10:
         p.error("--n must be a multiple of 10")
@@ -200,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.interval_study:
         text = interval_study(args.n, args.steps, args.device, args.model, args.seed)
     else:
-        text = table(ROWS[args.rows], args.n, args.device, args.grids, args.model)
+        limit = None if args.max_minutes is None else args.max_minutes * 60
+        text = table(ROWS[args.rows], args.n, args.device, args.grids, args.model, limit)
     if args.out:
         args.out.write_text(f"device: {name}\n\n{text}\n")
     return 0

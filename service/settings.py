@@ -58,7 +58,9 @@ class Settings(BaseSettings):
         default_factory=dict, description='per-model overrides, e.g. {"mnist": "fp32"}'
     )
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the networks: auto = on CUDA")
-    compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile mode, e.g. reduce-overhead")
+    compile_mode: str = Field(
+        "default", description="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs"
+    )
     warmup_seconds: float = Field(120.0, ge=0, description="time budget to warm up (and compile) every batch bucket")
     latency_slack: float = Field(1.25, ge=1.0, description="engine scheduler: how much a short job may be slowed")
     progress_interval_seconds: float = Field(

@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU; bf16: autocast on any device (fast on CPUs with AMX)",
     )
+    t.add_argument("--max-minutes", type=float, help="stop (and save) after this much wall time, even before --steps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-resume", action="store_true", help="start over even if --out has a state")
     t.add_argument("--device", default="auto")
@@ -201,6 +202,8 @@ def _train(args: argparse.Namespace) -> None:
         images = torch.nn.functional.interpolate(images, size=args.image_size, mode="bilinear")
     if not 0 <= args.ema_decay < 1:
         raise UsageError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise UsageError(f"--max-minutes must be > 0, got {args.max_minutes}")
     num_classes = int(labels.max()) + 1 if labels is not None else None
     unet = UNetConfig(
         image_size=images.shape[-1],
@@ -234,7 +237,7 @@ def _train(args: argparse.Namespace) -> None:
     trainer = Trainer(args.out, config, train_cfg, _device(args.device))
     if not args.no_resume and trainer.resume():
         print(f"resumed from {args.out} at step {trainer.step}", file=sys.stderr)
-    trainer.fit(images, labels)
+    trainer.fit(images, labels, max_seconds=None if args.max_minutes is None else args.max_minutes * 60)
     print(f"trained to step {trainer.step}; model in {args.out / 'model'}")
 
 

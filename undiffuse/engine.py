@@ -87,7 +87,7 @@ class EngineConfig:
     precision: network precision; None picks bf16 on CUDA (fp16 where bf16 is unsupported) and
     fp32 on a CPU. The sampler arithmetic always runs in fp32.
     compile: torch.compile the network, padding each call to the next bucket size so that
-    steady state never recompiles; compile_mode e.g. "max-autotune-no-cudagraphs" or
+    steady state never recompiles; compile_mode "default" (max-autotune compiles for minutes per bucket) or
     "reduce-overhead" (CUDA graphs). None compiles on CUDA only.
     latency_slack: a request may join a step only if the step stays within this factor of the
     shortest request's own step time (from the warm-up table), unless its remaining work is
@@ -98,7 +98,7 @@ class EngineConfig:
     precision: Precision | None = None
     channels_last: bool = True
     compile: bool | None = None
-    compile_mode: str = "max-autotune-no-cudagraphs"
+    compile_mode: str = "default"
     buckets: tuple[int, ...] | None = None
     latency_slack: float | None = 1.25
     merge_ratio: float = 2.0

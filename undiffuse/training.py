@@ -166,7 +166,9 @@ class Trainer:
         return True
 
     # --- loop -----------------------------------------------------------------------------------
-    def train_step(self, x0: Tensor, labels: Tensor | None) -> float:
+    def train_step(self, x0: Tensor, labels: Tensor | None) -> Tensor:
+        """One optimizer step; returns the loss as a 0-d tensor on the device (reading it as a
+        number waits for the device, so `fit` reads it only every `log_every` steps)."""
         self.network.train()
         if labels is not None and self.cfg.label_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.cfg.label_dropout
@@ -184,10 +186,21 @@ class Trainer:
         self.lr_schedule.step()
         self.ema.update_parameters(self.network)
         self.step += 1
-        return float(loss.detach())
+        return loss.detach()
 
-    def fit(self, images: Tensor, labels: Tensor | None, progress: bool = True) -> None:
-        """Train until cfg.steps on images [N, C, H, W] in [-1, 1] (+ labels [N])."""
+    def fit(
+        self,
+        images: Tensor,
+        labels: Tensor | None,
+        progress: bool = True,
+        max_seconds: float | None = None,
+        log_every: int = 50,
+    ) -> None:
+        """Train until cfg.steps on images [N, C, H, W] in [-1, 1] (+ labels [N]), or until
+        max_seconds of wall time have passed: then it stops at the step it reached and saves
+        (the learning-rate curve still ends at cfg.steps, so it stops part-way down it)."""
+        import time
+
         from tqdm import tqdm
 
         if self.model_config.unet.num_classes is not None and labels is None:
@@ -199,14 +212,23 @@ class Trainer:
         labels = labels.to(self.device) if labels is not None and self.model_config.unet.num_classes else None
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed + self.step)
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress, unit="it", dynamic_ncols=True)
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        losses: list[Tensor] = []
         while self.step < self.cfg.steps:
-            idx = torch.randint(0, images.shape[0], (self.cfg.batch_size,), generator=gen).to(self.device)
-            loss = self.train_step(images[idx], labels[idx] if labels is not None else None)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+            idx = torch.randint(0, images.shape[0], (self.cfg.batch_size,), generator=gen)
+            if self.device.type == "cuda":  # a pageable copy would wait for the device every step
+                idx = idx.pin_memory().to(self.device, non_blocking=True)
+            losses.append(self.train_step(images[idx], labels[idx] if labels is not None else None))
+            out_of_time = deadline is not None and time.monotonic() >= deadline
+            if len(losses) >= log_every or out_of_time or self.step == self.cfg.steps:
+                bar.update(len(losses))
+                bar.set_postfix(loss=f"{float(torch.stack(losses).mean()):.4f}", refresh=False)
+                losses = []
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or out_of_time:
                 self.save()
                 self.write_grid()
+            if out_of_time:
+                break
         bar.close()
 
     def served_model(self) -> DiffusionModel:

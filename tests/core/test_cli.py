@@ -121,3 +121,12 @@ def test_sample_checks_class_against_model(tmp_path, idx_data):
         timeout=120,
     )
     assert proc.returncode == 2 and "--class must be in [0, 2], got 3" in proc.stderr
+
+
+def test_train_refuses_a_non_positive_time_limit(tmp_path, idx_data):
+    img, lab, _ = idx_data
+    args = ["train", "--data", str(img), "--labels", str(lab), "--out", str(tmp_path / "run"), "--max-minutes", "0"]
+    proc = subprocess.run([sys.executable, "-m", "undiffuse.cli", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "undiffuse: error: --max-minutes must be > 0, got 0.0"
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -113,3 +113,18 @@ def test_resume_with_a_new_lr_and_decay_follows_the_new_curve(tmp_path):
     assert again.optimizer.param_groups[0]["lr"] == 4e-4 * lr_factor(4, tc)
     again.fit(images, labels, progress=False)
     assert again.optimizer.param_groups[0]["lr"] == 0.0  # the cosine's end, from the new base lr
+
+
+def test_a_wall_time_limit_stops_part_way_and_saves_a_resumable_state(tmp_path):
+    images, labels = _data()
+    cfg = ModelConfig(unet=TINY, schedule=ScheduleConfig(num_timesteps=100))
+    tc = TrainConfig(
+        steps=10**6, batch_size=8, warmup_steps=2, lr_decay="cosine", checkpoint_every=10**6, sample_steps=2
+    )
+    trainer = Trainer(tmp_path, cfg, tc)
+    trainer.fit(images, labels, progress=False, max_seconds=0.5)
+    assert 0 < trainer.step < tc.steps
+    again = Trainer(tmp_path, cfg, tc)
+    assert again.resume() and again.step == trainer.step  # saved where it stopped
+    assert (tmp_path / "samples" / f"step_{trainer.step:06d}.png").is_file()
+    assert again.optimizer.param_groups[0]["lr"] > 0  # the cosine to 10**6 was not finished
