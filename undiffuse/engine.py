@@ -397,27 +397,34 @@ class DenoisingEngine:
         turn = owners.index(head_owner) + 1
         offered = itertools.zip_longest(*(by_owner[o] for o in owners[turn:] + owners[:turn]))
         chosen, rows = [head], head.rows
+        # the latency check, kept incrementally (a pass over `chosen` only when the shortest
+        # remaining work drops): the host work of a step stays linear in the requests
+        check = cfg.latency_slack is not None and bool(self.step_time)
+        ratio = cfg.merge_ratio
+        shortest = head.remaining
+        short_rows = head.rows if head.remaining <= ratio * shortest else 0
         for slot in (s for group in offered for s in group if s is not None):
             if rows + slot.rows > cfg.max_batch:
                 continue
-            if self._cheap_to_join([*chosen, slot], rows + slot.rows):
-                chosen.append(slot)
-                rows += slot.rows
+            if check:
+                low = min(shortest, slot.remaining)
+                short = short_rows if low == shortest else sum(s.rows for s in chosen if s.remaining <= ratio * low)
+                short += slot.rows if slot.remaining <= ratio * low else 0
+                if not self._cheap_to_join(rows + slot.rows, short):
+                    continue
+                shortest, short_rows = low, short
+            chosen.append(slot)
+            rows += slot.rows
         # every step the fill starts one owner further round (and the head's owner goes last)
         rest = owners[turn:] + owners[: turn - 1]
         self._owners = deque([*rest[1:], *rest[:1], head_owner])
         return sorted(chosen, key=lambda s: s.order)
 
-    def _cheap_to_join(self, trial: list[_Slot], rows: int) -> bool:
-        """Whether a step over trial's rows stays within latency_slack of the time the short
-        requests in it (within merge_ratio of the least remaining work) would take alone.
-        Always true without a measured step-time table or with latency_slack None."""
-        slack = self.config.latency_slack
-        if slack is None or not self.step_time:
-            return True
-        shortest = min(s.remaining for s in trial)
-        short_rows = sum(s.rows for s in trial if s.remaining <= self.config.merge_ratio * shortest)
-        return self._cost(rows) <= slack * self._cost(short_rows)
+    def _cheap_to_join(self, rows: int, short_rows: int) -> bool:
+        """Whether a step over `rows` stays within latency_slack of the time the `short_rows` (the
+        rows of the requests within merge_ratio of the least remaining work among them) would take
+        alone, by the measured step-time table."""
+        return self._cost(rows) <= self.config.latency_slack * self._cost(short_rows)
 
     def _cost(self, rows: int) -> float:
         """Seconds per step for a batch of rows, from the warm-up table; a bucket warm-up did not

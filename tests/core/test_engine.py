@@ -4,6 +4,9 @@ requests fast where merging is expensive."""
 
 from __future__ import annotations
 
+import itertools
+import random
+from collections import deque
 from dataclasses import replace
 
 import pytest
@@ -228,6 +231,60 @@ def test_short_requests_are_not_slowed_where_merging_is_expensive(model):
         assert engine.progress()["long"] == (3 if merged else 1)
         engine.step()
         assert engine.progress()["long"] == (4 if merged else 2)  # resumes once the short one is done
+
+
+def _select_by_definition(engine: DenoisingEngine) -> list:
+    """The selection rule as the engine's docstring states it, checked from scratch for every
+    candidate (quadratic in the requests; the engine keeps the check incremental)."""
+    cfg, by_owner = engine.config, {}
+    for slot in engine._slots.values():
+        by_owner.setdefault(slot.request.owner, []).append(slot)
+    for slots in by_owner.values():
+        slots.sort(key=lambda s: s.priority)
+    owners = [o for o in engine._owners if o in by_owner]
+    head_owner = min(owners, key=lambda o: by_owner[o][0].priority)
+    head = by_owner[head_owner].pop(0)
+    turn = owners.index(head_owner) + 1
+    offered = itertools.zip_longest(*(by_owner[o] for o in owners[turn:] + owners[:turn]))
+    chosen = [head]
+    for slot in (s for group in offered for s in group if s is not None):
+        trial = [*chosen, slot]
+        rows = sum(s.rows for s in trial)
+        if rows > cfg.max_batch:
+            continue
+        shortest = min(s.remaining for s in trial)
+        short = sum(s.rows for s in trial if s.remaining <= cfg.merge_ratio * shortest)
+        if engine._cost(rows) <= cfg.latency_slack * engine._cost(short):
+            chosen.append(slot)
+    return sorted(s.request.id for s in chosen)
+
+
+def test_the_incremental_latency_check_selects_what_its_definition_does(model):
+    """Many requests of many owners, lengths and sizes under a table where merging costs: the
+    engine's selection at every step equals the rule checked from scratch."""
+    rng = random.Random(0)
+    engine = DenoisingEngine(model, EngineConfig(max_batch=48, latency_slack=1.25))
+    engine.step_time = {b: 1e-3 * b for b in engine.buckets}
+    agreed = set()
+    for k in range(60):
+        count = rng.randint(1, 6)
+        engine.add(
+            Request(k, f"owner{k % 5}", seed=k, start=0, count=count, steps=rng.randint(2, 30),
+                    labels=[k % 3] * count, guidance_scale=2.0 if k % 4 == 0 else 1.0)
+        )  # fmt: skip
+        if k % 2:
+            continue
+        for _ in range(3):
+            if engine.idle:
+                break
+            expected = _select_by_definition(engine)
+            owners = list(engine._owners)
+            got = sorted(s.request.id for s in engine._select())
+            assert got == expected, k
+            agreed.add(len(got))
+            engine._owners = deque(owners)  # the engine's own step selects again
+            engine.step()
+    assert len(agreed) > 3  # selections of many sizes were compared
 
 
 def test_a_stream_of_short_requests_does_not_starve_a_long_one(model):
