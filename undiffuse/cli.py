@@ -146,11 +146,14 @@ def _class_labels(text: str) -> int | list[int]:
     return values[0] if len(values) == 1 and "," not in text else list(values)
 
 
-def _add_client_commands(sub) -> None:
-    from undiffuse.client import DEFAULT_URL
+# undiffuse.client.DEFAULT_URL, written out so that `train` and `sample` never import the HTTP
+# client (httpx, httpx-sse): a GPU training box may have torch alone (a test keeps them equal)
+_DEFAULT_URL = "http://127.0.0.1:8000"
 
+
+def _add_client_commands(sub) -> None:
     service = argparse.ArgumentParser(add_help=False)
-    service.add_argument("--url", help=f"the service (default: $UNDIFFUSE_URL or {DEFAULT_URL})")
+    service.add_argument("--url", help=f"the service (default: $UNDIFFUSE_URL or {_DEFAULT_URL})")
     service.add_argument("--api-key", help="default: $UNDIFFUSE_API_KEY")
     service.add_argument("--json", action="store_true", help="print the job(s) as JSON")
     waiting = argparse.ArgumentParser(add_help=False)

@@ -130,3 +130,20 @@ def test_train_refuses_a_non_positive_time_limit(tmp_path, idx_data):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "undiffuse: error: --max-minutes must be > 0, got 0.0"
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_train_and_sample_do_not_need_the_http_client():
+    """`undiffuse train` ran on a GPU machine with torch alone once httpx-sse was missing there:
+    building the parser must not import the client; its help names the client's default URL."""
+    code = (
+        "import sys; sys.modules['httpx'] = sys.modules['httpx_sse'] = None\n"
+        "from undiffuse.cli import build_parser\n"
+        "p = build_parser(); p.parse_args(['train', '--data', 'x', '--out', 'y'])\n"
+        "print('undiffuse.client' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    from undiffuse import cli, client
+
+    assert cli._DEFAULT_URL == client.DEFAULT_URL
