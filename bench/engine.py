@@ -1,7 +1,7 @@
 """The denoising engine against its references, side by side in one run; one markdown table.
 
     python bench/engine.py                 # CPU section (2 cores: a few minutes)
-    python bench/engine.py --gpu           # + GPU section (one H100: < 5 minutes)
+    python bench/engine.py --gpu           # + GPU section (one H200: about 2 minutes, compile caches warm)
     python bench/engine.py --gpu --smoke   # the GPU section's code paths, tiny, on any device
 
 CPU section (the demo model, models/mnist):
@@ -13,12 +13,14 @@ CPU section (the demo model, models/mnist):
       starts: the Denoiser before the engine) on the same arrivals.
 GPU section:
   (3) demo model, DDIM 50, through the engine at large batch: images/s (goal >= 4,000 on one
-      H100), fp32 eager vs the engine's fast path (bf16, channels_last, compile);
+      H100), fp32 eager, bf16 eager and the engine's fast path (bf16, channels_last, compile);
+  (3b) the same at batch 64 (launch-bound): compile with and without CUDA graphs;
   (4) a CIFAR-10-sized DDPM UNet (diffusers UNet2DModel, 35.7 M parameters), DDIM 20, batch 256:
       the engine's fast path against diffusers' DDIMPipeline in fp32 (goal >= 1,200 images/s and
       >= 6x), with achieved TFLOP/s and the fraction of the card's bf16 peak;
   (5) precision (CPU and GPU): the largest pixel difference of bf16 from fp32 on the same 100
-      digits, and the class accuracy of each by 5-NN on the shared MNIST test set.
+      digits, and the class accuracy of each by 5-NN on the shared MNIST test set;
+  (2, GPU) the mixed load of (2) on the GPU (fp32 eager, short jobs every 0.25 s).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from undiffuse.samplers import DDIMSampler, StepOutput  # noqa: E402
 FULL = [
     *[("ddpm", steps, w) for steps in (100, 1000) for w in (1.0, 2.0, 3.0)],
     *[(name, steps, w) for name in ("ddim", "dpmpp_2m") for steps in (10, 20, 50, 100, 1000) for w in (1.0, 2.0, 3.0)],
+    *[("dpmpp_2m_logsnr", steps, w) for steps in (10, 20, 50) for w in (1.0, 2.0, 3.0)],
 ]
 QUICK = [
     ("ddpm", 100, 1.0),
@@ -41,7 +42,7 @@ QUICK = [
     ("dpmpp_2m", 10, 3.0),
 ]
 TARGETS = [
-    ("ddim", 20, 1.0), ("ddim", 50, 1.0), ("dpmpp_2m", 10, 1.0), ("ddim", 20, 3.0),
+    ("ddim", 20, 1.0), ("ddim", 50, 1.0), ("dpmpp_2m", 10, 1.0), ("dpmpp_2m_logsnr", 10, 1.0), ("ddim", 20, 3.0),
     ("ddim", 20, 3.0, None),  # guidance at every step, for comparison with the model's interval
 ]  # fmt: skip
 ROWS = {"full": FULL, "quick": QUICK, "targets": TARGETS}
@@ -111,16 +112,17 @@ def table(
         "|---|---|---|---|---|---|---|",
     ]
 
-    def cost(row: tuple) -> float:  # network rows per image, guidance twins counted as half the steps
-        return row[1] * (1.0 if row[2] == 1.0 else 1.5)
+    def cost(row: tuple) -> float:  # network rows per image: twins at about half the steps, or all
+        return row[1] * (1.0 if row[2] == 1.0 else 2.0 if row[3:] == (None,) else 1.5)
 
     done: dict[tuple, str] = {}
     order = sorted(rows, key=cost) if deadline else rows
     per_cost = 0.0  # seconds per unit of cost, as the last row ran
     for row in order:
         name, steps, guidance, *interval = row  # a 4th element overrides the model's interval
+        note = " (every step)" if interval and interval[0] is None else ""
         if deadline is not None and time.monotonic() + per_cost * cost(row) > deadline:
-            done[row] = f"| {name} | {steps} | {guidance:g} | not run (time limit) | | | |"
+            done[row] = f"| {name} | {steps} | {guidance:g}{note} | not run (time limit) | | | |"
             continue
         where = interval[0] if interval else "model"
         started = time.monotonic()
@@ -128,7 +130,6 @@ def table(
         per_cost = (time.monotonic() - started) / cost(row)
         accuracy, distance = scorer.score(x, labels)
         copies = scorer.near_copies(x)
-        note = " (every step)" if interval and interval[0] is None else ""
         done[row] = (
             f"| {name} | {steps} | {guidance:g}{note} | {accuracy:.3f} | {distance:.1f} | {copies:.3f} | {rate:,.1f} |"
         )
@@ -140,7 +141,7 @@ def table(
 def grids(model, grid_dir: Path, device: str) -> None:
     """A 10-step grid per sampler: one row per class, 10 digits each (seed 0)."""
     labels = torch.arange(10).repeat_interleave(10)
-    for name in ("ddpm", "ddim", "dpmpp_2m"):
+    for name in ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_logsnr"):
         x, _ = sample(model, make_sampler(name, model.schedule), 10, labels, 1.0, device)
         save_png(make_grid(x, nrow=10), grid_dir / f"quality-grid-{name}-10.png")
 
@@ -213,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="also write the Markdown table here")
     p.add_argument("--grids", type=Path, help="write a 10-step sample grid per sampler into this folder")
-    p.add_argument("--max-minutes", type=float, help="table: cheapest rows first, none started after this")
+    p.add_argument(
+        "--max-minutes", type=float, help="table: cheapest rows first; a row that would not finish in time is not run"
+    )
     args = p.parse_args(argv)
     if args.n % 10:
         p.error("--n must be a multiple of 10")

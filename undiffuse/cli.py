@@ -152,6 +152,8 @@ _DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _add_client_commands(sub) -> None:
+    from undiffuse.registry import SAMPLER_NAMES
+
     service = argparse.ArgumentParser(add_help=False)
     service.add_argument("--url", help=f"the service (default: $UNDIFFUSE_URL or {_DEFAULT_URL})")
     service.add_argument("--api-key", help="default: $UNDIFFUSE_API_KEY")
@@ -165,7 +167,7 @@ def _add_client_commands(sub) -> None:
     s.add_argument("--num", dest="num_images", type=_positive("--num"), default=1, help="images")
     s.add_argument("--class", dest="class_label", type=_class_labels, help="one class, or one per image: 1,2,3")
     s.add_argument("--steps", type=_positive("--steps"), default=None, help="default: the service's (50)")
-    s.add_argument("--sampler", default=None, help="ddpm, ddim or dpmpp_2m (default: the service's)")
+    s.add_argument("--sampler", default=None, help=f"{', '.join(SAMPLER_NAMES)} (default: the service's)")
     s.add_argument("--eta", type=float, default=None)
     s.add_argument("--seed", type=int, default=None, help="default: chosen by the service and shown")
     s.add_argument("--guidance", dest="guidance_scale", type=float, default=None)
@@ -241,7 +243,8 @@ def _train(args: argparse.Namespace) -> None:
     if not args.no_resume and trainer.resume():
         print(f"resumed from {args.out} at step {trainer.step}", file=sys.stderr)
     trainer.fit(images, labels, max_seconds=None if args.max_minutes is None else args.max_minutes * 60)
-    print(f"trained to step {trainer.step}; model in {args.out / 'model'}")
+    stopped = f" (of {args.steps}: --max-minutes ran out; run again to resume)" if trainer.step < args.steps else ""
+    print(f"trained to step {trainer.step}{stopped}; model in {args.out / 'model'}")
 
 
 def _sample(args: argparse.Namespace) -> None:

@@ -398,7 +398,7 @@ class DenoisingEngine:
         offered = itertools.zip_longest(*(by_owner[o] for o in owners[turn:] + owners[:turn]))
         chosen, rows = [head], head.rows
         # the latency check, kept incrementally (a pass over `chosen` only when the shortest
-        # remaining work drops): the host work of a step stays linear in the requests
+        # remaining work drops, not one per candidate as the rule reads)
         check = cfg.latency_slack is not None and bool(self.step_time)
         ratio = cfg.merge_ratio
         shortest = head.remaining

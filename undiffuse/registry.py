@@ -48,10 +48,16 @@ SAMPLERS: dict[str, SamplerEntry] = {
             (),
             "DPM-Solver++(2M), deterministic, good in 10-20 steps (Lu et al. 2022)",
         ),
+        SamplerEntry(
+            "dpmpp_2m_logsnr",
+            "undiffuse.samplers:DPMSolverPP2MLogSNRSampler",
+            (),
+            "DPM-Solver++(2M) on steps uniform in log-SNR: the demo model's best unguided 10-step images",
+        ),
     )
 }
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
-SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]  # "ddpm" | "ddim" | "dpmpp_2m", from the registry
+SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]  # "ddpm" | "ddim" | "dpmpp_2m" | ..., from the registry
 DEFAULT_SAMPLER = "ddim"
 
 

@@ -370,3 +370,40 @@ class DPMSolverPP2MSampler(Sampler):
         second = ~first & ~last & (h_0 > 0)  # first and last steps (and a repeated t) are first order
         c_2 = torch.where(second, 0.5 * c_x0 * h / h_0, 0.0)
         return StepOutput(prev + c_2.to(x_t.dtype) * (x0 - history), x0)
+
+
+class DPMSolverPP2MLogSNRSampler(DPMSolverPP2MSampler):
+    """DPM-Solver++(2M) on timesteps uniform in log-SNR, lambda_t = log(alpha_t / sigma_t): the
+    spacing the DPM-Solver paper recommends for low-resolution images ("logSNR"). `steps`
+    targets evenly spaced from lambda_{T-1} towards lambda_0 (the last step goes to x_0), each
+    rounded to the nearest of the model's timesteps, then nudged apart so that all `steps` are
+    distinct. The solver's coefficients come from the timesteps visited, as in the parent.
+
+    On the demo model at 10 steps (1,000 digits, docs/quality.md) it moves the Fréchet distance
+    from 8.9 (linspace) to 7.5 at the same accuracy (0.969); with guidance 3 it is worse (14.8
+    against 11.3: fewer of its steps fall in the guidance interval). Made for schedules like the
+    linear one: where the last beta is capped (cosine's max_beta), lambda_{T-1} lies far below
+    lambda_{T-2} and the first steps bunch at the top. Not diffusers' `use_lu_lambdas`, which
+    keeps the continuous sigmas beside rounded timesteps.
+    """
+
+    name = "dpmpp_2m_logsnr"
+
+    def timesteps(self, steps: int) -> list[int]:
+        T = self.schedule.num_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be in [1, {T}], got {steps}")
+        a = self.schedule.alphas_cumprod.double()
+        lam = 0.5 * (a.log() - (1 - a).log())  # [T], decreasing in t
+        targets = torch.linspace(float(lam[-1]), float(lam[0]), steps + 1, dtype=torch.float64)[:-1]
+        # nearest timestep to each target: lam is decreasing, so search the increasing -lam
+        right = torch.searchsorted(-lam, -targets).clamp(max=T - 1)
+        left = (right - 1).clamp(min=0)
+        nearer_left = (lam[left] - targets).abs() < (lam[right] - targets).abs()
+        ts = torch.where(nearer_left, left, right).tolist()
+        for i in range(1, steps):  # strictly decreasing from the top ...
+            ts[i] = min(ts[i], ts[i - 1] - 1)
+        ts[-1] = max(ts[-1], 0)
+        for i in range(steps - 2, -1, -1):  # ... and room for every step below
+            ts[i] = max(ts[i], ts[i + 1] + 1)
+        return ts

@@ -218,6 +218,8 @@ class Trainer:
             idx = torch.randint(0, images.shape[0], (self.cfg.batch_size,), generator=gen)
             if self.device.type == "cuda":  # a pageable copy would wait for the device every step
                 idx = idx.pin_memory().to(self.device, non_blocking=True)
+            else:
+                idx = idx.to(self.device)
             losses.append(self.train_step(images[idx], labels[idx] if labels is not None else None))
             out_of_time = deadline is not None and time.monotonic() >= deadline
             if len(losses) >= log_every or out_of_time or self.step == self.cfg.steps:

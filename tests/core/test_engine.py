@@ -60,6 +60,7 @@ def run(engine: DenoisingEngine, arrivals: dict[int, list[Request]] | None = Non
 REQUESTS = [
     Request("ddim", "a", seed=1, start=0, count=3, steps=12, labels=[0, 1, 2]),
     Request("dpm", "c", seed=5, start=0, count=2, steps=8, sampler="dpmpp_2m", labels=[0, 2]),  # per-row history
+    Request("dpm-logsnr", "b", seed=7, start=2, count=2, steps=9, sampler="dpmpp_2m_logsnr", labels=[1, 0]),
     Request("ddim-eta", "b", seed=2, start=5, count=2, steps=7, options={"eta": 0.5}, labels=[1, 1]),
     Request("ddpm", "a", seed=3, start=0, count=2, steps=9, sampler="ddpm", labels=[2, 0]),
     Request("guided", "c", seed=4, start=3, count=2, steps=10, labels=[1, 2], guidance_scale=2.5),
@@ -259,11 +260,12 @@ def _select_by_definition(engine: DenoisingEngine) -> list:
     return sorted(s.request.id for s in chosen)
 
 
-def test_the_incremental_latency_check_selects_what_its_definition_does(model):
+@pytest.mark.parametrize("merge_ratio", [0.5, 1.0, 2.0])
+def test_the_incremental_latency_check_selects_what_its_definition_does(model, merge_ratio):
     """Many requests of many owners, lengths and sizes under a table where merging costs: the
     engine's selection at every step equals the rule checked from scratch."""
     rng = random.Random(0)
-    engine = DenoisingEngine(model, EngineConfig(max_batch=48, latency_slack=1.25))
+    engine = DenoisingEngine(model, EngineConfig(max_batch=48, latency_slack=1.25, merge_ratio=merge_ratio))
     engine.step_time = {b: 1e-3 * b for b in engine.buckets}
     agreed = set()
     for k in range(60):
@@ -284,7 +286,10 @@ def test_the_incremental_latency_check_selects_what_its_definition_does(model):
             agreed.add(len(got))
             engine._owners = deque(owners)  # the engine's own step selects again
             engine.step()
-    assert len(agreed) > 3  # selections of many sizes were compared
+    if merge_ratio < 1:  # no request counts as short (not even the head): nothing may join it
+        assert agreed == {1}
+    else:
+        assert len(agreed) > 3  # selections of many sizes were compared
 
 
 def test_a_stream_of_short_requests_does_not_starve_a_long_one(model):

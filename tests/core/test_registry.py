@@ -12,7 +12,7 @@ def test_every_entry_builds_its_sampler_and_names_match():
         cls = sampler_class(name)
         assert issubclass(cls, Sampler) and cls.name == name == entry.name
         assert isinstance(make_sampler(name, schedule), cls)
-    assert SAMPLER_NAMES == ("ddpm", "ddim", "dpmpp_2m")
+    assert SAMPLER_NAMES == ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_logsnr")
 
 
 def test_options_reach_the_sampler():
@@ -31,7 +31,7 @@ def test_select_keeps_only_the_options_a_sampler_takes():
 
 def test_unknown_names_and_options_are_errors():
     schedule = NoiseSchedule.linear(100)
-    with pytest.raises(ValueError, match="unknown sampler 'euler'; available: ddpm, ddim, dpmpp_2m"):
+    with pytest.raises(ValueError, match="unknown sampler 'euler'; available: ddpm, ddim, dpmpp_2m, dpmpp_2m_logsnr"):
         make_sampler("euler", schedule)
     with pytest.raises(ValueError, match=r"sampler 'ddpm' takes no option\(s\) \['eta'\]"):
         make_sampler("ddpm", schedule, eta=0.5)

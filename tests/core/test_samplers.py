@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from undiffuse import DDIMSampler, DDPMSampler, ImageNoise, NoiseSchedule, UNet, UNetConfig
-from undiffuse.samplers import DPMSolverPP2MSampler, guided_timesteps, respaced_timesteps
+from undiffuse.samplers import DPMSolverPP2MLogSNRSampler, DPMSolverPP2MSampler, guided_timesteps, respaced_timesteps
 
 MU, SIGMA = 0.5, 0.3
 
@@ -32,6 +32,7 @@ SAMPLERS = {
     "ddim-eta0-250": (lambda s: DDIMSampler(s, eta=0.0, clip_x0=False), 250),
     "ddim-eta1-1000": (lambda s: DDIMSampler(s, eta=1.0, clip_x0=False), 1000),
     "dpmpp_2m-100": (lambda s: DPMSolverPP2MSampler(s), 100),  # a second-order ODE solver: far fewer steps
+    "dpmpp_2m_logsnr-100": (lambda s: DPMSolverPP2MLogSNRSampler(s), 100),
 }
 
 
@@ -285,3 +286,40 @@ def test_guidance_acts_only_inside_the_models_noise_interval(tiny_unet):
     assert torch.equal(run(3.0, (0.0, float("inf"))), everywhere)
     middle = run(3.0, (0.28, 5.42))
     assert not torch.allclose(middle, plain, atol=1e-4) and not torch.allclose(middle, everywhere, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_logsnr_timesteps_are_distinct_and_evenly_spaced_in_log_snr(kind):
+    schedule = NoiseSchedule.linear() if kind == "linear" else NoiseSchedule.cosine()
+    sampler = DPMSolverPP2MLogSNRSampler(schedule)
+    a = schedule.alphas_cumprod.double()
+    lam = 0.5 * (a.log() - (1 - a).log())
+    for steps in (1, 2, 7, 10, 20, 100, 999, 1000):
+        ts = sampler.timesteps(steps)
+        assert len(ts) == steps and ts[0] == 999 and ts[-1] >= 0
+        assert all(u > v for u, v in zip(ts, ts[1:], strict=False)), steps
+    assert sampler.timesteps(1000) == list(range(999, -1, -1))
+    with pytest.raises(ValueError, match="steps must be in"):
+        sampler.timesteps(0)
+    if kind == "cosine":
+        return  # its last timesteps span 4 units of log-SNR (max_beta): there, steps are nudged apart
+    ts = sampler.timesteps(10)  # few steps: every one is the nearest timestep to its target
+    gap = (lam[0] - lam[-1]).item() / 10
+    for i, t in enumerate(ts):
+        off = abs(lam[t].item() - (lam[-1].item() + i * gap))
+        neighbours = [abs(lam[u].item() - (lam[-1].item() + i * gap)) for u in (t - 1, t + 1) if 0 <= u <= 999]
+        assert off <= min(neighbours), (i, t)
+
+
+def test_logsnr_spacing_is_closer_to_the_data_than_linspace_at_10_steps():
+    """What the spacing is for: fewer steps where log-SNR changes slowly (high noise)."""
+    schedule = NoiseSchedule.linear()
+    noise = ImageNoise.for_request(0, 2000)
+    error = {}
+    for name, sampler in (
+        ("linspace", DPMSolverPP2MSampler(schedule)),
+        ("logsnr", DPMSolverPP2MLogSNRSampler(schedule)),
+    ):
+        x = sampler.sample(gaussian_optimal_eps(schedule), (1, 4, 4), steps=10, noise=noise)
+        error[name] = abs(x.double().std().item() - SIGMA) + abs(x.double().mean().item() - MU)
+    assert error["logsnr"] < error["linspace"], error

@@ -37,7 +37,7 @@ def test_auth_is_required_and_jobs_are_private(stack, api):
         ({"class_label": 1, "num_images": 65}, "num_images", "at most 64"),
         ({"class_label": 1, "num_images": 0}, "num_images", "greater than or equal to 1"),
         ({"class_label": 1, "model": "imagenet"}, "model", "unknown model 'imagenet'"),
-        ({"class_label": 1, "sampler": "euler"}, "sampler", "'ddim' or 'dpmpp_2m'"),
+        ({"class_label": 1, "sampler": "euler"}, "sampler", "'dpmpp_2m' or 'dpmpp_2m_logsnr'"),
         ({"class_label": 10}, "class_label", "out of range 0..9"),
         ({"class_label": [1, 2], "num_images": 3}, "class_label", "2 labels for 3 images"),
         ({}, "class_label", "required"),
