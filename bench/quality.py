@@ -42,7 +42,8 @@ QUICK = [
     ("dpmpp_2m", 10, 3.0),
 ]
 TARGETS = [
-    ("ddim", 20, 1.0), ("ddim", 50, 1.0), ("dpmpp_2m", 10, 1.0), ("dpmpp_2m_logsnr", 10, 1.0), ("ddim", 20, 3.0),
+    ("ddim", 20, 1.0), ("ddim", 20, 1.0, "model", (("eta", 1.0),)), ("ddim", 50, 1.0), ("dpmpp_2m", 10, 1.0),
+    ("dpmpp_2m_logsnr", 10, 1.0), ("ddim", 20, 3.0),
     ("ddim", 20, 3.0, None),  # guidance at every step, for comparison with the model's interval
 ]  # fmt: skip
 ROWS = {"full": FULL, "quick": QUICK, "targets": TARGETS}
@@ -113,25 +114,28 @@ def table(
     ]
 
     def cost(row: tuple) -> float:  # network rows per image: twins at about half the steps, or all
-        return row[1] * (1.0 if row[2] == 1.0 else 2.0 if row[3:] == (None,) else 1.5)
+        return row[1] * (1.0 if row[2] == 1.0 else 2.0 if row[3:4] == (None,) else 1.5)
 
     done: dict[tuple, str] = {}
     order = sorted(rows, key=cost) if deadline else rows
     per_cost = 0.0  # seconds per unit of cost, as the last row ran
     for row in order:
-        name, steps, guidance, *interval = row  # a 4th element overrides the model's interval
-        note = " (every step)" if interval and interval[0] is None else ""
+        # optional 4th element: the guidance interval ("model", or None: every step); 5th: sampler
+        # options as (name, value) pairs, e.g. (("eta", 1.0),)
+        name, steps, guidance, where, options = (*row, *("model", ())[len(row) - 3 :])
+        note = " (every step)" if where is None else ""
+        label = name + "".join(f" ({k} {v:g})" for k, v in options)
         if deadline is not None and time.monotonic() + per_cost * cost(row) > deadline:
-            done[row] = f"| {name} | {steps} | {guidance:g}{note} | not run (time limit) | | | |"
+            done[row] = f"| {label} | {steps} | {guidance:g}{note} | not run (time limit) | | | |"
             continue
-        where = interval[0] if interval else "model"
         started = time.monotonic()
-        x, rate = sample(model, make_sampler(name, model.schedule), steps, labels, guidance, device, interval=where)
+        sampler = make_sampler(name, model.schedule, **dict(options))
+        x, rate = sample(model, sampler, steps, labels, guidance, device, interval=where)
         per_cost = (time.monotonic() - started) / cost(row)
         accuracy, distance = scorer.score(x, labels)
         copies = scorer.near_copies(x)
         done[row] = (
-            f"| {name} | {steps} | {guidance:g}{note} | {accuracy:.3f} | {distance:.1f} | {copies:.3f} | {rate:,.1f} |"
+            f"| {label} | {steps} | {guidance:g}{note} | {accuracy:.3f} | {distance:.1f} | {copies:.3f} | {rate:,.1f} |"
         )
         print(done[row], flush=True)
     lines += [done[row] for row in rows]
