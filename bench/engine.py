@@ -18,6 +18,7 @@ GPU section:
   (4) a CIFAR-10-sized DDPM UNet (diffusers UNet2DModel, 35.7 M parameters), DDIM 20, batch 256:
       the engine's fast path against diffusers' DDIMPipeline in fp32 (goal >= 1,200 images/s and
       >= 6x), with achieved TFLOP/s and the fraction of the card's bf16 peak;
+  (6) host time (CPU): an engine step's bookkeeping with a network that costs nothing;
   (5) precision (CPU and GPU): the largest pixel difference of bf16 from fp32 on the same 100
       digits, and the class accuracy of each by 5-NN on the shared MNIST test set;
   (2, GPU) the mixed load of (2) on the GPU (fp32 eager, short jobs every 0.25 s).
@@ -183,6 +184,33 @@ def mixed_load(model, args) -> list[str]:
         f"| (2) spans of each run (s), engine / static | {' '.join(f'{s:.1f}' for s, _ in runs['static'])} "
         f"| {' '.join(f'{s:.1f}' for s, _ in runs['engine'])} | best of {args.repeats} | - |",
     ]
+
+
+# --- (6) host time ---------------------------------------------------------------------------------
+def host_time(request_counts=(16, 64, 256)) -> list[str]:
+    """The engine's bookkeeping alone: 8x8 images, a network that returns zeros, requests of 16
+    rows at DDIM 50 under a flat step-time table (a GPU below saturation: everything merges),
+    median of 20 steps. On a GPU a step costs max(this, the device's work), so this must stay
+    well under the network's step (16.5 ms for the demo model at 4,096 rows on an H200)."""
+    from undiffuse import DiffusionModel, ModelConfig, ScheduleConfig, UNet, UNetConfig
+
+    cfg = UNetConfig(image_size=8, base_channels=16, channel_mult=(1, 2), attention_resolutions=(), num_classes=10)
+    model = DiffusionModel.from_config(UNet(cfg), ModelConfig(cfg, ScheduleConfig())).eval()
+    cells = []
+    for count in request_counts:
+        engine = DenoisingEngine(model, EngineConfig(max_batch=16 * count, compile=False, channels_last=False))
+        engine.network = lambda x, t, y: torch.zeros_like(x)
+        engine.step_time = {b: 1e-3 for b in engine.buckets}
+        for k in range(count):
+            engine.add(Request(k, f"o{k % 4}", seed=k, start=0, count=16, steps=50, labels=[k % 10] * 16))
+        engine.step()
+        times = []
+        for _ in range(20):
+            started = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - started)
+        cells.append(f"{count} requests ({16 * count} rows): {statistics.median(times) * 1e3:.2f} ms")
+    return [f"| (6) host time of an engine step (null network, 8x8 images) | - | {'; '.join(cells)} | - | - |"]
 
 
 # --- GPU section --------------------------------------------------------------------------------
@@ -386,6 +414,7 @@ def main() -> None:
         rows += throughput(cpu_model, args.images, args.steps, args.max_batch)
         rows += mixed_load(cpu_model, args)
         rows += precision_check(cpu_model, 3 if args.smoke else 50, 20 if args.smoke else 100)
+        rows += host_time()
     if args.gpu:
         model = load_model(ROOT / "models" / "mnist", device)
         big = 256 if args.smoke else 4096
