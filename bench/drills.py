@@ -422,10 +422,14 @@ class OrphanWatch(threading.Thread):
             time.sleep(0.2)
 
 
-def kill_replica(kind: str, rec: Recorder, load: Load, redis_client) -> tuple[dict, OrphanWatch | None]:
+def kill_replica(
+    kind: str, rec: Recorder, load: Load, redis_client, window: int = 0
+) -> tuple[dict, OrphanWatch | None]:
     """kill -9 the replica's process; then wait for a replacement that Serve runs and for the first
     images completed after it (in any job). Times in seconds from the kill. For a Worker, also a
-    watch (still running) of the shards its consumer held."""
+    watch (still running) of the shards its consumer held. `window` more jobs are let through at
+    the kill, so that there is work to complete once the replacement runs even when the jobs in
+    flight happened to finish just before the kill (a recovery is otherwise unmeasurable)."""
     victims = wait_until(lambda: (v := replicas(kind)) and len(v) == 1 and serve_running(kind) and v, WAIT_S)
     if not victims:
         return {"kind": kind, "error": "no single running replica to kill"}, None
@@ -434,6 +438,7 @@ def kill_replica(kind: str, rec: Recorder, load: Load, redis_client) -> tuple[di
     watch = OrphanWatch(rec, redis_client, victim) if kind == "Worker" else None
     at = rec.now()
     os.kill(victim["Pid"], signal.SIGKILL)
+    load.allow(load.completed + window)
     if watch is not None:
         watch.start()
     out = {"kind": kind, "pid": victim["Pid"], "at_s": round(at, 2), "in_flight": in_flight}
@@ -473,7 +478,7 @@ def load_with_kills(stack: Stack, rec: Recorder, monitor: Monitor, size: Size, r
             continue
         load.allow(load.completed + window)  # work in flight through the kill and its recovery
         time.sleep(rng.uniform(0.0, 2.0))
-        record, watch = kill_replica(kind, rec, load, monitor.redis)
+        record, watch = kill_replica(kind, rec, load, monitor.redis, window)
         kills.append(record)
         watches.append((record, watch))
     load.allow(len(jobs))
