@@ -456,16 +456,21 @@ def kill_replica(
 def load_with_kills(stack: Stack, rec: Recorder, monitor: Monitor, size: Size, rng: random.Random):
     """size.jobs jobs while replicas are killed at random moments, one kill at a time.
 
-    Kill i comes when a random number of jobs (5-85 % of them, sorted) has ended. The clients are
-    let at most 2 x clients jobs past the next kill's mark, so that a kill never finds the load
-    over (on 2 cores a short job takes well under a second, a recovery several)."""
+    Kill i comes when a random number of jobs (5-85 % of them, sorted, and at least two windows
+    before the end) has ended. The clients are let at most a window (2 x clients jobs) past the
+    next kill's mark, so that a kill never finds the load over (on 2 cores a short job takes well
+    under a second, a recovery several), and one more window at the kill."""
     jobs = make_jobs("load+kills", size.jobs, size, rng)
     window = 2 * size.clients
     load = Load(rec, stack.base_url, jobs, size.clients, size.deadline_s)
     monitor.load = load
     kinds = ["Worker"] * size.kills + ["Denoiser"] * size.kills
     rng.shuffle(kinds)
-    marks = sorted(int(rng.uniform(0.05, 0.85) * size.jobs) for _ in kinds)  # kill when this many jobs ended
+    # kill when this many jobs ended; the clients run up to a window past a mark, so a mark leaves
+    # two windows of jobs (one through the kill, one released at it for the replacement to take):
+    # a last mark near the end used to let the load run out before the replacement ran
+    last = max(0, size.jobs - 2 * window)
+    marks = sorted(min(int(rng.uniform(0.05, 0.85) * size.jobs), last) for _ in kinds)
     load.allowed = marks[0] + window if marks else len(jobs)
     kills, watches = [], []
     started = rec.now()
