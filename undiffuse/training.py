@@ -10,6 +10,7 @@ Layout of a training run folder:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -199,8 +200,6 @@ class Trainer:
         """Train until cfg.steps on images [N, C, H, W] in [-1, 1] (+ labels [N]), or until
         max_seconds of wall time have passed: then it stops at the step it reached and saves
         (the learning-rate curve still ends at cfg.steps, so it stops part-way down it)."""
-        import time
-
         from tqdm import tqdm
 
         if self.model_config.unet.num_classes is not None and labels is None:
