@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of a session lent a device machine, as one call (about 8 minutes on an H200):
 #   pytest -m gpu, bench/engine.py's GPU section (after a cache-warming run), the full quality table.
-# The machine has PyTorch but neither diffusers nor httpx-sse: carry diffusers as wheels in .whl/
-# (docs/benchmarks.md says how) and the MNIST files in .dev/shared/datasets/mnist/, e.g.
+# The machine has PyTorch but not diffusers, and no ../shared: once, here,
+#   printf '/.whl/\n/.dev/\n' >> .git/info/exclude
+#   mkdir -p .dev/shared/datasets && cp -r ../shared/datasets/mnist .dev/shared/datasets/
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     -d .whl diffusers==0.42.1 importlib_metadata==8.7.0
+# then one device call:
 #   run(command="bash bench/gpu_checks.sh", carry=[".whl", ".dev"], timeout_s=590)
 # Everything it writes comes back as $OUT/results.tgz (logs, tables, grids).
 set -u
