@@ -386,16 +386,7 @@ class DenoisingEngine:
         and refused where it would slow the shortest request down (a CPU).
         """
         cfg = self.config
-        by_owner: dict[str, list[_Slot]] = {}
-        for slot in self._slots.values():
-            by_owner.setdefault(slot.request.owner, []).append(slot)
-        for slots in by_owner.values():
-            slots.sort(key=lambda s: s.priority)
-        owners = [o for o in self._owners if o in by_owner]
-        head_owner = min(owners, key=lambda o: by_owner[o][0].priority)
-        head = by_owner[head_owner].pop(0)
-        turn = owners.index(head_owner) + 1
-        offered = itertools.zip_longest(*(by_owner[o] for o in owners[turn:] + owners[:turn]))
+        head, offered, self._owners = self._offer_order()
         chosen, rows = [head], head.rows
         # the latency check, kept incrementally (a pass over `chosen` only when the shortest
         # remaining work drops, not one per candidate as the rule reads)
@@ -403,7 +394,7 @@ class DenoisingEngine:
         ratio = cfg.merge_ratio
         shortest = head.remaining
         short_rows = head.rows if head.remaining <= ratio * shortest else 0
-        for slot in (s for group in offered for s in group if s is not None):
+        for slot in offered:
             if rows + slot.rows > cfg.max_batch:
                 continue
             if check:
@@ -415,10 +406,25 @@ class DenoisingEngine:
                 shortest, short_rows = low, short
             chosen.append(slot)
             rows += slot.rows
+        return sorted(chosen, key=lambda s: s.order)
+
+    def _offer_order(self) -> tuple[_Slot, list[_Slot], deque[str]]:
+        """(the head, the other requests in the order they are offered, the owners' order for the
+        next step): the scheduling order of `_select`, without the fit and latency checks."""
+        by_owner: dict[str, list[_Slot]] = {}
+        for slot in self._slots.values():
+            by_owner.setdefault(slot.request.owner, []).append(slot)
+        for slots in by_owner.values():
+            slots.sort(key=lambda s: s.priority)
+        owners = [o for o in self._owners if o in by_owner]
+        head_owner = min(owners, key=lambda o: by_owner[o][0].priority)
+        head = by_owner[head_owner].pop(0)
+        turn = owners.index(head_owner) + 1
+        turns = itertools.zip_longest(*(by_owner[o] for o in owners[turn:] + owners[:turn]))
+        offered = [s for group in turns for s in group if s is not None]
         # every step the fill starts one owner further round (and the head's owner goes last)
         rest = owners[turn:] + owners[: turn - 1]
-        self._owners = deque([*rest[1:], *rest[:1], head_owner])
-        return sorted(chosen, key=lambda s: s.order)
+        return head, offered, deque([*rest[1:], *rest[:1], head_owner])
 
     def _cheap_to_join(self, rows: int, short_rows: int) -> bool:
         """Whether a step over `rows` stays within latency_slack of the time the `short_rows` (the

@@ -4,7 +4,6 @@ requests fast where merging is expensive."""
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections import deque
 from dataclasses import replace
@@ -236,19 +235,12 @@ def test_short_requests_are_not_slowed_where_merging_is_expensive(model):
 
 def _select_by_definition(engine: DenoisingEngine) -> list:
     """The selection rule as the engine's docstring states it, checked from scratch for every
-    candidate (quadratic in the requests; the engine keeps the check incremental)."""
-    cfg, by_owner = engine.config, {}
-    for slot in engine._slots.values():
-        by_owner.setdefault(slot.request.owner, []).append(slot)
-    for slots in by_owner.values():
-        slots.sort(key=lambda s: s.priority)
-    owners = [o for o in engine._owners if o in by_owner]
-    head_owner = min(owners, key=lambda o: by_owner[o][0].priority)
-    head = by_owner[head_owner].pop(0)
-    turn = owners.index(head_owner) + 1
-    offered = itertools.zip_longest(*(by_owner[o] for o in owners[turn:] + owners[:turn]))
+    candidate in the engine's offer order (quadratic in the requests; the engine keeps the check
+    incremental)."""
+    cfg = engine.config
+    head, offered, _ = engine._offer_order()
     chosen = [head]
-    for slot in (s for group in offered for s in group if s is not None):
+    for slot in offered:
         trial = [*chosen, slot]
         rows = sum(s.rows for s in trial)
         if rows > cfg.max_batch:
