@@ -12,9 +12,10 @@ one shard of a job) and advances them together:
 
 One `step()`:
   1. schedules: picks the requests that run this step (see `_select`): fair across owners,
-     shortest remaining work first, within `max_batch` rows (guidance twins count), and only as
-     many as keep the step fast for the shortest request where the measured step-time table
-     says joining is expensive (a CPU), while merging freely where it is cheap (a GPU);
+     shortest remaining work first, within `max_batch` rows (guidance twins count at the steps
+     where they run), and only as many as keep the step fast for the shortest request where
+     the measured step-time table says joining is expensive (a CPU), while merging freely
+     where it is cheap (a GPU);
   2. assembles the batch only when the selection changed (requests joined, finished, were
      canceled or paused): per-row x, timestep-table offsets and positions, labels, guidance;
   3. runs the network once: rows at different timesteps in one call (the UNet takes a timestep
@@ -157,12 +158,15 @@ class Preview:
 class _Slot:
     """Engine state of one request: its rows' x while paused, its position, its sampler."""
 
-    __slots__ = ("request", "sampler", "ts_offset", "pos", "x", "history", "order", "waited")
+    __slots__ = ("request", "sampler", "ts_offset", "twin_at", "pos", "x", "history", "order", "waited")
 
-    def __init__(self, request: Request, sampler: Sampler, ts_offset: int, order: int) -> None:
+    def __init__(
+        self, request: Request, sampler: Sampler, ts_offset: int, order: int, twin_at: Sequence[bool] = ()
+    ) -> None:
         self.request = request
         self.sampler = sampler
         self.ts_offset = ts_offset  # where its timestep list starts in the engine's table
+        self.twin_at = twin_at  # per step, whether its rows need null-class twins (empty: never)
         self.pos = 0  # steps done; every row of the request advances together
         self.x: Tensor | None = None  # [count, C, H, W] when not in the batch (None before start)
         self.history: Tensor | None = None  # a multistep sampler's previous x_0, like x (None before step 2)
@@ -179,9 +183,19 @@ class _Slot:
         return self.request.steps - self.pos
 
     @property
+    def twins(self) -> bool:
+        """Whether its rows need null-class twins at this step (guided, inside the interval)."""
+        return self.pos < len(self.twin_at) and self.twin_at[self.pos]
+
+    @property
     def rows(self) -> int:
-        """Rows it takes in a network call: its images plus their null-class twins."""
-        return self.request.count * (2 if self.request.guidance_scale != 1.0 else 1)
+        """Rows it takes in this step's network call: its images plus their null-class twins."""
+        return self.request.count * (2 if self.twins else 1)
+
+    @property
+    def peak_rows(self) -> int:
+        """The most rows it takes at any step still to come."""
+        return self.request.count * (2 if any(self.twin_at[self.pos :]) else 1)
 
 
 @dataclass
@@ -256,7 +270,11 @@ class DenoisingEngine:
         if sampler is None:
             sampler = self._samplers[key] = make_sampler(request.sampler, self.model.schedule, **request.options)
         offset = self._timesteps(key, sampler, request.steps)
-        self._slots[request.id] = _Slot(request, sampler, offset, next(self._arrivals))
+        twin_at: tuple[bool, ...] = ()
+        if request.guidance_scale != 1.0:
+            ts = self._ts_host[offset : offset + request.steps]
+            twin_at = tuple(True for _ in ts) if self._guided_t is None else tuple(self._guided_t[t] for t in ts)
+        self._slots[request.id] = _Slot(request, sampler, offset, next(self._arrivals), twin_at)
         if request.owner not in self._owners:
             self._owners.append(request.owner)
 
@@ -271,7 +289,7 @@ class DenoisingEngine:
         """Change the rows per network call (the service's user_config); never below the rows of
         a request already queued. New buckets compile on first use (warm_up compiles them), and
         the step-time table is kept for the buckets that stay."""
-        largest = max((slot.rows for slot in self._slots.values()), default=1)
+        largest = max((slot.peak_rows for slot in self._slots.values()), default=1)
         max_batch = max(max_batch, largest)  # a request already queued must still fit
         self.config = replace(self.config, max_batch=max_batch)
         self.buckets = _buckets(max_batch, self.config.buckets)
@@ -534,11 +552,7 @@ class DenoisingEngine:
         host; the index tensors are rebuilt only when the set changes (at the interval's edges)."""
         if not batch.guided:
             return None
-        key = tuple(
-            i
-            for i, (slot, _, _) in enumerate(batch.guided)
-            if self._guided_t is None or self._guided_t[self._ts_host[slot.ts_offset + slot.pos]]
-        )
+        key = tuple(i for i, (slot, _, _) in enumerate(batch.guided) if slot.twins)
         if key != batch.twin_key:
             active = [batch.guided[i] for i in key]
             rows = [row for _, lo, hi in active for row in range(lo, hi)]

@@ -137,6 +137,37 @@ def test_null_class_twins_run_only_at_the_timesteps_inside_the_interval():
     assert torch.equal(done["g"].samples, reference(rowwise, guided))
 
 
+def test_a_guided_request_is_priced_at_the_rows_it_sends_this_step():
+    """The scheduler counts a guided request's twins only at the steps where they run: two guided
+    requests of 3 images share the 8-row budget at the steps outside the interval (3 + 3 rows)
+    and take turns inside it (6 rows each), and every image is still the sampler's."""
+    calls: list[tuple[int, int]] = []  # (rows, null-class rows) of each network call
+
+    class Counting(RowWise):
+        def forward(self, x, t, labels=None):
+            calls.append((x.shape[0], int((labels == NULL_CLASS).sum())))
+            return super().forward(x, t, labels)
+
+    rowwise = DiffusionModel.from_config(
+        Counting(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200), guidance_interval=(0.3, 1.5))
+    )
+    a = Request("a", "a", seed=1, start=0, count=3, steps=12, labels=[0, 1, 2], guidance_scale=3.0)
+    b = Request("b", "b", seed=2, start=0, count=3, steps=12, labels=[2, 2, 1], guidance_scale=2.0)
+    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=8, keep_samples=True, latency_slack=None))
+    done = run(engine, {0: [a, b]})
+    inside = [bool(guided_timesteps(rowwise.schedule, rowwise.guidance_interval)[t]) for t in range(200)]
+    ts = make_sampler("ddim", rowwise.schedule).timesteps(12)
+    before = ts.index(next(t for t in ts if inside[t]))  # steps above the interval
+    within = sum(inside[t] for t in ts)
+    after = 12 - before - within
+    assert before > 0 and within > 0 and after > 0
+    # together above the interval; inside it one at a time with its twins (6 + 6 > 8), and the
+    # first stays alone below it (3 + 6 > 8) until it finishes
+    assert calls == [(6, 0)] * before + ([(6, 3)] * within + [(3, 0)] * after) * 2
+    for r in (a, b):
+        assert torch.equal(done[r.id].samples, reference(rowwise, r)), r.id
+
+
 # The UNet's convolutions return a row's output differently by up to ~1e-6 depending on the batch
 # it is in (oneDNN picks other kernels: 1.07e-6 between batches of 9 and 1, measured on the 2-core
 # CI machine), and a few steps compound that; the engine itself adds nothing (test above).
