@@ -221,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-minutes", type=float, help="table: cheapest rows first; a row that would not finish in time is not run"
     )
+    p.add_argument(
+        "--only", metavar="SAMPLER:STEPS:GUIDANCE", action="append",
+        help="run only these rows of --rows, e.g. dpmpp_2m:1000:3 (repeatable)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.n % 10:
         p.error("--n must be a multiple of 10")
@@ -234,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         text = interval_study(args.n, args.steps, args.device, args.model, args.seed)
     else:
         limit = None if args.max_minutes is None else args.max_minutes * 60
-        text = table(ROWS[args.rows], args.n, args.device, args.grids, args.model, limit)
+        rows = ROWS[args.rows]
+        if args.only:
+            wanted = {tuple(spec.split(":")) for spec in args.only}
+            rows = [row for row in rows if (row[0], str(row[1]), f"{row[2]:g}") in wanted]
+            if not rows:
+                p.error(f"--only {' '.join(args.only)} matches no row of --rows {args.rows}")
+        text = table(rows, args.n, args.device, args.grids, args.model, limit)
     if args.out:
         args.out.write_text(f"device: {name}\n\n{text}\n")
     return 0
