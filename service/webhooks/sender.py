@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -67,11 +68,13 @@ def payload(event: str, record: JobRecord, at: float, manifest_url: str | None) 
     return json.dumps({"type": f"job.{event}", "timestamp": stamp, "data": data}, separators=(",", ":"))
 
 
-def client() -> httpx.AsyncClient:
-    """The dispatcher's HTTP client: no redirects, no keep-alive, no proxies from the environment."""
+def client(verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
+    """The dispatcher's HTTP client: no redirects, no keep-alive, no proxies from the environment;
+    https receivers are verified against certifi's roots (`verify`: another trust store, tests)."""
     return httpx.AsyncClient(
         follow_redirects=False,
         trust_env=False,
+        verify=verify,
         limits=httpx.Limits(max_keepalive_connections=0),
         headers={"User-Agent": USER_AGENT},
     )
