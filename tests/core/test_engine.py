@@ -110,20 +110,25 @@ def test_guidance_acts_only_inside_the_models_interval_exactly_as_in_the_sampler
         assert not torch.allclose(done[r.id].samples, reference(everywhere, r), atol=1e-4), r.id
 
 
-def test_null_class_twins_run_only_at_the_timesteps_inside_the_interval():
-    """Outside the guidance interval a guided row is plain conditional, so its twin is not sent to
-    the network at all: every call has the images plus one twin per guided image whose timestep
-    is inside the interval, and the unguided request never has one."""
-    calls: list[tuple[int, int]] = []  # (rows, null-class rows) of each network call
+def counting_model(calls: list[tuple[int, int]]) -> DiffusionModel:
+    """The row-wise network with a guidance interval, appending (rows, null-class rows) of
+    every call to `calls`."""
 
     class Counting(RowWise):
         def forward(self, x, t, labels=None):
             calls.append((x.shape[0], int((labels == NULL_CLASS).sum())))
             return super().forward(x, t, labels)
 
-    rowwise = DiffusionModel.from_config(
-        Counting(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200), guidance_interval=(0.3, 1.5))
-    )
+    config = ModelConfig(TINY, ScheduleConfig(num_timesteps=200), guidance_interval=(0.3, 1.5))
+    return DiffusionModel.from_config(Counting(), config)
+
+
+def test_null_class_twins_run_only_at_the_timesteps_inside_the_interval():
+    """Outside the guidance interval a guided row is plain conditional, so its twin is not sent to
+    the network at all: every call has the images plus one twin per guided image whose timestep
+    is inside the interval, and the unguided request never has one."""
+    calls: list[tuple[int, int]] = []  # (rows, null-class rows) of each network call
+    rowwise = counting_model(calls)
     guided = Request("g", "a", seed=1, start=0, count=3, steps=12, labels=[0, 1, 2], guidance_scale=3.0)
     plain = Request("p", "b", seed=2, start=0, count=2, steps=12, labels=[1, 1])
     engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
@@ -142,15 +147,7 @@ def test_a_guided_request_is_priced_at_the_rows_it_sends_this_step():
     requests of 3 images share the 8-row budget at the steps outside the interval (3 + 3 rows)
     and take turns inside it (6 rows each), and every image is still the sampler's."""
     calls: list[tuple[int, int]] = []  # (rows, null-class rows) of each network call
-
-    class Counting(RowWise):
-        def forward(self, x, t, labels=None):
-            calls.append((x.shape[0], int((labels == NULL_CLASS).sum())))
-            return super().forward(x, t, labels)
-
-    rowwise = DiffusionModel.from_config(
-        Counting(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200), guidance_interval=(0.3, 1.5))
-    )
+    rowwise = counting_model(calls)
     a = Request("a", "a", seed=1, start=0, count=3, steps=12, labels=[0, 1, 2], guidance_scale=3.0)
     b = Request("b", "b", seed=2, start=0, count=3, steps=12, labels=[2, 2, 1], guidance_scale=2.0)
     engine = DenoisingEngine(rowwise, EngineConfig(max_batch=8, keep_samples=True, latency_slack=None))
