@@ -341,7 +341,7 @@ class Denoiser:
                     "index": 0,
                     "png": base64.b64encode(png).decode(),
                 }
-                await self.store.add_preview(task.job_id, json.dumps(data))
+                await self.store.add_preview(task.job_id, preview.step, json.dumps(data))
             except RedisError as e:
                 log.warning("preview of job %s not recorded: %s", task.job_id, e)
             except Exception:

@@ -178,13 +178,18 @@ return out
 """
 )
 
-# KEYS[1] job, KEYS[2] events; ARGV the preview's JSON. Appended only while the job runs (never
-# after its terminal event). Returns 1 if appended.
+# KEYS[1] job, KEYS[2] events; ARGV[1] the preview's step, ARGV[2] its JSON. Appended only while
+# the job runs (never after its terminal event) and past the last preview's step (a retried first
+# shard starts again from step 0; its previews rejoin the stream once they are ahead of what the
+# stream has shown). Returns 1 if appended.
 _PREVIEW = (
     events.LUA
     + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-emit(KEYS[1], KEYS[2], 'preview', ARGV[1])
+local step = tonumber(ARGV[1])
+if step <= (tonumber(redis.call('HGET', KEYS[1], 'preview_step')) or -1) then return 0 end
+redis.call('HSET', KEYS[1], 'preview_step', step)
+emit(KEYS[1], KEYS[2], 'preview', ARGV[2])
 return 1
 """
 )
@@ -591,9 +596,10 @@ class JobStore:
         return [JobStatus(s) if s else None for s in statuses]
 
     # --- events --------------------------------------------------------------------------------
-    async def add_preview(self, job_id: str, data: str) -> bool:
-        """Append a preview event (JSON data) while the job runs; False once it has ended."""
-        return bool(await self._preview(keys=[keys.job(job_id), keys.job_events(job_id)], args=[data]))
+    async def add_preview(self, job_id: str, step: int, data: str) -> bool:
+        """Append a preview event (JSON data) of `step` while the job runs; False once it has
+        ended, or when an earlier step comes after a later one (a retried shard)."""
+        return bool(await self._preview(keys=[keys.job(job_id), keys.job_events(job_id)], args=[step, data]))
 
     async def read_events(
         self, job_id: str, after: str, count: int = 100, block_ms: int | None = None

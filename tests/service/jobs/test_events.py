@@ -45,7 +45,7 @@ def test_a_job_that_succeeds_tells_each_step_once_and_ends_with_one_terminal_eve
     assert run(store.complete_shard(b, [("cd" * 32, 90)] * 2)) == ("running", True)
     assert run(store.succeed(job_id, "alice"))
     run(store.record_steps([(job_id, 1, 3)]))  # a late report after the end
-    assert not run(store.add_preview(job_id, "{}"))
+    assert not run(store.add_preview(job_id, 12, "{}"))
     assert run(store.finish(job_id, "alice", JobStatus.canceled)) is False
 
     assert kinds(store, run, job_id) == ["queued", "started", *["progress"] * 4, "succeeded"]
@@ -65,13 +65,25 @@ def test_a_job_that_succeeds_tells_each_step_once_and_ends_with_one_terminal_eve
     }
 
 
+def test_previews_never_go_back_when_the_first_shard_is_retried(store, run):
+    job_id, _, _ = run(store.submit("alice", P, {}))
+    run(store.mark_running(job_id, "alice"))
+    assert [run(store.add_preview(job_id, step, f'{{"step": {step}}}')) for step in (2, 4, 6)] == [True] * 3
+    # the shard's retry starts over: its previews are dropped until they pass step 6
+    assert [run(store.add_preview(job_id, step, f'{{"step": {step}}}')) for step in (2, 4, 6, 8)] == [
+        False, False, False, True,
+    ]  # fmt: skip
+    shown = [json.loads(e.data)["step"] for e in run(store.read_events(job_id, "0")) if e.kind == EventKind.preview]
+    assert shown == [2, 4, 6, 8]
+
+
 def test_canceled_and_failed_jobs_end_with_their_event_and_previews_stop(store, run):
     canceled, _, _ = run(store.submit("alice", P, {}))
-    assert not run(store.add_preview(canceled, '{"step": 1}'))  # not running yet
+    assert not run(store.add_preview(canceled, 1, '{"step": 1}'))  # not running yet
     run(store.mark_running(canceled, "alice"))
-    assert run(store.add_preview(canceled, '{"step": 1}'))
+    assert run(store.add_preview(canceled, 1, '{"step": 1}'))
     assert run(store.finish(canceled, "alice", JobStatus.canceled))
-    assert not run(store.add_preview(canceled, '{"step": 2}'))
+    assert not run(store.add_preview(canceled, 2, '{"step": 2}'))
     assert kinds(store, run, canceled) == ["queued", "started", "preview", "canceled"]
     failed, _, _ = run(store.submit("alice", P, {}))
     assert run(store.finish(failed, "alice", JobStatus.failed))
