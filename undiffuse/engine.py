@@ -274,7 +274,13 @@ class DenoisingEngine:
         if request.guidance_scale != 1.0:
             ts = self._ts_host[offset : offset + request.steps]
             twin_at = tuple(True for _ in ts) if self._guided_t is None else tuple(self._guided_t[t] for t in ts)
-        self._slots[request.id] = _Slot(request, sampler, offset, next(self._arrivals), twin_at)
+        slot = _Slot(request, sampler, offset, next(self._arrivals), twin_at)
+        if slot.peak_rows > self.config.max_batch:
+            raise ValueError(
+                f"request {request.id!r} needs {slot.peak_rows} rows (guidance twins count); "
+                f"max_batch is {self.config.max_batch}"
+            )
+        self._slots[request.id] = slot
         if request.owner not in self._owners:
             self._owners.append(request.owner)
 
@@ -648,11 +654,6 @@ class DenoisingEngine:
             raise ValueError(f"request {request.id!r}: needs one class label per image")
         if request.preview_every is not None and request.preview_every < 1:
             raise ValueError(f"request {request.id!r}: preview_every must be >= 1")
-        rows = request.count * (2 if request.guidance_scale != 1.0 else 1)
-        if rows > self.config.max_batch:
-            raise ValueError(
-                f"request {request.id!r} needs {rows} rows (guidance twins count); max_batch is {self.config.max_batch}"
-            )
 
     @torch.no_grad()
     def warm_up(self, max_seconds: float = 120.0, log: Callable[[str], None] | None = None) -> dict[int, float]:

@@ -165,6 +165,31 @@ def test_a_guided_request_is_priced_at_the_rows_it_sends_this_step():
         assert torch.equal(done[r.id].samples, reference(rowwise, r)), r.id
 
 
+def test_max_batch_follows_the_rows_a_guided_request_still_needs():
+    """With a guidance interval, a guided request needs its twins' rows only until its last step
+    inside the interval: max_batch may not drop below twice its images before that, and may drop
+    to its images after; one whose steps never enter the interval needs no twin rows at all."""
+    model = counting_model([])
+    engine = DenoisingEngine(model, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
+    guided = Request("g", "a", seed=1, start=0, count=3, steps=12, labels=[0, 1, 2], guidance_scale=3.0)
+    engine.add(guided)
+    engine.set_max_batch(1)
+    assert engine.config.max_batch == 6
+    inside = guided_timesteps(model.schedule, model.guidance_interval)
+    ts = make_sampler("ddim", model.schedule).timesteps(12)
+    last_inside = max(i for i, t in enumerate(ts) if inside[t])
+    for _ in range(last_inside + 1):
+        engine.step()
+    engine.set_max_batch(1)
+    assert engine.config.max_batch == 3
+    assert set(run(engine)) == {"g"}
+    # one step at t = 199 (sigma above the interval): guided, yet never a twin
+    engine.add(replace(guided, id="never", steps=1))
+    with pytest.raises(ValueError, match="needs 6 rows"):
+        engine.add(replace(guided, id="twins", steps=2))
+    assert set(run(engine)) == {"never"}
+
+
 # The UNet's convolutions return a row's output differently by up to ~1e-6 depending on the batch
 # it is in (oneDNN picks other kernels: 1.07e-6 between batches of 9 and 1, measured on the 2-core
 # CI machine), and a few steps compound that; the engine itself adds nothing (test above).
