@@ -1,11 +1,16 @@
 """Webhook delivery over https: the POST goes to the address the SSRF guard checked, yet TLS
 (SNI and certificate verification) and the Host header use the URL's host name, and a
 certificate that does not match that name, or that no trusted root signed, fails the attempt
-before anything is sent."""
+before anything is sent.
+
+The receiver's name, hooks.example.test, resolves nowhere (.test is reserved): the guard is
+replaced by one that answers 127.0.0.1, so a delivery can only arrive through the pinned
+address, whatever this machine's resolver does with names."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +31,11 @@ class TLSReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            def setup(self) -> None:  # the handshake in the handler's thread, never in accept()
+                self.request.settimeout(5.0)
+                self.request.do_handshake()
+                super().setup()
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
                 receiver.posts.append((self.headers["Host"], body))
@@ -40,7 +50,7 @@ class TLSReceiver:
         context.sni_callback = lambda _sock, name, _ctx: self.sni.append(name)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.handle_error = lambda *args: None  # a refused handshake is the expected outcome
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
         self.port = self.server.server_port
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -49,9 +59,25 @@ class TLSReceiver:
         self.server.server_close()
 
 
+HOST = "hooks.example.test"
+
+
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()
+
+
+@pytest.fixture(autouse=True)
+def guard(monkeypatch) -> list[str]:
+    """The SSRF guard, answering 127.0.0.1 for HOST (and recording the URLs it checked)."""
+    checked: list[str] = []
+
+    async def checked_addresses(url: str, allow_private: bool, timeout: float):
+        checked.append(url)
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    monkeypatch.setattr(sender, "checked_addresses", checked_addresses)
+    return checked
 
 
 def trusting(ca: trustme.CA) -> ssl.SSLContext:
@@ -71,13 +97,15 @@ def deliver(url: str, verify: ssl.SSLContext | bool) -> sender.Attempt:
     return asyncio.run(main())
 
 
-def test_https_delivery_pins_the_address_but_verifies_and_names_the_host(ca):
-    receiver = TLSReceiver(ca.issue_cert("localhost"))
+def test_https_delivery_pins_the_address_but_verifies_and_names_the_host(ca, guard):
+    receiver = TLSReceiver(ca.issue_cert(HOST))
     try:
-        attempt = deliver(f"https://localhost:{receiver.port}/hook", trusting(ca))
+        url = f"https://{HOST}:{receiver.port}/hook"
+        attempt = deliver(url, trusting(ca))
         assert attempt.delivered and attempt.status_code == 204, attempt
-        assert receiver.sni == ["localhost"]  # not the pinned 127.0.0.1
-        assert receiver.posts == [(f"localhost:{receiver.port}", '{"type":"job.succeeded"}')]
+        assert guard == [url]
+        assert receiver.sni == [HOST]  # not the pinned 127.0.0.1
+        assert receiver.posts == [(f"{HOST}:{receiver.port}", '{"type":"job.succeeded"}')]
     finally:
         receiver.close()
 
@@ -85,9 +113,9 @@ def test_https_delivery_pins_the_address_but_verifies_and_names_the_host(ca):
 def test_a_certificate_for_another_name_fails_the_attempt_before_the_post(ca):
     receiver = TLSReceiver(ca.issue_cert("other.example"))
     try:
-        attempt = deliver(f"https://localhost:{receiver.port}/hook", trusting(ca))
+        attempt = deliver(f"https://{HOST}:{receiver.port}/hook", trusting(ca))
         assert not attempt.delivered and attempt.status_code is None
-        assert "CERTIFICATE_VERIFY_FAILED" in attempt.error and "localhost" in attempt.error, attempt.error
+        assert "CERTIFICATE_VERIFY_FAILED" in attempt.error and HOST in attempt.error, attempt.error
         assert receiver.posts == []
     finally:
         receiver.close()
@@ -95,9 +123,9 @@ def test_a_certificate_for_another_name_fails_the_attempt_before_the_post(ca):
 
 def test_the_default_client_trusts_only_public_roots(ca):
     """The dispatcher's own client (certifi's roots) refuses a certificate from an unknown CA."""
-    receiver = TLSReceiver(ca.issue_cert("localhost"))
+    receiver = TLSReceiver(ca.issue_cert(HOST))
     try:
-        attempt = deliver(f"https://localhost:{receiver.port}/hook", True)
+        attempt = deliver(f"https://{HOST}:{receiver.port}/hook", True)
         assert not attempt.delivered and "CERTIFICATE_VERIFY_FAILED" in attempt.error, attempt.error
         assert receiver.posts == []
     finally:
