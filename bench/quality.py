@@ -204,6 +204,15 @@ def interval_study(n: int, steps: int, device: str, model_dir: Path, seed: int) 
     return "\n".join(lines)
 
 
+def _row_key(spec: str, parser: argparse.ArgumentParser) -> tuple[str, int, float]:
+    """A spec like dpmpp_2m:1000:3 as the first three fields of a row: ("dpmpp_2m", 1000, 3.0)."""
+    try:
+        name, steps, guidance = spec.split(":")
+        return name, int(steps), float(guidance)
+    except ValueError:
+        parser.error(f"--only {spec}: expected SAMPLER:STEPS:GUIDANCE, e.g. dpmpp_2m:1000:3")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1000, help="digits per row (a multiple of 10)")
@@ -228,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.n % 10:
         p.error("--n must be a multiple of 10")
+    if args.only and (args.guidance_study or args.interval_study):
+        p.error("--only selects rows of the table, not of a study")
     if args.device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
@@ -239,11 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         limit = None if args.max_minutes is None else args.max_minutes * 60
         rows = ROWS[args.rows]
-        if args.only:
-            wanted = {tuple(spec.split(":")) for spec in args.only}
-            rows = [row for row in rows if (row[0], str(row[1]), f"{row[2]:g}") in wanted]
-            if not rows:
-                p.error(f"--only {' '.join(args.only)} matches no row of --rows {args.rows}")
+        if args.only:  # every row matching a spec (in --rows targets a spec can match two)
+            specs = {spec: _row_key(spec, p) for spec in args.only}
+            for spec, key in specs.items():
+                if not any(row[:3] == key for row in rows):
+                    p.error(f"--only {spec} matches no row of --rows {args.rows}")
+            rows = [row for row in rows if row[:3] in specs.values()]
         text = table(rows, args.n, args.device, args.grids, args.model, limit)
     if args.out:
         args.out.write_text(f"device: {name}\n\n{text}\n")
