@@ -19,6 +19,8 @@ GPU section:
       the engine's fast path against diffusers' DDIMPipeline in fp32 (goal >= 1,200 images/s and
       >= 6x), with achieved TFLOP/s and the fraction of the card's bf16 peak;
   (6) host time (CPU): an engine step's bookkeeping with a network that costs nothing;
+  (7) guided packing (CPU, any device's count): network calls for a burst of guided shards when
+      their null-class twins are priced only where they run, against pricing them at every step;
   (5) precision (CPU and GPU): the largest pixel difference of bf16 from fp32 on the same 100
       digits, and the class accuracy of each by 5-NN on the shared MNIST test set;
   (2, GPU) the mixed load of (2) on the GPU (fp32 eager, short jobs every 0.25 s).
@@ -211,6 +213,47 @@ def host_time(request_counts=(16, 64, 256)) -> list[str]:
             times.append(time.perf_counter() - started)
         cells.append(f"{count} requests ({16 * count} rows): {statistics.median(times) * 1e3:.2f} ms")
     return [f"| (6) host time of an engine step (null network, 8x8 images) | - | {'; '.join(cells)} | - | - |"]
+
+
+# --- (7) guided packing -------------------------------------------------------------------------------
+def guided_packing(model, shards: int = 16, shard_size: int = 16, max_batch: int = 64) -> list[str]:
+    """Network calls for a burst of guided shards (guidance 3, the demo model's interval) with a
+    network that costs nothing, under a flat step-time table (a GPU below saturation: only
+    max_batch limits merging): the engine, which counts a shard's null-class twins at the steps
+    where they run, against the same engine pricing them at every step (as it did before). On
+    such a GPU a step costs about the same whatever its rows, so fewer calls is less time."""
+    from undiffuse.engine import _Slot
+
+    class TwinsAtEveryStep(_Slot):  # the reference: twice its images whenever it is guided
+        __slots__ = ()
+
+        @property
+        def rows(self) -> int:
+            return self.request.count * (2 if self.twin_at else 1)
+
+    cells = {}
+    for label, slot_class in (("every step", TwinsAtEveryStep), ("where they run", _Slot)):
+        for sampler, steps in (("ddim", 20), ("dpmpp_2m", 10), ("ddim", 50)):
+            engine = DenoisingEngine(model, EngineConfig(max_batch=max_batch, compile=False, channels_last=False))
+            calls: list[int] = []
+            engine.network = lambda x, t, y, calls=calls: calls.append(x.shape[0]) or torch.zeros_like(x)
+            engine.step_time = {b: 1e-3 for b in engine.buckets}
+            for k in range(shards):
+                engine.add(Request(k, f"o{k % 4}", seed=k, start=0, count=shard_size, steps=steps, sampler=sampler,
+                                   labels=[k % 10] * shard_size, guidance_scale=3.0))  # fmt: skip
+                engine._slots[k].__class__ = slot_class
+            while not engine.idle:
+                engine.step()
+            cells[label, sampler, steps] = (len(calls), sum(calls) / len(calls))
+    rows = []
+    for sampler, steps in (("ddim", 20), ("dpmpp_2m", 10), ("ddim", 50)):
+        (ref, ref_rows), (new, new_rows) = cells["every step", sampler, steps], cells["where they run", sampler, steps]
+        rows.append(
+            f"| (7) guided packing: {shards} shards of {shard_size}, guidance 3, {sampler} {steps}, max_batch "
+            f"{max_batch}: network calls (mean rows per call) | twins priced at every step: {ref} ({ref_rows:.1f}) "
+            f"| twins priced where they run: {new} ({new_rows:.1f}) | {ref / new:.2f}x fewer calls | - |"
+        )
+    return rows
 
 
 # --- GPU section --------------------------------------------------------------------------------
@@ -415,6 +458,7 @@ def main() -> None:
         rows += mixed_load(cpu_model, args)
         rows += precision_check(cpu_model, 3 if args.smoke else 50, 20 if args.smoke else 100)
         rows += host_time()
+        rows += guided_packing(cpu_model)
     if args.gpu:
         model = load_model(ROOT / "models" / "mnist", device)
         big = 256 if args.smoke else 4096
