@@ -19,7 +19,7 @@ def job_prefix(job_id: str) -> str:
 
 
 def image_key(job_id: str, index: int) -> str:
-    """Deterministic, so a retried shard overwrites its images instead of duplicating them."""
+    """Deterministic, so a retried shard finds its images instead of duplicating them."""
     return f"{job_prefix(job_id)}{index:05d}.png"
 
 
@@ -58,6 +58,7 @@ class ObjectStore:
         self.presigner = session.client("s3", endpoint_url=public, config=retries)
         self._presigned: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (url, reuse until)
         self._lock = threading.Lock()
+        self._conditional_puts = True  # until the store answers 501 to If-None-Match
 
     def ensure_bucket(self) -> None:
         """Check that the bucket exists and these credentials reach it. Only when S3 answers that
@@ -93,6 +94,29 @@ class ObjectStore:
 
     def put_png(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="image/png")
+
+    def put_png_once(self, key: str, data: bytes) -> bytes:
+        """Write the PNG unless the key holds one already (a conditional PUT, If-None-Match: *);
+        returns the bytes that stand under the key: these, or those an earlier or concurrent
+        attempt wrote first. So the caller's checksums are always of the bytes the bucket holds.
+        A store that does not implement conditional PUTs (501) is written unconditionally."""
+        for _ in range(3):  # the standing object can be deleted between the PUT and the GET
+            if not self._conditional_puts:
+                break
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="image/png", IfNoneMatch="*")
+                return data
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code")
+                if code == "NotImplemented":
+                    self._conditional_puts = False
+                elif code != "PreconditionFailed":
+                    raise  # e.g. 409 ConditionalRequestConflict: the caller's retry finds the winner
+            stored = self.get_bytes(key)
+            if stored is not None:
+                return stored
+        self.put_png(key, data)
+        return data
 
     def put_json(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json")

@@ -242,7 +242,8 @@ class Consumer:
         bytes can differ (the network's output for a row depends on its batch) and would leave
         the manifest vouching for bytes the bucket no longer holds. What follows the completion
         is finished as for a redelivered done shard. (Two attempts uploading at the very same
-        time can still interleave; this closes the window of a whole sampling run.)"""
+        time cannot leave it so either: each image is written once, by a conditional PUT, and
+        both record the checksums of what stands, whichever attempt wrote it; see `_upload`.)"""
         now = await self._patiently("status", lambda: self.store.get(task.job_id), (RedisError,), task)
         if now is None or task.shard not in now.done_shards:
             return False
@@ -337,14 +338,17 @@ class Consumer:
                 delay = min(2 * delay, 10.0)
 
     def _upload(self, task: ShardTask, result: ShardResult) -> list[tuple[str, int]]:
-        """Encode and upload the shard's PNGs; returns their (sha256 hex, size), in image order."""
+        """Encode and upload the shard's PNGs, keeping any an earlier or concurrent attempt wrote
+        first; returns the (sha256 hex, size) of what the bucket holds, in image order."""
         pixels = np.frombuffer(result.pixels, dtype=np.uint8).reshape(result.shape)
         if pixels.shape[0] != task.count:
             raise RuntimeError(f"Denoiser returned {pixels.shape[0]} images for a shard of {task.count}")
 
         def upload(k: int) -> tuple[str, int]:
-            data = png_bytes(pixels[k], compress_level=1)
-            self.objects.put_png(image_key(task.job_id, task.start + k), data)
+            # the first attempt to write an image wins; the checksums are of what stands
+            data = self.objects.put_png_once(
+                image_key(task.job_id, task.start + k), png_bytes(pixels[k], compress_level=1)
+            )
             return hashlib.sha256(data).hexdigest(), len(data)
 
         # boto3 clients are thread-safe; uploads overlap their network round trips

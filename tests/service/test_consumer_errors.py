@@ -352,6 +352,35 @@ def test_a_duplicate_attempt_finishing_after_the_shard_completed_leaves_its_imag
     assert (hashlib.sha256(stored).hexdigest(), len(stored)) == (entry["sha256"], entry["size"])
 
 
+def test_an_image_an_earlier_attempt_wrote_stands_and_the_manifest_vouches_for_it(stack):
+    """An attempt that uploaded an image and died before recording the shard (or one uploading
+    at the same instant as this one): its image stays (the upload is a conditional PUT), and the
+    completion records the checksum of the bytes the bucket holds, not of this attempt's."""
+    import hashlib
+
+    from service.storage import image_key, manifest_key
+    from undiffuse.images import png_bytes
+
+    settings = _settings(stack, 3)
+    objects = ObjectStore(settings)
+    earlier = png_bytes(np.full((28, 28, 1), 127, dtype=np.uint8))
+    job: dict[str, str] = {}
+
+    async def prepare(store, job_id):
+        job["id"] = job_id
+        await asyncio.to_thread(objects.put_png, image_key(job_id, 0), earlier)
+
+    async def generate(task: ShardTask) -> ShardResult:
+        return _pixels(task)  # grey 128: other bytes than the earlier attempt's
+
+    record, _ = _run_until_ended(settings, generate, prepare)
+    assert record.status == JobStatus.succeeded
+    stored = objects.get_bytes(image_key(job["id"], 0))
+    [entry] = json.loads(objects.get_bytes(manifest_key(job["id"])))["images"]
+    assert stored == earlier
+    assert (entry["sha256"], entry["size"]) == (hashlib.sha256(earlier).hexdigest(), len(earlier))
+
+
 def test_a_job_canceled_while_its_manifest_was_written_keeps_no_manifest_and_is_not_logged_succeeded(stack, caplog):
     """Every shard done, the manifest written, and then the job is canceled before the succeed
     transition: the job stays canceled, its manifest is taken back like its images (the cancel's

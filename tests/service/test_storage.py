@@ -139,3 +139,39 @@ def test_urls_presigned_for_the_public_endpoint_download_from_there(s3):
     assert httpx.get(url).content == b"\x89PNG-public"
     # signed for one host, refused from another: the public endpoint really is what counts
     assert httpx.get(url.replace("localhost", "127.0.0.1")).status_code == 403
+
+
+def test_an_image_is_written_once_and_every_writer_is_told_what_stands(s3):
+    """Two attempts of one shard write the same key: the first write wins (If-None-Match: *) and
+    the second is handed the bytes that stand, so its checksums describe the bucket."""
+    settings = Settings(s3_endpoint_url=s3.endpoint, s3_bucket="once", s3_create_bucket=True, **KEYS)
+    store = ObjectStore(settings)
+    store.ensure_bucket()
+    key = f"jobs/{uuid.uuid4().hex}/00000.png"
+    assert store.put_png_once(key, b"\x89PNG-first") == b"\x89PNG-first"
+    calls = _record_calls(store)
+    assert store.put_png_once(key, b"\x89PNG-second") == b"\x89PNG-first"
+    assert calls == ["PutObject", "GetObject"]  # refused with 412, then read
+    assert store.get_bytes(key) == b"\x89PNG-first"
+
+
+def test_a_store_without_conditional_puts_is_written_as_before(s3, monkeypatch):
+    """An S3-compatible store that answers 501 to If-None-Match: the PUT is made without it."""
+    from botocore.exceptions import ClientError
+
+    settings = Settings(s3_endpoint_url=s3.endpoint, s3_bucket="once", s3_create_bucket=True, **KEYS)
+    store = ObjectStore(settings)
+    store.ensure_bucket()
+    put = store.client.put_object
+
+    def no_conditions(**kwargs):
+        if "IfNoneMatch" in kwargs:
+            raise ClientError({"Error": {"Code": "NotImplemented", "Message": "not implemented"}}, "PutObject")
+        return put(**kwargs)
+
+    monkeypatch.setattr(store.client, "put_object", no_conditions)
+    key = f"jobs/{uuid.uuid4().hex}/00000.png"
+    assert store.put_png_once(key, b"\x89PNG-a") == b"\x89PNG-a"
+    assert store.get_bytes(key) == b"\x89PNG-a"
+    assert store.put_png_once(key, b"\x89PNG-b") == b"\x89PNG-b"  # overwritten, as before
+    assert store.get_bytes(key) == b"\x89PNG-b"
