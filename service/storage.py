@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -12,6 +13,9 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from service.settings import Settings
+
+log = logging.getLogger("ray.serve")
+CONDITIONAL_PUT_TRIES = 5
 
 
 def job_prefix(job_id: str) -> str:
@@ -98,25 +102,38 @@ class ObjectStore:
     def put_png_once(self, key: str, data: bytes) -> bytes:
         """Write the PNG unless the key holds one already (a conditional PUT, If-None-Match: *);
         returns the bytes that stand under the key: these, or those an earlier or concurrent
-        attempt wrote first. So the caller's checksums are always of the bytes the bucket holds.
-        A store that does not implement conditional PUTs (501) is written unconditionally."""
-        for _ in range(3):  # the standing object can be deleted between the PUT and the GET
-            if not self._conditional_puts:
-                break
+        attempt wrote first, so the caller's checksums are of the bytes the bucket holds.
+
+        412: the object exists, and is read back. 409 (a concurrent conditional write of the key
+        in progress, which botocore does not retry): tried again shortly. 501 (a store without
+        conditional writes): logged once, then this store is written unconditionally, as before.
+        A store that ignores the header altogether cannot be told apart: the write then
+        overwrites. Raises ImageNotWritten if the key neither takes the write nor can be read."""
+        if not self._conditional_puts:
+            self.put_png(key, data)
+            return data
+        for attempt in range(CONDITIONAL_PUT_TRIES):
             try:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="image/png", IfNoneMatch="*")
                 return data
             except ClientError as e:
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 code = e.response.get("Error", {}).get("Code")
-                if code == "NotImplemented":
+                if status == 501 or code == "NotImplemented":
+                    endpoint = self.client.meta.endpoint_url
+                    log.warning("S3 store at %s has no conditional writes: images are overwritten", endpoint)
                     self._conditional_puts = False
-                elif code != "PreconditionFailed":
-                    raise  # e.g. 409 ConditionalRequestConflict: the caller's retry finds the winner
+                    self.put_png(key, data)
+                    return data
+                if status == 409 or code == "ConditionalRequestConflict":
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                if status != 412 and code != "PreconditionFailed":
+                    raise
             stored = self.get_bytes(key)
             if stored is not None:
-                return stored
-        self.put_png(key, data)
-        return data
+                return stored  # None: deleted between the PUT and the GET; try again
+        raise ImageNotWritten(f"{key}: neither written nor readable after {CONDITIONAL_PUT_TRIES} conditional PUTs")
 
     def put_json(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json")
@@ -192,9 +209,13 @@ class ObjectsNotDeleted(Exception):
     """DeleteObjects answered, but refused some of the keys."""
 
 
+class ImageNotWritten(Exception):
+    """A conditional PUT kept failing without an object standing in its place."""
+
+
 class BucketUnavailable(Exception):
     """The bucket is missing (and may not be created) or these credentials may not reach it."""
 
 
-STORAGE_ERRORS = (BotoCoreError, ClientError, ObjectsNotDeleted)
+STORAGE_ERRORS = (BotoCoreError, ClientError, ObjectsNotDeleted, ImageNotWritten)
 PRESIGN_CACHE_SIZE = 100_000

@@ -155,23 +155,51 @@ def test_an_image_is_written_once_and_every_writer_is_told_what_stands(s3):
     assert store.get_bytes(key) == b"\x89PNG-first"
 
 
-def test_a_store_without_conditional_puts_is_written_as_before(s3, monkeypatch):
-    """An S3-compatible store that answers 501 to If-None-Match: the PUT is made without it."""
+def _store_answering(s3, monkeypatch, *answers: tuple[int, str]) -> ObjectStore:
+    """A store whose next conditional PUTs get these (status, code) errors, then reach S3."""
     from botocore.exceptions import ClientError
 
     settings = Settings(s3_endpoint_url=s3.endpoint, s3_bucket="once", s3_create_bucket=True, **KEYS)
     store = ObjectStore(settings)
     store.ensure_bucket()
-    put = store.client.put_object
+    put, queued = store.client.put_object, list(answers)
 
-    def no_conditions(**kwargs):
-        if "IfNoneMatch" in kwargs:
-            raise ClientError({"Error": {"Code": "NotImplemented", "Message": "not implemented"}}, "PutObject")
+    def answering(**kwargs):
+        if "IfNoneMatch" in kwargs and queued:
+            status, code = queued.pop(0)
+            error = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+            raise ClientError(error, "PutObject")
         return put(**kwargs)
 
-    monkeypatch.setattr(store.client, "put_object", no_conditions)
+    monkeypatch.setattr(store.client, "put_object", answering)
+    return store
+
+
+def test_a_store_without_conditional_puts_is_written_as_before(s3, monkeypatch):
+    """An S3-compatible store that answers 501 to If-None-Match: written without it from then on."""
+    store = _store_answering(s3, monkeypatch, *[(501, "NotImplemented")] * 10)
     key = f"jobs/{uuid.uuid4().hex}/00000.png"
     assert store.put_png_once(key, b"\x89PNG-a") == b"\x89PNG-a"
     assert store.get_bytes(key) == b"\x89PNG-a"
     assert store.put_png_once(key, b"\x89PNG-b") == b"\x89PNG-b"  # overwritten, as before
     assert store.get_bytes(key) == b"\x89PNG-b"
+
+
+def test_a_conflicting_concurrent_write_is_tried_again(s3, monkeypatch):
+    """409 ConditionalRequestConflict (AWS: another conditional write of the key in progress)."""
+    store = _store_answering(s3, monkeypatch, (409, "ConditionalRequestConflict"), (409, "ConditionalRequestConflict"))
+    key = f"jobs/{uuid.uuid4().hex}/00000.png"
+    assert store.put_png_once(key, b"\x89PNG-c") == b"\x89PNG-c"
+    assert store.get_bytes(key) == b"\x89PNG-c"
+
+
+def test_a_key_that_refuses_the_write_yet_holds_nothing_is_an_error_not_an_overwrite(s3, monkeypatch):
+    """412 every time, and nothing to read: the upload fails (a storage error the Worker retries)
+    instead of writing unconditionally over whatever another attempt may be writing."""
+    from service.storage import STORAGE_ERRORS, ImageNotWritten
+
+    store = _store_answering(s3, monkeypatch, *[(412, "PreconditionFailed")] * 10)
+    key = f"jobs/{uuid.uuid4().hex}/00000.png"
+    with pytest.raises(ImageNotWritten, match="neither written nor readable"):
+        store.put_png_once(key, b"\x89PNG-d")
+    assert issubclass(ImageNotWritten, STORAGE_ERRORS) and store.get_bytes(key) is None
