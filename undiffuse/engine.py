@@ -273,7 +273,7 @@ class DenoisingEngine:
         twin_at: tuple[bool, ...] = ()
         if request.guidance_scale != 1.0:
             ts = self._ts_host[offset : offset + request.steps]
-            twin_at = tuple(True for _ in ts) if self._guided_t is None else tuple(self._guided_t[t] for t in ts)
+            twin_at = tuple(self._guided_t is None or self._guided_t[t] for t in ts)
         slot = _Slot(request, sampler, offset, next(self._arrivals), twin_at)
         if slot.peak_rows > self.config.max_batch:
             raise ValueError(
