@@ -72,8 +72,7 @@ class ObjectStore:
             self.client.head_bucket(Bucket=self.bucket)
             return
         except ClientError as e:
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            code = e.response.get("Error", {}).get("Code")
+            status, code = _answer(e)
             if status != 404 and code not in ("404", "NoSuchBucket"):
                 raise BucketUnavailable(
                     f"S3 bucket {self.bucket!r}: HeadBucket answered {status} {code}; check the credentials "
@@ -117,8 +116,7 @@ class ObjectStore:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="image/png", IfNoneMatch="*")
                 return data
             except ClientError as e:
-                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                code = e.response.get("Error", {}).get("Code")
+                status, code = _answer(e)
                 if status == 501 or code == "NotImplemented":
                     endpoint = self.client.meta.endpoint_url
                     log.warning("S3 store at %s has no conditional writes: images are overwritten", endpoint)
@@ -203,6 +201,11 @@ class ObjectStore:
             while len(self._presigned) > PRESIGN_CACHE_SIZE:
                 self._presigned.popitem(last=False)
         return url
+
+
+def _answer(error: ClientError) -> tuple[int | None, str | None]:
+    """(HTTP status, S3 error code) of a refused request."""
+    return error.response.get("ResponseMetadata", {}).get("HTTPStatusCode"), error.response.get("Error", {}).get("Code")
 
 
 class ObjectsNotDeleted(Exception):
