@@ -2,7 +2,9 @@
 
 Starts a Redis-compatible server and SeaweedFS's S3 gateway on 127.0.0.1 (state under .run/),
 local Ray, and the Serve application serving the demo model on http://127.0.0.1:8000.
-Prints an API key for this run. Ctrl-C stops all of it.
+Prints the API keys of this run, each with its owner: `--api-key` may be given several times
+(`--api-key alice=K1 --api-key bob=K2`) to try per-owner fairness and quotas on one machine;
+without it, a new random key of owner "local". Ctrl-C stops all of it.
 """
 
 from __future__ import annotations
@@ -13,8 +15,39 @@ import sys
 from pathlib import Path
 
 from service.dev.servers import RedisServer, S3Server
-from service.keys import digest
+from service.keys import OWNER, digest
 from service.settings import REPO_ROOT
+
+
+def owner_keys(values: list[str] | None) -> list[tuple[str, str]]:
+    """(owner, key) of each `--api-key` value, in the order given.
+
+    A value is `OWNER=KEY` (split at the first "=", so a key containing "=" needs its owner) or a
+    plain `KEY`, whose owner is "local" if it is the first value and "local-<n>" if the n-th. No
+    values: one new random key of owner "local". ValueError (one line, naming the value by its
+    position and never echoing a key) for a malformed owner, an empty key or one with whitespace,
+    a key given twice, or an owner given twice.
+    """
+    if not values:
+        return [("local", "ud_" + secrets.token_urlsafe(24))]
+    pairs: list[tuple[str, str]] = []
+    seen_keys: dict[str, int] = {}
+    seen_owners: dict[str, int] = {}
+    for position, value in enumerate(values, 1):
+        owner, equals, key = value.partition("=")
+        if not equals:
+            owner, key = ("local" if position == 1 else f"local-{position}"), value
+        elif not OWNER.fullmatch(owner):
+            raise ValueError(f"--api-key {position}: the owner before '=' must match {OWNER.pattern}")
+        if not key or any(c.isspace() for c in key):
+            raise ValueError(f"--api-key {position}: the key is empty or contains whitespace")
+        if key in seen_keys:
+            raise ValueError(f"--api-key {position} repeats the key of --api-key {seen_keys[key]}")
+        if owner in seen_owners:
+            raise ValueError(f"--api-key {position} repeats owner {owner!r} of --api-key {seen_owners[owner]}")
+        seen_keys[key], seen_owners[owner] = position, position
+        pairs.append((owner, key))
+    return pairs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,33 +55,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the API")
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus endpoint of Ray's metrics agent")
     p.add_argument("--workdir", type=Path, default=REPO_ROOT / ".run", help="state of Redis and SeaweedFS")
-    p.add_argument("--api-key", default=None, help="default: a new random key each start")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        metavar="[OWNER=]KEY",
+        help="an API key and its owner; repeat it for several owners (a plain key's owner is local, local-2, ...;"
+        " default: a new random key of owner local each start)",
+    )
     p.add_argument("--denoiser-replicas", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args(argv)
+    try:
+        api_keys = owner_keys(args.api_key)
+    except ValueError as error:
+        p.error(str(error))
 
-    api_key = args.api_key or "ud_" + secrets.token_urlsafe(24)
     s3_secret = secrets.token_urlsafe(24)
     with (
         RedisServer(args.workdir / "redis").start() as redis,
         S3Server(args.workdir / "seaweedfs", access_key="undiffuse", secret_key=s3_secret).start() as s3,
     ):
-        _serve(args, api_key, s3_secret, redis, s3)
+        _serve(args, api_keys, s3_secret, redis, s3)
     return 0
 
 
-def _serve(args: argparse.Namespace, api_key: str, s3_secret: str, redis: RedisServer, s3: S3Server) -> None:
+def _serve(
+    args: argparse.Namespace, api_keys: list[tuple[str, str]], s3_secret: str, redis: RedisServer, s3: S3Server
+) -> None:
     base = f"http://127.0.0.1:{args.port}"
+    width = max(len(key) for _, key in api_keys)
+    key_lines = "\n".join(f"  API key      {key:<{width}}   owner: {owner}" for owner, key in api_keys)
     banner = f"""
 undiffuse is up.
   API          {base}   (OpenAPI docs: {base}/docs)
-  API key      {api_key}
+{key_lines}
   metrics      http://127.0.0.1:{args.metrics_port}/metrics   (names start with ray_undiffuse_)
   Redis        {redis.url}
   S3           {s3.endpoint}   bucket: undiffuse
 
 Try:
-  export KEY={api_key}
+  export KEY={api_keys[0][1]}
   curl -s -X POST {base}/v1/jobs -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\
        -d '{{"num_images": 4, "class_label": 7, "steps": 50}}'
 
@@ -64,7 +110,7 @@ Ctrl-C stops everything."""
             "s3_endpoint_url": s3.endpoint,
             "s3_access_key_id": "undiffuse",
             "s3_secret_access_key": s3_secret,
-            "api_keys": [f"local=sha256:{digest(api_key)}"],  # configuration holds hashes only
+            "api_keys": [f"{owner}=sha256:{digest(key)}" for owner, key in api_keys],  # hashes only
         },
     )
     serve_until_stopped(build_app(app_args), app_args.cpus_needed(), "127.0.0.1", args.port, args.metrics_port, banner)
