@@ -52,6 +52,7 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['service'] + p['o
 COPY README.md ./
 COPY undiffuse ./undiffuse
 COPY service ./service
+COPY worker ./worker
 RUN pip install --no-cache-dir --no-deps . \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 

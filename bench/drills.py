@@ -388,23 +388,20 @@ def wait_until(predicate, timeout: float, interval: float = 0.1):
 
 
 def pending_of(redis_client, consumer: str) -> int | None:
-    """How many shard messages the consumer holds (delivered, not settled); None if unknown."""
+    """How many shards the consumer holds (leased, not settled); None if unknown."""
     from redis.exceptions import RedisError
 
-    from service.jobs import keys
+    from service.jobs.queue import holders
 
     try:
-        for c in redis_client.xinfo_consumers(keys.SHARD_STREAM, keys.CONSUMER_GROUP):
-            if c["name"] == consumer:
-                return int(c["pending"])
-        return 0  # pruned: holds nothing
+        return sum(1 for holder, _task in holders(redis_client) if holder == consumer)
     except RedisError:
         return None
 
 
 class OrphanWatch(threading.Thread):
     """After a Worker replica's kill: when did its consumer stop holding shards (the new replica
-    reclaimed them with XAUTOCLAIM once they had been idle for the visibility timeout)?"""
+    reclaimed them once their leases had run out, a visibility timeout after the last heartbeat)?"""
 
     def __init__(self, rec: Recorder, redis_client, victim: dict) -> None:
         super().__init__(daemon=True)

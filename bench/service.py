@@ -184,11 +184,11 @@ async def batching(jobs: Jobs, n: int = 16) -> tuple[float, float]:
 
 
 async def drain(redis_url: str) -> None:
-    from service.jobs import keys
     from service.jobs.connection import async_redis
+    from service.jobs.queue import ShardQueue
 
     r = async_redis(redis_url, 2.0)
-    while await r.xlen(keys.SHARD_STREAM):
+    while await ShardQueue(r).depth():
         await asyncio.sleep(0.2)
     await r.aclose()
 
@@ -222,7 +222,6 @@ def main() -> None:
                 "s3_access_key_id": "bench",
                 "s3_secret_access_key": "bench-secret-123",
                 "api_keys": [KEY],
-                "worker_concurrency": 16,  # let one worker feed the Denoiser full batches
             }
             serve.run(build_app(AppArgs(settings=settings)), name="undiffuse", route_prefix="/")
             denoiser = serve.get_deployment_handle("Denoiser", app_name="undiffuse")

@@ -15,17 +15,20 @@ from service.denoiser import Denoiser
 from service.ingress import Ingress
 from service.models import ModelRegistry
 from service.settings import Settings
-from service.worker.deployment import Worker
+from worker.deployment import Worker
 
 
 class DenoiserAutoscaling(BaseModel):
-    """Scale the Denoiser with the Redis backlog (service.autoscaling.BacklogPolicy)."""
+    """Scale the Denoiser with the queue's backlog and the replicas' measured throughput
+    (service.autoscaling.BacklogPolicy)."""
 
     model_config = ConfigDict(extra="forbid")
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
-    shards_per_replica: float = Field(4.0, gt=0, description="backlog one replica should carry")
+    drain_target_seconds: float = Field(
+        60.0, gt=0, description="replicas enough to serve the backlog within this long at their measured throughput"
+    )
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(300.0, ge=0)
 
@@ -40,7 +43,7 @@ class DenoiserAutoscaling(BaseModel):
             "downscale_delay_s": self.downscale_delay_s,
             "policy": {
                 "policy_function": "service.autoscaling:BacklogPolicy",
-                "policy_kwargs": {"shards_per_replica": self.shards_per_replica},
+                "policy_kwargs": {"drain_target_seconds": self.drain_target_seconds},
             },
         }
 
@@ -57,8 +60,11 @@ class AppArgs(BaseModel):
     denoiser_autoscaling: DenoiserAutoscaling | None = None
     denoiser_num_gpus: float = Field(0.0, ge=0, description="1 on GPU nodes: one GPU per replica")
     denoiser_num_cpus: float = Field(1.0, ge=0)
-    max_batch_images: int = Field(
-        64, ge=1, description="rows per Denoiser network call (guidance twins count); capped by free GPU memory"
+    max_batch_images: int | None = Field(
+        None,
+        ge=1,
+        description="rows per Denoiser network call (guidance twins count), capped by free GPU memory; unset: 64 "
+        "on a CPU, on a GPU what its free memory fits (up to 4,096)",
     )
     worker_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
@@ -85,7 +91,8 @@ class AppArgs(BaseModel):
 
 def build_app(args: AppArgs) -> Application:
     settings = Settings(**args.settings)
-    if 2 * settings.shard_size > args.max_batch_images:  # a guided shard takes twice its images in rows
+    if args.max_batch_images is not None and 2 * settings.shard_size > args.max_batch_images:
+        # a guided shard takes twice its images in rows
         raise ValueError(
             f"max_batch_images {args.max_batch_images} must be at least twice shard_size {settings.shard_size}"
         )

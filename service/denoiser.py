@@ -47,7 +47,11 @@ from service.settings import Settings
 from undiffuse.images import png_bytes
 
 log = logging.getLogger("ray.serve")
-DEFAULT_CONFIG = {"max_batch_images": 64}
+DEFAULT_CONFIG = {"max_batch_images": None}  # None: CPU_MAX_BATCH on a CPU, what memory fits on a GPU
+CPU_MAX_BATCH = 64  # docs/benchmarks.md: larger CPU batches add latency, not throughput
+GPU_MAX_BATCH = 4096  # the ceiling of a GPU's default, before free memory caps it
+REPORT_INTERVAL_SECONDS = 1.0  # how often a replica reports its capacity (service.jobs.capacity)
+RATE_WINDOW_SECONDS = 30.0  # throughput: row-steps per second over the steps of the last 30 s
 # a shard of a job that ended stops (a duplicate attempt of a finished job too), and so does one
 # whose record is gone (deleted through the API, or expired)
 STOP_STATUSES = {JobStatus.canceled, JobStatus.failed, JobStatus.succeeded, None}
@@ -70,6 +74,13 @@ def pick_device(requested: str, torch):
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+def _replica_name() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a Serve replica (tests that build the class directly)
+        return uuid.uuid4().hex[:12]
 
 
 @dataclass
@@ -101,16 +112,14 @@ class Denoiser:
                 None if settings.precision == "auto" else settings.precision
             )
             config = EngineConfig(
-                max_batch=DEFAULT_CONFIG["max_batch_images"],
+                max_batch=CPU_MAX_BATCH,
                 precision=precision,
                 compile=compile_,
                 compile_mode=settings.compile_mode,
                 latency_slack=settings.latency_slack,
             )
             self.engines[name] = DenoisingEngine(load_model(spec.path, self.device), config)
-        self.store = JobStore.from_url(
-            settings.redis_url, settings.job_ttl_seconds, settings.shard_size, settings.redis_timeout_seconds
-        )
+        self.store = JobStore.from_settings(settings)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()  # to the engine thread
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -123,17 +132,27 @@ class Denoiser:
         self._handovers: set[asyncio.Task] = set()
         self._previews: asyncio.Queue | None = None  # (task, Preview) for the preview writer
         self._preview_task: asyncio.Task | None = None
+        self._rates: deque[tuple[float, int, float]] = deque(maxlen=4096)  # (at, rows, seconds) per step
+        self._throughput = 0.0  # row-steps per second, as last reported
+        self._replica = _replica_name()
         self._thread = threading.Thread(target=self._run_engines, name="denoiser-engine", daemon=True)
         self._thread.start()
+        self._reporter = threading.Thread(target=self._report_capacity, name="denoiser-capacity", daemon=True)
+        self._reporter.start()
         log.info("Denoiser on %s with models %s", self.device, sorted(self.engines))
 
     # --- Serve hooks -------------------------------------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """max_batch_images: rows per network call (capped by free GPU memory). Applied on the
-        engine thread, which then warms up every batch bucket within warmup_seconds."""
+        """max_batch_images: rows per network call, capped by free GPU memory; None (the
+        default): CPU_MAX_BATCH on a CPU, on a GPU what its free memory fits (up to
+        GPU_MAX_BATCH). Applied on the engine thread, which then warms up every batch bucket
+        within warmup_seconds."""
         cfg = {**DEFAULT_CONFIG, **(user_config or {})}
+        setting = cfg["max_batch_images"]
+        if setting is None:
+            setting = GPU_MAX_BATCH if self.device.type == "cuda" else CPU_MAX_BATCH
         done, failure = threading.Event(), []
-        self._command("reconfigure", int(cfg["max_batch_images"]), done, failure)
+        self._command("reconfigure", int(setting), done, failure)
         done.wait()
         if failure:  # Serve keeps the replica out of service rather than running it misconfigured
             raise RuntimeError(f"reconfigure failed: {failure[0]!r}") from failure[0]
@@ -190,6 +209,37 @@ class Denoiser:
         self._stopping.set()
         self._wake.set()
 
+    # --- the capacity reports ----------------------------------------------------------------------
+    def _report_capacity(self) -> None:
+        """Every second: this replica's batch and throughput to Redis (service.jobs.capacity),
+        from which the Workers size admission, the Ingress estimates start times and the
+        autoscaling policy sizes the deployment. On its own thread: a Redis outage delays
+        reports only."""
+        from service.jobs import capacity
+        from service.jobs.connection import sync_redis
+
+        client = sync_redis(self.settings.redis_url, self.settings.redis_timeout_seconds)
+        while not self._stopping.wait(REPORT_INTERVAL_SECONDS):
+            self._throughput = self._measured_throughput()
+            max_batch = max((e.config.max_batch for e in self.engines.values()), default=0)
+            metrics.denoiser_throughput().set(self._throughput, tags={"replica": self._replica})
+            try:
+                capacity.report(client, self._replica, max_batch, self._throughput)
+            except RedisError as e:
+                log.warning("capacity not reported: %s", e)
+        try:
+            capacity.withdraw(client, self._replica)
+        except RedisError:
+            pass  # the report goes stale and is ignored
+
+    def _measured_throughput(self) -> float:
+        """Row-steps per second over the steps of the last RATE_WINDOW_SECONDS; the last figure
+        while idle (what the replica does when work comes)."""
+        horizon = time.monotonic() - RATE_WINDOW_SECONDS
+        recent = [(rows, seconds) for at, rows, seconds in list(self._rates) if at >= horizon]
+        busy = sum(seconds for _, seconds in recent)
+        return sum(rows for rows, _ in recent) / busy if busy > 0 else self._throughput
+
     # --- the engine thread -------------------------------------------------------------------------
     def _command(self, *command: Any) -> None:
         self._commands.put(command)
@@ -245,7 +295,10 @@ class Denoiser:
             self._resolve(done.id, finished=done)
         if previews and self._loop is not None:
             self._loop.call_soon_threadsafe(self._queue_previews, previews)
-        self._timings.extend((name, *t) for t in engine.step_times())
+        now = time.monotonic()
+        for seconds, images, sampler in engine.step_times():
+            self._timings.append((name, seconds, images, sampler))
+            self._rates.append((now, images, seconds))
 
     def _apply_commands(self) -> None:
         while True:

@@ -29,7 +29,8 @@ def denoise_step_seconds() -> metrics.Histogram:
 def sampler_batch_images() -> metrics.Histogram:
     return metrics.Histogram(
         "undiffuse_sampler_batch_images",
-        description="Images advanced together by one denoising step (one network call).",
+        description="Rows (images, guidance twins included) advanced together by one denoising step: one "
+        "network call, so its mean over max_batch is how full the engine runs.",
         boundaries=BATCH_BUCKETS,
         tag_keys=("model",),
     )
@@ -66,7 +67,25 @@ def images_generated_total() -> metrics.Counter:
 
 @cache
 def queue_depth() -> metrics.Gauge:
-    return metrics.Gauge("undiffuse_queue_depth_shards", description="Shards waiting or in flight on the Redis stream.")
+    return metrics.Gauge("undiffuse_queue_depth_shards", description="Shards waiting or in flight in the queue.")
+
+
+@cache
+def queue_backlog_cost() -> metrics.Gauge:
+    return metrics.Gauge(
+        "undiffuse_queue_backlog_row_steps",
+        description="Cost of the shards waiting or in flight, in row-steps (images x steps, x2 with guidance).",
+    )
+
+
+@cache
+def denoiser_throughput() -> metrics.Gauge:
+    return metrics.Gauge(
+        "undiffuse_denoiser_throughput_row_steps",
+        description="Row-steps per second of a Denoiser replica's recent steps (what it reports for admission, "
+        "queue estimates and autoscaling).",
+        tag_keys=("replica",),
+    )
 
 
 @cache

@@ -98,12 +98,17 @@ class Settings(BaseSettings):
         10, ge=0, description="times a Denoiser replica may die under one shard before that counts as an attempt"
     )
     shard_timeout_seconds: float = Field(1800.0, gt=0, description="longest a shard may sample before it is retried")
-    worker_concurrency: int = Field(4, ge=1, description="shards in flight per worker replica")
+    intake_fallback_rows: int = Field(
+        128,
+        ge=1,
+        description="rows the queue admits before any Denoiser replica has reported its batch (afterwards: twice "
+        "the replicas' max_batch)",
+    )
     dependency_patience_seconds: float = Field(
         600.0, ge=0, description="how long a worker waits out an S3 or Redis outage on a shard whose images are done"
     )
 
-    # --- webhooks (service.webhooks, service.worker.dispatcher) ---
+    # --- webhooks (service.webhooks, worker.dispatcher) ---
     webhook_signing_key: SecretStr | None = Field(
         None,
         description="server key from which each owner's webhook secret is derived (GET /v1/webhook-secret); "
@@ -132,6 +137,12 @@ class Settings(BaseSettings):
         default_factory=list, description="[owner=]sha256:<hex> entries (service.keys); empty: no auth"
     )
     _key_owners: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def queue_quantum(self) -> int:
+        """The deficit an owner earns per round of the fair queue: the largest shard's cost
+        (row-steps: shard_size x max_steps, x2 for guidance twins), so every visit admits."""
+        return self.shard_size * self.max_steps * 2
 
     @property
     def key_owners(self) -> dict[str, str]:

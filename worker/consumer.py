@@ -1,13 +1,14 @@
 """The shard consumer: at-least-once processing of the shard queue (service.jobs.queue).
 
-For each shard: skip it if its job is finished or canceled; mark the job running; call the
-Denoiser; upload the PNGs under deterministic keys; record the shard done (with its PNGs'
-checksums); if that completed the job, write its manifest and move it to succeeded; and only
-then XACK. A redelivered shard that is already done skips straight to the last two steps, and so
+The consumer admits shards as the Denoiser replicas have room for them (twice their batches in
+flight across the deployment, fairly across owners: service.jobs.queue), and for each shard:
+skip it if its job is finished or canceled; mark the job running; call the Denoiser; upload
+the PNGs under deterministic keys; record the shard done (with its PNGs' checksums); if that
+completed the job, write its manifest and move it to succeeded; and only then ack. A redelivered shard that is already done skips straight to the last two steps, and so
 does an attempt whose shard a duplicate attempt completed while it sampled (it uploads nothing).
 A failure puts the shard back as its next attempt; a shard that exhausts its attempts fails
 its job and goes to the dead-letter stream. A shard whose consumer died (no heartbeat for the
-visibility timeout) is reclaimed with XAUTOCLAIM and retried, and since object keys are
+visibility timeout) is reclaimed when its lease expires and retried, and since object keys are
 deterministic and completion is idempotent, each image ends up in the bucket exactly once.
 """
 
@@ -18,6 +19,7 @@ import hashlib
 import json
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +28,8 @@ from redis.exceptions import RedisError
 
 from service import metrics
 from service.archive import write_manifest
+from service.jobs import capacity
+from service.jobs.capacity import Capacity
 from service.jobs.lifecycle import JobLifecycle
 from service.jobs.queue import Message
 from service.jobs.schemas import JobError, JobStatus, ShardResult, ShardTask
@@ -36,7 +40,7 @@ from service.storage import STORAGE_ERRORS, ObjectStore, image_key, manifest_key
 from undiffuse.images import png_bytes
 
 log = logging.getLogger("ray.serve")
-DEAD_CONSUMER_IDLE_MS = 24 * 3600 * 1000
+IDLE_TICK_SECONDS = 0.25  # with nothing admitted, look again after this long at most
 
 
 def job_id_of(fields: dict) -> str | None:
@@ -76,6 +80,8 @@ class Consumer:
         self.inflight: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
         self._last_reclaim = 0.0
+        self._wake: asyncio.Task | None = None  # a pending wait for a submission
+        self._capacity_cache: tuple[float, Capacity] | None = None
         self.handled = 0
         self._uploads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="upload")
 
@@ -84,7 +90,6 @@ class Consumer:
         backoff = 0.5
         while not self.stopping.is_set():
             try:
-                await self.queue.ensure_group()
                 await self._poll_once()
                 backoff = 0.5
             except RedisError as e:
@@ -96,19 +101,38 @@ class Consumer:
                 await asyncio.sleep(1.0)
 
     async def _poll_once(self) -> None:
+        """Admit what the Denoisers have room for (service.jobs.queue); with nothing admitted,
+        wait for a submission, one of this Worker's shards to finish, or a short tick (another
+        Worker's shards finishing frees room too)."""
         await self._reclaim_stale()
-        free = self.settings.worker_concurrency - len(self.inflight)
-        if free <= 0:
-            await asyncio.wait(self.inflight, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            return
-        # block for at most half the socket timeout, so an idle queue is never a read timeout
-        block_ms = max(1, int(self.settings.redis_timeout_seconds * 500))
-        messages = await self.queue.read(self.name, free, block_ms)
-        metrics.queue_depth().set(await self.queue.depth())
+        window = (await self._capacity()).window(self.settings.intake_fallback_rows)
+        messages = await self.queue.read(self.name, self._deadline_ms(), window)
+        totals = await self.queue.totals()
+        metrics.queue_depth().set(totals.shards)
+        metrics.queue_backlog_cost().set(totals.cost)
         for message in messages:
             task = asyncio.create_task(self.handle(message))
             self.inflight.add(task)
             task.add_done_callback(self.inflight.discard)
+        if messages:
+            return
+        if self._wake is None or self._wake.done():
+            # block for at most half the socket timeout, so an idle queue is never a read timeout
+            self._wake = asyncio.create_task(self.queue.wait_for_work(self.settings.redis_timeout_seconds / 2))
+        await asyncio.wait({self._wake, *self.inflight}, timeout=IDLE_TICK_SECONDS, return_when=FIRST_COMPLETED)
+        if self._wake.done() and self._wake.exception() is not None:
+            self._wake.result()  # a Redis error: the run loop backs off
+
+    async def _capacity(self) -> Capacity:
+        """The Denoisers' reports, read at most once a second."""
+        now = time.monotonic()
+        if self._capacity_cache is None or now - self._capacity_cache[0] >= 1.0:
+            self._capacity_cache = (now, await capacity.read(self.store.r))
+        return self._capacity_cache[1]
+
+    def _deadline_ms(self) -> int:
+        """A lease taken or renewed now ends a visibility timeout from now."""
+        return int((time.time() + self.settings.visibility_timeout_seconds) * 1000)
 
     async def drain(self, timeout: float) -> None:
         """Stop reading and give in-flight shards up to timeout seconds (SIGTERM grace)."""
@@ -117,13 +141,12 @@ class Consumer:
             await asyncio.wait(self.inflight, timeout=timeout)
 
     async def _reclaim_stale(self) -> None:
-        """Take over shards whose consumer stopped heart-beating and retry them."""
+        """Take over shards whose Worker stopped heart-beating and put them back."""
         now = time.monotonic()
         if now - self._last_reclaim < min(5.0, self.settings.visibility_timeout_seconds / 2):
             return
         self._last_reclaim = now
-        idle_ms = int(self.settings.visibility_timeout_seconds * 1000)
-        for message in await self.queue.reclaim(self.name, idle_ms):
+        for message in await self.queue.reclaim(self.name, int(time.time() * 1000), self._deadline_ms()):
             if message.task is None:
                 await self._drop_unparseable(message)
                 continue
@@ -132,9 +155,6 @@ class Consumer:
             metrics.shard_retries_total().inc(tags={"reason": "reclaimed"})
             # its Worker died (kill -9, a lost node): like a lost Denoiser replica, an interruption
             await self._put_back_interrupted(message.id, task, "its Worker stopped heart-beating")
-        # consumers of replicas that went away, once they hold nothing (a day without a read)
-        for name in await self.queue.prune_consumers(DEAD_CONSUMER_IDLE_MS, keep=self.name):
-            log.info("removed idle consumer %s from the group", name)
 
     async def _drop_unparseable(self, message: Message) -> None:
         """Dead-letter a message that is not a ShardTask, and fail its job if it names one: left
@@ -360,7 +380,8 @@ class Consumer:
         while True:
             await asyncio.sleep(period)
             try:
-                await self.queue.heartbeat(self.name, message_id)
+                if not await self.queue.heartbeat(message_id, self._deadline_ms()):
+                    log.warning("lease %s was taken over (its heartbeats were late)", message_id)
             except RedisError as e:
                 log.warning("heartbeat for %s failed: %s", message_id, e)
 

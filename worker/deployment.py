@@ -14,9 +14,9 @@ from service.jobs.schemas import ShardResult, ShardTask
 from service.jobs.store import JobStore
 from service.settings import Settings
 from service.storage import ObjectStore
-from service.worker.consumer import Consumer, ReplicaLost
-from service.worker.dispatcher import Dispatcher
-from service.worker.sweeper import Sweeper
+from worker.consumer import Consumer, ReplicaLost
+from worker.dispatcher import Dispatcher
+from worker.sweeper import Sweeper
 
 log = logging.getLogger("ray.serve")
 
@@ -25,9 +25,7 @@ log = logging.getLogger("ray.serve")
 class Worker:
     async def __init__(self, settings: Settings, denoiser: DeploymentHandle) -> None:
         self.denoiser = denoiser
-        store = JobStore.from_url(
-            settings.redis_url, settings.job_ttl_seconds, settings.shard_size, settings.redis_timeout_seconds
-        )
+        store = JobStore.from_settings(settings)
         objects = ObjectStore(settings)
         name = serve.get_replica_context().replica_id.unique_id
         self.consumer = Consumer(settings, store, objects, self._generate, name=f"worker-{name}")

@@ -35,9 +35,7 @@ class Context:
 def build_context(settings: Settings, denoiser: Any, listeners: list | None = None) -> Context:
     """The context of one ingress replica (the Ingress deployment; the tests' in-process API).
     listeners: the job lifecycle's (default: its metrics)."""
-    store = JobStore.from_url(
-        settings.redis_url, settings.job_ttl_seconds, settings.shard_size, settings.redis_timeout_seconds
-    )
+    store = JobStore.from_settings(settings)
     return Context(
         settings=settings,
         store=store,

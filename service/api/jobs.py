@@ -21,8 +21,9 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from service import archive
 from service.api.deps import UNAUTHORIZED, Context, Ctx, Owner
 from service.api.quotas import too_many
-from service.api.schemas import ImageResult, JobCreate, JobList, JobSummary, JobView, Progress
+from service.api.schemas import ImageResult, JobCreate, JobList, JobSummary, JobView, Progress, QueuePosition
 from service.api.webhooks import webhook_target
+from service.jobs import capacity, keys
 from service.jobs.events import EVENT_ID, MAX_PREVIEWS, EventKind, JobEvent, default_preview_every
 from service.jobs.schemas import JobParams, JobStatus
 from service.jobs.store import (
@@ -265,7 +266,23 @@ async def get_job(
         record = await ctx.store.get_owned(_known_format(job_id), owner)
     except JobNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
-    return await _view(record, ctx, results_offset, results_limit)
+    view = await _view(record, ctx, results_offset, results_limit)
+    if record.status == JobStatus.queued:
+        view.queue = await queue_position(ctx, record)
+    return view
+
+
+async def queue_position(ctx: Context, record: JobRecord) -> QueuePosition:
+    """Where a queued job stands (service.jobs.queue.ShardQueue.position), its start estimated
+    from the Denoisers' reported throughput (service.jobs.capacity)."""
+    now = time.time()
+    rate = (await capacity.read(ctx.store.r)).throughput
+    ahead, start_at = await ctx.store.queue.position(keys.job(record.id), record.owner, now, rate)
+    return QueuePosition(
+        ahead_row_steps=ahead,
+        estimated_start_seconds=None if start_at is None else round(max(0.0, start_at - now), 3),
+        estimated_start_at=start_at,
+    )
 
 
 @router.get(

@@ -81,6 +81,19 @@ class Progress(BaseModel):
     steps: int
 
 
+class QueuePosition(BaseModel):
+    """Where a queued job stands. Neither number grows while the job waits."""
+
+    ahead_row_steps: int = Field(
+        description="cost (row-steps: images x steps, x2 with guidance) that will be served before the job's first "
+        "shard: its owner's work queued before it, and as much of every other owner's (fair shares)"
+    )
+    estimated_start_seconds: float | None = Field(
+        None, description="seconds until it starts, at the Denoisers' measured throughput (null: none measured yet)"
+    )
+    estimated_start_at: float | None = Field(None, description="the same as an epoch time")
+
+
 class ImageResult(BaseModel):
     index: int
     seed: int
@@ -92,6 +105,7 @@ class JobView(BaseModel):
     id: str
     status: JobStatus
     progress: Progress
+    queue: QueuePosition | None = Field(None, description="while the job is queued: where it stands")
     params: JobParams
     created_at: float
     started_at: float | None = None

@@ -1,9 +1,33 @@
 """Every Redis key the service uses. Nothing else spells a key."""
 
 PREFIX = "undiffuse"
-SHARD_STREAM = f"{PREFIX}:shards"
 DEAD_LETTER_STREAM = f"{PREFIX}:shards:dead"
-CONSUMER_GROUP = "workers"
+"""STREAM: shards out of attempts, or unreadable, with the reason (capped at 10,000)."""
+
+# The shard queue (service.jobs.queue). Owners' keys are QUEUE_OWNER_PREFIX + owner (a HASH:
+# shards waiting or in flight, rows held, deficit, cost enqueued and admitted) and that + ":shards"
+# (a LIST of the owner's waiting shard ids, oldest first).
+QUEUE_OWNER_PREFIX = f"{PREFIX}:q:owner:"
+QUEUE_ACTIVE = f"{PREFIX}:q:active"
+"""LIST: owners with shards waiting, in round-robin order."""
+QUEUE_WAITING_COST = f"{PREFIX}:q:waiting"
+"""HASH: owner -> cost (row-steps) of its shards waiting."""
+QUEUE_TOTALS = f"{PREFIX}:q:totals"
+"""HASH: waiting, waiting_cost, inflight, inflight_rows, inflight_cost, owners."""
+QUEUE_MESSAGES = f"{PREFIX}:q:msg"
+"""HASH: shard id -> ShardTask JSON, while the shard waits or is in flight."""
+QUEUE_META = f"{PREFIX}:q:meta"
+"""HASH: shard id -> JSON [owner, cost, rows]."""
+QUEUE_LEASES = f"{PREFIX}:q:leases"
+"""ZSET: shard ids in flight, scored by their lease's deadline (epoch ms)."""
+QUEUE_LESSEES = f"{PREFIX}:q:lessees"
+"""HASH: shard id -> its current lease token."""
+QUEUE_SEQ = f"{PREFIX}:q:seq"
+"""STRING: the counter shard ids and lease tokens are drawn from."""
+QUEUE_WAKE = f"{PREFIX}:q:wake"
+"""LIST: a token per submission, so a waiting Worker wakes at once (capped at 16)."""
+DENOISERS = f"{PREFIX}:denoisers"
+"""HASH: Denoiser replica id -> JSON {max_batch, throughput, at} (service.jobs.capacity)."""
 
 
 def job(job_id: str) -> str:
@@ -39,6 +63,11 @@ next attempt is due (epoch seconds); a claimed one is pushed a lease ahead."""
 
 PURGE = f"{PREFIX}:purge"
 """ZSET: job ids scored by when their objects are to be deleted (epoch seconds)."""
+
+
+def owner_shards(owner: str) -> str:
+    """LIST: the owner's waiting shard ids, oldest first (service.jobs.queue)."""
+    return f"{QUEUE_OWNER_PREFIX}{owner}:shards"
 
 
 def owner_jobs(owner: str) -> str:

@@ -1,35 +1,337 @@
-"""The shard queue: a Redis Stream read through one consumer group. Nothing else touches it.
+"""The shard queue: fair across owners, admitted by capacity. Nothing else touches its keys.
 
-Delivery is at-least-once. A consumer reads a shard (XREADGROUP), heart-beats it while it works
-(XCLAIM to itself resets the idle time), and settles it exactly one way: ack, requeue as the
-next attempt, or dead-letter. Settling deletes the message in the same MULTI/EXEC as the ack
-(and the XADD of the requeued or dead-lettered copy), so the stream's length is the backlog.
-A message idle longer than the visibility timeout belongs to a dead consumer and is taken over
-with XAUTOCLAIM.
+Shards wait in one FIFO list per owner (service.jobs.keys.owner_shards). A Worker *admits*
+shards with one Lua script (`admit`) that takes owners in deficit-round-robin order, weighted
+by cost (images x steps, x2 with guidance: the rows the Denoiser runs for it), so every owner
+with work waiting gets its share of the Denoiser whatever another owner has queued:
+
+- each visit to an owner adds a quantum (the largest shard's cost) to its deficit, and its
+  head shards are admitted while they fit the deficit: over many rounds every backlogged owner
+  is served the same cost (Shreedhar and Varghese, 1996). With a quantum of at least the
+  largest shard, every visit that may admit does, so a call costs O(shards admitted + owners
+  skipped), never O(backlog);
+- an owner whose list was empty and who holds nothing in flight joins at the *head* of the
+  round (as FQ-CoDel's new flows do): a newcomer is admitted by the next call;
+- the rows admitted follow the capacity the caller passes: `window` rows in flight across the
+  deployment (about twice the Denoiser replicas' batches, service.jobs.capacity), and each
+  owner at most its share of it (window / owners with work) while others wait, except that an
+  owner holding nothing may take one shard past a full window (up to `hard` rows). Rows in
+  flight, not shard counts, are what the engine runs, so that is what the window counts.
+
+Delivery is at-least-once, as a lease: an admitted shard is a Message whose id is a lease
+token ("shard id:delivery:consumer"). The Worker heart-beats it (the lease's deadline moves a visibility timeout ahead) and
+settles it exactly one way: ack, requeue as its next attempt, put back (no attempt spent), or
+dead-letter. Settling with a token that is no longer the shard's lease (its lease expired and
+another Worker reclaimed it) does nothing, so a shard is settled once per delivery. A shard
+whose lease expired is taken over by `reclaim`. Put-back shards go to the head of their owner's
+list: a retry is not sent behind the owner's newer work. Every change is one script, so a
+Redis crash (AOF, fsync every second) leaves the queue in a state some script left it.
+
+Counters kept beside the lists make the queue's numbers O(1) to read: shards and cost waiting
+and in flight (`totals`), each owner's waiting cost, and per owner the cost ever enqueued and
+admitted, from which a queued job's position is read (`position`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
 from pydantic import ValidationError
-from redis.exceptions import ResponseError
 
 from service.jobs import keys
 from service.jobs.schemas import ShardTask
 
 DEAD_LETTER_MAXLEN = 10_000
+WAKE_MAXLEN = 16  # submissions not yet noticed by a waiting Worker: one wake-up is enough
+MAX_VISITS = 512  # owners one admit call looks at, at most: the round goes on at the next call
+
+# The keys every script uses; owner keys are built from keys.QUEUE_OWNER_PREFIX in the script.
+_KEYS = {
+    "ACTIVE": keys.QUEUE_ACTIVE,
+    "WAITING": keys.QUEUE_WAITING_COST,
+    "TOTALS": keys.QUEUE_TOTALS,
+    "MSG": keys.QUEUE_MESSAGES,
+    "META": keys.QUEUE_META,
+    "LEASES": keys.QUEUE_LEASES,
+    "LESSEE": keys.QUEUE_LESSEES,
+    "SEQ": keys.QUEUE_SEQ,
+    "WAKE": keys.QUEUE_WAKE,
+    "DEAD": keys.DEAD_LETTER_STREAM,
+}
+
+_PRELUDE = "".join(f"local {name} = {json.dumps(key)}\n" for name, key in _KEYS.items()) + (
+    f"local OWNER_PREFIX = {json.dumps(keys.QUEUE_OWNER_PREFIX)}\n"
+    f"local WAKE_LAST, DEAD_MAXLEN = {WAKE_MAXLEN - 1}, {DEAD_LETTER_MAXLEN}\n"
+    + """
+local function stats_key(owner) return OWNER_PREFIX .. owner end
+local function list_key(owner) return OWNER_PREFIX .. owner .. ':shards' end
+local function meta(id)  -- {owner, cost, rows} of a shard
+  local raw = redis.call('HGET', META, id)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+local function num(v) return tonumber(v) or 0 end
+-- a leased shard goes back to waiting, at the head of its owner's list
+local function unlease(id, m)
+  redis.call('ZREM', LEASES, id)
+  redis.call('HDEL', LESSEE, id)
+  redis.call('HINCRBY', stats_key(m[1]), 'held', -m[3])
+  redis.call('HINCRBY', TOTALS, 'inflight', -1)
+  redis.call('HINCRBY', TOTALS, 'inflight_rows', -m[3])
+  redis.call('HINCRBY', TOTALS, 'inflight_cost', -m[2])
+end
+local function wait_again(id, m)
+  local owner = m[1]
+  if redis.call('LPUSH', list_key(owner), id) == 1 then redis.call('RPUSH', ACTIVE, owner) end
+  redis.call('HINCRBY', WAITING, owner, m[2])
+  redis.call('HINCRBY', stats_key(owner), 'admitted', -m[2])
+  redis.call('HINCRBY', TOTALS, 'waiting', 1)
+  redis.call('HINCRBY', TOTALS, 'waiting_cost', m[2])
+end
+local function forget(id, m)  -- settled for good
+  redis.call('HDEL', MSG, id)
+  redis.call('HDEL', META, id)
+  if redis.call('HINCRBY', stats_key(m[1]), 'shards', -1) <= 0 then
+    redis.call('DEL', stats_key(m[1]))  -- nothing of this owner's waits or runs
+    redis.call('HDEL', WAITING, m[1])
+    redis.call('HINCRBY', TOTALS, 'owners', -1)
+  end
+end
+-- the shard id of a lease token ('id:n'), if that token is still the shard's lease
+local function leased(token)
+  local id = string.match(token, '^(%d+):')
+  if id and redis.call('HGET', LESSEE, id) == token then return id end
+  return nil
+end
+local function lease(id, deadline, consumer)
+  local token = id .. ':' .. redis.call('INCR', SEQ) .. ':' .. consumer
+  redis.call('ZADD', LEASES, deadline, id)
+  redis.call('HSET', LESSEE, id, token)
+  return token
+end
+"""
+)
+
+# KEYS[1] the job's record (its queue_mark is set); ARGV owner, then (cost, rows, task JSON)
+# per shard. Returns the owner's cost enqueued before these shards.
+_ENQUEUE = (
+    _PRELUDE
+    + """
+local owner = ARGV[1]
+local sk, lk = stats_key(owner), list_key(owner)
+local mark = num(redis.call('HGET', sk, 'enqueued'))
+redis.call('HSET', KEYS[1], 'queue_mark', mark)
+local fresh = redis.call('LLEN', lk) == 0
+local idle = num(redis.call('HGET', sk, 'held')) == 0
+local n, cost = 0, 0
+for i = 2, #ARGV, 3 do
+  local id = tostring(redis.call('INCR', SEQ))
+  redis.call('HSET', MSG, id, ARGV[i + 2])
+  redis.call('HSET', META, id, cjson.encode({owner, tonumber(ARGV[i]), tonumber(ARGV[i + 1])}))
+  redis.call('RPUSH', lk, id)
+  n, cost = n + 1, cost + tonumber(ARGV[i])
+end
+if redis.call('HINCRBY', sk, 'shards', n) == n then redis.call('HINCRBY', TOTALS, 'owners', 1) end
+redis.call('HINCRBY', sk, 'enqueued', cost)
+redis.call('HINCRBY', WAITING, owner, cost)
+redis.call('HINCRBY', TOTALS, 'waiting', n)
+redis.call('HINCRBY', TOTALS, 'waiting_cost', cost)
+if fresh then
+  if idle then redis.call('LPUSH', ACTIVE, owner) else redis.call('RPUSH', ACTIVE, owner) end
+end
+redis.call('LPUSH', WAKE, 1)
+redis.call('LTRIM', WAKE, 0, WAKE_LAST)
+return mark
+"""
+)
+
+# ARGV deadline (ms), window rows, hard rows, max shards, quantum, max owners to visit, consumer.
+# Returns a flat list of (lease token, task JSON).
+_ADMIT = (
+    _PRELUDE
+    + """
+local deadline, window, hard = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_count, quantum, max_visits = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local total = num(redis.call('HGET', TOTALS, 'inflight_rows'))
+local share = window / math.max(1, num(redis.call('HGET', TOTALS, 'owners')))
+local out, admitted = {}, 0
+local visits = math.min(max_visits, redis.call('LLEN', ACTIVE))
+for _ = 1, visits do
+  if admitted >= max_count or total >= hard then break end
+  local owner = redis.call('LPOP', ACTIVE)
+  if not owner then break end
+  local sk, lk = stats_key(owner), list_key(owner)
+  local held = num(redis.call('HGET', sk, 'held'))
+  local deficit = num(redis.call('HGET', sk, 'deficit'))
+  if redis.call('HDEL', sk, 'resume') == 0 then deficit = deficit + quantum end  -- a new visit
+  local served, cost_served, blocked = 0, 0, false
+  while true do
+    local id = redis.call('LINDEX', lk, 0)
+    if not id then break end
+    local m = meta(id)
+    local cost, rows = m[2], m[3]
+    if cost > deficit then break end
+    if admitted >= max_count then blocked = 'count' break end
+    local fits = held + rows <= math.max(share, rows)
+      and (total + rows <= window or (held == 0 and total + rows <= hard))
+    if not fits then blocked = 'capacity' break end
+    redis.call('LPOP', lk)
+    out[#out + 1] = lease(id, deadline, ARGV[7])
+    out[#out + 1] = redis.call('HGET', MSG, id)
+    held, total, deficit = held + rows, total + rows, deficit - cost
+    served, cost_served, admitted = served + 1, cost_served + cost, admitted + 1
+  end
+  redis.call('HSET', sk, 'held', held)
+  redis.call('HINCRBY', sk, 'admitted', cost_served)
+  redis.call('HINCRBY', WAITING, owner, -cost_served)
+  redis.call('HINCRBY', TOTALS, 'waiting', -served)
+  redis.call('HINCRBY', TOTALS, 'waiting_cost', -cost_served)
+  redis.call('HINCRBY', TOTALS, 'inflight', served)
+  redis.call('HINCRBY', TOTALS, 'inflight_cost', cost_served)
+  if redis.call('LLEN', lk) == 0 then
+    redis.call('HDEL', sk, 'deficit')  -- an owner that leaves the round keeps no credit
+  elseif blocked == 'count' then
+    -- the caller took all it asked for mid-visit: the visit goes on at the next call
+    redis.call('HSET', sk, 'deficit', deficit, 'resume', 1)
+    redis.call('LPUSH', ACTIVE, owner)
+  else
+    -- a visit cut short by capacity earns no more credit than one quantum
+    if blocked == 'capacity' then deficit = math.min(deficit, quantum) end
+    if served == 0 and blocked == 'capacity' then deficit = deficit - quantum end
+    redis.call('HSET', sk, 'deficit', math.max(0, deficit))
+    redis.call('RPUSH', ACTIVE, owner)
+  end
+  if blocked == 'count' then break end
+end
+redis.call('HSET', TOTALS, 'inflight_rows', total)
+return out
+"""
+)
+
+# ARGV now (ms), deadline (ms), max shards, consumer. Leases that expired are handed to the caller (new
+# tokens), who settles them. Returns a flat list of (lease token, task JSON).
+_RECLAIM = (
+    _PRELUDE
+    + """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))) do
+  out[#out + 1] = lease(id, tonumber(ARGV[2]), ARGV[4])
+  out[#out + 1] = redis.call('HGET', MSG, id) or ''
+end
+return out
+"""
+)
+
+# ARGV token, deadline (ms). Returns 1 if the lease is still the caller's.
+_HEARTBEAT = (
+    _PRELUDE
+    + """
+local id = leased(ARGV[1])
+if not id then return 0 end
+redis.call('ZADD', LEASES, 'XX', tonumber(ARGV[2]), id)
+return 1
+"""
+)
+
+# ARGV token, how ('ack', 'wait' with a new task JSON, 'dead' with fields JSON and a reason).
+# Returns 1 if settled, 0 if the token is no longer the shard's lease.
+_SETTLE = (
+    _PRELUDE
+    + """
+local id = leased(ARGV[1])
+if not id then return 0 end
+local m = meta(id)
+unlease(id, m)
+if ARGV[2] == 'wait' then
+  redis.call('HSET', MSG, id, ARGV[3])
+  wait_again(id, m)
+  return 1
+end
+if ARGV[2] == 'dead' then
+  local fields = cjson.decode(ARGV[3])
+  local flat = {}
+  for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+  redis.call('XADD', DEAD, 'MAXLEN', '~', DEAD_MAXLEN, '*', 'reason', ARGV[4], unpack(flat))
+end
+forget(id, m)
+return 1
+"""
+)
+
+# KEYS[1] the job's record; ARGV the job's owner, now (s), throughput
+# (cost per second, 0 if unknown). Returns {cost ahead, estimated start (epoch s, or '')}, each
+# no larger than what was answered before for this job (queue_ahead, queue_start_at), so a
+# waiting job's position and ETA only ever count down.
+_POSITION = (
+    _PRELUDE
+    + """
+local owner, now, rate = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local mark = tonumber(redis.call('HGET', KEYS[1], 'queue_mark'))
+if not mark then return {0, ''} end
+local own = math.max(0, mark - num(redis.call('HGET', stats_key(owner), 'admitted')))
+local ahead = own
+local waiting = redis.call('HGETALL', WAITING)
+for i = 1, #waiting, 2 do
+  if waiting[i] ~= owner then ahead = ahead + math.min(math.max(0, tonumber(waiting[i + 1])), own) end
+end
+local before = tonumber(redis.call('HGET', KEYS[1], 'queue_ahead'))
+if before and before < ahead then ahead = before end
+redis.call('HSET', KEYS[1], 'queue_ahead', ahead)
+local start = ''
+if rate > 0 then
+  start = now + ahead / rate
+  local earlier = tonumber(redis.call('HGET', KEYS[1], 'queue_start_at'))
+  if earlier and earlier < start then start = earlier end
+  redis.call('HSET', KEYS[1], 'queue_start_at', tostring(start))
+  start = tostring(start)
+end
+return {ahead, start}
+"""
+)
+
+
+def shard_cost(task: ShardTask) -> tuple[int, int]:
+    """(cost, rows) of a shard: rows the Denoiser runs for it (twice its images with guidance:
+    a null-class twin each) and cost = rows x steps, the unit of fairness, position and
+    autoscaling (row-steps; what a replica's measured throughput counts)."""
+    rows = task.count * (2 if task.params.guidance_scale != 1.0 else 1)
+    return rows * task.params.steps, rows
 
 
 @dataclass
 class Message:
-    """One delivery: the stream id, the raw fields, and the task (None if they do not parse)."""
+    """One delivery: its lease token, the raw fields, and the task (None if they do not parse)."""
 
     id: str
     fields: dict[str, str]
     task: ShardTask | None
+
+
+@dataclass(frozen=True)
+class Totals:
+    """The queue's numbers, read in one round trip."""
+
+    waiting: int  # shards waiting
+    waiting_cost: int
+    inflight: int  # shards admitted and not yet settled
+    inflight_rows: int
+    inflight_cost: int
+    owners: int  # owners with shards waiting or in flight
+
+    @property
+    def shards(self) -> int:
+        return self.waiting + self.inflight
+
+    @property
+    def cost(self) -> int:
+        return self.waiting_cost + self.inflight_cost
+
+    @classmethod
+    def parse(cls, raw: dict) -> Totals:
+        return cls(**{f: max(0, int(raw.get(f, 0))) for f in cls.__dataclass_fields__})
 
 
 def parse_task(fields: dict[str, str]) -> ShardTask | None:
@@ -39,92 +341,110 @@ def parse_task(fields: dict[str, str]) -> ShardTask | None:
         return None
 
 
-def backlog(client: redis.Redis) -> int:
-    """Shards waiting or in flight, read with a synchronous client (the autoscaling policy's)."""
-    return int(client.xlen(keys.SHARD_STREAM))
+def _messages(flat: list) -> list[Message]:
+    out = []
+    for token, raw in zip(flat[::2], flat[1::2], strict=True):
+        fields = {"task": raw}
+        out.append(Message(token, fields, parse_task(fields)))
+    return out
+
+
+def holders(client: redis.Redis) -> list[tuple[str, ShardTask | None]]:
+    """(consumer, task) of every shard in flight, read with a synchronous client (for drills
+    and tests: which Worker holds what)."""
+    lessees = client.hgetall(keys.QUEUE_LESSEES)
+    tasks = client.hmget(keys.QUEUE_MESSAGES, list(lessees)) if lessees else []
+    return [
+        (token.split(":", 2)[2], parse_task({"task": raw}) if raw else None)
+        for token, raw in zip(lessees.values(), tasks, strict=True)
+    ]
+
+
+def totals(client: redis.Redis) -> Totals:
+    """The queue's totals, read with a synchronous client (the autoscaling policy's)."""
+    return Totals.parse(client.hgetall(keys.QUEUE_TOTALS))
 
 
 class ShardQueue:
-    def __init__(self, client: aioredis.Redis) -> None:
+    """The queue on one async Redis client. quantum: the deficit each owner earns per visit; at
+    least the largest shard's cost (service.settings: shard_size x max_steps x 2), so that
+    every visit to an owner with capacity admits."""
+
+    def __init__(self, client: aioredis.Redis, quantum: int = 16 * 1000 * 2) -> None:
         self.r = client
-        self._reclaim_from: dict[str, str] = {}  # consumer -> XAUTOCLAIM cursor
+        self.quantum = quantum
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._admit = client.register_script(_ADMIT)
+        self._reclaim = client.register_script(_RECLAIM)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._settle = client.register_script(_SETTLE)
+        self._position = client.register_script(_POSITION)
 
-    async def ensure_group(self) -> None:
-        """Create the stream and its consumer group if they do not exist yet."""
-        try:
-            await self.r.xgroup_create(keys.SHARD_STREAM, keys.CONSUMER_GROUP, id="0", mkstream=True)
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-
-    @staticmethod
-    def enqueue(pipe: aioredis.client.Pipeline, tasks: list[ShardTask]) -> None:
-        """Add tasks to a pipeline, so that they are queued in the caller's MULTI/EXEC."""
+    async def enqueue(self, pipe: aioredis.client.Pipeline, job_key: str, owner: str, tasks: list[ShardTask]) -> None:
+        """Queue a job's shards in the caller's transaction (a pipeline after MULTI: this only
+        buffers the script call), recording on the job's record where in its owner's order
+        they stand (for `position`)."""
+        args: list = [owner]
         for task in tasks:
-            pipe.xadd(keys.SHARD_STREAM, {"task": task.model_dump_json()})
+            args.extend([*shard_cost(task), task.model_dump_json()])
+        await self._enqueue(keys=[job_key], args=args, client=pipe)
 
-    async def read(self, consumer: str, count: int, block_ms: int) -> list[Message]:
-        """Up to count new messages for consumer, waiting at most block_ms for the first."""
-        reply = await self.r.xreadgroup(
-            keys.CONSUMER_GROUP, consumer, {keys.SHARD_STREAM: ">"}, count=count, block=block_ms
-        )
-        return [
-            Message(mid, fields, parse_task(fields)) for _stream, messages in reply or [] for mid, fields in messages
-        ]
+    async def read(
+        self,
+        consumer: str,
+        deadline_ms: int,
+        window: int,
+        hard: int | None = None,
+        count: int = 64,
+        visits: int = MAX_VISITS,
+    ) -> list[Message]:
+        """Admit up to count shards in fair order while the rows in flight stay within window
+        (hard: the ceiling an owner holding nothing may go up to, default 2 x window); each is
+        leased to consumer until deadline_ms (epoch ms)."""
+        hard = 2 * window if hard is None else hard
+        reply = await self._admit(args=[deadline_ms, window, hard, count, self.quantum, visits, consumer])
+        return _messages(reply)
 
-    async def reclaim(self, consumer: str, idle_ms: int, count: int = 50) -> list[Message]:
-        """Take over up to count messages idle for at least idle_ms (their consumer stopped
-        heart-beating), continuing from where this consumer's previous call stopped (so a long
-        pending list is walked, not its first page re-read). Entries deleted meanwhile come back
-        without fields and are skipped."""
-        start = self._reclaim_from.get(consumer, "0-0")
-        cursor, claimed, *_ = await self.r.xautoclaim(
-            keys.SHARD_STREAM, keys.CONSUMER_GROUP, consumer, idle_ms, start_id=start, count=count
-        )
-        self._reclaim_from[consumer] = cursor  # "0-0" once the whole list was walked
-        return [Message(mid, fields, parse_task(fields)) for mid, fields in claimed if fields]
+    async def wait_for_work(self, timeout_s: float) -> bool:
+        """Block until a submission since the last wake-up (or timeout_s); True if woken."""
+        return await self.r.blpop([keys.QUEUE_WAKE], timeout=timeout_s) is not None
 
-    async def prune_consumers(self, idle_ms: int, keep: str) -> list[str]:
-        """Remove group members idle for idle_ms that hold no pending message (replicas that
-        went away), except keep. Returns their names."""
-        gone = []
-        for c in await self.r.xinfo_consumers(keys.SHARD_STREAM, keys.CONSUMER_GROUP):
-            if c["name"] != keep and c["pending"] == 0 and c["idle"] >= idle_ms:
-                await self.r.xgroup_delconsumer(keys.SHARD_STREAM, keys.CONSUMER_GROUP, c["name"])
-                gone.append(c["name"])
-        return gone
+    async def reclaim(self, consumer: str, now_ms: int, deadline_ms: int, count: int = 50) -> list[Message]:
+        """Take over up to count shards whose lease expired (their Worker stopped heart-beating);
+        the caller settles them (usually `put_back`)."""
+        return _messages(await self._reclaim(args=[now_ms, deadline_ms, count, consumer]))
 
-    async def heartbeat(self, consumer: str, message_id: str) -> None:
-        """Reset the message's idle time, so nobody reclaims it while consumer works on it."""
-        await self.r.xclaim(keys.SHARD_STREAM, keys.CONSUMER_GROUP, consumer, 0, [message_id], justid=True)
+    async def heartbeat(self, message_id: str, deadline_ms: int) -> bool:
+        """Move the lease's deadline; False if the lease is no longer this delivery's."""
+        return bool(await self._heartbeat(args=[message_id, deadline_ms]))
 
-    async def ack(self, message_id: str) -> None:
-        await self._settle(message_id)
+    async def ack(self, message_id: str) -> bool:
+        return bool(await self._settle(args=[message_id, "ack"]))
 
-    async def requeue(self, message_id: str, task: ShardTask) -> None:
-        """Put the shard back as its next attempt and ack the old message, atomically."""
-        await self.put_back(message_id, task.model_copy(update={"attempt": task.attempt + 1}))
+    async def requeue(self, message_id: str, task: ShardTask) -> bool:
+        """Put the shard back as its next attempt."""
+        return await self.put_back(message_id, task.model_copy(update={"attempt": task.attempt + 1}))
 
-    async def put_back(self, message_id: str, task: ShardTask) -> None:
-        """Put the shard back as it is given (no attempt spent) and ack the old message, atomically."""
-        await self._settle(message_id, keys.SHARD_STREAM, {"task": task.model_dump_json()})
+    async def put_back(self, message_id: str, task: ShardTask) -> bool:
+        """Put the shard back as it is given (no attempt spent), at the head of its owner's list."""
+        return bool(await self._settle(args=[message_id, "wait", task.model_dump_json()]))
 
-    async def dead_letter(self, message_id: str, fields: dict[str, str], reason: str) -> None:
-        """Move a message (a shard out of attempts, or one that does not parse) to the
-        dead-letter stream, atomically with its ack."""
-        await self._settle(message_id, keys.DEAD_LETTER_STREAM, {**fields, "reason": reason})
+    async def dead_letter(self, message_id: str, fields: dict[str, str], reason: str) -> bool:
+        """Move a shard (out of attempts, or one that does not parse) to the dead-letter stream."""
+        return bool(await self._settle(args=[message_id, "dead", json.dumps(fields), reason]))
+
+    async def totals(self) -> Totals:
+        return Totals.parse(await self.r.hgetall(keys.QUEUE_TOTALS))
 
     async def depth(self) -> int:
-        """Shards waiting or in flight (handled messages are deleted as they are settled)."""
-        return int(await self.r.xlen(keys.SHARD_STREAM))
+        """Shards waiting or in flight."""
+        return (await self.totals()).shards
 
-    async def _settle(self, message_id: str, stream: str | None = None, fields: dict[str, str] | None = None) -> None:
-        """Ack and delete a handled message, after appending fields to stream if given, in one
-        MULTI/EXEC."""
-        async with self.r.pipeline(transaction=True) as pipe:
-            if stream is not None:
-                maxlen = DEAD_LETTER_MAXLEN if stream == keys.DEAD_LETTER_STREAM else None
-                pipe.xadd(stream, fields, maxlen=maxlen)
-            pipe.xack(keys.SHARD_STREAM, keys.CONSUMER_GROUP, message_id)
-            pipe.xdel(keys.SHARD_STREAM, message_id)
-            await pipe.execute()
+    async def position(self, job_key: str, owner: str, now: float, throughput: float) -> tuple[int, float | None]:
+        """(cost that will be served before the job's first shard, estimated start as epoch
+        seconds or None without a throughput). Under deficit round robin every other owner is
+        served about as much as the job's own owner before it: the job's own owner's cost ahead
+        of it, plus for each other owner the smaller of its waiting cost and that. Neither number
+        ever grows for one job (each answer is kept on its record)."""
+        ahead, start = await self._position(keys=[job_key], args=[owner, now, throughput])
+        return int(ahead), (float(start) if start not in ("", b"", None) else None)

@@ -7,6 +7,8 @@ A job is a HASH (service.jobs.keys.job) with the fields
     images_done   images uploaded so far     error        JSON {"code", "message"}
     step:{k}      denoising steps done by shard k
     webhook_url, webhook_events   where and for which events deliveries go (service.jobs.webhooks)
+    queue_mark    its owner's cost queued before it; queue_ahead / queue_start_at: the
+                  position and estimated start last answered (service.jobs.queue)
 plus a SET of finished shard indices, a HASH of the finished shards' file checksums (for the
 manifest), the job's event stream (service.jobs.events) and its webhook outcomes. State changes go through Lua scripts
 so that they are atomic and guarded: a canceled or finished job never goes back to running, and
@@ -35,6 +37,7 @@ from service.jobs.events import JobEvent
 from service.jobs.queue import ShardQueue
 from service.jobs.schemas import JobError, JobParams, JobStatus, ShardTask
 from service.jobs.webhooks import WebhookOutcome, WebhookSchedule
+from service.settings import Settings
 
 # Every transition keeps the owner's status index (service.jobs.keys.owner_status_jobs) in step
 # with the record: its last 6 KEYS are the owner's (all jobs, queued, running, succeeded, failed,
@@ -292,11 +295,11 @@ class JobStore:
     shard_size: images per shard for jobs submitted through this store (stored on each record,
     so a later change of the setting never changes an existing job's shards)."""
 
-    def __init__(self, client: aioredis.Redis, ttl_seconds: int, shard_size: int) -> None:
+    def __init__(self, client: aioredis.Redis, ttl_seconds: int, shard_size: int, quantum: int | None = None) -> None:
         self.r = client
         self.ttl = ttl_seconds
         self.shard_size = shard_size
-        self.queue = ShardQueue(client)
+        self.queue = ShardQueue(client) if quantum is None else ShardQueue(client, quantum)
         self.webhooks = WebhookSchedule(client)
         self._start = client.register_script(_START)
         self._complete = client.register_script(_COMPLETE_SHARD)
@@ -308,8 +311,20 @@ class JobStore:
         self._unschedule = client.register_script(_UNSCHEDULE)
 
     @classmethod
-    def from_url(cls, url: str, ttl_seconds: int, shard_size: int, timeout: float = 2.0) -> JobStore:
-        return cls(async_redis(url, timeout), ttl_seconds, shard_size)
+    def from_url(
+        cls, url: str, ttl_seconds: int, shard_size: int, timeout: float = 2.0, quantum: int | None = None
+    ) -> JobStore:
+        return cls(async_redis(url, timeout), ttl_seconds, shard_size, quantum)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobStore:
+        return cls.from_url(
+            settings.redis_url,
+            settings.job_ttl_seconds,
+            settings.shard_size,
+            settings.redis_timeout_seconds,
+            quantum=settings.queue_quantum,
+        )
 
     async def close(self) -> None:
         await self.r.aclose()
@@ -364,13 +379,13 @@ class JobStore:
                     pipe.multi()
                     if idem:
                         pipe.set(idem, json.dumps({"job_id": job_id, "body_hash": digest}), ex=self.ttl)
-                    self._queue_job(pipe, job_id, owner, params, now, shards, webhook)
+                    await self._queue_job(pipe, job_id, owner, params, now, shards, webhook)
                     await pipe.execute()
                     return job_id, True, now
                 except WatchError:
                     continue  # a concurrent request used the same key: read its job
 
-    def _queue_job(self, pipe, job_id: str, owner: str, params: JobParams, now: float, shards, webhook) -> None:
+    async def _queue_job(self, pipe, job_id: str, owner: str, params: JobParams, now: float, shards, webhook) -> None:
         key = keys.job(job_id)
         hook = {"webhook_url": webhook[0], "webhook_events": webhooks.encode_events(webhook[1])} if webhook else {}
         pipe.hset(
@@ -399,7 +414,7 @@ class JobStore:
             ShardTask(job_id=job_id, shard=k, start=start, count=count, owner=owner, params=params)
             for k, (start, count) in enumerate(shards)
         ]
-        self.queue.enqueue(pipe, tasks)
+        await self.queue.enqueue(pipe, key, owner, tasks)
 
     # --- read ----------------------------------------------------------------------------------
     async def get(self, job_id: str) -> JobRecord | None:
@@ -498,7 +513,7 @@ class JobStore:
         return None if status == "missing" else JobStatus(status)
 
     async def schedule_purge(self, job_id: str, at: float) -> None:
-        """Have the job's objects deleted at epoch time `at` (service.worker.sweeper)."""
+        """Have the job's objects deleted at epoch time `at` (worker.sweeper)."""
         await self.r.zadd(keys.PURGE, {job_id: at})
 
     async def due_purges(self, now: float, count: int) -> list[tuple[str, float]]:

@@ -10,7 +10,7 @@ the transitions are guarded (each happens once) and the outcome is created with 
     undiffuse:job:{id}:webhooks   HASH   event -> JSON WebhookOutcome (the record's TTL, deleted with it)
     undiffuse:webhooks:due        ZSET   "{job id}:{event}" -> when its next attempt is due
 
-A dispatcher (service.worker.dispatcher, one per Worker replica) `claim`s due entries: one
+A dispatcher (worker.dispatcher, one per Worker replica) `claim`s due entries: one
 script moves each a lease ahead, so no other dispatcher sees it while it is being sent; `begin`
 counts the attempt; `finish` writes the outcome and reschedules (RETRY_SCHEDULE) or removes the
 entry, only if no later attempt began meanwhile. A dispatcher that dies mid-send leaves its entry

@@ -279,7 +279,7 @@ def test_worker_and_ingress_replicas_stay_on_the_head(overlay):
     """GPU pods advertise CPUs too: Worker and Ingress replicas there would keep GPU nodes from
     scaling down. They need a custom resource that only the head advertises."""
     from service.ingress import Ingress
-    from service.worker.deployment import Worker
+    from worker.deployment import Worker
 
     _, docs = overlay
     pods = _ray_pods(docs)

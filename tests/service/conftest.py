@@ -106,13 +106,13 @@ def _serve_stack(redis: RedisServer, s3: S3Server):
 
 
 def wait_idle(stack: Stack, timeout: float = 120) -> None:
-    """Until no shard is queued or in flight (handled shards are deleted from the stream)."""
+    """Until no shard is queued or in flight (settled shards leave the queue)."""
     import redis
 
-    from service.jobs import keys
+    from service.jobs.queue import totals
 
-    client = redis.Redis.from_url(stack.redis.url)
-    wait_for(lambda: client.xlen(keys.SHARD_STREAM) == 0, timeout, 0.2, "the queue to drain")
+    client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    wait_for(lambda: totals(client).shards == 0, timeout, 0.2, "the queue to drain")
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Decisions of the backlog autoscaling policy (unit tests; no servers)."""
+"""Decisions of the autoscaling policy: replicas from the backlog's cost and the replicas'
+measured throughput (unit tests; one against the real Redis-compatible server)."""
 
 from types import SimpleNamespace
 
@@ -7,26 +8,34 @@ import pytest
 from service.autoscaling import BacklogPolicy, desired_replicas
 
 
+def _want(backlog, rate, lo=1, hi=100, target=60.0):
+    return desired_replicas(backlog, rate, drain_target_seconds=target, min_replicas=lo, max_replicas=hi)
+
+
 def test_empty_queue_scales_to_the_minimum():
-    assert desired_replicas(0, 0, shards_per_replica=4, min_replicas=1, max_replicas=8) == 1
-    assert desired_replicas(0, 0, shards_per_replica=4, min_replicas=0, max_replicas=8) == 0
+    assert _want(0, 1000, lo=1) == 1
+    assert _want(0, 1000, lo=0) == 0
 
 
-def test_growing_backlog_adds_replicas():
-    counts = [
-        desired_replicas(b, 0, shards_per_replica=4, min_replicas=1, max_replicas=100) for b in (1, 4, 5, 16, 17, 40)
-    ]
-    assert counts == [1, 1, 2, 4, 5, 10]
-    assert counts == sorted(counts)
-    # shards already being sampled count as work too
-    assert desired_replicas(4, 4, shards_per_replica=4, min_replicas=1, max_replicas=100) == 2
+def test_replicas_serve_the_backlog_within_the_target():
+    # 1,000 row-steps/s per replica, 60 s target: 60,000 row-steps per replica
+    counts = [_want(b, 1000) for b in (1, 60_000, 60_001, 240_000, 240_001)]
+    assert counts == [1, 1, 2, 4, 5]
+    # a faster replica needs fewer of them for the same backlog; a tighter target needs more
+    assert _want(240_000, 4000) == 1
+    assert _want(240_000, 1000, target=15) == 16
+
+
+def test_any_backlog_asks_for_a_replica_before_a_throughput_is_known():
+    assert _want(1, 0.0, lo=0) == 1
+    assert _want(10**9, 0.0, lo=0) == 1
 
 
 def test_bounds_are_respected():
-    assert desired_replicas(10_000, 0, shards_per_replica=4, min_replicas=1, max_replicas=6) == 6
-    assert desired_replicas(1, 0, shards_per_replica=4, min_replicas=3, max_replicas=6) == 3
+    assert _want(10**9, 1000, hi=6) == 6
+    assert _want(1, 1000, lo=3, hi=6) == 3
     with pytest.raises(ValueError):
-        desired_replicas(1, 0, shards_per_replica=0, min_replicas=1, max_replicas=2)
+        desired_replicas(1, 1, drain_target_seconds=0, min_replicas=1, max_replicas=2)
 
 
 def _ctx(requests=0.0, target=2, lo=1, hi=8):
@@ -38,23 +47,23 @@ def _ctx(requests=0.0, target=2, lo=1, hi=8):
     )
 
 
-def test_policy_reads_backlog_and_caches_it():
+def test_policy_reads_the_queue_and_caches_it():
     reads = []
 
     class Fake(BacklogPolicy):
-        def _read_backlog(self):
+        def _read(self):
             reads.append(1)
-            return 30
+            return 300_000, 1000.0
 
-    policy = Fake(shards_per_replica=4, refresh_s=60)
-    assert policy(_ctx()) == (8, {"backlog": 30})
-    assert policy(_ctx(hi=5)) == (5, {"backlog": 30})
+    policy = Fake(drain_target_seconds=60, refresh_s=60)
+    assert policy(_ctx()) == (5, {"backlog": 300_000, "throughput_per_replica": 1000.0})
+    assert policy(_ctx(hi=3))[0] == 3
     assert len(reads) == 1  # cached between refreshes
 
 
 def test_policy_keeps_the_current_target_when_redis_is_unreachable():
     class Down(BacklogPolicy):
-        def _read_backlog(self):
+        def _read(self):
             raise ConnectionError("redis down")
 
     assert Down()(_ctx(target=3)) == (3, {"backlog": None})
@@ -62,6 +71,6 @@ def test_policy_keeps_the_current_target_when_redis_is_unreachable():
 
 def test_policy_against_real_redis(stack):
     """The policy's own Redis read, against the test stack's server."""
-    policy = BacklogPolicy(shards_per_replica=4, refresh_s=0, redis_url=stack.redis.url)
+    policy = BacklogPolicy(drain_target_seconds=60, refresh_s=0, redis_url=stack.redis.url)
     decision, state = policy(_ctx(lo=1, hi=8))
-    assert state["backlog"] >= 0 and 1 <= decision <= 8
+    assert state["backlog"] >= 0 and state["throughput_per_replica"] >= 0 and 1 <= decision <= 8

@@ -19,8 +19,8 @@ from service.jobs.schemas import JobParams, JobStatus, ShardResult, ShardTask
 from service.jobs.store import JobRecord, JobStore
 from service.settings import Settings
 from service.storage import ObjectStore
-from service.worker.consumer import Consumer, ReplicaLost
 from tests.service.conftest import S3_KEY, S3_SECRET
+from worker.consumer import Consumer, ReplicaLost
 
 pytestmark = pytest.mark.integration
 PARAMS = JobParams(
@@ -39,6 +39,9 @@ def _settings(stack, db: int, **overrides) -> Settings:
     )
 
 
+FAR = 2**62  # a lease deadline that never passes
+
+
 def _run_until_ended(settings: Settings, generate, prepare=None, seconds: float = 10) -> tuple[JobRecord, list]:
     """Submit a 1-image job, let `prepare(store, job_id)` tamper with the queue, run a consumer
     until the job ends (`seconds` at most; Redis may be away meanwhile); returns its record and
@@ -47,7 +50,6 @@ def _run_until_ended(settings: Settings, generate, prepare=None, seconds: float 
     async def scenario():
         store = JobStore.from_url(settings.redis_url, 600, settings.shard_size)
         await store.r.flushdb()
-        await store.queue.ensure_group()
         job_id, _, _ = await store.submit("tester", PARAMS, {"n": 1})
         if prepare is not None:
             await prepare(store, job_id)
@@ -96,9 +98,8 @@ def test_an_unparseable_shard_fails_its_job_instead_of_stranding_it(stack):
         raise AssertionError("an unreadable shard must not be sampled")
 
     async def break_the_shard(store: JobStore, job_id: str) -> None:
-        (real,) = await store.queue.read("setup", 1, 10)  # replace the real shard by a broken one
-        await store.queue.ack(real.id)
-        await store.r.xadd(keys.SHARD_STREAM, {"task": json.dumps({"job_id": job_id, "shard": "zero?"})})
+        (shard_id,) = await store.r.lrange(keys.owner_shards("tester"), 0, -1)  # the real shard, made unreadable
+        await store.r.hset(keys.QUEUE_MESSAGES, shard_id, json.dumps({"job_id": job_id, "shard": "zero?"}))
 
     record, dead = _run_until_ended(_settings(stack, 4), never_called, break_the_shard)
     assert record.status == JobStatus.failed and record.error.code == "shard_unreadable"
@@ -132,8 +133,7 @@ def test_a_dead_workers_shard_is_reclaimed_without_spending_an_attempt(stack):
         return _pixels(task)
 
     async def held_by_a_dead_worker(store: JobStore, job_id: str) -> None:
-        await store.queue.ensure_group()
-        assert len(await store.queue.read("dead-worker", 1, 10)) == 1  # read, never acked
+        assert len(await store.queue.read("dead-worker", int(time.time() * 1000), 100)) == 1  # read, never acked
 
     settings = _settings(stack, 3, max_attempts=1, visibility_timeout_seconds=0.5)
     record, dead = _run_until_ended(settings, sampler, held_by_a_dead_worker, seconds=20)
@@ -175,8 +175,7 @@ def test_a_worker_dying_between_the_last_completion_and_the_manifest_leaves_no_j
         return _pixels(task)
 
     async def died_after_completion(store: JobStore, job_id: str) -> None:
-        await store.queue.ensure_group()
-        [message] = await store.queue.read("dead-worker", 1, 10)  # read, never acked
+        [message] = await store.queue.read("dead-worker", int(time.time() * 1000), 100)  # read, never acked
         await store.mark_running(job_id, "tester")
         await asyncio.to_thread(objects.put_png, image_key(job_id, 0), png)
         assert await store.complete_shard(message.task, [(hashlib.sha256(png).hexdigest(), len(png))]) == (
@@ -277,7 +276,6 @@ def test_images_of_a_job_canceled_while_its_shard_ran_are_taken_back(stack):
     async def scenario() -> tuple[int, int, int]:
         store = JobStore.from_url(settings.redis_url, 600, settings.shard_size)
         await store.r.flushdb()
-        await store.queue.ensure_group()
         job_id, _, _ = await store.submit("tester", PARAMS, {"n": 1})
 
         async def canceled_meanwhile(task: ShardTask) -> ShardResult:
@@ -294,7 +292,7 @@ def test_images_of_a_job_canceled_while_its_shard_ran_are_taken_back(stack):
         left = await asyncio.to_thread(
             objects.client.list_objects_v2, Bucket=settings.s3_bucket, Prefix=f"jobs/{job_id}/"
         )
-        pending = await store.r.xlen(keys.SHARD_STREAM)
+        pending = await store.queue.depth()
         await store.r.flushdb()
         await store.close()
         return left.get("KeyCount", 0), consumer.handled, pending
@@ -319,9 +317,8 @@ def test_a_duplicate_attempt_finishing_after_the_shard_completed_leaves_its_imag
     async def scenario() -> tuple[dict, bytes, JobRecord, int]:
         store = JobStore.from_url(settings.redis_url, 600, settings.shard_size)
         await store.r.flushdb()
-        await store.queue.ensure_group()
         job_id, _, _ = await store.submit("tester", PARAMS, {"n": 1})
-        [message] = await store.queue.read("first", 1, 10)
+        [message] = await store.queue.read("first", FAR, 100)
         first_done = asyncio.Event()
 
         async def first(task: ShardTask) -> ShardResult:
@@ -341,7 +338,7 @@ def test_a_duplicate_attempt_finishing_after_the_shard_completed_leaves_its_imag
         manifest = json.loads(await asyncio.to_thread(objects.get_bytes, manifest_key(job_id)))
         stored = await asyncio.to_thread(objects.get_bytes, image_key(job_id, 0))
         record = await store.get(job_id)
-        pending = await store.r.xlen(keys.SHARD_STREAM)
+        pending = await store.queue.depth()
         await store.r.flushdb()
         await store.close()
         return manifest, stored, record, pending
@@ -402,9 +399,8 @@ def test_a_job_canceled_while_its_manifest_was_written_keeps_no_manifest_and_is_
     async def scenario() -> tuple[JobRecord, bytes | None, int]:
         store = JobStore.from_url(settings.redis_url, 600, settings.shard_size)
         await store.r.flushdb()
-        await store.queue.ensure_group()
         job_id, _, _ = await store.submit("tester", PARAMS, {"n": 1})
-        [message] = await store.queue.read("worker", 1, 10)
+        [message] = await store.queue.read("worker", FAR, 100)
 
         async def sampler(task: ShardTask) -> ShardResult:
             return _pixels(task)
@@ -413,7 +409,7 @@ def test_a_job_canceled_while_its_manifest_was_written_keeps_no_manifest_and_is_
         await consumer.handle(message)
         record = await store.get(job_id)
         manifest = await asyncio.to_thread(objects.get_bytes, manifest_key(job_id))
-        pending = await store.r.xlen(keys.SHARD_STREAM)
+        pending = await store.queue.depth()
         await store.r.flushdb()
         await store.close()
         return record, manifest, pending

@@ -10,9 +10,10 @@ import pytest
 import redis as redis_lib
 
 from service.jobs import keys
+from service.jobs.queue import holders as queue_holders
 from service.jobs.schemas import ShardTask
 from service.storage import ObjectStore
-from tests.service.conftest import enqueue_unrunnable_job, wait_for, wait_for_status
+from tests.service.conftest import enqueue_unrunnable_job, wait_for, wait_for_status, wait_idle
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +42,7 @@ def test_cancel_queued_job_never_runs_and_running_job_stops(api, stack):
     # the blocker is running: after cancel its step counter stops moving
     r = api.post(f"/v1/jobs/{blocker}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "canceled"
-    wait_for(lambda: redis_lib.Redis.from_url(stack.redis.url).xlen(keys.SHARD_STREAM) == 0, 60, what="queue to drain")
+    wait_idle(stack, 60)
     before = api.get(f"/v1/jobs/{blocker}").json()
     time.sleep(1.5)
     after = api.get(f"/v1/jobs/{blocker}").json()
@@ -58,12 +59,7 @@ def _kill_worker_holding(stack, job_id: str) -> str:
     import ray
 
     r = redis_lib.Redis.from_url(stack.redis.url, decode_responses=True)
-    pending = r.xpending_range(keys.SHARD_STREAM, keys.CONSUMER_GROUP, "-", "+", 100)
-    holders = set()
-    for p in pending:
-        fields = r.xrange(keys.SHARD_STREAM, p["message_id"], p["message_id"])
-        if fields and job_id in fields[0][1]["task"]:
-            holders.add(p["consumer"].removeprefix("worker-"))
+    holders = {consumer.removeprefix("worker-") for consumer, task in queue_holders(r) if task and task.job_id == job_id}
     assert holders, "no worker holds a shard of the job"
     victim = sorted(holders)[0]
     for actor in ray.util.list_named_actors(all_namespaces=True):

@@ -12,9 +12,9 @@ import pytest
 
 from service.jobs.store import JobStore
 from service.storage import ObjectStore, image_key
-from service.worker.sweeper import Sweeper
 from tests.service.conftest import KEY_B, wait_for_status
 from undiffuse.images import png_bytes
+from worker.sweeper import Sweeper
 
 pytestmark = pytest.mark.integration
 JOB = {"num_images": 1, "class_label": 2, "steps": 2}
@@ -144,7 +144,7 @@ def test_one_undeletable_job_does_not_stop_the_sweeper(stack):
     the jobs after it are still swept."""
     from botocore.exceptions import ClientError
 
-    from service.worker.sweeper import RETRY_S
+    from worker.sweeper import RETRY_S
 
     class Refusing(ObjectStore):
         def delete_job(self, job_id: str) -> int:

@@ -27,9 +27,9 @@ from service.keys import digest
 from service.settings import Settings
 from service.storage import ObjectStore
 from service.webhooks.signing import owner_secret
-from service.worker.dispatcher import Dispatcher
 from tests.service.conftest import KEY_A, KEY_CAROL_NEW, KEY_CAROL_OLD, wait_for, wait_for_status
 from tests.service.jobs.test_store import params
+from worker.dispatcher import Dispatcher
 
 pytestmark = pytest.mark.integration
 DB = 8

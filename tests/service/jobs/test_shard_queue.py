@@ -1,4 +1,5 @@
-"""ShardQueue against the real Redis-compatible server: the only code that touches the stream."""
+"""ShardQueue against the real Redis-compatible server: fair admission by capacity, leases,
+settling, reclaim, position. The only code that touches the queue's keys."""
 
 from __future__ import annotations
 
@@ -7,118 +8,197 @@ import time
 import redis
 
 from service.jobs import keys
-from service.jobs.queue import backlog
+from service.jobs.queue import ShardQueue, holders, shard_cost, totals
 from service.jobs.schemas import JobParams, ShardTask
 
 P = JobParams(model="mnist", num_images=8, steps=2, sampler="ddim", eta=0.0, seed=1, class_label=1, guidance_scale=1.0)
+FAR = 2**62  # a lease deadline that never passes
 
 
-def tasks(n: int) -> list[ShardTask]:
-    return [ShardTask(job_id="j", shard=k, start=4 * k, count=4, params=P) for k in range(n)]
+def tasks(n: int, owner: str = "a", job: str = "j", count: int = 4, steps: int = 2, guided=False) -> list[ShardTask]:
+    params = P.model_copy(update={"steps": steps, "guidance_scale": 3.0 if guided else 1.0})
+    return [
+        ShardTask(job_id=job, shard=k, start=count * k, count=count, owner=owner, params=params) for k in range(n)
+    ]
 
 
-def enqueue(queue, run, items: list[ShardTask]) -> None:
+def enqueue(queue: ShardQueue, run, items: list[ShardTask], job_key: str | None = None) -> None:
     async def go():
-        await queue.ensure_group()
         async with queue.r.pipeline(transaction=True) as pipe:
-            queue.enqueue(pipe, items)
+            pipe.multi()
+            await queue.enqueue(pipe, job_key or keys.job(items[0].job_id), items[0].owner, items)
             await pipe.execute()
 
     run(go())
+
+
+def read(queue: ShardQueue, run, window: int = 1000, count: int = 64, deadline: int = FAR, hard: int | None = None):
+    return run(queue.read("c", deadline, window, hard=hard, count=count))
 
 
 def test_enqueue_then_read_delivers_each_task_once(store, run):
     q = store.queue
     enqueue(q, run, tasks(3))
     assert run(q.depth()) == 3
-    got = run(q.read("c1", 10, 10))
+    got = read(q, run)
     assert [m.task for m in got] == tasks(3)
-    assert run(q.read("c2", 10, 10)) == []  # delivered to c1 only
-    run(q.ensure_group())  # idempotent
+    assert read(q, run) == []  # leased: delivered once
+    t = run(q.totals())
+    assert (t.waiting, t.inflight, t.inflight_rows, t.inflight_cost, t.owners) == (0, 3, 12, 24, 1)
 
 
-def test_unparseable_messages_come_back_without_a_task(store, run):
-    q = store.queue
-    run(q.ensure_group())
-    run(q.r.xadd(keys.SHARD_STREAM, {"task": "{not json"}))
-    run(q.r.xadd(keys.SHARD_STREAM, {"other": "x"}))
-    got = run(q.read("c", 10, 10))
-    assert [m.task for m in got] == [None, None] and got[0].fields == {"task": "{not json"}
+def test_cost_counts_rows_and_steps_twice_with_guidance():
+    assert shard_cost(tasks(1, count=4, steps=10)[0]) == (40, 4)
+    assert shard_cost(tasks(1, count=4, steps=10, guided=True)[0]) == (80, 8)
 
 
-def test_ack_deletes_so_depth_is_the_backlog(store, run):
+def test_ack_settles_once_and_empties_the_queue(store, run):
     q = store.queue
     enqueue(q, run, tasks(2))
-    first, second = run(q.read("c", 10, 10))
-    run(q.ack(first.id))
+    first, second = read(q, run)
+    assert run(q.ack(first.id)) and not run(q.ack(first.id))  # a second settle is a no-op
     assert run(q.depth()) == 1
-    pending = run(q.r.xpending(keys.SHARD_STREAM, keys.CONSUMER_GROUP))
-    assert pending["pending"] == 1
+    run(q.ack(second.id))
+    t = run(q.totals())
+    assert (t.shards, t.cost, t.inflight_rows, t.owners) == (0, 0, 0, 0)
+    assert run(q.r.exists(keys.QUEUE_OWNER_PREFIX + "a", keys.owner_shards("a"), keys.QUEUE_MESSAGES)) == 0
 
 
-def test_requeue_adds_the_next_attempt_and_drops_the_old_message(store, run):
+def test_requeue_puts_the_next_attempt_at_the_head_of_its_owner(store, run):
+    q = store.queue
+    enqueue(q, run, tasks(3))
+    (msg,) = read(q, run, count=1)
+    assert run(q.requeue(msg.id, msg.task.model_copy(update={"last_error": "oops"})))
+    assert run(q.depth()) == 3
+    again = read(q, run)
+    assert again[0].id != msg.id and again[0].task.attempt == 2 and again[0].task.last_error == "oops"
+    assert [m.task.shard for m in again] == [0, 1, 2]  # the retry first, then the owner's order
+    assert not run(q.ack(msg.id))  # the old delivery's token settles nothing
+
+
+def test_dead_letter_moves_the_shard_with_its_reason(store, run):
     q = store.queue
     enqueue(q, run, tasks(1))
-    (msg,) = run(q.read("c", 10, 10))
-    run(q.requeue(msg.id, msg.task.model_copy(update={"last_error": "oops"})))
-    assert run(q.depth()) == 1
-    (again,) = run(q.read("c", 10, 10))
-    assert again.id != msg.id and again.task.attempt == 2 and again.task.last_error == "oops"
-
-
-def test_dead_letter_moves_the_message_with_its_reason(store, run):
-    q = store.queue
-    enqueue(q, run, tasks(1))
-    (msg,) = run(q.read("c", 10, 10))
+    (msg,) = read(q, run)
     run(q.dead_letter(msg.id, msg.fields, "out of attempts"))
     assert run(q.depth()) == 0
     (dead,) = run(q.r.xrange(keys.DEAD_LETTER_STREAM))
     assert dead[1] == {**msg.fields, "reason": "out of attempts"}
 
 
-def test_reclaim_takes_over_silent_messages_and_heartbeat_prevents_it(store, run):
+def test_reclaim_takes_over_expired_leases_and_heartbeats_prevent_it(store, run, redis_server):
     q = store.queue
     enqueue(q, run, tasks(2))
-    beating, silent = run(q.read("dead-consumer", 10, 10))
-    time.sleep(0.35)
-    run(q.heartbeat("dead-consumer", beating.id))
-    claimed = run(q.reclaim("rescuer", idle_ms=300))
-    assert [m.id for m in claimed] == [silent.id] and claimed[0].task == silent.task
-    assert run(q.reclaim("rescuer", idle_ms=300)) == []  # the claim reset its idle time
+    now = int(time.time() * 1000)
+    beating, silent = read(q, run, deadline=now + 300)
+    assert run(q.heartbeat(beating.id, now + 60_000))
+    client = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/7", decode_responses=True)
+    assert sorted(h[0] for h in holders(client)) == ["c", "c"]
+    claimed = run(q.reclaim("rescuer", now + 400, now + 60_000))
+    assert sorted(h[0] for h in holders(client)) == ["c", "rescuer"]
+    assert [m.task for m in claimed] == [silent.task] and claimed[0].id != silent.id
+    assert run(q.reclaim("rescuer", now + 400, now + 60_000)) == []  # the new lease runs a minute
+    # the silent Worker's late settle and heartbeat are refused: the shard is the rescuer's now
+    assert not run(q.ack(silent.id)) and not run(q.heartbeat(silent.id, now + 60_000))
+    assert run(q.put_back(claimed[0].id, claimed[0].task.model_copy(update={"interruptions": 1})))
+    (back,) = read(q, run)
+    assert back.task.shard == silent.task.shard and back.task.interruptions == 1 and back.task.attempt == 1
 
 
-def test_reclaim_skips_entries_deleted_meanwhile(store, run):
-    q = store.queue
-    enqueue(q, run, tasks(1))
-    (msg,) = run(q.read("c", 10, 10))
-    run(q.r.xdel(keys.SHARD_STREAM, msg.id))  # settled elsewhere, still pending here
-    time.sleep(0.05)
-    assert run(q.reclaim("rescuer", idle_ms=10)) == []
-
-
-def test_backlog_reads_the_depth_with_a_sync_client(store, run, redis_server):
-    q = store.queue
-    enqueue(q, run, tasks(3))
-    client = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/7")
-    assert backlog(client) == run(q.depth()) == 3
-
-
-def test_reclaim_walks_a_long_pending_list_page_by_page(store, run):
+def test_reclaim_pages_through_many_expired_leases(store, run):
     q = store.queue
     enqueue(q, run, tasks(5))
-    run(q.read("dead-consumer", 10, 10))
-    time.sleep(0.05)
-    pages = [run(q.reclaim("rescuer", idle_ms=10, count=2)) for _ in range(3)]
+    now = int(time.time() * 1000)
+    read(q, run, deadline=now)
+    pages = [run(q.reclaim("rescuer", now + 1, FAR, count=2)) for _ in range(3)]
     assert [len(p) for p in pages] == [2, 2, 1]
-    assert sorted(m.task.shard for p in pages for m in p) == [0, 1, 2, 3, 4]  # each once, in order
+    assert sorted(m.task.shard for p in pages for m in p) == [0, 1, 2, 3, 4]  # each once
 
 
-def test_idle_consumers_without_pending_messages_are_pruned(store, run):
+def test_the_window_bounds_rows_in_flight(store, run):
     q = store.queue
+    enqueue(q, run, tasks(10, count=4))
+    assert len(read(q, run, window=10)) == 2  # 8 rows; a third shard would make 12
+    assert read(q, run, window=10) == []
+    t = run(q.totals())
+    assert (t.inflight_rows, t.waiting) == (8, 8)
+
+
+def test_a_newcomer_is_admitted_past_a_full_window_and_first(store, run):
+    q = store.queue
+    enqueue(q, run, tasks(10, owner="big", job="b"))
+    assert len(read(q, run, window=16)) == 4  # the window is full of big's shards
+    enqueue(q, run, tasks(1, owner="small", job="s", count=1))
+    (got,) = read(q, run, window=16)  # up to the hard ceiling, one shard of an owner holding nothing
+    assert got.task.owner == "small"
+    assert read(q, run, window=16) == []
+
+
+def test_an_owner_keeps_to_its_share_while_others_wait(store, run):
+    """The per-owner cap: with two owners present, neither holds more than half the window
+    (once its shards settle, it is not readmitted past its share)."""
+    q = store.queue
+    enqueue(q, run, tasks(20, owner="a", job="a"))
+    first = read(q, run, window=32)
+    assert len(first) == 8  # alone, a takes the whole window
+    enqueue(q, run, tasks(20, owner="b", job="b"))
+    for m in first:
+        run(q.ack(m.id))
+    got = read(q, run, window=32)
+    by_owner = {o: sum(m.task.count for m in got if m.task.owner == o) for o in ("a", "b")}
+    assert by_owner == {"a": 16, "b": 16}
+
+
+def test_deficit_round_robin_shares_rows_between_backlogs_of_any_size(store, run):
+    """Three owners with backlogs of 300, 100 and 40 shards of different costs: while all three
+    wait, each is served the same cost (row-steps) within 10 %."""
+    q = store.queue
+    enqueue(q, run, tasks(300, owner="a", job="a", count=4, steps=10))  # cost 40 each
+    enqueue(q, run, tasks(100, owner="b", job="b", count=2, steps=50))  # cost 100 each
+    enqueue(q, run, tasks(40, owner="c", job="c", count=8, steps=50, guided=True))  # cost 800 each
+    q.quantum = 800  # the largest shard
+    served = {"a": 0, "b": 0, "c": 0}
+    waiting = {"a": 300, "b": 100, "c": 40}
+    while all(waiting.values()):
+        got = read(q, run, window=10_000, count=1)
+        for m in got:
+            cost, _rows = shard_cost(m.task)
+            served[m.task.owner] += cost
+            waiting[m.task.owner] -= 1
+            run(q.ack(m.id))
+    mean = sum(served.values()) / 3
+    assert all(abs(v - mean) <= 0.1 * mean for v in served.values()), served
+
+
+def test_position_counts_down_and_the_estimate_never_grows(store, run):
+    q = store.queue
+    enqueue(q, run, tasks(10, owner="a", job="a1", count=4, steps=10))  # 400 row-steps before a2
+    enqueue(q, run, tasks(2, owner="a", job="a2", count=4, steps=10))
+    enqueue(q, run, tasks(100, owner="b", job="b1", count=4, steps=10))
+    now = time.time()
+    ahead, start = run(q.position(keys.job("a2"), "a", now, throughput=100.0))
+    assert ahead == 400 + 400  # its owner's 400, and as much of b's
+    assert abs(start - (now + 8.0)) < 1e-3  # Lua keeps 14 significant digits
+    admitted = read(q, run, window=16)  # two of a's, two of b's
+    ahead2, start2 = run(q.position(keys.job("a2"), "a", now + 1, throughput=10.0))  # slower now
+    assert ahead2 == 2 * (400 - 80) and start2 == start  # the estimate is never pushed back
+    enqueue(q, run, tasks(50, owner="c", job="c1", count=4, steps=10))  # a newcomer arrives
+    ahead3, _ = run(q.position(keys.job("a2"), "a", now + 2, throughput=100.0))
+    assert ahead3 == ahead2  # kept from growing
+    for m in admitted:
+        run(q.ack(m.id))
+
+
+def test_totals_are_read_with_a_sync_client(store, run, redis_server):
+    q = store.queue
+    enqueue(q, run, tasks(3))
+    client = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/7", decode_responses=True)
+    assert totals(client).shards == run(q.depth()) == 3
+    assert totals(client).cost == 3 * 8
+
+
+def test_a_wake_up_follows_a_submission(store, run):
+    q = store.queue
+    assert not run(q.wait_for_work(0.05))
     enqueue(q, run, tasks(1))
-    run(q.read("busy", 1, 10))  # holds a pending message
-    run(q.read("gone", 1, 10))  # nothing left for it: joins the group with nothing pending
-    time.sleep(0.05)
-    assert run(q.prune_consumers(10, keep="me")) == ["gone"]
-    names = {c["name"] for c in run(q.r.xinfo_consumers(keys.SHARD_STREAM, keys.CONSUMER_GROUP))}
-    assert names == {"busy"}
+    assert run(q.wait_for_work(0.05))

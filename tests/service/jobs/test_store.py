@@ -24,14 +24,13 @@ def task(job_id: str, shard: int, start: int, count: int, p: JobParams) -> Shard
 
 
 def test_submit_writes_the_record_and_queues_every_shard_atomically(store, run):
-    run(store.queue.ensure_group())
     job_id, created, created_at = run(store.submit("alice", params(10), {"n": 10}))
     record = run(store.get(job_id))
     assert created and record.owner == "alice" and record.status == JobStatus.queued
     assert record.created_at == created_at and record.started_at is None
     assert (record.num_shards, record.shard_size, record.images_done) == (3, 4, 0)
     assert [record.shard_range(k) for k in range(3)] == [(0, 4), (4, 4), (8, 2)]
-    messages = run(store.queue.read("c", 10, 10))
+    messages = run(store.queue.read("c", deadline_ms=2**62, window=100))
     assert [(m.task.shard, m.task.start, m.task.count) for m in messages] == [(0, 0, 4), (1, 4, 4), (2, 8, 2)]
 
 
