@@ -160,6 +160,8 @@ class Denoiser:
     def check_health(self) -> None:
         if not self._thread.is_alive():
             raise RuntimeError("the engine thread stopped")
+        if not self._reporter.is_alive():
+            raise RuntimeError("the capacity reporter stopped")
         if self._failed_steps >= MAX_FAILED_STEPS:  # e.g. a broken CUDA context: let Serve replace us
             raise RuntimeError(f"{self._failed_steps} denoising steps failed in a row")
 
@@ -208,6 +210,7 @@ class Denoiser:
     def __del__(self) -> None:
         self._stopping.set()
         self._wake.set()
+        self._reporter.join(timeout=2.0)  # it withdraws this replica's report
 
     # --- the capacity reports ----------------------------------------------------------------------
     def _report_capacity(self) -> None:
@@ -227,6 +230,8 @@ class Denoiser:
                 capacity.report(client, self._replica, max_batch, self._throughput)
             except RedisError as e:
                 log.warning("capacity not reported: %s", e)
+            except Exception:  # never let the thread die: check_health would fail the replica
+                log.exception("capacity report failed")
         try:
             capacity.withdraw(client, self._replica)
         except RedisError:
@@ -296,9 +301,9 @@ class Denoiser:
         if previews and self._loop is not None:
             self._loop.call_soon_threadsafe(self._queue_previews, previews)
         now = time.monotonic()
-        for seconds, images, sampler in engine.step_times():
-            self._timings.append((name, seconds, images, sampler))
-            self._rates.append((now, images, seconds))
+        for seconds, rows, sampler in engine.step_times():
+            self._timings.append((name, seconds, rows, sampler))
+            self._rates.append((now, rows, seconds))
 
     def _apply_commands(self) -> None:
         while True:
@@ -439,9 +444,9 @@ class Denoiser:
     def _record_timings(self) -> None:
         steps, batches = metrics.denoise_step_seconds(), metrics.sampler_batch_images()
         while self._timings:  # popleft is safe against the engine thread's appends
-            model, seconds, images, sampler = self._timings.popleft()
+            model, seconds, rows, sampler = self._timings.popleft()
             steps.observe(seconds, tags={"model": model, "sampler": sampler})
-            batches.observe(images, tags={"model": model})
+            batches.observe(rows, tags={"model": model})
 
     async def _exchange_progress(self) -> None:
         snapshot = self._progress

@@ -249,7 +249,8 @@ class DenoisingEngine:
         self._canceled: set[Hashable] = set()
         self._batch: _Batch | None = None
         self._previews: list[Preview] = []
-        self._timings: deque[tuple[Any, Any, int, str]] = deque(maxlen=100_000)  # (start, end, images, sampler)
+        self._timings: deque[tuple[Any, Any, int, str]] = deque(maxlen=100_000)  # (start, end, rows, sampler)
+        self._network_rows = 0  # rows of the last network call, guidance twins included
 
     # --- the public surface ----------------------------------------------------------------------
     @property
@@ -359,11 +360,12 @@ class DenoisingEngine:
         if x0s is not None:
             self._capture_previews(batch, x0s)
         names = {s.request.sampler for s in selected}
-        self._timings.append((started, self._mark(), batch.x.shape[0], names.pop() if len(names) == 1 else "mixed"))
+        self._timings.append((started, self._mark(), self._network_rows, names.pop() if len(names) == 1 else "mixed"))
         return self._collect_finished(batch)
 
     def step_times(self) -> list[tuple[float, int, str]]:
-        """(seconds, images, sampler) of each step whose timing is known by now, oldest first;
+        """(seconds, rows, sampler) of each step whose timing is known by now, oldest first (rows:
+        the network call's, guidance twins included: what the step cost);
         "mixed" when a step ran rows of several samplers. On CUDA a step is timed by events
         around it and read only once the device has passed them, so timing never waits on the
         device; on a CPU it is wall time."""
@@ -543,6 +545,7 @@ class DenoisingEngine:
             labels_in = torch.cat([labels, torch.full_like(twins, NULL_CLASS)])
         else:
             x_in, t_in, labels_in = x, t, labels
+        self._network_rows = x_in.shape[0]
         out = self._forward(x_in, t_in, labels_in)
         if twins is None:
             return out

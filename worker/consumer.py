@@ -106,14 +106,16 @@ class Consumer:
         Worker's shards finishing frees room too)."""
         await self._reclaim_stale()
         window = (await self._capacity()).window(self.settings.intake_fallback_rows)
+        if self.stopping.is_set():  # draining: admit nothing more
+            return
         messages = await self.queue.read(self.name, self._deadline_ms(), window)
-        totals = await self.queue.totals()
-        metrics.queue_depth().set(totals.shards)
-        metrics.queue_backlog_cost().set(totals.cost)
-        for message in messages:
+        for message in messages:  # handled before anything else can fail: they are leased to us
             task = asyncio.create_task(self.handle(message))
             self.inflight.add(task)
             task.add_done_callback(self.inflight.discard)
+        totals = await self.queue.totals()
+        metrics.queue_depth().set(totals.shards)
+        metrics.queue_backlog_cost().set(totals.cost)
         if messages:
             return
         if self._wake is None or self._wake.done():
@@ -375,13 +377,14 @@ class Consumer:
         return list(self._uploads.map(upload, range(task.count)))
 
     async def _heartbeat(self, message_id: str) -> None:
-        """Reset the message's idle time while we work on it, so nobody reclaims it."""
+        """Move the lease's deadline ahead while we work on the shard, so nobody reclaims it."""
         period = self.settings.visibility_timeout_seconds / 4
         while True:
             await asyncio.sleep(period)
             try:
                 if not await self.queue.heartbeat(message_id, self._deadline_ms()):
                     log.warning("lease %s was taken over (its heartbeats were late)", message_id)
+                    return  # another attempt holds the shard now; this one's settle will be refused
             except RedisError as e:
                 log.warning("heartbeat for %s failed: %s", message_id, e)
 

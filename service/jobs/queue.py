@@ -14,7 +14,7 @@ with work waiting gets its share of the Denoiser whatever another owner has queu
   round (as FQ-CoDel's new flows do): a newcomer is admitted by the next call;
 - the rows admitted follow the capacity the caller passes: `window` rows in flight across the
   deployment (about twice the Denoiser replicas' batches, service.jobs.capacity), and each
-  owner at most its share of it (window / owners with work) while others wait, except that an
+  owner at most its share of it (window / owners with work waiting) while others wait, except that an
   owner holding nothing may take one shard past a full window (up to `hard` rows). Rows in
   flight, not shard counts, are what the engine runs, so that is what the window counts.
 
@@ -35,6 +35,7 @@ admitted, from which a queued job's position is read (`position`).
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 
 import redis
@@ -65,6 +66,7 @@ _KEYS = {
 _PRELUDE = "".join(f"local {name} = {json.dumps(key)}\n" for name, key in _KEYS.items()) + (
     f"local OWNER_PREFIX = {json.dumps(keys.QUEUE_OWNER_PREFIX)}\n"
     f"local WAKE_LAST, DEAD_MAXLEN = {WAKE_MAXLEN - 1}, {DEAD_LETTER_MAXLEN}\n"
+    f"local REPLY_PREFIX = {json.dumps(keys.QUEUE_REPLY_PREFIX)}\n"
     + """
 local function stats_key(owner) return OWNER_PREFIX .. owner end
 local function list_key(owner) return OWNER_PREFIX .. owner .. ':shards' end
@@ -106,6 +108,18 @@ local function leased(token)
   if id and redis.call('HGET', LESSEE, id) == token then return id end
   return nil
 end
+-- A consumer's last reply by request nonce, kept a minute: a client that retries a call whose
+-- reply was lost gets the same leases back instead of leaving them to expire.
+local function replay(consumer, nonce)
+  local raw = redis.call('GET', REPLY_PREFIX .. consumer)
+  if not raw then return nil end
+  local kept = cjson.decode(raw)
+  if kept[1] == nonce then return kept[2] end
+  return nil
+end
+local function remember(consumer, nonce, out)
+  if #out > 0 then redis.call('SET', REPLY_PREFIX .. consumer, cjson.encode({nonce, out}), 'EX', 60) end
+end
 local function lease(id, deadline, consumer)
   local token = id .. ':' .. redis.call('INCR', SEQ) .. ':' .. consumer
   redis.call('ZADD', LEASES, deadline, id)
@@ -116,12 +130,15 @@ end
 )
 
 # KEYS[1] the job's record (its queue_mark is set); ARGV owner, then (cost, rows, task JSON)
-# per shard. Returns the owner's cost enqueued before these shards.
+# per shard. Returns the owner's cost enqueued before these shards (-1: the job was queued
+# already, or has no shards).
 _ENQUEUE = (
     _PRELUDE
     + """
 local owner = ARGV[1]
 local sk, lk = stats_key(owner), list_key(owner)
+-- a transaction resent after a lost reply runs again: the job's shards are queued once
+if #ARGV < 4 or redis.call('HEXISTS', KEYS[1], 'queue_mark') == 1 then return -1 end
 local mark = num(redis.call('HGET', sk, 'enqueued'))
 redis.call('HSET', KEYS[1], 'queue_mark', mark)
 local fresh = redis.call('LLEN', lk) == 0
@@ -148,15 +165,19 @@ return mark
 """
 )
 
-# ARGV deadline (ms), window rows, hard rows, max shards, quantum, max owners to visit, consumer.
-# Returns a flat list of (lease token, task JSON).
+# ARGV deadline (ms), window rows, hard rows, max shards, quantum, max owners to visit, consumer,
+# request nonce. Returns a flat list of (lease token, task JSON); the same nonce again (a client
+# retry after a lost reply) returns the same list instead of admitting more.
 _ADMIT = (
     _PRELUDE
     + """
 local deadline, window, hard = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_count, quantum, max_visits = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local replied = replay(ARGV[7], ARGV[8])
+if replied then return replied end
 local total = num(redis.call('HGET', TOTALS, 'inflight_rows'))
-local share = window / math.max(1, num(redis.call('HGET', TOTALS, 'owners')))
+-- each owner's share of the window while others wait: owners with shards waiting share it
+local share = window / math.max(1, redis.call('LLEN', ACTIVE))
 local out, admitted = {}, 0
 local visits = math.min(max_visits, redis.call('LLEN', ACTIVE))
 for _ = 1, visits do
@@ -165,7 +186,8 @@ for _ = 1, visits do
   if not owner then break end
   local sk, lk = stats_key(owner), list_key(owner)
   local held = num(redis.call('HGET', sk, 'held'))
-  local deficit = num(redis.call('HGET', sk, 'deficit'))
+  local before = num(redis.call('HGET', sk, 'deficit'))
+  local deficit = before
   if redis.call('HDEL', sk, 'resume') == 0 then deficit = deficit + quantum end  -- a new visit
   local served, cost_served, blocked = 0, 0, false
   while true do
@@ -198,29 +220,36 @@ for _ = 1, visits do
     redis.call('HSET', sk, 'deficit', deficit, 'resume', 1)
     redis.call('LPUSH', ACTIVE, owner)
   else
-    -- a visit cut short by capacity earns no more credit than one quantum
-    if blocked == 'capacity' then deficit = math.min(deficit, quantum) end
-    if served == 0 and blocked == 'capacity' then deficit = deficit - quantum end
+    if blocked == 'capacity' then
+      -- a visit that admitted nothing for lack of room earns nothing; one cut short keeps no
+      -- more than a quantum (or its head's cost) of credit
+      if served == 0 then deficit = before end
+      deficit = math.min(deficit, math.max(quantum, meta(redis.call('LINDEX', lk, 0))[2]))
+    end
     redis.call('HSET', sk, 'deficit', math.max(0, deficit))
     redis.call('RPUSH', ACTIVE, owner)
   end
   if blocked == 'count' then break end
 end
 redis.call('HSET', TOTALS, 'inflight_rows', total)
+remember(ARGV[7], ARGV[8], out)
 return out
 """
 )
 
-# ARGV now (ms), deadline (ms), max shards, consumer. Leases that expired are handed to the caller (new
+# ARGV now (ms), deadline (ms), max shards, consumer, request nonce. Leases that expired are handed to the caller (new
 # tokens), who settles them. Returns a flat list of (lease token, task JSON).
 _RECLAIM = (
     _PRELUDE
     + """
+local replied = replay(ARGV[4], ARGV[5])
+if replied then return replied end
 local out = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))) do
   out[#out + 1] = lease(id, tonumber(ARGV[2]), ARGV[4])
   out[#out + 1] = redis.call('HGET', MSG, id) or ''
 end
+remember(ARGV[4], ARGV[5], out)
 return out
 """
 )
@@ -284,7 +313,7 @@ local start = ''
 if rate > 0 then
   start = now + ahead / rate
   local earlier = tonumber(redis.call('HGET', KEYS[1], 'queue_start_at'))
-  if earlier and earlier < start then start = earlier end
+  if earlier and earlier >= now and earlier < start then start = earlier end  -- a lapsed one is renewed
   redis.call('HSET', KEYS[1], 'queue_start_at', tostring(start))
   start = tostring(start)
 end
@@ -331,7 +360,7 @@ class Totals:
 
     @classmethod
     def parse(cls, raw: dict) -> Totals:
-        return cls(**{f: max(0, int(raw.get(f, 0))) for f in cls.__dataclass_fields__})
+        return cls(**{f: int(raw.get(f, 0)) for f in cls.__dataclass_fields__})
 
 
 def parse_task(fields: dict[str, str]) -> ShardTask | None:
@@ -402,7 +431,8 @@ class ShardQueue:
         (hard: the ceiling an owner holding nothing may go up to, default 2 x window); each is
         leased to consumer until deadline_ms (epoch ms)."""
         hard = 2 * window if hard is None else hard
-        reply = await self._admit(args=[deadline_ms, window, hard, count, self.quantum, visits, consumer])
+        nonce = uuid.uuid4().hex
+        reply = await self._admit(args=[deadline_ms, window, hard, count, self.quantum, visits, consumer, nonce])
         return _messages(reply)
 
     async def wait_for_work(self, timeout_s: float) -> bool:
@@ -412,7 +442,8 @@ class ShardQueue:
     async def reclaim(self, consumer: str, now_ms: int, deadline_ms: int, count: int = 50) -> list[Message]:
         """Take over up to count shards whose lease expired (their Worker stopped heart-beating);
         the caller settles them (usually `put_back`)."""
-        return _messages(await self._reclaim(args=[now_ms, deadline_ms, count, consumer]))
+        nonce = uuid.uuid4().hex
+        return _messages(await self._reclaim(args=[now_ms, deadline_ms, count, consumer, nonce]))
 
     async def heartbeat(self, message_id: str, deadline_ms: int) -> bool:
         """Move the lease's deadline; False if the lease is no longer this delivery's."""

@@ -382,6 +382,17 @@ def test_every_step_is_timed_with_its_batch_and_sampler(model):
     assert all(seconds > 0 for seconds, _, _ in times) and engine.step_times() == []
 
 
+def test_a_guided_steps_rows_count_its_twins(model):
+    """A step's rows are the network call's: a guided row's null-class twin counts (the queue's
+    cost and the replicas' throughput are in these rows)."""
+    assert model.guidance_interval is None  # twins at every step
+    engine = DenoisingEngine(model, EngineConfig(max_batch=64, latency_slack=None))
+    engine.add(Request("g", "a", seed=1, start=0, count=2, steps=2, labels=[0, 1], guidance_scale=3.0))
+    engine.add(Request("u", "b", seed=1, start=0, count=1, steps=2, labels=[2]))
+    run(engine)
+    assert [rows for _, rows, _ in engine.step_times()] == [5, 5]
+
+
 def test_padding_to_batch_buckets_changes_no_image(model):
     """The compiled path pads every call to the next bucket (so steady state never recompiles);
     here padding is switched on with the eager network: rows of 3, 5, 7 ... padded to 4, 8 ...

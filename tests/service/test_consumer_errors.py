@@ -42,7 +42,9 @@ def _settings(stack, db: int, **overrides) -> Settings:
 FAR = 2**62  # a lease deadline that never passes
 
 
-def _run_until_ended(settings: Settings, generate, prepare=None, seconds: float = 10) -> tuple[JobRecord, list]:
+def _run_until_ended(
+    settings: Settings, generate, prepare=None, seconds: float = 10, params: JobParams = PARAMS
+) -> tuple[JobRecord, list]:
     """Submit a 1-image job, let `prepare(store, job_id)` tamper with the queue, run a consumer
     until the job ends (`seconds` at most; Redis may be away meanwhile); returns its record and
     the dead-letter stream."""
@@ -50,7 +52,7 @@ def _run_until_ended(settings: Settings, generate, prepare=None, seconds: float 
     async def scenario():
         store = JobStore.from_url(settings.redis_url, 600, settings.shard_size)
         await store.r.flushdb()
-        job_id, _, _ = await store.submit("tester", PARAMS, {"n": 1})
+        job_id, _, _ = await store.submit("tester", params, {"n": params.num_images})
         if prepare is not None:
             await prepare(store, job_id)
         consumer = Consumer(settings, store, ObjectStore(settings), generate, name="errors-test")
@@ -139,6 +141,31 @@ def test_a_dead_workers_shard_is_reclaimed_without_spending_an_attempt(stack):
     record, dead = _run_until_ended(settings, sampler, held_by_a_dead_worker, seconds=20)
     assert record.status == JobStatus.succeeded
     assert calls == [(1, 1)] and dead == []
+
+
+def test_shards_of_a_worker_killed_mid_intake_and_of_a_lost_denoiser_each_complete_once(stack):
+    """A Worker killed right after admitting two of a job's three shards (leased to it, never
+    heart-beaten) and a Denoiser replica dying under the third: no shard is lost and none is
+    sampled to completion twice."""
+    completed: dict[int, int] = {}
+    lost: list[int] = []
+
+    async def sampler(task: ShardTask) -> ShardResult:
+        if task.shard == 2 and not lost:
+            lost.append(task.shard)
+            raise ReplicaLost("ActorDiedError")
+        completed[task.shard] = completed.get(task.shard, 0) + 1
+        return _pixels(task)
+
+    async def admitted_by_a_worker_that_dies(store: JobStore, job_id: str) -> None:
+        taken = await store.queue.read("dead-worker", int(time.time() * 1000), window=1000, count=2)
+        assert sorted(m.task.shard for m in taken) == [0, 1]
+
+    settings = _settings(stack, 3, max_attempts=1, visibility_timeout_seconds=0.5)
+    params = PARAMS.model_copy(update={"num_images": 3 * settings.shard_size})
+    record, dead = _run_until_ended(settings, sampler, admitted_by_a_worker_that_dies, seconds=30, params=params)
+    assert record.status == JobStatus.succeeded and record.images_done == params.num_images
+    assert completed == {0: 1, 1: 1, 2: 1} and lost == [2] and dead == []
 
 
 def test_a_shard_that_keeps_killing_replicas_fails_its_job(stack):

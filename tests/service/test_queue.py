@@ -59,7 +59,9 @@ def _kill_worker_holding(stack, job_id: str) -> str:
     import ray
 
     r = redis_lib.Redis.from_url(stack.redis.url, decode_responses=True)
-    holders = {consumer.removeprefix("worker-") for consumer, task in queue_holders(r) if task and task.job_id == job_id}
+    holders = {
+        consumer.removeprefix("worker-") for consumer, task in queue_holders(r) if task and task.job_id == job_id
+    }
     assert holders, "no worker holds a shard of the job"
     victim = sorted(holders)[0]
     for actor in ray.util.list_named_actors(all_namespaces=True):
@@ -118,3 +120,31 @@ def test_redis_down_gives_503_then_recovers(api, stack):
         what="the API to accept jobs again",
     )
     assert wait_for_status(api, r.json()["id"], {"succeeded"}, timeout=120)["status"] == "succeeded"
+
+
+def test_a_queued_job_says_where_it_stands_and_neither_figure_grows(api, stack):
+    """Behind its owner's 64-image, 1,000-step job (more rows than the admission window of the
+    test stack's Denoiser: 2 x 16), a job stays queued; its view says what will be served
+    before it, and polls only ever count down."""
+    blocker = _slow_job(api)
+    queued = api.post("/v1/jobs", json={"num_images": 4, "steps": 10, "class_label": 2}).json()["id"]
+    seen = []
+    try:
+        wait_for(lambda: api.get(f"/v1/jobs/{blocker}").json()["progress"]["step"] > 0, 60, what="blocker to start")
+        for _ in range(8):
+            view = api.get(f"/v1/jobs/{queued}").json()
+            assert view["status"] == "queued", view
+            seen.append(view["queue"])
+            time.sleep(0.5)
+    finally:
+        for job_id in (blocker, queued):
+            api.post(f"/v1/jobs/{job_id}/cancel")
+    wait_idle(stack, 60)
+    aheads = [q["ahead_row_steps"] for q in seen]
+    # the blocker's shards that wait (4 images x 1,000 steps each) are all ahead of it
+    assert aheads[0] >= 4 * 1000 and aheads == sorted(aheads, reverse=True)
+    starts = [q["estimated_start_seconds"] for q in seen if q["estimated_start_seconds"] is not None]
+    assert starts, "the Denoiser reported no throughput"
+    assert starts == sorted(starts, reverse=True)
+    done = api.get(f"/v1/jobs/{queued}").json()
+    assert done["status"] == "canceled" and done["queue"] is None  # only a queued job has a place

@@ -17,9 +17,7 @@ FAR = 2**62  # a lease deadline that never passes
 
 def tasks(n: int, owner: str = "a", job: str = "j", count: int = 4, steps: int = 2, guided=False) -> list[ShardTask]:
     params = P.model_copy(update={"steps": steps, "guidance_scale": 3.0 if guided else 1.0})
-    return [
-        ShardTask(job_id=job, shard=k, start=count * k, count=count, owner=owner, params=params) for k in range(n)
-    ]
+    return [ShardTask(job_id=job, shard=k, start=count * k, count=count, owner=owner, params=params) for k in range(n)]
 
 
 def enqueue(queue: ShardQueue, run, items: list[ShardTask], job_key: str | None = None) -> None:
@@ -69,7 +67,9 @@ def test_requeue_puts_the_next_attempt_at_the_head_of_its_owner(store, run):
     enqueue(q, run, tasks(3))
     (msg,) = read(q, run, count=1)
     assert run(q.requeue(msg.id, msg.task.model_copy(update={"last_error": "oops"})))
-    assert run(q.depth()) == 3
+    t = run(q.totals())
+    assert (t.waiting, t.waiting_cost, t.inflight, t.inflight_rows, t.inflight_cost) == (3, 24, 0, 0, 0)
+    assert run(q.r.hget(keys.QUEUE_OWNER_PREFIX + "a", "held")) == "0"
     again = read(q, run)
     assert again[0].id != msg.id and again[0].task.attempt == 2 and again[0].task.last_error == "oops"
     assert [m.task.shard for m in again] == [0, 1, 2]  # the retry first, then the owner's order
@@ -202,3 +202,55 @@ def test_a_wake_up_follows_a_submission(store, run):
     assert not run(q.wait_for_work(0.05))
     enqueue(q, run, tasks(1))
     assert run(q.wait_for_work(0.05))
+
+
+def test_a_newcomer_goes_to_the_head_of_the_round(store, run):
+    q = store.queue
+    enqueue(q, run, tasks(10, owner="big", job="b"))
+    assert read(q, run, count=1)[0].task.owner == "big"  # big's visit is not over
+    enqueue(q, run, tasks(1, owner="small", job="s", count=1))
+    assert read(q, run, count=1)[0].task.owner == "small"  # it goes first all the same
+
+
+def test_owners_that_only_hold_shards_leave_the_window_to_those_waiting(store, run):
+    """Ten owners each hold a shard and have nothing waiting: the one owner with work waiting
+    may fill the rest of the window (the share is per owner waiting)."""
+    q = store.queue
+    for k in range(10):
+        enqueue(q, run, tasks(1, owner=f"o{k}", job=f"j{k}", count=4))
+    assert len(read(q, run, window=128)) == 10  # 40 rows held
+    enqueue(q, run, tasks(100, owner="a", job="a", count=4))
+    got = read(q, run, window=128)
+    assert len(got) == 22 and {m.task.owner for m in got} == {"a"}  # 40 + 88 = 128 rows
+
+
+def test_a_retried_admit_returns_the_same_leases(store, run):
+    """A client retry of an admit whose reply was lost (same request nonce) gets the leases it
+    was given, instead of admitting more that nobody would hold."""
+    q = store.queue
+    enqueue(q, run, tasks(4))
+    args = [FAR, 1000, 2000, 2, q.quantum, 512, "c", "nonce-1"]
+    first = run(q._admit(args=args))
+    again = run(q._admit(args=args))
+    assert first == again and len(first) == 4  # two (token, task) pairs
+    t = run(q.totals())
+    assert (t.inflight, t.waiting) == (2, 2)
+
+
+def test_a_resent_submission_queues_its_shards_once(store, run):
+    q = store.queue
+    enqueue(q, run, tasks(3))
+    enqueue(q, run, tasks(3))  # the same job's transaction, run again after a lost reply
+    t = run(q.totals())
+    assert (t.waiting, t.waiting_cost, t.owners) == (3, 24, 1)
+
+
+def test_a_lapsed_start_estimate_is_renewed(store, run):
+    q = store.queue
+    enqueue(q, run, tasks(10, owner="a", job="a1", count=4, steps=10))
+    enqueue(q, run, tasks(1, owner="a", job="a2", count=4, steps=10))
+    now = time.time()
+    _, start = run(q.position(keys.job("a2"), "a", now, throughput=400.0))  # 400 row-steps ahead: 1 s
+    assert abs(start - (now + 1.0)) < 1e-3
+    _, later = run(q.position(keys.job("a2"), "a", now + 5, throughput=400.0))  # it did not start
+    assert abs(later - (now + 6.0)) < 1e-3
