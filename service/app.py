@@ -63,8 +63,8 @@ class AppArgs(BaseModel):
     max_batch_images: int | None = Field(
         None,
         ge=1,
-        description="rows per Denoiser network call (guidance twins count), capped by free GPU memory; unset: 64 "
-        "on a CPU, on a GPU what its free memory fits (up to 4,096)",
+        description="rows per Denoiser network call (guidance twins count), capped by free GPU memory; unset: on a "
+        "GPU what its free memory fits (up to 4,096), on a CPU 2 x shard_size (a guided shard's rows)",
     )
     worker_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)

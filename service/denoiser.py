@@ -47,8 +47,7 @@ from service.settings import Settings
 from undiffuse.images import png_bytes
 
 log = logging.getLogger("ray.serve")
-DEFAULT_CONFIG = {"max_batch_images": None}  # None: CPU_MAX_BATCH on a CPU, what memory fits on a GPU
-CPU_MAX_BATCH = 64  # docs/benchmarks.md: larger CPU batches add latency, not throughput
+DEFAULT_CONFIG = {"max_batch_images": None}  # None: a guided shard's rows on a CPU, what memory fits on a GPU
 GPU_MAX_BATCH = 4096  # the ceiling of a GPU's default, before free memory caps it
 REPORT_INTERVAL_SECONDS = 1.0  # how often a replica reports its capacity (service.jobs.capacity)
 RATE_WINDOW_SECONDS = 30.0  # throughput: row-steps per second over the steps of the last 30 s
@@ -112,7 +111,7 @@ class Denoiser:
                 None if settings.precision == "auto" else settings.precision
             )
             config = EngineConfig(
-                max_batch=CPU_MAX_BATCH,
+                max_batch=self._default_max_batch(),
                 precision=precision,
                 compile=compile_,
                 compile_mode=settings.compile_mode,
@@ -144,18 +143,25 @@ class Denoiser:
     # --- Serve hooks -------------------------------------------------------------------------------
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """max_batch_images: rows per network call, capped by free GPU memory; None (the
-        default): CPU_MAX_BATCH on a CPU, on a GPU what its free memory fits (up to
-        GPU_MAX_BATCH). Applied on the engine thread, which then warms up every batch bucket
-        within warmup_seconds."""
+        default): see _default_max_batch. Applied on the engine thread, which then warms up
+        every batch bucket within warmup_seconds."""
         cfg = {**DEFAULT_CONFIG, **(user_config or {})}
         setting = cfg["max_batch_images"]
         if setting is None:
-            setting = GPU_MAX_BATCH if self.device.type == "cuda" else CPU_MAX_BATCH
+            setting = self._default_max_batch()
         done, failure = threading.Event(), []
         self._command("reconfigure", int(setting), done, failure)
         done.wait()
         if failure:  # Serve keeps the replica out of service rather than running it misconfigured
             raise RuntimeError(f"reconfigure failed: {failure[0]!r}") from failure[0]
+
+    def _default_max_batch(self) -> int:
+        """On a GPU, GPU_MAX_BATCH, which free memory then caps: a step costs about the same
+        from one row to thousands. On a CPU a step's cost grows with its rows (5-6 ms per row
+        of the demo model from 8 rows up, docs/benchmarks.md), so a bigger batch buys no
+        throughput and only makes a newly arrived shard wait longer for the step in progress:
+        the smallest batch that holds a guided shard (2 x shard_size)."""
+        return GPU_MAX_BATCH if self.device.type == "cuda" else 2 * self.settings.shard_size
 
     def check_health(self) -> None:
         if not self._thread.is_alive():

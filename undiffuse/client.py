@@ -173,6 +173,7 @@ class Job:
     results: list[ImageResult] = field(default_factory=list)
     results_next_offset: int | None = None
     manifest_url: str | None = None
+    queue: dict[str, Any] | None = None  # while queued: ahead_row_steps, estimated_start_seconds / _at
 
     @property
     def done(self) -> bool:
@@ -194,6 +195,7 @@ class Job:
             ],
             results_next_offset=body.get("results_next_offset"),
             manifest_url=body.get("manifest_url"),
+            queue=body.get("queue"),
         )
 
 
