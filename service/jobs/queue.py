@@ -14,9 +14,13 @@ with work waiting gets its share of the Denoiser whatever another owner has queu
   round (as FQ-CoDel's new flows do): a newcomer is admitted by the next call;
 - the rows admitted follow the capacity the caller passes: `window` rows in flight across the
   deployment (about twice the Denoiser replicas' batches, service.jobs.capacity), and each
-  owner at most its share of it (window / owners with work waiting) while others wait, except that an
-  owner holding nothing may take one shard past a full window (up to `hard` rows). Rows in
-  flight, not shard counts, are what the engine runs, so that is what the window counts.
+  owner at most its share of it (window / owners with work waiting) while others wait. Rows in
+  flight, not shard counts, are what the engine runs, so that is what the window counts;
+- every job starts at once: an owner's first shard in flight may go past a full window up to
+  `hard` rows, and a job's first shard up to halfway from the window to `hard` (and twice the
+  owner's share), leaving the rest for owners holding nothing; so a small job is not held
+  behind a big one, its owner's or another's: in the engine, its rows join the next step and
+  the engine's least-remaining-work rule runs them first.
 
 Delivery is at-least-once, as a lease: an admitted shard is a Message whose id is a lease
 token ("shard id:delivery:consumer"). The Worker heart-beats it (the lease's deadline moves a visibility timeout ahead) and
@@ -70,7 +74,7 @@ _PRELUDE = "".join(f"local {name} = {json.dumps(key)}\n" for name, key in _KEYS.
     + """
 local function stats_key(owner) return OWNER_PREFIX .. owner end
 local function list_key(owner) return OWNER_PREFIX .. owner .. ':shards' end
-local function meta(id)  -- {owner, cost, rows} of a shard
+local function meta(id)  -- {owner, cost, rows, 1 if its job's first shard} of a shard
   local raw = redis.call('HGET', META, id)
   if not raw then return nil end
   return cjson.decode(raw)
@@ -129,8 +133,8 @@ end
 """
 )
 
-# KEYS[1] the job's record (its queue_mark is set); ARGV owner, then (cost, rows, task JSON)
-# per shard. Returns the owner's cost enqueued before these shards (-1: the job was queued
+# KEYS[1] the job's record (its queue_mark is set); ARGV owner, then (cost, rows, 1 for the
+# job's first shard else 0, task JSON) per shard. Returns the owner's cost enqueued before these shards (-1: the job was queued
 # already, or has no shards).
 _ENQUEUE = (
     _PRELUDE
@@ -138,16 +142,16 @@ _ENQUEUE = (
 local owner = ARGV[1]
 local sk, lk = stats_key(owner), list_key(owner)
 -- a transaction resent after a lost reply runs again: the job's shards are queued once
-if #ARGV < 4 or redis.call('HEXISTS', KEYS[1], 'queue_mark') == 1 then return -1 end
+if #ARGV < 5 or redis.call('HEXISTS', KEYS[1], 'queue_mark') == 1 then return -1 end
 local mark = num(redis.call('HGET', sk, 'enqueued'))
 redis.call('HSET', KEYS[1], 'queue_mark', mark)
 local fresh = redis.call('LLEN', lk) == 0
 local idle = num(redis.call('HGET', sk, 'held')) == 0
 local n, cost = 0, 0
-for i = 2, #ARGV, 3 do
+for i = 2, #ARGV, 4 do
   local id = tostring(redis.call('INCR', SEQ))
-  redis.call('HSET', MSG, id, ARGV[i + 2])
-  redis.call('HSET', META, id, cjson.encode({owner, tonumber(ARGV[i]), tonumber(ARGV[i + 1])}))
+  redis.call('HSET', MSG, id, ARGV[i + 3])
+  redis.call('HSET', META, id, cjson.encode({owner, tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])}))
   redis.call('RPUSH', lk, id)
   n, cost = n + 1, cost + tonumber(ARGV[i])
 end
@@ -197,8 +201,12 @@ for _ = 1, visits do
     local cost, rows = m[2], m[3]
     if cost > deficit then break end
     if admitted >= max_count then blocked = 'count' break end
-    local fits = held + rows <= math.max(share, rows)
-      and (total + rows <= window or (held == 0 and total + rows <= hard))
+    -- within the window and the owner's share; or past a full window: an owner's first shard in
+    -- flight (up to hard), or a job's first shard (up to twice the owner's share, and halfway
+    -- from the window to hard, so that the rest stays for owners holding nothing)
+    local fits = (held + rows <= math.max(share, rows) and total + rows <= window)
+      or (held == 0 and total + rows <= hard)
+      or (m[4] == 1 and held + rows <= 2 * share and total + rows <= (window + hard) / 2)
     if not fits then blocked = 'capacity' break end
     redis.call('LPOP', lk)
     out[#out + 1] = lease(id, deadline, ARGV[7])
@@ -415,7 +423,7 @@ class ShardQueue:
         they stand (for `position`)."""
         args: list = [owner]
         for task in tasks:
-            args.extend([*shard_cost(task), task.model_dump_json()])
+            args.extend([*shard_cost(task), int(task.shard == 0), task.model_dump_json()])
         await self._enqueue(keys=[job_key], args=args, client=pipe)
 
     async def read(

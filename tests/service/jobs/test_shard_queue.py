@@ -254,3 +254,19 @@ def test_a_lapsed_start_estimate_is_renewed(store, run):
     assert abs(start - (now + 1.0)) < 1e-3
     _, later = run(q.position(keys.job("a2"), "a", now + 5, throughput=400.0))  # it did not start
     assert abs(later - (now + 6.0)) < 1e-3
+
+
+def test_every_jobs_first_shard_goes_past_a_full_window_up_to_the_ceiling(store, run):
+    """The same owner's later jobs are not held behind its big one once that one is admitted:
+    each job's first shard goes past a full window, up to the ceiling (twice the window and the
+    owner's share); a job's other shards, and everything behind them, wait their turn."""
+    q = store.queue
+    enqueue(q, run, tasks(4, owner="a", job="big"))
+    assert len(read(q, run, window=16)) == 4  # 16 rows: the window is full
+    enqueue(q, run, tasks(1, owner="a", job="small", count=1))
+    for k in range(3):
+        enqueue(q, run, tasks(1, owner="a", job=f"more{k}", count=4))
+    got = read(q, run, window=16)
+    assert [m.task.job_id for m in got] == ["small", "more0"]  # 21 rows; 25 > 24, halfway to the ceiling
+    enqueue(q, run, tasks(2, owner="b", job="b"))  # another owner holding nothing may go up to 32
+    assert [(m.task.job_id, m.task.shard) for m in read(q, run, window=16)] == [("b", 0)]
