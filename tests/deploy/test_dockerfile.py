@@ -86,7 +86,7 @@ def test_torch_is_installed_before_anything_that_changes_often_is_copied():
     first_copy = _index(builder, r"^COPY ")
     assert torch_at < first_copy, "a COPY before the torch layer re-downloads torch whenever that file changes"
     deps_at = _index(builder, r"-c requirements\.lock")
-    for copied in ("README.md", "undiffuse", "service"):
+    for copied in ("README.md", "undiffuse", "service", "worker"):
         assert _index(builder, rf"^COPY {copied} ") > deps_at, copied
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"tests", "bench", "docs", ".git", ".venv", "runs"} <= set(ignored)
@@ -147,8 +147,8 @@ def test_every_module_the_service_imports_is_installed_in_the_image():
     declared = _declared_for_the_image()
     dists = packages_distributions()
     missing = {}
-    for path in (ROOT / "service").rglob("*.py"):
-        if "dev" in path.relative_to(ROOT / "service").parts[:1]:
+    for path in [*(ROOT / "service").rglob("*.py"), *(ROOT / "worker").rglob("*.py")]:
+        if path.relative_to(ROOT).parts[:2] == ("service", "dev"):
             continue  # development only: the local servers, never in the image
         for node in ast.walk(ast.parse(path.read_text())):
             names = (
@@ -158,7 +158,7 @@ def test_every_module_the_service_imports_is_installed_in_the_image():
                 if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
                 else []
             )
-            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"service", "undiffuse"}:
+            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"service", "undiffuse", "worker"}:
                 providers = {canonicalize_name(d) for d in dists.get(top, [top])}
                 if not providers & declared:
                     missing.setdefault(top, set()).add(str(path.relative_to(ROOT)))
