@@ -116,7 +116,6 @@ class Denoiser:
                 compile=compile_,
                 compile_mode=settings.compile_mode,
                 latency_slack=settings.latency_slack,
-                max_step_seconds=settings.max_step_seconds or None,
             )
             self.engines[name] = DenoisingEngine(load_model(spec.path, self.device), config)
         self.store = JobStore.from_settings(settings)

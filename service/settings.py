@@ -63,13 +63,6 @@ class Settings(BaseSettings):
     )
     warmup_seconds: float = Field(120.0, ge=0, description="time budget to warm up (and compile) every batch bucket")
     latency_slack: float = Field(1.25, ge=1.0, description="engine scheduler: how much a short job may be slowed")
-    max_step_seconds: float = Field(
-        0.15,
-        ge=0,
-        description="engine scheduler: requests join a step only while its measured time stays within this (a newly "
-        "arrived shard waits for the step in progress; it binds where a step's cost grows with its rows, a CPU); 0: "
-        "no bound",
-    )
     progress_interval_seconds: float = Field(
         0.25, gt=0, description="how often the Denoiser exchanges progress and cancellations with Redis"
     )

@@ -93,10 +93,6 @@ class EngineConfig:
     latency_slack: a request may join a step only if the step stays within this factor of the
     shortest request's own step time (from the warm-up table), unless its remaining work is
     within merge_ratio of that request's. None disables the check (always merge).
-    max_step_seconds: a request may join a step only if the step's measured time (the warm-up
-    table) stays within this, whatever runs: a request that arrives waits for the step in
-    progress, so this bounds that wait where a step's cost grows with its rows (a CPU). The
-    head request always runs. None: no bound.
     """
 
     max_batch: int = 256
@@ -107,7 +103,6 @@ class EngineConfig:
     buckets: tuple[int, ...] | None = None
     latency_slack: float | None = 1.25
     merge_ratio: float = 2.0
-    max_step_seconds: float | None = None
     keep_samples: bool = False  # also hand back the float samples (Finished.samples): tests, benchmarks
 
     def __post_init__(self) -> None:
@@ -117,8 +112,6 @@ class EngineConfig:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {self.precision!r}")
         if self.latency_slack is not None and self.latency_slack < 1:
             raise ValueError(f"latency_slack must be >= 1, got {self.latency_slack}")
-        if self.max_step_seconds is not None and self.max_step_seconds <= 0:
-            raise ValueError(f"max_step_seconds must be > 0, got {self.max_step_seconds}")
 
 
 class Finished:
@@ -413,11 +406,10 @@ class DenoisingEngine:
         it arrived: a long request passed over by a stream of short ones moves up one place per
         step and, once at the front, stays there, so every wait is bounded. The rest are offered in round-robin turns across
         owners, starting after the head's owner, each owner's requests shortest first. One
-        joins if its rows fit in max_batch, the step would take at most latency_slack times
+        joins if its rows fit in max_batch and the step would take at most latency_slack times
         as long as the short ones alone (those within merge_ratio of the shortest remaining
-        work) and at most max_step_seconds: merging is free where the measured step time is
-        flat (a GPU below saturation) and refused where it would slow the shortest request down
-        or keep a newly arrived one waiting long (a CPU).
+        work): merging is free where the measured step time is flat (a GPU below saturation)
+        and refused where it would slow the shortest request down (a CPU).
         """
         cfg = self.config
         head, offered, self._owners = self._offer_order()
@@ -428,11 +420,8 @@ class DenoisingEngine:
         ratio = cfg.merge_ratio
         shortest = head.remaining
         short_rows = head.rows if head.remaining <= ratio * shortest else 0
-        bounded = cfg.max_step_seconds is not None and bool(self.step_time)
         for slot in offered:
             if rows + slot.rows > cfg.max_batch:
-                continue
-            if bounded and self._cost(rows + slot.rows) > cfg.max_step_seconds:
                 continue
             if check:
                 low = min(shortest, slot.remaining)
