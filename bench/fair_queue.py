@@ -121,7 +121,7 @@ async def sustained(url: str, clients: int = 8, seconds: float = 5.0) -> tuple[f
     qs = [ShardQueue(async_redis(url, 5.0)) for _ in range(clients)]
     await qs[0].r.flushdb()
     for o in range(100):
-        await enqueue_job(qs[0], f"o{o}", f"j{o}", 100 * SHARD, 10)
+        await enqueue_job(qs[0], f"o{o}", f"j{o}", 600 * SHARD, 10)  # more than 8 clients settle in the time
     await qs[0].r.config_resetstat()
     done = 0
     stop = time.perf_counter() + seconds
