@@ -16,11 +16,11 @@ with work waiting gets its share of the Denoiser whatever another owner has queu
   deployment (about twice the Denoiser replicas' batches, service.jobs.capacity), and each
   owner at most its share of it (window / owners with work waiting) while others wait. Rows in
   flight, not shard counts, are what the engine runs, so that is what the window counts;
-- every job starts at once: an owner's first shard in flight may go past a full window up to
-  `hard` rows, and a job's first shard up to halfway from the window to `hard` (and twice the
-  owner's share), leaving the rest for owners holding nothing; so a small job is not held
-  behind a big one, its owner's or another's: in the engine, its rows join the next step and
-  the engine's least-remaining-work rule runs them first.
+- every job starts at once: an owner's first shard in flight always goes in, past a full
+  window (one per owner, so bounded by the owners), and a job's first shard may go past it up
+  to halfway from the window to `hard` (and twice the owner's share); so a small job is not
+  held behind a big one, its owner's or another's: in the engine, its rows join the next step
+  and the engine's least-remaining-work rule runs them first.
 
 Delivery is at-least-once, as a lease: an admitted shard is a Message whose id is a lease
 token ("shard id:delivery:consumer"). The Worker heart-beats it (the lease's deadline moves a visibility timeout ahead) and
@@ -185,7 +185,7 @@ local share = window / math.max(1, redis.call('LLEN', ACTIVE))
 local out, admitted = {}, 0
 local visits = math.min(max_visits, redis.call('LLEN', ACTIVE))
 for _ = 1, visits do
-  if admitted >= max_count or total >= hard then break end
+  if admitted >= max_count then break end
   local owner = redis.call('LPOP', ACTIVE)
   if not owner then break end
   local sk, lk = stats_key(owner), list_key(owner)
@@ -202,10 +202,11 @@ for _ = 1, visits do
     if cost > deficit then break end
     if admitted >= max_count then blocked = 'count' break end
     -- within the window and the owner's share; or past a full window: an owner's first shard in
-    -- flight (up to hard), or a job's first shard (up to twice the owner's share, and halfway
-    -- from the window to hard, so that the rest stays for owners holding nothing)
+    -- flight, always (one per owner: a newcomer is never held behind others, even when the
+    -- window has shrunk under what is in flight), or a job's first shard (up to twice the
+    -- owner's share and halfway from the window to hard)
     local fits = (held + rows <= math.max(share, rows) and total + rows <= window)
-      or (held == 0 and total + rows <= hard)
+      or held == 0
       or (m[4] == 1 and held + rows <= 2 * share and total + rows <= (window + hard) / 2)
     if not fits then blocked = 'capacity' break end
     redis.call('LPOP', lk)
@@ -436,8 +437,9 @@ class ShardQueue:
         visits: int = MAX_VISITS,
     ) -> list[Message]:
         """Admit up to count shards in fair order while the rows in flight stay within window
-        (hard: the ceiling an owner holding nothing may go up to, default 2 x window); each is
-        leased to consumer until deadline_ms (epoch ms)."""
+        (hard, default 2 x window: a job's first shard may go halfway from window to hard, an
+        owner's first shard in flight always goes in); each is leased to consumer until
+        deadline_ms (epoch ms)."""
         hard = 2 * window if hard is None else hard
         nonce = uuid.uuid4().hex
         reply = await self._admit(args=[deadline_ms, window, hard, count, self.quantum, visits, consumer, nonce])

@@ -158,7 +158,9 @@ def test_every_module_the_service_imports_is_installed_in_the_image():
                 if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
                 else []
             )
-            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"service", "undiffuse", "worker"}:
+            for top in (
+                {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"service", "undiffuse", "worker"}
+            ):
                 providers = {canonicalize_name(d) for d in dists.get(top, [top])}
                 if not providers & declared:
                     missing.setdefault(top, set()).add(str(path.relative_to(ROOT)))

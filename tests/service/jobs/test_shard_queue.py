@@ -268,5 +268,16 @@ def test_every_jobs_first_shard_goes_past_a_full_window_up_to_the_ceiling(store,
         enqueue(q, run, tasks(1, owner="a", job=f"more{k}", count=4))
     got = read(q, run, window=16)
     assert [m.task.job_id for m in got] == ["small", "more0"]  # 21 rows; 25 > 24, halfway to the ceiling
-    enqueue(q, run, tasks(2, owner="b", job="b"))  # another owner holding nothing may go up to 32
+    enqueue(q, run, tasks(2, owner="b", job="b"))  # another owner holding nothing goes in, one shard
     assert [(m.task.job_id, m.task.shard) for m in read(q, run, window=16)] == [("b", 0)]
+
+
+def test_a_newcomer_goes_in_even_when_the_window_shrank_under_what_is_in_flight(store, run):
+    """The window follows the Denoisers' reports and can shrink (a replica lost, a smaller batch)
+    below the rows already in flight: an owner holding nothing still gets one shard in."""
+    q = store.queue
+    enqueue(q, run, tasks(10, owner="big", job="big"))
+    assert len(read(q, run, window=40)) == 10  # 40 rows in flight
+    enqueue(q, run, tasks(2, owner="small", job="s", count=1))
+    got = read(q, run, window=8)  # now the window is 8 rows, the ceiling 16
+    assert [(m.task.owner, m.task.shard) for m in got] == [("small", 0)]
