@@ -67,8 +67,12 @@ RUN groupadd --system --gid 10001 undiffuse \
  && useradd --system --uid 10001 --gid undiffuse --create-home --home-dir /home/undiffuse undiffuse
 COPY --from=builder /opt/venv /opt/venv
 COPY --chown=undiffuse:undiffuse models /app/models
+# production unless told otherwise: a container started without configuration refuses to run
+# without hashed API keys and real secrets (fail closed); a development stack says
+# UNDIFFUSE_ENVIRONMENT=development itself
 ENV PATH=/opt/venv/bin:$PATH \
-    UNDIFFUSE_MODEL_DIR=/app/models
+    UNDIFFUSE_MODEL_DIR=/app/models \
+    UNDIFFUSE_ENVIRONMENT=production
 WORKDIR /app
 USER 10001
 EXPOSE 8000 8080

@@ -111,6 +111,18 @@ def test_runtime_stage_is_lean_and_non_root():
     assert not any(re.search(r"apt-get install[^\n]*(gcc|build-essential|g\+\+)", i) for i in runtime)
 
 
+def test_the_image_defaults_to_production():
+    """Fail closed: a container started without UNDIFFUSE_ENVIRONMENT refuses to run without
+    hashed API keys and real secrets; development is something a stack asks for by name."""
+    runtime = _stage("runtime")
+    envs = " ".join(i for i in runtime if i.startswith("ENV "))
+    assert re.search(r"\bUNDIFFUSE_ENVIRONMENT=production\b", envs), envs
+    # nothing sets it otherwise (a build argument, another stage's ENV copied into this one)
+    assert [i for i in INSTRUCTIONS if "UNDIFFUSE_ENVIRONMENT" in i] == [
+        i for i in runtime if i.startswith("ENV ") and "UNDIFFUSE_ENVIRONMENT" in i
+    ]
+
+
 def _declared_for_the_image() -> set[str]:
     """Distributions the image installs on purpose: pyproject's dependencies and its service and
     diffusers extras (the Dockerfile reads exactly these), and what those require in turn."""
