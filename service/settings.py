@@ -20,7 +20,12 @@ PLACEHOLDER_SECRETS = {"", "changeme", "localsecret", "REPLACE_ME"}
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="UNDIFFUSE_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="UNDIFFUSE_",
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,  # inputs may be secrets
+    )
 
     environment: Literal["development", "production"] = "development"
 
@@ -81,7 +86,10 @@ class Settings(BaseSettings):
     max_event_streams_per_key: int = Field(
         16,
         ge=1,
-        description="open event streams (GET /v1/jobs/{id}/events) per owner on one Ingress replica; more get 429",
+        description="open event streams and archive downloads per owner, across every Ingress replica; more get 429",
+    )
+    stream_send_timeout_seconds: float = Field(
+        20.0, gt=0, le=25, description="an event stream or download whose client takes longer to accept a write ends"
     )
     event_stream_max_seconds: float = Field(
         900.0, gt=0, description="an event stream is ended after this long; clients resume it with Last-Event-ID"
@@ -121,7 +129,7 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = Field(
         False,
         description="allow webhook URLs that resolve to loopback, private, link-local or otherwise non-public "
-        "addresses (SSRF guard off; for development and tests)",
+        "addresses, on any port (SSRF guard off; for development and tests: production refuses it)",
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0, le=60, description="one delivery attempt, connect to response")
     webhook_resolve_timeout_seconds: float = Field(2.0, gt=0, le=30, description="DNS lookup of a webhook URL's host")
@@ -131,6 +139,22 @@ class Settings(BaseSettings):
         description="first retry delay; later ones follow the schedule in service.jobs.webhooks (~3 h in all)",
     )
     webhook_concurrency: int = Field(16, ge=1, description="deliveries in flight per Worker replica")
+    webhook_concurrency_per_owner: int = Field(
+        4,
+        ge=1,
+        description="deliveries in flight per owner on one Worker replica: an owner whose receivers are slow "
+        "or never answer holds at most these, and other owners' deliveries go on in the rest",
+    )
+    webhook_resolve_concurrency_per_owner: int = Field(
+        2,
+        ge=1,
+        description="DNS lookups of webhook hosts in flight per owner in one process; a lookup counts until "
+        "the resolver answers, even past its timeout, so a name that never resolves holds back its owner only",
+    )
+    webhook_allowed_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=list,
+        description="ports webhook URLs may name besides 80 and 443, as JSON: [8443, 9000]",
+    )
 
     # --- auth ---
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -188,6 +212,10 @@ class Settings(BaseSettings):
                         f"UNDIFFUSE_{name.upper()} is a placeholder or shorter than 16 characters; set a random key "
                         "(python -c 'import secrets; print(secrets.token_urlsafe(32))'), or unset it to refuse webhooks"
                     )
+            if self.webhook_allow_private:  # any owner could make the Workers reach inside the network
+                raise ValueError(
+                    "UNDIFFUSE_WEBHOOK_ALLOW_PRIVATE turns the webhooks' SSRF guard off; production refuses it"
+                )
             if not self.api_keys or any(k in PLACEHOLDER_SECRETS for k in self.api_keys):
                 raise ValueError("UNDIFFUSE_API_KEYS is empty or a placeholder; production requires API keys")
             if not all(api_keys.is_hashed(k) for k in self.api_keys):

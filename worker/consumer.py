@@ -41,6 +41,13 @@ from undiffuse.images import png_bytes
 
 log = logging.getLogger("ray.serve")
 IDLE_TICK_SECONDS = 0.25  # with nothing admitted, look again after this long at most
+PUBLIC_REASONS = {
+    "timeout": "sampling took longer than the shard time limit",
+    "sampler": "the model could not sample it",
+    "storage": "its images could not be stored",
+    "replica_lost": "the replica sampling it stopped each time",
+}
+"""What a failed job's error tells its owner, by the kind of the shard's last failure."""
 
 
 def job_id_of(fields: dict) -> str | None:
@@ -404,9 +411,10 @@ class Consumer:
         an attempt, unless it has been interrupted max_interruptions times already, after which
         each interruption counts as an attempt (a shard that kills its replicas must end)."""
         if task.interruptions >= self.settings.max_interruptions:
-            await self.queue.requeue(message_id, task.model_copy(update={"last_error": f"{reason} (again)"}))
+            update = {"last_error": f"{reason} (again)", "last_error_kind": "replica_lost"}
+            await self.queue.requeue(message_id, task.model_copy(update=update))
             return
-        update = {"interruptions": task.interruptions + 1, "last_error": reason}
+        update = {"interruptions": task.interruptions + 1, "last_error": reason, "last_error_kind": "replica_lost"}
         await self.queue.put_back(message_id, task.model_copy(update=update))
 
     async def _retry(self, message_id: str, task: ShardTask, reason: str, kind: str) -> None:
@@ -416,7 +424,7 @@ class Consumer:
         )  # fmt: skip
         metrics.shard_retries_total().inc(tags={"reason": kind})
         await asyncio.sleep(min(0.5 * task.attempt, 5.0))
-        await self.queue.requeue(message_id, task.model_copy(update={"last_error": reason}))
+        await self.queue.requeue(message_id, task.model_copy(update={"last_error": reason, "last_error_kind": kind}))
 
     async def _fail(self, message_id: str, task: ShardTask, record: JobRecord) -> None:
         """The job first, then the message: if Redis fails in between, the message stays pending,
@@ -424,5 +432,8 @@ class Consumer:
         be left running with its shard already dead-lettered."""
         message = f"shard {task.shard} failed {task.attempt - 1} times; last error: {task.last_error}"
         log.warning("job %s failed: %s", task.job_id, message, extra=shard_fields(task, status="failed", error=message))
-        await self.lifecycle.fail(record, JobError(code="shard_failed", message=message))
+        # tenants get what went wrong in words; exception text (Ray, CUDA, addresses) stays in logs
+        public = PUBLIC_REASONS.get(task.last_error_kind or "", "an internal error")
+        shown = f"shard {task.shard} failed {task.attempt - 1} times: {public}; the service log has the details"
+        await self.lifecycle.fail(record, JobError(code="shard_failed", message=shown))
         await self.queue.dead_letter(message_id, {"task": task.model_dump_json()}, message)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Annotated, Any
+import logging
+from dataclasses import dataclass
+from typing import Annotated, Any, NoReturn
 
-from fastapi import Depends, HTTPException, status
+from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service import keys
 from service.api.quotas import SubmissionQuota
 from service.jobs.lifecycle import JobLifecycle
+from service.jobs.slots import OwnerSlots
 from service.jobs.store import JobStore
+from service.keyring import KeyRing
 from service.models import ModelRegistry
 from service.settings import Settings
 from service.storage import ObjectStore
@@ -28,8 +30,9 @@ class Context:
     objects: ObjectStore
     registry: ModelRegistry
     denoiser: Any  # a DeploymentHandle to the Denoiser (None when run without Serve)
+    keyring: KeyRing | None = None  # keys added and revoked at run time; get_owner refuses every key without it
     quota: Any = None  # service.api.quotas.SubmissionQuota (None: no rate limit)
-    open_streams: Counter = field(default_factory=Counter)  # owner -> event streams open on this replica
+    slots: Any = None  # service.jobs.slots.OwnerSlots: event streams and archive downloads per owner
 
 
 def build_context(settings: Settings, denoiser: Any, listeners: list | None = None) -> Context:
@@ -44,6 +47,8 @@ def build_context(settings: Settings, denoiser: Any, listeners: list | None = No
         registry=ModelRegistry(settings.model_dir, settings.default_model),
         denoiser=denoiser,
         quota=SubmissionQuota(settings),
+        keyring=KeyRing(store.r),
+        slots=OwnerSlots(store.r, settings.max_event_streams_per_key),
     )
 
 
@@ -64,6 +69,7 @@ def get_context() -> Context:
 
 
 Ctx = Annotated[Context, Depends(get_context)]
+log = logging.getLogger("ray.serve")
 ANONYMOUS = "anonymous"
 
 
@@ -71,21 +77,51 @@ BEARER = HTTPBearer(auto_error=False, description="an API key: Authorization: Be
 UNAUTHORIZED = {401: {"description": "missing or invalid API key"}}
 
 
-def get_owner(ctx: Ctx, bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> str:
-    """With API keys configured, require `Authorization: Bearer <key>`; the owner is the id its
-    configuration entry gives it (service.keys), so a key sees only its owner's jobs. Without
-    keys everyone is the same owner."""
-    owners = ctx.settings.key_owners
-    if not owners:
+async def get_owner(
+    request: Request, ctx: Ctx, bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+) -> str:
+    """With API keys anywhere, require `Authorization: Bearer <key>` of a key that is configured
+    (UNDIFFUSE_API_KEYS, service.keys) or in the key ring (service.keyring) and not revoked there;
+    the owner is the id its entry gives it, so a key sees only its owner's jobs.
+
+    Without any key, neither configured nor ever added to the ring, everyone is the same owner
+    (development). A ring that holds only revoked keys still requires a key: revoking the last
+    key must shut everyone out, not open the service. The ring is read through the replica's
+    copy (at most a second old); a Redis error propagates (503), never as "no keys"."""
+    if ctx.keyring is None:
+        raise RuntimeError("the ingress context has no key ring")
+    ring = await ctx.keyring.snapshot()
+    configured = ctx.settings.key_owners
+    if not configured and ring.empty:
         return ANONYMOUS
-    challenge = {"WWW-Authenticate": "Bearer"}
     if bearer is None:  # HTTPBearer compares the scheme case-insensitively (RFC 9110)
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing Authorization: Bearer <api key>", challenge)
-    # a lookup by the key's SHA-256: what a timing difference could reveal is a prefix of a hash
-    owner = owners.get(keys.digest(bearer.credentials.strip()))
+        _refuse(request, "missing", None, "missing Authorization: Bearer <api key>")
+    # lookups by the key's SHA-256: what a timing difference could reveal is a prefix of a hash
+    key_digest = keys.digest(bearer.credentials.strip())
+    if key_digest in ring.revoked:
+        _refuse(request, "revoked", key_digest, "API key revoked")
+    owner = configured.get(key_digest) or ring.owners.get(key_digest)
     if owner is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key", challenge)
+        _refuse(request, "invalid", key_digest, "invalid API key")
     return owner
+
+
+def _refuse(request: Request, reason: str, key_digest: str | None, detail: str) -> NoReturn:
+    """Count and log a refused key, naming it by 8 hex digits of its digest (enough to tell
+    keys apart in a log, useless to present), never by the key."""
+    from service import metrics  # Ray's metrics API, loaded at the first refusal: the HTTP layer imports no Ray
+
+    metrics.auth_failures_total().inc(tags={"reason": reason})
+    client = request.client.host if request.client else "-"
+    log.warning(
+        "API key refused (%s): digest %s, %s %s from %s",
+        reason,
+        key_digest[:8] if key_digest else "-",
+        request.method,
+        request.url.path,
+        client,
+    )
+    raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail, {"WWW-Authenticate": "Bearer"})
 
 
 Owner = Annotated[str, Depends(get_owner)]

@@ -12,11 +12,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import iterate_in_threadpool
+from starlette.types import Message, Send
 
 from service import archive
 from service.api.deps import UNAUTHORIZED, Context, Ctx, Owner
@@ -24,8 +27,9 @@ from service.api.quotas import too_many
 from service.api.schemas import ImageResult, JobCreate, JobList, JobSummary, JobView, Progress, QueuePosition
 from service.api.webhooks import webhook_target
 from service.jobs import capacity, keys
-from service.jobs.events import EVENT_ID, MAX_PREVIEWS, EventKind, JobEvent, default_preview_every
+from service.jobs.events import MAX_PREVIEWS, EventKind, JobEvent, default_preview_every, is_event_id
 from service.jobs.schemas import JobParams, JobStatus
+from service.jobs.slots import Lease
 from service.jobs.store import (
     Cursor,
     IdempotencyConflict,
@@ -292,7 +296,7 @@ async def queue_position(ctx: Context, record: JobRecord) -> QueuePosition:
         **ERRORS,
         200: {"description": "the job's server-sent events (README)", "content": {"text/event-stream": {}}},
         400: {"description": "Last-Event-ID is not an event id this API issued"},
-        429: {"description": "this key has max_event_streams_per_key streams open; retry after Retry-After"},
+        429: {"description": "this key has max_event_streams_per_key streams and downloads open; retry later"},
     },
 )
 async def job_events(
@@ -309,33 +313,34 @@ async def job_events(
         record = await ctx.store.get_owned(_known_format(job_id), owner)
     except JobNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, NOT_FOUND) from None
-    if last_event_id is not None and not EVENT_ID.fullmatch(last_event_id):
+    if last_event_id is not None and not is_event_id(last_event_id):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "Last-Event-ID is not an event id of this stream")
-    limit = ctx.settings.max_event_streams_per_key
-    if ctx.open_streams[owner] >= limit:  # each stream holds one of the replica's request slots
-        raise too_many(f"at most {limit} open event streams per API key; close one or poll GET /v1/jobs/{{id}}", 5)
+    lease = await _reserve(ctx, owner)
     return EventSourceResponse(
-        _counted(ctx, owner, _event_stream(ctx, record, last_event_id or "0")),
+        _event_stream(ctx, record, last_event_id or "0", lease),
         ping=KEEPALIVE_S,
+        send_timeout=ctx.settings.stream_send_timeout_seconds,
         headers={"Cache-Control": "no-store"},
     )
 
 
-async def _counted(ctx: Context, owner: str, events: AsyncIterator[ServerSentEvent]) -> AsyncIterator[ServerSentEvent]:
-    """events, counted among the owner's open streams on this replica while they flow."""
-    ctx.open_streams[owner] += 1
-    try:
-        async for event in events:
-            yield event
-    finally:
-        ctx.open_streams[owner] -= 1
-        if ctx.open_streams[owner] <= 0:
-            del ctx.open_streams[owner]
+async def _reserve(ctx: Context, owner: str) -> Lease:
+    """One of the owner's slots for a long response, taken before the response starts (each
+    one holds a request slot of an Ingress replica while it flows), or 429."""
+    lease = await ctx.slots.acquire(owner)
+    if lease is None:
+        limit = ctx.settings.max_event_streams_per_key
+        raise too_many(
+            f"at most {limit} open event streams and archive downloads per API key; close one, or poll "
+            "GET /v1/jobs/{id}",
+            5,
+        )
+    return lease
 
 
-async def _event_stream(ctx: Context, record: JobRecord, after: str) -> AsyncIterator[ServerSentEvent]:
+async def _event_stream(ctx: Context, record: JobRecord, after: str, lease: Lease) -> AsyncIterator[ServerSentEvent]:
     """The job's stored events after `after`, then live ones, until its terminal event, or for
-    at most event_stream_max_seconds. Reads block for half the Redis socket timeout at a time (a
+    at most event_stream_max_seconds, holding the owner's slot `lease` (released at the end). Reads block for half the Redis socket timeout at a time (a
     longer block would be a read timeout); sse-starlette writes the keep-alive comments
     meanwhile. A Redis error or the time limit ends the stream: the client resumes with
     Last-Event-ID."""
@@ -343,7 +348,7 @@ async def _event_stream(ctx: Context, record: JobRecord, after: str) -> AsyncIte
     recheck = 0.0  # at once when the stream is first idle
     ends = time.monotonic() + ctx.settings.event_stream_max_seconds
     try:
-        while time.monotonic() < ends:
+        while time.monotonic() < ends and await lease.keep():
             events = await ctx.store.read_events(record.id, after, block_ms=block_ms)
             if not events and time.monotonic() >= recheck:
                 recheck = time.monotonic() + RECHECK_S
@@ -359,6 +364,8 @@ async def _event_stream(ctx: Context, record: JobRecord, after: str) -> AsyncIte
                     return
     except RedisError as e:
         log.warning("job %s: event stream ended by a Redis error: %s", record.id, type(e).__name__)
+    finally:
+        await lease.release()
 
 
 async def _render(ctx: Context, record: JobRecord, event: JobEvent) -> ServerSentEvent:
@@ -381,6 +388,7 @@ async def _render(ctx: Context, record: JobRecord, event: JobEvent) -> ServerSen
         **ERRORS,
         200: {"description": "a ZIP of the job's images and manifest.json", "content": {"application/zip": {}}},
         409: {"description": "the job has not succeeded"},
+        429: {"description": "this key has max_event_streams_per_key streams and downloads open; retry later"},
         503: {"description": "object storage is unreachable; retry"},
     },
 )
@@ -398,11 +406,40 @@ async def job_archive(job_id: str, ctx: Ctx, owner: Owner) -> StreamingResponse:
     files = await ctx.store.files(record)
     manifest = await asyncio.to_thread(archive.load_manifest, ctx.objects, record, files)  # S3 away: 503
     stream = archive.zip_archive(ctx.objects, manifest)
-    return StreamingResponse(
-        stream,  # a sync iterator: Starlette runs each read in a thread
+    lease = await _reserve(ctx, owner)
+    return TimedStreamingResponse(
+        _leased(iterate_in_threadpool(iter(stream)), lease),  # each S3 read in a thread
+        send_timeout=ctx.settings.stream_send_timeout_seconds,
         media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="{record.id}.zip"', "Content-Length": str(len(stream))},
     )
+
+
+async def _leased(chunks: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[bytes]:
+    """chunks, while the lease holds; the slot is given back when they end or the client goes."""
+    try:
+        async for chunk in chunks:
+            if not await lease.keep():
+                return  # lapsed: the slot may be another response's now (the client sees a short body)
+            yield chunk
+    finally:
+        await lease.release()
+
+
+class TimedStreamingResponse(StreamingResponse):
+    """A StreamingResponse whose every send must finish within send_timeout seconds: a client
+    that stops reading gives its request slot back instead of holding it."""
+
+    def __init__(self, content: AsyncIterator[bytes], send_timeout: float, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.send_timeout = send_timeout
+
+    async def stream_response(self, send: Send) -> None:
+        async def timed(message: Message) -> None:
+            with anyio.fail_after(self.send_timeout):
+                await send(message)
+
+        await super().stream_response(timed)
 
 
 @router.delete(

@@ -12,6 +12,15 @@ from undiffuse.registry import DEFAULT_SAMPLER, SamplerName
 MAX_WEBHOOK_URL = 2048
 
 
+def is_valid_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate, which UTF-8 cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class JobCreate(BaseModel):
     """POST /v1/jobs body. Model-dependent checks (steps, class labels) happen in the route."""
 
@@ -48,6 +57,16 @@ class JobCreate(BaseModel):
         max_length=4,
         description="events to deliver (with webhook_url); default: succeeded, failed, canceled",
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, value):
+        """JSON may escape a lone surrogate ("\\ud800"); no UTF-8 can carry it to Redis or back
+        in an answer, so it is refused here, naming the field."""
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and not is_valid_unicode(item):
+                raise ValueError("is not valid Unicode text (it contains a lone surrogate)")
+        return value
 
     @field_validator("webhook_url")
     @classmethod

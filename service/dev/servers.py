@@ -117,12 +117,14 @@ class _Process:
 
 
 class RedisServer(_Process):
-    """A Redis-compatible server with AOF persistence in workdir."""
+    """A Redis-compatible server with AOF persistence in workdir, bounded as production's is:
+    at maxmemory a write is refused (the service answers 503), nothing is evicted."""
 
     name = "redis"
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, maxmemory: str = "512mb") -> None:
         super().__init__(workdir)
+        self.maxmemory = maxmemory
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
@@ -142,6 +144,10 @@ class RedisServer(_Process):
                 "",
                 "--protected-mode",
                 "yes",
+                "--maxmemory",
+                self.maxmemory,
+                "--maxmemory-policy",
+                "noeviction",
             ]
         )
         self._started(lambda: _wait_for_port(self.port, self.proc, "redis-server", 20, self.log_path))

@@ -45,7 +45,15 @@ class EventKind(str, Enum):
 
 MAX_EVENTS = 10_000
 PROGRESS_GAP_S = 0.25  # at most ~4 progress events a second per job
-EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")  # a Redis stream entry id
+EVENT_ID = re.compile(r"(?P<ms>[0-9]{1,20})-(?P<seq>[0-9]{1,20})")  # a Redis stream entry id
+
+
+def is_event_id(text: str) -> bool:
+    """Whether text is a stream entry id Redis accepts: two unsigned 64-bit numbers."""
+    match = EVENT_ID.fullmatch(text)
+    return bool(match) and int(match["ms"]) < 2**64 and int(match["seq"]) < 2**64
+
+
 STARTED_DATA = '{"status": "running"}'
 
 

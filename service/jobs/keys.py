@@ -82,6 +82,12 @@ def owner_status_jobs(owner: str, status: str) -> str:
     return f"{PREFIX}:owner:{owner}:jobs:{status}"
 
 
+def owner_slots(owner: str) -> str:
+    """ZSET: lease tokens of the owner's open event streams and archive downloads, scored by
+    when each lease ends in epoch ms (service.jobs.slots)."""
+    return f"{PREFIX}:owner:{owner}:slots"
+
+
 def idempotency(owner: str, key: str) -> str:
     """STRING: {"job_id", "body_hash"} for an Idempotency-Key."""
     return f"{PREFIX}:idem:{owner}:{key}"

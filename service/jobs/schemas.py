@@ -66,7 +66,8 @@ class ShardTask(BaseModel):
     owner: str | None = None  # who submitted the job: the Denoiser shares its batch fairly by owner
     attempt: int = 1
     interruptions: int = 0  # times a replica died under the shard: not the shard's failure
-    last_error: str | None = None
+    last_error: str | None = None  # the detail, for logs and the dead-letter stream only
+    last_error_kind: str | None = None  # what tenants are told (worker.consumer.PUBLIC_REASONS)
     params: JobParams
 
 

@@ -97,9 +97,12 @@ def test_failing_shard_is_retried_then_fails_its_job_and_goes_to_dead_letter(api
     assert wait_for_status(api, good, {"failed", "succeeded"})["status"] == "succeeded"
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "shard_failed"
-    assert "failed 2 times" in failed["error"]["message"] and "steps must be in" in failed["error"]["message"]
+    # the owner is told what went wrong in words; the exception's text stays with the operator
+    assert "failed 2 times: the model could not sample it" in failed["error"]["message"]
+    assert "steps must be in" not in failed["error"]["message"]
     dead = redis_lib.Redis.from_url(stack.redis.url, decode_responses=True).xrange(keys.DEAD_LETTER_STREAM)
     assert len(dead) == dead_before + 1 and job_id in dead[-1][1]["task"]
+    assert "steps must be in" in dead[-1][1]["reason"]
     assert ShardTask.model_validate_json(dead[-1][1]["task"]).attempt == 3
 
 

@@ -1,0 +1,102 @@
+"""Per-owner slots for long responses (event streams, archive downloads), counted in Redis so
+every Ingress replica sees the same count.
+
+A slot is a member of the owner's ZSET (service.jobs.keys.owner_slots) scored by its lease's
+end. One script drops lapsed leases, checks the count and adds the new one, so concurrent
+requests on any number of replicas can never hold more than the limit (a count kept per replica,
+checked in the handler and incremented later when the response starts, let 33 of 40 concurrent
+streams through a limit of 16). A response renews its lease while it flows and releases it when
+it ends; a replica that dies mid-response leaves a lease that lapses within LEASE_SECONDS.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+import anyio
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from service.jobs import keys
+
+log = logging.getLogger("ray.serve")
+LEASE_SECONDS = 30.0
+RENEW_SECONDS = 10.0  # a flowing response renews its lease this often, well within its lifetime
+
+# KEYS[1] the owner's slots; ARGV lease ms, limit, token. Redis's clock, so replicas' clocks do
+# not matter. Returns 1 if the slot was taken, 0 when the owner holds `limit` already.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS[1] the owner's slots; ARGV lease ms, token. Returns 1 while the lease is held (0: it
+# lapsed, and the slot may have gone to another response).
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ms = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not until_ms or tonumber(until_ms) < now then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+
+class OwnerSlots:
+    """At most `limit` leases per owner at a time, across every process on this Redis."""
+
+    def __init__(self, client: aioredis.Redis, limit: int, lease_seconds: float = LEASE_SECONDS) -> None:
+        self.r = client
+        self.limit = limit
+        self.lease_ms = int(lease_seconds * 1000)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+
+    async def acquire(self, owner: str) -> Lease | None:
+        """A lease on one of the owner's slots, or None when it holds `limit` already."""
+        token = secrets.token_hex(8)
+        taken = await self._acquire(keys=[keys.owner_slots(owner)], args=[self.lease_ms, self.limit, token])
+        return Lease(self, owner, token) if taken else None
+
+    async def renew(self, owner: str, token: str) -> bool:
+        """Extend the lease; False if it had lapsed (the response should end)."""
+        return bool(await self._renew(keys=[keys.owner_slots(owner)], args=[self.lease_ms, token]))
+
+    async def release(self, owner: str, token: str) -> None:
+        await self.r.zrem(keys.owner_slots(owner), token)
+
+    async def held(self, owner: str) -> int:
+        """Leases the owner holds now, lapsed ones not yet dropped included."""
+        return int(await self.r.zcard(keys.owner_slots(owner)))
+
+
+class Lease:
+    """One held slot: `keep()` as the response flows, `release()` when it ends."""
+
+    def __init__(self, slots: OwnerSlots, owner: str, token: str) -> None:
+        self.slots, self.owner, self.token = slots, owner, token
+        self._renewed = time.monotonic()
+
+    async def keep(self) -> bool:
+        """Renew the lease if RENEW_SECONDS have passed; False once it has lapsed."""
+        if time.monotonic() - self._renewed < RENEW_SECONDS:
+            return True
+        self._renewed = time.monotonic()
+        return await self.slots.renew(self.owner, self.token)
+
+    async def release(self) -> None:
+        """Give the slot back, also from a response being cancelled (a client that went away
+        must not keep its slot until the lease lapses); a Redis error leaves it to lapse."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.slots.release(self.owner, self.token)
+            except RedisError as e:
+                log.warning("a response slot of %s was not released (%s); it lapses by itself", self.owner, e)

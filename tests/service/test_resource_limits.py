@@ -1,0 +1,207 @@
+"""What one client may take of what every tenant shares: request bodies counted as they arrive,
+long responses counted per owner across replicas, a full Redis answering 503, and inputs that
+could only end as a 500 refused as 4xx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from service.keys import digest
+from tests.service.conftest import KEY_A, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _call(app, method: str, path: str, headers: list[tuple[bytes, bytes]], chunks: list[bytes]):
+    """Run the ASGI app on one request whose body arrives as `chunks`; returns (status, body,
+    how many chunks the app pulled)."""
+    pulled = 0
+    sent: list[dict] = []
+
+    async def receive():
+        nonlocal pulled
+        if pulled < len(chunks):
+            pulled += 1
+            return {"type": "http.request", "body": chunks[pulled - 1], "more_body": pulled < len(chunks)}
+        await asyncio.sleep(3600)  # the client is still there
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"test"), (b"authorization", f"Bearer {KEY_A}".encode()), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], body, pulled
+
+
+def test_a_body_without_length_is_cut_at_the_limit_as_it_arrives(asgi_api):
+    """An unauthenticated chunked upload of 64 MiB is refused after the limit's worth of chunks
+    has been read (the app used to read it whole first: 300 MB grew the replica by 899 MB)."""
+    from service.api.app import app
+
+    asgi_api(max_body_bytes=64 * 1024)
+    chunk = b"x" * 16 * 1024
+    chunks = [chunk] * 4096  # 64 MiB
+    status, body, pulled = _call(
+        app, "POST", "/v1/jobs", [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")], chunks
+    )
+    assert status == 413 and "limit of 65536 bytes" in json.loads(body)["detail"]
+    assert pulled <= 5  # 4 chunks fit, the fifth crosses the limit: the rest is never read
+
+
+def test_a_body_of_unknown_length_where_none_is_taken_is_411_and_a_declared_one_over_the_limit_413(asgi_api):
+    from service.api.app import app
+
+    asgi_api()
+    status, body, pulled = _call(app, "GET", "/v1/jobs", [(b"transfer-encoding", b"chunked")], [b"x" * 1024] * 8)
+    assert status == 411 and "takes no request body" in json.loads(body)["detail"] and pulled == 0
+    status, body, pulled = _call(
+        app, "POST", "/v1/jobs", [(b"content-type", b"application/json"), (b"content-length", b"99999999")], [b"{}"]
+    )
+    assert status == 413 and pulled == 0
+    status, _, _ = _call(app, "POST", "/v1/jobs", [(b"content-length", b"12, 12")], [b"{}"])
+    assert status == 400
+
+
+def test_oversized_headers_are_431(asgi_api):
+    client = asgi_api()
+    r = client.get("/v1/models", headers={"X-Padding": "x" * 20_000})
+    assert r.status_code == 431 and "the limit is 16384" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ('{"class_label": 1, "model": "\\ud800"}', "model"),
+        ('{"class_label": 1, "webhook_url": "https://hooks.example.com/\\udfff"}', "webhook_url"),
+        ('{"class_label": 1, "sampler": "dd\\ud800im"}', "sampler"),
+    ],
+)
+def test_a_lone_surrogate_in_a_string_field_is_422_naming_the_field(asgi_api, raw, field):
+    r = asgi_api().post("/v1/jobs", content=raw.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert any(e["loc"][-1] == field for e in r.json()["detail"]), r.text
+
+
+def test_a_lone_surrogate_as_an_unknown_field_name_is_422_not_500(asgi_api):
+    r = asgi_api().post(
+        "/v1/jobs", content=b'{"class_label": 1, "\\ud800": 1}', headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 422 and "unicode" in r.text  # pydantic refuses the key itself
+
+
+def test_a_last_event_id_past_64_bits_is_400(asgi_api):
+    client = asgi_api()
+    job = client.post("/v1/jobs", json={"class_label": 1, "steps": 5}).json()
+    for bad in (f"{2**64}-0", f"1-{2**64}"):
+        r = client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": bad})
+        assert r.status_code == 400, (bad, r.status_code)
+
+
+def test_docs_are_not_served_in_production(asgi_api):
+    assert asgi_api().get("/docs").status_code == 200  # development: Swagger UI
+    production = asgi_api(
+        environment="production", api_keys=[f"alice=sha256:{digest(KEY_A)}"], webhook_allow_private=False
+    )
+    assert production.get("/docs").status_code == 404
+    assert production.get("/openapi.json").status_code == 200
+
+
+def test_streams_and_downloads_are_counted_per_owner_across_replicas(asgi_api, live_api, stack):
+    """40 concurrent streams with a cap of 4 open exactly 4 (the per-replica count let 39 of 40
+    through a cap of 4), and an archive download takes a slot like a stream does."""
+    import redis
+
+    from service.jobs import keys
+
+    asgi_api(max_event_streams_per_key=4, event_stream_max_seconds=30)
+    headers = {"Authorization": f"Bearer {KEY_A}"}
+    with httpx.Client(base_url=live_api, headers=headers, timeout=30) as client:
+        job = client.post("/v1/jobs", json={"num_images": 1, "class_label": 1, "steps": 5}).json()
+        statuses: list[int] = []
+        release = threading.Event()
+        lock = threading.Lock()
+
+        def open_stream() -> None:
+            with httpx.Client(base_url=live_api, headers=headers, timeout=30) as own:
+                with connect_sse(own, "GET", f"/v1/jobs/{job['id']}/events") as source:
+                    with lock:
+                        statuses.append(source.response.status_code)
+                    if source.response.status_code == 200:
+                        release.wait(30)
+
+        threads = [threading.Thread(target=open_stream) for _ in range(40)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(statuses) == 40, 30, 0.05, "every stream to be answered")
+        assert statuses.count(200) == 4 and statuses.count(429) == 36
+        db = redis.Redis.from_url(stack.redis.url.rsplit("/", 1)[0] + "/6")
+        owner = digest(KEY_A)[:24]
+        assert db.zcard(keys.owner_slots(owner)) == 4 and 0 < db.pttl(keys.owner_slots(owner)) <= 30_000
+        release.set()
+        for t in threads:
+            t.join(30)
+        # the streams' slots are given back as their clients go
+        wait_for(lambda: db.zcard(keys.owner_slots(owner)) == 0, 15, 0.1, "the slots to be released")
+
+
+def test_a_full_redis_answers_503_and_keeps_what_it_has(asgi_api, tmp_path):
+    """Redis at maxmemory with noeviction refuses the write; the API says 503 with Retry-After
+    and the jobs already stored are all still there."""
+    import redis
+
+    from service.dev.servers import RedisServer
+    from service.jobs import keys
+
+    with RedisServer(tmp_path / "redis", maxmemory="4mb").start() as small:
+        client = asgi_api(
+            redis_url=small.url, max_jobs_in_flight_per_key=100_000, max_submissions_per_minute_per_key=100_000
+        )
+        ids = []
+        r = None
+        for _ in range(2000):
+            r = client.post("/v1/jobs", json={"class_label": [1] * 64, "num_images": 64, "steps": 5})
+            if r.status_code != 202:
+                break
+            ids.append(r.json()["id"])
+        assert r is not None and r.status_code == 503, r.text
+        assert "full" in r.json()["detail"] and int(r.headers["Retry-After"]) > 0
+        assert ids  # some fitted
+        direct = redis.Redis.from_url(small.url)
+        assert direct.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        assert direct.exists(*(keys.job(job_id) for job_id in ids)) == len(ids)  # nothing evicted
+
+
+def test_a_settings_error_does_not_echo_its_input():
+    """A mistyped setting may be a secret (a key pasted in the wrong variable)."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    secret = "ud_live_secret_9f3a"
+    with pytest.raises(ValidationError) as caught:
+        Settings(redis_timeout_seconds=secret)
+    assert "redis_timeout_seconds" in str(caught.value) and secret not in str(caught.value)
+    with pytest.raises(ValidationError) as caught:
+        Settings(environment="production", api_keys=[f"alice={secret}"])
+    assert secret not in str(caught.value)
