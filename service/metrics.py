@@ -112,3 +112,13 @@ def webhook_deliveries_total() -> metrics.Counter:
         "failed (the last attempt failed), dropped (the job was deleted first).",
         tag_keys=("outcome",),
     )
+
+
+@cache
+def auth_failures_total() -> metrics.Counter:
+    return metrics.Counter(
+        "undiffuse_auth_failures_total",
+        description="Requests refused for their API key: missing (no Authorization: Bearer), invalid (not a key) "
+        "or revoked (service.keyring).",
+        tag_keys=("reason",),
+    )
