@@ -29,6 +29,9 @@ class DenoiserAutoscaling(BaseModel):
     drain_target_seconds: float = Field(
         60.0, gt=0, description="replicas enough to serve the backlog within this long at their measured throughput"
     )
+    owner_share: float = Field(
+        0.5, gt=0, le=1, description="the fraction of max_replicas one owner's waiting work may scale to by itself"
+    )
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(300.0, ge=0)
 
@@ -43,7 +46,7 @@ class DenoiserAutoscaling(BaseModel):
             "downscale_delay_s": self.downscale_delay_s,
             "policy": {
                 "policy_function": "service.autoscaling:BacklogPolicy",
-                "policy_kwargs": {"drain_target_seconds": self.drain_target_seconds},
+                "policy_kwargs": {"drain_target_seconds": self.drain_target_seconds, "owner_share": self.owner_share},
             },
         }
 

@@ -9,7 +9,9 @@ service.jobs.capacity), and asks for
     ceil(backlog / (throughput per replica x drain_target_seconds))
 
 replicas within [min_replicas, max_replicas]; min_replicas (zero allowed) when the queue is
-empty. Until a replica has measured a throughput (a deployment scaled to zero), any backlog asks
+empty. One owner's waiting cost counts only up to what `owner_share` of max_replicas drains in
+the target time, so a single tenant's flood cannot scale the deployment (and its bill) to the
+top by itself; others' work still adds replicas beyond it. Until a replica has measured a throughput (a deployment scaled to zero), any backlog asks
 for one replica. On KubeRay, replicas that do not fit on the running GPU pods make the in-tree
 autoscaler add GPU pods; replicas that go away leave idle pods that it removes. Serve applies its
 own upscale/downscale delays on top.
@@ -46,26 +48,41 @@ def desired_replicas(
     return max(min_replicas, min(max_replicas, wanted))
 
 
+def capped_backlog(inflight_cost: float, waiting_by_owner: dict[str, float], owner_cap: float) -> float:
+    """The backlog autoscaling answers: the cost in flight (bounded by the intake window) plus
+    each owner's waiting cost up to owner_cap."""
+    return inflight_cost + sum(min(cost, owner_cap) for cost in waiting_by_owner.values())
+
+
 class BacklogPolicy:
     """Class-callable Serve autoscaling policy; kwargs come from `policy_kwargs`.
 
-    drain_target_seconds: how soon the backlog should be served. refresh_s: how often Redis is
-    read; the policy is called every control-loop tick, so the reading is cached in between.
+    drain_target_seconds: how soon the backlog should be served. owner_share: the fraction of
+    max_replicas one owner's waiting work may ask for. refresh_s: how often Redis is read; the
+    policy is called every control-loop tick, so the reading is cached in between.
     """
 
     def __init__(
-        self, drain_target_seconds: float = 60.0, refresh_s: float = 2.0, redis_url: str | None = None
+        self,
+        drain_target_seconds: float = 60.0,
+        owner_share: float = 0.5,
+        refresh_s: float = 2.0,
+        redis_url: str | None = None,
     ) -> None:
+        if not 0 < owner_share <= 1:
+            raise ValueError("owner_share must be in (0, 1]")
         self.drain_target_seconds = drain_target_seconds
+        self.owner_share = owner_share
         self.refresh_s = refresh_s
         self._redis_url = redis_url
         self._client = None
-        self._reading: tuple[int, float] = (0, 0.0)
+        self._reading: tuple[int, dict[str, float], float] = (0, {}, 0.0)
         self._read_at = -math.inf
 
-    def _read(self) -> tuple[int, float]:
-        """(backlog cost in row-steps, measured row-steps per second per replica)."""
-        from service.jobs import capacity
+    def _read(self) -> tuple[int, dict[str, float], float]:
+        """(cost in flight, {owner: cost waiting} in row-steps, measured row-steps per second
+        per replica)."""
+        from service.jobs import capacity, keys
         from service.jobs.connection import sync_redis
         from service.jobs.queue import totals
 
@@ -76,9 +93,11 @@ class BacklogPolicy:
 
                 url = Settings().redis_url
             self._client = sync_redis(url, 1.0)
-        return totals(self._client).cost, capacity.read_sync(self._client).throughput_per_replica
+        waiting = {owner: float(cost) for owner, cost in self._client.hgetall(keys.QUEUE_WAITING_COST).items()}
+        inflight = totals(self._client).inflight_cost
+        return inflight, waiting, capacity.read_sync(self._client).throughput_per_replica
 
-    def reading(self) -> tuple[int, float] | None:
+    def reading(self) -> tuple[int, dict[str, float], float] | None:
         now = time.monotonic()
         if now - self._read_at >= self.refresh_s:
             try:
@@ -92,12 +111,15 @@ class BacklogPolicy:
         reading = self.reading()
         if reading is None:
             return ctx.target_num_replicas, {"backlog": None}
-        backlog, throughput = reading
+        inflight, waiting, throughput = reading
+        max_replicas = ctx.capacity_adjusted_max_replicas
+        owner_cap = self.owner_share * max_replicas * throughput * self.drain_target_seconds
+        backlog = capped_backlog(inflight, waiting, owner_cap) if throughput > 0 else inflight + sum(waiting.values())
         wanted = desired_replicas(
             backlog,
             throughput,
             drain_target_seconds=self.drain_target_seconds,
             min_replicas=ctx.capacity_adjusted_min_replicas,
-            max_replicas=ctx.capacity_adjusted_max_replicas,
+            max_replicas=max_replicas,
         )
         return wanted, {"backlog": backlog, "throughput_per_replica": throughput}

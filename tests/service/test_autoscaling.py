@@ -53,9 +53,9 @@ def test_policy_reads_the_queue_and_caches_it():
     class Fake(BacklogPolicy):
         def _read(self):
             reads.append(1)
-            return 300_000, 1000.0
+            return 0, {"alice": 100_000.0, "bob": 200_000.0}, 1000.0
 
-    policy = Fake(drain_target_seconds=60, refresh_s=60)
+    policy = Fake(drain_target_seconds=60, owner_share=1.0, refresh_s=60)
     assert policy(_ctx()) == (5, {"backlog": 300_000, "throughput_per_replica": 1000.0})
     assert policy(_ctx(hi=3))[0] == 3
     assert len(reads) == 1  # cached between refreshes
@@ -74,3 +74,24 @@ def test_policy_against_real_redis(stack):
     policy = BacklogPolicy(drain_target_seconds=60, refresh_s=0, redis_url=stack.redis.url)
     decision, state = policy(_ctx(lo=1, hi=8))
     assert state["backlog"] >= 0 and state["throughput_per_replica"] >= 0 and 1 <= decision <= 8
+
+
+def test_one_owner_alone_scales_to_its_share_and_others_add_beyond_it():
+    """owner_share 0.5 of 8 replicas at 1,000 row-steps/s and 60 s: one owner's waiting cost
+    counts up to 240,000 row-steps (4 replicas), however much it queues."""
+
+    class Queue(BacklogPolicy):
+        waiting: dict = {}
+
+        def _read(self):
+            return 10_000, self.waiting, 1000.0
+
+    policy = Queue(drain_target_seconds=60, owner_share=0.5, refresh_s=0)
+    policy.waiting = {"flood": 10**9}
+    assert policy(_ctx(hi=8))[0] == 5  # 240,000 waiting + 10,000 in flight
+    policy.waiting = {"flood": 10**9, "other": 100_000.0}
+    assert policy(_ctx(hi=8))[0] == 6  # the other owner's work still adds its replicas
+    policy.waiting = {"a": 10**9, "b": 10**9, "c": 10**9}
+    assert policy(_ctx(hi=8))[0] == 8  # many owners: up to the maximum
+    with pytest.raises(ValueError):
+        BacklogPolicy(owner_share=0)
