@@ -11,6 +11,9 @@ new one, moving clients over, and removing the old one. An entry without an owne
 derived from its hash (the first 24 hex digits), which a rotation changes.
 
     python -m service.keys new alice     # prints a new key and its configuration entry
+
+Keys added and revoked while the service runs, configured ones included, are kept in Redis by
+service.keyring (`python -m service.keyring add | list | revoke`).
 """
 
 from __future__ import annotations
@@ -57,7 +60,11 @@ def parse(entries: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.keys", description="Make an API key.")
+    p = argparse.ArgumentParser(
+        prog="python -m service.keys",
+        description="Make an API key for configuration (UNDIFFUSE_API_KEYS). To add or revoke keys while the "
+        "service runs: python -m service.keyring.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     new = sub.add_parser("new", help="print a new key and its UNDIFFUSE_API_KEYS entry")
     new.add_argument("owner", help="owner id: letters, digits, _ . - (a key rotation keeps it)")
