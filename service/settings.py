@@ -80,6 +80,17 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     max_jobs_in_flight_per_key: int = Field(64, ge=1, description="queued + running jobs per owner; more get 429")
+    max_cost_in_flight_per_key: int = Field(
+        4 * 262_144,
+        ge=1,
+        description="image-steps of an owner's queued and running jobs (4 maximum-cost jobs); a job past it gets 429",
+    )
+    max_cost_per_day_per_key: int = Field(
+        100 * 262_144, ge=1, description="image-steps an owner may submit per day (UTC); past it, 429 until midnight"
+    )
+    max_reads_per_minute_per_key: int = Field(
+        1200, ge=1, description="reads (job views, lists, streams, downloads) per owner in any 60 s; more get 429"
+    )
     max_submissions_per_minute_per_key: int = Field(
         120, ge=1, description="job submissions per owner in any 60 s window (moving window); more get 429"
     )
@@ -183,6 +194,15 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _parse_keys(self) -> Settings:
         self._key_owners = api_keys.parse(self.api_keys)
+        return self
+
+    @model_validator(mode="after")
+    def _quotas_fit_a_job(self) -> Settings:
+        if self.max_cost_in_flight_per_key < self.max_job_cost or self.max_cost_per_day_per_key < self.max_job_cost:
+            raise ValueError(
+                "UNDIFFUSE_MAX_COST_IN_FLIGHT_PER_KEY and UNDIFFUSE_MAX_COST_PER_DAY_PER_KEY must be at least "
+                "UNDIFFUSE_MAX_JOB_COST, or the largest job allowed could never run"
+            )
         return self
 
     @model_validator(mode="after")

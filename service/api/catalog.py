@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from service.api.deps import UNAUTHORIZED, Ctx, Owner
+from service.api.deps import UNAUTHORIZED, Ctx, Reader
 from service.api.schemas import ModelInfo, ModelList
 from undiffuse.config import ModelSpec
 
@@ -24,6 +24,6 @@ def model_info(spec: ModelSpec, default: bool) -> ModelInfo:
 
 
 @router.get("", response_model=ModelList)
-async def list_models(ctx: Ctx, _owner: Owner) -> ModelList:
+async def list_models(ctx: Ctx, _owner: Reader) -> ModelList:
     registry = ctx.registry
     return ModelList(models=[model_info(spec, name == registry.default) for name, spec in registry.models.items()])

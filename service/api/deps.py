@@ -10,7 +10,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service import keys
-from service.api.quotas import SubmissionQuota
+from service.api.quotas import DailyCostQuota, ReadQuota, SubmissionQuota, quota_storage
 from service.jobs.lifecycle import JobLifecycle
 from service.jobs.slots import OwnerSlots
 from service.jobs.store import JobStore
@@ -33,12 +33,15 @@ class Context:
     keyring: KeyRing | None = None  # keys added and revoked at run time; get_owner refuses every key without it
     quota: Any = None  # service.api.quotas.SubmissionQuota (None: no rate limit)
     slots: Any = None  # service.jobs.slots.OwnerSlots: event streams and archive downloads per owner
+    reads: ReadQuota | None = None  # None: reads are not rate-limited
+    daily_cost: DailyCostQuota | None = None  # None: no daily image-steps quota
 
 
 def build_context(settings: Settings, denoiser: Any, listeners: list | None = None) -> Context:
     """The context of one ingress replica (the Ingress deployment; the tests' in-process API).
     listeners: the job lifecycle's (default: its metrics)."""
     store = JobStore.from_settings(settings)
+    limits = quota_storage(settings)
     return Context(
         settings=settings,
         store=store,
@@ -46,8 +49,10 @@ def build_context(settings: Settings, denoiser: Any, listeners: list | None = No
         objects=ObjectStore(settings),
         registry=ModelRegistry(settings.model_dir, settings.default_model),
         denoiser=denoiser,
-        quota=SubmissionQuota(settings),
+        quota=SubmissionQuota(settings, limits),
         keyring=KeyRing(store.r),
+        reads=ReadQuota(settings, limits),
+        daily_cost=DailyCostQuota(settings, limits),
         slots=OwnerSlots(store.r, settings.max_event_streams_per_key),
     )
 
@@ -125,3 +130,13 @@ def _refuse(request: Request, reason: str, key_digest: str | None, detail: str) 
 
 
 Owner = Annotated[str, Depends(get_owner)]
+
+
+async def get_reader(ctx: Ctx, owner: Owner) -> str:
+    """The owner, once a read is counted against its reads-per-minute quota (429 past it)."""
+    if ctx.reads is not None:
+        await ctx.reads.spend(owner)
+    return owner
+
+
+Reader = Annotated[str, Depends(get_reader)]

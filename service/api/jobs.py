@@ -22,7 +22,7 @@ from starlette.concurrency import iterate_in_threadpool
 from starlette.types import Message, Send
 
 from service import archive
-from service.api.deps import UNAUTHORIZED, Context, Ctx, Owner
+from service.api.deps import UNAUTHORIZED, Context, Ctx, Owner, Reader
 from service.api.quotas import too_many
 from service.api.schemas import ImageResult, JobCreate, JobList, JobSummary, JobView, Progress, QueuePosition
 from service.api.webhooks import webhook_target
@@ -31,6 +31,7 @@ from service.jobs.events import MAX_PREVIEWS, EventKind, JobEvent, default_previ
 from service.jobs.schemas import JobParams, JobStatus
 from service.jobs.slots import Lease
 from service.jobs.store import (
+    CostInFlightExceeded,
     Cursor,
     IdempotencyConflict,
     JobFinished,
@@ -80,7 +81,7 @@ def resolve_params(body: JobCreate, ctx: Context) -> JobParams:
     if body.steps > max_steps:
         raise _invalid("steps", f"must be at most {max_steps} for model {model.name!r}", body.steps)
     _check_labels(body, model)
-    cost = body.num_images * body.steps * (2 if body.guidance_scale != 1.0 else 1)
+    cost = body.num_images * body.steps * (2 if body.guidance_scale != 1.0 else 1)  # JobParams.cost
     if cost > ctx.settings.max_job_cost:
         raise _invalid(
             "num_images",
@@ -228,11 +229,19 @@ async def submit_job(
     params = resolve_params(body, ctx)
     if ctx.quota is not None:  # before any DNS lookup, so slow lookups are rate-limited too
         await ctx.quota.spend(owner)
+    if ctx.daily_cost is not None:
+        await ctx.daily_cost.check(owner, params.cost)
     webhook = await webhook_target(body, ctx)  # 422 for a URL that resolves to a non-public address
     limit = ctx.settings.max_jobs_in_flight_per_key
     try:
         job_id, created, created_at = await ctx.store.submit(
-            owner, params, _hashed_body(body), idempotency_key, max_in_flight=limit, webhook=webhook
+            owner,
+            params,
+            _hashed_body(body),
+            idempotency_key,
+            max_in_flight=limit,
+            webhook=webhook,
+            max_cost_in_flight=ctx.settings.max_cost_in_flight_per_key,
         )
     except IdempotencyConflict:
         raise HTTPException(
@@ -240,6 +249,14 @@ async def submit_job(
         ) from None
     except TooManyJobsInFlight:
         raise too_many(f"quota: at most {limit} jobs queued or running per API key; retry when one ends", 5) from None
+    except CostInFlightExceeded as e:
+        raise too_many(
+            f"quota: at most {e.limit:,} image-steps queued or running per API key; {e.in_flight:,} are, and this "
+            f"job costs {params.cost:,}: retry when one ends",
+            5,
+        ) from None
+    if created and ctx.daily_cost is not None:
+        await ctx.daily_cost.spend(owner, params.cost)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     if not created:  # an earlier request made it: report its current state
         response.status_code = status.HTTP_200_OK
@@ -261,7 +278,7 @@ async def submit_job(
 async def get_job(
     job_id: str,
     ctx: Ctx,
-    owner: Owner,
+    owner: Reader,
     results_offset: Annotated[int, Query(ge=0, le=2**31, description="first result to return")] = 0,
     results_limit: Annotated[int, Query(ge=1, le=MAX_RESULTS_PAGE, description="results per page")] = MAX_RESULTS_PAGE,
 ) -> JobView:
@@ -302,7 +319,7 @@ async def queue_position(ctx: Context, record: JobRecord) -> QueuePosition:
 async def job_events(
     job_id: str,
     ctx: Ctx,
-    owner: Owner,
+    owner: Reader,
     last_event_id: Annotated[str | None, Header(max_length=64, description="resume after this event")] = None,
 ) -> EventSourceResponse:
     """The job's events as server-sent events: `queued` (the job view), `started`, `progress`,
@@ -392,7 +409,7 @@ async def _render(ctx: Context, record: JobRecord, event: JobEvent) -> ServerSen
         503: {"description": "object storage is unreachable; retry"},
     },
 )
-async def job_archive(job_id: str, ctx: Ctx, owner: Owner) -> StreamingResponse:
+async def job_archive(job_id: str, ctx: Ctx, owner: Reader) -> StreamingResponse:
     """A succeeded job's images (00000.png, 00001.png, ... by result index) and its
     manifest.json in one ZIP, streamed from the bucket as it is sent."""
     try:
@@ -487,7 +504,7 @@ async def cancel_job(job_id: str, ctx: Ctx, owner: Owner) -> JobView:
 @router.get("", response_model=JobList)
 async def list_jobs(
     ctx: Ctx,
-    owner: Owner,
+    owner: Reader,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=64, description="next_cursor of the previous page")] = None,

@@ -1,6 +1,7 @@
-"""Per-key submission quotas: a moving-window rate limit (PyPI `limits`, its Redis storage, so
-every ingress replica counts the same window). The jobs-in-flight limit is checked where jobs
-are created, in the job store's submit transaction."""
+"""Per-owner quotas counted in Redis by PyPI `limits`, so every ingress replica counts the same
+windows: submissions a minute and reads a minute (moving windows), image-steps a day (a fixed
+window, the day UTC). The jobs and image-steps in flight are checked where jobs are created, in
+the job store's submit transaction."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import math
 import time
 
 from fastapi import HTTPException, status
-from limits import RateLimitItemPerMinute
+from limits import RateLimitItemPerDay, RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
 from service.jobs.connection import async_options
 from service.jobs.keys import PREFIX
@@ -23,21 +24,24 @@ def too_many(detail: str, retry_after: float) -> HTTPException:
     return HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail, headers={"Retry-After": str(seconds)})
 
 
+def quota_storage(settings: Settings) -> RedisStorage:
+    """The limiters' Redis, with the job store's reconnect-and-retry options: without them every
+    pooled connection fails once after a Redis restart, and each failure would be a 503."""
+    return RedisStorage(
+        f"async+{settings.redis_url}",
+        implementation="redispy",
+        key_prefix=f"{PREFIX}:quota",
+        **async_options(settings.redis_timeout_seconds, decode_responses=False),
+    )
+
+
 class SubmissionQuota:
     """At most max_submissions_per_minute_per_key submissions per owner in any 60 s."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, storage: RedisStorage | None = None) -> None:
         self.per_minute = settings.max_submissions_per_minute_per_key
         self.item = RateLimitItemPerMinute(self.per_minute)
-        # the job store's reconnect-and-retry options: without them every pooled connection
-        # fails once after a Redis restart, and each failure would be a 503
-        storage = RedisStorage(
-            f"async+{settings.redis_url}",
-            implementation="redispy",
-            key_prefix=f"{PREFIX}:quota",
-            **async_options(settings.redis_timeout_seconds, decode_responses=False),
-        )
-        self.limiter = MovingWindowRateLimiter(storage)
+        self.limiter = MovingWindowRateLimiter(storage or quota_storage(settings))
 
     async def spend(self, owner: str) -> None:
         """Count one submission, or raise 429 saying when the window has room again."""
@@ -48,3 +52,49 @@ class SubmissionQuota:
             f"rate limit: at most {self.per_minute} job submissions per minute per API key",
             stats.reset_time - time.time(),
         )
+
+
+class ReadQuota:
+    """At most max_reads_per_minute_per_key reads (job views, lists, streams, downloads, the
+    model list) per owner in any 60 s: polling faster than that gets 429 (the event stream tells
+    the same without polling)."""
+
+    def __init__(self, settings: Settings, storage: RedisStorage | None = None) -> None:
+        self.per_minute = settings.max_reads_per_minute_per_key
+        self.item = RateLimitItemPerMinute(self.per_minute)
+        self.limiter = MovingWindowRateLimiter(storage or quota_storage(settings))
+
+    async def spend(self, owner: str) -> None:
+        if await self.limiter.hit(self.item, owner):
+            return
+        stats = await self.limiter.get_window_stats(self.item, owner)
+        raise too_many(
+            f"rate limit: at most {self.per_minute} reads per minute per API key; follow a job with "
+            "GET /v1/jobs/{id}/events instead of polling",
+            stats.reset_time - time.time(),
+        )
+
+
+class DailyCostQuota:
+    """At most max_cost_per_day_per_key image-steps submitted per owner per day (UTC). A job
+    is checked before it is queued and counted once it is (a refused or replayed submission
+    spends nothing); concurrent submissions may pass the check together, by at most their own
+    cost."""
+
+    def __init__(self, settings: Settings, storage: RedisStorage | None = None) -> None:
+        self.per_day = settings.max_cost_per_day_per_key
+        self.item = RateLimitItemPerDay(self.per_day)
+        self.limiter = FixedWindowRateLimiter(storage or quota_storage(settings))
+
+    async def check(self, owner: str, cost: int) -> None:
+        if await self.limiter.test(self.item, owner, cost=cost):
+            return
+        stats = await self.limiter.get_window_stats(self.item, owner)
+        raise too_many(
+            f"quota: at most {self.per_day:,} image-steps per day per API key; {stats.remaining:,} are left "
+            f"today and this job costs {cost:,}",
+            stats.reset_time - time.time(),
+        )
+
+    async def spend(self, owner: str, cost: int) -> None:
+        await self.limiter.hit(self.item, owner, cost=cost)

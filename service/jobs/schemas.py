@@ -43,6 +43,12 @@ class JobParams(BaseModel):
     previews: bool = False
     preview_every: int | None = None  # steps between previews of the first image; set when previews
 
+    @property
+    def cost(self) -> int:
+        """Image-steps: num_images x steps, x2 with guidance (a null-class twin per image), what
+        max_job_cost and the owners' cost quotas count."""
+        return self.num_images * self.steps * (2 if self.guidance_scale != 1.0 else 1)
+
     def labels_for(self, start: int, count: int) -> list[int] | None:
         if self.class_label is None:
             return None

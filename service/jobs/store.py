@@ -224,6 +224,14 @@ class TooManyJobsInFlight(Exception):
         self.limit = limit
 
 
+class CostInFlightExceeded(Exception):
+    """The job would take the owner's queued and running jobs past its image-steps quota."""
+
+    def __init__(self, in_flight: int, limit: int) -> None:
+        super().__init__(f"{in_flight} image-steps queued or running; the limit is {limit}")
+        self.in_flight, self.limit = in_flight, limit
+
+
 Cursor = tuple[int, str]
 """A position in an owner's job list: (creation score, job id) of the last job returned."""
 
@@ -341,6 +349,7 @@ class JobStore:
         idempotency_key: str | None = None,
         max_in_flight: int | None = None,
         webhook: tuple[str, list[str]] | None = None,
+        max_cost_in_flight: int | None = None,
     ) -> tuple[str, bool, float]:
         """Create the job and enqueue its shards in one MULTI/EXEC. Returns (job id, created,
         created_at).
@@ -348,8 +357,10 @@ class JobStore:
         With an idempotency key, the same key and body return the first job (created=False);
         the same key with another body raises IdempotencyConflict. With max_in_flight, an owner
         who has that many jobs queued or running gets TooManyJobsInFlight (checked in the same
-        transaction, so concurrent submissions cannot overshoot it). webhook: (url, events) to
-        deliver to (service.jobs.webhooks).
+        transaction, so concurrent submissions cannot overshoot it); with max_cost_in_flight, a
+        job that would take the image-steps of the owner's queued and running jobs past it gets
+        CostInFlightExceeded (the same way). webhook: (url, events) to deliver to
+        (service.jobs.webhooks).
         """
         digest = body_hash(body)
         idem = keys.idempotency(owner, idempotency_key) if idempotency_key else None
@@ -357,12 +368,13 @@ class JobStore:
         job_id = uuid.uuid4().hex
         now = time.time()
         shards = shard_ranges(params.num_images, self.shard_size)
-        if max_in_flight is not None:
+        limited = max_in_flight is not None or max_cost_in_flight is not None
+        if limited:
             await self._prune(owner)
         async with self.r.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    watched = [*(active if max_in_flight is not None else []), *([idem] if idem else [])]
+                    watched = [*(active if limited else []), *([idem] if idem else [])]
                     if watched:
                         await pipe.watch(*watched)
                     if idem:
@@ -372,10 +384,8 @@ class JobStore:
                             if prior["body_hash"] != digest:
                                 raise IdempotencyConflict(idempotency_key)
                             return prior["job_id"], False, 0.0
-                    if max_in_flight is not None:
-                        in_flight = sum([await pipe.zcard(k) for k in active])
-                        if in_flight >= max_in_flight:
-                            raise TooManyJobsInFlight(max_in_flight)
+                    if limited:
+                        await self._check_in_flight(pipe, active, params, max_in_flight, max_cost_in_flight)
                     pipe.multi()
                     if idem:
                         pipe.set(idem, json.dumps({"job_id": job_id, "body_hash": digest}), ex=self.ttl)
@@ -384,6 +394,23 @@ class JobStore:
                     return job_id, True, now
                 except WatchError:
                     continue  # a concurrent request used the same key: read its job
+
+    @staticmethod
+    async def _check_in_flight(
+        pipe, active: list[str], params: JobParams, max_jobs: int | None, max_cost: int | None
+    ) -> None:
+        """Raise if the owner's queued and running jobs (read while the pipeline watches their
+        index) leave no room for one more of these params."""
+        job_ids = [job_id for key in active for job_id in await pipe.zrange(key, 0, -1)]
+        if max_jobs is not None and len(job_ids) >= max_jobs:
+            raise TooManyJobsInFlight(max_jobs)
+        if max_cost is not None:
+            cost = 0
+            for job_id in job_ids:  # at most max_jobs_in_flight_per_key of them
+                raw = await pipe.hget(keys.job(job_id), "params")
+                cost += JobParams.model_validate_json(raw).cost if raw is not None else 0
+            if cost + params.cost > max_cost:
+                raise CostInFlightExceeded(cost, max_cost)
 
     async def _queue_job(self, pipe, job_id: str, owner: str, params: JobParams, now: float, shards, webhook) -> None:
         key = keys.job(job_id)

@@ -83,6 +83,7 @@ def _serve_stack(redis: RedisServer, s3: S3Server):
         "redis_timeout_seconds": 1.0,
         "webhook_allow_private": True,  # the tests' receivers listen on 127.0.0.1
         "webhook_retry_base_seconds": 0.2,
+        "max_reads_per_minute_per_key": 100_000,  # the tests poll from many threads; the quota has its own test
     }
     metrics_port = free_port()
     http_port = free_port()

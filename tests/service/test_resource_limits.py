@@ -205,3 +205,38 @@ def test_a_settings_error_does_not_echo_its_input():
     with pytest.raises(ValidationError) as caught:
         Settings(environment="production", api_keys=[f"alice={secret}"])
     assert secret not in str(caught.value)
+
+
+def test_image_steps_in_flight_and_per_day_are_quotas_per_owner(asgi_api):
+    """Jobs of 1,000 image-steps (10 images x 100 steps): two fit in 2,000 in flight, a third is
+    429; a day of 3,500 takes three (replays and refused jobs spend nothing), a fourth is 429."""
+    client = asgi_api(max_job_cost=1000, max_cost_in_flight_per_key=2000, max_cost_per_day_per_key=3500)
+    job = {"num_images": 10, "steps": 100, "class_label": 1}
+    first = client.post("/v1/jobs", json=job, headers={"Idempotency-Key": "one"})
+    assert first.status_code == 202
+    assert client.post("/v1/jobs", json=job, headers={"Idempotency-Key": "one"}).status_code == 200  # a replay
+    assert client.post("/v1/jobs", json=job).status_code == 202
+    r = client.post("/v1/jobs", json=job)
+    assert r.status_code == 429 and "image-steps queued or running" in r.json()["detail"], r.text
+    assert int(r.headers["Retry-After"]) >= 1
+    assert client.post(f"/v1/jobs/{first.json()['id']}/cancel").status_code == 200  # room in flight again
+    assert client.post("/v1/jobs", json=job).status_code == 202  # 3,000 spent today
+    client.post(f"/v1/jobs/{first.json()['id']}/cancel")
+    r = client.post("/v1/jobs", json={**job, "num_images": 1})  # 100 more: 3,100
+    assert r.status_code == 429 and "image-steps queued or running" in r.json()["detail"]
+    jobs = client.get("/v1/jobs", params={"status": "queued"}).json()["jobs"]
+    for queued in jobs:
+        client.post(f"/v1/jobs/{queued['id']}/cancel")
+    r = client.post("/v1/jobs", json=job)
+    assert r.status_code == 429 and "per day" in r.json()["detail"] and "500 are left" in r.json()["detail"], r.text
+    assert client.post("/v1/jobs", json={**job, "num_images": 5}).status_code == 202  # 500 fit
+
+
+def test_reads_are_rate_limited_per_owner(asgi_api):
+    client = asgi_api(max_reads_per_minute_per_key=5)
+    job = client.post("/v1/jobs", json={"class_label": 1, "steps": 5}).json()  # a submission is not a read
+    answers = [client.get(f"/v1/jobs/{job['id']}").status_code for _ in range(5)]
+    assert answers == [200] * 5
+    r = client.get("/v1/jobs")
+    assert r.status_code == 429 and "reads per minute" in r.json()["detail"] and int(r.headers["Retry-After"]) >= 1
+    assert client.get("/v1/models").status_code == 429

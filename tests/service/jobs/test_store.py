@@ -239,3 +239,28 @@ def test_a_purge_rescheduled_while_it_was_swept_stays_scheduled(store, run):
     run(store.schedule_purge(job_id, created_at + 60))  # e.g. a DELETE between the read and the removal
     run(store.purged(due))
     assert [j for j, _ in run(store.due_purges(created_at + 61, 10))] == [job_id]
+
+
+def test_cost_in_flight_is_checked_in_the_submit_transaction(store, run):
+    """Concurrent submissions cannot overshoot the image-steps quota: with room for 3 jobs of 50
+    image-steps, 8 submitted at once queue exactly 3; a finished job makes room again."""
+    import asyncio
+
+    from service.jobs.store import CostInFlightExceeded
+
+    async def attempt() -> str | None:
+        try:
+            job_id, _, _ = await store.submit("alice", params(10, 5), {}, max_cost_in_flight=150)
+            return job_id
+        except CostInFlightExceeded as e:
+            assert e.in_flight >= 100 and e.limit == 150
+            return None
+
+    async def all_at_once():
+        return await asyncio.gather(*(attempt() for _ in range(8)))
+
+    queued = [j for j in run(all_at_once()) if j]
+    assert len(queued) == 3
+    assert run(store.submit("bob", params(10, 5), {}, max_cost_in_flight=150))[1]  # per owner
+    run(store.finish(queued[0], "alice", JobStatus.canceled))
+    assert run(store.submit("alice", params(10, 5), {}, max_cost_in_flight=150))[1]
