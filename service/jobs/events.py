@@ -11,7 +11,9 @@ none contradicts the record:
                 always once more with the last step before `succeeded`; steps never go back (a
                 retried shard restarting does not move the job's reported step down)
     preview     {"step", "steps", "index": 0, "png": base64} of the job's first image, every
-                preview_every steps of jobs that asked for previews (the Denoiser)
+                preview_every steps of jobs that asked for previews (the Denoiser); the stream
+                keeps the newest PREVIEWS_KEPT while the job runs (a reader that follows it sees
+                every one) and none once it has ended, so a job's pictures never sit in Redis
     succeeded, failed, canceled
                 the terminal transition: exactly one, and nothing is appended after it
 
@@ -65,6 +67,7 @@ class JobEvent:
 
 
 MAX_PREVIEWS = 100  # per job: previews are the stream's largest entries (a PNG each)
+PREVIEWS_KEPT = 4  # in the stream at a time, while the job runs
 
 
 def default_preview_every(steps: int) -> int:
@@ -72,17 +75,35 @@ def default_preview_every(steps: int) -> int:
     return max(1, steps // 8)
 
 
-# Lua helpers for the store's scripts. emit(job, events, kind, data) appends an entry and gives
-# the stream the record's remaining lifetime; progress(job, events, now_ms, force) appends a
+# Lua helpers for the store's scripts. emit(job, events, kind, data) appends an entry, gives
+# the stream the record's remaining lifetime and returns the entry's id; keep_preview(job,
+# events, previews, id) lists a preview's id and drops the oldest past PREVIEWS_KEPT;
+# drop_previews(events, previews) removes every listed preview (the job has ended); progress(job, events, now_ms, force) appends a
 # progress event if the job's (step, images_done) moved since the last one and, unless forced,
 # PROGRESS_GAP_S has passed since it. The record's ev_step / ev_done / ev_at fields remember the
 # last progress event; the step reported is the shards' average (as JobRecord.step), never less
 # than the last one reported, and every step when forced (the job has succeeded).
 LUA = f"""
 local function emit(job, events, kind, data)
-  redis.call('XADD', events, 'MAXLEN', '~', {MAX_EVENTS}, '*', 'event', kind, 'data', data)
+  local id = redis.call('XADD', events, 'MAXLEN', '~', {MAX_EVENTS}, '*', 'event', kind, 'data', data)
   local ttl = redis.call('PTTL', job)
   if ttl > 0 then redis.call('PEXPIRE', events, ttl) end
+  return id
+end
+
+local function keep_preview(job, events, previews, id)
+  redis.call('RPUSH', previews, id)
+  while redis.call('LLEN', previews) > {PREVIEWS_KEPT} do
+    redis.call('XDEL', events, redis.call('LPOP', previews))
+  end
+  local ttl = redis.call('PTTL', job)
+  if ttl > 0 then redis.call('PEXPIRE', previews, ttl) end
+end
+
+local function drop_previews(events, previews)
+  local ids = redis.call('LRANGE', previews, 0, -1)
+  if #ids > 0 then redis.call('XDEL', events, unpack(ids)) end
+  redis.call('DEL', previews)
 end
 
 local function progress(job, events, now_ms, force)

@@ -53,6 +53,12 @@ def job_files(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:files"
 
 
+def job_previews(job_id: str) -> str:
+    """LIST: stream ids of the job's preview events still in its stream, oldest first: the
+    newest PREVIEWS_KEPT while it runs, none once it has ended (service.jobs.events)."""
+    return f"{PREFIX}:job:{job_id}:previews"
+
+
 def job_webhooks(job_id: str) -> str:
     """HASH: webhook event -> JSON outcome of its delivery (service.jobs.webhooks), as
     long-lived as the record and deleted with it."""

@@ -48,7 +48,13 @@ local function reindex(from, to)
   local base, job_id = #KEYS - 6, ARGV[#ARGV]
   local score = redis.call('ZSCORE', KEYS[base + 1], job_id)
   redis.call('ZREM', KEYS[base + ORDER[from]], job_id)
-  if score then redis.call('ZADD', KEYS[base + ORDER[to]], score, job_id) end
+  if score then
+    local index = KEYS[base + ORDER[to]]
+    redis.call('ZADD', index, score, job_id)
+    -- the index lives as long as its newest record (KEYS[1] is the job in every transition)
+    local ttl = redis.call('PTTL', KEYS[1])
+    if ttl > redis.call('PTTL', index) then redis.call('PEXPIRE', index, ttl) end
+  end
 end
 """
 
@@ -87,7 +93,7 @@ if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'images_done', ARGV[2])
   redis.call('HSET', KEYS[1], 'step:' .. ARGV[1], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
-  if ARGV[5] ~= '' then
+  if ARGV[5] ~= '' and (s == 'queued' or s == 'running') then  -- an ended job keeps no checksums
     redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
     redis.call('EXPIRE', KEYS[4], ARGV[4])
   end
@@ -100,9 +106,11 @@ return {s, 0}
 """
 )
 
-# KEYS[1] job, KEYS[2] done set, KEYS[3] events, KEYS[4] webhooks, KEYS[5] webhooks due; ARGV
-# now, now in ms. Moves an active job whose shards are all done to succeeded, with its last
-# progress and its terminal event. Returns 1 if it moved the job.
+# KEYS[1] job, KEYS[2] done set, KEYS[3] events, KEYS[4] webhooks, KEYS[5] webhooks due,
+# KEYS[6] previews, KEYS[7] files; ARGV now, now in ms. Moves an active job whose shards are all
+# done to succeeded, with its last progress and its terminal event, and drops what an ended job
+# no longer needs in Redis: its previews and its files' checksums (the manifest, written to the
+# bucket before this, holds them). Returns 1 if it moved the job.
 _SUCCEED = (
     _TRANSITION
     + """
@@ -114,14 +122,17 @@ if (s == 'queued' or s == 'running') and
   progress(KEYS[1], KEYS[3], ARGV[2], true)
   emit(KEYS[1], KEYS[3], 'succeeded', '')
   webhook(KEYS[1], KEYS[4], KEYS[5], ARGV[#ARGV], 'succeeded', ARGV[1])
+  drop_previews(KEYS[3], KEYS[6])
+  redis.call('DEL', KEYS[7])
   return 1
 end
 return 0
 """
 )
 
-# KEYS[1] job, KEYS[2] events, KEYS[3] webhooks, KEYS[4] webhooks due; ARGV new status, now,
-# error JSON ('' for none). Returns 1 if it moved the job (and appended its terminal event).
+# KEYS[1] job, KEYS[2] events, KEYS[3] webhooks, KEYS[4] webhooks due, KEYS[5] previews,
+# KEYS[6] files; ARGV new status, now, error JSON ('' for none). Returns 1 if it moved the job
+# (and appended its terminal event; its previews and checksums go: its images are purged).
 _FINISH = (
     _TRANSITION
     + """
@@ -132,6 +143,8 @@ if s == 'queued' or s == 'running' then
   reindex(s, ARGV[1])
   emit(KEYS[1], KEYS[2], ARGV[1], '')
   webhook(KEYS[1], KEYS[3], KEYS[4], ARGV[#ARGV], ARGV[1], ARGV[2])
+  drop_previews(KEYS[2], KEYS[5])
+  redis.call('DEL', KEYS[6])
   return 1
 end
 return 0
@@ -139,7 +152,7 @@ return 0
 )
 
 # KEYS[1] job, KEYS[2] done set, KEYS[3] events, KEYS[4] files, KEYS[5] webhooks, KEYS[6]
-# webhooks due; ARGV job id. Deletes a finished job's record, events, webhook outcomes (and their
+# webhooks due, KEYS[7] previews; ARGV job id. Deletes a finished job's record, events, webhook outcomes (and their
 # pending deliveries) and index entries. Returns the status it had ('missing' if none); an active
 # job is left alone.
 _DELETE = """
@@ -147,7 +160,7 @@ local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
 if s == 'queued' or s == 'running' then return s end
 for _, event in ipairs(redis.call('HKEYS', KEYS[5])) do redis.call('ZREM', KEYS[6], ARGV[1] .. ':' .. event) end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7])
 for i = #KEYS - 5, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return s
 """
@@ -181,7 +194,7 @@ return out
 """
 )
 
-# KEYS[1] job, KEYS[2] events; ARGV[1] the preview's step, ARGV[2] its JSON. Appended only while
+# KEYS[1] job, KEYS[2] events, KEYS[3] previews; ARGV[1] the preview's step, ARGV[2] its JSON. Appended only while
 # the job runs (never after its terminal event) and past the last preview's step (a retried first
 # shard starts again from step 0; its previews rejoin the stream once they are ahead of what the
 # stream has shown). Returns 1 if appended.
@@ -192,7 +205,7 @@ if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 local step = tonumber(ARGV[1])
 if step <= (tonumber(redis.call('HGET', KEYS[1], 'preview_step')) or -1) then return 0 end
 redis.call('HSET', KEYS[1], 'preview_step', step)
-emit(KEYS[1], KEYS[2], 'preview', ARGV[2])
+keep_preview(KEYS[1], KEYS[2], KEYS[3], emit(KEYS[1], KEYS[2], 'preview', ARGV[2]))
 return 1
 """
 )
@@ -533,6 +546,7 @@ class JobStore:
                 keys.job_files(job_id),
                 keys.job_webhooks(job_id),
                 keys.WEBHOOKS_DUE,
+                keys.job_previews(job_id),
                 *index_keys(owner),
             ],
             args=[job_id],
@@ -594,6 +608,8 @@ class JobStore:
                     keys.job_done_shards(job_id),
                     keys.job_events(job_id),
                     *_hook_keys(job_id),
+                    keys.job_previews(job_id),
+                    keys.job_files(job_id),
                     *index_keys(owner),
                 ],
                 args=[repr(time.time()), _now_ms(), job_id],
@@ -616,7 +632,14 @@ class JobStore:
         err = error.model_dump_json() if error else ""
         return bool(
             await self._finish(
-                keys=[keys.job(job_id), keys.job_events(job_id), *_hook_keys(job_id), *index_keys(owner)],
+                keys=[
+                    keys.job(job_id),
+                    keys.job_events(job_id),
+                    *_hook_keys(job_id),
+                    keys.job_previews(job_id),
+                    keys.job_files(job_id),
+                    *index_keys(owner),
+                ],
                 args=[status.value, repr(time.time()), err, job_id],
             )
         )
@@ -641,7 +664,11 @@ class JobStore:
     async def add_preview(self, job_id: str, step: int, data: str) -> bool:
         """Append a preview event (JSON data) of `step` while the job runs; False once it has
         ended, or when an earlier step comes after a later one (a retried shard)."""
-        return bool(await self._preview(keys=[keys.job(job_id), keys.job_events(job_id)], args=[step, data]))
+        return bool(
+            await self._preview(
+                keys=[keys.job(job_id), keys.job_events(job_id), keys.job_previews(job_id)], args=[step, data]
+            )
+        )
 
     async def read_events(
         self, job_id: str, after: str, count: int = 100, block_ms: int | None = None

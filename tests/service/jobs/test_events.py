@@ -43,7 +43,14 @@ def test_a_job_that_succeeds_tells_each_step_once_and_ends_with_one_terminal_eve
     a, b = shards(job_id)
     assert run(store.complete_shard(a, [("ab" * 32, 100)] * 4)) == ("running", False)
     assert run(store.complete_shard(b, [("cd" * 32, 90)] * 2)) == ("running", True)
+    record = run(store.get(job_id))
+    assert run(store.files(record)) == {  # what the manifest is written from
+        **{i: ("ab" * 32, 100) for i in range(4)},
+        4: ("cd" * 32, 90),
+        5: ("cd" * 32, 90),
+    }
     assert run(store.succeed(job_id, "alice"))
+    assert run(store.files(record)) == {}  # the manifest in the bucket holds them now
     run(store.record_steps([(job_id, 1, 3)]))  # a late report after the end
     assert not run(store.add_preview(job_id, 12, "{}"))
     assert run(store.finish(job_id, "alice", JobStatus.canceled)) is False
@@ -57,12 +64,6 @@ def test_a_job_that_succeeds_tells_each_step_once_and_ends_with_one_terminal_eve
     assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
     assert kinds(store, run, job_id, after=ids[2]) == ["progress", "progress", "progress", "succeeded"]
     assert run(store.read_events(job_id, ids[-1])) == []
-    record = run(store.get(job_id))
-    assert run(store.files(record)) == {
-        **{i: ("ab" * 32, 100) for i in range(4)},
-        4: ("cd" * 32, 90),
-        5: ("cd" * 32, 90),
-    }
 
 
 def test_previews_never_go_back_when_the_first_shard_is_retried(store, run):
@@ -84,7 +85,7 @@ def test_canceled_and_failed_jobs_end_with_their_event_and_previews_stop(store, 
     assert run(store.add_preview(canceled, 1, '{"step": 1}'))
     assert run(store.finish(canceled, "alice", JobStatus.canceled))
     assert not run(store.add_preview(canceled, 2, '{"step": 2}'))
-    assert kinds(store, run, canceled) == ["queued", "started", "preview", "canceled"]
+    assert kinds(store, run, canceled) == ["queued", "started", "canceled"]  # its preview went with it
     failed, _, _ = run(store.submit("alice", P, {}))
     assert run(store.finish(failed, "alice", JobStatus.failed))
     run(store.record_steps([(failed, 0, 3)]))
@@ -100,7 +101,7 @@ def test_the_stream_lives_as_long_as_the_record_and_goes_with_it(store, run):
     run(store.complete_shard(a, [("ab" * 32, 100)] * 4))
     run(store.complete_shard(b, [("cd" * 32, 90)] * 2))
     run(store.succeed(job_id, "alice"))
-    assert run(store.r.exists(keys.job_events(job_id), keys.job_files(job_id))) == 2
+    assert run(store.r.exists(keys.job_events(job_id))) == 1
     assert run(store.delete(job_id, "alice")) == JobStatus.succeeded
     assert run(store.r.exists(keys.job_events(job_id), keys.job_files(job_id))) == 0
 
@@ -120,3 +121,51 @@ def test_reading_blocks_until_an_event_arrives(store, run):
 
     [event] = run(wait_and_cancel())
     assert event.kind == EventKind.canceled
+
+
+def test_a_running_job_keeps_its_newest_previews_and_an_ended_one_none(store, run):
+    """Previews are the stream's largest entries (a 256x256 model's ~250 KB each): while the job
+    runs its stream holds the newest PREVIEWS_KEPT (a follower sees each as it comes), and none
+    once it has ended; its progress and terminal events stay for replay."""
+    from service.jobs.events import PREVIEWS_KEPT
+
+    job_id, _, _ = run(store.submit("alice", P, {}))
+    run(store.mark_running(job_id, "alice"))
+    for step in range(1, 8):
+        assert run(store.add_preview(job_id, step, f'{{"step": {step}}}'))
+    previews = [json.loads(e.data)["step"] for e in run(store.read_events(job_id, "0")) if e.kind == EventKind.preview]
+    assert previews == list(range(8 - PREVIEWS_KEPT, 8))
+    assert 0 < run(store.r.pttl(keys.job_previews(job_id))) <= run(store.r.pttl(keys.job(job_id)))
+    a, b = shards(job_id)
+    run(store.complete_shard(a, [("ab" * 32, 100)] * 4))
+    run(store.complete_shard(b, [("cd" * 32, 90)] * 2))
+    assert run(store.succeed(job_id, "alice"))
+    assert "preview" not in kinds(store, run, job_id) and kinds(store, run, job_id)[-1] == "succeeded"
+    assert run(store.r.exists(keys.job_previews(job_id), keys.job_files(job_id))) == 0
+
+
+def test_every_key_a_job_leaves_expires(store, run):
+    """After a job's whole life every key it touched has a TTL, the owner's status indexes
+    included (a reindexed set used to live forever)."""
+    job_id, _, _ = run(store.submit("alice", P, {}, idempotency_key="k"))
+    run(store.mark_running(job_id, "alice"))
+    run(store.add_preview(job_id, 1, "{}"))
+    a, b = shards(job_id)
+    run(store.complete_shard(a, [("ab" * 32, 100)] * 4))
+    run(store.complete_shard(b, [("cd" * 32, 90)] * 2))
+    assert run(store.succeed(job_id, "alice"))
+    other, _, _ = run(store.submit("alice", P, {}))
+    run(store.finish(other, "alice", JobStatus.canceled))
+    # the queue's per-owner keys hold shards still waiting (these were never admitted) and are
+    # deleted when the owner's last shard settles: work must not expire
+    touched = [
+        k
+        for k in run(store.r.keys("*"))
+        if (job_id in k or ":owner:alice:" in k or ":idem:" in k) and not k.startswith(keys.QUEUE_OWNER_PREFIX)
+    ]
+    assert (
+        keys.owner_status_jobs("alice", "succeeded") in touched
+        and keys.owner_status_jobs("alice", "canceled") in touched
+    )
+    lives = {k: run(store.r.pttl(k)) for k in touched}
+    assert all(ttl > 0 for ttl in lives.values()), {k: v for k, v in lives.items() if v <= 0}
