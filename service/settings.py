@@ -88,6 +88,18 @@ class Settings(BaseSettings):
     max_cost_per_day_per_key: int = Field(
         100 * 262_144, ge=1, description="image-steps an owner may submit per day (UTC); past it, 429 until midnight"
     )
+    max_jobs_stored_per_key: int = Field(
+        10_000,
+        ge=1,
+        description="job records an owner keeps (any status, until they expire or are deleted); more submissions "
+        "get 429. Bounds what one owner holds in Redis (docs/reliability.md measures a record's bytes)",
+    )
+    max_stored_bytes_per_key: int = Field(
+        10 * 2**30,
+        ge=1,
+        description="bytes of images an owner keeps in the bucket; at it, submissions get 429 until jobs are "
+        "deleted or expire (jobs in flight may finish past it)",
+    )
     max_reads_per_minute_per_key: int = Field(
         1200, ge=1, description="reads (job views, lists, streams, downloads) per owner in any 60 s; more get 429"
     )

@@ -58,6 +58,7 @@ class Sweeper:
                 continue
             if count:
                 log.info("sweeper: deleted %d images of job %s", count, job_id)
+            await self.store.release_storage(job_id)
             swept.append((job_id, at))
         await self.store.purged(swept)
         return len(due)

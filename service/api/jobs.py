@@ -38,6 +38,7 @@ from service.jobs.store import (
     JobNotFound,
     JobRecord,
     TooManyJobsInFlight,
+    TooManyJobsStored,
 )
 from service.logs import job_fields
 from service.storage import image_key, manifest_key
@@ -231,6 +232,13 @@ async def submit_job(
         await ctx.quota.spend(owner)
     if ctx.daily_cost is not None:
         await ctx.daily_cost.check(owner, params.cost)
+    stored, storage_limit = await ctx.store.stored_bytes(owner), ctx.settings.max_stored_bytes_per_key
+    if stored >= storage_limit:
+        raise too_many(
+            f"quota: {stored:,} bytes of images stored for this API key; the limit is {storage_limit:,}: delete "
+            "finished jobs (DELETE /v1/jobs/{id}) or wait for them to expire",
+            60,
+        )
     webhook = await webhook_target(body, ctx)  # 422 for a URL that resolves to a non-public address
     limit = ctx.settings.max_jobs_in_flight_per_key
     try:
@@ -242,6 +250,7 @@ async def submit_job(
             max_in_flight=limit,
             webhook=webhook,
             max_cost_in_flight=ctx.settings.max_cost_in_flight_per_key,
+            max_stored=ctx.settings.max_jobs_stored_per_key,
         )
     except IdempotencyConflict:
         raise HTTPException(
@@ -249,6 +258,12 @@ async def submit_job(
         ) from None
     except TooManyJobsInFlight:
         raise too_many(f"quota: at most {limit} jobs queued or running per API key; retry when one ends", 5) from None
+    except TooManyJobsStored as e:
+        raise too_many(
+            f"quota: at most {e.limit:,} jobs stored per API key; delete finished jobs (DELETE /v1/jobs/{{id}}) or "
+            "wait for them to expire",
+            60,
+        ) from None
     except CostInFlightExceeded as e:
         raise too_many(
             f"quota: at most {e.limit:,} image-steps queued or running per API key; {e.in_flight:,} are, and this "
@@ -477,6 +492,7 @@ async def delete_job(job_id: str, ctx: Ctx, owner: Owner) -> Response:
     if not record.status.terminal:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job is {record.status.value}; cancel it before deleting it")
     await asyncio.to_thread(ctx.objects.delete_job, job_id)
+    await ctx.store.release_storage(job_id)
     await ctx.store.delete(job_id, owner)
     # a shard retried by a slow duplicate could still upload: sweep the prefix once more later
     await ctx.store.schedule_purge(job_id, time.time() + ctx.settings.purge_delay_seconds)

@@ -94,6 +94,18 @@ def owner_slots(owner: str) -> str:
     return f"{PREFIX}:owner:{owner}:slots"
 
 
+def owner_stored_bytes(owner: str) -> str:
+    """STRING: bytes of the owner's images in the bucket (service.jobs.store: counted as shards
+    complete, given back when a job's objects are deleted)."""
+    return f"{PREFIX}:owner:{owner}:stored_bytes"
+
+
+def job_usage(job_id: str) -> str:
+    """HASH: owner, bytes of the job's images counted in owner_stored_bytes; it outlives the
+    record until the job's objects are deleted, which gives the bytes back."""
+    return f"{PREFIX}:job:{job_id}:usage"
+
+
 def idempotency(owner: str, key: str) -> str:
     """STRING: {"job_id", "body_hash"} for an Idempotency-Key."""
     return f"{PREFIX}:idem:{owner}:{key}"

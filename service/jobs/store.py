@@ -80,8 +80,10 @@ return -1
 """
 )
 
-# KEYS[1] job, KEYS[2] done set, KEYS[3] events, KEYS[4] files; ARGV shard, count, steps, ttl,
-# files JSON ('' for none), now in ms. Counts the shard's images the first time only. Returns
+# KEYS[1] job, KEYS[2] done set, KEYS[3] events, KEYS[4] files, KEYS[5] the job's usage, KEYS[6]
+# its owner's stored bytes; ARGV shard, count, steps, ttl, files JSON ('' for none), now in ms,
+# owner, the shard's bytes, the usage's lifetime (s). Counts the shard's images (and, while the
+# job is active, its bytes against the owner) the first time only. Returns
 # {status, 1 if every shard of the active job is done now}: the caller then writes the manifest
 # and moves the job to succeeded (_SUCCEED), so a job is never succeeded without its manifest.
 _COMPLETE_SHARD = (
@@ -96,6 +98,13 @@ if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
   if ARGV[5] ~= '' and (s == 'queued' or s == 'running') then  -- an ended job keeps no checksums
     redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
     redis.call('EXPIRE', KEYS[4], ARGV[4])
+  end
+  if tonumber(ARGV[8]) > 0 and (s == 'queued' or s == 'running') then  -- an ended job's images are purged
+    redis.call('HSET', KEYS[5], 'owner', ARGV[7])
+    redis.call('HINCRBY', KEYS[5], 'bytes', ARGV[8])
+    redis.call('EXPIRE', KEYS[5], ARGV[9])
+    redis.call('INCRBY', KEYS[6], ARGV[8])
+    redis.call('EXPIRE', KEYS[6], ARGV[9])
   end
 end
 if s == 'queued' or s == 'running' then
@@ -211,6 +220,14 @@ return 1
 )
 
 
+# KEYS[1] a job's usage, KEYS[2] its owner's stored bytes: gives the job's bytes back, once.
+_RELEASE = """
+local bytes = redis.call('HGET', KEYS[1], 'bytes')
+if bytes then redis.call('DECRBY', KEYS[2], bytes) end
+redis.call('DEL', KEYS[1])
+return 0
+"""
+
 # KEYS[1] the purge schedule; ARGV (job id, due time) pairs: removes each entry still due then.
 _UNSCHEDULE = """
 for i = 1, #ARGV, 2 do
@@ -237,6 +254,14 @@ class TooManyJobsInFlight(Exception):
         self.limit = limit
 
 
+class TooManyJobsStored(Exception):
+    """The owner already has its limit of job records (of any status) in Redis."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{limit} jobs stored")
+        self.limit = limit
+
+
 class CostInFlightExceeded(Exception):
     """The job would take the owner's queued and running jobs past its image-steps quota."""
 
@@ -244,6 +269,8 @@ class CostInFlightExceeded(Exception):
         super().__init__(f"{in_flight} image-steps queued or running; the limit is {limit}")
         self.in_flight, self.limit = in_flight, limit
 
+
+USAGE_GRACE_SECONDS = 2 * 24 * 3600  # a job's usage outlives its record until the sweeper purges it
 
 Cursor = tuple[int, str]
 """A position in an owner's job list: (creation score, job id) of the last job returned."""
@@ -330,6 +357,7 @@ class JobStore:
         self._record_steps = client.register_script(_RECORD_STEPS)
         self._delete = client.register_script(_DELETE)
         self._unschedule = client.register_script(_UNSCHEDULE)
+        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def from_url(
@@ -363,6 +391,7 @@ class JobStore:
         max_in_flight: int | None = None,
         webhook: tuple[str, list[str]] | None = None,
         max_cost_in_flight: int | None = None,
+        max_stored: int | None = None,
     ) -> tuple[str, bool, float]:
         """Create the job and enqueue its shards in one MULTI/EXEC. Returns (job id, created,
         created_at).
@@ -372,8 +401,9 @@ class JobStore:
         who has that many jobs queued or running gets TooManyJobsInFlight (checked in the same
         transaction, so concurrent submissions cannot overshoot it); with max_cost_in_flight, a
         job that would take the image-steps of the owner's queued and running jobs past it gets
-        CostInFlightExceeded (the same way). webhook: (url, events) to deliver to
-        (service.jobs.webhooks).
+        CostInFlightExceeded (the same way); with max_stored, an owner whose records (any status,
+        not yet expired or deleted) number that many gets TooManyJobsStored. webhook: (url,
+        events) to deliver to (service.jobs.webhooks).
         """
         digest = body_hash(body)
         idem = keys.idempotency(owner, idempotency_key) if idempotency_key else None
@@ -381,13 +411,14 @@ class JobStore:
         job_id = uuid.uuid4().hex
         now = time.time()
         shards = shard_ranges(params.num_images, self.shard_size)
-        limited = max_in_flight is not None or max_cost_in_flight is not None
+        limited = max_in_flight is not None or max_cost_in_flight is not None or max_stored is not None
         if limited:
             await self._prune(owner)
         async with self.r.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    watched = [*(active if limited else []), *([idem] if idem else [])]
+                    every = keys.owner_jobs(owner)
+                    watched = [*(active + [every] if limited else []), *([idem] if idem else [])]
                     if watched:
                         await pipe.watch(*watched)
                     if idem:
@@ -397,6 +428,8 @@ class JobStore:
                             if prior["body_hash"] != digest:
                                 raise IdempotencyConflict(idempotency_key)
                             return prior["job_id"], False, 0.0
+                    if max_stored is not None and await pipe.zcard(every) >= max_stored:
+                        raise TooManyJobsStored(max_stored)
                     if limited:
                         await self._check_in_flight(pipe, active, params, max_in_flight, max_cost_in_flight)
                     pipe.multi()
@@ -553,6 +586,16 @@ class JobStore:
         )
         return None if status == "missing" else JobStatus(status)
 
+    async def release_storage(self, job_id: str) -> None:
+        """The job's objects are deleted: give its bytes back to its owner (once)."""
+        owner = await self.r.hget(keys.job_usage(job_id), "owner")
+        if owner is not None:
+            await self._release(keys=[keys.job_usage(job_id), keys.owner_stored_bytes(owner)])
+
+    async def stored_bytes(self, owner: str) -> int:
+        """Bytes of the owner's images in the bucket, as counted by completed shards."""
+        return max(0, int(await self.r.get(keys.owner_stored_bytes(owner)) or 0))
+
     async def schedule_purge(self, job_id: str, at: float) -> None:
         """Have the job's objects deleted at epoch time `at` (worker.sweeper)."""
         await self.r.zadd(keys.PURGE, {job_id: at})
@@ -586,6 +629,8 @@ class JobStore:
                 keys.job_done_shards(task.job_id),
                 keys.job_events(task.job_id),
                 keys.job_files(task.job_id),
+                keys.job_usage(task.job_id),
+                keys.owner_stored_bytes(task.owner or ""),
             ],
             args=[
                 task.shard,
@@ -594,6 +639,9 @@ class JobStore:
                 self.ttl,
                 json.dumps(files) if files is not None else "",
                 _now_ms(),
+                task.owner or "",
+                sum(size for _, size in files or []) if task.owner else 0,
+                self.ttl + USAGE_GRACE_SECONDS,
             ],
         )
         return status, bool(all_done)

@@ -240,3 +240,46 @@ def test_reads_are_rate_limited_per_owner(asgi_api):
     r = client.get("/v1/jobs")
     assert r.status_code == 429 and "reads per minute" in r.json()["detail"] and int(r.headers["Retry-After"]) >= 1
     assert client.get("/v1/models").status_code == 429
+
+
+def test_an_owner_past_its_stored_bytes_gets_429_until_it_deletes_jobs(asgi_api, stack):
+    """The in-process API has no Workers: a shard's completion is written as a Worker writes it."""
+    from service.jobs.schemas import JobStatus, ShardTask
+    from service.jobs.store import JobStore
+
+    client = asgi_api(max_stored_bytes_per_key=1000)
+    job = client.post("/v1/jobs", json={"num_images": 4, "steps": 5, "class_label": 1}).json()
+    owner = digest(KEY_A)[:24]
+
+    async def complete_and_end() -> None:
+        store = JobStore.from_url(stack.redis.url.rsplit("/", 1)[0] + "/6", 3600, 4)
+        record = await store.get(job["id"])
+        task = ShardTask(job_id=job["id"], shard=0, start=0, count=4, owner=owner, params=record.params)
+        await store.complete_shard(task, [("ab" * 32, 300)] * 4)
+        await store.finish(job["id"], owner, JobStatus.failed)
+        await store.close()
+
+    asyncio.run(complete_and_end())
+    r = client.post("/v1/jobs", json={"num_images": 1, "steps": 5, "class_label": 1})
+    assert r.status_code == 429 and "1,200 bytes of images stored" in r.json()["detail"], r.text
+    assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    assert client.post("/v1/jobs", json={"num_images": 1, "steps": 5, "class_label": 1}).status_code == 202
+
+
+def test_through_the_stack_a_jobs_bytes_count_for_its_owner_until_it_is_deleted(api, stack):
+    import redis
+
+    from service.jobs import keys
+    from tests.service.conftest import wait_for_status, wait_idle
+
+    wait_idle(stack)
+    db = redis.Redis.from_url(stack.redis.url)
+    owner_key = keys.owner_stored_bytes(digest(KEY_A)[:24])
+    before = int(db.get(owner_key) or 0)
+    job = api.post("/v1/jobs", json={"num_images": 6, "steps": 3, "class_label": 7}).json()
+    done = wait_for_status(api, job["id"], {"succeeded"})
+    manifest = httpx.get(done["manifest_url"], timeout=30).json()
+    assert int(db.get(owner_key)) - before == sum(image["size"] for image in manifest["images"])
+    assert db.exists(keys.job_files(job["id"])) == 0  # the manifest holds the checksums now
+    assert api.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    assert int(db.get(owner_key) or 0) == before

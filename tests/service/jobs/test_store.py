@@ -264,3 +264,32 @@ def test_cost_in_flight_is_checked_in_the_submit_transaction(store, run):
     assert run(store.submit("bob", params(10, 5), {}, max_cost_in_flight=150))[1]  # per owner
     run(store.finish(queued[0], "alice", JobStatus.canceled))
     assert run(store.submit("alice", params(10, 5), {}, max_cost_in_flight=150))[1]
+
+
+def test_stored_bytes_are_counted_once_per_shard_and_given_back_once(store, run):
+    """An owner's bytes in the bucket: a shard's PNG sizes count at its first completion while the
+    job is active, and deleting the job's objects gives them back exactly once."""
+    from service.jobs import keys
+
+    job_id, _, _ = run(store.submit("alice", params(8), {}))
+    a, b = [ShardTask(job_id=job_id, shard=k, start=4 * k, count=4, owner="alice", params=params(8)) for k in range(2)]
+    run(store.complete_shard(a, [("ab" * 32, 100)] * 4))
+    run(store.complete_shard(a, [("ab" * 32, 100)] * 4))  # a duplicate attempt
+    assert run(store.stored_bytes("alice")) == 400
+    run(store.finish(job_id, "alice", JobStatus.canceled))
+    run(store.complete_shard(b, [("cd" * 32, 50)] * 4))  # a straggler after the end: purged, not counted
+    assert run(store.stored_bytes("alice")) == 400 and run(store.stored_bytes("bob")) == 0
+    assert 0 < run(store.r.ttl(keys.owner_stored_bytes("alice"))) and 0 < run(store.r.ttl(keys.job_usage(job_id)))
+    run(store.release_storage(job_id))
+    run(store.release_storage(job_id))  # the sweeper after a DELETE
+    assert run(store.stored_bytes("alice")) == 0
+
+
+def test_an_owner_keeps_at_most_max_stored_jobs(store, run):
+    from service.jobs.store import TooManyJobsStored
+
+    for _ in range(3):
+        run(store.submit("alice", params(), {}, max_stored=3))
+    with pytest.raises(TooManyJobsStored):
+        run(store.submit("alice", params(), {}, max_stored=3))
+    assert run(store.submit("bob", params(), {}, max_stored=3))[1]
