@@ -87,6 +87,23 @@ def test_gpu_reserved_with_a_cpu_profile_and_persistent_redis():
     assert "mc mb --ignore-existing local/undiffuse" in " ".join(COMPOSE["services"]["minio"]["command"])
 
 
+def test_the_stack_says_which_environment_it_is():
+    """The image defaults to production (fail closed); this stack serves hashed keys and real
+    secrets, so it says production itself rather than lean on that default."""
+    for name in ("undiffuse", "undiffuse-cpu"):
+        assert COMPOSE["services"][name]["environment"]["UNDIFFUSE_ENVIRONMENT"] == "production", name
+    assert re.search(r"^\s+UNDIFFUSE_ENVIRONMENT: production$", COMPOSE_TEXT, re.M)
+
+
+def test_redis_is_the_patched_image_the_cluster_runs():
+    """One Redis image for both stacks; k8s/base/redis.yaml's is checked for its CVE fixes
+    (tests/deploy/test_k8s.py)."""
+    k8s = yaml.safe_load_all((ROOT / "k8s" / "base" / "redis.yaml").read_text())
+    (statefulset,) = [d for d in k8s if d and d["kind"] == "StatefulSet"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    assert COMPOSE["services"]["redis"]["image"] == container["image"]
+
+
 def promtool() -> str | None:
     candidates = [
         shutil.which("promtool"),

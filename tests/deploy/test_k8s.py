@@ -3,11 +3,14 @@ custom resources against their CRDs; the serveConfigV2 application imports and b
 validity, what a real cluster needs (issue 10): the KubeRay operator reaches the head's
 dashboard and the Ray pods reach each other, GPU pods land on GPU nodes from zero and refuse to
 run on a CPU, no PodDisruptionBudget blocks a drain, the pods read the Secret the docs create,
-and nothing applied needs CRDs a cluster may lack."""
+and nothing applied needs CRDs a cluster may lack. Hardened (issue 23): Ray takes only requests
+with its token, Redis a password from the Secret and no more memory than it may use, and every
+container runs on a read-only root filesystem."""
 
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -160,10 +163,22 @@ def test_the_secret_the_docs_create_is_the_one_the_pods_read(overlay):
     for pod in _ray_pods(docs).values():
         refs = [e["secretRef"] for c in pod["template"]["spec"]["containers"] for e in c["envFrom"] if "secretRef" in e]
         assert refs == [{"name": name}], "the pods read the Secret the docs create (and need it: not optional)"
-    keys = re.findall(r"--from-literal=(UNDIFFUSE_[A-Z0-9_]+)=", literals)
-    assert "UNDIFFUSE_API_KEYS" in keys
-    for key in keys:  # every key the docs put in it is a setting the service reads
-        assert key.removeprefix("UNDIFFUSE_").lower() in Settings.model_fields, key
+    keys = re.findall(r"--from-literal=([A-Z0-9_]+)=", literals)
+    assert {"UNDIFFUSE_API_KEYS", "REDIS_PASSWORD"} <= set(keys)
+    for key in keys:  # every UNDIFFUSE_ key the docs put in it is a setting the service reads
+        if key.startswith("UNDIFFUSE_"):
+            assert key.removeprefix("UNDIFFUSE_").lower() in Settings.model_fields, key
+    # every key a pod takes from it by name (a missing one stops the pod) is one the docs create
+    refs = [
+        e["valueFrom"]["secretKeyRef"]
+        for spec in _pod_specs(docs)
+        for c in spec["containers"]
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    ]
+    assert refs, "the Ray pods and Redis take REDIS_PASSWORD from the Secret"
+    for ref in refs:
+        assert ref["name"] == name and ref["key"] in keys and not ref.get("optional"), ref
 
 
 # --- NetworkPolicies -------------------------------------------------------------------------------
@@ -361,3 +376,180 @@ def test_serve_config_imports_and_builds_the_application(overlay):
     module, _, cls = serve_autoscaling["policy"]["policy_function"].partition(":")
     assert callable(getattr(__import__(module, fromlist=[cls]), cls))
     assert serve_autoscaling["max_replicas"] == policy["max_replicas"]
+
+
+# --- hardening: Redis -----------------------------------------------------------------------------
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+# the first release of each Redis line with the 2025 Lua fixes (CVE-2025-49844, -46817, -46818,
+# -46819: 7.4.6) and the July 2026 ones (CVE-2026-23479, -25243, -23631, and the stream RESTORE
+# use-after-free: 7.4.10); a line not listed here has to be added with its first patched release
+REDIS_PATCHED = {
+    (7, 2): (7, 2, 15),
+    (7, 4): (7, 4, 10),
+    (8, 2): (8, 2, 8),
+    (8, 4): (8, 4, 5),
+    (8, 6): (8, 6, 5),
+    (8, 8): (8, 8, 1),
+}
+SAMPLE_PASSWORD = "0123456789abcdef" * 4  # what `openssl rand -hex 32` makes
+
+
+def _redis(docs) -> dict:
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "redis"]
+    return sts
+
+
+def _redis_command(container: dict) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """(argv, {--option: value}, the configuration read from standard input) of the Redis
+    container's `sh -c` script: `exec redis-server OPTIONS - <<EOF ... EOF`."""
+    assert container["command"] == ["sh", "-c"] and len(container["args"]) == 1
+    line, _, heredoc = container["args"][0].partition("<<EOF\n")
+    argv = shlex.split(line.replace("\\\n", " "))
+    body, _, rest = heredoc.rpartition("EOF")
+    assert rest.strip() == "", "nothing runs after the here-document"
+    config = dict(entry.split(maxsplit=1) for entry in body.splitlines() if entry.strip())
+    assert argv[:2] == ["exec", "redis-server"] and argv[-1] == "-", "redis-server is PID 1 and reads stdin"
+    options = argv[2:-1]
+    assert all(o.startswith("--") for o in options[::2]) and len(options) % 2 == 0, options
+    return argv, dict(zip(options[::2], options[1::2], strict=True)), config
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes quantity (2Gi) or a Redis size (1536mb: Redis's mb is 1024*1024)."""
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", quantity).groups()
+    units = {"": 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "kb": 2**10, "mb": 2**20, "gb": 2**30, "k": 2**10}
+    return int(number) * units[unit]
+
+
+def _expand(container: dict, secret: dict[str, str]) -> dict[str, str]:
+    """The container's `env` as the kubelet makes it: secretKeyRefs from `secret`, `$(VAR)`
+    expanded from what is defined before (an undefined one stays as written)."""
+    out: dict[str, str] = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            out[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: out.get(m.group(1), m.group(0)), e["value"])
+        else:
+            out[e["name"]] = secret[e["valueFrom"]["secretKeyRef"]["key"]]
+    return out
+
+
+def test_redis_is_a_patched_release():
+    docs = render("cpu")
+    (container,) = _redis(docs)["spec"]["template"]["spec"]["containers"]
+    name, _, tag = container["image"].partition(":")
+    assert name == "redis", "the official image"
+    version = _version(tag)
+    assert len(version) == 3, f"pin a patch release, not {tag!r}"
+    line = version[:2]
+    assert line in REDIS_PATCHED, f"Redis {line}: add its first release with the 2025 and 2026 CVE fixes"
+    assert version >= REDIS_PATCHED[line], container["image"]
+
+
+def test_redis_requires_a_password_from_the_secret_and_never_evicts(overlay):
+    """requirepass from the Secret, never on a command line; maxmemory below the container's
+    limit with noeviction: Redis holds the queue and the job records, so when it is full it
+    must refuse writes, not drop jobs."""
+    _, docs = overlay
+    spec = _redis(docs)["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    argv, options, config = _redis_command(container)
+    assert config == {"requirepass": "$REDIS_PASSWORD"}, "the password comes on standard input"
+    assert not any("requirepass" in a or "REDIS_PASSWORD" in a for a in argv), "no password on the command line"
+    env = _expand(container, {"REDIS_PASSWORD": SAMPLE_PASSWORD})
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == SAMPLE_PASSWORD  # the probe authenticates
+    assert "PONG" in " ".join(container["readinessProbe"]["exec"]["command"]), "NOAUTH is not ready"
+    assert options["--maxmemory-policy"] == "noeviction"
+    limit = _bytes(container["resources"]["limits"]["memory"])
+    assert 0.5 * limit <= _bytes(options["--maxmemory"]) <= 0.8 * limit, "room for an AOF rewrite's fork"
+    assert options["--appendonly"] == "yes" and options["--dir"] == "/data"
+
+
+def test_the_ray_pods_reach_redis_with_its_password(overlay):
+    from redis.connection import parse_url
+
+    _, docs = overlay
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert "UNDIFFUSE_REDIS_URL" not in config, "built in one place, from the password"
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "redis"]
+    port = service["spec"]["ports"][0]["port"]
+    for name, group in _ray_pods(docs).items():
+        env = _expand(group["template"]["spec"]["containers"][0], {"REDIS_PASSWORD": SAMPLE_PASSWORD})
+        url = parse_url(env["UNDIFFUSE_REDIS_URL"])
+        assert (url["host"], url["port"], url["password"]) == ("redis", port, SAMPLE_PASSWORD), name
+
+
+# --- hardening: the pods --------------------------------------------------------------------------
+HOME = re.search(r"--home-dir (\S+)", (ROOT / "Dockerfile").read_text()).group(1)
+# where Ray writes: sessions and logs, the rest of /tmp (torch's compile caches, spilled objects),
+# and the image user's home (~/.cache, ~/.triton); KubeRay mounts /dev/shm itself
+RAY_WRITES = {"/tmp/ray", "/tmp", HOME}
+
+
+def _containers(docs):
+    """(who, container, its pod's spec) for every container of the Ray and Redis pods, with the
+    autoscaler KubeRay adds to the head pod as autoscalerOptions describes it."""
+    rc = _rayservice(docs)["spec"]["rayClusterConfig"]
+    for name, group in _ray_pods(docs).items():
+        for container in group["template"]["spec"]["containers"]:
+            yield name, container, group["template"]["spec"]
+    if rc.get("enableInTreeAutoscaling"):
+        yield "autoscaler", rc["autoscalerOptions"], rc["headGroupSpec"]["template"]["spec"]
+    spec = _redis(docs)["spec"]["template"]["spec"]
+    for container in spec["containers"]:
+        yield "redis", container, spec
+
+
+def test_every_container_has_a_read_only_root_filesystem(overlay):
+    _, docs = overlay
+    claims = {t["metadata"]["name"] for t in _redis(docs)["spec"]["volumeClaimTemplates"]}
+    seen = set()
+    for who, container, spec in _containers(docs):
+        seen.add(who)
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, who
+        volumes = {v["name"] for v in spec.get("volumes", [])} | (claims if who == "redis" else set())
+        for mount in container.get("volumeMounts", []):
+            assert mount["name"] in volumes, (who, mount)
+    assert {"head", "denoisers", "autoscaler", "redis"} <= seen
+    for name, group in _ray_pods(docs).items():
+        spec = group["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in spec["containers"][0]["volumeMounts"]}
+        assert RAY_WRITES <= set(mounts), name
+        assert all(set(mounts[path]) == {"name", "emptyDir"} for path in RAY_WRITES), name
+    # the autoscaler (`ray kuberay-autoscaler`, the head's image): KubeRay mounts /tmp/ray in it
+    autoscaler = _rayservice(docs)["spec"]["rayClusterConfig"]["autoscalerOptions"]
+    assert RAY_WRITES - {"/tmp/ray"} <= {m["mountPath"] for m in autoscaler["volumeMounts"]}
+
+
+def test_only_the_autoscaler_gets_a_service_account_token(overlay):
+    """The in-tree autoscaler, a container of the head pod, scales the Denoiser pods through the
+    Kubernetes API; nothing else in these pods talks to it."""
+    _, docs = overlay
+    assert _redis(docs)["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    pods = _ray_pods(docs)
+    for name, group in pods.items():
+        if name != "head":
+            assert group["template"]["spec"]["automountServiceAccountToken"] is False, name
+    assert _rayservice(docs)["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    assert pods["head"]["template"]["spec"].get("automountServiceAccountToken", True) is True
+
+
+def test_ray_requires_its_token(overlay):
+    """Ray token authentication (Ray >= 2.52; KubeRay >= 1.5.1 generates the token and hands it to
+    every Ray container and to itself): without the token, the dashboard and job API, GCS and
+    the Ray client refuse."""
+    _, docs = overlay
+    rc = _rayservice(docs)["spec"]["rayClusterConfig"]
+    assert rc["authOptions"] == {"mode": "token"}
+    locked = re.search(r"^ray==(\S+)$", (ROOT / "requirements.lock").read_text(), re.M).group(1)
+    assert rc["rayVersion"] == locked and _version(locked) >= (2, 52, 0)
+    helm = re.search(r"helm install kuberay-operator kuberay/kuberay-operator --version (\S+)", DOCS).group(1)
+    assert _version(helm) >= (1, 5, 1), "authOptions needs KubeRay 1.5.1"
+    # KubeRay sets RAY_AUTH_MODE and RAY_AUTH_TOKEN; nothing here may override them
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert not {k for k in config if k.startswith("RAY_AUTH")}
+    for who, container, _ in _containers(docs):
+        assert not {e["name"] for e in container.get("env", [])} & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, who
