@@ -4,9 +4,11 @@ validity, what a real cluster needs (issue 10): the KubeRay operator reaches the
 dashboard and the Ray pods reach each other, GPU pods land on GPU nodes from zero and refuse to
 run on a CPU, no PodDisruptionBudget blocks a drain, the pods read the Secret the docs create,
 and nothing applied needs CRDs a cluster may lack. Hardened (issue 23): Ray takes only requests
-with its token, Redis a password from the Secret and no more memory than it may use, and every
-container runs on a read-only root filesystem."""
+with its token, Redis a password from the Secret and no more memory than it may use, every
+container runs on a read-only root filesystem, egress is denied but for what the service calls,
+and the optional components put TLS in front of the API and between the pods and Redis."""
 
+import ipaddress
 import json
 import os
 import re
@@ -553,3 +555,117 @@ def test_ray_requires_its_token(overlay):
     assert not {k for k in config if k.startswith("RAY_AUTH")}
     for who, container, _ in _containers(docs):
         assert not {e["name"] for e in container.get("env", [])} & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, who
+
+
+# --- hardening: egress ----------------------------------------------------------------------------
+def _egress_allowed(docs, src: dict, dst: tuple, port: int, protocol: str = "TCP") -> bool:
+    """Does some NetworkPolicy let a pod labelled `src` (namespace undiffuse) open `protocol`/`port`
+    to `dst`: ("ip", address) outside the cluster, or ("pod", namespace, labels)? ipBlocks are
+    taken to match external addresses only (whether they match pod IPs depends on the CNI)."""
+    policies = [
+        p
+        for p in docs
+        if p["kind"] == "NetworkPolicy"
+        and "Egress" in p["spec"].get("policyTypes", [])
+        and _selects(p["spec"]["podSelector"], src)
+    ]
+    if not policies:
+        return True
+
+    def peer_ok(peer) -> bool:
+        if "ipBlock" in peer:
+            if dst[0] != "ip":
+                return False
+            address = ipaddress.ip_address(dst[1])
+
+            def inside(cidr: str) -> bool:
+                network = ipaddress.ip_network(cidr)
+                return address.version == network.version and address in network
+
+            return inside(peer["ipBlock"]["cidr"]) and not any(map(inside, peer["ipBlock"].get("except", [])))
+        if dst[0] != "pod":
+            return False
+        _, ns, labels = dst
+        ns_labels = {"kubernetes.io/metadata.name": ns}
+        ns_ok = _selects(peer["namespaceSelector"], ns_labels) if "namespaceSelector" in peer else ns == "undiffuse"
+        return ns_ok and _selects(peer.get("podSelector", {}), labels)
+
+    def port_ok(p) -> bool:
+        return p.get("protocol", "TCP") == protocol and p["port"] <= port <= p.get("endPort", p["port"])
+
+    return any(
+        (not rule.get("to") or any(peer_ok(peer) for peer in rule["to"]))
+        and (not rule.get("ports") or any(port_ok(p) for p in rule["ports"]))
+        for p in policies
+        for rule in p["spec"].get("egress", [])
+    )
+
+
+OUTSIDE = ("ip", "203.0.113.7")  # any address outside the cluster (TEST-NET-3)
+PROBED = [(p, "TCP") for p in (22, 53, 80, 443, 3306, 5432, 6379, 6443, 8000, 8080, 8265, 9000, 10001)]
+PROBED += [(53, "UDP"), (123, "UDP"), (443, "UDP")]
+DNS = {(53, "UDP"), (53, "TCP")}
+
+
+def test_egress_is_denied_but_for_dns_redis_s3_webhooks_and_ray_itself(overlay):
+    _, docs = overlay
+    deny = [
+        p
+        for p in docs
+        if p["kind"] == "NetworkPolicy" and p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Egress"]
+    ]
+    assert [p["spec"].get("egress", []) for p in deny].count([]) == 1, "one default deny for every pod"
+    pods = {name: g["template"]["metadata"]["labels"] for name, g in _ray_pods(docs).items()}
+    head, redis = pods.pop("head"), _redis(docs)["spec"]["template"]["metadata"]["labels"]
+    expected_outside = {
+        "head": DNS | {(443, "TCP"), (80, "TCP"), (6443, "TCP")},  # S3, webhooks, the Kubernetes API
+        **{name: DNS | {(443, "TCP")} for name in pods},  # S3 (a model sync in an init container)
+        "redis": DNS,
+    }
+    for name, labels in [("head", head), *pods.items(), ("redis", redis)]:
+        reached = {(port, proto) for port, proto in PROBED if _egress_allowed(docs, labels, OUTSIDE, port, proto)}
+        assert reached == expected_outside[name], name
+        assert _egress_allowed(docs, labels, ("pod", "kube-system", {"k8s-app": "kube-dns"}), 53, "UDP"), name
+        assert not _egress_allowed(docs, labels, ("pod", "default", {"app": "anything"}), 5432), name
+    for labels in (head, *pods.values()):
+        assert _egress_allowed(docs, labels, ("pod", "undiffuse", redis), 6379)
+        assert not _egress_allowed(docs, labels, ("pod", "undiffuse", redis), 6380)
+        for other in (head, *pods.values()):
+            for port in RAY_PORTS:
+                assert _egress_allowed(docs, labels, ("pod", "undiffuse", other), port), port
+    assert not _egress_allowed(docs, redis, ("pod", "undiffuse", head), 8000), "Redis calls nobody"
+    # every rule to addresses (or anywhere) names its ports: 53, 80, 443 and 6443 only
+    for policy in (p for p in docs if p["kind"] == "NetworkPolicy"):
+        for rule in policy["spec"].get("egress", []):
+            if not rule.get("to") or any("ipBlock" in peer for peer in rule["to"]):
+                assert rule.get("ports"), policy["metadata"]["name"]
+                assert {(p["port"], p.get("endPort")) for p in rule["ports"]} <= {
+                    (53, None),
+                    (80, None),
+                    (443, None),
+                    (6443, None),
+                }, policy["metadata"]["name"]
+
+
+def _docs_block(marker: str) -> dict:
+    """The YAML code block of docs/deploy.md that contains `marker`."""
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", DOCS, re.S) if marker in b]
+    assert len(blocks) == 1, marker
+    return yaml.safe_load(blocks[0])
+
+
+def test_the_documented_s3_egress_patch_narrows_s3(overlay, tmp_path):
+    """docs/deploy.md's overlay for an S3 endpoint at a known address and port (MinIO on 9000
+    here): S3 on that address only, and the Denoiser pods reach nothing else outside."""
+    name, _ = overlay
+    patches = _docs_block("name: ray-egress-s3")["patches"]
+    docs = render_own_overlay(tmp_path, name, patches=patches)
+    _validate([d for d in docs if d["kind"] == "NetworkPolicy"])
+    (policy,) = [d for d in docs if d["metadata"]["name"] == "ray-egress-s3"]
+    (rule,) = policy["spec"]["egress"]
+    (peer,) = rule["to"]
+    (port,) = rule["ports"]
+    inside = ("ip", str(next(ipaddress.ip_network(peer["ipBlock"]["cidr"]).hosts())))
+    denoisers = _ray_pods(docs)["denoisers"]["template"]["metadata"]["labels"]
+    assert _egress_allowed(docs, denoisers, inside, port["port"])
+    assert not _egress_allowed(docs, denoisers, OUTSIDE, 443) and not _egress_allowed(docs, denoisers, OUTSIDE, 9000)
