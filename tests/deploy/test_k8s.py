@@ -669,3 +669,79 @@ def test_the_documented_s3_egress_patch_narrows_s3(overlay, tmp_path):
     denoisers = _ray_pods(docs)["denoisers"]["template"]["metadata"]["labels"]
     assert _egress_allowed(docs, denoisers, inside, port["port"])
     assert not _egress_allowed(docs, denoisers, OUTSIDE, 443) and not _egress_allowed(docs, denoisers, OUTSIDE, 9000)
+
+
+# --- optional components: TLS in front of the API, TLS to Redis -----------------------------------
+def _nginx_size(size: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([kKmM]?)", size).groups()
+    return int(number) * {"": 1, "k": 2**10, "m": 2**20}[unit.lower()]
+
+
+def test_the_tls_ingress_component(overlay, tmp_path):
+    """HTTPS only, HSTS, and the proxy's request-body limit equal to the service's own
+    (UNDIFFUSE_MAX_BODY_BYTES), for the NGINX-based controllers the annotations are for."""
+    from service.settings import Settings
+
+    name, docs = overlay
+    assert not [d for d in docs if d["kind"] == "Ingress"], "optional: a component"
+    rendered = render_own_overlay(tmp_path, name, components=["components/tls-ingress"])
+    (ingress,) = [d for d in rendered if d["kind"] == "Ingress"]
+    _validate([ingress])
+    assert ingress["metadata"]["namespace"] == "undiffuse"
+    notes = ingress["metadata"]["annotations"]
+    config = next(d for d in rendered if d["kind"] == "ConfigMap")["data"]
+    limit = int(config.get("UNDIFFUSE_MAX_BODY_BYTES", Settings.model_fields["max_body_bytes"].default))
+    assert _nginx_size(notes["nginx.org/client-max-body-size"]) == limit
+    assert _nginx_size(notes["nginx.ingress.kubernetes.io/proxy-body-size"]) == limit
+    assert notes["nginx.org/hsts"] == "true" and notes["nginx.org/hsts-include-subdomains"] == "true"
+    assert int(notes["nginx.org/hsts-max-age"]) >= 365 * 24 * 3600
+    assert (
+        notes["ingress.kubernetes.io/ssl-redirect"] == notes["nginx.ingress.kubernetes.io/force-ssl-redirect"] == "true"
+    )
+    spec = ingress["spec"]
+    (tls,) = spec["tls"]
+    assert tls["secretName"] and tls["hosts"] == [rule["host"] for rule in spec["rules"]]
+    (path,) = spec["rules"][0]["http"]["paths"]
+    backend = path["backend"]["service"]
+    rayservice = _rayservice(rendered)
+    # KubeRay's Service for the Serve proxies: <RayService>-serve-svc, on the head's serve port
+    assert backend["name"] == f"{rayservice['metadata']['name']}-serve-svc"
+    head = _ray_pods(rendered)["head"]["template"]
+    serve_port = next(p for p in head["spec"]["containers"][0]["ports"] if p["name"] == "serve")["containerPort"]
+    assert backend["port"]["number"] == serve_port and path["path"] == "/"
+    assert _admitted(rendered, head["metadata"]["labels"], "ingress-nginx", {}, serve_port)
+    assert re.search(r"proxy-body-size|client-max-body-size", DOCS) and "413" in DOCS
+
+
+def test_the_redis_tls_component(overlay, tmp_path):
+    """Redis on TLS only, with the base's options kept; every Ray pod connects with rediss://
+    and checks the server against the CA it mounts from the Secret redis-tls."""
+    from redis.connection import SSLConnection, parse_url
+
+    name, docs = overlay
+    rendered = render_own_overlay(tmp_path, name, components=["components/redis-tls"])
+    _validate(rendered)
+    (base,) = _redis(docs)["spec"]["template"]["spec"]["containers"]
+    spec = _redis(rendered)["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    _, base_options, base_config = _redis_command(base)
+    _, options, config = _redis_command(container)
+    assert config == base_config and base_options.items() <= options.items()
+    assert options["--port"] == "0" and options["--tls-port"] == str(base["ports"][0]["containerPort"])
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: volumes.get(m["name"]) for m in container["volumeMounts"]}
+    for option in ("--tls-cert-file", "--tls-key-file", "--tls-ca-cert-file"):
+        volume = mounts[os.path.dirname(options[option])]
+        assert volume["secret"]["secretName"] == "redis-tls", option
+    assert "--tls" in container["readinessProbe"]["exec"]["command"][-1]
+    for pod, group in _ray_pods(rendered).items():
+        pod_spec = group["template"]["spec"]
+        env = _expand(pod_spec["containers"][0], {"REDIS_PASSWORD": SAMPLE_PASSWORD})
+        url = parse_url(env["UNDIFFUSE_REDIS_URL"])
+        assert url["connection_class"] is SSLConnection and url["host"] == "redis", pod
+        assert url.get("ssl_cert_reqs", "required") == "required" and url.get("ssl_check_hostname", True), pod
+        volumes = {v["name"]: v for v in pod_spec["volumes"]}
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in pod_spec["containers"][0]["volumeMounts"]}
+        secret = mounts[os.path.dirname(url["ssl_ca_certs"])]["secret"]
+        assert secret["secretName"] == "redis-tls", pod
+        assert secret["items"] == [{"key": "ca.crt", "path": os.path.basename(url["ssl_ca_certs"])}], pod
