@@ -21,6 +21,7 @@ from service.jobs.webhooks import WebhookOutcome, retry_delay
 from service.settings import Settings
 from service.storage import ObjectStore, manifest_key
 from service.webhooks import sender, signing
+from service.webhooks.addresses import Guard
 
 log = logging.getLogger("ray.serve")
 POLL_S = 1.0  # the longest a newly due delivery waits for a round
@@ -35,6 +36,7 @@ class Dispatcher:
         self.record_metrics = record_metrics
         # a claimed delivery is hidden this long: the lookup and the POST fit well inside it
         self.lease = 2 * settings.webhook_timeout_seconds + settings.webhook_resolve_timeout_seconds + 30
+        self.guard = Guard.from_settings(settings)
         self.inflight: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
         self.http = sender.client()
@@ -103,8 +105,8 @@ class Dispatcher:
                 body,
                 headers,
                 timeout=self.settings.webhook_timeout_seconds,
-                allow_private=self.settings.webhook_allow_private,
-                resolve_timeout=self.settings.webhook_resolve_timeout_seconds,
+                guard=self.guard,
+                owner=record.owner,
             )
         else:  # webhooks were turned off (production without a signing key) after it was scheduled
             attempt = sender.Attempt(None, "webhooks are not enabled on this server")

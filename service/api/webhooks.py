@@ -11,7 +11,7 @@ from service.api.deps import UNAUTHORIZED, Context, Ctx, Owner
 from service.api.schemas import JobCreate, WebhookSecret
 from service.jobs.webhooks import DEFAULT_EVENTS
 from service.webhooks import signing
-from service.webhooks.addresses import AddressRefused, checked_addresses
+from service.webhooks.addresses import AddressRefused, Guard, checked_addresses
 
 router = APIRouter(prefix="/v1", tags=["webhooks"], responses=UNAUTHORIZED)
 DISABLED = "webhooks are not enabled on this server (UNDIFFUSE_WEBHOOK_SIGNING_KEY is unset)"
@@ -21,10 +21,12 @@ def _invalid(field: str, message: str, value: Any) -> RequestValidationError:
     return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
 
 
-async def webhook_target(body: JobCreate, ctx: Context) -> tuple[str, list[str]] | None:
+async def webhook_target(body: JobCreate, ctx: Context, owner: str | None = None) -> tuple[str, list[str]] | None:
     """(url, events) of the submission's webhook, or None; a 422 naming the field when the URL
-    may not be delivered to (its host resolves to a non-public address, or not at all) or the
-    events come without a URL."""
+    may not be delivered to (service.webhooks.addresses: credentials in it, http:// in
+    production, a port not open to webhooks, a host that does not resolve to public addresses)
+    or the events come without a URL. owner: whose DNS budget the lookup counts in (None: the
+    host's own)."""
     if body.webhook_url is None:
         if body.webhook_events is not None:
             raise _invalid("webhook_events", "needs webhook_url", body.webhook_events)
@@ -32,9 +34,7 @@ async def webhook_target(body: JobCreate, ctx: Context) -> tuple[str, list[str]]
     if not signing.enabled(ctx.settings):
         raise _invalid("webhook_url", DISABLED, body.webhook_url)
     try:
-        await checked_addresses(
-            body.webhook_url, ctx.settings.webhook_allow_private, ctx.settings.webhook_resolve_timeout_seconds
-        )
+        await checked_addresses(body.webhook_url, Guard.from_settings(ctx.settings), owner)
     except AddressRefused as e:
         raise _invalid("webhook_url", str(e), body.webhook_url) from None
     return body.webhook_url, list(body.webhook_events or DEFAULT_EVENTS)

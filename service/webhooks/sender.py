@@ -21,7 +21,7 @@ import httpx
 
 from service.jobs.store import JobRecord
 from service.jobs.webhooks import EVENT_STATUS
-from service.webhooks.addresses import AddressRefused, checked_addresses
+from service.webhooks.addresses import AddressRefused, Guard, checked_addresses
 
 USER_AGENT = "undiffuse-webhooks/1"
 
@@ -86,12 +86,13 @@ async def post(
     body: str,
     headers: dict[str, str],
     timeout: float,
-    allow_private: bool,
-    resolve_timeout: float,
+    guard: Guard,
+    owner: str | None = None,
 ) -> Attempt:
-    """POST body to url (checked and pinned to one of its addresses) within timeout seconds."""
+    """POST body to url (checked by guard, its lookup in owner's budget, and pinned to one of
+    its addresses) within timeout seconds."""
     try:
-        ips = await checked_addresses(url, allow_private, resolve_timeout)
+        ips = await checked_addresses(url, guard, owner)
     except AddressRefused as e:
         return Attempt(None, f"refused: {e}")
     target = httpx.URL(url)

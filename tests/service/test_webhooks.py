@@ -234,8 +234,8 @@ def test_a_redirect_is_not_followed(redis_server, receiver):
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_delivery_checks_the_address_again_and_refuses_a_private_one(redis_server, receiver, host):
     """The URL passed the check at submission, but now resolves to loopback (DNS changed):
-    nothing is sent, and the attempt says why."""
-    settings = dispatcher_settings(webhook_allow_private=False)
+    nothing is sent, and the attempt says why (for a name, without telling what it resolves to)."""
+    settings = dispatcher_settings(webhook_allow_private=False, webhook_allowed_ports=[receiver.server.server_port])
 
     async def body(store, _):
         url = receiver.url("/internal").replace("127.0.0.1", host)
@@ -244,9 +244,11 @@ def test_delivery_checks_the_address_again_and_refuses_a_private_one(redis_serve
 
     outcome = scenario(redis_server, settings, body)
     assert outcome.status == "pending" and outcome.last_status_code is None
-    assert outcome.last_error.startswith("refused: ") and "a loopback address" in outcome.last_error
-    if host == "localhost":  # a name's internal address is not told to the job's owner
-        assert "127.0.0.1" not in outcome.last_error
+    assert outcome.last_error == (
+        "refused: 127.0.0.1, a loopback address; webhooks go to public addresses only"
+        if host == "127.0.0.1"
+        else "refused: host 'localhost' does not resolve to a public address; webhooks go to public addresses only"
+    )
     assert receiver.to("/internal") == []
 
 
@@ -337,14 +339,17 @@ def test_a_jobs_deliveries_verify_with_the_secret_its_owner_reads(stack, api, re
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
-        ("http://127.0.0.1:8000/hook", "127.0.0.1, a loopback address"),
+        ("http://127.0.0.1/hook", "127.0.0.1, a loopback address"),
         ("http://10.0.0.5/hook", "10.0.0.5, a private address"),
         ("http://169.254.169.254/latest/meta-data/", "169.254.169.254, a link-local address"),
         ("http://[::1]/hook", "::1, a loopback address"),
-        ("http://localhost:8000/hook", "'localhost' resolves to a loopback address"),
-        ("http://0.0.0.0/hook", "0.0.0.0, a unspecified address"),
+        ("http://localhost/hook", "host 'localhost' does not resolve to a public address"),
+        ("http://0.0.0.0/hook", "0.0.0.0, an unspecified address"),
         ("http://[::ffff:192.168.0.1]/hook", "a private address"),
-        ("http://no-such-host.invalid/hook", "does not resolve"),
+        ("https://192.0.0.192/hook", "192.0.0.192, a special-purpose address"),
+        ("http://no-such-host.invalid/hook", "host 'no-such-host.invalid' does not resolve to a public address"),
+        ("https://93.184.215.14:6379/hook", "port 6379 is not open to webhooks"),
+        ("https://user:pass@93.184.215.14/hook", "must not contain a user name or password"),
     ],
 )
 def test_submissions_with_a_webhook_to_a_non_public_address_are_refused(asgi_api, url, reason):
@@ -378,7 +383,24 @@ def test_webhook_fields_are_validated(asgi_api):
 
 
 def test_production_without_a_signing_key_refuses_webhooks(asgi_api):
-    api = asgi_api(environment="production", api_keys=[f"alice=sha256:{digest(KEY_A)}"], webhook_allow_private=True)
-    r = api.post("/v1/jobs", json={"num_images": 1, "steps": 2, "class_label": 1, "webhook_url": "http://127.0.0.1/"})
+    api = asgi_api(environment="production", api_keys=[f"alice=sha256:{digest(KEY_A)}"], webhook_allow_private=False)
+    r = api.post(
+        "/v1/jobs", json={"num_images": 1, "steps": 2, "class_label": 1, "webhook_url": "https://93.184.215.14/"}
+    )
     assert r.status_code == 422 and "not enabled" in r.json()["detail"][0]["msg"]
     assert api.get("/v1/webhook-secret").status_code == 404
+
+
+def test_production_takes_https_webhooks_only(asgi_api):
+    api = asgi_api(
+        environment="production",
+        api_keys=[f"alice=sha256:{digest(KEY_A)}"],
+        webhook_allow_private=False,
+        webhook_signing_key="a-random-signing-key-0123456789",
+    )
+    base = {"num_images": 1, "steps": 2, "class_label": 1}
+    r = api.post("/v1/jobs", json={**base, "webhook_url": "http://93.184.215.14/hook"})
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "webhook_url"] and "must be an https:// URL" in error["msg"]
+    assert api.post("/v1/jobs", json={**base, "webhook_url": "https://93.184.215.14/hook"}).status_code == 202

@@ -19,6 +19,7 @@ import pytest
 import trustme
 
 from service.webhooks import sender
+from service.webhooks.addresses import Guard
 
 
 class TLSReceiver:
@@ -72,7 +73,7 @@ def guard(monkeypatch) -> list[str]:
     """The SSRF guard, answering 127.0.0.1 for HOST (and recording the URLs it checked)."""
     checked: list[str] = []
 
-    async def checked_addresses(url: str, allow_private: bool, timeout: float):
+    async def checked_addresses(url: str, guard: Guard, owner: str | None = None):
         checked.append(url)
         return [ipaddress.ip_address("127.0.0.1")]
 
@@ -91,7 +92,7 @@ def deliver(url: str, verify: ssl.SSLContext | bool) -> sender.Attempt:
         async with sender.client(verify) as http:
             return await sender.post(
                 http, url, '{"type":"job.succeeded"}', {"webhook-id": "msg_1"}, timeout=5.0,
-                allow_private=True, resolve_timeout=2.0,
+                guard=Guard(allow_private=True),
             )  # fmt: skip
 
     return asyncio.run(main())
