@@ -3,8 +3,12 @@
 Each Worker replica runs one, beside its consumer and sweeper. A round claims what is due (the
 claim leases each delivery, so two replicas never send the same attempt at once), and sends each
 in its own task, at most Settings.webhook_concurrency at a time, so one slow receiver does not
-hold up the others. An attempt that fails is rescheduled after the next delay of
-RETRY_SCHEDULE (with jitter), until the last; each attempt's outcome is written on the job.
+hold up the others; and at most Settings.webhook_concurrency_per_owner of one owner's, so an
+owner whose receivers are slow or never answer (or whose names never resolve: the lookups have a
+budget per owner too, service.webhooks.addresses) fills only its own slots, and other owners'
+deliveries are claimed past its backlog (service.jobs.webhooks parks it). An attempt that fails
+is rescheduled after the next delay of RETRY_SCHEDULE (with jitter), until the last; each
+attempt's outcome is written on the job.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 
 from redis.exceptions import RedisError
 
 from service import metrics
 from service.jobs.store import JobStore
-from service.jobs.webhooks import WebhookOutcome, retry_delay
+from service.jobs.webhooks import Claim, Delivery, WebhookOutcome, retry_delay
 from service.settings import Settings
 from service.storage import ObjectStore, manifest_key
 from service.webhooks import sender, signing
@@ -38,18 +43,26 @@ class Dispatcher:
         self.lease = 2 * settings.webhook_timeout_seconds + settings.webhook_resolve_timeout_seconds + 30
         self.guard = Guard.from_settings(settings)
         self.inflight: set[asyncio.Task] = set()
+        self.owners = Counter[str]()  # owner -> its deliveries in self.inflight
         self.stopping = asyncio.Event()
+        self.wake = asyncio.Event()  # set when stopping or a slot frees
         self.http = sender.client()
 
     async def run(self) -> None:
         backoff = 0.5
         while not self.stopping.is_set():
+            self.wake.clear()
             wait = POLL_S
             try:
-                await self.dispatch_once()
-                due = await self.schedule.next_due()
-                if due is not None:
-                    wait = min(POLL_S, max(0.02, due - time.time()))
+                claim = await self.dispatch_once()
+                if claim.more:  # the claim stopped at its scan budget: go on at once
+                    wait = 0.0
+                elif len(self.inflight) < self.settings.webhook_concurrency:
+                    # nothing claimable is due now (what is due waits for its owner's slots: a
+                    # freed slot wakes the loop); sleep until the next entry comes due
+                    due = await self.schedule.next_due()
+                    if due is not None:
+                        wait = min(POLL_S, max(0.02, due - time.time()))
                 backoff = 0.5
             except RedisError as e:  # Redis away: claimed deliveries come due again when their lease ends
                 log.warning("webhooks: Redis unavailable (%s); retrying in %.1fs", e, backoff)
@@ -57,25 +70,41 @@ class Dispatcher:
             except Exception:
                 log.exception("webhooks: unexpected error")
             try:
-                await asyncio.wait_for(self.stopping.wait(), wait)
+                await asyncio.wait_for(self.wake.wait(), wait)
             except asyncio.TimeoutError:
                 pass
 
-    async def dispatch_once(self) -> int:
-        """Claim what is due (as many as there are free slots) and start sending it."""
+    async def dispatch_once(self) -> Claim:
+        """Claim what is due (as many as there are free slots, each owner up to its own) and
+        start sending it."""
         free = self.settings.webhook_concurrency - len(self.inflight)
         if free <= 0:
-            return 0
-        claimed = await self.schedule.claim(time.time(), self.lease, free)
-        for job_id, event in claimed:
-            task = asyncio.create_task(self._deliver_logged(job_id, event))
-            self.inflight.add(task)
-            task.add_done_callback(self.inflight.discard)
-        return len(claimed)
+            return Claim([], False)
+        claim = await self.schedule.claim(
+            time.time(), self.lease, free, self.settings.webhook_concurrency_per_owner, self.owners
+        )
+        for delivery in claim.deliveries:
+            self._start(delivery)
+        return claim
+
+    def _start(self, delivery: Delivery) -> None:
+        task = asyncio.create_task(self._deliver_logged(delivery.job_id, delivery.event))
+        self.inflight.add(task)
+        self.owners[delivery.owner] += 1
+
+        def done(task: asyncio.Task) -> None:
+            self.inflight.discard(task)
+            self.owners[delivery.owner] -= 1
+            if self.owners[delivery.owner] <= 0:
+                del self.owners[delivery.owner]
+            self.wake.set()  # a slot is free: the owner's parked deliveries may go now
+
+        task.add_done_callback(done)
 
     async def drain(self, timeout: float) -> None:
         """Stop claiming, give attempts in flight up to timeout seconds, close the client."""
         self.stopping.set()
+        self.wake.set()
         if self.inflight:
             await asyncio.wait(self.inflight, timeout=timeout)
         await self.http.aclose()

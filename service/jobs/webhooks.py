@@ -7,8 +7,10 @@ service.jobs.store call LUA's `webhook(...)` when they make a change a webhook r
 a delivery is scheduled if and only if the transition happened, exactly once per (job, event):
 the transitions are guarded (each happens once) and the outcome is created with HSETNX.
 
-    undiffuse:job:{id}:webhooks   HASH   event -> JSON WebhookOutcome (the record's TTL, deleted with it)
-    undiffuse:webhooks:due        ZSET   "{job id}:{event}" -> when its next attempt is due
+    undiffuse:job:{id}:webhooks          HASH   event -> JSON WebhookOutcome (the record's TTL, deleted with it)
+    undiffuse:webhooks:due               ZSET   "{job id}:{event}" -> when its next attempt is due
+    undiffuse:webhooks:parked            ZSET   owner -> when its earliest parked delivery came due
+    undiffuse:webhooks:parked:{owner}    ZSET   "{job id}:{event}" -> when it came due (parked)
 
 A dispatcher (worker.dispatcher, one per Worker replica) `claim`s due entries: one
 script moves each a lease ahead, so no other dispatcher sees it while it is being sent; `begin`
@@ -16,17 +18,33 @@ counts the attempt; `finish` writes the outcome and reschedules (RETRY_SCHEDULE)
 entry, only if no later attempt began meanwhile. A dispatcher that dies mid-send leaves its entry
 to come due again when the lease ends: the next attempt goes out then (at-least-once; receivers
 deduplicate on the `webhook-id` header, which is the same for every attempt of one event).
+
+Claims are fair per owner: the caller says how many deliveries each owner has in flight with it,
+and a due delivery whose owner already has `per_owner` is *parked* (moved, once, to its owner's
+parked set) instead of being claimed, so it no longer stands in front of other owners' deliveries
+in the due set. An owner with room again gets its parked deliveries first, oldest first, from
+any dispatcher. So one owner's backlog (receivers that never answer, thousands of retries due)
+costs each claim O(what it moves), never a scan of that backlog, and delays nobody else's
+deliveries. A parked delivery of a job deleted meanwhile is dropped when it is claimed (`begin`
+finds no outcome), without a request.
 """
 
 from __future__ import annotations
 
+import json
 import random
-from typing import Literal, get_args
+from collections.abc import Mapping
+from typing import Literal, NamedTuple, get_args
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
 from service.jobs import keys
+
+# The schedule's per-owner keys (see the module docstring).
+WEBHOOKS_PARKED = f"{keys.PREFIX}:webhooks:parked"
+WEBHOOKS_PARKED_PREFIX = f"{WEBHOOKS_PARKED}:"
+SCAN = 1000  # due entries one claim looks at, at most: the next claim goes on (Claim.more)
 
 WebhookEvent = Literal["started", "succeeded", "failed", "canceled"]
 WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEvent)
@@ -95,13 +113,71 @@ local function webhook(job, hooks, due, job_id, kind, now)
 end
 """
 
-# KEYS[1] due; ARGV now, lease end, count. Takes up to count due entries and moves each to the
-# lease end, atomically: two dispatchers never get the same entry at once.
-_CLAIM = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], m) end
-return due
+# KEYS[1] due, KEYS[2] parked owners; ARGV now, lease end, count, per owner, scan budget, then
+# the caller's (owner, deliveries in flight) pairs. Takes up to count due entries, parked ones
+# first, and moves each to the lease end, atomically: two dispatchers never get the same entry at
+# once. An owner with per_owner deliveries in flight (counting those taken here) gets no more:
+# its due entries are parked instead. Returns {{member, owner, ...}, 1 if the scan budget ran out}.
+# A member whose job is gone has owner '' (no limit: the dispatcher drops it without sending).
+_CLAIM = (
+    f"local JOB_PREFIX, PARKED_PREFIX = {json.dumps(keys.job(''))}, {json.dumps(WEBHOOKS_PARKED_PREFIX)}\n"
+    + """
+local now, lease_end = ARGV[1], ARGV[2]
+local count, per_owner, budget = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local busy, callers_owners = {}, 0
+for i = 6, #ARGV - 1, 2 do
+  busy[ARGV[i]] = tonumber(ARGV[i + 1])
+  callers_owners = callers_owners + 1
+end
+local out, taken = {}, 0
+local function room(owner) return owner == '' or (busy[owner] or 0) < per_owner end
+local function take(m, owner)
+  redis.call('ZADD', KEYS[1], lease_end, m)
+  busy[owner] = (busy[owner] or 0) + 1
+  taken = taken + 1
+  out[#out + 1] = m
+  out[#out + 1] = owner
+end
+-- 1. parked entries: each came due before anything of its owner's still in the due set. Owners
+-- without room here are skipped; at most callers_owners of them, so count more owners are seen.
+if count > 0 then
+  for _, owner in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, count + callers_owners)) do
+    local want = math.min(per_owner - (busy[owner] or 0), count - taken)
+    if want > 0 then
+      local parked = PARKED_PREFIX .. owner
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', parked, '-inf', now, 'LIMIT', 0, want)) do
+        redis.call('ZREM', parked, m)
+        take(m, owner)
+      end
+      local first = redis.call('ZRANGE', parked, 0, 0, 'WITHSCORES')
+      if first[1] then redis.call('ZADD', KEYS[2], first[2], owner) else redis.call('ZREM', KEYS[2], owner) end
+    end
+  end
+end
+-- 2. the due set, earliest first: every entry looked at is taken or parked, so it leaves the
+-- range and the next page starts at offset 0
+local scanned = 0
+while taken < count and scanned < budget do
+  local page = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, math.min(64, budget - scanned))
+  if #page == 0 then break end
+  for i = 1, #page, 2 do
+    if taken >= count then break end
+    local m, at = page[i], page[i + 1]
+    scanned = scanned + 1
+    local owner = redis.call('HGET', JOB_PREFIX .. string.match(m, '^(.*):[^:]*$'), 'owner') or ''
+    if room(owner) then
+      take(m, owner)
+    else
+      redis.call('ZREM', KEYS[1], m)
+      redis.call('ZADD', PARKED_PREFIX .. owner, at, m)
+      local since = redis.call('ZSCORE', KEYS[2], owner)
+      if not since or tonumber(since) > tonumber(at) then redis.call('ZADD', KEYS[2], at, owner) end
+    end
+  end
+end
+return {out, scanned >= budget and 1 or 0}
 """
+)
 
 # KEYS[1] hooks; ARGV event. Counts an attempt of a pending delivery; returns its outcome JSON,
 # or false when there is none to send (the job is gone, or the delivery already ended).
@@ -128,6 +204,17 @@ return 1
 """
 
 
+class Delivery(NamedTuple):
+    job_id: str
+    event: str
+    owner: str  # the job's owner; "" when the job is gone (nothing to send)
+
+
+class Claim(NamedTuple):
+    deliveries: list[Delivery]
+    more: bool  # the scan budget ran out: more may be due than this claim looked at
+
+
 class WebhookSchedule:
     """The schedule's operations on one Redis client (the store's)."""
 
@@ -137,13 +224,29 @@ class WebhookSchedule:
         self._begin = client.register_script(_BEGIN)
         self._finish = client.register_script(_FINISH)
 
-    async def claim(self, now: float, lease_s: float, count: int) -> list[tuple[str, str]]:
-        """Up to count due deliveries as (job id, event), each leased for lease_s."""
-        due = await self._claim(keys=[keys.WEBHOOKS_DUE], args=[repr(now), repr(now + lease_s), count])
-        return [tuple(m.rsplit(":", 1)) for m in due]  # type: ignore[misc]
+    async def claim(
+        self,
+        now: float,
+        lease_s: float,
+        count: int,
+        per_owner: int | None = None,
+        in_flight: Mapping[str, int] | None = None,
+        scan: int = SCAN,
+    ) -> Claim:
+        """Up to count due deliveries, each leased for lease_s; at most per_owner (None: no
+        limit) in flight per owner, counting the caller's in_flight {owner: deliveries}."""
+        pairs = [v for owner, n in (in_flight or {}).items() if n > 0 for v in (owner, n)]
+        limit = count if per_owner is None else per_owner
+        raw, more = await self._claim(
+            keys=[keys.WEBHOOKS_DUE, WEBHOOKS_PARKED],
+            args=[repr(now), repr(now + lease_s), count, limit, scan, *pairs],
+        )
+        deliveries = [Delivery(*raw[i].rsplit(":", 1), raw[i + 1]) for i in range(0, len(raw), 2)]
+        return Claim(deliveries, bool(more))
 
     async def next_due(self) -> float | None:
-        """When the earliest entry is due (None: nothing scheduled)."""
+        """When the earliest entry of the due set is due (None: nothing scheduled). Parked
+        entries are due already, and wait for their owner to have room."""
         first = await self.r.zrange(keys.WEBHOOKS_DUE, 0, 0, withscores=True)
         return float(first[0][1]) if first else None
 

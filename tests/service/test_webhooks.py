@@ -29,7 +29,7 @@ from service.storage import ObjectStore
 from service.webhooks.signing import owner_secret
 from tests.service.conftest import KEY_A, KEY_CAROL_NEW, KEY_CAROL_OLD, wait_for, wait_for_status
 from tests.service.jobs.test_store import params
-from worker.dispatcher import Dispatcher
+from worker.dispatcher import POLL_S, Dispatcher
 
 pytestmark = pytest.mark.integration
 DB = 8
@@ -282,6 +282,74 @@ def test_two_dispatchers_send_each_event_exactly_once(redis_server, receiver):
     ids = Counter(r.headers["webhook-id"] for r in receiver.to("/many"))
     assert sorted(ids) == sorted(f"msg_{j}_{e}" for j in jobs for e in ("started", "canceled"))
     assert set(ids.values()) == {1}
+
+
+async def delivered_after(store: JobStore, url: str, owner: str, timeout: float = 20) -> float:
+    """Seconds from the job's cancel to its delivery (polled every 20 ms)."""
+    started = time.monotonic()
+    job_id = await canceled_job(store, url, events=["canceled"], owner=owner)
+    await until(store, job_id, "canceled", lambda o: o.status == "delivered", timeout=timeout)
+    return time.monotonic() - started
+
+
+def test_an_owner_whose_receiver_never_answers_does_not_delay_another_owners_delivery(redis_server, receiver):
+    """Alice's 40 deliveries go to a receiver that never answers within the attempt's 5 s; Bob's
+    one, due after all of hers, still goes within a round (POLL_S), as it would alone: she holds
+    her 4 slots (webhook_concurrency_per_owner), not the replica's 16."""
+    receiver.scripts["/never"] = [("slow", 30.0)] * 200
+    settings = dispatcher_settings(webhook_timeout_seconds=5.0, webhook_retry_base_seconds=60.0)
+
+    async def body(store, _):
+        for _ in range(40):
+            await canceled_job(store, receiver.url("/never"), events=["canceled"], owner="slow-alice")
+        await asyncio.sleep(0.5)  # her deliveries are in flight, the rest due behind them
+        return await delivered_after(store, receiver.url("/bob"), owner="bob")
+
+    took = scenario(redis_server, settings, body)
+    assert took < POLL_S + 1.0, took
+    assert len(receiver.to("/never")) == settings.webhook_concurrency_per_owner  # her slots, no more
+
+
+@pytest.fixture
+def hanging_dns(monkeypatch):
+    """getaddrinfo that never answers (until the test ends) for names under hang.example, and
+    answers 127.0.0.1 for any other name."""
+    import socket
+
+    from service.webhooks import addresses
+
+    release = threading.Event()
+    hung: list[str] = []
+
+    def getaddrinfo(host, port, **kwargs):
+        if host.endswith("hang.example"):
+            hung.append(host)
+            release.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(addresses, "LOOKUPS", addresses.Lookups(getaddrinfo=getaddrinfo))
+    yield hung
+    release.set()
+
+
+def test_an_owner_whose_dns_never_answers_does_not_delay_another_owners_delivery(redis_server, receiver, hanging_dns):
+    """Alice's webhook host never resolves; her attempts give up after 0.5 s and come back
+    50 ms later, while each lookup goes on holding a thread. Bob's delivery still resolves and
+    goes within a round: Alice never has more than her budget of lookups running."""
+    settings = dispatcher_settings(webhook_resolve_timeout_seconds=0.5)
+    port = receiver.server.server_port
+
+    async def body(store, _):
+        for _ in range(40):
+            await canceled_job(store, f"http://alice.hang.example:{port}/a", events=["canceled"], owner="dns-alice")
+        await asyncio.sleep(3.0)  # many rounds of her attempts, each leaving a lookup behind
+        return await delivered_after(store, receiver.url("/bob").replace("127.0.0.1", "bob.example"), owner="dns-bob")
+
+    took = scenario(redis_server, settings, body)
+    assert took < POLL_S + 1.0, took
+    assert len(hanging_dns) == settings.webhook_resolve_concurrency_per_owner
+    assert len(receiver.to("/bob")) == 1 and receiver.to("/a") == []
 
 
 # --- through the Ray Serve stack and the API -------------------------------------------------------
