@@ -7,14 +7,18 @@ Local work: `undiffuse train ...` and `undiffuse sample ...`. A client of a runn
     undiffuse jobs list|get|wait|cancel|download ...
 
 Exit status: 0 done; 1 the job failed or was canceled, or a download did not match its
-manifest; 2 bad arguments or a request the service refused (4xx), with one line on stderr:
-"undiffuse: error: <reason>"; 3 the service is unreachable or unavailable (retry later), or
---timeout ran out before the job ended; 130 interrupted (a submitted job goes on: `undiffuse jobs wait ID`).
+manifest; 2 bad arguments (a job id the service could not have issued among them) or a request
+the service refused (4xx), with one line on stderr: "undiffuse: error: <reason>"; 3 the service
+is unreachable or unavailable (retry later), or --timeout ran out before the job ended; 130
+interrupted (a submitted job goes on: `undiffuse jobs wait ID`). An API key about to go over
+plain http:// to a host other than this machine gets a warning on stderr first.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import re
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -146,6 +150,50 @@ def _class_labels(text: str) -> int | list[int]:
     return values[0] if len(values) == 1 and "," not in text else list(values)
 
 
+# The ids the service issues (uuid4().hex). A job id goes into the request's path, so anything
+# else ("../webhook-secret") would reach another endpoint with the caller's key.
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _job_id(text: str) -> str:
+    if not JOB_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not a job id: {text!r} (job ids are 32 lowercase hexadecimal digits)")
+    return text
+
+
+def _is_local(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves this machine."""
+    if host.rstrip(".").lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _warn_if_key_in_clear(args: argparse.Namespace) -> None:
+    """A warning on stderr when the API key is about to go over plain http:// to another
+    machine, where anyone on the path can read it and use it."""
+    from urllib.parse import urlsplit
+
+    from undiffuse.client import _endpoint
+
+    url, headers = _endpoint(args.url, args.api_key)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:  # not a URL: the client says so
+        return
+    if "Authorization" in headers and parts.scheme.lower() == "http" and not _is_local(host):
+        print(
+            f"undiffuse: warning: the API key goes to {host} over plain http://, readable on the way; use https://",
+            file=sys.stderr,
+        )
+
+
 # undiffuse.client.DEFAULT_URL, written out so that `train` and `sample` never import the HTTP
 # client (httpx, httpx-sse): a GPU training box may have torch alone (a test keeps them equal)
 _DEFAULT_URL = "http://127.0.0.1:8000"
@@ -181,10 +229,12 @@ def _add_client_commands(sub) -> None:
     ls.add_argument("--status", choices=("queued", "running", "succeeded", "failed", "canceled"))
     ls.add_argument("--limit", type=_positive("--limit"), default=20)
     for name, summary in (("get", "a job's status"), ("cancel", "cancel a queued or running job")):
-        jobs.add_parser(name, parents=[service], help=summary).add_argument("job_id")
-    jobs.add_parser("wait", parents=[service, waiting], help="follow a job until it ends").add_argument("job_id")
+        jobs.add_parser(name, parents=[service], help=summary).add_argument("job_id", type=_job_id)
+    jobs.add_parser("wait", parents=[service, waiting], help="follow a job until it ends").add_argument(
+        "job_id", type=_job_id
+    )
     d = jobs.add_parser("download", parents=[service], help="a succeeded job's images and manifest")
-    d.add_argument("job_id")
+    d.add_argument("job_id", type=_job_id)
     d.add_argument("--out", type=Path, required=True)
 
 
@@ -298,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("submit", "jobs"):
         from undiffuse.client_cli import run
 
+        _warn_if_key_in_clear(args)
         return run(args)
     from undiffuse.config import CheckpointError
     from undiffuse.data import DatasetError

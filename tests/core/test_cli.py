@@ -147,3 +147,84 @@ def test_train_and_sample_do_not_need_the_http_client():
     from undiffuse import cli, client
 
     assert cli._DEFAULT_URL == client.DEFAULT_URL
+
+
+# --- the client commands' own checks --------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["jobs", "get", "../webhook-secret"],
+        ["jobs", "cancel", "../../v1/jobs"],
+        ["jobs", "wait", "0123456789abcdef0123456789abcdef/../x"],
+        ["jobs", "download", "0123456789ABCDEF0123456789ABCDEF", "--out", "x"],  # the service's ids are lowercase
+        ["jobs", "get", "0123456789abcdef0123456789abcde"],  # one digit short
+        ["jobs", "get", "%2e%2e%2fwebhook-secret"],
+        ["jobs", "get", "0123456789abcdef0123456789abcdef\nX-Evil: 1"],
+    ],
+)
+def test_a_job_id_the_service_could_not_have_issued_is_refused_before_any_request(args, capsys, monkeypatch):
+    """A job id goes into the request's path: `../webhook-secret` would have sent the key to
+    another endpoint. (The URL points at a closed port: a request would have exited 3.)"""
+    monkeypatch.setenv("UNDIFFUSE_API_KEY", "k")
+    with pytest.raises(SystemExit) as exited:
+        main([*args, "--url", "http://127.0.0.1:9"])
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("undiffuse: error: argument job_id: not a job id: "), lines
+
+
+def test_a_job_id_as_issued_is_taken(monkeypatch):
+    from undiffuse import client_cli
+
+    seen = []
+    monkeypatch.setattr(client_cli, "run", lambda args: seen.append(args.job_id) or 0)
+    assert main(["jobs", "get", "0123456789abcdef0123456789abcdef"]) == 0
+    assert seen == ["0123456789abcdef0123456789abcdef"]
+
+
+@pytest.mark.parametrize(
+    ("url", "key_from", "warned"),
+    [
+        ("http://undiffuse.example.com", "--api-key", True),
+        ("http://10.0.0.8:8000", "env", True),  # a private network is still a network
+        ("http://128.0.0.1:8000", "--api-key", True),
+        ("HTTP://Undiffuse.Example.com/", "env", True),
+        ("https://undiffuse.example.com", "--api-key", False),
+        ("http://localhost:8000", "--api-key", False),
+        ("http://LOCALHOST.:8000", "env", False),
+        ("http://127.0.0.1:8000", "env", False),
+        ("http://127.8.9.10:8000", "--api-key", False),
+        ("http://[::1]:8000", "--api-key", False),
+        ("http://undiffuse.example.com", None, False),  # no key, nothing to leak
+    ],
+)
+def test_an_api_key_about_to_go_over_plain_http_to_another_machine_is_warned_about(
+    url, key_from, warned, capsys, monkeypatch
+):
+    from undiffuse import client_cli
+
+    monkeypatch.setattr(client_cli, "run", lambda args: 0)  # nothing is sent
+    monkeypatch.delenv("UNDIFFUSE_API_KEY", raising=False)
+    monkeypatch.setenv("UNDIFFUSE_URL", url)
+    args = ["jobs", "list"]
+    if key_from == "--api-key":
+        args += ["--api-key", "ud_secret"]
+    elif key_from == "env":
+        monkeypatch.setenv("UNDIFFUSE_API_KEY", "ud_secret")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    if warned:
+        assert err.count("\n") == 1 and err.startswith("undiffuse: warning: the API key goes to "), err
+        assert "plain http://" in err and "ud_secret" not in err
+    else:
+        assert err == ""
+
+
+def test_the_url_argument_is_what_the_warning_looks_at(capsys, monkeypatch):
+    from undiffuse import client_cli
+
+    monkeypatch.setattr(client_cli, "run", lambda args: 0)
+    monkeypatch.setenv("UNDIFFUSE_URL", "http://127.0.0.1:8000")
+    monkeypatch.setenv("UNDIFFUSE_API_KEY", "ud_secret")
+    assert main(["submit", "--url", "http://gpu-box.example:8000"]) == 0
+    assert "the API key goes to gpu-box.example over plain http://" in capsys.readouterr().err
