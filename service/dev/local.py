@@ -106,6 +106,8 @@ Ctrl-C stops everything."""
         denoiser_replicas=args.denoiser_replicas,
         worker_replicas=args.workers,
         settings={
+            # said here, not left to a default: the image defaults to production (fail closed)
+            "environment": "development",
             "redis_url": redis.url,
             "s3_endpoint_url": s3.endpoint,
             "s3_access_key_id": "undiffuse",
