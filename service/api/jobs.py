@@ -9,7 +9,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
 import anyio
@@ -239,7 +239,7 @@ async def submit_job(
             "finished jobs (DELETE /v1/jobs/{id}) or wait for them to expire",
             60,
         )
-    webhook = await webhook_target(body, ctx)  # 422 for a URL that resolves to a non-public address
+    webhook = await webhook_target(body, ctx, owner)  # 422 for a URL that may not be delivered to
     limit = ctx.settings.max_jobs_in_flight_per_key
     try:
         job_id, created, created_at = await ctx.store.submit(
@@ -462,7 +462,7 @@ class TimedStreamingResponse(StreamingResponse):
     """A StreamingResponse whose every send must finish within send_timeout seconds: a client
     that stops reading gives its request slot back instead of holding it."""
 
-    def __init__(self, content: AsyncIterator[bytes], send_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, content: AsyncGenerator[bytes, None], send_timeout: float, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.send_timeout = send_timeout
 
@@ -471,7 +471,10 @@ class TimedStreamingResponse(StreamingResponse):
             with anyio.fail_after(self.send_timeout):
                 await send(message)
 
-        await super().stream_response(timed)
+        try:
+            await super().stream_response(timed)
+        finally:  # closed now, not when collected: its cleanup gives the owner's slot back
+            await self.body_iterator.aclose()
 
 
 @router.delete(
