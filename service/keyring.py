@@ -41,14 +41,14 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
+from service.jobs import keys as redis_keys
 from service.jobs.connection import sync_redis
-from service.jobs.keys import PREFIX
 from service.keys import OWNER, digest
 from service.settings import Settings
 
-KEYS = f"{PREFIX}:apikeys"
-REVOKED = f"{PREFIX}:apikeys:revoked"
-VERSION = f"{PREFIX}:apikeys:version"
+KEYS = redis_keys.API_KEYS
+REVOKED = redis_keys.API_KEYS_REVOKED
+VERSION = redis_keys.API_KEYS_VERSION
 
 REFRESH_SECONDS = 1.0
 """How stale a replica's copy may be: a revocation takes effect within this time."""

@@ -69,6 +69,18 @@ WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
 """ZSET: "{job id}:{event}" of every delivery not yet delivered or given up, scored by when its
 next attempt is due (epoch seconds); a claimed one is pushed a lease ahead."""
 
+WEBHOOKS_PARKED = f"{PREFIX}:webhooks:parked"
+"""ZSET: owners with deliveries parked at their per-owner limit, by when the earliest came due."""
+WEBHOOKS_PARKED_PREFIX = f"{WEBHOOKS_PARKED}:"
+"""+ owner: ZSET of the owner's parked "{job id}:{event}" deliveries (service.jobs.webhooks)."""
+
+API_KEYS = f"{PREFIX}:apikeys"
+"""HASH: key digest -> JSON {owner, created} of keys added at run time (service.keyring)."""
+API_KEYS_REVOKED = f"{PREFIX}:apikeys:revoked"
+"""HASH: revoked key digests (configured ones too) -> when (service.keyring)."""
+API_KEYS_VERSION = f"{PREFIX}:apikeys:version"
+"""STRING: bumped with every key ring change, so replicas re-read the ring only when it moved."""
+
 PURGE = f"{PREFIX}:purge"
 """ZSET: job ids scored by when their objects are to be deleted (epoch seconds)."""
 

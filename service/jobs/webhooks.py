@@ -42,8 +42,8 @@ from pydantic import BaseModel
 from service.jobs import keys
 
 # The schedule's per-owner keys (see the module docstring).
-WEBHOOKS_PARKED = f"{keys.PREFIX}:webhooks:parked"
-WEBHOOKS_PARKED_PREFIX = f"{WEBHOOKS_PARKED}:"
+WEBHOOKS_PARKED = keys.WEBHOOKS_PARKED
+WEBHOOKS_PARKED_PREFIX = keys.WEBHOOKS_PARKED_PREFIX
 SCAN = 1000  # due entries one claim looks at, at most: the next claim goes on (Claim.more)
 
 WebhookEvent = Literal["started", "succeeded", "failed", "canceled"]
