@@ -230,15 +230,14 @@ async def submit_job(
     params = resolve_params(body, ctx)
     if ctx.quota is not None:  # before any DNS lookup, so slow lookups are rate-limited too
         await ctx.quota.spend(owner)
-    if ctx.daily_cost is not None:
-        await ctx.daily_cost.check(owner, params.cost)
-    stored, storage_limit = await ctx.store.stored_bytes(owner), ctx.settings.max_stored_bytes_per_key
-    if stored >= storage_limit:
-        raise too_many(
-            f"quota: {stored:,} bytes of images stored for this API key; the limit is {storage_limit:,}: delete "
-            "finished jobs (DELETE /v1/jobs/{id}) or wait for them to expire",
-            60,
-        )
+    try:
+        replay = idempotency_key and await ctx.store.replayed(owner, idempotency_key, _hashed_body(body))
+    except IdempotencyConflict:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, "Idempotency-Key was already used with a different body"
+        ) from None
+    if not replay:  # a retry of a job already made is answered whatever the quotas say now
+        await _check_daily_cost_and_storage(ctx, owner, params)
     webhook = await webhook_target(body, ctx, owner)  # 422 for a URL that may not be delivered to
     limit = ctx.settings.max_jobs_in_flight_per_key
     try:
@@ -308,6 +307,20 @@ async def get_job(
     return view
 
 
+async def _check_daily_cost_and_storage(ctx: Context, owner: str, params: JobParams) -> None:
+    """429 when the job would pass the owner's image-steps for the day, or the owner's images in
+    the bucket are at their limit."""
+    if ctx.daily_cost is not None:
+        await ctx.daily_cost.check(owner, params.cost)
+    stored, storage_limit = await ctx.store.stored_bytes(owner), ctx.settings.max_stored_bytes_per_key
+    if stored >= storage_limit:
+        raise too_many(
+            f"quota: {stored:,} bytes of images stored for this API key; the limit is {storage_limit:,}: delete "
+            "finished jobs (DELETE /v1/jobs/{id}) or wait for them to expire",
+            60,
+        )
+
+
 async def queue_position(ctx: Context, record: JobRecord) -> QueuePosition:
     """Where a queued job stands (service.jobs.queue.ShardQueue.position), its start estimated
     from the Denoisers' reported throughput (service.jobs.capacity)."""
@@ -348,12 +361,28 @@ async def job_events(
     if last_event_id is not None and not is_event_id(last_event_id):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "Last-Event-ID is not an event id of this stream")
     lease = await _reserve(ctx, owner)
-    return EventSourceResponse(
+    return LeasedEventSourceResponse(
+        lease,
         _event_stream(ctx, record, last_event_id or "0", lease),
         ping=KEEPALIVE_S,
         send_timeout=ctx.settings.stream_send_timeout_seconds,
         headers={"Cache-Control": "no-store"},
     )
+
+
+class LeasedEventSourceResponse(EventSourceResponse):
+    """An event stream that gives its owner's slot back when it ends, however it ends (also when
+    the client was gone before its first event)."""
+
+    def __init__(self, lease: Lease, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lease = lease
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.lease.release()
 
 
 async def _reserve(ctx: Context, owner: str) -> Lease:
@@ -435,12 +464,17 @@ async def job_archive(job_id: str, ctx: Ctx, owner: Reader) -> StreamingResponse
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"job is {record.status.value}; only a succeeded job has an archive"
         )
-    files = await ctx.store.files(record)
-    manifest = await asyncio.to_thread(archive.load_manifest, ctx.objects, record, files)  # S3 away: 503
-    stream = archive.zip_archive(ctx.objects, manifest)
-    lease = await _reserve(ctx, owner)
+    lease = await _reserve(ctx, owner)  # before any S3 work: a refused download costs none
+    try:
+        files = await ctx.store.files(record)
+        manifest = await asyncio.to_thread(archive.load_manifest, ctx.objects, record, files)  # S3 away: 503
+        stream = archive.zip_archive(ctx.objects, manifest)
+    except BaseException:
+        await lease.release()
+        raise
     return TimedStreamingResponse(
         _leased(iterate_in_threadpool(iter(stream)), lease),  # each S3 read in a thread
+        lease=lease,
         send_timeout=ctx.settings.stream_send_timeout_seconds,
         media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="{record.id}.zip"', "Content-Length": str(len(stream))},
@@ -460,11 +494,19 @@ async def _leased(chunks: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[b
 
 class TimedStreamingResponse(StreamingResponse):
     """A StreamingResponse whose every send must finish within send_timeout seconds: a client
-    that stops reading gives its request slot back instead of holding it."""
+    that stops reading gives its request slot back instead of holding it. The lease is released
+    when the response ends however it ends (also when its body never started)."""
 
-    def __init__(self, content: AsyncGenerator[bytes, None], send_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, content: AsyncGenerator[bytes, None], lease: Lease, send_timeout: float, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
+        self.lease = lease
         self.send_timeout = send_timeout
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.lease.release()
 
     async def stream_response(self, send: Send) -> None:
         async def timed(message: Message) -> None:

@@ -40,7 +40,7 @@ class SubmissionQuota:
 
     def __init__(self, settings: Settings, storage: RedisStorage | None = None) -> None:
         self.per_minute = settings.max_submissions_per_minute_per_key
-        self.item = RateLimitItemPerMinute(self.per_minute)
+        self.item = RateLimitItemPerMinute(self.per_minute, namespace="SUBMIT")
         self.limiter = MovingWindowRateLimiter(storage or quota_storage(settings))
 
     async def spend(self, owner: str) -> None:
@@ -61,7 +61,7 @@ class ReadQuota:
 
     def __init__(self, settings: Settings, storage: RedisStorage | None = None) -> None:
         self.per_minute = settings.max_reads_per_minute_per_key
-        self.item = RateLimitItemPerMinute(self.per_minute)
+        self.item = RateLimitItemPerMinute(self.per_minute, namespace="READ")  # its own counter, whatever n
         self.limiter = MovingWindowRateLimiter(storage or quota_storage(settings))
 
     async def spend(self, owner: str) -> None:
@@ -83,18 +83,29 @@ class DailyCostQuota:
 
     def __init__(self, settings: Settings, storage: RedisStorage | None = None) -> None:
         self.per_day = settings.max_cost_per_day_per_key
-        self.item = RateLimitItemPerDay(self.per_day)
+        self.item = RateLimitItemPerDay(self.per_day, namespace="COST")
         self.limiter = FixedWindowRateLimiter(storage or quota_storage(settings))
 
     async def check(self, owner: str, cost: int) -> None:
-        if await self.limiter.test(self.item, owner, cost=cost):
+        today = _utc_day()
+        if await self.limiter.test(self.item, owner, today, cost=cost):
             return
-        stats = await self.limiter.get_window_stats(self.item, owner)
+        stats = await self.limiter.get_window_stats(self.item, owner, today)
         raise too_many(
-            f"quota: at most {self.per_day:,} image-steps per day per API key; {stats.remaining:,} are left "
+            f"quota: at most {self.per_day:,} image-steps per day (UTC) per API key; {stats.remaining:,} are left "
             f"today and this job costs {cost:,}",
-            stats.reset_time - time.time(),
+            _seconds_to_midnight(),
         )
 
     async def spend(self, owner: str, cost: int) -> None:
-        await self.limiter.hit(self.item, owner, cost=cost)
+        await self.limiter.hit(self.item, owner, _utc_day(), cost=cost)
+
+
+def _utc_day() -> str:
+    """The window's name: a counter per owner and UTC date, so the day starts at midnight UTC
+    (a window opened by the day's first job would run 24 h from it)."""
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def _seconds_to_midnight() -> float:
+    return 86400 - time.time() % 86400

@@ -11,9 +11,9 @@ it ends; a replica that dies mid-response leaves a lease that lapses within LEAS
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-import time
 
 import anyio
 import redis.asyncio as aioredis
@@ -79,22 +79,33 @@ class OwnerSlots:
 
 
 class Lease:
-    """One held slot: `keep()` as the response flows, `release()` when it ends."""
+    """One held slot, renewed every RENEW_SECONDS by a task of its own for as long as it is held
+    (a response's slow sends or slow reads cannot let it lapse); `release()` when the response
+    ends. `keep()` says whether it still holds: False once a renewal found it lapsed (Redis was
+    away longer than the lease), and the response should end."""
 
     def __init__(self, slots: OwnerSlots, owner: str, token: str) -> None:
         self.slots, self.owner, self.token = slots, owner, token
-        self._renewed = time.monotonic()
+        self.held = True
+        self._renewing = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        while self.held:
+            await asyncio.sleep(RENEW_SECONDS)
+            try:
+                self.held = await self.slots.renew(self.owner, self.token)
+            except RedisError as e:  # tried again next time; the lease has LEASE_SECONDS in all
+                log.warning("a response slot of %s was not renewed: %s", self.owner, e)
 
     async def keep(self) -> bool:
-        """Renew the lease if RENEW_SECONDS have passed; False once it has lapsed."""
-        if time.monotonic() - self._renewed < RENEW_SECONDS:
-            return True
-        self._renewed = time.monotonic()
-        return await self.slots.renew(self.owner, self.token)
+        return self.held
 
     async def release(self) -> None:
-        """Give the slot back, also from a response being cancelled (a client that went away
-        must not keep its slot until the lease lapses); a Redis error leaves it to lapse."""
+        """Give the slot back (repeating it is harmless), also from a response being cancelled
+        (a client that went away must not keep its slot until the lease lapses); a Redis error
+        leaves it to lapse."""
+        self.held = False
+        self._renewing.cancel()
         with anyio.CancelScope(shield=True):
             try:
                 await self.slots.release(self.owner, self.token)

@@ -458,6 +458,17 @@ class JobStore:
             if cost + params.cost > max_cost:
                 raise CostInFlightExceeded(cost, max_cost)
 
+    async def replayed(self, owner: str, idempotency_key: str, body: dict) -> str | None:
+        """The job an earlier request with this Idempotency-Key and body made, or None (then
+        `submit` decides, in its transaction); IdempotencyConflict for another body."""
+        prior = await self.r.get(keys.idempotency(owner, idempotency_key))
+        if prior is None:
+            return None
+        prior = json.loads(prior)
+        if prior["body_hash"] != body_hash(body):
+            raise IdempotencyConflict(idempotency_key)
+        return prior["job_id"]
+
     async def _queue_job(self, pipe, job_id: str, owner: str, params: JobParams, now: float, shards, webhook) -> None:
         key = keys.job(job_id)
         hook = {"webhook_url": webhook[0], "webhook_events": webhooks.encode_events(webhook[1])} if webhook else {}

@@ -89,9 +89,10 @@ def test_hung_sampler_times_out_then_fails_the_job(stack):
         raise AssertionError("unreachable")
 
     settings = _settings(stack, 3, shard_timeout_seconds=0.3, max_attempts=2)
-    record, _ = _run_until_ended(settings, hung_sampler)
+    record, dead = _run_until_ended(settings, hung_sampler)
     assert record.status == JobStatus.failed
-    assert "timed out after 0.3 s" in (record.error.message if record.error else "")
+    assert "took longer than the shard time limit" in (record.error.message if record.error else "")
+    assert "timed out after 0.3 s" in dead[-1][1]["reason"]  # the detail, for the operator
     assert calls == [1, 2]
 
 
@@ -179,7 +180,8 @@ def test_a_shard_that_keeps_killing_replicas_fails_its_job(stack):
 
     settings = _settings(stack, 3, max_attempts=2, max_interruptions=1)
     record, dead = _run_until_ended(settings, always_dies, seconds=20)
-    assert record.status == JobStatus.failed and "replica lost" in record.error.message
+    assert record.status == JobStatus.failed and "the replica sampling it stopped" in record.error.message
+    assert "replica lost" in dead[-1][1]["reason"]
     assert calls == [(1, 0), (1, 1), (2, 1)]
     assert len(dead) == 1
 

@@ -59,7 +59,7 @@ def test_a_response_that_stops_being_read_ends_and_gives_its_slot_back(store, ru
 
     async def scenario() -> float:
         lease = await slots.acquire("alice")
-        response = TimedStreamingResponse(_leased(chunks(), lease), send_timeout=0.2)
+        response = TimedStreamingResponse(_leased(chunks(), lease), lease=lease, send_timeout=0.2)
         sent = []
 
         async def send(message):
@@ -80,3 +80,52 @@ def test_a_response_that_stops_being_read_ends_and_gives_its_slot_back(store, ru
     took = run(scenario())
     assert took < 2
     assert run(slots.held("alice")) == 0
+
+
+def test_a_held_lease_is_renewed_by_its_own_task_however_slow_the_response(store, run, monkeypatch):
+    """A response stuck in one slow send does not let its lease lapse (the slot would go to
+    another response, over the limit), and a released one stops renewing."""
+    from service.jobs import slots as slots_module
+
+    monkeypatch.setattr(slots_module, "RENEW_SECONDS", 0.1)
+    slots = OwnerSlots(store.r, limit=1, lease_seconds=0.3)
+
+    async def scenario():
+        lease = await slots.acquire("alice")
+        await asyncio.sleep(1.0)  # three lease lifetimes, the response doing nothing meanwhile
+        still = await lease.keep(), await slots.acquire("alice")
+        await lease.release()
+        await asyncio.sleep(0.2)
+        return still, await slots.held("alice")
+
+    (held, second), after = run(scenario())
+    assert held and second is None and after == 0
+
+
+def test_a_response_whose_body_never_started_gives_its_slot_back(store, run):
+    """The client was gone before the first byte: sending the headers fails, the body generator
+    never runs (so its own cleanup cannot), and the response releases the slot itself."""
+    from starlette.requests import ClientDisconnect
+
+    from service.api.jobs import TimedStreamingResponse, _leased
+
+    slots = OwnerSlots(store.r, limit=1)
+
+    async def chunks():
+        yield b"never sent"
+
+    async def scenario() -> int:
+        lease = await slots.acquire("alice")
+        response = TimedStreamingResponse(_leased(chunks(), lease), lease=lease, send_timeout=5)
+
+        async def send(message):
+            raise OSError("connection reset")
+
+        async def receive():
+            await asyncio.sleep(3600)
+
+        with pytest.raises(ClientDisconnect):
+            await asyncio.wait_for(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send), 10)
+        return await slots.held("alice")
+
+    assert run(scenario()) == 0
