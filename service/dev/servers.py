@@ -162,11 +162,29 @@ class S3Server(_Process):
     def __init__(self, workdir: Path, access_key: str, secret_key: str, port: int | None = None) -> None:
         super().__init__(workdir)
         self._taken: set[int] = set()
+        self._fixed_port = port is not None
         self.port = port or free_port_pair(self._taken)
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.access_key, self.secret_key = access_key, secret_key
 
-    def start(self, timeout: float = 60.0) -> S3Server:
+    def start(self, timeout: float = 60.0, attempts: int = 2) -> S3Server:
+        """Start it and wait until it serves S3. Its four components each take a port (and the
+        port + 10000 for gRPC) that another process may grab between the choice and the bind; a
+        start that never becomes ready is tried again on fresh ports, and the last failure says
+        how the server's log ends."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout)
+            except RuntimeError as e:
+                tail = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+                if attempt == attempts:
+                    raise RuntimeError(f"{e}; its log ends:\n{tail}") from None
+                if not self._fixed_port:
+                    self.port = free_port_pair(self._taken)
+                    self.endpoint = f"http://127.0.0.1:{self.port}"
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> S3Server:
         identities = {
             "identities": [
                 {
