@@ -46,9 +46,6 @@ class Worker:
         if self.loop_task.done():
             raise RuntimeError(f"consumer loop stopped: {self.loop_task.exception()!r}")
 
-    async def stats(self) -> dict:
-        return {"name": self.consumer.name, "inflight": len(self.consumer.inflight), "handled": self.consumer.handled}
-
     async def __del__(self) -> None:
         self.sweeper.stopping.set()
         self.dispatcher.stopping.set()

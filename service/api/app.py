@@ -17,7 +17,7 @@ from redis.exceptions import ReadOnlyError as RedisReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api import catalog, health, jobs, page, webhooks
+from service.api import catalog, errors, health, jobs, page, webhooks
 from service.api.deps import get_context
 from service.api.request_limits import RequestLimits, too_large
 from service.storage import STORAGE_ERRORS
@@ -35,6 +35,7 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(page.router)
 
+    errors.register(app)
     app.add_middleware(RequestLimits, limit=lambda: get_context().settings.max_body_bytes)
 
     @app.get("/docs", include_in_schema=False)

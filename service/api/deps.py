@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn
 
@@ -13,7 +14,7 @@ from service import keys
 from service.api.quotas import DailyCostQuota, ReadQuota, SubmissionQuota, quota_storage
 from service.jobs.lifecycle import JobLifecycle
 from service.jobs.slots import OwnerSlots
-from service.jobs.store import JobStore
+from service.jobs.store import JobNotFound, JobRecord, JobStore
 from service.keyring import KeyRing
 from service.models import ModelRegistry
 from service.settings import Settings
@@ -140,3 +141,28 @@ async def get_reader(ctx: Ctx, owner: Owner) -> str:
 
 
 Reader = Annotated[str, Depends(get_reader)]
+
+
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as the job store makes them
+
+
+def known_format(job_id: str) -> str:
+    """A job id of the form the service issues; anything else is not found before Redis is asked
+    (an id like '<job>:done' would otherwise name another key, and reveal that it exists)."""
+    if not JOB_ID.fullmatch(job_id):
+        raise JobNotFound(job_id)
+    return job_id
+
+
+async def get_owned_job(job_id: str, ctx: Ctx, owner: Reader) -> JobRecord:
+    """The caller's job `job_id`, read as one of its reads; JobNotFound (404) for anyone else's."""
+    return await ctx.store.get_owned(known_format(job_id), owner)
+
+
+async def get_managed_job(job_id: str, ctx: Ctx, owner: Owner) -> JobRecord:
+    """The caller's job, for a change to it (not counted as a read)."""
+    return await ctx.store.get_owned(known_format(job_id), owner)
+
+
+OwnedJob = Annotated[JobRecord, Depends(get_owned_job)]
+ManagedJob = Annotated[JobRecord, Depends(get_managed_job)]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, HTTPException, status
-from fastapi.exceptions import RequestValidationError
 
 from service.api.deps import UNAUTHORIZED, Context, Ctx, Owner
+from service.api.errors import invalid
 from service.api.schemas import JobCreate, WebhookSecret
 from service.jobs.webhooks import DEFAULT_EVENTS
 from service.webhooks import signing
@@ -15,10 +13,6 @@ from service.webhooks.addresses import AddressRefused, Guard, checked_addresses
 
 router = APIRouter(prefix="/v1", tags=["webhooks"], responses=UNAUTHORIZED)
 DISABLED = "webhooks are not enabled on this server (UNDIFFUSE_WEBHOOK_SIGNING_KEY is unset)"
-
-
-def _invalid(field: str, message: str, value: Any) -> RequestValidationError:
-    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
 
 
 async def webhook_target(body: JobCreate, ctx: Context, owner: str | None = None) -> tuple[str, list[str]] | None:
@@ -29,14 +23,14 @@ async def webhook_target(body: JobCreate, ctx: Context, owner: str | None = None
     host's own)."""
     if body.webhook_url is None:
         if body.webhook_events is not None:
-            raise _invalid("webhook_events", "needs webhook_url", body.webhook_events)
+            raise invalid("webhook_events", "needs webhook_url", body.webhook_events)
         return None
     if not signing.enabled(ctx.settings):
-        raise _invalid("webhook_url", DISABLED, body.webhook_url)
+        raise invalid("webhook_url", DISABLED, body.webhook_url)
     try:
         await checked_addresses(body.webhook_url, Guard.from_settings(ctx.settings), owner)
     except AddressRefused as e:
-        raise _invalid("webhook_url", str(e), body.webhook_url) from None
+        raise invalid("webhook_url", str(e), body.webhook_url) from None
     return body.webhook_url, list(body.webhook_events or DEFAULT_EVENTS)
 
 

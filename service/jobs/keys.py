@@ -49,7 +49,7 @@ def job_events(job_id: str) -> str:
 
 def job_files(job_id: str) -> str:
     """HASH: shard index -> JSON [[sha256 hex, size], ...] of the shard's PNGs as uploaded, from
-    which the job's manifest is written (service.manifest)."""
+    which the job's manifest is written (service.archive)."""
     return f"{PREFIX}:job:{job_id}:files"
 
 

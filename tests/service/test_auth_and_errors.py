@@ -119,7 +119,7 @@ def test_a_job_over_the_cost_limit_is_refused(stack):
 
     from fastapi.exceptions import RequestValidationError
 
-    from service.api.jobs import resolve_params
+    from service.api.params import resolve_params
     from service.api.schemas import JobCreate
     from service.models import ModelRegistry
 

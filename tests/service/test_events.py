@@ -139,7 +139,7 @@ def test_an_idle_stream_sends_keep_alive_comments(live_api, monkeypatch):
 
 
 def test_preview_defaults_and_idempotency_hashes_of_bodies_without_previews_are_unchanged():
-    from service.api.jobs import _hashed_body
+    from service.api.params import hashed_body as _hashed_body
     from service.api.schemas import JobCreate
     from service.jobs.events import default_preview_every
 

@@ -49,7 +49,8 @@ def test_a_response_that_stops_being_read_ends_and_gives_its_slot_back(store, ru
     reading ends it (TimeoutError) and its slot is released even though the task is failing."""
     from starlette.requests import ClientDisconnect
 
-    from service.api.jobs import TimedStreamingResponse, _leased
+    from service.api.streams import TimedStreamingResponse
+    from service.api.streams import leased as _leased
 
     slots = OwnerSlots(store.r, limit=1)
 
@@ -107,7 +108,8 @@ def test_a_response_whose_body_never_started_gives_its_slot_back(store, run):
     never runs (so its own cleanup cannot), and the response releases the slot itself."""
     from starlette.requests import ClientDisconnect
 
-    from service.api.jobs import TimedStreamingResponse, _leased
+    from service.api.streams import TimedStreamingResponse
+    from service.api.streams import leased as _leased
 
     slots = OwnerSlots(store.r, limit=1)
 

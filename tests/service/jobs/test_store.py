@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.api.deps import Context
-from service.api.jobs import job_view
+from service.api.views import job_view
 from service.jobs.schemas import JobError, JobParams, JobStatus, ShardTask
 from service.jobs.store import IdempotencyConflict, JobStore
 from service.settings import Settings
