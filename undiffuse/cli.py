@@ -1,17 +1,19 @@
 """The `undiffuse` command line.
 
 Local work: `undiffuse train ...` and `undiffuse sample ...`. A client of a running service
-(URL and key from --url/--api-key or $UNDIFFUSE_URL/$UNDIFFUSE_API_KEY):
+(URL and key from --url/--api-key, before or after the command, or $UNDIFFUSE_URL and
+$UNDIFFUSE_API_KEY):
 
     undiffuse submit --num 64 --class 7 --steps 50 --wait --out digits/
-    undiffuse jobs list|get|wait|cancel|download ...
+    undiffuse jobs list|get|wait|cancel|download|archive|delete ...
+    undiffuse models | webhook-secret
 
-Exit status: 0 done; 1 the job failed or was canceled, or a download did not match its
-manifest; 2 bad arguments (a job id the service could not have issued among them) or a request
-the service refused (4xx), with one line on stderr: "undiffuse: error: <reason>"; 3 the service
-is unreachable or unavailable (retry later), or --timeout ran out before the job ended; 130
-interrupted (a submitted job goes on: `undiffuse jobs wait ID`). An API key about to go over
-plain http:// to a host other than this machine gets a warning on stderr first.
+Exit status (EPILOG): 0 done; 1 the job failed or was canceled, or a download did not match
+its manifest; 2 bad arguments (a job id the service could not have issued among them) or a
+request the service refused (4xx), with one line on stderr: "undiffuse: error: <reason>"; 3 the
+service is unreachable or unavailable (retry later); 4 --timeout ran out before the job ended
+(it goes on); 130 interrupted (a submitted job goes on: `undiffuse jobs wait ID`). An API key
+about to go over plain http:// to a host other than this machine gets a warning on stderr first.
 """
 
 from __future__ import annotations
@@ -77,7 +79,18 @@ def _device(name: str):
 def build_parser() -> argparse.ArgumentParser:
     from undiffuse.registry import DEFAULT_SAMPLER, SAMPLERS
 
-    p = _Parser(prog="undiffuse", description="Train and sample DDPM/DDIM diffusion models.")
+    p = _Parser(
+        prog="undiffuse",
+        description="Train and sample diffusion models on this machine, and submit, follow and download "
+        "image-generation jobs of a running undiffuse service.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    # the service's options before the command too (`undiffuse --url X jobs list`); the
+    # commands' own copies default to "not given", so they never undo these
+    p.add_argument("--url", default=None, help=f"the service (default: $UNDIFFUSE_URL or {_DEFAULT_URL})")
+    p.add_argument("--api-key", default=None, help="default: $UNDIFFUSE_API_KEY")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a noise-prediction UNet")
@@ -197,38 +210,102 @@ def _warn_if_key_in_clear(args: argparse.Namespace) -> None:
 # undiffuse.client.DEFAULT_URL, written out so that `train` and `sample` never import the HTTP
 # client (httpx, httpx-sse): a GPU training box may have torch alone (a test keeps them equal)
 _DEFAULT_URL = "http://127.0.0.1:8000"
+SERVICE_COMMANDS = ("submit", "jobs", "models", "webhook-secret")
+EPILOG = f"""commands of a running service:
+  submit, jobs list|get|wait|cancel|download|archive|delete, models, webhook-secret
+
+environment:
+  UNDIFFUSE_URL       the service (default {_DEFAULT_URL}); --url overrides it
+  UNDIFFUSE_API_KEY   the API key; --api-key overrides it
+
+exit status:
+  0 done; 1 the job failed or was canceled, or a download did not match its manifest;
+  2 bad arguments, or the service refused the request (4xx); 3 the service is unreachable
+  or unavailable (retry later); 4 --timeout ran out before the job ended; 130 interrupted"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("undiffuse")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _body(text: str) -> dict:
+    """--body '{"num_images": 4, ...}' or --body @job.json: a submission's JSON body."""
+    import json
+
+    source = text
+    if text.startswith("@"):
+        try:
+            source = Path(text[1:]).read_text()
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"--body {text}: {e.strerror or e}") from None
+    try:
+        body = json.loads(source)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--body: not JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise argparse.ArgumentTypeError("--body: must be a JSON object, as POST /v1/jobs takes")
+    return body
 
 
 def _add_client_commands(sub) -> None:
     from undiffuse.registry import SAMPLER_NAMES
 
     service = argparse.ArgumentParser(add_help=False)
-    service.add_argument("--url", help=f"the service (default: $UNDIFFUSE_URL or {_DEFAULT_URL})")
-    service.add_argument("--api-key", help="default: $UNDIFFUSE_API_KEY")
-    service.add_argument("--json", action="store_true", help="print the job(s) as JSON")
+    service.add_argument(
+        "--url", default=argparse.SUPPRESS, help=f"the service (default: $UNDIFFUSE_URL or {_DEFAULT_URL})"
+    )
+    service.add_argument("--api-key", default=argparse.SUPPRESS, help="default: $UNDIFFUSE_API_KEY")
+    service.add_argument("--json", action="store_true", help="print the answer as JSON")
     waiting = argparse.ArgumentParser(add_help=False)
     waiting.add_argument("--out", type=Path, help="when it succeeds, download its images and manifest here")
     waiting.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
     waiting.add_argument("--quiet", action="store_true", help="no progress bars")
 
     s = sub.add_parser("submit", parents=[service, waiting], help="submit a job to a running service")
-    s.add_argument("--num", dest="num_images", type=_positive("--num"), default=1, help="images")
+    s.add_argument("--num", dest="num_images", type=_positive("--num"), default=None, help="images (default 1)")
     s.add_argument("--class", dest="class_label", type=_class_labels, help="one class, or one per image: 1,2,3")
     s.add_argument("--steps", type=_positive("--steps"), default=None, help="default: the service's (50)")
     s.add_argument("--sampler", default=None, help=f"{', '.join(SAMPLER_NAMES)} (default: the service's)")
     s.add_argument("--eta", type=float, default=None)
     s.add_argument("--seed", type=int, default=None, help="default: chosen by the service and shown")
     s.add_argument("--guidance", dest="guidance_scale", type=float, default=None)
-    s.add_argument("--model", default=None, help="a name from the service's /v1/models")
-    s.add_argument("--wait", action="store_true", help="follow it with progress bars until it ends")
+    s.add_argument("--model", default=None, help="a name from the service's /v1/models (`undiffuse models`)")
+    s.add_argument("--previews", action="store_true", default=None, help="stream previews of the first image")
+    s.add_argument("--preview-every", type=_positive("--preview-every"), default=None, help="steps between previews")
+    s.add_argument("--webhook-url", default=None, help="https:// URL to POST the job's events to, signed")
+    s.add_argument(
+        "--webhook-event",
+        dest="webhook_events",
+        action="append",
+        choices=("started", "succeeded", "failed", "canceled"),
+        help="an event to deliver (repeat it; default: succeeded, failed, canceled)",
+    )
+    s.add_argument("--idempotency-key", default=None, help="resending with it returns the one job (default: random)")
+    s.add_argument(
+        "--body",
+        type=_body,
+        default=None,
+        help="the JSON body of POST /v1/jobs, or @FILE holding it; the other flags override its fields",
+    )
+    s.add_argument("--wait", action="store_true", help="follow it with progress bars until it ends (--out too)")
 
     jobs = sub.add_parser("jobs", help="list, inspect, wait for, cancel or download jobs").add_subparsers(
         dest="jobs_command", required=True, parser_class=_Parser
     )
     ls = jobs.add_parser("list", parents=[service], help="your jobs, newest first")
     ls.add_argument("--status", choices=("queued", "running", "succeeded", "failed", "canceled"))
-    ls.add_argument("--limit", type=_positive("--limit"), default=20)
-    for name, summary in (("get", "a job's status"), ("cancel", "cancel a queued or running job")):
+    ls.add_argument("--limit", type=_positive("--limit"), default=20, help="jobs per page (at most 100)")
+    ls.add_argument("--all", action="store_true", help="every page, not only the first")
+    for name, summary in (
+        ("get", "a job's status"),
+        ("cancel", "cancel a queued or running job"),
+        ("delete", "delete a finished job's images and record"),
+    ):
         jobs.add_parser(name, parents=[service], help=summary).add_argument("job_id", type=_job_id)
     jobs.add_parser("wait", parents=[service, waiting], help="follow a job until it ends").add_argument(
         "job_id", type=_job_id
@@ -236,6 +313,11 @@ def _add_client_commands(sub) -> None:
     d = jobs.add_parser("download", parents=[service], help="a succeeded job's images and manifest")
     d.add_argument("job_id", type=_job_id)
     d.add_argument("--out", type=Path, required=True)
+    a = jobs.add_parser("archive", parents=[service], help="a succeeded job's images and manifest as one ZIP")
+    a.add_argument("job_id", type=_job_id)
+    a.add_argument("--out", type=Path, required=True, help="the .zip to write")
+    sub.add_parser("models", parents=[service], help="the service's models: size, classes, timesteps")
+    sub.add_parser("webhook-secret", parents=[service], help="the secret that signs your webhook deliveries")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -345,7 +427,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("submit", "jobs"):
+    if args.command in SERVICE_COMMANDS:
         from undiffuse.client_cli import run
 
         _warn_if_key_in_clear(args)

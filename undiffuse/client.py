@@ -424,6 +424,31 @@ class Client:
     def models(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/models").json()["models"]
 
+    def webhook_secret(self) -> str:
+        """The secret that signs this owner's webhook deliveries (GET /v1/webhook-secret)."""
+        return self._request("GET", "/v1/webhook-secret").json()["secret"]
+
+    def archive(self, job_id: str, path: str | Path) -> int:
+        """A succeeded job's ZIP (its PNGs and manifest.json) streamed to `path`; returns its
+        size. Written beside it first and renamed when complete, so `path` is never partial."""
+        path = Path(path)
+        partial = path.with_name(path.name + ".part")
+        with self._http.stream("GET", f"/v1/jobs/{job_id}/archive") as response:
+            if response.status_code != 200:
+                response.read()
+                _raise_for(response)
+            size = 0
+            with open(partial, "wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+                    size += len(chunk)
+        expected = response.headers.get("content-length")
+        if expected is not None and int(expected) != size:
+            partial.unlink(missing_ok=True)
+            raise ChecksumError(f"archive of job {job_id}: {size} of {expected} bytes arrived")
+        partial.replace(path)
+        return size
+
     # -- watching
 
     def events(

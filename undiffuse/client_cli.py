@@ -1,9 +1,10 @@
-"""The client commands of the `undiffuse` command line (`submit`, `jobs ...`), on undiffuse.client.
+"""The client commands of the `undiffuse` command line (`submit`, `jobs ...`, `models`,
+`webhook-secret`), on undiffuse.client.
 
 Kept apart from the training and sampling commands so that a client command never imports torch.
 Exit statuses are cli.py's: 0 done, 1 the job did not succeed (or a download failed its
-checksums), 2 refused (bad arguments, 4xx), 3 the service is unreachable or unavailable
-(or --timeout ran out), 130 interrupted.
+checksums), 2 refused (bad arguments, 4xx), 3 the service is unreachable or unavailable, 4
+--timeout ran out, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from undiffuse.client import (
     WaitTimeout,
 )
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
 def run(args: argparse.Namespace) -> int:
-    command = args.command if args.command == "submit" else f"jobs {args.jobs_command}"
+    command = f"jobs {args.jobs_command}" if args.command == "jobs" else args.command
     try:
         with Client(args.url, args.api_key) as api:
             return COMMANDS[command](api, args)
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     except ChecksumError as e:
         return _fail(EXIT_JOB_FAILED, f"download does not match the manifest: {e}")
     except WaitTimeout as e:
-        return _fail(EXIT_UNAVAILABLE, str(e))
+        return _fail(EXIT_TIMEOUT, f"{e} (the job goes on: undiffuse jobs wait ID)")
     except UnavailableError as e:
         return _fail(EXIT_UNAVAILABLE, f"{e} (retry later)")
     except APIError as e:
@@ -56,12 +57,19 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
+SUBMIT_FIELDS = (
+    "model", "steps", "sampler", "eta", "seed", "class_label", "guidance_scale",
+    "previews", "preview_every", "webhook_url", "webhook_events",
+)  # fmt: skip
+
+
 def _submit(api: Client, args: argparse.Namespace) -> int:
-    params = {
-        name: getattr(args, name)
-        for name in ("model", "steps", "sampler", "eta", "seed", "class_label", "guidance_scale")
-    }
-    job = api.submit(args.num_images, **params)
+    body = dict(args.body or {})
+    given = {name: getattr(args, name) for name in SUBMIT_FIELDS if getattr(args, name) is not None}
+    num_images = body.pop("num_images", 1)
+    if args.num_images is not None:
+        num_images = args.num_images
+    job = api.submit(num_images, idempotency_key=args.idempotency_key, **{**body, **given})
     if not (args.wait or args.out):  # --out implies --wait
         _print_job(job, args.json, brief=True)
         return EXIT_OK
@@ -106,10 +114,14 @@ def _download_to(api: Client, job_id: str, out, quiet: bool) -> None:
 
 def _list(api: Client, args: argparse.Namespace) -> int:
     page = api.list(status=args.status, limit=args.limit)
+    jobs = list(page.jobs)
+    while args.all and page.next_cursor:
+        page = api.list(status=args.status, limit=args.limit, cursor=page.next_cursor)
+        jobs.extend(page.jobs)
     if args.json:
-        print(json.dumps([_jsonable(j) for j in page.jobs], indent=2))
+        print(json.dumps([_jsonable(j) for j in jobs], indent=2))
         return EXIT_OK
-    for j in page.jobs:
+    for j in jobs:
         created = datetime.fromtimestamp(j.created_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         done = f"{j.progress.images_done}/{j.progress.images_total}"
         print(f"{j.id}  {j.status:<9}  {done:>9} images  {created} UTC")
@@ -126,8 +138,43 @@ def _cancel(api: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _delete(api: Client, args: argparse.Namespace) -> int:
+    api.delete(args.job_id)
+    print(f"deleted job {args.job_id}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _archive(api: Client, args: argparse.Namespace) -> int:
+    size = api.archive(args.job_id, args.out)
+    print(f"wrote {args.out} ({size:,} bytes)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _models(api: Client, args: argparse.Namespace) -> int:
+    models = api.models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return EXIT_OK
+    for m in models:
+        size = f"{m['image_size']}x{m['image_size']}x{m['channels']}"
+        classes = f"{m['num_classes']} classes" if m.get("num_classes") else "unconditional"
+        default = "  (default)" if m.get("default") else ""
+        print(f"{m['name']:<16} {size:<12} {classes:<14} {m['num_timesteps']} timesteps{default}")
+    return EXIT_OK
+
+
+def _webhook_secret(api: Client, args: argparse.Namespace) -> int:
+    secret = api.webhook_secret()
+    print(json.dumps({"secret": secret}) if args.json else secret)
+    return EXIT_OK
+
+
 COMMANDS = {
     "submit": _submit,
+    "models": _models,
+    "webhook-secret": _webhook_secret,
+    "jobs delete": _delete,
+    "jobs archive": _archive,
     "jobs list": _list,
     "jobs get": _get,
     "jobs wait": _wait,

@@ -228,3 +228,42 @@ def test_the_url_argument_is_what_the_warning_looks_at(capsys, monkeypatch):
     monkeypatch.setenv("UNDIFFUSE_API_KEY", "ud_secret")
     assert main(["submit", "--url", "http://gpu-box.example:8000"]) == 0
     assert "the API key goes to gpu-box.example over plain http://" in capsys.readouterr().err
+
+
+def test_version_and_help_tell_commands_environment_and_exit_codes(capsys):
+    from undiffuse.cli import build_parser
+
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("undiffuse ")
+    text = build_parser().format_help()
+    for word in ("submit", "webhook-secret", "UNDIFFUSE_URL", "UNDIFFUSE_API_KEY", "exit status", "4 --timeout"):
+        assert word in text, word
+
+
+def test_service_options_go_before_or_after_the_command():
+    from undiffuse.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["--url", "http://a:1", "jobs", "list"]).url == "http://a:1"
+    assert parse(["jobs", "list", "--url", "http://b:2"]).url == "http://b:2"
+    assert parse(["--url", "http://a:1", "jobs", "list", "--url", "http://b:2"]).url == "http://b:2"
+    assert parse(["jobs", "list"]).url is None  # then $UNDIFFUSE_URL
+    assert parse(["--api-key", "k", "models"]).api_key == "k"
+
+
+def test_a_submission_body_from_a_file_and_bad_ones(tmp_path, capsys):
+    from undiffuse.cli import build_parser, main
+
+    body = tmp_path / "job.json"
+    body.write_text('{"num_images": 3, "class_label": 2}')
+    args = build_parser().parse_args(["submit", "--body", f"@{body}", "--steps", "7", "--webhook-event", "started"])
+    assert args.body == {"num_images": 3, "class_label": 2} and args.steps == 7 and args.webhook_events == ["started"]
+    for bad, message in (
+        (f"@{tmp_path / 'missing.json'}", "No such file"),
+        ("[1, 2]", "JSON object"),
+        ("{", "not JSON"),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            main(["submit", "--body", bad])
+        assert refused.value.code == 2 and message in capsys.readouterr().err
