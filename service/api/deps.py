@@ -11,7 +11,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service import keys
-from service.api.quotas import DailyCostQuota, ReadQuota, SubmissionQuota, quota_storage
+from service.api.quotas import DailyCostQuota, PerMinuteQuota, quota_storage, read_quota, submission_quota
 from service.jobs.lifecycle import JobLifecycle
 from service.jobs.slots import OwnerSlots
 from service.jobs.store import JobNotFound, JobRecord, JobStore
@@ -32,9 +32,9 @@ class Context:
     registry: ModelRegistry
     denoiser: Any  # a DeploymentHandle to the Denoiser (None when run without Serve)
     keyring: KeyRing | None = None  # keys added and revoked at run time; get_owner refuses every key without it
-    quota: Any = None  # service.api.quotas.SubmissionQuota (None: no rate limit)
+    quota: PerMinuteQuota | None = None  # submissions (None: no rate limit)
     slots: Any = None  # service.jobs.slots.OwnerSlots: event streams and archive downloads per owner
-    reads: ReadQuota | None = None  # None: reads are not rate-limited
+    reads: PerMinuteQuota | None = None  # None: reads are not rate-limited
     daily_cost: DailyCostQuota | None = None  # None: no daily image-steps quota
 
 
@@ -50,9 +50,9 @@ def build_context(settings: Settings, denoiser: Any, listeners: list | None = No
         objects=ObjectStore(settings),
         registry=ModelRegistry(settings.model_dir, settings.default_model),
         denoiser=denoiser,
-        quota=SubmissionQuota(settings, limits),
+        quota=submission_quota(settings, limits),
         keyring=KeyRing(store.r),
-        reads=ReadQuota(settings, limits),
+        reads=read_quota(settings, limits),
         daily_cost=DailyCostQuota(settings, limits),
         slots=OwnerSlots(store.r, settings.max_event_streams_per_key),
     )

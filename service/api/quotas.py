@@ -35,44 +35,43 @@ def quota_storage(settings: Settings) -> RedisStorage:
     )
 
 
-class SubmissionQuota:
-    """At most max_submissions_per_minute_per_key submissions per owner in any 60 s."""
+class PerMinuteQuota:
+    """At most `per_minute` requests of one kind per owner in any 60 s (a moving window with a
+    counter of its own, `namespace`, whatever the number); past it, 429 saying `refusal` and
+    when the window has room again."""
 
-    def __init__(self, settings: Settings, storage: RedisStorage | None = None) -> None:
-        self.per_minute = settings.max_submissions_per_minute_per_key
-        self.item = RateLimitItemPerMinute(self.per_minute, namespace="SUBMIT")
-        self.limiter = MovingWindowRateLimiter(storage or quota_storage(settings))
+    def __init__(self, per_minute: int, namespace: str, refusal: str, storage: RedisStorage) -> None:
+        self.per_minute = per_minute
+        self.item = RateLimitItemPerMinute(per_minute, namespace=namespace)
+        self.refusal = refusal
+        self.limiter = MovingWindowRateLimiter(storage)
 
     async def spend(self, owner: str) -> None:
-        """Count one submission, or raise 429 saying when the window has room again."""
         if await self.limiter.hit(self.item, owner):
             return
         stats = await self.limiter.get_window_stats(self.item, owner)
-        raise too_many(
-            f"rate limit: at most {self.per_minute} job submissions per minute per API key",
-            stats.reset_time - time.time(),
-        )
+        raise too_many(f"rate limit: {self.refusal}", stats.reset_time - time.time())
 
 
-class ReadQuota:
+def submission_quota(settings: Settings, storage: RedisStorage | None = None) -> PerMinuteQuota:
+    """At most max_submissions_per_minute_per_key submissions per owner in any 60 s."""
+    n = settings.max_submissions_per_minute_per_key
+    return PerMinuteQuota(
+        n, "SUBMIT", f"at most {n} job submissions per minute per API key", storage or quota_storage(settings)
+    )
+
+
+def read_quota(settings: Settings, storage: RedisStorage | None = None) -> PerMinuteQuota:
     """At most max_reads_per_minute_per_key reads (job views, lists, streams, downloads, the
     model list) per owner in any 60 s: polling faster than that gets 429 (the event stream tells
     the same without polling)."""
-
-    def __init__(self, settings: Settings, storage: RedisStorage | None = None) -> None:
-        self.per_minute = settings.max_reads_per_minute_per_key
-        self.item = RateLimitItemPerMinute(self.per_minute, namespace="READ")  # its own counter, whatever n
-        self.limiter = MovingWindowRateLimiter(storage or quota_storage(settings))
-
-    async def spend(self, owner: str) -> None:
-        if await self.limiter.hit(self.item, owner):
-            return
-        stats = await self.limiter.get_window_stats(self.item, owner)
-        raise too_many(
-            f"rate limit: at most {self.per_minute} reads per minute per API key; follow a job with "
-            "GET /v1/jobs/{id}/events instead of polling",
-            stats.reset_time - time.time(),
-        )
+    n = settings.max_reads_per_minute_per_key
+    return PerMinuteQuota(
+        n,
+        "READ",
+        f"at most {n} reads per minute per API key; follow a job with GET /v1/jobs/{{id}}/events instead of polling",
+        storage or quota_storage(settings),
+    )
 
 
 class DailyCostQuota:

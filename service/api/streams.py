@@ -29,19 +29,25 @@ RECHECK_S = 10  # an idle event stream re-reads the record this often (a job gon
 log = logging.getLogger("ray.serve")
 
 
-class LeasedEventSourceResponse(EventSourceResponse):
-    """An event stream that gives its owner's slot back when it ends, however it ends (also when
-    the client was gone before its first event)."""
+class _HoldsLease:
+    """A response that gives its owner's slot back when it ends, however it ends (also when the
+    client was gone before its first byte, so its body never ran)."""
+
+    lease: Lease
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)  # type: ignore[misc]
+        finally:
+            await self.lease.release()
+
+
+class LeasedEventSourceResponse(_HoldsLease, EventSourceResponse):
+    """The job's event stream, holding one of its owner's slots."""
 
     def __init__(self, lease: Lease, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lease = lease
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.lease.release()
 
 
 async def reserve(ctx: Context, owner: str) -> Lease:
@@ -112,21 +118,14 @@ async def leased(chunks: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[by
         await lease.release()
 
 
-class TimedStreamingResponse(StreamingResponse):
-    """A StreamingResponse whose every send must finish within send_timeout seconds: a client
-    that stops reading gives its request slot back instead of holding it. The lease is released
-    when the response ends however it ends (also when its body never started)."""
+class TimedStreamingResponse(_HoldsLease, StreamingResponse):
+    """A StreamingResponse holding one of its owner's slots, whose every send must finish within
+    send_timeout seconds: a client that stops reading gives the slot back instead of holding it."""
 
     def __init__(self, content: AsyncGenerator[bytes, None], lease: Lease, send_timeout: float, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.lease = lease
         self.send_timeout = send_timeout
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.lease.release()
 
     async def stream_response(self, send: Send) -> None:
         async def timed(message: Message) -> None:
