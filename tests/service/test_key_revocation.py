@@ -36,13 +36,6 @@ class Clock:
 
 
 @pytest.fixture
-def run():
-    loop = asyncio.new_event_loop()
-    yield loop.run_until_complete
-    loop.close()
-
-
-@pytest.fixture
 def url(redis_server) -> str:
     url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
     client = redis.Redis.from_url(url)

@@ -3,21 +3,11 @@ database (the stack's workers use database 0 and never see it), without Ray."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from service.jobs.store import JobStore
 
 DB = 7
-
-
-@pytest.fixture
-def run():
-    """Run a coroutine on a fresh event loop (one per test, as redis.asyncio clients need)."""
-    loop = asyncio.new_event_loop()
-    yield loop.run_until_complete
-    loop.close()
 
 
 @pytest.fixture
