@@ -53,9 +53,9 @@ class Owner:
         return r.json()["id"]
 
     async def status(self, job_id: str) -> str:
-        from service.jobs import keys
+        from service.jobs import redis_keys
 
-        return await self.redis.hget(keys.job(job_id), "status")
+        return await self.redis.hget(redis_keys.job(job_id), "status")
 
     async def wait(self, job_id: str, statuses=("succeeded",), poll: float = 0.005) -> str:
         while (status := await self.status(job_id)) not in (*statuses, "failed", "canceled"):
@@ -153,10 +153,10 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from service.api_keys import digest
     from service.app import AppArgs, build_app
     from service.dev.servers import RedisServer, S3Server, free_port
     from service.jobs.connection import async_redis
-    from service.keys import digest
 
     work = Path(tempfile.mkdtemp(prefix="undiffuse-admission-"))
     port, metrics_port = free_port(), free_port()

@@ -376,7 +376,7 @@ def resource_attacks(base: str, redis_url: str, upload_mib: int = 1024) -> list[
     import httpx
     import redis as redis_lib
 
-    from service.jobs import keys
+    from service.jobs import redis_keys
 
     host, port = urlsplit(base).hostname, urlsplit(base).port
     db = redis_lib.Redis.from_url(redis_url)
@@ -407,9 +407,11 @@ def resource_attacks(base: str, redis_url: str, upload_mib: int = 1024) -> list[
     def job_bytes(body: dict) -> tuple[str, int]:
         job_id = alice.post("/v1/jobs", json=body).json()["id"]
         deadline = time.monotonic() + 600
-        while db.hget(keys.job(job_id), "status") not in (b"succeeded", b"failed") and time.monotonic() < deadline:
+        while (
+            db.hget(redis_keys.job(job_id), "status") not in (b"succeeded", b"failed") and time.monotonic() < deadline
+        ):
             time.sleep(0.2)
-        return job_id, sum(db.memory_usage(k) or 0 for k in db.scan_iter(f"{keys.job(job_id)}*"))
+        return job_id, sum(db.memory_usage(k) or 0 for k in db.scan_iter(f"{redis_keys.job(job_id)}*"))
 
     done, small = job_bytes({"num_images": 1, "steps": 50, "class_label": 4, "previews": True})
     _, large = job_bytes({"num_images": 256, "steps": 10, "class_label": 4})
@@ -437,7 +439,7 @@ def resource_attacks(base: str, redis_url: str, upload_mib: int = 1024) -> list[
     deadline = time.monotonic() + 60
     while len(statuses) < 40 and time.monotonic() < deadline:
         time.sleep(0.05)
-    held = db.zcard(keys.owner_slots("alice"))
+    held = db.zcard(redis_keys.owner_slots("alice"))
     archive = alice.get(f"/v1/jobs/{done}/archive")  # a download of a succeeded job takes a slot too
     hold.set()
     for t in threads:
@@ -514,9 +516,9 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from service.api_keys import digest
     from service.app import AppArgs, build_app
     from service.dev.servers import RedisServer, S3Server, free_port
-    from service.keys import digest
 
     work = Path(tempfile.mkdtemp(prefix="undiffuse-hostile-"))
     port = free_port()

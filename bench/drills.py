@@ -252,7 +252,7 @@ class Monitor(threading.Thread):
     def run(self) -> None:
         from redis.exceptions import RedisError
 
-        from service.jobs import keys
+        from service.jobs import redis_keys
 
         seen: dict[str, int] = {}
         while not self.stopping.wait(0.2):
@@ -262,7 +262,7 @@ class Monitor(threading.Thread):
             try:
                 with self.redis.pipeline(transaction=False) as pipe:
                     for job_id in ids:
-                        pipe.hget(keys.job(job_id), "images_done")
+                        pipe.hget(redis_keys.job(job_id), "images_done")
                     values = pipe.execute()
             except RedisError:
                 continue

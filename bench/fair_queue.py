@@ -31,10 +31,10 @@ from pathlib import Path
 if not __package__:  # run as `python bench/fair_queue.py`: this file must not shadow the package
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from service.jobs import keys  # noqa: E402
+from service.jobs import redis_keys  # noqa: E402
 from service.jobs.connection import async_redis  # noqa: E402
 from service.jobs.queue import ShardQueue, shard_cost  # noqa: E402
-from service.jobs.schemas import JobParams, ShardTask  # noqa: E402
+from service.jobs.records import JobParams, ShardTask  # noqa: E402
 from service.jobs.store import JobStore  # noqa: E402
 
 FAR = 2**62
@@ -62,7 +62,7 @@ async def enqueue_job(q: ShardQueue, owner: str, job: str, images: int, steps: i
     ]
     async with q.r.pipeline(transaction=True) as pipe:
         pipe.multi()
-        await q.enqueue(pipe, keys.job(job), owner, tasks)
+        await q.enqueue(pipe, redis_keys.job(job), owner, tasks)
         await pipe.execute()
     return tasks
 
@@ -188,7 +188,7 @@ async def simulate(q: ShardQueue, owners: int, engine_steps: int, max_batch: int
             steps = rng.choice([10, 20, 50, 100, 200])
             job = f"j{n}"
             n += 1
-            alone = owner not in held and not int(await q.r.hget(keys.QUEUE_WAITING_COST, owner) or 0)
+            alone = owner not in held and not int(await q.r.hget(redis_keys.QUEUE_WAITING_COST, owner) or 0)
             tasks = await enqueue_job(q, owner, job, images, steps)
             submitted[owner] += images * steps
             jobs[job] = {"left": len(tasks), "arrived": step, "steps": steps, "images": images, "alone": alone}
@@ -196,7 +196,7 @@ async def simulate(q: ShardQueue, owners: int, engine_steps: int, max_batch: int
         for m in await q.read("sim", FAR, window=window):
             cost, rows = shard_cost(m.task)
             held[m.task.owner].append([m, m.task.params.steps, rows])
-        queued = {o for o, c in (await q.r.hgetall(keys.QUEUE_WAITING_COST)).items() if int(c) > 0}
+        queued = {o for o, c in (await q.r.hgetall(redis_keys.QUEUE_WAITING_COST)).items() if int(c) > 0}
         for o in queued:
             waiting_steps[o] += 1
         engine_step(held, queued, served, max_batch, rng)

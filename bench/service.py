@@ -42,12 +42,12 @@ class Jobs:
         self.redis = async_redis(redis_url, 5.0)
 
     async def run(self, body: dict) -> float:
-        from service.jobs import keys
+        from service.jobs import redis_keys
 
         start = time.perf_counter()
         r = await self.client.post("/v1/jobs", json=body)
         r.raise_for_status()
-        key = keys.job(r.json()["id"])
+        key = redis_keys.job(r.json()["id"])
         while (status := await self.redis.hget(key, "status")) in ("queued", "running"):
             await asyncio.sleep(0.005)
         assert status == "succeeded", status
@@ -78,7 +78,7 @@ def engine_alone(repeats: int) -> float:
 
 
 async def overhead(jobs: Jobs, denoiser, repeats: int) -> tuple[float, float]:
-    from service.jobs.schemas import JobParams, ShardTask
+    from service.jobs.records import JobParams, ShardTask
 
     body = {
         "num_images": 16,

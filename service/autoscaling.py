@@ -82,7 +82,7 @@ class BacklogPolicy:
     def _read(self) -> tuple[int, dict[str, float], float]:
         """(cost in flight, {owner: cost waiting} in row-steps, measured row-steps per second
         per replica)."""
-        from service.jobs import capacity, keys
+        from service.jobs import capacity, redis_keys
         from service.jobs.connection import sync_redis
         from service.jobs.queue import totals
 
@@ -93,7 +93,7 @@ class BacklogPolicy:
 
                 url = Settings().redis_url
             self._client = sync_redis(url, 1.0)
-        waiting = {owner: float(cost) for owner, cost in self._client.hgetall(keys.QUEUE_WAITING_COST).items()}
+        waiting = {owner: float(cost) for owner, cost in self._client.hgetall(redis_keys.QUEUE_WAITING_COST).items()}
         inflight = totals(self._client).inflight_cost
         return inflight, waiting, capacity.read_sync(self._client).throughput_per_replica
 

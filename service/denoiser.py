@@ -39,7 +39,7 @@ from ray import serve
 from redis.exceptions import RedisError
 
 from service import metrics
-from service.jobs.schemas import JobStatus, ShardResult, ShardTask
+from service.jobs.records import JobStatus, ShardResult, ShardTask
 from service.jobs.store import JobStore
 from service.logs import ms, shard_fields
 from service.models import ModelRegistry

@@ -5,8 +5,8 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from service.api.app import app
 from service.api.deps import build_context, set_context
+from service.api.fastapi_app import app
 from service.settings import Settings
 
 

@@ -1,6 +1,6 @@
 """API keys added and revoked while the service runs, kept in Redis.
 
-Configuration (`UNDIFFUSE_API_KEYS`, service.keys) holds the keys a deployment starts with, and
+Configuration (`UNDIFFUSE_API_KEYS`, service.api_keys) holds the keys a deployment starts with, and
 changing it takes a redeploy. The key ring holds the keys added since and every revocation, of a
 key added here or of a configured one, so a leaked key is shut out at once. Like configuration,
 Redis holds only SHA-256 digests, never a usable key:
@@ -41,9 +41,9 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from service.jobs import keys as redis_keys
+from service.api_keys import OWNER, digest
+from service.jobs import redis_keys
 from service.jobs.connection import sync_redis
-from service.keys import OWNER, digest
 from service.settings import Settings
 
 KEYS = redis_keys.API_KEYS

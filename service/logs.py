@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.jobs.schemas import ShardTask
+from service.jobs.records import ShardTask
 
 
 def job_fields(job_id: str, owner: str | None, **more: Any) -> dict[str, Any]:

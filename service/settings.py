@@ -2,7 +2,7 @@
 
 Every field can be set as an environment variable with the UNDIFFUSE_ prefix
 (UNDIFFUSE_REDIS_URL, UNDIFFUSE_S3_BUCKET, UNDIFFUSE_API_KEYS=alice=sha256:<hex>,..., see
-service.keys).
+service.api_keys).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service import keys as api_keys
+from service import api_keys as api_keys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLACEHOLDER_SECRETS = {"", "changeme", "localsecret", "REPLACE_ME"}
@@ -159,7 +159,7 @@ class Settings(BaseSettings):
     webhook_retry_base_seconds: float = Field(
         5.0,
         gt=0,
-        description="first retry delay; later ones follow the schedule in service.jobs.webhooks (~3 h in all)",
+        description="first retry delay; later ones follow the schedule in service.jobs.webhook_schedule (~3 h in all)",
     )
     webhook_concurrency: int = Field(16, ge=1, description="deliveries in flight per Worker replica")
     webhook_concurrency_per_owner: int = Field(
@@ -181,7 +181,7 @@ class Settings(BaseSettings):
 
     # --- auth ---
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="[owner=]sha256:<hex> entries (service.keys); empty: no auth"
+        default_factory=list, description="[owner=]sha256:<hex> entries (service.api_keys); empty: no auth"
     )
     _key_owners: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -253,6 +253,6 @@ class Settings(BaseSettings):
             if not all(api_keys.is_hashed(k) for k in self.api_keys):
                 raise ValueError(
                     "UNDIFFUSE_API_KEYS holds a plain key; production takes owner=sha256:<hex> entries "
-                    "(python -m service.keys new <owner>)"
+                    "(python -m service.api_keys new <owner>)"
                 )
         return self

@@ -29,7 +29,7 @@ def test_import_contracts_are_kept():
 def test_http_layer_jobs_and_workers_load_no_torch():
     code = (
         "import sys\n"
-        "import service.api.app, service.jobs.lifecycle, service.jobs.queue, worker.consumer\n"
+        "import service.api.fastapi_app, service.jobs.lifecycle, service.jobs.queue, worker.consumer\n"
         "import service.models, service.autoscaling\n"
         "sys.exit('torch' in sys.modules)\n"
     )

@@ -32,7 +32,7 @@ from service.jobs import capacity
 from service.jobs.capacity import Capacity
 from service.jobs.lifecycle import JobLifecycle
 from service.jobs.queue import Message
-from service.jobs.schemas import JobError, JobStatus, ShardResult, ShardTask
+from service.jobs.records import JobError, JobStatus, ShardResult, ShardTask
 from service.jobs.store import JobRecord, JobStore
 from service.logs import ms, shard_fields
 from service.settings import Settings

@@ -10,7 +10,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from service.jobs.schemas import ShardResult, ShardTask
+from service.jobs.records import ShardResult, ShardTask
 from service.jobs.store import JobStore
 from service.settings import Settings
 from service.storage import ObjectStore

@@ -1,4 +1,4 @@
-"""The webhook dispatcher: sends the deliveries that are due (service.jobs.webhooks).
+"""The webhook dispatcher: sends the deliveries that are due (service.jobs.webhook_schedule).
 
 Each Worker replica runs one, beside its consumer and sweeper. A round claims what is due (the
 claim leases each delivery, so two replicas never send the same attempt at once), and sends each
@@ -6,7 +6,7 @@ in its own task, at most Settings.webhook_concurrency at a time, so one slow rec
 hold up the others; and at most Settings.webhook_concurrency_per_owner of one owner's, so an
 owner whose receivers are slow or never answer (or whose names never resolve: the lookups have a
 budget per owner too, service.webhooks.addresses) fills only its own slots, and other owners'
-deliveries are claimed past its backlog (service.jobs.webhooks parks it). An attempt that fails
+deliveries are claimed past its backlog (service.jobs.webhook_schedule parks it). An attempt that fails
 is rescheduled after the next delay of RETRY_SCHEDULE (with jitter), until the last; each
 attempt's outcome is written on the job.
 """
@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from service import metrics
 from service.jobs.store import JobStore
-from service.jobs.webhooks import Claim, Delivery, WebhookOutcome, retry_delay
+from service.jobs.webhook_schedule import Claim, Delivery, WebhookOutcome, retry_delay
 from service.settings import Settings
 from service.storage import ObjectStore, manifest_key
 from service.webhooks import sender, signing

@@ -1,4 +1,4 @@
-"""The sweeper: deletes the images of jobs that are due to go (service.jobs.keys.PURGE).
+"""The sweeper: deletes the images of jobs that are due to go (service.jobs.redis_keys.PURGE).
 
 A job is scheduled when it is submitted (for when its record expires), again when it fails or
 is canceled (purge_delay_seconds later) and when it is deleted (to catch a straggling upload).

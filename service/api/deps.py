@@ -10,7 +10,7 @@ from typing import Annotated, Any, NoReturn
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service import keys
+from service import api_keys
 from service.api.quotas import DailyCostQuota, PerMinuteQuota, quota_storage, read_quota, submission_quota
 from service.jobs.lifecycle import JobLifecycle
 from service.jobs.slots import OwnerSlots
@@ -87,7 +87,7 @@ async def get_owner(
     request: Request, ctx: Ctx, bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
 ) -> str:
     """With API keys anywhere, require `Authorization: Bearer <key>` of a key that is configured
-    (UNDIFFUSE_API_KEYS, service.keys) or in the key ring (service.keyring) and not revoked there;
+    (UNDIFFUSE_API_KEYS, service.api_keys) or in the key ring (service.keyring) and not revoked there;
     the owner is the id its entry gives it, so a key sees only its owner's jobs.
 
     Without any key, neither configured nor ever added to the ring, everyone is the same owner
@@ -103,7 +103,7 @@ async def get_owner(
     if bearer is None:  # HTTPBearer compares the scheme case-insensitively (RFC 9110)
         _refuse(request, "missing", None, "missing Authorization: Bearer <api key>")
     # lookups by the key's SHA-256: what a timing difference could reveal is a prefix of a hash
-    key_digest = keys.digest(bearer.credentials.strip())
+    key_digest = api_keys.digest(bearer.credentials.strip())
     if key_digest in ring.revoked:
         _refuse(request, "revoked", key_digest, "API key revoked")
     owner = configured.get(key_digest) or ring.owners.get(key_digest)

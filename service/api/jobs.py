@@ -31,9 +31,9 @@ from service.api.streams import (
     reserve,
 )
 from service.api.views import MAX_RESULTS_PAGE, progress, queue_position, queued_view, view
-from service.api.webhooks import webhook_target
+from service.api.webhook_routes import webhook_target
 from service.jobs.events import is_event_id
-from service.jobs.schemas import JobParams, JobStatus
+from service.jobs.records import JobParams, JobStatus
 from service.jobs.store import (
     CostInFlightExceeded,
     Cursor,

@@ -9,7 +9,7 @@ from service.api.deps import Context
 from service.api.errors import invalid
 from service.api.schemas import JobCreate
 from service.jobs.events import MAX_PREVIEWS, default_preview_every
-from service.jobs.schemas import JobParams
+from service.jobs.records import JobParams
 from undiffuse.config import ModelSpec
 
 

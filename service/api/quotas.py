@@ -14,7 +14,7 @@ from limits.aio.storage import RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
 from service.jobs.connection import async_options
-from service.jobs.keys import PREFIX
+from service.jobs.redis_keys import PREFIX
 from service.settings import Settings
 
 

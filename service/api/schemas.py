@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-from service.jobs.schemas import MAX_SEED, JobError, JobParams, JobStatus
-from service.jobs.webhooks import WebhookEvent, WebhookOutcome
+from service.jobs.records import MAX_SEED, JobError, JobParams, JobStatus
+from service.jobs.webhook_schedule import WebhookEvent, WebhookOutcome
 from undiffuse.registry import DEFAULT_SAMPLER, SamplerName
 
 MAX_WEBHOOK_URL = 2048

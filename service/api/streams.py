@@ -20,7 +20,7 @@ from service.api.deps import Context
 from service.api.quotas import too_many
 from service.api.views import queued_view, view
 from service.jobs.events import EventKind, JobEvent
-from service.jobs.schemas import JobStatus
+from service.jobs.records import JobStatus
 from service.jobs.slots import Lease
 from service.jobs.store import JobRecord
 

@@ -8,8 +8,8 @@ import time
 
 from service.api.deps import Context
 from service.api.schemas import ImageResult, JobView, Progress, QueuePosition
-from service.jobs import capacity, keys
-from service.jobs.schemas import JobParams, JobStatus
+from service.jobs import capacity, redis_keys
+from service.jobs.records import JobParams, JobStatus
 from service.jobs.store import JobRecord
 from service.storage import image_key, manifest_key
 
@@ -80,7 +80,7 @@ async def queue_position(ctx: Context, record: JobRecord) -> QueuePosition:
     from the Denoisers' reported throughput (service.jobs.capacity)."""
     now = time.time()
     rate = (await capacity.read(ctx.store.r)).throughput
-    ahead, start_at = await ctx.store.queue.position(keys.job(record.id), record.owner, now, rate)
+    ahead, start_at = await ctx.store.queue.position(redis_keys.job(record.id), record.owner, now, rate)
     return QueuePosition(
         ahead_row_steps=ahead,
         estimated_start_seconds=None if start_at is None else round(max(0.0, start_at - now), 3),

@@ -14,8 +14,8 @@ import secrets
 import sys
 from pathlib import Path
 
+from service.api_keys import OWNER, digest
 from service.dev.servers import RedisServer, S3Server
-from service.keys import OWNER, digest
 from service.settings import REPO_ROOT
 
 

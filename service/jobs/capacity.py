@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio as aioredis
 
-from service.jobs import keys
+from service.jobs import redis_keys
 
 STALE_SECONDS = 10.0
 FORGET_SECONDS = 300.0
@@ -70,22 +70,22 @@ def parse(raw: dict[str, str], now: float) -> tuple[Capacity, list[str]]:
 
 def report(client: redis.Redis, replica: str, max_batch: int, throughput: float) -> None:
     """A replica's report (synchronous: the Denoiser writes it from its own thread)."""
-    client.hset(keys.DENOISERS, replica, report_json(max_batch, throughput))
+    client.hset(redis_keys.DENOISERS, replica, report_json(max_batch, throughput))
 
 
 def withdraw(client: redis.Redis, replica: str) -> None:
-    client.hdel(keys.DENOISERS, replica)
+    client.hdel(redis_keys.DENOISERS, replica)
 
 
 async def read(client: aioredis.Redis) -> Capacity:
-    capacity, forget = parse(await client.hgetall(keys.DENOISERS), time.time())
+    capacity, forget = parse(await client.hgetall(redis_keys.DENOISERS), time.time())
     if forget:
-        await client.hdel(keys.DENOISERS, *forget)
+        await client.hdel(redis_keys.DENOISERS, *forget)
     return capacity
 
 
 def read_sync(client: redis.Redis) -> Capacity:
-    capacity, forget = parse(client.hgetall(keys.DENOISERS), time.time())
+    capacity, forget = parse(client.hgetall(redis_keys.DENOISERS), time.time())
     if forget:
-        client.hdel(keys.DENOISERS, *forget)
+        client.hdel(redis_keys.DENOISERS, *forget)
     return capacity

@@ -1,6 +1,6 @@
 """Job events: what GET /v1/jobs/{id}/events streams, kept as a Redis stream per job.
 
-Each job has a stream (service.jobs.keys.job_events) written by the very transitions that change
+Each job has a stream (service.jobs.redis_keys.job_events) written by the very transitions that change
 its record, in the same Lua script or MULTI/EXEC (service.jobs.store), so no event is missed and
 none contradicts the record:
 

@@ -1,6 +1,6 @@
 """The one place where a job starts or reaches a terminal state, and where that has its side
 effects: metrics, and the job's events and webhook deliveries (appended and scheduled by the
-store's transition scripts themselves, service.jobs.events and service.jobs.webhooks: a side
+store's transition scripts themselves, service.jobs.events and service.jobs.webhook_schedule: a side
 effect that must happen exactly once with the transition is written in the same script).
 
 Every terminal transition goes through `JobLifecycle`: success once every shard is done and the
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.jobs.schemas import JobError, JobStatus, ShardTask
+from service.jobs.records import JobError, JobStatus, ShardTask
 from service.jobs.store import JobFinished, JobRecord, JobStore
 
 

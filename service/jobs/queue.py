@@ -1,6 +1,6 @@
 """The shard queue: fair across owners, admitted by capacity. Nothing else touches its keys.
 
-Shards wait in one FIFO list per owner (service.jobs.keys.owner_shards). A Worker *admits*
+Shards wait in one FIFO list per owner (service.jobs.redis_keys.owner_shards). A Worker *admits*
 shards with one Lua script (`admit`) that takes owners in deficit-round-robin order, weighted
 by cost (images x steps, x2 with guidance: the rows the Denoiser runs for it), so every owner
 with work waiting gets its share of the Denoiser whatever another owner has queued:
@@ -46,8 +46,8 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from service.jobs import keys
-from service.jobs.schemas import ShardTask
+from service.jobs import redis_keys
+from service.jobs.records import ShardTask
 
 DEAD_LETTER_MAXLEN = 10_000
 WAKE_MAXLEN = 16  # submissions not yet noticed by a waiting Worker: one wake-up is enough
@@ -55,22 +55,22 @@ MAX_VISITS = 512  # owners one admit call looks at, at most: the round goes on a
 
 # The keys every script uses; owner keys are built from keys.QUEUE_OWNER_PREFIX in the script.
 _KEYS = {
-    "ACTIVE": keys.QUEUE_ACTIVE,
-    "WAITING": keys.QUEUE_WAITING_COST,
-    "TOTALS": keys.QUEUE_TOTALS,
-    "MSG": keys.QUEUE_MESSAGES,
-    "META": keys.QUEUE_META,
-    "LEASES": keys.QUEUE_LEASES,
-    "LESSEE": keys.QUEUE_LESSEES,
-    "SEQ": keys.QUEUE_SEQ,
-    "WAKE": keys.QUEUE_WAKE,
-    "DEAD": keys.DEAD_LETTER_STREAM,
+    "ACTIVE": redis_keys.QUEUE_ACTIVE,
+    "WAITING": redis_keys.QUEUE_WAITING_COST,
+    "TOTALS": redis_keys.QUEUE_TOTALS,
+    "MSG": redis_keys.QUEUE_MESSAGES,
+    "META": redis_keys.QUEUE_META,
+    "LEASES": redis_keys.QUEUE_LEASES,
+    "LESSEE": redis_keys.QUEUE_LESSEES,
+    "SEQ": redis_keys.QUEUE_SEQ,
+    "WAKE": redis_keys.QUEUE_WAKE,
+    "DEAD": redis_keys.DEAD_LETTER_STREAM,
 }
 
 _PRELUDE = "".join(f"local {name} = {json.dumps(key)}\n" for name, key in _KEYS.items()) + (
-    f"local OWNER_PREFIX = {json.dumps(keys.QUEUE_OWNER_PREFIX)}\n"
+    f"local OWNER_PREFIX = {json.dumps(redis_keys.QUEUE_OWNER_PREFIX)}\n"
     f"local WAKE_LAST, DEAD_MAXLEN = {WAKE_MAXLEN - 1}, {DEAD_LETTER_MAXLEN}\n"
-    f"local REPLY_PREFIX = {json.dumps(keys.QUEUE_REPLY_PREFIX)}\n"
+    f"local REPLY_PREFIX = {json.dumps(redis_keys.QUEUE_REPLY_PREFIX)}\n"
     + """
 local function stats_key(owner) return OWNER_PREFIX .. owner end
 local function list_key(owner) return OWNER_PREFIX .. owner .. ':shards' end
@@ -390,8 +390,8 @@ def _messages(flat: list) -> list[Message]:
 def holders(client: redis.Redis) -> list[tuple[str, ShardTask | None]]:
     """(consumer, task) of every shard in flight, read with a synchronous client (for drills
     and tests: which Worker holds what)."""
-    lessees = client.hgetall(keys.QUEUE_LESSEES)
-    tasks = client.hmget(keys.QUEUE_MESSAGES, list(lessees)) if lessees else []
+    lessees = client.hgetall(redis_keys.QUEUE_LESSEES)
+    tasks = client.hmget(redis_keys.QUEUE_MESSAGES, list(lessees)) if lessees else []
     return [
         (token.split(":", 2)[2], parse_task({"task": raw}) if raw else None)
         for token, raw in zip(lessees.values(), tasks, strict=True)
@@ -400,7 +400,7 @@ def holders(client: redis.Redis) -> list[tuple[str, ShardTask | None]]:
 
 def totals(client: redis.Redis) -> Totals:
     """The queue's totals, read with a synchronous client (the autoscaling policy's)."""
-    return Totals.parse(client.hgetall(keys.QUEUE_TOTALS))
+    return Totals.parse(client.hgetall(redis_keys.QUEUE_TOTALS))
 
 
 class ShardQueue:
@@ -447,7 +447,7 @@ class ShardQueue:
 
     async def wait_for_work(self, timeout_s: float) -> bool:
         """Block until a submission since the last wake-up (or timeout_s); True if woken."""
-        return await self.r.blpop([keys.QUEUE_WAKE], timeout=timeout_s) is not None
+        return await self.r.blpop([redis_keys.QUEUE_WAKE], timeout=timeout_s) is not None
 
     async def reclaim(self, consumer: str, now_ms: int, deadline_ms: int, count: int = 50) -> list[Message]:
         """Take over up to count shards whose lease expired (their Worker stopped heart-beating);
@@ -475,7 +475,7 @@ class ShardQueue:
         return bool(await self._settle(args=[message_id, "dead", json.dumps(fields), reason]))
 
     async def totals(self) -> Totals:
-        return Totals.parse(await self.r.hgetall(keys.QUEUE_TOTALS))
+        return Totals.parse(await self.r.hgetall(redis_keys.QUEUE_TOTALS))
 
     async def depth(self) -> int:
         """Shards waiting or in flight."""

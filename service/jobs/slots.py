@@ -1,7 +1,7 @@
 """Per-owner slots for long responses (event streams, archive downloads), counted in Redis so
 every Ingress replica sees the same count.
 
-A slot is a member of the owner's ZSET (service.jobs.keys.owner_slots) scored by its lease's
+A slot is a member of the owner's ZSET (service.jobs.redis_keys.owner_slots) scored by its lease's
 end. One script drops lapsed leases, checks the count and adds the new one, so concurrent
 requests on any number of replicas can never hold more than the limit (a count kept per replica,
 checked in the handler and incremented later when the response starts, let 33 of 40 concurrent
@@ -19,7 +19,7 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service.jobs import keys
+from service.jobs import redis_keys
 
 log = logging.getLogger("ray.serve")
 LEASE_SECONDS = 30.0
@@ -63,19 +63,19 @@ class OwnerSlots:
     async def acquire(self, owner: str) -> Lease | None:
         """A lease on one of the owner's slots, or None when it holds `limit` already."""
         token = secrets.token_hex(8)
-        taken = await self._acquire(keys=[keys.owner_slots(owner)], args=[self.lease_ms, self.limit, token])
+        taken = await self._acquire(keys=[redis_keys.owner_slots(owner)], args=[self.lease_ms, self.limit, token])
         return Lease(self, owner, token) if taken else None
 
     async def renew(self, owner: str, token: str) -> bool:
         """Extend the lease; False if it had lapsed (the response should end)."""
-        return bool(await self._renew(keys=[keys.owner_slots(owner)], args=[self.lease_ms, token]))
+        return bool(await self._renew(keys=[redis_keys.owner_slots(owner)], args=[self.lease_ms, token]))
 
     async def release(self, owner: str, token: str) -> None:
-        await self.r.zrem(keys.owner_slots(owner), token)
+        await self.r.zrem(redis_keys.owner_slots(owner), token)
 
     async def held(self, owner: str) -> int:
         """Leases the owner holds now, lapsed ones not yet dropped included."""
-        return int(await self.r.zcard(keys.owner_slots(owner)))
+        return int(await self.r.zcard(redis_keys.owner_slots(owner)))
 
 
 class Lease:

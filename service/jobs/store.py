@@ -1,12 +1,12 @@
 """Job records in Redis, and every state transition of a job.
 
-A job is a HASH (service.jobs.keys.job) with the fields
+A job is a HASH (service.jobs.redis_keys.job) with the fields
     params        JSON of JobParams          owner        who submitted it
     status        a JobStatus value          created_at / started_at / finished_at   epoch seconds
     num_shards    shards the job was cut in  shard_size   images per shard when it was cut
     images_done   images uploaded so far     error        JSON {"code", "message"}
     step:{k}      denoising steps done by shard k
-    webhook_url, webhook_events   where and for which events deliveries go (service.jobs.webhooks)
+    webhook_url, webhook_events   where and for which events deliveries go (service.jobs.webhook_schedule)
     queue_mark    its owner's cost queued before it; queue_ahead / queue_start_at: the
                   position and estimated start last answered (service.jobs.queue)
 plus a SET of finished shard indices, a HASH of the finished shards' file checksums (for the
@@ -14,7 +14,7 @@ manifest), the job's event stream (service.jobs.events) and its webhook outcomes
 so that they are atomic and guarded: a canceled or finished job never goes back to running, and
 repeating a shard's completion is harmless; each script appends the job's events with the change
 it makes, so the event stream and the record never disagree, and schedules the webhook
-deliveries the change calls for (service.jobs.webhooks) in the same script. The shards themselves travel on the queue (service.jobs.queue),
+deliveries the change calls for (service.jobs.webhook_schedule) in the same script. The shards themselves travel on the queue (service.jobs.queue),
 which a submission writes in the same MULTI/EXEC as the record. Side effects of a job reaching
 a terminal state belong to service.jobs.lifecycle, which drives the terminal transitions here.
 """
@@ -31,15 +31,15 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from service.jobs import events, keys, webhooks
+from service.jobs import events, redis_keys, webhook_schedule
 from service.jobs.connection import async_redis
 from service.jobs.events import JobEvent
 from service.jobs.queue import ShardQueue
-from service.jobs.schemas import JobError, JobParams, JobStatus, ShardTask
-from service.jobs.webhooks import WebhookOutcome, WebhookSchedule
+from service.jobs.records import JobError, JobParams, JobStatus, ShardTask
+from service.jobs.webhook_schedule import WebhookOutcome, WebhookSchedule
 from service.settings import Settings
 
-# Every transition keeps the owner's status index (service.jobs.keys.owner_status_jobs) in step
+# Every transition keeps the owner's status index (service.jobs.redis_keys.owner_status_jobs) in step
 # with the record: its last 6 KEYS are the owner's (all jobs, queued, running, succeeded, failed,
 # canceled) sets, and its last ARGV is the job id.
 _INDEX = """
@@ -61,7 +61,7 @@ end
 
 # What every status transition's script starts with: the owner's status index, the job's event
 # stream and its webhook schedule, kept in step with the record in the same script.
-_TRANSITION = _INDEX + events.LUA + webhooks.LUA
+_TRANSITION = _INDEX + events.LUA + webhook_schedule.LUA
 
 # KEYS[1] job, KEYS[2] events, KEYS[3] webhooks, KEYS[4] webhooks due; ARGV now. Returns 1 when
 # queued -> running, 0 when already running, -1 otherwise.
@@ -329,7 +329,7 @@ def shard_range(num_images: int, shard_size: int, shard: int) -> tuple[int, int]
 
 def index_keys(owner: str) -> list[str]:
     """The owner's job sets in the order the transition scripts take them (see _INDEX)."""
-    return [keys.owner_jobs(owner), *(keys.owner_status_jobs(owner, s.value) for s in JobStatus)]
+    return [redis_keys.owner_jobs(owner), *(redis_keys.owner_status_jobs(owner, s.value) for s in JobStatus)]
 
 
 def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
@@ -403,11 +403,11 @@ class JobStore:
         job that would take the image-steps of the owner's queued and running jobs past it gets
         CostInFlightExceeded (the same way); with max_stored, an owner whose records (any status,
         not yet expired or deleted) number that many gets TooManyJobsStored. webhook: (url,
-        events) to deliver to (service.jobs.webhooks).
+        events) to deliver to (service.jobs.webhook_schedule).
         """
         digest = body_hash(body)
-        idem = keys.idempotency(owner, idempotency_key) if idempotency_key else None
-        active = [keys.owner_status_jobs(owner, s.value) for s in (JobStatus.queued, JobStatus.running)]
+        idem = redis_keys.idempotency(owner, idempotency_key) if idempotency_key else None
+        active = [redis_keys.owner_status_jobs(owner, s.value) for s in (JobStatus.queued, JobStatus.running)]
         job_id = uuid.uuid4().hex
         now = time.time()
         shards = shard_ranges(params.num_images, self.shard_size)
@@ -417,7 +417,7 @@ class JobStore:
         async with self.r.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    every = keys.owner_jobs(owner)
+                    every = redis_keys.owner_jobs(owner)
                     watched = [*(active + [every] if limited else []), *([idem] if idem else [])]
                     if watched:
                         await pipe.watch(*watched)
@@ -453,7 +453,7 @@ class JobStore:
         if max_cost is not None:
             cost = 0
             for job_id in job_ids:  # at most max_jobs_in_flight_per_key of them
-                raw = await pipe.hget(keys.job(job_id), "params")
+                raw = await pipe.hget(redis_keys.job(job_id), "params")
                 cost += JobParams.model_validate_json(raw).cost if raw is not None else 0
             if cost + params.cost > max_cost:
                 raise CostInFlightExceeded(cost, max_cost)
@@ -461,7 +461,7 @@ class JobStore:
     async def replayed(self, owner: str, idempotency_key: str, body: dict) -> str | None:
         """The job an earlier request with this Idempotency-Key and body made, or None (then
         `submit` decides, in its transaction); IdempotencyConflict for another body."""
-        prior = await self.r.get(keys.idempotency(owner, idempotency_key))
+        prior = await self.r.get(redis_keys.idempotency(owner, idempotency_key))
         if prior is None:
             return None
         prior = json.loads(prior)
@@ -470,8 +470,10 @@ class JobStore:
         return prior["job_id"]
 
     async def _queue_job(self, pipe, job_id: str, owner: str, params: JobParams, now: float, shards, webhook) -> None:
-        key = keys.job(job_id)
-        hook = {"webhook_url": webhook[0], "webhook_events": webhooks.encode_events(webhook[1])} if webhook else {}
+        key = redis_keys.job(job_id)
+        hook = (
+            {"webhook_url": webhook[0], "webhook_events": webhook_schedule.encode_events(webhook[1])} if webhook else {}
+        )
         pipe.hset(
             key,
             mapping={
@@ -486,14 +488,14 @@ class JobStore:
             },
         )
         pipe.expire(key, self.ttl)
-        stream = keys.job_events(job_id)
+        stream = redis_keys.job_events(job_id)
         pipe.xadd(stream, {"event": events.EventKind.queued.value, "data": ""}, maxlen=events.MAX_EVENTS)
         pipe.expire(stream, self.ttl)
         score = int(now * 1e6)
-        for index in (keys.owner_jobs(owner), keys.owner_status_jobs(owner, JobStatus.queued.value)):
+        for index in (redis_keys.owner_jobs(owner), redis_keys.owner_status_jobs(owner, JobStatus.queued.value)):
             pipe.zadd(index, {job_id: score})
             pipe.expire(index, self.ttl)
-        pipe.zadd(keys.PURGE, {job_id: now + self.ttl})  # its images go when its record does
+        pipe.zadd(redis_keys.PURGE, {job_id: now + self.ttl})  # its images go when its record does
         tasks = [
             ShardTask(job_id=job_id, shard=k, start=start, count=count, owner=owner, params=params)
             for k, (start, count) in enumerate(shards)
@@ -510,9 +512,9 @@ class JobStore:
             return []
         async with self.r.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hgetall(keys.job(job_id))
-                pipe.smembers(keys.job_done_shards(job_id))
-                pipe.hgetall(keys.job_webhooks(job_id))
+                pipe.hgetall(redis_keys.job(job_id))
+                pipe.smembers(redis_keys.job_done_shards(job_id))
+                pipe.hgetall(redis_keys.job_webhooks(job_id))
             replies = await pipe.execute()
         return [self._record(job_id, *replies[3 * i : 3 * i + 3]) for i, job_id in enumerate(job_ids)]
 
@@ -536,8 +538,8 @@ class JobStore:
             shard_steps={int(k[5:]): int(v) for k, v in raw.items() if k.startswith("step:")},
             done_shards={int(s) for s in done},
             webhook_url=raw.get("webhook_url"),
-            webhook_events=webhooks.decode_events(raw.get("webhook_events")),
-            webhooks=webhooks.outcomes(hooks),
+            webhook_events=webhook_schedule.decode_events(raw.get("webhook_events")),
+            webhooks=webhook_schedule.outcomes(hooks),
         )
 
     async def get_owned(self, job_id: str, owner: str) -> JobRecord:
@@ -552,7 +554,7 @@ class JobStore:
         """The owner's jobs newest first, optionally of one status (read from the status index,
         so a filter costs what its page costs); cursor: the position after which to continue.
         Jobs created in the same microsecond are ordered by id, so none is skipped or repeated."""
-        key = keys.owner_status_jobs(owner, status.value) if status else keys.owner_jobs(owner)
+        key = redis_keys.owner_status_jobs(owner, status.value) if status else redis_keys.owner_jobs(owner)
         await self._prune(owner)
         out: list[JobRecord] = []
         top, offset = (cursor[0] if cursor else "+inf"), 0
@@ -584,13 +586,13 @@ class JobStore:
         is), or None if there was no such job. The objects are the caller's (ObjectStore)."""
         status = await self._delete(
             keys=[
-                keys.job(job_id),
-                keys.job_done_shards(job_id),
-                keys.job_events(job_id),
-                keys.job_files(job_id),
-                keys.job_webhooks(job_id),
-                keys.WEBHOOKS_DUE,
-                keys.job_previews(job_id),
+                redis_keys.job(job_id),
+                redis_keys.job_done_shards(job_id),
+                redis_keys.job_events(job_id),
+                redis_keys.job_files(job_id),
+                redis_keys.job_webhooks(job_id),
+                redis_keys.WEBHOOKS_DUE,
+                redis_keys.job_previews(job_id),
                 *index_keys(owner),
             ],
             args=[job_id],
@@ -599,33 +601,33 @@ class JobStore:
 
     async def release_storage(self, job_id: str) -> None:
         """The job's objects are deleted: give its bytes back to its owner (once)."""
-        owner = await self.r.hget(keys.job_usage(job_id), "owner")
+        owner = await self.r.hget(redis_keys.job_usage(job_id), "owner")
         if owner is not None:
-            await self._release(keys=[keys.job_usage(job_id), keys.owner_stored_bytes(owner)])
+            await self._release(keys=[redis_keys.job_usage(job_id), redis_keys.owner_stored_bytes(owner)])
 
     async def stored_bytes(self, owner: str) -> int:
         """Bytes of the owner's images in the bucket, as counted by completed shards."""
-        return max(0, int(await self.r.get(keys.owner_stored_bytes(owner)) or 0))
+        return max(0, int(await self.r.get(redis_keys.owner_stored_bytes(owner)) or 0))
 
     async def schedule_purge(self, job_id: str, at: float) -> None:
         """Have the job's objects deleted at epoch time `at` (worker.sweeper)."""
-        await self.r.zadd(keys.PURGE, {job_id: at})
+        await self.r.zadd(redis_keys.PURGE, {job_id: at})
 
     async def due_purges(self, now: float, count: int) -> list[tuple[str, float]]:
         """Up to count (job id, due time) whose time has come, earliest first."""
-        return list(await self.r.zrangebyscore(keys.PURGE, "-inf", now, start=0, num=count, withscores=True))
+        return list(await self.r.zrangebyscore(redis_keys.PURGE, "-inf", now, start=0, num=count, withscores=True))
 
     async def purged(self, due: list[tuple[str, float]]) -> None:
         """Remove swept entries, unless rescheduled meanwhile (a DELETE's later sweep stays)."""
         if due:
-            await self._unschedule(keys=[keys.PURGE], args=[v for job_id, at in due for v in (job_id, repr(at))])
+            await self._unschedule(keys=[redis_keys.PURGE], args=[v for job_id, at in due for v in (job_id, repr(at))])
 
     # --- transitions ---------------------------------------------------------------------------
     async def mark_running(self, job_id: str, owner: str) -> int:
         """1: queued -> running now; 0: it was running; -1: finished or gone."""
         return int(
             await self._start(
-                keys=[keys.job(job_id), keys.job_events(job_id), *_hook_keys(job_id), *index_keys(owner)],
+                keys=[redis_keys.job(job_id), redis_keys.job_events(job_id), *_hook_keys(job_id), *index_keys(owner)],
                 args=[repr(time.time()), job_id],
             )
         )
@@ -636,12 +638,12 @@ class JobStore:
         active job is done): then the caller writes the manifest and calls `succeed`."""
         status, all_done = await self._complete(
             keys=[
-                keys.job(task.job_id),
-                keys.job_done_shards(task.job_id),
-                keys.job_events(task.job_id),
-                keys.job_files(task.job_id),
-                keys.job_usage(task.job_id),
-                keys.owner_stored_bytes(task.owner or ""),
+                redis_keys.job(task.job_id),
+                redis_keys.job_done_shards(task.job_id),
+                redis_keys.job_events(task.job_id),
+                redis_keys.job_files(task.job_id),
+                redis_keys.job_usage(task.job_id),
+                redis_keys.owner_stored_bytes(task.owner or ""),
             ],
             args=[
                 task.shard,
@@ -663,12 +665,12 @@ class JobStore:
         return bool(
             await self._succeed(
                 keys=[
-                    keys.job(job_id),
-                    keys.job_done_shards(job_id),
-                    keys.job_events(job_id),
+                    redis_keys.job(job_id),
+                    redis_keys.job_done_shards(job_id),
+                    redis_keys.job_events(job_id),
                     *_hook_keys(job_id),
-                    keys.job_previews(job_id),
-                    keys.job_files(job_id),
+                    redis_keys.job_previews(job_id),
+                    redis_keys.job_files(job_id),
                     *index_keys(owner),
                 ],
                 args=[repr(time.time()), _now_ms(), job_id],
@@ -677,7 +679,7 @@ class JobStore:
 
     async def files(self, record: JobRecord) -> dict[int, tuple[str, int]]:
         """{image index: (sha256 hex, size)} of the finished shards that recorded them."""
-        raw = await self.r.hgetall(keys.job_files(record.id))
+        raw = await self.r.hgetall(redis_keys.job_files(record.id))
         out: dict[int, tuple[str, int]] = {}
         for shard, value in raw.items():
             start, count = record.shard_range(int(shard))
@@ -692,11 +694,11 @@ class JobStore:
         return bool(
             await self._finish(
                 keys=[
-                    keys.job(job_id),
-                    keys.job_events(job_id),
+                    redis_keys.job(job_id),
+                    redis_keys.job_events(job_id),
                     *_hook_keys(job_id),
-                    keys.job_previews(job_id),
-                    keys.job_files(job_id),
+                    redis_keys.job_previews(job_id),
+                    redis_keys.job_files(job_id),
                     *index_keys(owner),
                 ],
                 args=[status.value, repr(time.time()), err, job_id],
@@ -713,7 +715,7 @@ class JobStore:
             keys=[
                 k
                 for job_id, _, _ in progress
-                for k in (keys.job(job_id), keys.job_done_shards(job_id), keys.job_events(job_id))
+                for k in (redis_keys.job(job_id), redis_keys.job_done_shards(job_id), redis_keys.job_events(job_id))
             ],
             args=[*(v for _, shard, step in progress for v in (shard, step)), _now_ms()],
         )
@@ -725,7 +727,8 @@ class JobStore:
         ended, or when an earlier step comes after a later one (a retried shard)."""
         return bool(
             await self._preview(
-                keys=[keys.job(job_id), keys.job_events(job_id), keys.job_previews(job_id)], args=[step, data]
+                keys=[redis_keys.job(job_id), redis_keys.job_events(job_id), redis_keys.job_previews(job_id)],
+                args=[step, data],
             )
         )
 
@@ -734,7 +737,7 @@ class JobStore:
     ) -> list[JobEvent]:
         """Up to count of the job's events after the event id `after` ("0" for all), oldest
         first; with block_ms, waits up to that long for one to arrive."""
-        reply = await self.r.xread({keys.job_events(job_id): after}, count=count, block=block_ms)
+        reply = await self.r.xread({redis_keys.job_events(job_id): after}, count=count, block=block_ms)
         return [
             JobEvent(entry_id, events.EventKind(fields["event"]), fields.get("data", ""))
             for _stream, entries in reply or []
@@ -744,7 +747,7 @@ class JobStore:
 
 def _hook_keys(job_id: str) -> list[str]:
     """The keys a transition schedules the job's webhook deliveries in (webhooks.LUA)."""
-    return [keys.job_webhooks(job_id), keys.WEBHOOKS_DUE]
+    return [redis_keys.job_webhooks(job_id), redis_keys.WEBHOOKS_DUE]
 
 
 def _now_ms() -> int:

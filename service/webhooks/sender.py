@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 import httpx
 
 from service.jobs.store import JobRecord
-from service.jobs.webhooks import EVENT_STATUS
+from service.jobs.webhook_schedule import EVENT_STATUS
 from service.webhooks.addresses import AddressRefused, Guard, checked_addresses
 
 USER_AGENT = "undiffuse-webhooks/1"

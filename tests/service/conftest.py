@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.api_keys import digest
 from service.dev.servers import RedisServer, S3Server, free_port
-from service.keys import digest
 from service.settings import REPO_ROOT, Settings
 
 KEY_A, KEY_B = "test-key-alice", "test-key-bob"
@@ -144,7 +144,7 @@ def enqueue_unrunnable_job(stack: Stack) -> str:
     API would refuse), written straight to Redis: its shard fails every attempt."""
     import asyncio
 
-    from service.jobs.schemas import JobParams
+    from service.jobs.records import JobParams
     from service.jobs.store import JobStore
 
     async def enqueue() -> str:
@@ -152,7 +152,7 @@ def enqueue_unrunnable_job(stack: Stack) -> str:
         params = JobParams(
             model="mnist", num_images=2, steps=5000, sampler="ddim", eta=0.0, seed=1, class_label=1, guidance_scale=1.0
         )
-        owner = digest(KEY_A)[:24]  # the owner id of a plain key (service.keys)
+        owner = digest(KEY_A)[:24]  # the owner id of a plain key (service.api_keys)
         job_id, _, _ = await store.submit(owner, params, {"unrunnable": True})
         await store.close()
         return job_id
@@ -191,8 +191,8 @@ def asgi_api(stack):
 
     from fastapi.testclient import TestClient
 
-    from service.api.app import app
     from service.api.deps import build_context, set_context
+    from service.api.fastapi_app import app
 
     url = stack.redis.url.rsplit("/", 1)[0] + "/6"
     clients = []
@@ -229,7 +229,7 @@ def live_api(asgi_api):
 
     import uvicorn
 
-    from service.api.app import app
+    from service.api.fastapi_app import app
 
     asgi_api()  # sets the context (database 6: submitted jobs never run)
     port = free_port()

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from service.archive import build_manifest
-from service.jobs.schemas import JobParams, JobStatus
+from service.jobs.records import JobParams, JobStatus
 from service.jobs.store import JobRecord
 from service.storage import ObjectStore, manifest_key
 from tests.service.conftest import KEY_CAROL_OLD, wait_for, wait_for_status
@@ -117,7 +117,7 @@ def test_the_archive_is_503_while_s3_is_unreachable_and_the_manifest_is_rebuilt_
         s3.put_png(image_key(job_id, i), data)
 
     async def succeed() -> None:
-        from service.jobs.schemas import ShardTask
+        from service.jobs.records import ShardTask
 
         store = JobStore.from_url(stack.redis.url.rsplit("/", 1)[0] + "/6", 600, stack.settings.shard_size)
         rec = await store.get(job_id)

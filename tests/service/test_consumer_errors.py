@@ -14,8 +14,8 @@ import pytest
 from redis.exceptions import RedisError
 
 from service.api.health import _check
-from service.jobs import keys
-from service.jobs.schemas import JobParams, JobStatus, ShardResult, ShardTask
+from service.jobs import redis_keys
+from service.jobs.records import JobParams, JobStatus, ShardResult, ShardTask
 from service.jobs.store import JobRecord, JobStore
 from service.settings import Settings
 from service.storage import ObjectStore
@@ -70,7 +70,7 @@ def _run_until_ended(
         finally:
             await consumer.drain(timeout=1)
             loop.cancel()
-        dead = await store.r.xrange(keys.DEAD_LETTER_STREAM)
+        dead = await store.r.xrange(redis_keys.DEAD_LETTER_STREAM)
         await store.r.flushdb()
         await store.close()
         return record, dead
@@ -101,8 +101,8 @@ def test_an_unparseable_shard_fails_its_job_instead_of_stranding_it(stack):
         raise AssertionError("an unreadable shard must not be sampled")
 
     async def break_the_shard(store: JobStore, job_id: str) -> None:
-        (shard_id,) = await store.r.lrange(keys.owner_shards("tester"), 0, -1)  # the real shard, made unreadable
-        await store.r.hset(keys.QUEUE_MESSAGES, shard_id, json.dumps({"job_id": job_id, "shard": "zero?"}))
+        (shard_id,) = await store.r.lrange(redis_keys.owner_shards("tester"), 0, -1)  # the real shard, made unreadable
+        await store.r.hset(redis_keys.QUEUE_MESSAGES, shard_id, json.dumps({"job_id": job_id, "shard": "zero?"}))
 
     record, dead = _run_until_ended(_settings(stack, 4), never_called, break_the_shard)
     assert record.status == JobStatus.failed and record.error.code == "shard_unreadable"

@@ -13,9 +13,9 @@ import httpx
 import pytest
 import redis
 
-from service import keyring, keys
+from service import api_keys, keyring
 from service.api import deps
-from service.api.app import app
+from service.api.fastapi_app import app
 from service.jobs.store import JobStore
 from service.settings import Settings
 from service.webhooks import signing
@@ -126,7 +126,7 @@ def failures(monkeypatch) -> list[str]:
 
 
 def configured_entry(owner: str, key: str) -> str:
-    return f"{owner}=sha256:{keys.digest(key)}"
+    return f"{owner}=sha256:{api_keys.digest(key)}"
 
 
 # --- the key ring --------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def configured_entry(owner: str, key: str) -> str:
 
 def test_added_keys_are_stored_as_digests_and_listed_without_the_key(sync):
     key, digest = keyring.add(sync, "alice", now=1_700_000_000)
-    assert key.startswith("ud_") and digest == keys.digest(key)
+    assert key.startswith("ud_") and digest == api_keys.digest(key)
     stored = json.dumps(sync.hgetall(keyring.KEYS))
     assert key not in stored and digest in stored
     [entry] = keyring.entries(sync, {})
@@ -145,14 +145,14 @@ def test_added_keys_are_stored_as_digests_and_listed_without_the_key(sync):
 
 def test_revoking_marks_the_key_and_configured_keys_can_be_revoked_too(sync):
     _, digest = keyring.add(sync, "alice")
-    configured = {keys.digest(CONFIGURED_KEY): "bob"}
+    configured = {api_keys.digest(CONFIGURED_KEY): "bob"}
     assert keyring.revoke(sync, digest, "alice", now=1_700_000_100)
     assert not keyring.revoke(sync, digest, "alice")  # once
-    assert keyring.revoke(sync, keys.digest(CONFIGURED_KEY), "bob")
+    assert keyring.revoke(sync, api_keys.digest(CONFIGURED_KEY), "bob")
     by_digest = {e.digest: e for e in keyring.entries(sync, configured)}
     assert by_digest[digest].revoked_at == 1_700_000_100 and by_digest[digest].source == "redis"
-    assert by_digest[keys.digest(CONFIGURED_KEY)].source == "config"
-    assert by_digest[keys.digest(CONFIGURED_KEY)].revoked_at is not None
+    assert by_digest[api_keys.digest(CONFIGURED_KEY)].source == "config"
+    assert by_digest[api_keys.digest(CONFIGURED_KEY)].revoked_at is not None
 
 
 def test_a_prefix_names_one_key(sync):
@@ -228,7 +228,7 @@ def test_a_revocation_takes_effect_within_the_refresh_time(make_api, sync, clock
     key, digest = keyring.add(sync, "bob")
     assert api.owner_of(key) == "bob" and api.owner_of(CONFIGURED_KEY) == "alice"
     keyring.revoke(sync, digest, "bob")
-    keyring.revoke(sync, keys.digest(CONFIGURED_KEY), "alice")
+    keyring.revoke(sync, api_keys.digest(CONFIGURED_KEY), "alice")
     assert api.owner_of(key) == "bob"  # the replica's copy is younger than a second
     clock.now += keyring.REFRESH_SECONDS
     for revoked in (key, CONFIGURED_KEY):
@@ -276,7 +276,7 @@ def test_failures_are_counted_by_reason_and_logged_without_the_key(make_api, syn
     lines = [r.getMessage() for r in caplog.records if r.name == "ray.serve" and r.levelno == logging.WARNING]
     assert len(lines) == 3, lines
     assert "(missing)" in lines[0] and "GET /v1/webhook-secret" in lines[0]
-    assert f"(invalid): digest {keys.digest(wrong)[:8]}," in lines[1]
+    assert f"(invalid): digest {api_keys.digest(wrong)[:8]}," in lines[1]
     assert f"(revoked): digest {digest[:8]}," in lines[2]
     text = "\n".join(lines)
     assert wrong not in text and key not in text and digest not in text  # 8 digits, not the digest
@@ -291,7 +291,7 @@ def test_the_command_adds_lists_and_revokes(url, sync, monkeypatch, capsys):
     assert keyring.main(["add", "alice"]) == 0
     out = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
     key = out["key"].strip()
-    digest = keys.digest(key)
+    digest = api_keys.digest(key)
     assert out["digest"].strip() == f"{digest[:12]} (owner alice)"
     assert sync.hexists(keyring.KEYS, digest)
 
@@ -300,13 +300,13 @@ def test_the_command_adds_lists_and_revokes(url, sync, monkeypatch, capsys):
     assert key not in listed and digest not in listed
     rows = {line.split()[0]: line.split() for line in listed.splitlines()[1:]}
     assert rows[digest[:12]][1:3] == ["alice", "redis"] and rows[digest[:12]][-1] == "-"
-    assert rows[keys.digest(CONFIGURED_KEY)[:12]][1:] == ["carol", "config", "-", "-"]
+    assert rows[api_keys.digest(CONFIGURED_KEY)[:12]][1:] == ["carol", "config", "-", "-"]
 
     assert keyring.main(["revoke", digest[:8]]) == 0
     assert "revoked" in capsys.readouterr().out
-    assert keyring.main(["revoke", keys.digest(CONFIGURED_KEY)[:10]]) == 0  # a configured key
+    assert keyring.main(["revoke", api_keys.digest(CONFIGURED_KEY)[:10]]) == 0  # a configured key
     capsys.readouterr()
-    assert set(sync.hkeys(keyring.REVOKED)) == {digest, keys.digest(CONFIGURED_KEY)}
+    assert set(sync.hkeys(keyring.REVOKED)) == {digest, api_keys.digest(CONFIGURED_KEY)}
     assert keyring.main(["revoke", digest[:8]]) == 0
     assert "already revoked" in capsys.readouterr().out
     assert keyring.main(["list"]) == 0

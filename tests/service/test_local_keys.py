@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from service.api_keys import OWNER
 from service.dev import local
-from service.keys import OWNER
 
 
 def test_without_keys_one_random_key_of_owner_local():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.keys import digest
+from service.api_keys import digest
 from tests.service.conftest import KEY_A, wait_for, wait_for_status
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ def _serve_log_lines() -> list[dict]:
 def test_one_job_can_be_followed_through_every_deployment(api, stack):
     job = api.post("/v1/jobs", json={"num_images": 6, "class_label": 4, "steps": 3}).json()
     wait_for_status(api, job["id"], {"succeeded"})
-    owner = digest(KEY_A)[:24]  # a plain key's owner id (service.keys)
+    owner = digest(KEY_A)[:24]  # a plain key's owner id (service.api_keys)
 
     def of_job() -> list[dict]:
         return [r for r in _serve_log_lines() if r.get("job") == job["id"]]

@@ -9,9 +9,9 @@ import httpx
 import pytest
 import redis as redis_lib
 
-from service.jobs import keys
+from service.jobs import redis_keys
 from service.jobs.queue import holders as queue_holders
-from service.jobs.schemas import ShardTask
+from service.jobs.records import ShardTask
 from service.storage import ObjectStore
 from tests.service.conftest import enqueue_unrunnable_job, wait_for, wait_for_status, wait_idle
 
@@ -89,7 +89,7 @@ def test_failing_shard_is_retried_then_fails_its_job_and_goes_to_dead_letter(api
     """A shard the Denoiser cannot run (more steps than the model has, which the API would have
     refused) is tried max_attempts times, then fails the job with the reason."""
 
-    dead_before = redis_lib.Redis.from_url(stack.redis.url).xlen(keys.DEAD_LETTER_STREAM)
+    dead_before = redis_lib.Redis.from_url(stack.redis.url).xlen(redis_keys.DEAD_LETTER_STREAM)
     job_id = enqueue_unrunnable_job(stack)
     # a good job in flight at the same time may share the Denoiser's batch: it must not fail with it
     good = api.post("/v1/jobs", json={"num_images": 4, "steps": 3, "class_label": 4}).json()["id"]
@@ -100,7 +100,7 @@ def test_failing_shard_is_retried_then_fails_its_job_and_goes_to_dead_letter(api
     # the owner is told what went wrong in words; the exception's text stays with the operator
     assert "failed 2 times: the model could not sample it" in failed["error"]["message"]
     assert "steps must be in" not in failed["error"]["message"]
-    dead = redis_lib.Redis.from_url(stack.redis.url, decode_responses=True).xrange(keys.DEAD_LETTER_STREAM)
+    dead = redis_lib.Redis.from_url(stack.redis.url, decode_responses=True).xrange(redis_keys.DEAD_LETTER_STREAM)
     assert len(dead) == dead_before + 1 and job_id in dead[-1][1]["task"]
     assert "steps must be in" in dead[-1][1]["reason"]
     assert ShardTask.model_validate_json(dead[-1][1]["task"]).attempt == 3

@@ -81,7 +81,7 @@ def test_large_results_are_paginated(asgi_api, stack):
     async def finish() -> None:  # complete its shards as a worker would (no worker reads db 6)
         store = JobStore.from_url(stack.redis.url.rsplit("/", 1)[0] + "/6", 600, stack.settings.shard_size)
         record = await store.get(job_id)
-        from service.jobs.schemas import ShardTask
+        from service.jobs.records import ShardTask
 
         for k in range(record.num_shards):
             start, count = record.shard_range(k)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from service.api import deps, health
-from service.api.app import app
+from service.api.fastapi_app import app
 from service.settings import Settings
 
 

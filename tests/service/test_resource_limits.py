@@ -12,7 +12,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from service.keys import digest
+from service.api_keys import digest
 from tests.service.conftest import KEY_A, wait_for
 
 pytestmark = pytest.mark.integration
@@ -57,7 +57,7 @@ def _call(app, method: str, path: str, headers: list[tuple[bytes, bytes]], chunk
 def test_a_body_without_length_is_cut_at_the_limit_as_it_arrives(asgi_api):
     """An unauthenticated chunked upload of 64 MiB is refused after the limit's worth of chunks
     has been read (the app used to read it whole first: 300 MB grew the replica by 899 MB)."""
-    from service.api.app import app
+    from service.api.fastapi_app import app
 
     asgi_api(max_body_bytes=64 * 1024)
     chunk = b"x" * 16 * 1024
@@ -70,7 +70,7 @@ def test_a_body_without_length_is_cut_at_the_limit_as_it_arrives(asgi_api):
 
 
 def test_a_body_of_unknown_length_where_none_is_taken_is_411_and_a_declared_one_over_the_limit_413(asgi_api):
-    from service.api.app import app
+    from service.api.fastapi_app import app
 
     asgi_api()
     status, body, pulled = _call(app, "GET", "/v1/jobs", [(b"transfer-encoding", b"chunked")], [b"x" * 1024] * 8)
@@ -135,7 +135,7 @@ def test_streams_and_downloads_are_counted_per_owner_across_replicas(asgi_api, l
     shows it on a stack with Workers; tests/service/jobs/test_slots.py its release.)"""
     import redis
 
-    from service.jobs import keys
+    from service.jobs import redis_keys
 
     asgi_api(max_event_streams_per_key=4, event_stream_max_seconds=30)
     headers = {"Authorization": f"Bearer {KEY_A}"}
@@ -160,12 +160,12 @@ def test_streams_and_downloads_are_counted_per_owner_across_replicas(asgi_api, l
         assert statuses.count(200) == 4 and statuses.count(429) == 36
         db = redis.Redis.from_url(stack.redis.url.rsplit("/", 1)[0] + "/6")
         owner = digest(KEY_A)[:24]
-        assert db.zcard(keys.owner_slots(owner)) == 4 and 0 < db.pttl(keys.owner_slots(owner)) <= 30_000
+        assert db.zcard(redis_keys.owner_slots(owner)) == 4 and 0 < db.pttl(redis_keys.owner_slots(owner)) <= 30_000
         release.set()
         for t in threads:
             t.join(30)
         # the streams' slots are given back as their clients go
-        wait_for(lambda: db.zcard(keys.owner_slots(owner)) == 0, 15, 0.1, "the slots to be released")
+        wait_for(lambda: db.zcard(redis_keys.owner_slots(owner)) == 0, 15, 0.1, "the slots to be released")
 
 
 def test_a_full_redis_answers_503_and_keeps_what_it_has(asgi_api, tmp_path):
@@ -174,7 +174,7 @@ def test_a_full_redis_answers_503_and_keeps_what_it_has(asgi_api, tmp_path):
     import redis
 
     from service.dev.servers import RedisServer
-    from service.jobs import keys
+    from service.jobs import redis_keys
 
     with RedisServer(tmp_path / "redis", maxmemory="4mb").start() as small:
         client = asgi_api(
@@ -192,7 +192,7 @@ def test_a_full_redis_answers_503_and_keeps_what_it_has(asgi_api, tmp_path):
         assert ids  # some fitted
         direct = redis.Redis.from_url(small.url)
         assert direct.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
-        assert direct.exists(*(keys.job(job_id) for job_id in ids)) == len(ids)  # nothing evicted
+        assert direct.exists(*(redis_keys.job(job_id) for job_id in ids)) == len(ids)  # nothing evicted
 
 
 def test_a_settings_error_does_not_echo_its_input():
@@ -249,7 +249,7 @@ def test_reads_are_rate_limited_per_owner(asgi_api):
 
 def test_an_owner_past_its_stored_bytes_gets_429_until_it_deletes_jobs(asgi_api, stack):
     """The in-process API has no Workers: a shard's completion is written as a Worker writes it."""
-    from service.jobs.schemas import JobStatus, ShardTask
+    from service.jobs.records import JobStatus, ShardTask
     from service.jobs.store import JobStore
 
     client = asgi_api(max_stored_bytes_per_key=1000)
@@ -274,17 +274,17 @@ def test_an_owner_past_its_stored_bytes_gets_429_until_it_deletes_jobs(asgi_api,
 def test_through_the_stack_a_jobs_bytes_count_for_its_owner_until_it_is_deleted(api, stack):
     import redis
 
-    from service.jobs import keys
+    from service.jobs import redis_keys
     from tests.service.conftest import wait_for_status, wait_idle
 
     wait_idle(stack)
     db = redis.Redis.from_url(stack.redis.url)
-    owner_key = keys.owner_stored_bytes(digest(KEY_A)[:24])
+    owner_key = redis_keys.owner_stored_bytes(digest(KEY_A)[:24])
     before = int(db.get(owner_key) or 0)
     job = api.post("/v1/jobs", json={"num_images": 6, "steps": 3, "class_label": 7}).json()
     done = wait_for_status(api, job["id"], {"succeeded"})
     manifest = httpx.get(done["manifest_url"], timeout=30).json()
     assert int(db.get(owner_key)) - before == sum(image["size"] for image in manifest["images"])
-    assert db.exists(keys.job_files(job["id"])) == 0  # the manifest holds the checksums now
+    assert db.exists(redis_keys.job_files(job["id"])) == 0  # the manifest holds the checksums now
     assert api.delete(f"/v1/jobs/{job['id']}").status_code == 204
     assert int(db.get(owner_key) or 0) == before

@@ -19,11 +19,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from service.jobs import keys
-from service.jobs.schemas import JobStatus
+from service.api_keys import digest
+from service.jobs import redis_keys
+from service.jobs.records import JobStatus
 from service.jobs.store import JobStore
-from service.jobs.webhooks import MAX_ATTEMPTS, WebhookOutcome
-from service.keys import digest
+from service.jobs.webhook_schedule import MAX_ATTEMPTS, WebhookOutcome
 from service.settings import Settings
 from service.storage import ObjectStore
 from service.webhooks.signing import owner_secret
@@ -180,7 +180,7 @@ def test_a_receiver_failing_three_times_gets_the_event_on_the_fourth_attempt(red
     async def body(store, _):
         job_id = await canceled_job(store, receiver.url("/flaky"), events=["canceled"])
         outcome = await until(store, job_id, "canceled", lambda o: o.status != "pending")
-        return job_id, outcome, await store.r.zcard(keys.WEBHOOKS_DUE)
+        return job_id, outcome, await store.r.zcard(redis_keys.WEBHOOKS_DUE)
 
     job_id, outcome, left = scenario(redis_server, settings, body)
     assert (outcome.status, outcome.attempts, outcome.last_status_code) == ("delivered", 4, 200)
@@ -259,7 +259,7 @@ def test_the_last_failed_attempt_gives_up(redis_server, receiver):
     async def body(store, _):
         job_id = await canceled_job(store, receiver.url("/down"), events=["canceled"])
         outcome = await until(store, job_id, "canceled", lambda o: o.status != "pending")
-        return outcome, await store.r.zcard(keys.WEBHOOKS_DUE)
+        return outcome, await store.r.zcard(redis_keys.WEBHOOKS_DUE)
 
     outcome, left = scenario(redis_server, settings, body)
     assert (outcome.status, outcome.attempts, outcome.last_status_code) == ("failed", MAX_ATTEMPTS, 503)

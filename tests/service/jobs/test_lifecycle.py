@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.jobs.lifecycle import JobEnded, JobLifecycle, JobStarted
-from service.jobs.schemas import JobError, JobParams, JobStatus, ShardTask
+from service.jobs.records import JobError, JobParams, JobStatus, ShardTask
 from service.jobs.store import JobFinished, JobNotFound
 
 P = JobParams(model="mnist", num_images=6, steps=2, sampler="ddim", eta=0.0, seed=1, class_label=1, guidance_scale=1.0)

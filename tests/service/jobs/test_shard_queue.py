@@ -7,9 +7,9 @@ import time
 
 import redis
 
-from service.jobs import keys
+from service.jobs import redis_keys
 from service.jobs.queue import ShardQueue, holders, shard_cost, totals
-from service.jobs.schemas import JobParams, ShardTask
+from service.jobs.records import JobParams, ShardTask
 
 P = JobParams(model="mnist", num_images=8, steps=2, sampler="ddim", eta=0.0, seed=1, class_label=1, guidance_scale=1.0)
 FAR = 2**62  # a lease deadline that never passes
@@ -24,7 +24,7 @@ def enqueue(queue: ShardQueue, run, items: list[ShardTask], job_key: str | None 
     async def go():
         async with queue.r.pipeline(transaction=True) as pipe:
             pipe.multi()
-            await queue.enqueue(pipe, job_key or keys.job(items[0].job_id), items[0].owner, items)
+            await queue.enqueue(pipe, job_key or redis_keys.job(items[0].job_id), items[0].owner, items)
             await pipe.execute()
 
     run(go())
@@ -59,7 +59,10 @@ def test_ack_settles_once_and_empties_the_queue(store, run):
     run(q.ack(second.id))
     t = run(q.totals())
     assert (t.shards, t.cost, t.inflight_rows, t.owners) == (0, 0, 0, 0)
-    assert run(q.r.exists(keys.QUEUE_OWNER_PREFIX + "a", keys.owner_shards("a"), keys.QUEUE_MESSAGES)) == 0
+    assert (
+        run(q.r.exists(redis_keys.QUEUE_OWNER_PREFIX + "a", redis_keys.owner_shards("a"), redis_keys.QUEUE_MESSAGES))
+        == 0
+    )
 
 
 def test_requeue_puts_the_next_attempt_at_the_head_of_its_owner(store, run):
@@ -69,7 +72,7 @@ def test_requeue_puts_the_next_attempt_at_the_head_of_its_owner(store, run):
     assert run(q.requeue(msg.id, msg.task.model_copy(update={"last_error": "oops"})))
     t = run(q.totals())
     assert (t.waiting, t.waiting_cost, t.inflight, t.inflight_rows, t.inflight_cost) == (3, 24, 0, 0, 0)
-    assert run(q.r.hget(keys.QUEUE_OWNER_PREFIX + "a", "held")) == "0"
+    assert run(q.r.hget(redis_keys.QUEUE_OWNER_PREFIX + "a", "held")) == "0"
     again = read(q, run)
     assert again[0].id != msg.id and again[0].task.attempt == 2 and again[0].task.last_error == "oops"
     assert [m.task.shard for m in again] == [0, 1, 2]  # the retry first, then the owner's order
@@ -82,7 +85,7 @@ def test_dead_letter_moves_the_shard_with_its_reason(store, run):
     (msg,) = read(q, run)
     run(q.dead_letter(msg.id, msg.fields, "out of attempts"))
     assert run(q.depth()) == 0
-    (dead,) = run(q.r.xrange(keys.DEAD_LETTER_STREAM))
+    (dead,) = run(q.r.xrange(redis_keys.DEAD_LETTER_STREAM))
     assert dead[1] == {**msg.fields, "reason": "out of attempts"}
 
 
@@ -176,14 +179,14 @@ def test_position_counts_down_and_the_estimate_never_grows(store, run):
     enqueue(q, run, tasks(2, owner="a", job="a2", count=4, steps=10))
     enqueue(q, run, tasks(100, owner="b", job="b1", count=4, steps=10))
     now = time.time()
-    ahead, start = run(q.position(keys.job("a2"), "a", now, throughput=100.0))
+    ahead, start = run(q.position(redis_keys.job("a2"), "a", now, throughput=100.0))
     assert ahead == 400 + 400  # its owner's 400, and as much of b's
     assert abs(start - (now + 8.0)) < 1e-3  # Lua keeps 14 significant digits
     admitted = read(q, run, window=16)  # two of a's, two of b's
-    ahead2, start2 = run(q.position(keys.job("a2"), "a", now + 1, throughput=10.0))  # slower now
+    ahead2, start2 = run(q.position(redis_keys.job("a2"), "a", now + 1, throughput=10.0))  # slower now
     assert ahead2 == 2 * (400 - 80) and start2 == start  # the estimate is never pushed back
     enqueue(q, run, tasks(50, owner="c", job="c1", count=4, steps=10))  # a newcomer arrives
-    ahead3, _ = run(q.position(keys.job("a2"), "a", now + 2, throughput=100.0))
+    ahead3, _ = run(q.position(redis_keys.job("a2"), "a", now + 2, throughput=100.0))
     assert ahead3 == ahead2  # kept from growing
     for m in admitted:
         run(q.ack(m.id))
@@ -250,9 +253,9 @@ def test_a_lapsed_start_estimate_is_renewed(store, run):
     enqueue(q, run, tasks(10, owner="a", job="a1", count=4, steps=10))
     enqueue(q, run, tasks(1, owner="a", job="a2", count=4, steps=10))
     now = time.time()
-    _, start = run(q.position(keys.job("a2"), "a", now, throughput=400.0))  # 400 row-steps ahead: 1 s
+    _, start = run(q.position(redis_keys.job("a2"), "a", now, throughput=400.0))  # 400 row-steps ahead: 1 s
     assert abs(start - (now + 1.0)) < 1e-3
-    _, later = run(q.position(keys.job("a2"), "a", now + 5, throughput=400.0))  # it did not start
+    _, later = run(q.position(redis_keys.job("a2"), "a", now + 5, throughput=400.0))  # it did not start
     assert abs(later - (now + 6.0)) < 1e-3
 
 

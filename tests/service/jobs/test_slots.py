@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from service.jobs import keys
+from service.jobs import redis_keys
 from service.jobs.connection import async_redis
 from service.jobs.slots import OwnerSlots
 
@@ -41,7 +41,7 @@ def test_a_lapsed_lease_frees_its_slot_and_cannot_be_renewed(store, run):
     second = run(slots.acquire("alice"))  # the first lapsed (its replica died, say)
     assert second is not None and not run(slots.renew("alice", first.token))
     run(second.release())
-    assert run(slots.held("alice")) == 0 and run(store.r.exists(keys.owner_slots("alice"))) == 0
+    assert run(slots.held("alice")) == 0 and run(store.r.exists(redis_keys.owner_slots("alice"))) == 0
 
 
 def test_a_response_that_stops_being_read_ends_and_gives_its_slot_back(store, run):

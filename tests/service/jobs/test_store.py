@@ -6,7 +6,7 @@ import pytest
 
 from service.api.deps import Context
 from service.api.views import job_view
-from service.jobs.schemas import JobError, JobParams, JobStatus, ShardTask
+from service.jobs.records import JobError, JobParams, JobStatus, ShardTask
 from service.jobs.store import IdempotencyConflict, JobStore
 from service.settings import Settings
 from service.storage import ObjectStore
@@ -269,7 +269,7 @@ def test_cost_in_flight_is_checked_in_the_submit_transaction(store, run):
 def test_stored_bytes_are_counted_once_per_shard_and_given_back_once(store, run):
     """An owner's bytes in the bucket: a shard's PNG sizes count at its first completion while the
     job is active, and deleting the job's objects gives them back exactly once."""
-    from service.jobs import keys
+    from service.jobs import redis_keys
 
     job_id, _, _ = run(store.submit("alice", params(8), {}))
     a, b = [ShardTask(job_id=job_id, shard=k, start=4 * k, count=4, owner="alice", params=params(8)) for k in range(2)]
@@ -279,7 +279,9 @@ def test_stored_bytes_are_counted_once_per_shard_and_given_back_once(store, run)
     run(store.finish(job_id, "alice", JobStatus.canceled))
     run(store.complete_shard(b, [("cd" * 32, 50)] * 4))  # a straggler after the end: purged, not counted
     assert run(store.stored_bytes("alice")) == 400 and run(store.stored_bytes("bob")) == 0
-    assert 0 < run(store.r.ttl(keys.owner_stored_bytes("alice"))) and 0 < run(store.r.ttl(keys.job_usage(job_id)))
+    assert 0 < run(store.r.ttl(redis_keys.owner_stored_bytes("alice"))) and 0 < run(
+        store.r.ttl(redis_keys.job_usage(job_id))
+    )
     run(store.release_storage(job_id))
     run(store.release_storage(job_id))  # the sweeper after a DELETE
     assert run(store.stored_bytes("alice")) == 0

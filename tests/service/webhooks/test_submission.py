@@ -1,4 +1,4 @@
-"""The webhook checks of a submission (service.api.webhooks.webhook_target) and the settings
+"""The webhook checks of a submission (service.api.webhook_routes.webhook_target) and the settings
 they depend on: what production refuses and development still takes."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from service.api.schemas import JobCreate
-from service.api.webhooks import webhook_target
+from service.api.webhook_routes import webhook_target
 from service.settings import Settings
 
 PRODUCTION = {

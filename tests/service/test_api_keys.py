@@ -1,20 +1,20 @@
-"""API key entries (service.keys) and how Settings takes them. No servers."""
+"""API key entries (service.api_keys) and how Settings takes them. No servers."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from service import keys
+from service import api_keys
 from service.settings import Settings
 
 HEX = "ab" * 32
 
 
 def test_entries_map_key_hashes_to_owners():
-    owners = keys.parse([f"alice=sha256:{HEX}", f"alice=sha256:{'cd' * 32}", "plain-key", f"sha256:{'ef' * 32}"])
+    owners = api_keys.parse([f"alice=sha256:{HEX}", f"alice=sha256:{'cd' * 32}", "plain-key", f"sha256:{'ef' * 32}"])
     assert owners[HEX] == owners["cd" * 32] == "alice"
-    assert owners[keys.digest("plain-key")] == keys.digest("plain-key")[:24]
+    assert owners[api_keys.digest("plain-key")] == api_keys.digest("plain-key")[:24]
     assert owners["ef" * 32] == "ef" * 12
 
 
@@ -28,22 +28,22 @@ def test_entries_map_key_hashes_to_owners():
 )
 def test_malformed_entries_are_refused_without_echoing_them(entry, fragment):
     with pytest.raises(ValueError, match=fragment) as info:
-        keys.parse([entry])
+        api_keys.parse([entry])
     assert "ABC" not in str(info.value) and HEX[:-1] not in str(info.value)
 
 
 def test_a_plain_key_may_contain_equals_signs():
     """Only a hash carries an owner: base64 padding or a "team=..." key stays a plain key."""
-    owners = keys.parse(["dGVzdA==", "team-key=abc"])
+    owners = api_keys.parse(["dGVzdA==", "team-key=abc"])
     assert owners == {
-        keys.digest("dGVzdA=="): keys.digest("dGVzdA==")[:24],
-        keys.digest("team-key=abc"): keys.digest("team-key=abc")[:24],
+        api_keys.digest("dGVzdA=="): api_keys.digest("dGVzdA==")[:24],
+        api_keys.digest("team-key=abc"): api_keys.digest("team-key=abc")[:24],
     }
 
 
 def test_one_key_cannot_belong_to_two_owners():
     with pytest.raises(ValueError, match="second owner"):
-        keys.parse([f"alice=sha256:{HEX}", f"bob=sha256:{HEX}"])
+        api_keys.parse([f"alice=sha256:{HEX}", f"bob=sha256:{HEX}"])
 
 
 def test_production_takes_hashed_keys_only():
@@ -55,7 +55,7 @@ def test_production_takes_hashed_keys_only():
 
 
 def test_the_new_command_prints_a_key_and_its_entry(capsys):
-    assert keys.main(["new", "alice"]) == 0
+    assert api_keys.main(["new", "alice"]) == 0
     out = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
     key, entry = out["key"].strip(), out["entry"].strip()
-    assert keys.parse([entry]) == {keys.digest(key): "alice"}
+    assert api_keys.parse([entry]) == {api_keys.digest(key): "alice"}

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import time
 
-from service.jobs import keys
+from service.jobs import redis_keys
 from service.jobs.events import PROGRESS_GAP_S, EventKind
-from service.jobs.schemas import JobParams, JobStatus, ShardTask
+from service.jobs.records import JobParams, JobStatus, ShardTask
 
 P = JobParams(model="mnist", num_images=6, steps=10, sampler="ddim", eta=0.0, seed=1, class_label=1, guidance_scale=1.0)
 
@@ -95,15 +95,15 @@ def test_canceled_and_failed_jobs_end_with_their_event_and_previews_stop(store, 
 def test_the_stream_lives_as_long_as_the_record_and_goes_with_it(store, run):
     job_id, _, _ = run(store.submit("alice", P, {}))
     run(store.mark_running(job_id, "alice"))
-    record_ttl = run(store.r.pttl(keys.job(job_id)))
-    assert abs(run(store.r.pttl(keys.job_events(job_id))) - record_ttl) < 2000
+    record_ttl = run(store.r.pttl(redis_keys.job(job_id)))
+    assert abs(run(store.r.pttl(redis_keys.job_events(job_id))) - record_ttl) < 2000
     a, b = shards(job_id)
     run(store.complete_shard(a, [("ab" * 32, 100)] * 4))
     run(store.complete_shard(b, [("cd" * 32, 90)] * 2))
     run(store.succeed(job_id, "alice"))
-    assert run(store.r.exists(keys.job_events(job_id))) == 1
+    assert run(store.r.exists(redis_keys.job_events(job_id))) == 1
     assert run(store.delete(job_id, "alice")) == JobStatus.succeeded
-    assert run(store.r.exists(keys.job_events(job_id), keys.job_files(job_id))) == 0
+    assert run(store.r.exists(redis_keys.job_events(job_id), redis_keys.job_files(job_id))) == 0
 
 
 def test_reading_blocks_until_an_event_arrives(store, run):
@@ -135,13 +135,13 @@ def test_a_running_job_keeps_its_newest_previews_and_an_ended_one_none(store, ru
         assert run(store.add_preview(job_id, step, f'{{"step": {step}}}'))
     previews = [json.loads(e.data)["step"] for e in run(store.read_events(job_id, "0")) if e.kind == EventKind.preview]
     assert previews == list(range(8 - PREVIEWS_KEPT, 8))
-    assert 0 < run(store.r.pttl(keys.job_previews(job_id))) <= run(store.r.pttl(keys.job(job_id)))
+    assert 0 < run(store.r.pttl(redis_keys.job_previews(job_id))) <= run(store.r.pttl(redis_keys.job(job_id)))
     a, b = shards(job_id)
     run(store.complete_shard(a, [("ab" * 32, 100)] * 4))
     run(store.complete_shard(b, [("cd" * 32, 90)] * 2))
     assert run(store.succeed(job_id, "alice"))
     assert "preview" not in kinds(store, run, job_id) and kinds(store, run, job_id)[-1] == "succeeded"
-    assert run(store.r.exists(keys.job_previews(job_id), keys.job_files(job_id))) == 0
+    assert run(store.r.exists(redis_keys.job_previews(job_id), redis_keys.job_files(job_id))) == 0
 
 
 def test_every_key_a_job_leaves_expires(store, run):
@@ -161,11 +161,11 @@ def test_every_key_a_job_leaves_expires(store, run):
     touched = [
         k
         for k in run(store.r.keys("*"))
-        if (job_id in k or ":owner:alice:" in k or ":idem:" in k) and not k.startswith(keys.QUEUE_OWNER_PREFIX)
+        if (job_id in k or ":owner:alice:" in k or ":idem:" in k) and not k.startswith(redis_keys.QUEUE_OWNER_PREFIX)
     ]
     assert (
-        keys.owner_status_jobs("alice", "succeeded") in touched
-        and keys.owner_status_jobs("alice", "canceled") in touched
+        redis_keys.owner_status_jobs("alice", "succeeded") in touched
+        and redis_keys.owner_status_jobs("alice", "canceled") in touched
     )
     lives = {k: run(store.r.pttl(k)) for k in touched}
     assert all(ttl > 0 for ttl in lives.values()), {k: v for k, v in lives.items() if v <= 0}

@@ -17,7 +17,7 @@ from redis.exceptions import ReadOnlyError as RedisReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api import catalog, errors, health, jobs, page, webhooks
+from service.api import catalog, errors, health, jobs, page, webhook_routes
 from service.api.deps import get_context
 from service.api.request_limits import RequestLimits, too_large
 from service.storage import STORAGE_ERRORS
@@ -30,7 +30,7 @@ storage through presigned URLs. See the README for a curl session."""
 def create_app() -> FastAPI:
     app = FastAPI(title="undiffuse", version="0.1.0", description=DESCRIPTION, docs_url=None, redoc_url=None)
     app.include_router(jobs.router)
-    app.include_router(webhooks.router)
+    app.include_router(webhook_routes.router)
     app.include_router(catalog.router)
     app.include_router(health.router)
     app.include_router(page.router)

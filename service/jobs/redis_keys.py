@@ -60,7 +60,7 @@ def job_previews(job_id: str) -> str:
 
 
 def job_webhooks(job_id: str) -> str:
-    """HASH: webhook event -> JSON outcome of its delivery (service.jobs.webhooks), as
+    """HASH: webhook event -> JSON outcome of its delivery (service.jobs.webhook_schedule), as
     long-lived as the record and deleted with it."""
     return f"{PREFIX}:job:{job_id}:webhooks"
 
@@ -72,7 +72,7 @@ next attempt is due (epoch seconds); a claimed one is pushed a lease ahead."""
 WEBHOOKS_PARKED = f"{PREFIX}:webhooks:parked"
 """ZSET: owners with deliveries parked at their per-owner limit, by when the earliest came due."""
 WEBHOOKS_PARKED_PREFIX = f"{WEBHOOKS_PARKED}:"
-"""+ owner: ZSET of the owner's parked "{job id}:{event}" deliveries (service.jobs.webhooks)."""
+"""+ owner: ZSET of the owner's parked "{job id}:{event}" deliveries (service.jobs.webhook_schedule)."""
 
 API_KEYS = f"{PREFIX}:apikeys"
 """HASH: key digest -> JSON {owner, created} of keys added at run time (service.keyring)."""

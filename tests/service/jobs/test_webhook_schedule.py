@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from service.jobs import keys
-from service.jobs.schemas import JobError, JobStatus, ShardTask
-from service.jobs.webhooks import (
+from service.jobs import redis_keys
+from service.jobs.records import JobError, JobStatus, ShardTask
+from service.jobs.webhook_schedule import (
     JITTER,
     MAX_ATTEMPTS,
     RETRY_SCHEDULE,
@@ -26,7 +26,7 @@ URL = "https://hooks.example.com/undiffuse"
 
 
 def due(store, run) -> dict[str, float]:
-    return dict(run(store.r.zrange(keys.WEBHOOKS_DUE, 0, -1, withscores=True)))
+    return dict(run(store.r.zrange(redis_keys.WEBHOOKS_DUE, 0, -1, withscores=True)))
 
 
 def test_retry_delays_grow_exponentially_and_last_over_an_hour():
@@ -56,7 +56,7 @@ def test_each_subscribed_transition_schedules_one_delivery_once(store, run):
         ("started", "pending", 0),
         ("failed", "pending", 0),
     ]
-    assert 0 < run(store.r.ttl(keys.job_webhooks(job_id))) <= 600  # lives as long as the record
+    assert 0 < run(store.r.ttl(redis_keys.job_webhooks(job_id))) <= 600  # lives as long as the record
 
 
 def test_unsubscribed_events_and_jobs_without_a_webhook_schedule_nothing(store, run):
@@ -104,7 +104,7 @@ def test_deleting_a_job_removes_its_outcomes_and_pending_deliveries(store, run):
         run(store.finish(j, "alice", JobStatus.canceled))
     assert run(store.delete(job_id, "alice")) == JobStatus.canceled
     assert list(due(store, run)) == [f"{other}:canceled"]
-    assert not run(store.r.exists(keys.job_webhooks(job_id)))
+    assert not run(store.r.exists(redis_keys.job_webhooks(job_id)))
 
 
 # --- fair claims ---------------------------------------------------------------------------------
@@ -144,8 +144,8 @@ def test_a_new_owners_delivery_is_claimed_past_a_backlog_of_thousands(store, run
     r = store.r
     members = {f"{i:032x}:canceled": 1000.0 + i for i in range(3000)}  # due long ago
     for job_id in {m.split(":")[0] for m in members}:
-        run(r.hset(keys.job(job_id), "owner", "alice"))
-    run(r.zadd(keys.WEBHOOKS_DUE, members))
+        run(r.hset(redis_keys.job(job_id), "owner", "alice"))
+    run(r.zadd(redis_keys.WEBHOOKS_DUE, members))
     bob = canceled(store, run, "bob", 1)[0]
     now = max(due(store, run).values()) + 1
     claims = []
@@ -173,6 +173,6 @@ def test_a_parked_delivery_of_a_deleted_job_is_claimed_for_dropping(store, run):
 
 
 def test_a_due_entry_whose_job_is_gone_is_claimed_whatever_the_limits(store, run):
-    run(store.r.zadd(keys.WEBHOOKS_DUE, {f"{'f' * 32}:canceled": 1.0}))
+    run(store.r.zadd(redis_keys.WEBHOOKS_DUE, {f"{'f' * 32}:canceled": 1.0}))
     claim = run(store.webhooks.claim(2.0, 30, 10, per_owner=1, in_flight={"": 5}))
     assert claim.deliveries == [Delivery("f" * 32, "canceled", "")]

@@ -10,7 +10,7 @@ sees: two entries of one owner are two keys to the same jobs, so a key is rotate
 new one, moving clients over, and removing the old one. An entry without an owner gets an id
 derived from its hash (the first 24 hex digits), which a rotation changes.
 
-    python -m service.keys new alice     # prints a new key and its configuration entry
+    python -m service.api_keys new alice     # prints a new key and its configuration entry
 
 Keys added and revoked while the service runs, configured ones included, are kept in Redis by
 service.keyring (`python -m service.keyring add | list | revoke`).
@@ -61,7 +61,7 @@ def parse(entries: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m service.keys",
+        prog="python -m service.api_keys",
         description="Make an API key for configuration (UNDIFFUSE_API_KEYS). To add or revoke keys while the "
         "service runs: python -m service.keyring.",
     )

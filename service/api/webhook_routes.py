@@ -7,7 +7,7 @@ from fastapi import APIRouter, HTTPException, status
 from service.api.deps import UNAUTHORIZED, Context, Ctx, Owner
 from service.api.errors import invalid
 from service.api.schemas import JobCreate, WebhookSecret
-from service.jobs.webhooks import DEFAULT_EVENTS
+from service.jobs.webhook_schedule import DEFAULT_EVENTS
 from service.webhooks import signing
 from service.webhooks.addresses import AddressRefused, Guard, checked_addresses
 

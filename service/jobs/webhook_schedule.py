@@ -39,11 +39,11 @@ from typing import Literal, NamedTuple, get_args
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from service.jobs import keys
+from service.jobs import redis_keys
 
 # The schedule's per-owner keys (see the module docstring).
-WEBHOOKS_PARKED = keys.WEBHOOKS_PARKED
-WEBHOOKS_PARKED_PREFIX = keys.WEBHOOKS_PARKED_PREFIX
+WEBHOOKS_PARKED = redis_keys.WEBHOOKS_PARKED
+WEBHOOKS_PARKED_PREFIX = redis_keys.WEBHOOKS_PARKED_PREFIX
 SCAN = 1000  # due entries one claim looks at, at most: the next claim goes on (Claim.more)
 
 WebhookEvent = Literal["started", "succeeded", "failed", "canceled"]
@@ -120,7 +120,7 @@ end
 # its due entries are parked instead. Returns {{member, owner, ...}, 1 if the scan budget ran out}.
 # A member whose job is gone has owner '' (no limit: the dispatcher drops it without sending).
 _CLAIM = (
-    f"local JOB_PREFIX, PARKED_PREFIX = {json.dumps(keys.job(''))}, {json.dumps(WEBHOOKS_PARKED_PREFIX)}\n"
+    f"local JOB_PREFIX, PARKED_PREFIX = {json.dumps(redis_keys.job(''))}, {json.dumps(WEBHOOKS_PARKED_PREFIX)}\n"
     + """
 local now, lease_end = ARGV[1], ARGV[2]
 local count, per_owner, budget = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -238,7 +238,7 @@ class WebhookSchedule:
         pairs = [v for owner, n in (in_flight or {}).items() if n > 0 for v in (owner, n)]
         limit = count if per_owner is None else per_owner
         raw, more = await self._claim(
-            keys=[keys.WEBHOOKS_DUE, WEBHOOKS_PARKED],
+            keys=[redis_keys.WEBHOOKS_DUE, WEBHOOKS_PARKED],
             args=[repr(now), repr(now + lease_s), count, limit, scan, *pairs],
         )
         deliveries = [Delivery(*raw[i].rsplit(":", 1), raw[i + 1]) for i in range(0, len(raw), 2)]
@@ -247,13 +247,13 @@ class WebhookSchedule:
     async def next_due(self) -> float | None:
         """When the earliest entry of the due set is due (None: nothing scheduled). Parked
         entries are due already, and wait for their owner to have room."""
-        first = await self.r.zrange(keys.WEBHOOKS_DUE, 0, 0, withscores=True)
+        first = await self.r.zrange(redis_keys.WEBHOOKS_DUE, 0, 0, withscores=True)
         return float(first[0][1]) if first else None
 
     async def begin(self, job_id: str, event: str) -> WebhookOutcome | None:
         """Count an attempt; its outcome so far (attempts includes this one), or None when
         there is nothing to send (then `drop` it)."""
-        raw = await self._begin(keys=[keys.job_webhooks(job_id)], args=[event])
+        raw = await self._begin(keys=[redis_keys.job_webhooks(job_id)], args=[event])
         return WebhookOutcome.model_validate_json(raw) if raw else None
 
     async def finish(self, job_id: str, outcome: WebhookOutcome) -> bool:
@@ -263,7 +263,7 @@ class WebhookSchedule:
         next_due = repr(outcome.next_attempt_at) if outcome.status == "pending" and outcome.next_attempt_at else ""
         return bool(
             await self._finish(
-                keys=[keys.job_webhooks(job_id), keys.WEBHOOKS_DUE],
+                keys=[redis_keys.job_webhooks(job_id), redis_keys.WEBHOOKS_DUE],
                 args=[
                     member(job_id, outcome.event),
                     outcome.event,
@@ -275,7 +275,7 @@ class WebhookSchedule:
         )
 
     async def drop(self, job_id: str, event: str) -> None:
-        await self.r.zrem(keys.WEBHOOKS_DUE, member(job_id, event))
+        await self.r.zrem(redis_keys.WEBHOOKS_DUE, member(job_id, event))
 
 
 def outcomes(raw: dict[str, str]) -> list[WebhookOutcome]:
