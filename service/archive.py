@@ -6,9 +6,9 @@ shard's completion (service.jobs.store, computed from the bytes they upload), an
 whose shard completes the job writes `jobs/{id}/manifest.json` *before* it moves the job to
 succeeded: a Worker that dies in between leaves the job running with its last shard's message
 pending, and the shard's redelivery (which skips sampling: the shard is done) writes the
-manifest and then succeeds the job. So a succeeded job always has its manifest; for jobs that
-succeeded before manifests existed, `load_manifest` rebuilds it on demand (hashing the stored
-images) and stores it.
+manifest and then succeeds the job. So a succeeded job always has its manifest; one missing from
+the bucket was removed there (with its images, by a lifecycle rule or by hand), and the archive
+says so instead of guessing.
 
 The archive streams `00000.png`, `00001.png`, ... and `manifest.json`, stored uncompressed (PNGs
 are compressed already), each image read from S3 in chunks while it is sent, so its size is known
@@ -17,7 +17,6 @@ up front (Content-Length) and no image is held whole in memory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 from zipstream import ZipStream
@@ -49,24 +48,22 @@ def build_manifest(record: JobRecord, files: Files) -> bytes:
 
 
 def write_manifest(objects: ObjectStore, record: JobRecord, files: Files) -> bytes:
-    """Complete `files` from the stored images where a checksum is missing (shards completed
-    before checksums were recorded), write the manifest to the bucket, and return it."""
-    files = dict(files)
-    for i in range(record.params.num_images):
-        if i not in files:
-            data = objects.get_bytes(image_key(record.id, i))
-            if data is None:
-                raise FileNotFoundError(f"job {record.id}: image {i} is not in the bucket")
-            files[i] = (hashlib.sha256(data).hexdigest(), len(data))
+    """Write the job's manifest to the bucket and return it; `files` holds every image."""
     manifest = build_manifest(record, files)
     objects.put_json(manifest_key(record.id), manifest)
     return manifest
 
 
-def load_manifest(objects: ObjectStore, record: JobRecord, files: Files) -> bytes:
-    """The succeeded job's manifest from the bucket, rebuilt (and stored) if it is not there."""
+class ManifestMissing(LookupError):
+    """A succeeded job's manifest is not in the bucket: it was removed there."""
+
+
+def load_manifest(objects: ObjectStore, record: JobRecord) -> bytes:
+    """The succeeded job's manifest from the bucket; ManifestMissing if it is not there."""
     manifest = objects.get_bytes(manifest_key(record.id))
-    return manifest if manifest is not None else write_manifest(objects, record, files)
+    if manifest is None:
+        raise ManifestMissing(f"job {record.id}: manifest.json is not in the bucket")
+    return manifest
 
 
 def zip_archive(objects: ObjectStore, manifest: bytes) -> ZipStream:

@@ -209,11 +209,12 @@ async def job_archive(record: OwnedJob, ctx: Ctx) -> TimedStreamingResponse:
         )
     lease = await reserve(ctx, record.owner)  # before any S3 work: a refused download costs none
     try:
-        files = await ctx.store.files(record)
-        manifest = await asyncio.to_thread(archive.load_manifest, ctx.objects, record, files)  # S3 away: 503
+        manifest = await asyncio.to_thread(archive.load_manifest, ctx.objects, record)  # S3 away: 503
         stream = archive.zip_archive(ctx.objects, manifest)
-    except BaseException:
+    except BaseException as e:
         await lease.release()
+        if isinstance(e, archive.ManifestMissing):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "the job's images are no longer in the bucket") from e
         raise
     return TimedStreamingResponse(
         leased(iterate_in_threadpool(iter(stream)), lease),  # each S3 read in a thread

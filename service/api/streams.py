@@ -81,8 +81,8 @@ async def event_stream(ctx: Context, record: JobRecord, after: str, lease: Lease
                 now = await ctx.store.get(record.id)
                 if now is None:  # deleted or expired: nothing more will come
                     return
-                if now.status.terminal:  # its terminal event was appended with the status, or never (older jobs)
-                    events = await ctx.store.read_events(record.id, after) or [JobEvent("", EventKind(now.status), "")]
+                if now.status.terminal:  # the script that set the status appended its event: read it now
+                    events = await ctx.store.read_events(record.id, after)
             for event in events:
                 yield await render(ctx, record, event)
                 after = event.id or after

@@ -17,7 +17,7 @@ from service.archive import build_manifest
 from service.jobs.records import JobParams, JobStatus
 from service.jobs.store import JobRecord
 from service.storage import ObjectStore, manifest_key
-from tests.service.conftest import KEY_CAROL_OLD, wait_for, wait_for_status
+from tests.service.conftest import KEY_CAROL_OLD, wait_for_status
 
 P = JobParams(
     model="mnist", num_images=2, steps=4, sampler="ddim", eta=0.0, seed=9, class_label=[3, 4], guidance_scale=1.0
@@ -102,10 +102,12 @@ def test_no_archive_until_the_job_succeeds(api):
 
 
 @pytest.mark.integration
-def test_the_archive_is_503_while_s3_is_unreachable_and_the_manifest_is_rebuilt_when_missing(asgi_api, stack):
+def test_the_archive_is_503_while_s3_is_unreachable_and_404_once_the_bucket_lost_the_manifest(asgi_api, stack):
     """A succeeded job (its shards completed in database 6, which no Worker reads): with S3
-    unreachable the archive answers 503; with S3 back and the manifest gone (a job that
-    succeeded before manifests), it is rebuilt from the stored images and written back."""
+    unreachable the archive answers 503; with S3 back it streams the images and the manifest
+    the completing Worker wrote; with the manifest removed from the bucket it answers 404 and
+    says so, rather than inventing a manifest."""
+    from service.archive import write_manifest
     from service.jobs.store import JobStore
     from service.storage import image_key
 
@@ -115,6 +117,7 @@ def test_the_archive_is_503_while_s3_is_unreachable_and_the_manifest_is_rebuilt_
     pngs = [b"\x89PNG first", b"\x89PNG second!"]
     for i, data in enumerate(pngs):
         s3.put_png(image_key(job_id, i), data)
+    files = {i: (hashlib.sha256(d).hexdigest(), len(d)) for i, d in enumerate(pngs)}
 
     async def succeed() -> None:
         from service.jobs.records import ShardTask
@@ -122,7 +125,8 @@ def test_the_archive_is_503_while_s3_is_unreachable_and_the_manifest_is_rebuilt_
         store = JobStore.from_url(stack.redis.url.rsplit("/", 1)[0] + "/6", 600, stack.settings.shard_size)
         rec = await store.get(job_id)
         task = ShardTask(job_id=job_id, shard=0, start=0, count=2, params=rec.params)
-        assert await store.complete_shard(task) == ("queued", True)  # no checksums recorded
+        assert await store.complete_shard(task) == ("queued", True)
+        write_manifest(s3, rec, files)  # as the completing Worker does, before the job succeeds
         assert await store.succeed(job_id, rec.owner)
         await store.close()
 
@@ -137,8 +141,8 @@ def test_the_archive_is_503_while_s3_is_unreachable_and_the_manifest_is_rebuilt_
     with zipfile.ZipFile(io.BytesIO(r.content)) as z:
         assert [z.read(f"{i:05d}.png") for i in range(2)] == pngs
         manifest = json.loads(z.read("manifest.json"))
-    assert [(i["sha256"], i["size"]) for i in manifest["images"]] == [
-        (hashlib.sha256(d).hexdigest(), len(d)) for d in pngs
-    ]
-    wait_for(lambda: s3.get_bytes(manifest_key(job_id)) is not None, 5, what="the rebuilt manifest in the bucket")
+    assert [(i["sha256"], i["size"]) for i in manifest["images"]] == [files[0], files[1]]
+
     s3.delete_job(job_id)
+    gone = back.get(f"/v1/jobs/{job_id}/archive")
+    assert gone.status_code == 404 and "no longer in the bucket" in gone.json()["detail"]
