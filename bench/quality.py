@@ -3,8 +3,8 @@ independent judge (bench/judge.py), and images/s, per sampler, step count and gu
 
     python bench/quality.py                       # the full table: 1,000 digits (100 per class) per row
     python bench/quality.py --n 200 --rows quick  # what fits a 2-core CPU in ~15 minutes
-    python bench/quality.py --guidance-study      # why guidance used to hurt (DDIM variants)
-    python bench/quality.py --rows targets        # the three targets, 1,000 digits per row
+    python bench/quality.py --guidance-study      # why guidance hurt DDIM (DDIM variants)
+    python bench/quality.py --rows targets        # the three quality targets, 1,000 digits per row
     python bench/quality.py --interval-study --n 500   # guidance on all steps vs a noise interval
     python bench/quality.py --model runs/mnist-ft/model --rows targets   # a candidate model
 

@@ -105,7 +105,8 @@ class ObjectStore:
 
         412: the object exists, and is read back. 409 (a concurrent conditional write of the key
         in progress, which botocore does not retry): tried again shortly. 501 (a store without
-        conditional writes): logged once, then this store is written unconditionally, as before.
+        conditional writes): logged once, then this store is written unconditionally (a retried
+        shard's write then replaces the earlier attempt's bytes, which the checksums follow).
         A store that ignores the header altogether cannot be told apart: the write then
         overwrites. Raises ImageNotWritten if the key neither takes the write nor can be read."""
         if not self._conditional_puts:

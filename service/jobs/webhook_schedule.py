@@ -21,7 +21,7 @@ deduplicate on the `webhook-id` header, which is the same for every attempt of o
 
 Claims are fair per owner: the caller says how many deliveries each owner has in flight with it,
 and a due delivery whose owner already has `per_owner` is *parked* (moved, once, to its owner's
-parked set) instead of being claimed, so it no longer stands in front of other owners' deliveries
+parked set) instead of being claimed, so it does not stand in front of other owners' deliveries
 in the due set. An owner with room again gets its parked deliveries first, oldest first, from
 any dispatcher. So one owner's backlog (receivers that never answer, thousands of retries due)
 costs each claim O(what it moves), never a scan of that backlog, and delays nobody else's
