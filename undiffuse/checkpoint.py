@@ -49,6 +49,7 @@ class DiffusionModel(nn.Module):
         prediction_type: PredictionType = "epsilon",
         class_names: tuple[str, ...] | None = None,
         guidance_interval: tuple[float, float] | None = None,
+        clip_sample: bool | None = None,
         source: str = "",
     ) -> None:
         super().__init__()
@@ -60,6 +61,7 @@ class DiffusionModel(nn.Module):
         self.prediction_type = prediction_type
         self.class_names = class_names
         self.guidance_interval = guidance_interval  # sigma bounds where guidance acts (None: all)
+        self.clip_sample = clip_sample  # DDPM/DDIM clip x0 to [-1, 1] (None: the samplers' default)
         self.source = source
 
     @classmethod
@@ -91,6 +93,7 @@ class DiffusionModel(nn.Module):
             prediction_type=spec.prediction_type,
             class_names=spec.class_names,
             guidance_interval=spec.guidance_interval,
+            clip_sample=spec.clip_sample,
             source=str(spec.path),
         )
 
@@ -103,9 +106,12 @@ class DiffusionModel(nn.Module):
         return self.eps_from_output(x_t, t, self.network(x_t, t, class_labels))
 
     def eps_from_output(self, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
-        """The network's output as predicted noise (converted from v for a v-prediction model)."""
+        """The network's output as predicted noise (converted from v or x_0 for a model that
+        predicts those)."""
         if self.prediction_type == "v":
             return self.schedule.eps_from_velocity(x_t, t, out)
+        if self.prediction_type == "sample":
+            return self.schedule.eps_from_sample(x_t, t, out)
         return out
 
 
@@ -206,10 +212,11 @@ def _load_diffusers(spec: ModelSpec) -> DiffusionModel:
         raise CheckpointError(
             f"{spec.path}: a diffusers UNet2DModel folder; install the 'diffusers' extra to load it"
         ) from e
-    if not any((spec.path / n).is_file() for n in DIFFUSERS_WEIGHTS):
-        raise CheckpointError(f"{spec.path / DIFFUSERS_WEIGHTS[0]}: missing (nor {DIFFUSERS_WEIGHTS[1]})")
-    try:
-        unet = UNet2DModel.from_pretrained(spec.path, local_files_only=True)
+    folder = spec.network_path or spec.path
+    if not (folder / DIFFUSERS_WEIGHTS).is_file():
+        raise CheckpointError(f"{folder / DIFFUSERS_WEIGHTS}: missing")
+    try:  # safetensors only: a pickled .bin would run code as it loads
+        unet = UNet2DModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{spec.path}: cannot load diffusers UNet2DModel ({e})") from e
     return DiffusionModel.from_spec(_DiffusersUNet(unet), spec)

@@ -13,26 +13,40 @@ Two folder layouts are understood:
                 model.safetensors  the EMA weights (what gets served)
 
     diffusers   config.json        {"_class_name": "UNet2DModel", ...}   (google/ddpm-cifar10-32)
-                diffusion_pytorch_model.safetensors (or .bin)
-                scheduler_config.json, or ../scheduler/scheduler_config.json (a pipeline folder);
-                without either, the DDPM default: linear betas 1e-4..0.02 over 1000 steps
+                diffusion_pytorch_model.safetensors (a pickled .bin is refused: loading one runs code)
+                scheduler_config.json, or ../scheduler/scheduler_config.json (inside a pipeline)
+
+    pipeline    model_index.json   {"_class_name": "DDPMPipeline", "unet": [...], "scheduler": [...]}
+                unet/, scheduler/  the network and the schedule, each a diffusers folder
+
+A diffusers schedule is reproduced only where undiffuse computes exactly what diffusers does:
+the scheduler classes in SCHEDULERS, the beta schedules in BETA_SCHEDULES, the prediction types
+in DIFFUSERS_PREDICTION, `clip_sample` (range 1) as configured. Anything else (a consistency
+model's scheduler, trained betas, zero-terminal-SNR rescaling, dynamic thresholding, learned
+variances) is refused when the folder is read, naming the file and the field, because sampling it
+with the wrong process writes plausible-looking garbage. A network without any scheduler config
+is refused too: its schedule is unknown.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-PredictionType = Literal["epsilon", "v"]
-ScheduleKind = Literal["linear", "cosine"]
+PredictionType = Literal["epsilon", "v", "sample"]
+ScheduleKind = Literal["linear", "scaled_linear", "cosine"]
 ModelFormat = Literal["undiffuse", "diffusers"]
 
 CONFIG_FILE = "config.json"
+PIPELINE_FILE = "model_index.json"
+SCHEDULER_FILE = "scheduler_config.json"
 WEIGHTS_FILE = "model.safetensors"
-DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+PICKLED_WEIGHTS = "diffusion_pytorch_model.bin"
 FORMAT_VERSION = 1
 
 
@@ -47,14 +61,14 @@ class ScheduleConfig:
 
     kind: ScheduleKind = "linear"
     num_timesteps: int = 1000
-    beta_start: float = 1e-4  # linear only
-    beta_end: float = 0.02  # linear only
+    beta_start: float = 1e-4  # linear and scaled_linear only
+    beta_end: float = 0.02  # linear and scaled_linear only
     cosine_s: float = 0.008  # cosine only
     max_beta: float = 0.999  # cosine only
 
     def __post_init__(self) -> None:
-        if self.kind not in ("linear", "cosine"):
-            raise ValueError(f"unknown schedule kind {self.kind!r}; expected 'linear' or 'cosine'")
+        if self.kind not in ("linear", "scaled_linear", "cosine"):
+            raise ValueError(f"unknown schedule kind {self.kind!r}; expected 'linear', 'scaled_linear' or 'cosine'")
         if self.num_timesteps < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
 
@@ -167,8 +181,11 @@ class ModelSpec:
     """What a model folder says about the model in it, read without loading any weights.
 
     `unet` is the undiffuse architecture (None for a diffusers folder, whose network diffusers
-    builds from `raw`). `schedule` and `prediction_type` are what the model was trained with, so
-    the HTTP layer validates `steps` against the schedule the sampler will actually run.
+    builds from `raw`, read from `network_path`: the folder itself, or a pipeline's `unet/`).
+    `schedule` and `prediction_type` are what the model was trained with, so the HTTP layer
+    validates `steps` against the schedule the sampler will actually run. `clip_sample`: whether
+    DDPM and DDIM clip x̂₀ to [-1, 1] (as the folder's scheduler says; None: the samplers' own
+    default, which clips).
     """
 
     path: Path
@@ -181,6 +198,8 @@ class ModelSpec:
     class_names: tuple[str, ...] | None = None
     guidance_interval: tuple[float, float] | None = None
     unet: UNetConfig | None = None
+    clip_sample: bool | None = None
+    network_path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -212,12 +231,16 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def read_model_folder(folder: str | Path) -> ModelSpec:
-    """Describe the undiffuse or diffusers model in folder; CheckpointError if it is not one."""
+    """Describe the undiffuse model, diffusers network or diffusers pipeline in folder;
+    CheckpointError, naming the file and the reason, if it is none of them or not one undiffuse
+    samples correctly."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: model folder not found")
+    if (folder / PIPELINE_FILE).is_file():
+        return _pipeline_spec(folder)
     raw = read_json(folder / CONFIG_FILE)
-    if raw.get("_class_name") == "UNet2DModel":
+    if "_class_name" in raw:
         return _diffusers_spec(folder, raw)
     try:
         config = ModelConfig.from_dict(raw)
@@ -238,52 +261,179 @@ def read_model_folder(folder: str | Path) -> ModelSpec:
     )
 
 
+PIPELINES = ("DDPMPipeline", "DDIMPipeline")
+"""Pipelines whose parts undiffuse serves: a pixel-space UNet2DModel and its scheduler."""
+LATENT_PARTS = ("vae", "vqvae", "transformer")
+
+
+def _pipeline_spec(folder: Path) -> ModelSpec:
+    """A diffusers pipeline folder (model_index.json): its `unet/` with its `scheduler/`."""
+    index_path = folder / PIPELINE_FILE
+    index = read_json(index_path)
+    latent = [part for part in LATENT_PARTS if part in index]
+    if latent:
+        raise CheckpointError(
+            f"{index_path}: a latent pipeline ({index.get('_class_name')!r} with {', '.join(latent)}); "
+            "undiffuse serves pixel-space pipelines only"
+        )
+    if index.get("_class_name") not in PIPELINES:
+        raise CheckpointError(
+            f"{index_path}: _class_name {index.get('_class_name')!r} is not a pipeline undiffuse serves "
+            f"({', '.join(PIPELINES)})"
+        )
+    for part in ("unet", "scheduler"):
+        if part not in index or not (folder / part).is_dir():
+            raise CheckpointError(f"{index_path}: the pipeline has no {part}/ folder")
+    spec = _diffusers_spec(folder / "unet", read_json(folder / "unet" / CONFIG_FILE))
+    return replace(spec, path=folder, raw={**spec.raw, "pipeline": index})
+
+
 def _diffusers_spec(folder: Path, raw: dict[str, Any]) -> ModelSpec:
-    schedule, prediction = diffusers_schedule(folder)
+    if raw.get("_class_name") != "UNet2DModel":
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE}: _class_name {raw.get('_class_name')!r} is not a network undiffuse "
+            "serves (UNet2DModel)"
+        )
+    scheduler = diffusers_scheduler(folder)
     size = raw.get("sample_size", 32)
     size = size[0] if isinstance(size, (list, tuple)) else size
     try:
         image_size, channels = int(size), int(raw.get("in_channels", 3))
+        out_channels = int(raw.get("out_channels", channels))
         num_classes = raw.get("num_class_embeds")
         num_classes = int(num_classes) if num_classes is not None else None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG_FILE}: invalid UNet2DModel config ({e})") from e
+    if out_channels != channels:
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE}: out_channels {out_channels} != in_channels {channels} "
+            "(learned variances are not sampled by undiffuse)"
+        )
+    if not (folder / DIFFUSERS_WEIGHTS).is_file():
+        pickled = (folder / PICKLED_WEIGHTS).is_file()
+        raise CheckpointError(
+            f"{folder / DIFFUSERS_WEIGHTS}: missing"
+            + (
+                f" ({PICKLED_WEIGHTS} is a pickle, which undiffuse does not load: save it as safetensors)"
+                if pickled
+                else ""
+            )
+        )
     return ModelSpec(
         path=folder,
         format="diffusers",
         image_size=image_size,
         channels=channels,
         num_classes=num_classes,
-        schedule=schedule,
-        prediction_type=prediction,
+        schedule=scheduler.schedule,
+        prediction_type=scheduler.prediction_type,
+        clip_sample=scheduler.clip_sample,
+        network_path=folder,
         raw=raw,
     )
 
 
-_DIFFUSERS_PREDICTION: dict[str, PredictionType] = {"epsilon": "epsilon", "v_prediction": "v"}
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler")
+"""diffusers scheduler classes whose training schedule undiffuse reproduces exactly."""
+CLIPPING_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+"""Those with `clip_sample` (default true); DPM-Solver++ has none."""
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+DIFFUSERS_PREDICTION: dict[str, PredictionType] = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
+FIXED_SETTINGS: dict[str, Any] = {"trained_betas": None, "rescale_betas_zero_snr": False, "thresholding": False}
+"""Scheduler settings that change the noise process or the update, at the one value undiffuse reproduces."""
 
 
-def diffusers_schedule(folder: Path) -> tuple[ScheduleConfig, PredictionType]:
-    """The schedule and prediction type of a diffusers model folder (see the module docstring)."""
-    path = folder / "scheduler_config.json"
+@dataclass(frozen=True)
+class DiffusersScheduler:
+    """What undiffuse takes from a diffusers scheduler_config.json."""
+
+    schedule: ScheduleConfig
+    prediction_type: PredictionType
+    clip_sample: bool | None
+
+
+def diffusers_scheduler(folder: Path) -> DiffusersScheduler:
+    """The schedule, prediction type and x̂₀ clipping of a diffusers network folder, from its
+    scheduler_config.json or its pipeline's scheduler/ (see the module docstring)."""
+    path = folder / SCHEDULER_FILE
     if not path.is_file():
-        path = folder.parent / "scheduler" / "scheduler_config.json"
+        path = folder.parent / "scheduler" / SCHEDULER_FILE
     if not path.is_file():
-        return ScheduleConfig(), "epsilon"
+        raise CheckpointError(
+            f"{folder}: no {SCHEDULER_FILE} beside the network nor in ../scheduler/, so the noise schedule it "
+            f"was trained with is unknown; copy the pipeline's scheduler/{SCHEDULER_FILE} into the folder"
+        )
     cfg = read_json(path)
+
+    def refuse(name: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {name} {cfg.get(name)!r} {why}")
+
+    _check_reproduced(cfg, refuse)
     kind = cfg.get("beta_schedule", "linear")
-    if kind not in ("linear", "squaredcos_cap_v2"):
-        raise CheckpointError(f"{path}: unsupported beta_schedule {kind!r}")
     try:
         steps = int(cfg.get("num_train_timesteps", 1000))
-        if kind == "linear":
-            beta_start, beta_end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
-            schedule = ScheduleConfig("linear", steps, beta_start, beta_end)
-        else:
+        if kind == "squaredcos_cap_v2":
             schedule = ScheduleConfig("cosine", steps)
+        else:
+            beta_start, beta_end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+            schedule = ScheduleConfig("linear" if kind == "linear" else "scaled_linear", steps, beta_start, beta_end)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid scheduler config ({e})") from e
-    prediction = _DIFFUSERS_PREDICTION.get(cfg.get("prediction_type", "epsilon"))
-    if prediction is None:
-        raise CheckpointError(f"{path}: unsupported prediction_type {cfg.get('prediction_type')!r}")
-    return schedule, prediction
+    clip = cfg.get("clip_sample", True) if cfg["_class_name"] in CLIPPING_SCHEDULERS else None
+    return DiffusersScheduler(schedule, DIFFUSERS_PREDICTION[cfg.get("prediction_type", "epsilon")], clip)
+
+
+def _check_reproduced(cfg: dict[str, Any], refuse: Callable[[str, str], CheckpointError]) -> None:
+    """Raise refuse(field, why) for the first setting undiffuse does not reproduce."""
+    if cfg.get("_class_name") not in SCHEDULERS:
+        raise refuse("_class_name", f"is not a scheduler undiffuse reproduces ({', '.join(SCHEDULERS)})")
+    if cfg.get("beta_schedule", "linear") not in BETA_SCHEDULES:
+        raise refuse("beta_schedule", f"is not supported ({', '.join(BETA_SCHEDULES)})")
+    if cfg.get("prediction_type", "epsilon") not in DIFFUSERS_PREDICTION:
+        raise refuse("prediction_type", f"is not supported ({', '.join(DIFFUSERS_PREDICTION)})")
+    for name, reproduced in FIXED_SETTINGS.items():
+        if cfg.get(name, reproduced) != reproduced:
+            raise refuse(name, f"is not supported (undiffuse reproduces {reproduced!r} only)")
+    if cfg.get("variance_type") in ("learned", "learned_range"):
+        raise refuse("variance_type", "is not supported (learned variances)")
+    if cfg["_class_name"] in CLIPPING_SCHEDULERS:
+        if not isinstance(cfg.get("clip_sample", True), bool):
+            raise refuse("clip_sample", "must be true or false")
+        if cfg.get("clip_sample", True) and cfg.get("clip_sample_range", 1.0) != 1.0:
+            raise refuse("clip_sample_range", "is not supported (undiffuse clips to [-1, 1])")
+
+
+def weights_path(spec: ModelSpec) -> Path:
+    """The safetensors file of the model's network."""
+    if spec.format == "undiffuse":
+        return spec.path / WEIGHTS_FILE
+    return (spec.network_path or spec.path) / DIFFUSERS_WEIGHTS
+
+
+def check_weights(spec: ModelSpec) -> None:
+    """CheckpointError unless the model's safetensors file is whole: its header parses and the
+    file is as long as the header says. Reads the header only (no torch, no tensor data), so a
+    truncated or foreign file is caught where the folder is listed, not when a replica loads it."""
+    path = weights_path(spec)
+    try:
+        with path.open("rb") as f:
+            size = path.stat().st_size
+            length = int.from_bytes(f.read(8), "little")
+            if not 2 <= length <= min(size - 8, 100_000_000):
+                raise CheckpointError(f"{path}: not a safetensors file (header length {length})")
+            header = json.loads(f.read(length))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not an object)")
+    try:
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file (tensor entry without data_offsets: {e})") from e
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        raise CheckpointError(
+            f"{path}: truncated or padded safetensors file ({size} bytes, the header says {expected})"
+        )

@@ -21,12 +21,14 @@ if TYPE_CHECKING:
 class SamplerEntry:
     """name: the public name; target: "module:Class"; options: the keyword options the class
     takes (and the service passes through from a job's parameters); summary: one line for
-    help texts."""
+    help texts; clips: whether the sampler clips x̂₀ as a model's `clip_sample` says (diffusers'
+    DDPM and DDIM schedulers do; DPM-Solver++ has no such setting)."""
 
     name: str
     target: str
     options: tuple[str, ...]
     summary: str
+    clips: bool = False
 
     def select(self, options: dict[str, Any]) -> dict[str, Any]:
         """The subset of options this sampler takes (a job's eta means nothing to DDPM)."""
@@ -37,10 +39,18 @@ SAMPLERS: dict[str, SamplerEntry] = {
     e.name: e
     for e in (
         SamplerEntry(
-            "ddpm", "undiffuse.samplers:DDPMSampler", ("variance",), "DDPM ancestral sampling (Ho et al. 2020)"
+            "ddpm",
+            "undiffuse.samplers:DDPMSampler",
+            ("variance",),
+            "DDPM ancestral sampling (Ho et al. 2020)",
+            clips=True,
         ),
         SamplerEntry(
-            "ddim", "undiffuse.samplers:DDIMSampler", ("eta",), "DDIM, eta = 0 deterministic (Song et al. 2021)"
+            "ddim",
+            "undiffuse.samplers:DDIMSampler",
+            ("eta",),
+            "DDIM, eta = 0 deterministic (Song et al. 2021)",
+            clips=True,
         ),
         SamplerEntry(
             "dpmpp_2m",
@@ -73,12 +83,16 @@ def sampler_class(name: str) -> type[Sampler]:
     return getattr(importlib.import_module(module), attr)
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, **options: Any) -> Sampler:
+def make_sampler(name: str, schedule: NoiseSchedule, *, clip_sample: bool | None = None, **options: Any) -> Sampler:
     """A sampler by registry name, e.g. make_sampler("ddim", schedule, eta=0.5).
 
-    Options the sampler does not take raise (use `SamplerEntry.select` to filter a job's)."""
+    clip_sample: the model's own setting (`DiffusionModel.clip_sample`), applied by the samplers
+    that have one (None: the sampler's default). Options the sampler does not take raise (use
+    `SamplerEntry.select` to filter a job's)."""
     entry = sampler_entry(name)
     unknown = set(options) - set(entry.options)
     if unknown:
         raise ValueError(f"sampler {name!r} takes no option(s) {sorted(unknown)}; it takes {list(entry.options)}")
+    if entry.clips and clip_sample is not None:
+        options["clip_x0"] = clip_sample
     return sampler_class(name)(schedule, **options)

@@ -51,6 +51,8 @@ class NoiseSchedule:
         """The schedule a checkpoint's ScheduleConfig describes."""
         if config.kind == "linear":
             return cls.linear(config.num_timesteps, config.beta_start, config.beta_end)
+        if config.kind == "scaled_linear":
+            return cls.scaled_linear(config.num_timesteps, config.beta_start, config.beta_end)
         return cls.cosine(config.num_timesteps, config.cosine_s, config.max_beta)
 
     @classmethod
@@ -62,6 +64,20 @@ class NoiseSchedule:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         cfg = ScheduleConfig("linear", num_timesteps, beta_start, beta_end)
+        return cls(betas, cfg)
+
+    @classmethod
+    def scaled_linear(
+        cls, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+    ) -> NoiseSchedule:
+        """Latent diffusion (Rombach et al. 2022): sqrt(beta) linear from sqrt(beta_start) to
+        sqrt(beta_end), squared (diffusers' "scaled_linear")."""
+        if num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        if not 0 < beta_start <= beta_end < 1:
+            raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+        cfg = ScheduleConfig("scaled_linear", num_timesteps, beta_start, beta_end)
         return cls(betas, cfg)
 
     @classmethod
@@ -136,6 +152,11 @@ class NoiseSchedule:
         (Salimans & Ho 2022, Sec. 4)."""
         a = self.gather(self.alphas_cumprod, t, x0)
         return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def eps_from_sample(self, x_t: Tensor, t: Tensor | int, x0: Tensor) -> Tensor:
+        """Convert an x_0 prediction to an epsilon prediction: eps = (x_t - sqrt(a_bar) x_0) / sqrt(1 - a_bar)."""
+        a = self.gather(self.alphas_cumprod, t, x_t)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
 
     def eps_from_velocity(self, x_t: Tensor, t: Tensor | int, v: Tensor) -> Tensor:
         """Convert a v prediction to an epsilon prediction: eps = sqrt(a_bar) v + sqrt(1-a_bar) x_t."""

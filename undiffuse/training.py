@@ -86,7 +86,8 @@ def diffusion_loss(
     t = torch.randint(0, schedule.num_timesteps, (n,), device=x0.device)
     noise = torch.randn_like(x0)
     x_t = schedule.q_sample(x0, t, noise)
-    target = noise if prediction_type == "epsilon" else schedule.velocity(x0, t, noise)
+    targets = {"epsilon": lambda: noise, "v": lambda: schedule.velocity(x0, t, noise), "sample": lambda: x0}
+    target = targets[prediction_type]()
     out = network(x_t, t, labels)
     return F.mse_loss(out.float(), target)
 

@@ -1,4 +1,5 @@
-"""/healthz (the process is up) and /readyz (Redis, S3 and the Denoiser answer).
+"""/healthz (the process is up) and /readyz (Redis, S3 and the Denoiser answer; model folders
+that were skipped are named).
 
 /readyz answers anyone, so its answer is kept for READY_CACHE_SECONDS per ingress replica and
 requests that arrive while the checks run wait for them: a flood of /readyz costs each
@@ -96,4 +97,7 @@ async def _probe(ctx: Context) -> tuple[int, dict]:
         )
     )
     ok = all(v == "ok" for v in checks.values())
-    return (200 if ok else 503), {"status": "ready" if ok else "not ready", "checks": checks}
+    body = {"status": "ready" if ok else "not ready", "checks": checks}
+    if ctx.registry.skipped:  # served without them; the reasons are in the log
+        body["skipped_models"] = sorted(ctx.registry.skipped)
+    return (200 if ok else 503), body

@@ -42,51 +42,137 @@ def test_the_guidance_interval_is_saved_read_and_checked(tmp_path):
 
 def _diffusers_unet(folder, **extra):
     _write(folder / "config.json", {"_class_name": "UNet2DModel", "sample_size": 32, "in_channels": 3, **extra})
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # read_model_folder checks it is there
+
+
+def _scheduler(path, **cfg):
+    _write(path, {"_class_name": "DDPMScheduler", **cfg})
 
 
 def test_diffusers_folder_reads_its_own_scheduler_config(tmp_path):
     _diffusers_unet(tmp_path / "d", num_class_embeds=10)
-    _write(
+    _scheduler(
         tmp_path / "d" / "scheduler_config.json",
-        {"num_train_timesteps": 400, "beta_schedule": "linear", "beta_end": 0.03, "prediction_type": "v_prediction"},
+        num_train_timesteps=400,
+        beta_schedule="linear",
+        beta_end=0.03,
+        prediction_type="v_prediction",
+        clip_sample=False,
     )
     spec = read_model_folder(tmp_path / "d")
     assert (spec.format, spec.image_shape, spec.num_classes) == ("diffusers", (3, 32, 32), 10)
     assert spec.schedule == ScheduleConfig("linear", 400, 1e-4, 0.03)
     assert spec.prediction_type == "v"  # read from the file, not assumed
+    assert spec.clip_sample is False
     with pytest.raises(CheckpointError, match="no undiffuse ModelConfig"):
         spec.model_config()
 
 
 def test_diffusers_pipeline_folder_falls_back_to_the_sibling_scheduler(tmp_path):
     _diffusers_unet(tmp_path / "pipe" / "unet")
-    _write(
+    _scheduler(
         tmp_path / "pipe" / "scheduler" / "scheduler_config.json",
-        {"num_train_timesteps": 250, "beta_schedule": "squaredcos_cap_v2"},
+        num_train_timesteps=250,
+        beta_schedule="squaredcos_cap_v2",
     )
     spec = read_model_folder(tmp_path / "pipe" / "unet")
     assert spec.schedule == ScheduleConfig("cosine", 250) and spec.prediction_type == "epsilon"
+    assert spec.clip_sample is True  # DDPMScheduler's default
 
 
-def test_diffusers_folder_without_scheduler_gets_the_ddpm_default(tmp_path):
-    _diffusers_unet(tmp_path / "d")
-    assert read_model_folder(tmp_path / "d").schedule == ScheduleConfig("linear", 1000, 1e-4, 0.02)
+def test_a_network_without_a_schedule_is_refused_rather_than_guessed(tmp_path):
+    _diffusers_unet(tmp_path / "unet")
+    with pytest.raises(CheckpointError, match="noise schedule it was trained with is unknown"):
+        read_model_folder(tmp_path / "unet")
 
 
 @pytest.mark.parametrize(
     ("scheduler", "message"),
     [
-        ({"beta_schedule": "scaled_linear"}, "unsupported beta_schedule 'scaled_linear'"),
-        ({"prediction_type": "sample"}, "unsupported prediction_type 'sample'"),
+        (
+            {"_class_name": "CMStochasticIterativeScheduler"},
+            "_class_name 'CMStochasticIterativeScheduler' is not a scheduler",
+        ),
+        ({"_class_name": "EulerDiscreteScheduler"}, "_class_name 'EulerDiscreteScheduler' is not a scheduler"),
+        ({"beta_schedule": "sigmoid"}, "beta_schedule 'sigmoid' is not supported"),
+        ({"prediction_type": "flow"}, "prediction_type 'flow' is not supported"),
+        ({"trained_betas": [0.1, 0.2]}, "trained_betas .* is not supported"),
+        ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr True is not supported"),
+        ({"thresholding": True}, "thresholding True is not supported"),
+        ({"variance_type": "learned_range"}, "variance_type 'learned_range' is not supported"),
+        ({"clip_sample_range": 2.0}, "clip_sample_range 2.0 is not supported"),
+        ({"clip_sample": "yes"}, "clip_sample 'yes' must be true or false"),
         ({"num_train_timesteps": "many"}, "invalid scheduler config"),
     ],
 )
-def test_bad_diffusers_scheduler_configs_name_the_file(tmp_path, scheduler, message):
+def test_schedulers_undiffuse_does_not_reproduce_are_refused_naming_file_and_field(tmp_path, scheduler, message):
     _diffusers_unet(tmp_path / "d")
-    _write(tmp_path / "d" / "scheduler_config.json", scheduler)
+    _write(tmp_path / "d" / "scheduler_config.json", {"_class_name": "DDPMScheduler", **scheduler})
     with pytest.raises(CheckpointError, match=message) as err:
         read_model_folder(tmp_path / "d")
     assert "scheduler_config.json" in str(err.value)
+
+
+@pytest.mark.parametrize("cls", ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"])
+def test_the_supported_scheduler_classes_and_schedules_are_read(tmp_path, cls):
+    _diffusers_unet(tmp_path / "d")
+    _write(
+        tmp_path / "d" / "scheduler_config.json",
+        {
+            "_class_name": cls,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.0015,
+            "beta_end": 0.0195,
+            "prediction_type": "sample",
+        },
+    )
+    spec = read_model_folder(tmp_path / "d")
+    assert spec.schedule == ScheduleConfig("scaled_linear", 1000, 0.0015, 0.0195)
+    assert spec.prediction_type == "sample"
+    assert spec.clip_sample is (None if cls == "DPMSolverMultistepScheduler" else True)
+
+
+def test_a_pickled_network_is_refused(tmp_path):
+    _diffusers_unet(tmp_path / "d")
+    _scheduler(tmp_path / "d" / "scheduler_config.json")
+    (tmp_path / "d" / "diffusion_pytorch_model.safetensors").unlink()
+    (tmp_path / "d" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(CheckpointError, match="is a pickle, which undiffuse does not load"):
+        read_model_folder(tmp_path / "d")
+
+
+def test_learned_variance_networks_are_refused(tmp_path):
+    _diffusers_unet(tmp_path / "d", out_channels=6)
+    _scheduler(tmp_path / "d" / "scheduler_config.json")
+    with pytest.raises(CheckpointError, match="out_channels 6 != in_channels 3"):
+        read_model_folder(tmp_path / "d")
+
+
+def test_a_pixel_pipeline_folder_is_one_model_and_latent_ones_are_refused(tmp_path):
+    pipe = tmp_path / "cifar"
+    _write(
+        pipe / "model_index.json",
+        {
+            "_class_name": "DDPMPipeline",
+            "unet": ["diffusers", "UNet2DModel"],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+        },
+    )
+    _diffusers_unet(pipe / "unet")
+    _scheduler(pipe / "scheduler" / "scheduler_config.json", num_train_timesteps=300)
+    spec = read_model_folder(pipe)
+    assert (spec.name, spec.format, spec.path, spec.network_path) == ("cifar", "diffusers", pipe, pipe / "unet")
+    assert spec.schedule.num_timesteps == 300
+
+    _write(pipe / "model_index.json", {"_class_name": "LDMPipeline", "unet": [], "vqvae": [], "scheduler": []})
+    with pytest.raises(CheckpointError, match="a latent pipeline .*'LDMPipeline' with vqvae"):
+        read_model_folder(pipe)
+    _write(pipe / "model_index.json", {"_class_name": "StableDiffusionPipeline", "unet": [], "scheduler": []})
+    with pytest.raises(CheckpointError, match="_class_name 'StableDiffusionPipeline' is not a pipeline"):
+        read_model_folder(pipe)
+    _write(pipe / "model_index.json", {"_class_name": "DDPMPipeline", "unet": []})
+    with pytest.raises(CheckpointError, match="the pipeline has no scheduler/ folder"):
+        read_model_folder(pipe)
 
 
 def test_bad_folders_name_the_problem(tmp_path):

@@ -5,12 +5,15 @@ servers."""
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import httpx
 import pytest
 
 from service.api import deps, health
 from service.api.fastapi_app import app
+from service.models import ModelRegistry
 from service.settings import Settings
 
 
@@ -64,13 +67,14 @@ def clock(monkeypatch) -> Clock:
 def serve(monkeypatch):
     """Sets a context on the given probes; returns a function that GETs /readyz n times at once."""
 
-    def make(probes: Probes):
+    def make(probes: Probes, registry: ModelRegistry | None = None):
+        settings = Settings()
         context = deps.Context(
-            settings=Settings(),
+            settings=settings,
             store=probes,
             lifecycle=None,
             objects=Objects(probes),
-            registry=None,
+            registry=registry or ModelRegistry(settings.model_dir, settings.default_model),
             denoiser=probes,
         )  # type: ignore[arg-type]
         monkeypatch.setattr(deps, "_context", context)
@@ -123,3 +127,31 @@ def test_calls_that_arrive_while_the_checks_run_wait_for_them(serve, clock):
     answers = get(20)
     assert {r.status_code for r in answers} == {200}
     assert probes.calls == {"redis": 1, "s3": 1, "sampler": 1}
+
+
+def test_a_model_folder_that_cannot_be_served_is_skipped_and_named(serve, clock, tmp_path, caplog):
+    """One bad folder beside the demo model: the others serve, /readyz stays ready and names the
+    skipped folder (the reason, which names files, goes to the log only)."""
+    settings = Settings()
+    (tmp_path / settings.default_model).symlink_to(Path(settings.model_dir).resolve() / settings.default_model)
+    bad = tmp_path / "consistency"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 32}))
+    (bad / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    (bad / "scheduler_config.json").write_text(json.dumps({"_class_name": "CMStochasticIterativeScheduler"}))
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        registry = ModelRegistry(tmp_path, settings.default_model)
+    assert list(registry.models) == [settings.default_model]
+    assert "CMStochasticIterativeScheduler" in registry.skipped["consistency"]
+    assert any("model consistency skipped" in r.getMessage() for r in caplog.records)
+    answer = serve(Probes(), registry)()[0]
+    assert answer.status_code == 200
+    assert answer.json()["skipped_models"] == ["consistency"]
+    assert "CMStochastic" not in answer.text
+
+
+def test_a_default_model_that_cannot_be_served_stops_the_service_with_the_reason(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="default model 'm' .* cannot be served: .*not valid JSON"):
+        ModelRegistry(tmp_path, "m")
