@@ -133,6 +133,7 @@ def test_submit_watch_and_see_the_gallery(browser, stack):
         params = api.get(f"/v1/jobs/{job_id}").json()["params"]
     chosen = (params["num_images"], params["steps"], params["sampler"], params["seed"], params["class_label"])
     assert chosen == (4, 60, "dpmpp_2m", 11, 7)
+    assert params["guidance_scale"] == 3.0  # the page's default: inside the model's interval (docs/quality.md)
 
 
 @needs_browser

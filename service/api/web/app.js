@@ -84,6 +84,7 @@ function fillClasses() {
   const names = model && model.num_classes ? model.class_names || [...Array(model.num_classes).keys()].map(String) : [];
   select.replaceChildren(...names.map((name, i) => new Option(name, String(i), false, String(i) === chosen)));
   select.disabled = names.length === 0;
+  $("guidance").disabled = names.length === 0; // guidance steers towards a class: none without classes
   $("steps").max = model ? model.num_timesteps : 1000;
 }
 
@@ -93,10 +94,12 @@ function jobBody() {
     num_images: Number($("num-images").value),
     steps: Number($("steps").value),
     sampler: $("sampler").value,
-    guidance_scale: Number($("guidance").value),
     previews: $("previews").checked,
   };
-  if (!$("class-label").disabled) body.class_label = Number($("class-label").value);
+  if (!$("class-label").disabled) {
+    body.class_label = Number($("class-label").value);
+    body.guidance_scale = Number($("guidance").value);
+  }
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   return body;
 }
