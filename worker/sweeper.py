@@ -1,4 +1,4 @@
-"""The sweeper: deletes the images of jobs that are due to go (service.jobs.redis_keys.PURGE).
+"""The sweeper: deletes the images of jobs that are due to go (service.jobs.purge).
 
 A job is scheduled when it is submitted (for when its record expires), again when it fails or
 is canceled (purge_delay_seconds later) and when it is deleted (to catch a straggling upload).
@@ -47,18 +47,18 @@ class Sweeper:
         """Delete the objects of up to `batch` due jobs; returns how many jobs were due. A job
         whose objects cannot be deleted is tried again RETRY_S later; the others go on."""
         now = time.time() if now is None else now
-        due = await self.store.due_purges(now, self.batch)
+        due = await self.store.purges.due(now, self.batch)
         swept = []
         for job_id, at in due:
             try:
                 count = await asyncio.to_thread(self.objects.delete_job, job_id)
             except STORAGE_ERRORS as e:
                 log.warning("sweeper: job %s: %s; trying again in %d s", job_id, type(e).__name__, RETRY_S)
-                await self.store.schedule_purge(job_id, now + RETRY_S)
+                await self.store.purges.schedule(job_id, now + RETRY_S)
                 continue
             if count:
                 log.info("sweeper: deleted %d images of job %s", count, job_id)
             await self.store.release_storage(job_id)
             swept.append((job_id, at))
-        await self.store.purged(swept)
+        await self.store.purges.swept(swept)
         return len(due)

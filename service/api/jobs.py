@@ -242,7 +242,7 @@ async def delete_job(record: ManagedJob, ctx: Ctx) -> Response:
     await ctx.store.release_storage(record.id)
     await ctx.store.delete(record.id, record.owner)
     # a shard retried by a slow duplicate could still upload: sweep the prefix once more later
-    await ctx.store.schedule_purge(record.id, time.time() + ctx.settings.purge_delay_seconds)
+    await ctx.store.purges.schedule(record.id, time.time() + ctx.settings.purge_delay_seconds)
     log.info("job %s deleted", record.id, extra=job_fields(record.id, record.owner, status="deleted"))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

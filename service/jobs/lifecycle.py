@@ -101,7 +101,7 @@ class JobLifecycle:
         """A failed or canceled job's images are deleted after purge_delay (shards still uploading
         land first). Should this write fail, they go when the record expires."""
         try:
-            await self.store.schedule_purge(job_id, time.time() + self.purge_delay)
+            await self.store.purges.schedule(job_id, time.time() + self.purge_delay)
         except Exception:
             log.exception("job %s: could not schedule the deletion of its images", job_id)
 

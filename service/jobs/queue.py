@@ -48,6 +48,7 @@ from pydantic import ValidationError
 
 from service.jobs import redis_keys
 from service.jobs.records import ShardTask
+from service.jobs.scripts import Script
 
 DEAD_LETTER_MAXLEN = 10_000
 WAKE_MAXLEN = 16  # submissions not yet noticed by a waiting Worker: one wake-up is enough
@@ -133,27 +134,26 @@ end
 """
 )
 
-# KEYS[1] the job's record (its queue_mark is set); ARGV owner, then (cost, rows, 1 for the
-# job's first shard else 0, task JSON) per shard. Returns the owner's cost enqueued before these shards (-1: the job was queued
-# already, or has no shards).
-_ENQUEUE = (
+# job: the job's record (its queue_mark is set); shards: (cost, rows, 1 for the job's first
+# shard else 0, task JSON) per shard, flattened. Returns the owner's cost enqueued before these
+# shards (-1: the job was queued already, or has no shards).
+_ENQUEUE = Script(
     _PRELUDE
     + """
-local owner = ARGV[1]
 local sk, lk = stats_key(owner), list_key(owner)
 -- a transaction resent after a lost reply runs again: the job's shards are queued once
-if #ARGV < 5 or redis.call('HEXISTS', KEYS[1], 'queue_mark') == 1 then return -1 end
+if #shards < 4 or redis.call('HEXISTS', job, 'queue_mark') == 1 then return -1 end
 local mark = num(redis.call('HGET', sk, 'enqueued'))
-redis.call('HSET', KEYS[1], 'queue_mark', mark)
+redis.call('HSET', job, 'queue_mark', mark)
 local fresh = redis.call('LLEN', lk) == 0
 local idle = num(redis.call('HGET', sk, 'held')) == 0
 local n, cost = 0, 0
-for i = 2, #ARGV, 4 do
+for i = 1, #shards, 4 do
   local id = tostring(redis.call('INCR', SEQ))
-  redis.call('HSET', MSG, id, ARGV[i + 3])
-  redis.call('HSET', META, id, cjson.encode({owner, tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])}))
+  redis.call('HSET', MSG, id, shards[i + 3])
+  redis.call('HSET', META, id, cjson.encode({owner, tonumber(shards[i]), tonumber(shards[i + 1]), tonumber(shards[i + 2])}))
   redis.call('RPUSH', lk, id)
-  n, cost = n + 1, cost + tonumber(ARGV[i])
+  n, cost = n + 1, cost + tonumber(shards[i])
 end
 if redis.call('HINCRBY', sk, 'shards', n) == n then redis.call('HINCRBY', TOTALS, 'owners', 1) end
 redis.call('HINCRBY', sk, 'enqueued', cost)
@@ -166,18 +166,20 @@ end
 redis.call('LPUSH', WAKE, 1)
 redis.call('LTRIM', WAKE, 0, WAKE_LAST)
 return mark
-"""
+""",
+    keys=["job"],
+    args=["owner", "*shards"],
 )
 
-# ARGV deadline (ms), window rows, hard rows, max shards, quantum, max owners to visit, consumer,
-# request nonce. Returns a flat list of (lease token, task JSON); the same nonce again (a client
-# retry after a lost reply) returns the same list instead of admitting more.
-_ADMIT = (
+# deadline: the leases' end (ms); window, hard: rows; max_count: shards; max_visits: owners to
+# visit. Returns a flat list of (lease token, task JSON); the same nonce again (a client retry
+# after a lost reply) returns the same list instead of admitting more.
+_ADMIT = Script(
     _PRELUDE
     + """
-local deadline, window, hard = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local max_count, quantum, max_visits = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local replied = replay(ARGV[7], ARGV[8])
+deadline, window, hard = tonumber(deadline), tonumber(window), tonumber(hard)
+max_count, quantum, max_visits = tonumber(max_count), tonumber(quantum), tonumber(max_visits)
+local replied = replay(consumer, nonce)
 if replied then return replied end
 local total = num(redis.call('HGET', TOTALS, 'inflight_rows'))
 -- each owner's share of the window while others wait: owners with shards waiting share it
@@ -210,7 +212,7 @@ for _ = 1, visits do
       or (m[4] == 1 and held + rows <= 2 * share and total + rows <= (window + hard) / 2)
     if not fits then blocked = 'capacity' break end
     redis.call('LPOP', lk)
-    out[#out + 1] = lease(id, deadline, ARGV[7])
+    out[#out + 1] = lease(id, deadline, consumer)
     out[#out + 1] = redis.call('HGET', MSG, id)
     held, total, deficit = held + rows, total + rows, deficit - cost
     served, cost_served, admitted = served + 1, cost_served + cost, admitted + 1
@@ -241,73 +243,77 @@ for _ = 1, visits do
   if blocked == 'count' then break end
 end
 redis.call('HSET', TOTALS, 'inflight_rows', total)
-remember(ARGV[7], ARGV[8], out)
+remember(consumer, nonce, out)
 return out
-"""
+""",
+    args=["deadline", "window", "hard", "max_count", "quantum", "max_visits", "consumer", "nonce"],
 )
 
-# ARGV now (ms), deadline (ms), max shards, consumer, request nonce. Leases that expired are handed to the caller (new
+# now_ms, deadline: ms; max_count: shards. Leases that expired are handed to the caller (new
 # tokens), who settles them. Returns a flat list of (lease token, task JSON).
-_RECLAIM = (
+_RECLAIM = Script(
     _PRELUDE
     + """
-local replied = replay(ARGV[4], ARGV[5])
+local replied = replay(consumer, nonce)
 if replied then return replied end
 local out = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))) do
-  out[#out + 1] = lease(id, tonumber(ARGV[2]), ARGV[4])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now_ms, 'LIMIT', 0, tonumber(max_count))) do
+  out[#out + 1] = lease(id, tonumber(deadline), consumer)
   out[#out + 1] = redis.call('HGET', MSG, id) or ''
 end
-remember(ARGV[4], ARGV[5], out)
+remember(consumer, nonce, out)
 return out
-"""
+""",
+    args=["now_ms", "deadline", "max_count", "consumer", "nonce"],
 )
 
-# ARGV token, deadline (ms). Returns 1 if the lease is still the caller's.
-_HEARTBEAT = (
+# token: the lease; deadline: its new end (ms). Returns 1 if the lease is still the caller's.
+_HEARTBEAT = Script(
     _PRELUDE
     + """
-local id = leased(ARGV[1])
+local id = leased(token)
 if not id then return 0 end
-redis.call('ZADD', LEASES, 'XX', tonumber(ARGV[2]), id)
+redis.call('ZADD', LEASES, 'XX', tonumber(deadline), id)
 return 1
-"""
+""",
+    args=["token", "deadline"],
 )
 
-# ARGV token, how ('ack', 'wait' with a new task JSON, 'dead' with fields JSON and a reason).
-# Returns 1 if settled, 0 if the token is no longer the shard's lease.
-_SETTLE = (
+# token: the lease; how: 'ack', 'wait' (payload: the new task JSON) or 'dead' (payload: the
+# fields JSON, with a reason). Returns 1 if settled, 0 if the token is no longer the shard's lease.
+_SETTLE = Script(
     _PRELUDE
     + """
-local id = leased(ARGV[1])
+local id = leased(token)
 if not id then return 0 end
 local m = meta(id)
 unlease(id, m)
-if ARGV[2] == 'wait' then
-  redis.call('HSET', MSG, id, ARGV[3])
+if how == 'wait' then
+  redis.call('HSET', MSG, id, payload)
   wait_again(id, m)
   return 1
 end
-if ARGV[2] == 'dead' then
-  local fields = cjson.decode(ARGV[3])
+if how == 'dead' then
+  local fields = cjson.decode(payload)
   local flat = {}
   for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = v end
-  redis.call('XADD', DEAD, 'MAXLEN', '~', DEAD_MAXLEN, '*', 'reason', ARGV[4], unpack(flat))
+  redis.call('XADD', DEAD, 'MAXLEN', '~', DEAD_MAXLEN, '*', 'reason', reason, unpack(flat))
 end
 forget(id, m)
 return 1
-"""
+""",
+    args=["token", "how", "payload", "reason"],
 )
 
-# KEYS[1] the job's record; ARGV the job's owner, now (s), throughput
-# (cost per second, 0 if unknown). Returns {cost ahead, estimated start (epoch s, or '')}, each
-# no larger than what was answered before for this job (queue_ahead, queue_start_at), so a
-# waiting job's position and ETA only ever count down.
-_POSITION = (
+# job: the job's record; owner: the job's; now: epoch s; rate: throughput (cost per second, 0 if
+# unknown). Returns {cost ahead, estimated start (epoch s, or '')}, each no larger than what was
+# answered before for this job (queue_ahead, queue_start_at), so a waiting job's position and
+# ETA only ever count down.
+_POSITION = Script(
     _PRELUDE
     + """
-local owner, now, rate = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local mark = tonumber(redis.call('HGET', KEYS[1], 'queue_mark'))
+now, rate = tonumber(now), tonumber(rate)
+local mark = tonumber(redis.call('HGET', job, 'queue_mark'))
 if not mark then return {0, ''} end
 local own = math.max(0, mark - num(redis.call('HGET', stats_key(owner), 'admitted')))
 local ahead = own
@@ -315,19 +321,21 @@ local waiting = redis.call('HGETALL', WAITING)
 for i = 1, #waiting, 2 do
   if waiting[i] ~= owner then ahead = ahead + math.min(math.max(0, tonumber(waiting[i + 1])), own) end
 end
-local before = tonumber(redis.call('HGET', KEYS[1], 'queue_ahead'))
+local before = tonumber(redis.call('HGET', job, 'queue_ahead'))
 if before and before < ahead then ahead = before end
-redis.call('HSET', KEYS[1], 'queue_ahead', ahead)
+redis.call('HSET', job, 'queue_ahead', ahead)
 local start = ''
 if rate > 0 then
   start = now + ahead / rate
-  local earlier = tonumber(redis.call('HGET', KEYS[1], 'queue_start_at'))
+  local earlier = tonumber(redis.call('HGET', job, 'queue_start_at'))
   if earlier and earlier >= now and earlier < start then start = earlier end  -- a lapsed one is renewed
-  redis.call('HSET', KEYS[1], 'queue_start_at', tostring(start))
+  redis.call('HSET', job, 'queue_start_at', tostring(start))
   start = tostring(start)
 end
 return {ahead, start}
-"""
+""",
+    keys=["job"],
+    args=["owner", "now", "rate"],
 )
 
 
@@ -411,21 +419,21 @@ class ShardQueue:
     def __init__(self, client: aioredis.Redis, quantum: int = 16 * 1000 * 2) -> None:
         self.r = client
         self.quantum = quantum
-        self._enqueue = client.register_script(_ENQUEUE)
-        self._admit = client.register_script(_ADMIT)
-        self._reclaim = client.register_script(_RECLAIM)
-        self._heartbeat = client.register_script(_HEARTBEAT)
-        self._settle = client.register_script(_SETTLE)
-        self._position = client.register_script(_POSITION)
+        self._enqueue = _ENQUEUE.register(client)
+        self._admit = _ADMIT.register(client)
+        self._reclaim = _RECLAIM.register(client)
+        self._heartbeat = _HEARTBEAT.register(client)
+        self._settle = _SETTLE.register(client)
+        self._position = _POSITION.register(client)
 
     async def enqueue(self, pipe: aioredis.client.Pipeline, job_key: str, owner: str, tasks: list[ShardTask]) -> None:
         """Queue a job's shards in the caller's transaction (a pipeline after MULTI: this only
         buffers the script call), recording on the job's record where in its owner's order
         they stand (for `position`)."""
-        args: list = [owner]
+        shards: list = []
         for task in tasks:
-            args.extend([*shard_cost(task), int(task.shard == 0), task.model_dump_json()])
-        await self._enqueue(keys=[job_key], args=args, client=pipe)
+            shards.extend([*shard_cost(task), int(task.shard == 0), task.model_dump_json()])
+        await self._enqueue(job=job_key, owner=owner, shards=shards, client=pipe)
 
     async def read(
         self,
@@ -442,7 +450,16 @@ class ShardQueue:
         deadline_ms (epoch ms)."""
         hard = 2 * window if hard is None else hard
         nonce = uuid.uuid4().hex
-        reply = await self._admit(args=[deadline_ms, window, hard, count, self.quantum, visits, consumer, nonce])
+        reply = await self._admit(
+            deadline=deadline_ms,
+            window=window,
+            hard=hard,
+            max_count=count,
+            quantum=self.quantum,
+            max_visits=visits,
+            consumer=consumer,
+            nonce=nonce,
+        )
         return _messages(reply)
 
     async def wait_for_work(self, timeout_s: float) -> bool:
@@ -453,14 +470,17 @@ class ShardQueue:
         """Take over up to count shards whose lease expired (their Worker stopped heart-beating);
         the caller settles them (usually `put_back`)."""
         nonce = uuid.uuid4().hex
-        return _messages(await self._reclaim(args=[now_ms, deadline_ms, count, consumer, nonce]))
+        reply = await self._reclaim(
+            now_ms=now_ms, deadline=deadline_ms, max_count=count, consumer=consumer, nonce=nonce
+        )
+        return _messages(reply)
 
     async def heartbeat(self, message_id: str, deadline_ms: int) -> bool:
         """Move the lease's deadline; False if the lease is no longer this delivery's."""
-        return bool(await self._heartbeat(args=[message_id, deadline_ms]))
+        return bool(await self._heartbeat(token=message_id, deadline=deadline_ms))
 
     async def ack(self, message_id: str) -> bool:
-        return bool(await self._settle(args=[message_id, "ack"]))
+        return bool(await self._settle(token=message_id, how="ack", payload="", reason=""))
 
     async def requeue(self, message_id: str, task: ShardTask) -> bool:
         """Put the shard back as its next attempt."""
@@ -468,11 +488,11 @@ class ShardQueue:
 
     async def put_back(self, message_id: str, task: ShardTask) -> bool:
         """Put the shard back as it is given (no attempt spent), at the head of its owner's list."""
-        return bool(await self._settle(args=[message_id, "wait", task.model_dump_json()]))
+        return bool(await self._settle(token=message_id, how="wait", payload=task.model_dump_json(), reason=""))
 
     async def dead_letter(self, message_id: str, fields: dict[str, str], reason: str) -> bool:
         """Move a shard (out of attempts, or one that does not parse) to the dead-letter stream."""
-        return bool(await self._settle(args=[message_id, "dead", json.dumps(fields), reason]))
+        return bool(await self._settle(token=message_id, how="dead", payload=json.dumps(fields), reason=reason))
 
     async def totals(self) -> Totals:
         return Totals.parse(await self.r.hgetall(redis_keys.QUEUE_TOTALS))
@@ -487,5 +507,5 @@ class ShardQueue:
         served about as much as the job's own owner before it: the job's own owner's cost ahead
         of it, plus for each other owner the smaller of its waiting cost and that. Neither number
         ever grows for one job (each answer is kept on its record)."""
-        ahead, start = await self._position(keys=[job_key], args=[owner, now, throughput])
+        ahead, start = await self._position(job=job_key, owner=owner, now=now, rate=throughput)
         return int(ahead), (float(start) if start not in ("", b"", None) else None)

@@ -20,34 +20,43 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.jobs import redis_keys
+from service.jobs.scripts import Script
 
 log = logging.getLogger("ray.serve")
 LEASE_SECONDS = 30.0
 RENEW_SECONDS = 10.0  # a flowing response renews its lease this often, well within its lifetime
 
-# KEYS[1] the owner's slots; ARGV lease ms, limit, token. Redis's clock, so replicas' clocks do
-# not matter. Returns 1 if the slot was taken, 0 when the owner holds `limit` already.
-_ACQUIRE = """
+# slots: the owner's. Redis's clock, so replicas' clocks do not matter. Returns 1 if the slot
+# was taken, 0 when the owner holds `limit` already.
+_ACQUIRE = Script(
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+if redis.call('ZCARD', slots) >= tonumber(limit) then return 0 end
+redis.call('ZADD', slots, now + tonumber(lease_ms), token)
+redis.call('PEXPIRE', slots, lease_ms)
 return 1
-"""
+""",
+    keys=["slots"],
+    args=["lease_ms", "limit", "token"],
+)
 
-# KEYS[1] the owner's slots; ARGV lease ms, token. Returns 1 while the lease is held (0: it
-# lapsed, and the slot may have gone to another response).
-_RENEW = """
+# slots: the owner's. Returns 1 while the lease is held (0: it lapsed, and the slot may have
+# gone to another response).
+_RENEW = Script(
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local until_ms = redis.call('ZSCORE', KEYS[1], ARGV[2])
+local until_ms = redis.call('ZSCORE', slots, token)
 if not until_ms or tonumber(until_ms) < now then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+redis.call('ZADD', slots, now + tonumber(lease_ms), token)
+if redis.call('PTTL', slots) < tonumber(lease_ms) then redis.call('PEXPIRE', slots, lease_ms) end
 return 1
-"""
+""",
+    keys=["slots"],
+    args=["lease_ms", "token"],
+)
 
 
 class OwnerSlots:
@@ -57,18 +66,20 @@ class OwnerSlots:
         self.r = client
         self.limit = limit
         self.lease_ms = int(lease_seconds * 1000)
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
+        self._acquire = _ACQUIRE.register(client)
+        self._renew = _RENEW.register(client)
 
     async def acquire(self, owner: str) -> Lease | None:
         """A lease on one of the owner's slots, or None when it holds `limit` already."""
         token = secrets.token_hex(8)
-        taken = await self._acquire(keys=[redis_keys.owner_slots(owner)], args=[self.lease_ms, self.limit, token])
+        taken = await self._acquire(
+            slots=redis_keys.owner_slots(owner), lease_ms=self.lease_ms, limit=self.limit, token=token
+        )
         return Lease(self, owner, token) if taken else None
 
     async def renew(self, owner: str, token: str) -> bool:
         """Extend the lease; False if it had lapsed (the response should end)."""
-        return bool(await self._renew(keys=[redis_keys.owner_slots(owner)], args=[self.lease_ms, token]))
+        return bool(await self._renew(slots=redis_keys.owner_slots(owner), lease_ms=self.lease_ms, token=token))
 
     async def release(self, owner: str, token: str) -> None:
         await self.r.zrem(redis_keys.owner_slots(owner), token)

@@ -10,13 +10,17 @@ A job is a HASH (service.jobs.redis_keys.job) with the fields
     queue_mark    its owner's cost queued before it; queue_ahead / queue_start_at: the
                   position and estimated start last answered (service.jobs.queue)
 plus a SET of finished shard indices, a HASH of the finished shards' file checksums (for the
-manifest), the job's event stream (service.jobs.events) and its webhook outcomes. State changes go through Lua scripts
-so that they are atomic and guarded: a canceled or finished job never goes back to running, and
+manifest), the job's event stream (service.jobs.events) and its webhook outcomes.
+
+State changes go through Lua scripts with named keys and arguments (service.jobs.scripts) so
+that they are atomic and guarded: a canceled or finished job never goes back to running, and
 repeating a shard's completion is harmless; each script appends the job's events with the change
 it makes, so the event stream and the record never disagree, and schedules the webhook
-deliveries the change calls for (service.jobs.webhook_schedule) in the same script. The shards themselves travel on the queue (service.jobs.queue),
-which a submission writes in the same MULTI/EXEC as the record. Side effects of a job reaching
-a terminal state belong to service.jobs.lifecycle, which drives the terminal transitions here.
+deliveries the change calls for (service.jobs.webhook_schedule) in the same script. The shards
+themselves travel on the queue (service.jobs.queue), which a submission writes in the same
+MULTI/EXEC as the record, with the job's entry in the purge schedule (service.jobs.purge). Side
+effects of a job reaching a terminal state belong to service.jobs.lifecycle, which drives the
+terminal transitions here.
 """
 
 from __future__ import annotations
@@ -34,26 +38,28 @@ from redis.exceptions import WatchError
 from service.jobs import events, redis_keys, webhook_schedule
 from service.jobs.connection import async_redis
 from service.jobs.events import JobEvent
+from service.jobs.purge import PurgeSchedule
 from service.jobs.queue import ShardQueue
 from service.jobs.records import JobError, JobParams, JobStatus, ShardTask
+from service.jobs.scripts import Script
 from service.jobs.webhook_schedule import WebhookOutcome, WebhookSchedule
 from service.settings import Settings
 
-# Every transition keeps the owner's status index (service.jobs.redis_keys.owner_status_jobs) in step
-# with the record: its last 6 KEYS are the owner's (all jobs, queued, running, succeeded, failed,
-# canceled) sets, and its last ARGV is the job id.
-_INDEX = """
-local ORDER = {queued = 2, running = 3, succeeded = 4, failed = 5, canceled = 6}
-local function reindex(from, to)
-  local base, job_id = #KEYS - 6, ARGV[#ARGV]
-  local score = redis.call('ZSCORE', KEYS[base + 1], job_id)
-  redis.call('ZREM', KEYS[base + ORDER[from]], job_id)
+# Every transition keeps the owner's status index (service.jobs.redis_keys.owner_status_jobs) in
+# step with the record: reindex(index, job, job_id, from, to) moves the job between the owner's
+# sets, `index` being those sets in the order of `index_keys` (all jobs, then one per status).
+_STATUS_SLOTS = ", ".join(f"{status.value} = {slot}" for slot, status in enumerate(JobStatus, start=2))
+_INDEX = f"""
+local STATUS_SLOT = {{{_STATUS_SLOTS}}}
+local function reindex(index, job, job_id, from, to)
+  local score = redis.call('ZSCORE', index[1], job_id)
+  redis.call('ZREM', index[STATUS_SLOT[from]], job_id)
   if score then
-    local index = KEYS[base + ORDER[to]]
-    redis.call('ZADD', index, score, job_id)
-    -- the index lives as long as its newest record (KEYS[1] is the job in every transition)
-    local ttl = redis.call('PTTL', KEYS[1])
-    if ttl > redis.call('PTTL', index) then redis.call('PEXPIRE', index, ttl) end
+    local target = index[STATUS_SLOT[to]]
+    redis.call('ZADD', target, score, job_id)
+    -- the index lives as long as its newest record
+    local ttl = redis.call('PTTL', job)
+    if ttl > redis.call('PTTL', target) then redis.call('PEXPIRE', target, ttl) end
   end
 end
 """
@@ -63,179 +69,186 @@ end
 # stream and its webhook schedule, kept in step with the record in the same script.
 _TRANSITION = _INDEX + events.LUA + webhook_schedule.LUA
 
-# KEYS[1] job, KEYS[2] events, KEYS[3] webhooks, KEYS[4] webhooks due; ARGV now. Returns 1 when
-# queued -> running, 0 when already running, -1 otherwise.
-_START = (
+# Returns 1 when queued -> running, 0 when already running, -1 otherwise.
+_START = Script(
     _TRANSITION
     + """
-local s = redis.call('HGET', KEYS[1], 'status')
+local s = redis.call('HGET', job, 'status')
 if s == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
-  reindex('queued', 'running')
-  emit(KEYS[1], KEYS[2], 'started', '{"status": "running"}')
-  webhook(KEYS[1], KEYS[3], KEYS[4], ARGV[#ARGV], 'started', ARGV[1])
+  redis.call('HSET', job, 'status', 'running', 'started_at', now)
+  reindex(index, job, job_id, 'queued', 'running')
+  emit(job, events, 'started', '{"status": "running"}')
+  webhook(job, hooks, due, job_id, 'started', now)
   return 1
 elseif s == 'running' then return 0 end
 return -1
-"""
+""",
+    keys=["job", "events", "hooks", "due", "*index"],
+    args=["now", "job_id"],
 )
 
-# KEYS[1] job, KEYS[2] done set, KEYS[3] events, KEYS[4] files, KEYS[5] the job's usage, KEYS[6]
-# its owner's stored bytes; ARGV shard, count, steps, ttl, files JSON ('' for none), now in ms,
-# owner, the shard's bytes, the usage's lifetime (s). Counts the shard's images (and, while the
-# job is active, its bytes against the owner) the first time only. Returns
-# {status, 1 if every shard of the active job is done now}: the caller then writes the manifest
-# and moves the job to succeeded (_SUCCEED), so a job is never succeeded without its manifest.
-_COMPLETE_SHARD = (
+# done: the job's finished shards; files: their checksums; usage: the job's stored bytes;
+# stored: its owner's. checksums: the shard's files JSON ('' for none); bytes: the shard's;
+# usage_ttl: the usage's lifetime (s). Counts the shard's images (and, while the job is active,
+# its bytes against the owner) the first time only. Returns {status, 1 if every shard of the
+# active job is done now}: the caller then writes the manifest and moves the job to succeeded
+# (_SUCCEED), so a job is never succeeded without its manifest.
+_COMPLETE_SHARD = Script(
     events.LUA
     + """
-local s = redis.call('HGET', KEYS[1], 'status')
+local s = redis.call('HGET', job, 'status')
 if not s then return {'missing', 0} end
-if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
-  redis.call('HINCRBY', KEYS[1], 'images_done', ARGV[2])
-  redis.call('HSET', KEYS[1], 'step:' .. ARGV[1], ARGV[3])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-  if ARGV[5] ~= '' and (s == 'queued' or s == 'running') then  -- an ended job keeps no checksums
-    redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
-    redis.call('EXPIRE', KEYS[4], ARGV[4])
+local active = s == 'queued' or s == 'running'
+if redis.call('SADD', done, shard) == 1 then
+  redis.call('HINCRBY', job, 'images_done', count)
+  redis.call('HSET', job, 'step:' .. shard, steps)
+  redis.call('EXPIRE', done, ttl)
+  if checksums ~= '' and active then  -- an ended job keeps no checksums
+    redis.call('HSET', files, shard, checksums)
+    redis.call('EXPIRE', files, ttl)
   end
-  if tonumber(ARGV[8]) > 0 and (s == 'queued' or s == 'running') then  -- an ended job's images are purged
-    redis.call('HSET', KEYS[5], 'owner', ARGV[7])
-    redis.call('HINCRBY', KEYS[5], 'bytes', ARGV[8])
-    redis.call('EXPIRE', KEYS[5], ARGV[9])
-    redis.call('INCRBY', KEYS[6], ARGV[8])
-    redis.call('EXPIRE', KEYS[6], ARGV[9])
+  if tonumber(bytes) > 0 and active then  -- an ended job's images are purged
+    redis.call('HSET', usage, 'owner', owner)
+    redis.call('HINCRBY', usage, 'bytes', bytes)
+    redis.call('EXPIRE', usage, usage_ttl)
+    redis.call('INCRBY', stored, bytes)
+    redis.call('EXPIRE', stored, usage_ttl)
   end
 end
-if s == 'queued' or s == 'running' then
-  progress(KEYS[1], KEYS[3], ARGV[6], false)
-  if redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'num_shards')) then return {s, 1} end
+if active then
+  progress(job, events, now_ms, false)
+  if redis.call('SCARD', done) >= tonumber(redis.call('HGET', job, 'num_shards')) then return {s, 1} end
 end
 return {s, 0}
-"""
+""",
+    keys=["job", "done", "events", "files", "usage", "stored"],
+    args=["shard", "count", "steps", "ttl", "checksums", "now_ms", "owner", "bytes", "usage_ttl"],
 )
 
-# KEYS[1] job, KEYS[2] done set, KEYS[3] events, KEYS[4] webhooks, KEYS[5] webhooks due,
-# KEYS[6] previews, KEYS[7] files; ARGV now, now in ms. Moves an active job whose shards are all
-# done to succeeded, with its last progress and its terminal event, and drops what an ended job
-# no longer needs in Redis: its previews and its files' checksums (the manifest, written to the
-# bucket before this, holds them). Returns 1 if it moved the job.
-_SUCCEED = (
+# Moves an active job whose shards are all done to succeeded, with its last progress and its
+# terminal event, and drops what an ended job no longer needs in Redis: its previews and its
+# files' checksums (the manifest, written to the bucket before this, holds them). Returns 1 if
+# it moved the job.
+_SUCCEED = Script(
     _TRANSITION
     + """
-local s = redis.call('HGET', KEYS[1], 'status')
+local s = redis.call('HGET', job, 'status')
 if (s == 'queued' or s == 'running') and
-   redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'num_shards')) then
-  redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[1])
-  reindex(s, 'succeeded')
-  progress(KEYS[1], KEYS[3], ARGV[2], true)
-  emit(KEYS[1], KEYS[3], 'succeeded', '')
-  webhook(KEYS[1], KEYS[4], KEYS[5], ARGV[#ARGV], 'succeeded', ARGV[1])
-  drop_previews(KEYS[3], KEYS[6])
-  redis.call('DEL', KEYS[7])
+   redis.call('SCARD', done) >= tonumber(redis.call('HGET', job, 'num_shards')) then
+  redis.call('HSET', job, 'status', 'succeeded', 'finished_at', now)
+  reindex(index, job, job_id, s, 'succeeded')
+  progress(job, events, now_ms, true)
+  emit(job, events, 'succeeded', '')
+  webhook(job, hooks, due, job_id, 'succeeded', now)
+  drop_previews(events, previews)
+  redis.call('DEL', files)
   return 1
 end
 return 0
-"""
+""",
+    keys=["job", "done", "events", "hooks", "due", "previews", "files", "*index"],
+    args=["now", "now_ms", "job_id"],
 )
 
-# KEYS[1] job, KEYS[2] events, KEYS[3] webhooks, KEYS[4] webhooks due, KEYS[5] previews,
-# KEYS[6] files; ARGV new status, now, error JSON ('' for none). Returns 1 if it moved the job
-# (and appended its terminal event; its previews and checksums go: its images are purged).
-_FINISH = (
+# status: the terminal one; error_json: '' for none. Returns 1 if it moved the job (and appended
+# its terminal event; its previews and checksums go: its images are purged).
+_FINISH = Script(
     _TRANSITION
     + """
-local s = redis.call('HGET', KEYS[1], 'status')
+local s = redis.call('HGET', job, 'status')
 if s == 'queued' or s == 'running' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
-  if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
-  reindex(s, ARGV[1])
-  emit(KEYS[1], KEYS[2], ARGV[1], '')
-  webhook(KEYS[1], KEYS[3], KEYS[4], ARGV[#ARGV], ARGV[1], ARGV[2])
-  drop_previews(KEYS[2], KEYS[5])
-  redis.call('DEL', KEYS[6])
+  redis.call('HSET', job, 'status', status, 'finished_at', now)
+  if error_json ~= '' then redis.call('HSET', job, 'error', error_json) end
+  reindex(index, job, job_id, s, status)
+  emit(job, events, status, '')
+  webhook(job, hooks, due, job_id, status, now)
+  drop_previews(events, previews)
+  redis.call('DEL', files)
   return 1
 end
 return 0
-"""
+""",
+    keys=["job", "events", "hooks", "due", "previews", "files", "*index"],
+    args=["status", "now", "error_json", "job_id"],
 )
 
-# KEYS[1] job, KEYS[2] done set, KEYS[3] events, KEYS[4] files, KEYS[5] webhooks, KEYS[6]
-# webhooks due, KEYS[7] previews; ARGV job id. Deletes a finished job's record, events, webhook outcomes (and their
-# pending deliveries) and index entries. Returns the status it had ('missing' if none); an active
-# job is left alone.
-_DELETE = """
-local s = redis.call('HGET', KEYS[1], 'status')
+# Deletes a finished job's record, events, webhook outcomes (and their pending deliveries) and
+# index entries. Returns the status it had ('missing' if none); an active job is left alone.
+_DELETE = Script(
+    """
+local s = redis.call('HGET', job, 'status')
 if not s then return 'missing' end
 if s == 'queued' or s == 'running' then return s end
-for _, event in ipairs(redis.call('HKEYS', KEYS[5])) do redis.call('ZREM', KEYS[6], ARGV[1] .. ':' .. event) end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7])
-for i = #KEYS - 5, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+for _, event in ipairs(redis.call('HKEYS', hooks)) do redis.call('ZREM', due, job_id .. ':' .. event) end
+redis.call('DEL', job, done, events, files, hooks, previews)
+for _, key in ipairs(index) do redis.call('ZREM', key, job_id) end
 return s
-"""
+""",
+    keys=["job", "done", "events", "files", "hooks", "due", "previews", "*index"],
+    args=["job_id"],
+)
 
-
-# KEYS: (job hash, done-shards set, events) per shard, flattened; ARGV: (shard, step) per shard,
-# flattened, then now in ms. Records each shard's step on jobs that still exist, unless the shard
-# is already done (a duplicate attempt must not move a finished shard's progress back), appends
-# a progress event per running job where due, and returns the jobs' statuses (false for a
-# missing job).
-_RECORD_STEPS = (
+# shards: (job hash, done-shards set, events) per shard, flattened; shard_steps: (shard, step)
+# per shard, flattened. Records each shard's step on jobs that still exist, unless the shard is
+# already done (a duplicate attempt must not move a finished shard's progress back), appends a
+# progress event per running job where due, and returns the jobs' statuses (false for a missing
+# job).
+_RECORD_STEPS = Script(
     events.LUA
     + """
 local out = {}
-local n = #KEYS / 3
+local n = #shards / 3
 for i = 1, n do
-  local s = redis.call('HGET', KEYS[3 * i - 2], 'status')
-  if s and redis.call('SISMEMBER', KEYS[3 * i - 1], ARGV[2 * i - 1]) == 0 then
-    redis.call('HSET', KEYS[3 * i - 2], 'step:' .. ARGV[2 * i - 1], ARGV[2 * i])
+  local job, done, shard = shards[3 * i - 2], shards[3 * i - 1], shard_steps[2 * i - 1]
+  local s = redis.call('HGET', job, 'status')
+  if s and redis.call('SISMEMBER', done, shard) == 0 then
+    redis.call('HSET', job, 'step:' .. shard, shard_steps[2 * i])
   end
   out[i] = s
 end
 local seen = {}
 for i = 1, n do  -- after every shard's step is in: one event per job, with all of them
-  if out[i] == 'running' and not seen[KEYS[3 * i - 2]] then
-    seen[KEYS[3 * i - 2]] = true
-    progress(KEYS[3 * i - 2], KEYS[3 * i], ARGV[#ARGV], false)
+  local job = shards[3 * i - 2]
+  if out[i] == 'running' and not seen[job] then
+    seen[job] = true
+    progress(job, shards[3 * i], now_ms, false)
   end
 end
 return out
-"""
+""",
+    keys=["*shards"],
+    args=["now_ms", "*shard_steps"],
 )
 
-# KEYS[1] job, KEYS[2] events, KEYS[3] previews; ARGV[1] the preview's step, ARGV[2] its JSON. Appended only while
-# the job runs (never after its terminal event) and past the last preview's step (a retried first
-# shard starts again from step 0; its previews rejoin the stream once they are ahead of what the
-# stream has shown). Returns 1 if appended.
-_PREVIEW = (
+# step: the preview's; data: its JSON. Appended only while the job runs (never after its
+# terminal event) and past the last preview's step (a retried first shard starts again from
+# step 0; its previews rejoin the stream once they are ahead of what the stream has shown).
+# Returns 1 if appended.
+_PREVIEW = Script(
     events.LUA
     + """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-local step = tonumber(ARGV[1])
-if step <= (tonumber(redis.call('HGET', KEYS[1], 'preview_step')) or -1) then return 0 end
-redis.call('HSET', KEYS[1], 'preview_step', step)
-keep_preview(KEYS[1], KEYS[2], KEYS[3], emit(KEYS[1], KEYS[2], 'preview', ARGV[2]))
+if redis.call('HGET', job, 'status') ~= 'running' then return 0 end
+local at = tonumber(step)
+if at <= (tonumber(redis.call('HGET', job, 'preview_step')) or -1) then return 0 end
+redis.call('HSET', job, 'preview_step', at)
+keep_preview(job, events, previews, emit(job, events, 'preview', data))
 return 1
-"""
+""",
+    keys=["job", "events", "previews"],
+    args=["step", "data"],
 )
 
 
-# KEYS[1] a job's usage, KEYS[2] its owner's stored bytes: gives the job's bytes back, once.
-_RELEASE = """
-local bytes = redis.call('HGET', KEYS[1], 'bytes')
-if bytes then redis.call('DECRBY', KEYS[2], bytes) end
-redis.call('DEL', KEYS[1])
+# usage: a job's stored bytes, stored: its owner's. Gives the job's bytes back, once.
+_RELEASE = Script(
+    """
+local bytes = redis.call('HGET', usage, 'bytes')
+if bytes then redis.call('DECRBY', stored, bytes) end
+redis.call('DEL', usage)
 return 0
-"""
-
-# KEYS[1] the purge schedule; ARGV (job id, due time) pairs: removes each entry still due then.
-_UNSCHEDULE = """
-for i = 1, #ARGV, 2 do
-  local at = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if at and tonumber(at) == tonumber(ARGV[i + 1]) then redis.call('ZREM', KEYS[1], ARGV[i]) end
-end
-return 0
-"""
+""",
+    keys=["usage", "stored"],
+)
 
 
 class IdempotencyConflict(Exception):
@@ -328,7 +341,8 @@ def shard_range(num_images: int, shard_size: int, shard: int) -> tuple[int, int]
 
 
 def index_keys(owner: str) -> list[str]:
-    """The owner's job sets in the order the transition scripts take them (see _INDEX)."""
+    """The owner's job sets in the order the transition scripts take them (see _INDEX): all
+    jobs, then one per status."""
     return [redis_keys.owner_jobs(owner), *(redis_keys.owner_status_jobs(owner, s.value) for s in JobStatus)]
 
 
@@ -349,15 +363,15 @@ class JobStore:
         self.shard_size = shard_size
         self.queue = ShardQueue(client) if quantum is None else ShardQueue(client, quantum)
         self.webhooks = WebhookSchedule(client)
-        self._start = client.register_script(_START)
-        self._complete = client.register_script(_COMPLETE_SHARD)
-        self._succeed = client.register_script(_SUCCEED)
-        self._preview = client.register_script(_PREVIEW)
-        self._finish = client.register_script(_FINISH)
-        self._record_steps = client.register_script(_RECORD_STEPS)
-        self._delete = client.register_script(_DELETE)
-        self._unschedule = client.register_script(_UNSCHEDULE)
-        self._release = client.register_script(_RELEASE)
+        self.purges = PurgeSchedule(client)
+        self._start = _START.register(client)
+        self._complete = _COMPLETE_SHARD.register(client)
+        self._succeed = _SUCCEED.register(client)
+        self._preview = _PREVIEW.register(client)
+        self._finish = _FINISH.register(client)
+        self._record_steps = _RECORD_STEPS.register(client)
+        self._delete = _DELETE.register(client)
+        self._release = _RELEASE.register(client)
 
     @classmethod
     def from_url(
@@ -366,14 +380,12 @@ class JobStore:
         return cls(async_redis(url, timeout), ttl_seconds, shard_size, quantum)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> JobStore:
-        return cls.from_url(
-            settings.redis_url,
-            settings.job_ttl_seconds,
-            settings.shard_size,
-            settings.redis_timeout_seconds,
-            quantum=settings.queue_quantum,
-        )
+    def from_settings(cls, settings: Settings, client: aioredis.Redis | None = None) -> JobStore:
+        """The store as the settings describe it (record lifetime, shard size, queue quantum), on
+        `client` or on a new client of settings.redis_url."""
+        if client is None:
+            client = async_redis(settings.redis_url, settings.redis_timeout_seconds)
+        return cls(client, settings.job_ttl_seconds, settings.shard_size, settings.queue_quantum)
 
     async def close(self) -> None:
         await self.r.aclose()
@@ -495,7 +507,7 @@ class JobStore:
         for index in (redis_keys.owner_jobs(owner), redis_keys.owner_status_jobs(owner, JobStatus.queued.value)):
             pipe.zadd(index, {job_id: score})
             pipe.expire(index, self.ttl)
-        pipe.zadd(redis_keys.PURGE, {job_id: now + self.ttl})  # its images go when its record does
+        self.purges.schedule_in(pipe, job_id, now + self.ttl)  # its images go when its record does
         tasks = [
             ShardTask(job_id=job_id, shard=k, start=start, count=count, owner=owner, params=params)
             for k, (start, count) in enumerate(shards)
@@ -532,8 +544,7 @@ class JobStore:
             finished_at=float(raw["finished_at"]) if raw.get("finished_at") else None,
             error=JobError.model_validate_json(err) if err else None,
             num_shards=int(raw["num_shards"]),
-            # records written before the shard size was stored: the setting, as read then
-            shard_size=int(raw.get("shard_size", self.shard_size)),
+            shard_size=int(raw.get("shard_size", self.shard_size)),  # a record that does not say: the setting
             images_done=int(raw.get("images_done", 0)),
             shard_steps={int(k[5:]): int(v) for k, v in raw.items() if k.startswith("step:")},
             done_shards={int(s) for s in done},
@@ -585,17 +596,15 @@ class JobStore:
         """Delete a finished job's record; returns the status it had (an active one is left as it
         is), or None if there was no such job. The objects are the caller's (ObjectStore)."""
         status = await self._delete(
-            keys=[
-                redis_keys.job(job_id),
-                redis_keys.job_done_shards(job_id),
-                redis_keys.job_events(job_id),
-                redis_keys.job_files(job_id),
-                redis_keys.job_webhooks(job_id),
-                redis_keys.WEBHOOKS_DUE,
-                redis_keys.job_previews(job_id),
-                *index_keys(owner),
-            ],
-            args=[job_id],
+            job=redis_keys.job(job_id),
+            done=redis_keys.job_done_shards(job_id),
+            events=redis_keys.job_events(job_id),
+            files=redis_keys.job_files(job_id),
+            hooks=redis_keys.job_webhooks(job_id),
+            due=redis_keys.WEBHOOKS_DUE,
+            previews=redis_keys.job_previews(job_id),
+            index=index_keys(owner),
+            job_id=job_id,
         )
         return None if status == "missing" else JobStatus(status)
 
@@ -603,32 +612,24 @@ class JobStore:
         """The job's objects are deleted: give its bytes back to its owner (once)."""
         owner = await self.r.hget(redis_keys.job_usage(job_id), "owner")
         if owner is not None:
-            await self._release(keys=[redis_keys.job_usage(job_id), redis_keys.owner_stored_bytes(owner)])
+            await self._release(usage=redis_keys.job_usage(job_id), stored=redis_keys.owner_stored_bytes(owner))
 
     async def stored_bytes(self, owner: str) -> int:
         """Bytes of the owner's images in the bucket, as counted by completed shards."""
         return max(0, int(await self.r.get(redis_keys.owner_stored_bytes(owner)) or 0))
-
-    async def schedule_purge(self, job_id: str, at: float) -> None:
-        """Have the job's objects deleted at epoch time `at` (worker.sweeper)."""
-        await self.r.zadd(redis_keys.PURGE, {job_id: at})
-
-    async def due_purges(self, now: float, count: int) -> list[tuple[str, float]]:
-        """Up to count (job id, due time) whose time has come, earliest first."""
-        return list(await self.r.zrangebyscore(redis_keys.PURGE, "-inf", now, start=0, num=count, withscores=True))
-
-    async def purged(self, due: list[tuple[str, float]]) -> None:
-        """Remove swept entries, unless rescheduled meanwhile (a DELETE's later sweep stays)."""
-        if due:
-            await self._unschedule(keys=[redis_keys.PURGE], args=[v for job_id, at in due for v in (job_id, repr(at))])
 
     # --- transitions ---------------------------------------------------------------------------
     async def mark_running(self, job_id: str, owner: str) -> int:
         """1: queued -> running now; 0: it was running; -1: finished or gone."""
         return int(
             await self._start(
-                keys=[redis_keys.job(job_id), redis_keys.job_events(job_id), *_hook_keys(job_id), *index_keys(owner)],
-                args=[repr(time.time()), job_id],
+                job=redis_keys.job(job_id),
+                events=redis_keys.job_events(job_id),
+                hooks=redis_keys.job_webhooks(job_id),
+                due=redis_keys.WEBHOOKS_DUE,
+                index=index_keys(owner),
+                now=repr(time.time()),
+                job_id=job_id,
             )
         )
 
@@ -637,25 +638,21 @@ class JobStore:
         PNGs' (sha256 hex, size) in image order. Returns (status, whether every shard of the
         active job is done): then the caller writes the manifest and calls `succeed`."""
         status, all_done = await self._complete(
-            keys=[
-                redis_keys.job(task.job_id),
-                redis_keys.job_done_shards(task.job_id),
-                redis_keys.job_events(task.job_id),
-                redis_keys.job_files(task.job_id),
-                redis_keys.job_usage(task.job_id),
-                redis_keys.owner_stored_bytes(task.owner or ""),
-            ],
-            args=[
-                task.shard,
-                task.count,
-                task.params.steps,
-                self.ttl,
-                json.dumps(files) if files is not None else "",
-                _now_ms(),
-                task.owner or "",
-                sum(size for _, size in files or []) if task.owner else 0,
-                self.ttl + USAGE_GRACE_SECONDS,
-            ],
+            job=redis_keys.job(task.job_id),
+            done=redis_keys.job_done_shards(task.job_id),
+            events=redis_keys.job_events(task.job_id),
+            files=redis_keys.job_files(task.job_id),
+            usage=redis_keys.job_usage(task.job_id),
+            stored=redis_keys.owner_stored_bytes(task.owner or ""),
+            shard=task.shard,
+            count=task.count,
+            steps=task.params.steps,
+            ttl=self.ttl,
+            checksums=json.dumps(files) if files is not None else "",
+            now_ms=_now_ms(),
+            owner=task.owner or "",
+            bytes=sum(size for _, size in files or []) if task.owner else 0,
+            usage_ttl=self.ttl + USAGE_GRACE_SECONDS,
         )
         return status, bool(all_done)
 
@@ -664,16 +661,17 @@ class JobStore:
         or not done."""
         return bool(
             await self._succeed(
-                keys=[
-                    redis_keys.job(job_id),
-                    redis_keys.job_done_shards(job_id),
-                    redis_keys.job_events(job_id),
-                    *_hook_keys(job_id),
-                    redis_keys.job_previews(job_id),
-                    redis_keys.job_files(job_id),
-                    *index_keys(owner),
-                ],
-                args=[repr(time.time()), _now_ms(), job_id],
+                job=redis_keys.job(job_id),
+                done=redis_keys.job_done_shards(job_id),
+                events=redis_keys.job_events(job_id),
+                hooks=redis_keys.job_webhooks(job_id),
+                due=redis_keys.WEBHOOKS_DUE,
+                previews=redis_keys.job_previews(job_id),
+                files=redis_keys.job_files(job_id),
+                index=index_keys(owner),
+                now=repr(time.time()),
+                now_ms=_now_ms(),
+                job_id=job_id,
             )
         )
 
@@ -693,15 +691,17 @@ class JobStore:
         err = error.model_dump_json() if error else ""
         return bool(
             await self._finish(
-                keys=[
-                    redis_keys.job(job_id),
-                    redis_keys.job_events(job_id),
-                    *_hook_keys(job_id),
-                    redis_keys.job_previews(job_id),
-                    redis_keys.job_files(job_id),
-                    *index_keys(owner),
-                ],
-                args=[status.value, repr(time.time()), err, job_id],
+                job=redis_keys.job(job_id),
+                events=redis_keys.job_events(job_id),
+                hooks=redis_keys.job_webhooks(job_id),
+                due=redis_keys.WEBHOOKS_DUE,
+                previews=redis_keys.job_previews(job_id),
+                files=redis_keys.job_files(job_id),
+                index=index_keys(owner),
+                status=status.value,
+                now=repr(time.time()),
+                error_json=err,
+                job_id=job_id,
             )
         )
 
@@ -712,12 +712,13 @@ class JobStore:
         if not progress:
             return []
         statuses = await self._record_steps(
-            keys=[
+            shards=[
                 k
                 for job_id, _, _ in progress
                 for k in (redis_keys.job(job_id), redis_keys.job_done_shards(job_id), redis_keys.job_events(job_id))
             ],
-            args=[*(v for _, shard, step in progress for v in (shard, step)), _now_ms()],
+            now_ms=_now_ms(),
+            shard_steps=[v for _, shard, step in progress for v in (shard, step)],
         )
         return [JobStatus(s) if s else None for s in statuses]
 
@@ -727,8 +728,11 @@ class JobStore:
         ended, or when an earlier step comes after a later one (a retried shard)."""
         return bool(
             await self._preview(
-                keys=[redis_keys.job(job_id), redis_keys.job_events(job_id), redis_keys.job_previews(job_id)],
-                args=[step, data],
+                job=redis_keys.job(job_id),
+                events=redis_keys.job_events(job_id),
+                previews=redis_keys.job_previews(job_id),
+                step=step,
+                data=data,
             )
         )
 
@@ -743,11 +747,6 @@ class JobStore:
             for _stream, entries in reply or []
             for entry_id, fields in entries
         ]
-
-
-def _hook_keys(job_id: str) -> list[str]:
-    """The keys a transition schedules the job's webhook deliveries in (webhooks.LUA)."""
-    return [redis_keys.job_webhooks(job_id), redis_keys.WEBHOOKS_DUE]
 
 
 def _now_ms() -> int:

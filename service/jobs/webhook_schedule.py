@@ -40,6 +40,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 
 from service.jobs import redis_keys
+from service.jobs.scripts import Script
 
 # The schedule's per-owner keys (see the module docstring).
 WEBHOOKS_PARKED = redis_keys.WEBHOOKS_PARKED
@@ -113,26 +114,26 @@ local function webhook(job, hooks, due, job_id, kind, now)
 end
 """
 
-# KEYS[1] due, KEYS[2] parked owners; ARGV now, lease end, count, per owner, scan budget, then
-# the caller's (owner, deliveries in flight) pairs. Takes up to count due entries, parked ones
-# first, and moves each to the lease end, atomically: two dispatchers never get the same entry at
-# once. An owner with per_owner deliveries in flight (counting those taken here) gets no more:
-# its due entries are parked instead. Returns {{member, owner, ...}, 1 if the scan budget ran out}.
-# A member whose job is gone has owner '' (no limit: the dispatcher drops it without sending).
-_CLAIM = (
+# due: the due set; parked: the parked owners; budget: the scan budget; in_flight: the
+# caller's (owner, deliveries in flight) pairs, flattened. Takes up to count due entries, parked
+# ones first, and moves each to lease_end, atomically: two dispatchers never get the same entry
+# at once. An owner with per_owner deliveries in flight (counting those taken here) gets no
+# more: its due entries are parked instead. Returns {{member, owner, ...}, 1 if the scan budget
+# ran out}. A member whose job is gone has owner '' (no limit: the dispatcher drops it without
+# sending).
+_CLAIM = Script(
     f"local JOB_PREFIX, PARKED_PREFIX = {json.dumps(redis_keys.job(''))}, {json.dumps(WEBHOOKS_PARKED_PREFIX)}\n"
     + """
-local now, lease_end = ARGV[1], ARGV[2]
-local count, per_owner, budget = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+count, per_owner, budget = tonumber(count), tonumber(per_owner), tonumber(budget)
 local busy, callers_owners = {}, 0
-for i = 6, #ARGV - 1, 2 do
-  busy[ARGV[i]] = tonumber(ARGV[i + 1])
+for i = 1, #in_flight - 1, 2 do
+  busy[in_flight[i]] = tonumber(in_flight[i + 1])
   callers_owners = callers_owners + 1
 end
 local out, taken = {}, 0
 local function room(owner) return owner == '' or (busy[owner] or 0) < per_owner end
 local function take(m, owner)
-  redis.call('ZADD', KEYS[1], lease_end, m)
+  redis.call('ZADD', due, lease_end, m)
   busy[owner] = (busy[owner] or 0) + 1
   taken = taken + 1
   out[#out + 1] = m
@@ -141,16 +142,16 @@ end
 -- 1. parked entries: each came due before anything of its owner's still in the due set. Owners
 -- without room here are skipped; at most callers_owners of them, so count more owners are seen.
 if count > 0 then
-  for _, owner in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, count + callers_owners)) do
+  for _, owner in ipairs(redis.call('ZRANGEBYSCORE', parked, '-inf', now, 'LIMIT', 0, count + callers_owners)) do
     local want = math.min(per_owner - (busy[owner] or 0), count - taken)
     if want > 0 then
-      local parked = PARKED_PREFIX .. owner
-      for _, m in ipairs(redis.call('ZRANGEBYSCORE', parked, '-inf', now, 'LIMIT', 0, want)) do
-        redis.call('ZREM', parked, m)
+      local owners_parked = PARKED_PREFIX .. owner
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', owners_parked, '-inf', now, 'LIMIT', 0, want)) do
+        redis.call('ZREM', owners_parked, m)
         take(m, owner)
       end
-      local first = redis.call('ZRANGE', parked, 0, 0, 'WITHSCORES')
-      if first[1] then redis.call('ZADD', KEYS[2], first[2], owner) else redis.call('ZREM', KEYS[2], owner) end
+      local first = redis.call('ZRANGE', owners_parked, 0, 0, 'WITHSCORES')
+      if first[1] then redis.call('ZADD', parked, first[2], owner) else redis.call('ZREM', parked, owner) end
     end
   end
 end
@@ -158,7 +159,7 @@ end
 -- range and the next page starts at offset 0
 local scanned = 0
 while taken < count and scanned < budget do
-  local page = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, math.min(64, budget - scanned))
+  local page = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'WITHSCORES', 'LIMIT', 0, math.min(64, budget - scanned))
   if #page == 0 then break end
   for i = 1, #page, 2 do
     if taken >= count then break end
@@ -168,40 +169,50 @@ while taken < count and scanned < budget do
     if room(owner) then
       take(m, owner)
     else
-      redis.call('ZREM', KEYS[1], m)
+      redis.call('ZREM', due, m)
       redis.call('ZADD', PARKED_PREFIX .. owner, at, m)
-      local since = redis.call('ZSCORE', KEYS[2], owner)
-      if not since or tonumber(since) > tonumber(at) then redis.call('ZADD', KEYS[2], at, owner) end
+      local since = redis.call('ZSCORE', parked, owner)
+      if not since or tonumber(since) > tonumber(at) then redis.call('ZADD', parked, at, owner) end
     end
   end
 end
 return {out, scanned >= budget and 1 or 0}
-"""
+""",
+    keys=["due", "parked"],
+    args=["now", "lease_end", "count", "per_owner", "budget", "*in_flight"],
 )
 
-# KEYS[1] hooks; ARGV event. Counts an attempt of a pending delivery; returns its outcome JSON,
+# hooks: the job's outcomes. Counts an attempt of a pending delivery; returns its outcome JSON,
 # or false when there is none to send (the job is gone, or the delivery already ended).
-_BEGIN = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
+_BEGIN = Script(
+    """
+local raw = redis.call('HGET', hooks, event)
 if not raw then return false end
 local o = cjson.decode(raw)
 if o['status'] ~= 'pending' then return false end
 o['attempts'] = tonumber(o['attempts']) + 1
 local out = cjson.encode(o)
-redis.call('HSET', KEYS[1], ARGV[1], out)
+redis.call('HSET', hooks, event, out)
 return out
-"""
+""",
+    keys=["hooks"],
+    args=["event"],
+)
 
-# KEYS[1] hooks, KEYS[2] due; ARGV member, event, attempt, outcome JSON, next due ('' to end).
-# Writes the attempt's outcome unless another attempt began since (a lease that ran out).
-_FINISH = """
-local raw = redis.call('HGET', KEYS[1], ARGV[2])
-if not raw then redis.call('ZREM', KEYS[2], ARGV[1]) return 0 end
-if tonumber(cjson.decode(raw)['attempts']) ~= tonumber(ARGV[3]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[4])
-if ARGV[5] == '' then redis.call('ZREM', KEYS[2], ARGV[1]) else redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1]) end
+# hooks: the job's outcomes; due: the due set; member: the delivery's entry in it; next_due: ''
+# to end. Writes the attempt's outcome unless another attempt began since (a lease that ran out).
+_FINISH = Script(
+    """
+local raw = redis.call('HGET', hooks, event)
+if not raw then redis.call('ZREM', due, member) return 0 end
+if tonumber(cjson.decode(raw)['attempts']) ~= tonumber(attempt) then return 0 end
+redis.call('HSET', hooks, event, outcome)
+if next_due == '' then redis.call('ZREM', due, member) else redis.call('ZADD', due, next_due, member) end
 return 1
-"""
+""",
+    keys=["hooks", "due"],
+    args=["member", "event", "attempt", "outcome", "next_due"],
+)
 
 
 class Delivery(NamedTuple):
@@ -220,9 +231,9 @@ class WebhookSchedule:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.r = client
-        self._claim = client.register_script(_CLAIM)
-        self._begin = client.register_script(_BEGIN)
-        self._finish = client.register_script(_FINISH)
+        self._claim = _CLAIM.register(client)
+        self._begin = _BEGIN.register(client)
+        self._finish = _FINISH.register(client)
 
     async def claim(
         self,
@@ -238,8 +249,14 @@ class WebhookSchedule:
         pairs = [v for owner, n in (in_flight or {}).items() if n > 0 for v in (owner, n)]
         limit = count if per_owner is None else per_owner
         raw, more = await self._claim(
-            keys=[redis_keys.WEBHOOKS_DUE, WEBHOOKS_PARKED],
-            args=[repr(now), repr(now + lease_s), count, limit, scan, *pairs],
+            due=redis_keys.WEBHOOKS_DUE,
+            parked=WEBHOOKS_PARKED,
+            now=repr(now),
+            lease_end=repr(now + lease_s),
+            count=count,
+            per_owner=limit,
+            budget=scan,
+            in_flight=pairs,
         )
         deliveries = [Delivery(*raw[i].rsplit(":", 1), raw[i + 1]) for i in range(0, len(raw), 2)]
         return Claim(deliveries, bool(more))
@@ -253,7 +270,7 @@ class WebhookSchedule:
     async def begin(self, job_id: str, event: str) -> WebhookOutcome | None:
         """Count an attempt; its outcome so far (attempts includes this one), or None when
         there is nothing to send (then `drop` it)."""
-        raw = await self._begin(keys=[redis_keys.job_webhooks(job_id)], args=[event])
+        raw = await self._begin(hooks=redis_keys.job_webhooks(job_id), event=event)
         return WebhookOutcome.model_validate_json(raw) if raw else None
 
     async def finish(self, job_id: str, outcome: WebhookOutcome) -> bool:
@@ -263,14 +280,13 @@ class WebhookSchedule:
         next_due = repr(outcome.next_attempt_at) if outcome.status == "pending" and outcome.next_attempt_at else ""
         return bool(
             await self._finish(
-                keys=[redis_keys.job_webhooks(job_id), redis_keys.WEBHOOKS_DUE],
-                args=[
-                    member(job_id, outcome.event),
-                    outcome.event,
-                    outcome.attempts,
-                    outcome.model_dump_json(),
-                    next_due,
-                ],
+                hooks=redis_keys.job_webhooks(job_id),
+                due=redis_keys.WEBHOOKS_DUE,
+                member=member(job_id, outcome.event),
+                event=outcome.event,
+                attempt=outcome.attempts,
+                outcome=outcome.model_dump_json(),
+                next_due=next_due,
             )
         )
 

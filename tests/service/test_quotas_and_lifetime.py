@@ -110,10 +110,10 @@ def test_the_sweeper_deletes_the_images_of_due_jobs_only(stack):
         for job_id in ("a" * 32, "b" * 32):
             for index in range(3):
                 await asyncio.to_thread(objects.put_png, image_key(job_id, index), pixels)
-        await store.schedule_purge("a" * 32, time.time() - 1)  # due
-        await store.schedule_purge("b" * 32, time.time() + 3600)  # not yet
+        await store.purges.schedule("a" * 32, time.time() - 1)  # due
+        await store.purges.schedule("b" * 32, time.time() + 3600)  # not yet
         swept = await Sweeper(store, objects).sweep_once()
-        left = [job_id for job_id, _ in await store.due_purges(time.time() + 7200, 10)]
+        left = [job_id for job_id, _ in await store.purges.due(time.time() + 7200, 10)]
         await store.r.flushdb()
         await store.close()
         return swept, left
@@ -160,10 +160,10 @@ def test_one_undeletable_job_does_not_stop_the_sweeper(stack):
         store = JobStore.from_url(stack.redis.url.rsplit("/", 1)[0] + "/5", 600, 4)
         await store.r.flushdb()
         now = time.time()
-        await store.schedule_purge("c" * 32, now - 2)  # first in line, and refused
-        await store.schedule_purge("d" * 32, now - 1)
+        await store.purges.schedule("c" * 32, now - 2)  # first in line, and refused
+        await store.purges.schedule("d" * 32, now - 1)
         swept = await Sweeper(store, objects).sweep_once(now)
-        left = await store.due_purges(now + 2 * RETRY_S, 10)
+        left = await store.purges.due(now + 2 * RETRY_S, 10)
         await store.r.flushdb()
         await store.close()
         return swept, left

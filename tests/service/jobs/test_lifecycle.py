@@ -79,5 +79,5 @@ def test_failed_and_canceled_jobs_have_their_images_purged_soon(store, run):
     run(lifecycle.fail(run(store.get(failed)), JobError(code="shard_failed", message="x")))
     run(lifecycle.cancel(canceled, "alice"))
     soon = time.time() + 31
-    due = [job_id for job_id, _ in run(store.due_purges(soon, 10))]
+    due = [job_id for job_id, _ in run(store.purges.due(soon, 10))]
     assert sorted(due) == sorted([failed, canceled]) and kept not in due

@@ -232,9 +232,11 @@ def test_a_retried_admit_returns_the_same_leases(store, run):
     was given, instead of admitting more that nobody would hold."""
     q = store.queue
     enqueue(q, run, tasks(4))
-    args = [FAR, 1000, 2000, 2, q.quantum, 512, "c", "nonce-1"]
-    first = run(q._admit(args=args))
-    again = run(q._admit(args=args))
+    call = dict(
+        deadline=FAR, window=1000, hard=2000, max_count=2, quantum=q.quantum, max_visits=512, consumer="c", nonce="n-1"
+    )
+    first = run(q._admit(**call))
+    again = run(q._admit(**call))
     assert first == again and len(first) == 4  # two (token, task) pairs
     t = run(q.totals())
     assert (t.inflight, t.waiting) == (2, 2)

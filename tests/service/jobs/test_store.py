@@ -223,22 +223,22 @@ def test_delete_removes_a_finished_job_and_leaves_an_active_one(store, run):
 def test_every_job_is_scheduled_for_purging_when_its_record_expires(store, run):
     job_id, _, created_at = run(store.submit("alice", params(1), {}))
     assert run(store.r.zscore("undiffuse:purge", job_id)) == pytest.approx(created_at + store.ttl)
-    assert run(store.due_purges(created_at + store.ttl - 1, 10)) == []
-    [(due_id, due_at)] = run(store.due_purges(created_at + store.ttl + 1, 10))
+    assert run(store.purges.due(created_at + store.ttl - 1, 10)) == []
+    [(due_id, due_at)] = run(store.purges.due(created_at + store.ttl + 1, 10))
     assert due_id == job_id and due_at == pytest.approx(created_at + store.ttl)
-    run(store.schedule_purge(job_id, created_at))
-    [(due_id, due_at)] = run(store.due_purges(created_at + 1, 10))
-    run(store.purged([(due_id, due_at)]))
-    assert run(store.due_purges(created_at + store.ttl + 1, 10)) == []
+    run(store.purges.schedule(job_id, created_at))
+    [(due_id, due_at)] = run(store.purges.due(created_at + 1, 10))
+    run(store.purges.swept([(due_id, due_at)]))
+    assert run(store.purges.due(created_at + store.ttl + 1, 10)) == []
 
 
 def test_a_purge_rescheduled_while_it_was_swept_stays_scheduled(store, run):
     job_id, _, created_at = run(store.submit("alice", params(1), {}))
-    run(store.schedule_purge(job_id, created_at))
-    due = run(store.due_purges(created_at + 1, 10))
-    run(store.schedule_purge(job_id, created_at + 60))  # e.g. a DELETE between the read and the removal
-    run(store.purged(due))
-    assert [j for j, _ in run(store.due_purges(created_at + 61, 10))] == [job_id]
+    run(store.purges.schedule(job_id, created_at))
+    due = run(store.purges.due(created_at + 1, 10))
+    run(store.purges.schedule(job_id, created_at + 60))  # e.g. a DELETE between the read and the removal
+    run(store.purges.swept(due))
+    assert [j for j, _ in run(store.purges.due(created_at + 61, 10))] == [job_id]
 
 
 def test_cost_in_flight_is_checked_in_the_submit_transaction(store, run):
