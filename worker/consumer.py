@@ -1,15 +1,28 @@
 """The shard consumer: at-least-once processing of the shard queue (service.jobs.queue).
 
 The consumer admits shards as the Denoiser replicas have room for them (twice their batches in
-flight across the deployment, fairly across owners: service.jobs.queue), and for each shard:
-skip it if its job is finished or canceled; mark the job running; call the Denoiser; upload
-the PNGs under deterministic keys; record the shard done (with its PNGs' checksums); if that
-completed the job, write its manifest and move it to succeeded; and only then ack. A redelivered shard that is already done skips straight to the last two steps, and so
-does an attempt whose shard a duplicate attempt completed while it sampled (it uploads nothing).
-A failure puts the shard back as its next attempt; a shard that exhausts its attempts fails
-its job and goes to the dead-letter stream. A shard whose consumer died (no heartbeat for the
-visibility timeout) is reclaimed when its lease expires and retried, and since object keys are
-deterministic and completion is idempotent, each image ends up in the bucket exactly once.
+flight across the deployment, fairly across owners: service.jobs.queue). One delivery of a shard
+is an *attempt*, a sequence of stages:
+
+1. claim: read the job; skip the shard if its job has ended; fail the job if the shard is out of
+   attempts; mark the job running;
+2. sample: the Denoiser makes the shard's pixels;
+3. upload: PNGs under deterministic keys (an image an earlier attempt wrote stands);
+4. record: the shard done with its PNGs' checksums; if that completed the job, its manifest,
+   then the succeed transition.
+
+A stage that cannot go on ends the attempt with an `Outcome`, and `Consumer._settle` applies
+every outcome to the shard's message in one place: ack (done, or nothing left to do), requeue as
+the next attempt, put back without spending one (its replica died), fail the job and
+dead-letter the shard (out of attempts), or leave the lease to lapse (Redis away before any
+image existed). A redelivered shard that is already done skips to the record stage, and so does
+an attempt whose shard a duplicate attempt completed while it sampled (it uploads nothing).
+
+Once a shard's images exist, Redis and S3 outages are waited out (`_redis`, `_s3`) for up to
+dependency_patience_seconds; an outage longer than that spends an attempt. A shard whose
+consumer died (no heartbeat for the visibility timeout) is reclaimed when its lease expires and
+put back, and since object keys are deterministic and completion is idempotent, each image
+ends up in the bucket exactly once.
 """
 
 from __future__ import annotations
@@ -20,8 +33,12 @@ import json
 import logging
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, TypeVar
 
 import numpy as np
 from redis.exceptions import RedisError
@@ -38,16 +55,20 @@ from service.logs import ms, shard_fields
 from service.settings import Settings
 from service.storage import STORAGE_ERRORS, ObjectStore, image_key, manifest_key
 from undiffuse.images import png_bytes
+from worker.loop import run_until_stopped
 
 log = logging.getLogger("ray.serve")
 IDLE_TICK_SECONDS = 0.25  # with nothing admitted, look again after this long at most
+REPLICA_LOST_PAUSE_SECONDS = 1.0  # before a shard whose replica died goes back: Serve notices the death
 PUBLIC_REASONS = {
     "timeout": "sampling took longer than the shard time limit",
     "sampler": "the model could not sample it",
     "storage": "its images could not be stored",
+    "redis": "its completion could not be recorded",
     "replica_lost": "the replica sampling it stopped each time",
 }
 """What a failed job's error tells its owner, by the kind of the shard's last failure."""
+T = TypeVar("T")
 
 
 def job_id_of(fields: dict) -> str | None:
@@ -65,6 +86,76 @@ class ReplicaLost(Exception):
 
 
 Generate = Callable[[ShardTask], Awaitable[ShardResult]]
+
+
+class Settle(str, Enum):
+    """What becomes of a shard's message when an attempt ends."""
+
+    done = "done"  # the shard is complete: ack
+    ended = "ended"  # nothing to do (its job ended, or the shard was canceled under the Denoiser): ack
+    retry = "retry"  # the shard failed: back in the queue as its next attempt
+    interrupted = "interrupted"  # its replica died: back without spending an attempt (see max_interruptions)
+    failed = "failed"  # out of attempts: fail the job, dead-letter the shard
+    left_pending = "left_pending"  # Redis is away: the lease lapses and the shard is reclaimed
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt at a shard ended; `Consumer._settle` applies it.
+
+    reason: the failure in words (the task's last_error for retry and interrupted; the log's
+    otherwise); kind: the retry metric's reason, and for retry what the owner is told
+    (PUBLIC_REASONS); record: the job to fail (failed)."""
+
+    settle: Settle
+    reason: str = ""
+    kind: str = ""
+    record: JobRecord | None = None
+
+    @classmethod
+    def done(cls) -> Outcome:
+        return cls(Settle.done)
+
+    @classmethod
+    def ended(cls, reason: str) -> Outcome:
+        return cls(Settle.ended, reason)
+
+    @classmethod
+    def retry(cls, reason: str, kind: str) -> Outcome:
+        return cls(Settle.retry, reason, kind)
+
+    @classmethod
+    def interrupted(cls, reason: str, kind: str = "replica_lost") -> Outcome:
+        return cls(Settle.interrupted, reason, kind)
+
+    @classmethod
+    def failed(cls, record: JobRecord) -> Outcome:
+        return cls(Settle.failed, "out of attempts", record=record)
+
+    @classmethod
+    def left_pending(cls, reason: str) -> Outcome:
+        return cls(Settle.left_pending, reason)
+
+
+class Stop(Exception):
+    """Raised by a stage that ends the attempt early, with the attempt's outcome."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.reason or outcome.settle.value)
+        self.outcome = outcome
+
+
+class DependencyAway(Exception):
+    """Redis or S3 stayed away for dependency_patience_seconds (or the consumer began draining
+    while it waited)."""
+
+    def __init__(self, step: str, error: BaseException) -> None:
+        super().__init__(f"{step}: {type(error).__name__}: {error}")
+        self.step, self.error = step, error
+
+    @property
+    def kind(self) -> str:
+        return "redis" if isinstance(self.error, RedisError) else "storage"
 
 
 class Consumer:
@@ -94,18 +185,9 @@ class Consumer:
 
     # --- the loop ------------------------------------------------------------------------------
     async def run(self) -> None:
-        backoff = 0.5
-        while not self.stopping.is_set():
-            try:
-                await self._poll_once()
-                backoff = 0.5
-            except RedisError as e:
-                log.warning("consumer %s: Redis unavailable (%s); retrying in %.1fs", self.name, e, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-            except Exception:  # never let the loop die; the replica's health depends on it
-                log.exception("consumer %s: unexpected error", self.name)
-                await asyncio.sleep(1.0)
+        await run_until_stopped(
+            f"consumer {self.name}", self._poll_once, self.stopping, dependency_errors=(RedisError, DependencyAway)
+        )
 
     async def _poll_once(self) -> None:
         """Admit what the Denoisers have room for (service.jobs.queue); with nothing admitted,
@@ -159,11 +241,9 @@ class Consumer:
             if message.task is None:
                 await self._drop_unparseable(message)
                 continue
-            task = message.task
-            log.warning("reclaimed shard %s/%d from a silent consumer", task.job_id, task.shard)
-            metrics.shard_retries_total().inc(tags={"reason": "reclaimed"})
             # its Worker died (kill -9, a lost node): like a lost Denoiser replica, an interruption
-            await self._put_back_interrupted(message.id, task, "its Worker stopped heart-beating")
+            interrupted = Outcome.interrupted("its Worker stopped heart-beating", kind="reclaimed")
+            await self._settle(message.id, message.task, interrupted)
 
     async def _drop_unparseable(self, message: Message) -> None:
         """Dead-letter a message that is not a ShardTask, and fail its job if it names one: left
@@ -178,178 +258,241 @@ class Consumer:
 
     # --- one shard -----------------------------------------------------------------------------
     async def handle(self, message: Message) -> None:
+        """One delivery of a shard: attempt it, then settle its message as the attempt ended,
+        holding its lease throughout."""
         try:
             if message.task is None:
                 await self._drop_unparseable(message)
                 return
-            await self._process(message.id, message.task)
-        except RedisError as e:
-            # the message stays pending and is reclaimed after the visibility timeout
+            async with self._holding(message.id):
+                outcome = await self._attempt(message.task)
+                await self._settle(message.id, message.task, outcome)
+        except (RedisError, DependencyAway) as e:
+            # the message stays leased, and is reclaimed after the visibility timeout
             log.warning("shard %s left pending: Redis error %s", message.id, e)
         finally:
             self.handled += 1
 
-    async def _process(self, message_id: str, task: ShardTask) -> None:
+    async def _attempt(self, task: ShardTask) -> Outcome:
+        """The attempt's stages in order (claim, sample, upload, record); a stage that cannot go
+        on raises Stop with the attempt's outcome."""
+        try:
+            record = await self._claim(task)
+            started = time.monotonic()
+            if task.shard in record.done_shards:  # redelivered after its completion: finish what followed
+                return await self._record(task, record, None)
+            log.info("shard %s/%d attempt %d started", task.job_id, task.shard, task.attempt, extra=shard_fields(task))
+            result = await self._sample(task)
+            sampled = time.monotonic()
+            done_by_another = await self._completed_by_another_attempt(task)
+            if done_by_another is not None:
+                return await self._record(task, done_by_another, None)
+            files = await self._upload(task, result)
+            await self._stop_if_ended_meanwhile(task)
+            uploaded = time.monotonic()
+            outcome = await self._record(task, record, files)
+        except Stop as stop:
+            return stop.outcome
+        except DependencyAway as e:  # the images existed, and Redis or S3 stayed away past the patience
+            log.warning("shard %s/%d: %s", task.job_id, task.shard, e, extra=shard_fields(task, error=str(e)))
+            # the job's error is client-visible: the error's text (endpoint URLs) stays in the log
+            return Outcome.retry(f"{e.step} failed: {type(e.error).__name__}", e.kind)
+        except RedisError as e:  # before any image existed: nothing is lost by leaving the lease to lapse
+            return Outcome.left_pending(f"Redis error {e}")
+        log.info(
+            "shard %s/%d done: %d images, %.0f ms sampling, %.0f ms upload",
+            task.job_id, task.shard, task.count, ms(sampled - started), ms(uploaded - sampled),
+            extra=shard_fields(
+                task,
+                images=task.count,
+                sample_ms=ms(sampled - started),
+                upload_ms=ms(uploaded - sampled),
+                duration_ms=ms(time.monotonic() - started),
+            ),
+        )  # fmt: skip
+        return outcome
+
+    # The stages.
+    async def _claim(self, task: ShardTask) -> JobRecord:
+        """The shard's job, marked running."""
         record = await self.store.get(task.job_id)
         if record is None or record.status.terminal:
-            await self.queue.ack(message_id)  # canceled, failed, finished or expired
-            return
+            raise Stop(Outcome.ended("its job ended"))  # canceled, failed, finished or expired
         if task.attempt > self.settings.max_attempts:
-            await self._fail(message_id, task, record)
-            return
+            raise Stop(Outcome.failed(record))
         if not await self.lifecycle.start(record):
-            await self.queue.ack(message_id)  # ended between the read and now
-            return
+            raise Stop(Outcome.ended("its job ended"))  # between the read and now
+        return record
 
-        heartbeat = asyncio.create_task(self._heartbeat(message_id))
-        started = time.monotonic()
+    async def _sample(self, task: ShardTask) -> ShardResult:
+        """The shard's pixels from the Denoiser."""
         try:
-            if task.shard in record.done_shards:  # redelivered after its completion: finish what followed
-                await self._completed(message_id, task, record, None)
-                return
-            log.info("shard %s/%d attempt %d started", task.job_id, task.shard, task.attempt, extra=shard_fields(task))
-            try:
-                result = await asyncio.wait_for(self.generate(task), self.settings.shard_timeout_seconds)
-            except asyncio.TimeoutError:  # a hung GPU or replica: give the shard to another attempt
-                timeout = self.settings.shard_timeout_seconds
-                await self._retry(message_id, task, f"sampling timed out after {timeout:g} s", "timeout")
-                return
-            except ReplicaLost as e:
-                await self._interrupted(message_id, task, e)
-                return
-            except Exception as e:  # the Denoiser raised or its replica died
-                await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
-                return
-            if await self._nothing_to_upload(message_id, task, result):
-                return
-            sampled = time.monotonic()
-            # The images exist now: an outage of S3 or Redis is waited out with the pixels in hand,
-            # not counted against the shard's attempts (which are for failures of the shard itself).
-            try:
-                files = await self._patiently(
-                    "upload", lambda: asyncio.to_thread(self._upload, task, result), STORAGE_ERRORS, task
-                )
-            except STORAGE_ERRORS as e:  # S3 stayed away for dependency_patience_seconds
-                # the job's error is client-visible: the storage error (endpoint URLs) goes to the log only
-                log.warning("shard %s/%d upload failed: %s", task.job_id, task.shard, e)
-                await self._retry(message_id, task, f"upload failed: {type(e).__name__}", "storage")
-                return
-            except Exception as e:  # a malformed result
-                await self._retry(message_id, task, f"sampling failed: {type(e).__name__}: {e}", "sampler")
-                return
-            if await self._ended_meanwhile(message_id, task):
-                return
-            uploaded = time.monotonic()
-            await self._completed(message_id, task, record, files)
-            log.info(
-                "shard %s/%d done: %d images, %.0f ms sampling, %.0f ms upload",
-                task.job_id, task.shard, task.count, ms(sampled - started), ms(uploaded - sampled),
-                extra=shard_fields(
-                    task,
-                    images=task.count,
-                    sample_ms=ms(sampled - started),
-                    upload_ms=ms(uploaded - sampled),
-                    duration_ms=ms(time.monotonic() - started),
-                ),
-            )  # fmt: skip
-        finally:
-            heartbeat.cancel()
-
-    async def _nothing_to_upload(self, message_id: str, task: ShardTask, result: ShardResult) -> bool:
-        """The shard was canceled under the Denoiser, or completed by another attempt while this
-        one sampled: ack (or finish what followed that completion) and say so."""
+            result = await asyncio.wait_for(self.generate(task), self.settings.shard_timeout_seconds)
+        except asyncio.TimeoutError:  # a hung GPU or replica: give the shard to another attempt
+            timeout = self.settings.shard_timeout_seconds
+            raise Stop(Outcome.retry(f"sampling timed out after {timeout:g} s", "timeout")) from None
+        except ReplicaLost as e:
+            await asyncio.sleep(REPLICA_LOST_PAUSE_SECONDS)
+            raise Stop(Outcome.interrupted(f"Denoiser replica lost: {e}")) from None
+        except Exception as e:  # the Denoiser raised
+            raise Stop(Outcome.retry(f"sampling failed: {type(e).__name__}: {e}", "sampler")) from None
         if result.canceled:
             log.info("shard %s/%d canceled", task.job_id, task.shard, extra=shard_fields(task))
-            await self.queue.ack(message_id)
-            return True
-        return await self._completed_by_another_attempt(message_id, task)
+            raise Stop(Outcome.ended("canceled under the Denoiser"))
+        return result
 
-    async def _completed_by_another_attempt(self, message_id: str, task: ShardTask) -> bool:
-        """Whether a duplicate attempt of this shard (its message reclaimed while this Worker still
-        worked on it, e.g. its heartbeats did not reach Redis) completed the shard while this one
-        sampled. Then its images and their checksums stand, and these are not uploaded: their
-        bytes can differ (the network's output for a row depends on its batch) and would leave
-        the manifest vouching for bytes the bucket no longer holds. What follows the completion
-        is finished as for a redelivered done shard. (Two attempts uploading at the very same
-        time cannot leave it so either: each image is written once, by a conditional PUT, and
-        both record the checksums of what stands, whichever attempt wrote it; see `_upload`.)"""
-        now = await self._patiently("status", lambda: self.store.get(task.job_id), (RedisError,), task)
+    async def _upload(self, task: ShardTask, result: ShardResult) -> list[tuple[str, int]]:
+        """The shard's PNGs in the bucket; the (sha256 hex, size) of each, in image order."""
+        try:
+            return await self._s3(task, "upload", self._put_pngs, task, result)
+        except DependencyAway:
+            raise
+        except Exception as e:  # a malformed result
+            raise Stop(Outcome.retry(f"sampling failed: {type(e).__name__}: {e}", "sampler")) from None
+
+    async def _record(self, task: ShardTask, record: JobRecord, files: list[tuple[str, int]] | None) -> Outcome:
+        """The shard's images are in the bucket: record it done (files: their checksums; None
+        for a shard that is done already); if that completes the job, write the manifest, then
+        move the job to succeeded. A manifest that cannot be written (S3 away beyond the
+        patience) spends the attempt, and the shard's next attempt tries again."""
+        all_done = await self._redis(task, "completion", self.lifecycle.complete_shard, task, record, files)
+        if files is not None:
+            metrics.images_generated_total().inc(task.count, tags={"model": task.params.model})
+        if all_done:
+            checksums = await self._redis(task, "manifest", self.store.files, record)
+            await self._s3(task, "manifest", write_manifest, self.objects, record, checksums)
+            await self._succeed(task, record)
+        return Outcome.done()
+
+    # What the stages check on the way.
+    async def _completed_by_another_attempt(self, task: ShardTask) -> JobRecord | None:
+        """The job's record if a duplicate attempt of this shard (its message reclaimed while
+        this Worker still worked on it, e.g. its heartbeats did not reach Redis) completed the
+        shard while this one sampled. Then its images and their checksums stand, and these are
+        not uploaded: their bytes can differ (the network's output for a row depends on its
+        batch) and would leave the manifest vouching for bytes the bucket no longer holds. What
+        follows the completion is finished as for a redelivered done shard. (Two attempts
+        uploading at the very same time cannot leave it so either: each image is written once,
+        by a conditional PUT, and both record the checksums of what stands, whichever attempt
+        wrote it; see `_put_pngs`.)"""
+        now = await self._redis(task, "status", self.store.get, task.job_id)
         if now is None or task.shard not in now.done_shards:
-            return False
+            return None
         log.warning(
             "shard %s/%d attempt %d: completed by another attempt meanwhile; its images stand",
             task.job_id, task.shard, task.attempt, extra=shard_fields(task),
         )  # fmt: skip
-        await self._completed(message_id, task, now, None)
-        return True
+        return now
 
-    async def _ended_meanwhile(self, message_id: str, task: ShardTask) -> bool:
+    async def _stop_if_ended_meanwhile(self, task: ShardTask) -> None:
         """A job that ended badly (or was deleted, or expired) while this shard uploaded may
-        have been swept already: take back what this shard just wrote, ack, and say so."""
-        now = await self._patiently("status", lambda: self.store.get(task.job_id), (RedisError,), task)
+        have been swept already: take back what this shard just wrote, and stop."""
+        now = await self._redis(task, "status", self.store.get, task.job_id)
         if now is not None and now.status not in (JobStatus.failed, JobStatus.canceled):
-            return False
-        keys = [image_key(task.job_id, task.start + k) for k in range(task.count)]
-        try:
-            await asyncio.to_thread(self.objects.delete_keys, keys)
-        except STORAGE_ERRORS as e:  # the bucket's lifecycle rule is the backstop
-            log.warning("shard %s/%d of an ended job: images not deleted (%s)", task.job_id, task.shard, e)
-        await self._patiently("ack", lambda: self.queue.ack(message_id), (RedisError,), task)
-        return True
-
-    async def _completed(
-        self, message_id: str, task: ShardTask, record: JobRecord, files: list[tuple[str, int]] | None
-    ) -> None:
-        """The shard's images are in the bucket: record it done (files: their checksums; None
-        for a redelivered shard that is done already); if that completes the job, write the
-        manifest, then move the job to succeeded; then ack. A manifest that cannot be written
-        (S3 away beyond the patience) puts the shard back, and its redelivery tries again."""
-        all_done = await self._patiently(
-            "completion", lambda: self.lifecycle.complete_shard(task, record, files), (RedisError,), task
-        )
-        if files is not None:
-            metrics.images_generated_total().inc(task.count, tags={"model": task.params.model})
-        if all_done:
-            checksums = await self._patiently("manifest", lambda: self.store.files(record), (RedisError,), task)
-            try:
-                await self._patiently(
-                    "manifest",
-                    lambda: asyncio.to_thread(write_manifest, self.objects, record, checksums),
-                    STORAGE_ERRORS,
-                    task,
-                )
-            except STORAGE_ERRORS as e:
-                log.warning("job %s: manifest not written: %s", task.job_id, e)
-                await self._retry(message_id, task, f"manifest upload failed: {type(e).__name__}", "storage")
-                return
-            await self._succeed(task, record)
-        await self._patiently("ack", lambda: self.queue.ack(message_id), (RedisError,), task)
+            return
+        await self._take_back([image_key(task.job_id, task.start + k) for k in range(task.count)])
+        raise Stop(Outcome.ended("its job ended while the shard uploaded"))
 
     async def _succeed(self, task: ShardTask, record: JobRecord) -> None:
         """The succeed transition, its manifest written. If the job ended otherwise meanwhile
         (canceled or failed between the completion and now: its sweep may have run already), the
         manifest just written is taken back like a late shard's images; if a duplicate attempt
         succeeded it first, both wrote the same manifest and it stays."""
-        if await self._patiently("success", lambda: self.lifecycle.succeed(record), (RedisError,), task):
+        if await self._redis(task, "success", self.lifecycle.succeed, record):
             took = time.time() - record.created_at
             log.info(
                 "job %s succeeded: %d images in %.1f s", task.job_id, task.params.num_images, took,
                 extra=shard_fields(task, status="succeeded", images=task.params.num_images, duration_ms=ms(took)),
             )  # fmt: skip
             return
-        now = await self._patiently("status", lambda: self.store.get(task.job_id), (RedisError,), task)
+        now = await self._redis(task, "status", self.store.get, task.job_id)
         if now is not None and now.status == JobStatus.succeeded:
             return
-        try:
-            await asyncio.to_thread(self.objects.delete_keys, [manifest_key(task.job_id)])
-        except STORAGE_ERRORS as e:  # the bucket's lifecycle rule is the backstop
-            log.warning("job %s ended before success: its manifest not deleted (%s)", task.job_id, e)
+        await self._take_back([manifest_key(task.job_id)])
 
-    async def _patiently(self, what: str, call, errors: tuple[type[BaseException], ...], task: ShardTask):
+    async def _take_back(self, keys: list[str]) -> None:
+        """Delete objects of a job that ended; once: the bucket's lifecycle rule is the backstop."""
+        try:
+            await asyncio.to_thread(self.objects.delete_keys, keys)
+        except STORAGE_ERRORS as e:
+            log.warning("objects of an ended job not deleted (%s): %s", e, ", ".join(keys))
+
+    # --- settling ------------------------------------------------------------------------------
+    async def _settle(self, message_id: str, task: ShardTask, outcome: Outcome) -> None:
+        """Apply how an attempt ended to the shard's message: the one place a message is
+        settled. Each write waits out a Redis outage (repeating any of them is harmless: a
+        settle with a lease that is no longer this delivery's does nothing)."""
+        match outcome.settle:
+            case Settle.done | Settle.ended:
+                await self._redis(task, "ack", self.queue.ack, message_id)
+            case Settle.retry:
+                log.warning(
+                    "shard %s/%d attempt %d failed: %s", task.job_id, task.shard, task.attempt, outcome.reason,
+                    extra=shard_fields(task, error=outcome.reason),
+                )  # fmt: skip
+                metrics.shard_retries_total().inc(tags={"reason": outcome.kind})
+                await asyncio.sleep(min(0.5 * task.attempt, 5.0))
+                retried = task.model_copy(update={"last_error": outcome.reason, "last_error_kind": outcome.kind})
+                await self._redis(task, "requeue", self.queue.requeue, message_id, retried)
+            case Settle.interrupted:
+                await self._put_back_interrupted(message_id, task, outcome)
+            case Settle.failed:
+                assert outcome.record is not None
+                await self._fail(message_id, task, outcome.record)
+            case Settle.left_pending:
+                log.warning("shard %s left pending: %s", message_id, outcome.reason)
+
+    async def _put_back_interrupted(self, message_id: str, task: ShardTask, outcome: Outcome) -> None:
+        """A replica (Denoiser or Worker) died under the shard: back in the queue without spending
+        an attempt, unless it has been interrupted max_interruptions times already, after which
+        each interruption counts as an attempt (a shard that kills its replicas must end)."""
+        log.warning(
+            "shard %s/%d: %s; putting it back", task.job_id, task.shard, outcome.reason,
+            extra=shard_fields(task, error=outcome.reason),
+        )  # fmt: skip
+        metrics.shard_retries_total().inc(tags={"reason": outcome.kind})
+        if task.interruptions >= self.settings.max_interruptions:
+            update = {"last_error": f"{outcome.reason} (again)", "last_error_kind": "replica_lost"}
+            await self._redis(task, "requeue", self.queue.requeue, message_id, task.model_copy(update=update))
+            return
+        update = {
+            "interruptions": task.interruptions + 1,
+            "last_error": outcome.reason,
+            "last_error_kind": "replica_lost",
+        }
+        await self._redis(task, "put back", self.queue.put_back, message_id, task.model_copy(update=update))
+
+    async def _fail(self, message_id: str, task: ShardTask, record: JobRecord) -> None:
+        """The job first, then the message: if Redis fails in between, the message stays pending,
+        is reclaimed, and this runs again (failing an ended job is a no-op), so the job can never
+        be left running with its shard already dead-lettered."""
+        message = f"shard {task.shard} failed {task.attempt - 1} times; last error: {task.last_error}"
+        log.warning("job %s failed: %s", task.job_id, message, extra=shard_fields(task, status="failed", error=message))
+        # tenants get what went wrong in words; exception text (Ray, CUDA, addresses) stays in logs
+        public = PUBLIC_REASONS.get(task.last_error_kind or "", "an internal error")
+        shown = f"shard {task.shard} failed {task.attempt - 1} times: {public}; the service log has the details"
+        await self._redis(task, "failure", self.lifecycle.fail, record, JobError(code="shard_failed", message=shown))
+        fields = {"task": task.model_dump_json()}
+        await self._redis(task, "dead letter", self.queue.dead_letter, message_id, fields, message)
+
+    # --- waiting out Redis and S3 --------------------------------------------------------------
+    async def _redis(self, task: ShardTask, step: str, call: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """await call(*args), waiting out a Redis outage (see _wait_out). redis-py has already
+        reconnected and retried the command a few times (service.jobs.connection)."""
+        return await self._wait_out(task, step, (RedisError,), lambda: call(*args))
+
+    async def _s3(self, task: ShardTask, step: str, call: Callable[..., T], *args: Any) -> T:
+        """call(*args) in a thread (boto3 blocks), waiting out an S3 outage (see _wait_out).
+        botocore has already retried each request (standard mode, s3_max_attempts)."""
+        return await self._wait_out(task, step, STORAGE_ERRORS, lambda: asyncio.to_thread(call, *args))
+
+    async def _wait_out(
+        self, task: ShardTask, step: str, errors: tuple[type[BaseException], ...], call: Callable[[], Awaitable[T]]
+    ) -> T:
         """await call(), retrying on errors with capped exponential backoff (0.5 s .. 10 s) for up
-        to dependency_patience_seconds, or until the consumer drains; then the error propagates.
-        Repeating any of these calls is harmless (deterministic object keys, idempotent
-        completion and ack)."""
+        to dependency_patience_seconds, or until the consumer drains; then DependencyAway. Every
+        call made this way is harmless to repeat (deterministic object keys, idempotent
+        completion and settling)."""
         deadline = time.monotonic() + self.settings.dependency_patience_seconds
         delay = 0.5
         while True:
@@ -357,16 +500,38 @@ class Consumer:
                 return await call()
             except errors as e:
                 if self.stopping.is_set() or time.monotonic() + delay > deadline:
-                    raise
+                    raise DependencyAway(step, e) from e
                 log.warning(
                     "shard %s/%d: %s failed (%s); waiting %.1f s for the dependency",
-                    task.job_id, task.shard, what, type(e).__name__, delay,
+                    task.job_id, task.shard, step, type(e).__name__, delay,
                 )  # fmt: skip
-                metrics.dependency_waits_total().inc(tags={"step": what})
+                metrics.dependency_waits_total().inc(tags={"step": step})
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 10.0)
 
-    def _upload(self, task: ShardTask, result: ShardResult) -> list[tuple[str, int]]:
+    # --- the lease and the bytes ---------------------------------------------------------------
+    @asynccontextmanager
+    async def _holding(self, message_id: str) -> AsyncIterator[None]:
+        """Heart-beat the lease while the body runs."""
+        heartbeat = asyncio.create_task(self._heartbeat(message_id))
+        try:
+            yield
+        finally:
+            heartbeat.cancel()
+
+    async def _heartbeat(self, message_id: str) -> None:
+        """Move the lease's deadline ahead while we work on the shard, so nobody reclaims it."""
+        period = self.settings.visibility_timeout_seconds / 4
+        while True:
+            await asyncio.sleep(period)
+            try:
+                if not await self.queue.heartbeat(message_id, self._deadline_ms()):
+                    log.warning("lease %s was taken over (its heartbeats were late)", message_id)
+                    return  # another attempt holds the shard now; this one's settle will be refused
+            except RedisError as e:
+                log.warning("heartbeat for %s failed: %s", message_id, e)
+
+    def _put_pngs(self, task: ShardTask, result: ShardResult) -> list[tuple[str, int]]:
         """Encode and upload the shard's PNGs, keeping any an earlier or concurrent attempt wrote
         first; returns the (sha256 hex, size) of what the bucket holds, in image order."""
         pixels = np.frombuffer(result.pixels, dtype=np.uint8).reshape(result.shape)
@@ -382,58 +547,3 @@ class Consumer:
 
         # boto3 clients are thread-safe; uploads overlap their network round trips
         return list(self._uploads.map(upload, range(task.count)))
-
-    async def _heartbeat(self, message_id: str) -> None:
-        """Move the lease's deadline ahead while we work on the shard, so nobody reclaims it."""
-        period = self.settings.visibility_timeout_seconds / 4
-        while True:
-            await asyncio.sleep(period)
-            try:
-                if not await self.queue.heartbeat(message_id, self._deadline_ms()):
-                    log.warning("lease %s was taken over (its heartbeats were late)", message_id)
-                    return  # another attempt holds the shard now; this one's settle will be refused
-            except RedisError as e:
-                log.warning("heartbeat for %s failed: %s", message_id, e)
-
-    async def _interrupted(self, message_id: str, task: ShardTask, error: ReplicaLost) -> None:
-        """The replica died under the shard (killed, preempted, out of host memory): put the shard
-        back without spending an attempt; only a shard that keeps losing replicas counts it."""
-        log.warning(
-            "shard %s/%d: Denoiser replica lost (%s); putting it back", task.job_id, task.shard, error,
-            extra=shard_fields(task, error=f"replica lost: {error}"),
-        )  # fmt: skip
-        metrics.shard_retries_total().inc(tags={"reason": "replica_lost"})
-        await asyncio.sleep(1.0)  # let Serve notice the death and route to a live replica
-        await self._put_back_interrupted(message_id, task, f"Denoiser replica lost: {error}")
-
-    async def _put_back_interrupted(self, message_id: str, task: ShardTask, reason: str) -> None:
-        """A replica (Denoiser or Worker) died under the shard: back in the queue without spending
-        an attempt, unless it has been interrupted max_interruptions times already, after which
-        each interruption counts as an attempt (a shard that kills its replicas must end)."""
-        if task.interruptions >= self.settings.max_interruptions:
-            update = {"last_error": f"{reason} (again)", "last_error_kind": "replica_lost"}
-            await self.queue.requeue(message_id, task.model_copy(update=update))
-            return
-        update = {"interruptions": task.interruptions + 1, "last_error": reason, "last_error_kind": "replica_lost"}
-        await self.queue.put_back(message_id, task.model_copy(update=update))
-
-    async def _retry(self, message_id: str, task: ShardTask, reason: str, kind: str) -> None:
-        log.warning(
-            "shard %s/%d attempt %d failed: %s", task.job_id, task.shard, task.attempt, reason,
-            extra=shard_fields(task, error=reason),
-        )  # fmt: skip
-        metrics.shard_retries_total().inc(tags={"reason": kind})
-        await asyncio.sleep(min(0.5 * task.attempt, 5.0))
-        await self.queue.requeue(message_id, task.model_copy(update={"last_error": reason, "last_error_kind": kind}))
-
-    async def _fail(self, message_id: str, task: ShardTask, record: JobRecord) -> None:
-        """The job first, then the message: if Redis fails in between, the message stays pending,
-        is reclaimed, and this runs again (failing an ended job is a no-op), so the job can never
-        be left running with its shard already dead-lettered."""
-        message = f"shard {task.shard} failed {task.attempt - 1} times; last error: {task.last_error}"
-        log.warning("job %s failed: %s", task.job_id, message, extra=shard_fields(task, status="failed", error=message))
-        # tenants get what went wrong in words; exception text (Ray, CUDA, addresses) stays in logs
-        public = PUBLIC_REASONS.get(task.last_error_kind or "", "an internal error")
-        shown = f"shard {task.shard} failed {task.attempt - 1} times: {public}; the service log has the details"
-        await self.lifecycle.fail(record, JobError(code="shard_failed", message=shown))
-        await self.queue.dead_letter(message_id, {"task": task.model_dump_json()}, message)

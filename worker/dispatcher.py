@@ -18,8 +18,6 @@ import logging
 import time
 from collections import Counter
 
-from redis.exceptions import RedisError
-
 from service import metrics
 from service.jobs.store import JobStore
 from service.jobs.webhook_schedule import Claim, Delivery, WebhookOutcome, retry_delay
@@ -27,6 +25,7 @@ from service.settings import Settings
 from service.storage import ObjectStore, manifest_key
 from service.webhooks import sender, signing
 from service.webhooks.addresses import Guard
+from worker.loop import run_until_stopped
 
 log = logging.getLogger("ray.serve")
 POLL_S = 1.0  # the longest a newly due delivery waits for a round
@@ -49,30 +48,21 @@ class Dispatcher:
         self.http = sender.client()
 
     async def run(self) -> None:
-        backoff = 0.5
-        while not self.stopping.is_set():
-            self.wake.clear()
-            wait = POLL_S
-            try:
-                claim = await self.dispatch_once()
-                if claim.more:  # the claim stopped at its scan budget: go on at once
-                    wait = 0.0
-                elif len(self.inflight) < self.settings.webhook_concurrency:
-                    # nothing claimable is due now (what is due waits for its owner's slots: a
-                    # freed slot wakes the loop); sleep until the next entry comes due
-                    due = await self.schedule.next_due()
-                    if due is not None:
-                        wait = min(POLL_S, max(0.02, due - time.time()))
-                backoff = 0.5
-            except RedisError as e:  # Redis away: claimed deliveries come due again when their lease ends
-                log.warning("webhooks: Redis unavailable (%s); retrying in %.1fs", e, backoff)
-                wait, backoff = backoff, min(backoff * 2, 10.0)
-            except Exception:
-                log.exception("webhooks: unexpected error")
-            try:
-                await asyncio.wait_for(self.wake.wait(), wait)
-            except asyncio.TimeoutError:
-                pass
+        # Redis away: claimed deliveries come due again when their lease ends
+        await run_until_stopped("webhooks", self._round, self.stopping, wake=self.wake, error_wait=POLL_S)
+
+    async def _round(self) -> float:
+        """Claim and start what is due; how long to wait before the next round."""
+        claim = await self.dispatch_once()
+        if claim.more:  # the claim stopped at its scan budget: go on at once
+            return 0.0
+        if len(self.inflight) < self.settings.webhook_concurrency:
+            # nothing claimable is due now (what is due waits for its owner's slots: a freed slot
+            # wakes the loop); sleep until the next entry comes due
+            due = await self.schedule.next_due()
+            if due is not None:
+                return min(POLL_S, max(0.02, due - time.time()))
+        return POLL_S
 
     async def dispatch_once(self) -> Claim:
         """Claim what is due (as many as there are free slots, each owner up to its own) and

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from service.jobs.store import JobStore
 from service.storage import STORAGE_ERRORS, ObjectStore
+from worker.loop import run_until_stopped
 
 log = logging.getLogger("ray.serve")
 RETRY_S = 600
@@ -30,18 +31,20 @@ class Sweeper:
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                while await self.sweep_once() == self.batch:
-                    pass  # a full batch: more may be due
-            except (RedisError, *STORAGE_ERRORS) as e:  # a dependency is away: try again next round
-                log.warning("sweeper: %s: %s", type(e).__name__, e)
-            except Exception:
-                log.exception("sweeper: unexpected error")
-            try:
-                await asyncio.wait_for(self.stopping.wait(), self.interval)
-            except asyncio.TimeoutError:
-                pass
+        # a dependency that is away is tried again next round
+        await run_until_stopped(
+            "sweeper",
+            self._round,
+            self.stopping,
+            dependency_errors=(RedisError, *STORAGE_ERRORS),
+            backoff=(self.interval, self.interval),
+            error_wait=self.interval,
+        )
+
+    async def _round(self) -> float:
+        while await self.sweep_once() == self.batch:
+            pass  # a full batch: more may be due
+        return self.interval
 
     async def sweep_once(self, now: float | None = None) -> int:
         """Delete the objects of up to `batch` due jobs; returns how many jobs were due. A job

@@ -50,7 +50,7 @@ def _run_until_ended(
     the dead-letter stream."""
 
     async def scenario():
-        store = JobStore.from_url(settings.redis_url, 600, settings.shard_size)
+        store = JobStore.from_settings(settings)
         await store.r.flushdb()
         job_id, _, _ = await store.submit("tester", params, {"n": params.num_images})
         if prepare is not None:
@@ -253,8 +253,8 @@ def _server_away_while_sampling(server, seconds: float):
 
 def test_an_s3_outage_is_waited_out_without_spending_an_attempt(stack, tmp_path):
     """S3 goes away while the shard samples and comes back 3 s later: the finished images wait
-    for it and the job succeeds with the one sampling call (it used to fail: every attempt
-    re-sampled and the attempts ran out within seconds)."""
+    for it and the job succeeds with the one sampling call (sampling again would not bring S3
+    back, and a short outage would spend every attempt within seconds)."""
     from service.dev.servers import S3Server
 
     with S3Server(tmp_path / "s3", access_key=S3_KEY, secret_key=S3_SECRET).start() as s3:
@@ -303,7 +303,7 @@ def test_images_of_a_job_canceled_while_its_shard_ran_are_taken_back(stack):
     objects = ObjectStore(settings)
 
     async def scenario() -> tuple[int, int, int]:
-        store = JobStore.from_url(settings.redis_url, 600, settings.shard_size)
+        store = JobStore.from_settings(settings)
         await store.r.flushdb()
         job_id, _, _ = await store.submit("tester", PARAMS, {"n": 1})
 
@@ -344,7 +344,7 @@ def test_a_duplicate_attempt_finishing_after_the_shard_completed_leaves_its_imag
     objects = ObjectStore(settings)
 
     async def scenario() -> tuple[dict, bytes, JobRecord, int]:
-        store = JobStore.from_url(settings.redis_url, 600, settings.shard_size)
+        store = JobStore.from_settings(settings)
         await store.r.flushdb()
         job_id, _, _ = await store.submit("tester", PARAMS, {"n": 1})
         [message] = await store.queue.read("first", FAR, 100)
@@ -426,7 +426,7 @@ def test_a_job_canceled_while_its_manifest_was_written_keeps_no_manifest_and_is_
             return await super().succeed(record)
 
     async def scenario() -> tuple[JobRecord, bytes | None, int]:
-        store = JobStore.from_url(settings.redis_url, 600, settings.shard_size)
+        store = JobStore.from_settings(settings)
         await store.r.flushdb()
         job_id, _, _ = await store.submit("tester", PARAMS, {"n": 1})
         [message] = await store.queue.read("worker", FAR, 100)
@@ -448,3 +448,93 @@ def test_a_job_canceled_while_its_manifest_was_written_keeps_no_manifest_and_is_
     assert record.status == JobStatus.canceled and pending == 0
     assert manifest is None
     assert not [r for r in caplog.records if getattr(r, "status", None) == "succeeded"]
+
+
+# --- outcomes: how an attempt's end is applied to its message ------------------------------------
+class _Recorder:
+    """A queue and a lifecycle in one, recording every write in order; the first `refuse` writes
+    fail as if Redis were away."""
+
+    def __init__(self, refuse: int = 0) -> None:
+        self.writes: list[tuple] = []
+        self.refuse = refuse
+        self.queue = self
+
+    async def _write(self, *call) -> bool:
+        if self.refuse:
+            self.refuse -= 1
+            raise RedisError("Connection refused")
+        self.writes.append(call)
+        return True
+
+    async def ack(self, message_id):
+        return await self._write("ack", message_id)
+
+    async def requeue(self, message_id, task):
+        return await self._write("requeue", message_id, task.attempt, task.interruptions, task.last_error_kind)
+
+    async def put_back(self, message_id, task):
+        return await self._write("put_back", message_id, task.attempt, task.interruptions, task.last_error_kind)
+
+    async def dead_letter(self, message_id, fields, reason):
+        return await self._write("dead_letter", message_id, json.loads(fields["task"])["shard"], reason)
+
+    async def fail(self, record, error):
+        return await self._write("fail", record.id, error.code, error.message)
+
+
+def _settled(outcome, task: ShardTask | None = None, refuse: int = 0, **overrides) -> list[tuple]:
+    from worker.consumer import Consumer
+
+    recorder = _Recorder(refuse)
+    settings = Settings(**{"max_interruptions": 2, "dependency_patience_seconds": 5.0, **overrides})
+    consumer = Consumer(settings, recorder, None, None, name="settle-test", lifecycle=recorder)
+    task = task or ShardTask(job_id="j" * 32, shard=0, start=0, count=1, params=PARAMS)
+    asyncio.run(consumer._settle("lease-1", task, outcome))
+    return recorder.writes
+
+
+def _record() -> JobRecord:
+    return JobRecord(
+        id="j" * 32, owner="tester", status=JobStatus.running, params=PARAMS, created_at=1.0, started_at=2.0,
+        finished_at=None, error=None, num_shards=1, shard_size=4, images_done=0, shard_steps={}, done_shards=set(),
+    )  # fmt: skip
+
+
+def test_each_outcome_settles_the_message_its_own_way():
+    from worker.consumer import Outcome
+
+    task = ShardTask(job_id="j" * 32, shard=0, start=0, count=1, params=PARAMS)
+    assert _settled(Outcome.done()) == [("ack", "lease-1")]
+    assert _settled(Outcome.ended("its job ended")) == [("ack", "lease-1")]
+    assert _settled(Outcome.left_pending("Redis error")) == []  # the lease lapses; the shard is reclaimed
+    # a failure of the shard spends an attempt (ShardQueue.requeue counts it) and says what kind it was
+    assert _settled(Outcome.retry("upload failed: EndpointConnectionError", "storage")) == [
+        ("requeue", "lease-1", 1, 0, "storage")
+    ]
+    # a lost replica does not, until the shard has lost max_interruptions (2) of them
+    assert _settled(Outcome.interrupted("Denoiser replica lost")) == [("put_back", "lease-1", 1, 1, "replica_lost")]
+    worn = task.model_copy(update={"interruptions": 2})
+    assert _settled(Outcome.interrupted("Denoiser replica lost"), worn) == [
+        ("requeue", "lease-1", 1, 2, "replica_lost")  # requeue counts the attempt
+    ]
+
+
+def test_a_shard_out_of_attempts_fails_its_job_before_it_is_dead_lettered():
+    from worker.consumer import Outcome
+
+    task = ShardTask(
+        job_id="j" * 32, shard=0, start=0, count=1, params=PARAMS, attempt=4, last_error="x", last_error_kind="timeout"
+    )
+    writes = _settled(Outcome.failed(_record()), task)
+    assert [w[0] for w in writes] == ["fail", "dead_letter"]
+    assert writes[0][2] == "shard_failed" and "took longer than the shard time limit" in writes[0][3]
+    assert writes[1][2] == 0 and "failed 3 times; last error: x" in writes[1][3]
+
+
+def test_settling_waits_out_a_short_redis_outage_and_gives_up_after_the_patience():
+    from worker.consumer import DependencyAway, Outcome
+
+    assert _settled(Outcome.done(), refuse=2) == [("ack", "lease-1")]  # refused twice, then written
+    with pytest.raises(DependencyAway):
+        _settled(Outcome.done(), refuse=100, dependency_patience_seconds=0.6)
