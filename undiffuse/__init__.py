@@ -1,9 +1,11 @@
-"""undiffuse: denoising diffusion (DDPM, DDIM) in PyTorch.
+"""undiffuse: denoising diffusion (DDPM, DDIM) in PyTorch, and a client of the undiffuse service.
 
 from undiffuse import NoiseSchedule, DDPMSampler, DDIMSampler, ImageNoise, load_model, make_sampler
+from undiffuse.client import Client, AsyncClient
 
-The names below are imported on first use (PEP 562), so that `import undiffuse.config` or
-`undiffuse.registry` — what the torch-free HTTP layer reads — does not import torch.
+The names below are imported on first use (PEP 562), so that `import undiffuse.config`,
+`undiffuse.registry` (what the torch-free HTTP layer reads) or `undiffuse.client` (installed
+without torch: the `diffusion` extra brings it) does not import torch.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ __version__ = "0.1.0"
 _SUBMODULES = {
     "checkpoint",
     "cli",
+    "client",
+    "client_cli",
     "config",
     "data",
     "engine",

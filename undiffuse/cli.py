@@ -192,9 +192,9 @@ def _warn_if_key_in_clear(args: argparse.Namespace) -> None:
     machine, where anyone on the path can read it and use it."""
     from urllib.parse import urlsplit
 
-    from undiffuse.client import _endpoint
+    from undiffuse.client._requests import endpoint
 
-    url, headers = _endpoint(args.url, args.api_key)
+    url, headers = endpoint(args.url, args.api_key)
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""

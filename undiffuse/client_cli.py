@@ -2,6 +2,7 @@
 `webhook-secret`), on undiffuse.client.
 
 Kept apart from the training and sampling commands so that a client command never imports torch.
+The client retries what is worth retrying (undiffuse.client); each retry is one line on stderr.
 Exit statuses are cli.py's: 0 done, 1 the job did not succeed (or a download failed its
 checksums), 2 refused (bad arguments, 4xx), 3 the service is unreachable or unavailable, 4
 --timeout ran out, 130 interrupted.
@@ -32,6 +33,7 @@ EXIT_OK, EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_TIMEOUT, EXIT_INT
 
 def run(args: argparse.Namespace) -> int:
     command = f"jobs {args.jobs_command}" if args.command == "jobs" else args.command
+    _say_retries()
     try:
         with Client(args.url, args.api_key) as api:
             return COMMANDS[command](api, args)
@@ -50,6 +52,19 @@ def run(args: argparse.Namespace) -> int:
         return _fail(EXIT_UNAVAILABLE, f"cannot reach the service: {type(e).__name__}: {e}")
     except OSError as e:
         return _fail(EXIT_REFUSED, str(e))
+
+
+def _say_retries() -> None:
+    """Each retry as a line on stderr. Without this, stamina's default logs it through the
+    `stamina` logger, which an unconfigured process prints as a bare "stamina.retry_scheduled"."""
+    import stamina.instrumentation
+
+    def say(details: stamina.instrumentation.RetryDetails) -> None:
+        cause = details.caused_by
+        what = str(cause) if isinstance(cause, APIError) else f"{type(cause).__name__}: {cause}"
+        print(f"undiffuse: {what}; retry {details.retry_num} in {details.wait_for:.1f} s", file=sys.stderr)
+
+    stamina.instrumentation.set_on_retry_hooks([say])
 
 
 def _fail(code: int, message: str) -> int:

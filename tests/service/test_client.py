@@ -1,6 +1,8 @@
 """undiffuse.client and the `undiffuse submit` / `undiffuse jobs` commands against the real stack
 (Ray Serve, Redis, SeaweedFS): typed results, the server's errors as exceptions, waiting on the
-event stream, downloads checked against the job's manifest, and the CLI's files and exit codes."""
+event stream, downloads checked against the job's manifest, and the CLI's files and exit codes.
+Each client-behaviour test runs on `Client` and on `AsyncClient` (driven by tests.core's
+Blocking wrapper), so the two cannot drift apart."""
 
 from __future__ import annotations
 
@@ -15,18 +17,17 @@ from pathlib import Path
 import pytest
 
 from service.storage import ObjectStore
+from tests.core.test_client_core import open_client
 from tests.service.conftest import KEY_A, KEY_B
 from undiffuse.client import (
     AsyncClient,
     AuthenticationError,
     ChecksumError,
-    Client,
     ConflictError,
     Job,
     NotFoundError,
-    Progress,
     ValidationError,
-    _polled_events,
+    WaitTimeout,
 )
 
 pytestmark = pytest.mark.integration
@@ -34,10 +35,23 @@ ROOT = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(params=["Client", "AsyncClient"])
+def connect(request):
+    """Opens clients of the kind under test (`connect(url, key)`) and closes them afterwards."""
+    opened = []
+
+    def open_one(url: str, key: str = KEY_A):
+        opened.append(open_client(request.param, url, key))
+        return opened[-1]
+
+    yield open_one
+    for c in opened:
+        c.close()
+
+
 @pytest.fixture
-def client(stack):
-    with Client(stack.base_url, KEY_A) as c:
-        yield c
+def client(connect, stack):
+    return connect(stack.base_url)
 
 
 def test_submit_wait_and_download_checked_against_the_manifest(client, stack, tmp_path):
@@ -81,7 +95,7 @@ def test_a_tampered_image_fails_the_download_and_is_not_written(client, stack, t
     assert not (tmp_path / "out" / "00001.png").exists()
 
 
-def test_the_servers_errors_are_raised_with_its_message(client, stack):
+def test_the_servers_errors_are_raised_with_its_message(client, connect, stack):
     with pytest.raises(ValidationError) as refused:
         client.submit(100_000, class_label=1)
     assert refused.value.status_code == 422 and "num_images" in refused.value.message
@@ -91,10 +105,10 @@ def test_the_servers_errors_are_raised_with_its_message(client, stack):
     job = client.wait(client.submit(1, class_label=2, steps=2).id, timeout=120)
     with pytest.raises(ConflictError, match="409"):
         client.cancel(job.id)
-    with Client(stack.base_url, KEY_B) as bob, pytest.raises(NotFoundError):
-        bob.get(job.id)  # another owner's job does not exist for Bob
-    with Client(stack.base_url, "no-such-key") as stranger, pytest.raises(AuthenticationError):
-        stranger.list()
+    with pytest.raises(NotFoundError):
+        connect(stack.base_url, KEY_B).get(job.id)  # another owner's job does not exist for Bob
+    with pytest.raises(AuthenticationError):
+        connect(stack.base_url, "no-such-key").list()
 
 
 def test_the_async_client_follows_several_jobs_at_once(stack, tmp_path):
@@ -107,21 +121,6 @@ def test_the_async_client_follows_several_jobs_at_once(stack, tmp_path):
 
     finished = asyncio.run(main())
     assert [(j.status, n) for j, n in finished] == [("succeeded", 2), ("succeeded", 2)]
-
-
-def test_polling_reports_what_the_event_stream_would():
-    """The fallback for a server without /events: changes between polls become events."""
-
-    def job(status: str, step: int, done: int) -> Job:
-        return Job("j", status, Progress(done, 4, step, 10), {}, 0.0)
-
-    first = _polled_events(None, job("queued", 0, 0))
-    assert [e.event for e in first] == ["queued", "progress"]
-    running = _polled_events(job("queued", 0, 0), job("running", 3, 0))
-    assert [e.event for e in running] == ["started", "progress"] and running[1].data["step"] == 3
-    assert _polled_events(job("running", 3, 0), job("running", 3, 0)) == []  # nothing changed
-    end = _polled_events(job("running", 3, 0), job("succeeded", 10, 4))
-    assert [e.event for e in end] == ["progress", "succeeded"] and end[-1].terminal
 
 
 def _cli(*args: str, stack=None, key: str = KEY_A, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -241,12 +240,12 @@ class _CuttingProxy:
         self.server.close()
 
 
-def test_a_dropped_event_stream_is_resumed_with_last_event_id(stack):
+def test_a_dropped_event_stream_is_resumed_with_last_event_id(stack, connect):
     proxy = _CuttingProxy(int(stack.base_url.rsplit(":", 1)[1]))
     try:
-        with Client(f"http://127.0.0.1:{proxy.port}", KEY_A) as api:
-            job = api.submit(4, class_label=6, steps=40)
-            events = list(api.events(job.id))
+        api = connect(f"http://127.0.0.1:{proxy.port}")
+        job = api.submit(4, class_label=6, steps=40)
+        events = list(api.events(job.id))
     finally:
         proxy.close()
     assert proxy.cut, "the proxy never cut a stream"
@@ -261,33 +260,39 @@ def test_a_dropped_event_stream_is_resumed_with_last_event_id(stack):
 
 
 @pytest.mark.timeout(90)
-def test_keep_alives_are_no_events_and_wait_gives_up_on_time(live_api, monkeypatch):
+def test_keep_alives_are_no_events_and_wait_gives_up_on_time(live_api, connect, monkeypatch):
     """A job that waits in the queue (database 6: no Worker runs it) sends `queued` and then only
-    keep-alive comments. They reach no one as events (httpx-sse's iter_sse made each an empty
-    `message` event), and `wait(timeout=)` and `jobs wait --timeout` still give up on time (they
-    used to notice the deadline only when one of those bogus events came, every 15 s)."""
+    keep-alive comments. They reach no one as events (httpx-sse's iter_sse makes each an empty
+    `message` event), and `wait(timeout=)` gives up on time whether the deadline falls on a
+    comment or between two."""
     import time
 
     from service.api import jobs
-    from undiffuse.client import WaitTimeout
 
     monkeypatch.setattr(jobs, "KEEPALIVE_S", 1)  # a comment every second
-    with Client(live_api, KEY_A) as api:
-        job = api.submit(1, class_label=0, steps=2)
-        seen = []
-        started = time.monotonic()
-        with pytest.raises(WaitTimeout, match="did not finish within 3 s"):
-            api.wait(job.id, on_event=seen.append, timeout=3)
-        assert time.monotonic() - started < 6
-        assert [e.event for e in seen] == ["queued"] and seen[0].data["id"] == job.id
+    api = connect(live_api)
+    job = api.submit(1, class_label=0, steps=2)
+    seen = []
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout, match="did not finish within 3 s"):
+        api.wait(job.id, on_event=seen.append, timeout=3)
+    assert time.monotonic() - started < 6
+    assert [e.event for e in seen] == ["queued"] and seen[0].data["id"] == job.id
 
-        monkeypatch.setattr(jobs, "KEEPALIVE_S", 15)  # the default: the deadline falls between two comments
-        started = time.monotonic()
-        with pytest.raises(WaitTimeout):
-            api.wait(job.id, timeout=2)
-        assert time.monotonic() - started < 5
-        assert api.get(job.id).status == "queued"  # giving up left the job alone
+    monkeypatch.setattr(jobs, "KEEPALIVE_S", 15)  # the default: the deadline falls between two comments
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout):
+        api.wait(job.id, timeout=2)
+    assert time.monotonic() - started < 5
+    assert api.get(job.id).status == "queued"  # giving up left the job alone
 
+
+@pytest.mark.timeout(90)
+def test_cli_jobs_wait_timeout_exits_4(live_api):
+    import time
+
+    with open_client("Client", live_api, KEY_A) as api:
+        job = api.submit(1, class_label=0, steps=2)  # database 6: it stays queued
     env = {**os.environ, "UNDIFFUSE_API_KEY": KEY_A, "UNDIFFUSE_URL": live_api}
     started = time.monotonic()
     waited = subprocess.run(
