@@ -147,7 +147,7 @@ def test_a_running_job_keeps_its_newest_previews_and_an_ended_one_none(store, ru
 
 def test_every_key_a_job_leaves_expires(store, run):
     """After a job's whole life every key it touched has a TTL, the owner's status indexes
-    included (a reindexed set used to live forever)."""
+    included (a status set a transition adds to lives as long as its newest record)."""
     job_id, _, _ = run(store.submit("alice", P, {}, idempotency_key="k"))
     run(store.mark_running(job_id, "alice"))
     run(store.add_preview(job_id, 1, "{}"))

@@ -108,8 +108,8 @@ def test_record_steps_writes_progress_and_reports_statuses(store, run):
 
 
 def test_result_indices_come_from_the_shard_size_the_job_was_cut_with(store, run, redis_server):
-    """Regression: 40 images submitted with shard size 16, read back while the setting says 32,
-    used to raise IndexError (and map shard 1 to the wrong images)."""
+    """40 images submitted with shard size 16 and read back while the setting says 32 keep the
+    shards they were cut in: every index maps to its image, none past the end."""
     p = params(40)
     store.shard_size = 16
     job_id, _, _ = run(store.submit("alice", p, {}))
@@ -130,7 +130,7 @@ def test_result_indices_come_from_the_shard_size_the_job_was_cut_with(store, run
 
 
 def test_records_without_a_stored_shard_size_use_the_stores_setting(store, run):
-    """Jobs submitted before the shard size was stored keep their old meaning: the setting."""
+    """A record that does not say its shard size is read with the store's setting."""
     p = params(10)
     job_id, _, _ = run(store.submit("alice", p, {}))
     run(store.r.hdel(f"undiffuse:job:{job_id}", "shard_size"))
