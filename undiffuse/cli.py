@@ -1,12 +1,18 @@
+# PYTHON_ARGCOMPLETE_OK
 """The `undiffuse` command line.
 
-Local work: `undiffuse train ...` and `undiffuse sample ...`. A client of a running service
-(URL and key from --url/--api-key, before or after the command, or $UNDIFFUSE_URL and
-$UNDIFFUSE_API_KEY):
+Local work: `undiffuse train ...` and `undiffuse sample --model-dir DIR ...`. A client of a
+running service (URL and key from --url/--api-key, before or after the command, or
+$UNDIFFUSE_URL and $UNDIFFUSE_API_KEY):
 
     undiffuse submit --num 64 --class 7 --steps 50 --wait --out digits/
     undiffuse jobs list|get|wait|cancel|download|archive|delete ...
     undiffuse models | webhook-secret
+
+One meaning per option across the commands: `--model` names a model the service serves
+(`undiffuse models`) and `--model-dir` is a model folder on this machine (`sample`, which still
+takes `--model DIR` with a warning); `--class` is one class for every image (`7`) or one per
+image (`1,2,3`) in `sample` and `submit` alike.
 
 Exit status (EPILOG): 0 done; 1 the job failed or was canceled, or a download did not match
 its manifest; 2 bad arguments (a job id the service could not have issued among them) or a
@@ -14,12 +20,17 @@ request the service refused (4xx), with one line on stderr: "undiffuse: error: <
 service is unreachable or unavailable (retry later); 4 --timeout ran out before the job ended
 (it goes on); 130 interrupted (a submitted job goes on: `undiffuse jobs wait ID`). An API key
 about to go over plain http:// to a host other than this machine gets a warning on stderr first.
+
+Shell completion with argcomplete (`pip install argcomplete`, or the `completion` extra):
+`eval "$(register-python-argcomplete undiffuse)"` in ~/.bashrc (zsh: the same after
+`autoload -U bashcompinit && bashcompinit`).
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import re
 import sys
 from pathlib import Path
@@ -134,7 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
 
     s = sub.add_parser("sample", help="sample images from a model into a PNG grid")
-    s.add_argument("--model", required=True, type=Path, help="model folder (undiffuse or diffusers)")
+    s.add_argument(
+        "--model-dir",
+        type=Path,
+        metavar="DIR",
+        help="required: a model folder on this machine (undiffuse or diffusers), e.g. models/mnist",
+    )
+    s.add_argument("--model", dest="model_dir", type=Path, action=_DeprecatedFolder, help=argparse.SUPPRESS)
     s.add_argument("--num", type=_positive("--num"), default=16)
     s.add_argument("--steps", type=_positive("--steps"), default=50)
     s.add_argument(
@@ -145,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--class", dest="class_label", type=int, help="class of every image")
+    s.add_argument("--class", dest="class_label", type=_class_labels, metavar="C[,C...]", help=CLASS_HELP)
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     s.add_argument("--nrow", type=_positive("--nrow"), help="images per grid row")
     s.add_argument("--out", type=Path, default=Path("grid.png"))
@@ -155,8 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+CLASS_HELP = "one class for every image (7), or one per image (1,2,3)"
+
+
+class _DeprecatedFolder(argparse.Action):
+    """`sample --model DIR`, taken as --model-dir DIR with a warning: scripts that say it keep
+    working, while --model means a model the service serves everywhere else."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(
+            f"undiffuse: warning: sample {option_string} DIR is deprecated, use --model-dir DIR "
+            "(--model names a model the service serves)",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
 def _class_labels(text: str) -> int | list[int]:
-    """--class 7 (every image) or --class 1,2,3 (one per image)."""
+    """--class 7 (every image) or --class 1,2,3 (one per image; `7,` is a list of one)."""
     values = _int_tuple(text)
     if not values:
         raise argparse.ArgumentTypeError(f"expected a class or comma-separated classes, got {text!r}")
@@ -214,6 +247,11 @@ SERVICE_COMMANDS = ("submit", "jobs", "models", "webhook-secret")
 EPILOG = f"""commands of a running service:
   submit, jobs list|get|wait|cancel|download|archive|delete, models, webhook-secret
 
+the same option means the same in every command:
+  --model NAME        a model the service serves (undiffuse models); a folder on this
+                      machine is --model-dir DIR (sample)
+  --class 7 | 1,2,3   one class for every image, or one per image
+
 environment:
   UNDIFFUSE_URL       the service (default {_DEFAULT_URL}); --url overrides it
   UNDIFFUSE_API_KEY   the API key; --api-key overrides it
@@ -221,7 +259,11 @@ environment:
 exit status:
   0 done; 1 the job failed or was canceled, or a download did not match its manifest;
   2 bad arguments, or the service refused the request (4xx); 3 the service is unreachable
-  or unavailable (retry later); 4 --timeout ran out before the job ended; 130 interrupted"""
+  or unavailable (retry later); 4 --timeout ran out before the job ended; 130 interrupted
+
+shell completion (with argcomplete installed):
+  eval "$(register-python-argcomplete undiffuse)"
+"""
 
 
 def _version() -> str:
@@ -268,13 +310,15 @@ def _add_client_commands(sub) -> None:
 
     s = sub.add_parser("submit", parents=[service, waiting], help="submit a job to a running service")
     s.add_argument("--num", dest="num_images", type=_positive("--num"), default=None, help="images (default 1)")
-    s.add_argument("--class", dest="class_label", type=_class_labels, help="one class, or one per image: 1,2,3")
+    s.add_argument("--class", dest="class_label", type=_class_labels, metavar="C[,C...]", help=CLASS_HELP)
     s.add_argument("--steps", type=_positive("--steps"), default=None, help="default: the service's (50)")
     s.add_argument("--sampler", default=None, help=f"{', '.join(SAMPLER_NAMES)} (default: the service's)")
     s.add_argument("--eta", type=float, default=None)
     s.add_argument("--seed", type=int, default=None, help="default: chosen by the service and shown")
     s.add_argument("--guidance", dest="guidance_scale", type=float, default=None)
-    s.add_argument("--model", default=None, help="a name from the service's /v1/models (`undiffuse models`)")
+    s.add_argument(
+        "--model", metavar="NAME", default=None, help="a model the service serves, by name (`undiffuse models`)"
+    )
     s.add_argument("--previews", action="store_true", default=None, help="stream previews of the first image")
     s.add_argument("--preview-every", type=_positive("--preview-every"), default=None, help="steps between previews")
     s.add_argument("--webhook-url", default=None, help="https:// URL to POST the job's events to, signed")
@@ -393,16 +437,12 @@ def _sample(args: argparse.Namespace) -> None:
     if not 0 <= args.seed < 2**63:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     device = _device(args.device)
-    model = load_model(args.model, device)
+    model = load_model(args.model_dir, device)
     if args.steps > model.schedule.num_timesteps:
         raise UsageError(f"--steps {args.steps} exceeds the model's {model.schedule.num_timesteps} timesteps")
     labels = None
     if args.class_label is not None:
-        if model.num_classes is None:
-            raise UsageError("--class given but the model is unconditional")
-        if not 0 <= args.class_label < model.num_classes:
-            raise UsageError(f"--class must be in [0, {model.num_classes - 1}], got {args.class_label}")
-        labels = torch.full((args.num,), args.class_label, dtype=torch.long)
+        labels = torch.tensor(_sample_classes(args.class_label, args.num, model.num_classes), dtype=torch.long)
     elif model.num_classes is not None:
         # every class in turn, in equal consecutive blocks: with --nrow, one row per class
         labels = (torch.arange(args.num) * model.num_classes) // args.num
@@ -425,8 +465,26 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.num} images to {args.out}")
 
 
+def _sample_classes(given: int | list[int], num: int, num_classes: int | None) -> list[int]:
+    """--class for `sample`: as `submit` sends it, one class for every image or one per image."""
+    if num_classes is None:
+        raise UsageError("--class given but the model is unconditional")
+    classes = [given] * num if isinstance(given, int) else given
+    if len(classes) != num:
+        raise UsageError(f"--class lists {len(classes)} classes for --num {num} images: give one, or one per image")
+    for c in classes:
+        if not 0 <= c < num_classes:
+            raise UsageError(f"--class must be in [0, {num_classes - 1}], got {c}")
+    return classes
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # a shell asking for completions (argcomplete's protocol)
+        _complete(parser)
+    args = parser.parse_args(argv)
+    if args.command == "sample" and args.model_dir is None:
+        parser.error("sample: the following arguments are required: --model-dir")
     if args.command in SERVICE_COMMANDS:
         from undiffuse.client_cli import run
 
@@ -444,6 +502,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"undiffuse: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Print the completions a shell asked for and exit; nothing without argcomplete."""
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)
 
 
 if __name__ == "__main__":

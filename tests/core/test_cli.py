@@ -70,7 +70,7 @@ def test_train_then_sample_end_to_end(tmp_path, idx_data, capsys):
     run = tmp_path / "run"
     assert _train(img, lab, run, steps=3) == 0
     out = tmp_path / "grid.png"
-    sample = f"sample --model {run / 'model'} --num 6 --steps 4 --class 2 --nrow 3 --out {out} --sampler ddpm"
+    sample = f"sample --model-dir {run / 'model'} --num 6 --steps 4 --class 2 --nrow 3 --out {out} --sampler ddpm"
     assert main(sample.split()) == 0
     with Image.open(out) as im:
         assert im.size == (3 * 10 + 2, 2 * 10 + 2)  # 8 px tiles, 2 px padding
@@ -82,10 +82,12 @@ def test_train_then_sample_end_to_end(tmp_path, idx_data, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["sample", "--model", "/nonexistent"], "/nonexistent: model folder not found"),
-        (["sample", "--model", "x", "--num", "0"], "--num must be >= 1, got 0"),
-        (["sample", "--model", "x", "--sampler", "euler"], "invalid choice: 'euler'"),
-        (["sample", "--model", "x", "--out", "a.jpg"], "must be a .png path"),
+        (["sample", "--model-dir", "/nonexistent"], "/nonexistent: model folder not found"),
+        (["sample", "--model-dir", "x", "--num", "0"], "--num must be >= 1, got 0"),
+        (["sample", "--model-dir", "x", "--sampler", "euler"], "invalid choice: 'euler'"),
+        (["sample", "--model-dir", "x", "--out", "a.jpg"], "must be a .png path"),
+        (["sample", "--num", "4"], "the following arguments are required: --model-dir"),
+        (["sample", "--model-dir", "x", "--class", "1,x"], "expected comma-separated integers"),
         (["train", "--data", "/nonexistent", "--out", "/tmp/x"], "no such file or folder"),
         (["train", "--data", "x", "--out", "/tmp/x", "--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
         (["frobnicate"], "invalid choice"),
@@ -99,28 +101,87 @@ def test_bad_arguments_exit_nonzero_with_one_line(args, message):
     assert lines[0].startswith("undiffuse: error:") and message in lines[0]
 
 
+def _sample(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "undiffuse.cli", "sample", *args], capture_output=True, text=True, timeout=120
+    )
+
+
 def test_sample_checks_class_against_model(tmp_path, idx_data):
     img, lab, _ = idx_data
     run = tmp_path / "run"
     _train(img, lab, run, steps=1)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "undiffuse.cli",
-            "sample",
-            "--model",
-            str(run / "model"),
-            "--class",
-            "3",
-            "--out",
-            str(tmp_path / "g.png"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    model, out = str(run / "model"), str(tmp_path / "g.png")
+    proc = _sample("--model-dir", model, "--class", "3", "--out", out)
     assert proc.returncode == 2 and "--class must be in [0, 2], got 3" in proc.stderr
+    listed = _sample("--model-dir", model, "--num", "3", "--class", "0,1,5", "--out", out)
+    assert listed.returncode == 2 and "--class must be in [0, 2], got 5" in listed.stderr
+    short = _sample("--model-dir", model, "--num", "4", "--class", "0,1", "--out", out)
+    assert short.returncode == 2 and "--class lists 2 classes for --num 4 images" in short.stderr
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_sample_takes_one_class_per_image_as_submit_does(tmp_path, idx_data, capsys):
+    img, lab, _ = idx_data
+    run = tmp_path / "run"
+    _train(img, lab, run, steps=1)
+    out = tmp_path / "g.png"
+    args = ["sample", "--model-dir", str(run / "model"), "--num", "3", "--steps", "2", "--out", str(out)]
+    assert main([*args, "--class", "2,0,1", "--nrow", "3"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (3 * 10 + 2, 10 + 2)
+
+
+def test_sample_model_is_a_deprecated_name_for_model_dir(tmp_path, idx_data):
+    """`sample --model DIR` keeps working, with one warning line: --model names a served model."""
+    img, lab, _ = idx_data
+    run = tmp_path / "run"
+    _train(img, lab, run, steps=1)
+    proc = _sample("--model", str(run / "model"), "--num", "2", "--steps", "2", "--out", str(tmp_path / "g.png"))
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("undiffuse: warning:")]
+    assert warnings == [
+        "undiffuse: warning: sample --model DIR is deprecated, use --model-dir DIR "
+        "(--model names a model the service serves)"
+    ]
+    assert (tmp_path / "g.png").exists()
+
+
+def test_model_and_class_mean_the_same_in_sample_and_submit():
+    from undiffuse.cli import build_parser
+
+    parse = build_parser().parse_args
+    for command in (["sample", "--model-dir", "m"], ["submit"]):
+        assert parse([*command, "--class", "7"]).class_label == 7  # every image
+        assert parse([*command, "--class", "1,2,3"]).class_label == [1, 2, 3]  # one per image
+        assert parse([*command, "--class", "4,"]).class_label == [4]
+    assert parse(["submit", "--model", "mnist"]).model == "mnist"  # a served model's name
+    assert str(parse(["sample", "--model-dir", "models/mnist"]).model_dir) == "models/mnist"
+    text = build_parser().format_help()
+    assert "--model NAME" in text and "--model-dir DIR" in text and "--class 7 | 1,2,3" in text
+
+
+def test_shell_completion_through_argcomplete(tmp_path):
+    """What bash asks of `eval "$(register-python-argcomplete undiffuse)"`, answered."""
+    import os
+
+    answers = {}
+    for line in ("undiffuse jobs l", "undiffuse sample --model-", "undiffuse sub"):
+        out = tmp_path / "completions"
+        env = {
+            **os.environ,
+            "_ARGCOMPLETE": "1",
+            "_ARGCOMPLETE_STDOUT_FILENAME": str(out),
+            "_ARGCOMPLETE_IFS": "\n",
+            "COMP_LINE": line,
+            "COMP_POINT": str(len(line)),
+        }
+        proc = subprocess.run([sys.executable, "-m", "undiffuse.cli"], env=env, capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        answers[line] = out.read_text().split()
+    assert answers["undiffuse jobs l"] == ["list"]
+    assert answers["undiffuse sample --model-"] == ["--model-dir"]  # the deprecated --model is not offered
+    assert answers["undiffuse sub"] == ["submit"]
 
 
 def test_train_refuses_a_non_positive_time_limit(tmp_path, idx_data):
