@@ -222,9 +222,9 @@ def guided_packing(model, shards: int = 16, shard_size: int = 16, max_batch: int
     max_batch limits merging): the engine, which counts a shard's null-class twins at the steps
     where they run, against the same engine pricing them at every step (as it did before). On
     such a GPU a step costs about the same whatever its rows, so fewer calls is less time."""
-    from undiffuse.engine import _Slot
+    from undiffuse.scheduler import Slot
 
-    class TwinsAtEveryStep(_Slot):  # the reference: twice its images whenever it is guided
+    class TwinsAtEveryStep(Slot):  # the reference: twice its images whenever it is guided
         __slots__ = ()
 
         @property
@@ -232,7 +232,7 @@ def guided_packing(model, shards: int = 16, shard_size: int = 16, max_batch: int
             return self.request.count * (2 if self.twin_at else 1)
 
     cells = {}
-    for label, slot_class in (("every step", TwinsAtEveryStep), ("where they run", _Slot)):
+    for label, slot_class in (("every step", TwinsAtEveryStep), ("where they run", Slot)):
         for sampler, steps in (("ddim", 20), ("dpmpp_2m", 10), ("ddim", 50)):
             engine = DenoisingEngine(model, EngineConfig(max_batch=max_batch, compile=False, channels_last=False))
             calls: list[int] = []
@@ -241,7 +241,7 @@ def guided_packing(model, shards: int = 16, shard_size: int = 16, max_batch: int
             for k in range(shards):
                 engine.add(Request(k, f"o{k % 4}", seed=k, start=0, count=shard_size, steps=steps, sampler=sampler,
                                    labels=[k % 10] * shard_size, guidance_scale=3.0))  # fmt: skip
-                engine._slots[k].__class__ = slot_class
+                engine.scheduler.get(k).__class__ = slot_class
             while not engine.idle:
                 engine.step()
             cells[label, sampler, steps] = (len(calls), sum(calls) / len(calls))

@@ -11,22 +11,27 @@ one shard of a job) and advances them together:
             done.pixels()                 # [count, H, W, C] uint8 (waits for the device copy)
 
 One `step()`:
-  1. schedules: picks the requests that run this step (see `_select`): fair across owners,
-     shortest remaining work first, within `max_batch` rows (guidance twins count at the steps
-     where they run), and only as many as keep the step fast for the shortest request where
-     the measured step-time table says joining is expensive (a CPU), while merging freely
-     where it is cheap (a GPU);
-  2. assembles the batch only when the selection changed (requests joined, finished, were
-     canceled or paused): per-row x, timestep-table offsets and positions, labels, guidance;
+  1. schedules (`undiffuse.scheduler.Scheduler`): picks the requests that run this step: fair
+     across owners, shortest remaining work first, within `max_batch` rows (guidance twins
+     count at the steps where they run), and only as many as keep the step fast for the
+     shortest request where the measured step-time table says joining is expensive (a CPU),
+     while merging freely where it is cheap (a GPU). The rule is re-evaluated only when its
+     result can change (a join, finish, cancel, pause, a twin switching, a latency class
+     changing); in between a step costs O(1) host work whatever the number of requests;
+  2. assembles the batch only when the selection changed, in a fixed number of tensor ops: the
+     staying rows, the paused requests' rows and one batched x_T draw for every row that starts
+     are gathered into one tensor, grouped by sampler; per-row timestep offsets, labels and
+     noise keys are built on the host and copied once each;
   3. runs the network once: rows at different timesteps in one call (the UNet takes a timestep
      per row), plus a null-class twin for each row whose guidance scale is not 1 and whose
      timestep is inside the model's guidance interval (outside it the twin would go unused);
   4. applies each sampler's per-row `step()` to its rows (one call per distinct sampler in the
      batch, never per row), with per-row noise draws from (seed, index, step);
-  5. hands back requests whose rows all finished: uint8 on the device, copied to pinned host
-     memory without waiting (`Finished.pixels()` waits for that copy, off the stepping thread);
-     and, for a request that asked for previews (`Request.preview_every`), every k-th step's
-     x0 prediction of its first image, copied the same way (`take_previews()`).
+  5. hands back requests whose rows all finished: their rows leave in one gather, converted to
+     uint8 on the device and copied to pinned host memory without waiting (`Finished.pixels()`
+     waits for that copy, off the stepping thread); and, for a request that asked for previews
+     (`Request.preview_every`), every k-th step's x0 prediction of its first image, copied the
+     same way (`take_previews()`).
 
 Nothing in a step reads a device tensor back to the host: positions are mirrored on the host
 (every selected row advances by exactly one step), and a batch rebuilt after a change of
@@ -53,6 +58,7 @@ from undiffuse.checkpoint import DiffusionModel
 from undiffuse.noise import ImageNoise
 from undiffuse.registry import make_sampler
 from undiffuse.samplers import NO_HISTORY, NULL_CLASS, Sampler, guided_timesteps, previous_timesteps
+from undiffuse.scheduler import Scheduler, Slot
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,24 +121,40 @@ class EngineConfig:
 
 
 class Finished:
-    """A request whose rows all finished. `pixels()` -> [count, H, W, C] uint8 numpy array."""
+    """A request whose rows all finished. `pixels()` -> [count, H, W, C] uint8 numpy array.
+
+    The rows of every request that finished at one step share one host tensor (one gather,
+    one copy); each `Finished` reads its own rows of it."""
 
     def __init__(
-        self, request: Request, host: Tensor, ready: torch.cuda.Event | None, samples: Tensor | None = None
+        self,
+        request: Request,
+        host: Tensor,
+        rows: tuple[int, int],
+        ready: torch.cuda.Event | None,
+        samples: Tensor | None = None,
     ) -> None:
         self.request = request
         self._host = host
+        self._rows = rows
         self._ready = ready
-        self.samples = samples  # [count, C, H, W] float32 x_0, with EngineConfig.keep_samples
+        self._samples = samples
 
     @property
     def id(self) -> Hashable:
         return self.request.id
 
+    @property
+    def samples(self) -> Tensor | None:
+        """[count, C, H, W] float32 x_0, with EngineConfig.keep_samples (else None)."""
+        lo, hi = self._rows
+        return None if self._samples is None else self._samples[lo:hi]
+
     def pixels(self):
         if self._ready is not None:
             self._ready.synchronize()  # the async device-to-host copy, not the whole device
-        return self._host.numpy()
+        lo, hi = self._rows
+        return self._host[lo:hi].numpy()
 
 
 class Preview:
@@ -155,66 +177,49 @@ class Preview:
         return self._host[0].numpy()
 
 
-class _Slot:
-    """Engine state of one request: its rows' x while paused, its position, its sampler."""
+class _Rows:
+    """The engine's data of one request (`Slot.state`): its sampler, where its timesteps start,
+    and, while it is paused, where its rows wait."""
 
-    __slots__ = ("request", "sampler", "ts_offset", "twin_at", "pos", "x", "history", "order", "waited")
+    __slots__ = ("sampler", "ts_offset", "x", "history")
 
-    def __init__(
-        self, request: Request, sampler: Sampler, ts_offset: int, order: int, twin_at: Sequence[bool] = ()
-    ) -> None:
-        self.request = request
+    def __init__(self, sampler: Sampler, ts_offset: int) -> None:
         self.sampler = sampler
         self.ts_offset = ts_offset  # where its timestep list starts in the engine's table
-        self.twin_at = twin_at  # per step, whether its rows need null-class twins (empty: never)
-        self.pos = 0  # steps done; every row of the request advances together
-        self.x: Tensor | None = None  # [count, C, H, W] when not in the batch (None before start)
-        self.history: Tensor | None = None  # a multistep sampler's previous x_0, like x (None before step 2)
-        self.order = order  # arrival order (ties)
-        self.waited = 0  # steps it was passed over since it arrived (ageing: nothing starves)
+        self.x: tuple[Tensor, int] | None = None  # (tensor, first row) of its x while paused; None before start
+        self.history: tuple[Tensor, int] | None = None  # the same for a multistep sampler's previous x_0
 
-    @property
-    def priority(self) -> tuple[int, int]:
-        """Lower runs first: remaining work less the steps waited, then arrival."""
-        return (self.remaining - self.waited, self.order)
 
-    @property
-    def remaining(self) -> int:
-        return self.request.steps - self.pos
+@dataclass
+class _Group:
+    """The rows of one sampler in the batch: batch rows [lo, hi)."""
 
-    @property
-    def twins(self) -> bool:
-        """Whether its rows need null-class twins at this step (guided, inside the interval)."""
-        return self.pos < len(self.twin_at) and self.twin_at[self.pos]
-
-    @property
-    def rows(self) -> int:
-        """Rows it takes in this step's network call: its images plus their null-class twins."""
-        return self.request.count * (2 if self.twins else 1)
-
-    @property
-    def peak_rows(self) -> int:
-        """The most rows it takes at any step still to come."""
-        return self.request.count * (2 if any(self.twin_at[self.pos :]) else 1)
+    sampler: Sampler
+    lo: int
+    hi: int
+    noise: ImageNoise | None  # its rows' noise keys, for a sampler that draws noise
+    history: Tensor | None  # [hi - lo, C, H, W]: each row's previous x_0 (multistep samplers only)
 
 
 @dataclass
 class _Batch:
-    """The assembled batch: valid until the selection changes."""
+    """The rows of the running requests: valid until the selection changes. Requests are
+    grouped by sampler, so each sampler's rows are one contiguous range."""
 
-    slots: list[_Slot]
+    slots: list[Slot]
+    bounds: list[tuple[int, int]]  # each slot's [begin, end) rows in x
     x: Tensor  # [B, C, H, W] float32
-    history: Tensor | None  # [B, C, H, W] float32: previous x_0 of every row, when a multistep sampler runs
     rows: Tensor  # [B] long: offset of each row's timestep list + its position
     starts: Tensor  # [B] long: offset of each row's timestep list (rows - starts = steps done)
     labels: Tensor | None  # [B] long
-    guided: list[tuple[_Slot, int, int]]  # (slot, begin, end) of each request with guidance != 1
-    twin_key: tuple[int, ...] | None  # which of `guided` have their twins in `twins` (None: not built yet)
-    twins: Tensor | None  # [G] long: rows whose null-class twin runs this step
-    scales: Tensor | None  # [G, 1, 1, 1] float32: their guidance scales
-    groups: list[tuple[Sampler, Tensor | None, ImageNoise]]  # (sampler, its rows or None for all, their noise)
-    bounds: list[tuple[int, int]]  # each slot's [begin, end) rows in x
-    previews: list[tuple[_Slot, int, int]]  # (slot, its group, its first row within the group) where previews are due
+    groups: list[_Group]
+    guided: list[tuple[Slot, int, int]]  # (slot, begin, end) of each request with guidance != 1
+    twin_key: tuple[int, ...] | None = None  # which of `guided` have their twins in `twins`
+    twins: Tensor | None = None  # [G] long: rows whose null-class twin runs this step
+    scales: Tensor | None = None  # [G, 1, 1, 1] float32: their guidance scales
+    previews: list[tuple[Slot, int, int]] = field(default_factory=list)  # (slot, group, first row in group)
+    sampler_name: str = ""  # the samplers' name, "mixed" when several
+    finish_at: int = 0  # the scheduler clock at which its first request finishes
 
 
 class DenoisingEngine:
@@ -235,7 +240,7 @@ class DenoisingEngine:
         self.buckets = _buckets(cfg.max_batch, cfg.buckets)
         if self.compiled:
             _allow_recompiles(len(self.buckets))
-        self.step_time: dict[int, float] = {}  # bucket -> seconds, from warm_up()
+        self.scheduler = Scheduler(cfg.max_batch, cfg.latency_slack, cfg.merge_ratio, self.buckets)
         # per timestep, whether guidance acts (the model's interval; None: at every one), on the host
         interval = model.guidance_interval
         self._guided_t = None if interval is None else guided_timesteps(model.schedule, interval).tolist()
@@ -243,9 +248,6 @@ class DenoisingEngine:
         self._ts_table = torch.empty(0, dtype=torch.long, device=self.device)
         self._ts_host: list[int] = []  # the same table on the host: which steps need twins
         self._ts_offsets: dict[tuple, int] = {}
-        self._slots: dict[Hashable, _Slot] = {}
-        self._owners: deque[str] = deque()  # round-robin order of owners with work
-        self._arrivals = itertools.count()
         self._canceled: set[Hashable] = set()
         self._batch: _Batch | None = None
         self._previews: list[Preview] = []
@@ -254,16 +256,26 @@ class DenoisingEngine:
 
     # --- the public surface ----------------------------------------------------------------------
     @property
+    def step_time(self) -> dict[int, float]:
+        """{bucket: seconds per step} from warm_up(), which the scheduler's latency check reads;
+        a copy: assign a whole table to change it."""
+        return self.scheduler.step_time
+
+    @step_time.setter
+    def step_time(self, table: dict[int, float]) -> None:
+        self.scheduler.step_time = table
+
+    @property
     def idle(self) -> bool:
-        return not self._slots
+        return not len(self.scheduler)
 
     def __len__(self) -> int:
         """Requests queued or running."""
-        return len(self._slots)
+        return len(self.scheduler)
 
     def add(self, request: Request) -> None:
         """Queue a request; it joins the batch at a coming step."""
-        if request.id in self._slots:
+        if request.id in self.scheduler:
             raise ValueError(f"request {request.id!r} is already in the engine")
         self._validate(request)
         key = (request.sampler, tuple(sorted(request.options.items())))
@@ -275,19 +287,17 @@ class DenoisingEngine:
         if request.guidance_scale != 1.0:
             ts = self._ts_host[offset : offset + request.steps]
             twin_at = tuple(self._guided_t is None or self._guided_t[t] for t in ts)
-        slot = _Slot(request, sampler, offset, next(self._arrivals), twin_at)
-        if slot.peak_rows > self.config.max_batch:
+        peak_rows = request.count * (2 if any(twin_at) else 1)
+        if peak_rows > self.config.max_batch:
             raise ValueError(
-                f"request {request.id!r} needs {slot.peak_rows} rows (guidance twins count); "
+                f"request {request.id!r} needs {peak_rows} rows (guidance twins count); "
                 f"max_batch is {self.config.max_batch}"
             )
-        self._slots[request.id] = slot
-        if request.owner not in self._owners:
-            self._owners.append(request.owner)
+        self.scheduler.add(request, twin_at).state = _Rows(sampler, offset)
 
     def cancel(self, request_id: Hashable) -> bool:
         """Drop a request: its rows leave the batch at the next step. False if unknown."""
-        if request_id not in self._slots:
+        if request_id not in self.scheduler:
             return False
         self._canceled.add(request_id)
         return True
@@ -296,10 +306,11 @@ class DenoisingEngine:
         """Change the rows per network call (the service's user_config); never below the rows of
         a request already queued. New buckets compile on first use (warm_up compiles them), and
         the step-time table is kept for the buckets that stay."""
-        largest = max((slot.peak_rows for slot in self._slots.values()), default=1)
+        largest = max((slot.peak_rows for slot in self.scheduler.slots), default=1)
         max_batch = max(max_batch, largest)  # a request already queued must still fit
         self.config = replace(self.config, max_batch=max_batch)
         self.buckets = _buckets(max_batch, self.config.buckets)
+        self.scheduler.set_max_batch(max_batch, self.buckets)
         if self.compiled:
             _allow_recompiles(len(self.buckets))
 
@@ -310,58 +321,62 @@ class DenoisingEngine:
 
     def progress(self) -> dict[Hashable, int]:
         """Steps done by each queued or running request."""
-        return {rid: s.pos for rid, s in self._slots.items()}
+        return {slot.id: slot.pos for slot in self.scheduler.slots}
 
     @torch.no_grad()
     def step(self) -> list[Finished]:
         """Advance the selected requests by one denoising step; return those that finished."""
         self._drop_canceled()
-        if not self._slots:
+        if self.idle:
             return []
-        selected = self._select()
+        selected, replanned = self.scheduler.schedule()
         started = self._mark()
         batch = self._batch
-        if batch is None or [s.request.id for s in batch.slots] != [s.request.id for s in selected]:
-            batch = self._assemble(selected)
+        if replanned:
+            ordered = self._batch_order(selected)
+            if batch is None or batch.slots != ordered:
+                batch = self._assemble(ordered)
+            else:
+                batch.finish_at = self.scheduler.clock + min(s.remaining for s in ordered)
+            self._refresh_twins(batch)
         # 1. one network call for every row, at its own timestep, plus guidance twins
         t = self._ts_table[batch.rows]
         eps = self._eps(batch, t)
         # 2. each sampler's per-row update on its rows (one call per sampler, not per row)
-        t_prev = self._ts_table[batch.rows + 1]
-        x = batch.x
-        x0s: list[Tensor] | None = [] if batch.previews else None  # each group's x0 prediction
-        for sampler, rows, noise in batch.groups:
-            if rows is None:
-                xs, es, ts, tp, done = x, eps, t, t_prev, batch.rows - batch.starts
+        following = batch.rows + 1
+        t_prev = self._ts_table[following]
+        whole = len(batch.groups) == 1
+        outs: list[Tensor] = []
+        x0s: list[Tensor] = []
+        for group in batch.groups:
+            sampler = group.sampler
+            if whole:
+                xs, es, ts, tp, here, first = batch.x, eps, t, t_prev, batch.rows, batch.starts
             else:
-                xs, es, ts, tp, done = x[rows], eps[rows], t[rows], t_prev[rows], (batch.rows - batch.starts)[rows]
+                rows = slice(group.lo, group.hi)
+                xs, es, ts, tp = batch.x[rows], eps[rows], t[rows], t_prev[rows]
+                here, first = batch.rows[rows], batch.starts[rows]
+            done = here - first if sampler.needs_noise or sampler.multistep else None
             # step k uses noise draw k + 1, as Sampler.sample does
-            z = noise.draw_rows(done + 1, self.model.image_shape) if sampler.needs_noise else None
+            z = group.noise.draw_rows(done + 1, self.model.image_shape) if sampler.needs_noise else None
             if sampler.multistep:  # its rows' previous x_0 and timestep (none on their first step)
-                hs = batch.history if rows is None else batch.history[rows]
-                here = batch.rows if rows is None else batch.rows[rows]
                 t_last = torch.where(done > 0, self._ts_table[(here - 1).clamp(min=0)], NO_HISTORY)
-                out = sampler.step(es, ts, xs, z, t_prev=tp, t_last=t_last, history=hs)
-                new = out.pred_x0
-                batch.history = new if rows is None else batch.history.index_copy(0, rows, new)
+                out = sampler.step(es, ts, xs, z, t_prev=tp, t_last=t_last, history=group.history)
+                group.history = out.pred_x0
             else:
                 out = sampler.step(es, ts, xs, z, t_prev=tp)
-            x = out.prev_sample if rows is None else x.index_copy(0, rows, out.prev_sample)
-            if x0s is not None:
+            outs.append(out.prev_sample)
+            if batch.previews:
                 x0s.append(out.pred_x0)
-        batch.x = x
-        batch.rows = batch.rows + 1
-        ran = {id(slot) for slot in selected}
-        for slot in self._slots.values():
-            if id(slot) in ran:
-                slot.pos += 1
-            else:
-                slot.waited += 1
-        if x0s is not None:
+        batch.x = outs[0] if whole else torch.cat(outs)
+        batch.rows = following
+        self.scheduler.advance()
+        if batch.previews:
             self._capture_previews(batch, x0s)
-        names = {s.request.sampler for s in selected}
-        self._timings.append((started, self._mark(), self._network_rows, names.pop() if len(names) == 1 else "mixed"))
-        return self._collect_finished(batch)
+        self._timings.append((started, self._mark(), self._network_rows, batch.sampler_name))
+        if self.scheduler.clock >= batch.finish_at:
+            return self._collect_finished(batch)
+        return []
 
     def step_times(self) -> list[tuple[float, int, str]]:
         """(seconds, rows, sampler) of each step whose timing is known by now, oldest first (rows:
@@ -393,151 +408,159 @@ class DenoisingEngine:
         """3. a preview of each previewing request whose step count just reached a multiple of
         its preview_every (not its last step: that is the image itself)."""
         for slot, group, row in batch.previews:
-            every, steps = slot.request.preview_every, slot.request.steps
-            if slot.pos % every == 0 and slot.pos < steps:
+            every, steps, pos = slot.request.preview_every, slot.request.steps, slot.pos
+            if pos % every == 0 and pos < steps:
                 host, ready = self._pixels_to_host(x0s[group][row : row + 1])
-                self._previews.append(Preview(slot.request, slot.pos, host, ready))
-
-    # --- scheduling --------------------------------------------------------------------------------
-    def _select(self) -> list[_Slot]:
-        """The requests that run this step, in arrival order.
-
-        The head is the request with the least remaining work less the steps it has waited since
-        it arrived: a long request passed over by a stream of short ones moves up one place per
-        step and, once at the front, stays there, so every wait is bounded. The rest are offered in round-robin turns across
-        owners, starting after the head's owner, each owner's requests shortest first. One
-        joins if its rows fit in max_batch and the step would take at most latency_slack times
-        as long as the short ones alone (those within merge_ratio of the shortest remaining
-        work): merging is free where the measured step time is flat (a GPU below saturation)
-        and refused where it would slow the shortest request down (a CPU).
-        """
-        cfg = self.config
-        head, offered, self._owners = self._offer_order()
-        chosen, rows = [head], head.rows
-        # the latency check, kept incrementally (a pass over `chosen` only when the shortest
-        # remaining work drops, not one per candidate as the rule reads)
-        check = cfg.latency_slack is not None and bool(self.step_time)
-        ratio = cfg.merge_ratio
-        shortest = head.remaining
-        short_rows = head.rows if head.remaining <= ratio * shortest else 0
-        for slot in offered:
-            if rows + slot.rows > cfg.max_batch:
-                continue
-            if check:
-                low = min(shortest, slot.remaining)
-                short = short_rows if low == shortest else sum(s.rows for s in chosen if s.remaining <= ratio * low)
-                short += slot.rows if slot.remaining <= ratio * low else 0
-                if not self._cheap_to_join(rows + slot.rows, short):
-                    continue
-                shortest, short_rows = low, short
-            chosen.append(slot)
-            rows += slot.rows
-        return sorted(chosen, key=lambda s: s.order)
-
-    def _offer_order(self) -> tuple[_Slot, list[_Slot], deque[str]]:
-        """(the head, the other requests in the order they are offered, the owners' order for the
-        next step): the scheduling order of `_select`, without the fit and latency checks."""
-        by_owner: dict[str, list[_Slot]] = {}
-        for slot in self._slots.values():
-            by_owner.setdefault(slot.request.owner, []).append(slot)
-        for slots in by_owner.values():
-            slots.sort(key=lambda s: s.priority)
-        owners = [o for o in self._owners if o in by_owner]
-        head_owner = min(owners, key=lambda o: by_owner[o][0].priority)
-        head = by_owner[head_owner].pop(0)
-        turn = owners.index(head_owner) + 1
-        turns = itertools.zip_longest(*(by_owner[o] for o in owners[turn:] + owners[:turn]))
-        offered = [s for group in turns for s in group if s is not None]
-        # every step the fill starts one owner further round (and the head's owner goes last)
-        rest = owners[turn:] + owners[: turn - 1]
-        return head, offered, deque([*rest[1:], *rest[:1], head_owner])
-
-    def _cheap_to_join(self, rows: int, short_rows: int) -> bool:
-        """Whether a step over `rows` stays within latency_slack of the time the `short_rows` (the
-        rows of the requests within merge_ratio of the least remaining work among them) would take
-        alone, by the measured step-time table."""
-        return self._cost(rows) <= self.config.latency_slack * self._cost(short_rows)
-
-    def _cost(self, rows: int) -> float:
-        """Seconds per step for a batch of rows, from the warm-up table; a bucket warm-up did not
-        reach is extrapolated linearly from the largest measured one (never free)."""
-        bucket = self._bucket(rows)
-        if bucket in self.step_time:
-            return self.step_time[bucket]
-        largest = max(self.step_time)
-        return self.step_time[largest] * max(1.0, bucket / largest)
-
-    def _bucket(self, rows: int) -> int:
-        for b in self.buckets:
-            if rows <= b:
-                return b
-        return rows
+                self._previews.append(Preview(slot.request, pos, host, ready))
 
     # --- assembling a batch ------------------------------------------------------------------------
-    def _assemble(self, selected: list[_Slot]) -> _Batch:
-        """Write the old batch's rows back to their slots and build the new batch."""
-        old = self._batch
-        if old is not None:
-            _write_back(old, [s for s in old.slots if s.request.id in self._slots])
-        xs, histories, rows, starts, labels, seeds, indices = [], [], [], [], [], [], []
-        bounds, begin = [], 0
+    def _batch_order(self, selected: list[Slot]) -> list[Slot]:
+        """The selected requests grouped by sampler (in order of first arrival), each group in
+        arrival order: every sampler's rows are then one contiguous range of the batch."""
+        rank: dict[int, int] = {}
         for slot in selected:
-            r = slot.request
-            if slot.x is None:  # first step: x_T is noise draw 0, as in Sampler.sample
-                slot.x = ImageNoise([r.seed] * r.count, range(r.start, r.start + r.count), self.device).draw(
-                    0, self.model.image_shape
-                )
-            xs.append(slot.x)
-            histories.append(slot.history if slot.history is not None else torch.zeros_like(slot.x))
-            rows += [slot.ts_offset + slot.pos] * r.count
-            starts += [slot.ts_offset] * r.count
-            labels += list(r.labels) if r.labels is not None else [NULL_CLASS] * r.count
-            seeds += [r.seed] * r.count
-            indices += range(r.start, r.start + r.count)
-            bounds.append((begin, begin + r.count))
-            begin += r.count
-        dev = self.device
-        as_long = lambda values: _host_to_device(torch.tensor(values, dtype=torch.long), dev)  # noqa: E731
-        groups: dict[int, tuple[Sampler, list[int]]] = {}
-        for slot, (lo, hi) in zip(selected, bounds, strict=True):
-            groups.setdefault(id(slot.sampler), (slot.sampler, []))[1].extend(range(lo, hi))
+            rank.setdefault(id(slot.state.sampler), len(rank))
+        if len(rank) == 1:
+            return selected
+        return sorted(selected, key=lambda s: rank[id(s.state.sampler)])  # stable: arrival order within
+
+    def _assemble(self, ordered: list[Slot]) -> _Batch:
+        """The batch of `ordered` from the old batch's rows, the paused requests' rows and one
+        x_T draw for every request that starts: a fixed number of tensor ops, whatever the
+        number of requests. Requests of the old batch that are not selected are paused (their
+        rows are set aside in one gather)."""
+        old, dev = self._batch, self.device
+        at: dict[int, int] = {}  # id(slot) -> its first row in the old batch
+        old_history: dict[int, tuple[Tensor, int]] = {}  # id(slot) -> (its group's history, its row)
+        if old is not None:
+            at = {id(slot): lo for slot, (lo, _hi) in zip(old.slots, old.bounds, strict=True)}
+            for group in old.groups:
+                if group.history is not None:
+                    for slot, (lo, _hi) in zip(old.slots, old.bounds, strict=True):
+                        if group.lo <= lo < group.hi:
+                            old_history[id(slot)] = (group.history, lo - group.lo)
+            chosen = {id(slot) for slot in ordered}
+            paused = [s for s in old.slots if id(s) not in chosen and self.scheduler.get(s.id) is s]
+            self._park(old, paused, at, old_history)
+        # x_T for every request that starts: one draw (noise draw 0, as in Sampler.sample)
+        starting = [s for s in ordered if id(s) not in at and s.state.x is None]
+        fresh = self._noise([s.request for s in starting]).draw(0, self.model.image_shape) if starting else None
+        # the batch's rows, from where each request's rows are
+        pieces, bounds, begin, fresh_row = [], [], 0, 0
+        for slot in ordered:
+            n = slot.request.count
+            if id(slot) in at:
+                pieces.append((old.x, at[id(slot)], n))
+            elif slot.state.x is not None:
+                pieces.append((*slot.state.x, n))
+            else:
+                pieces.append((fresh, fresh_row, n))
+                fresh_row += n
+            bounds.append((begin, begin + n))
+            begin += n
+        x = _gather(pieces, dev)
+        groups, previews = self._groups(ordered, bounds, old_history)
+        for slot in ordered:
+            slot.state.x = slot.state.history = None  # the batch holds its rows now
+        # per-row tables, built on the host and copied once each
+        rows, starts, labels = [], [], []
         conditional = self.model.num_classes is not None
-        noise = ImageNoise(seeds, indices, dev)
-        group_rows = [(s, None if len(g) == begin else as_long(g)) for s, g in groups.values()]
-        previews = []  # few: in the service only a job's first shard previews
-        for slot, (lo, _hi) in zip(selected, bounds, strict=True):
-            if slot.request.preview_every is not None:
-                group = list(groups).index(id(slot.sampler))
-                previews.append((slot, group, groups[id(slot.sampler)][1].index(lo)))
+        for slot in ordered:
+            r, state = slot.request, slot.state
+            rows += [state.ts_offset + slot.pos] * r.count
+            starts += [state.ts_offset] * r.count
+            if conditional:
+                labels += r.labels
+        as_long = lambda values: _host_to_device(torch.tensor(values, dtype=torch.long), dev)  # noqa: E731
+        names = {slot.request.sampler for slot in ordered}
         batch = _Batch(
-            slots=selected,
-            x=torch.cat(xs),
-            history=torch.cat(histories) if any(slot.sampler.multistep for slot in selected) else None,
+            slots=ordered,
+            bounds=bounds,
+            x=x,
             rows=as_long(rows),
             starts=as_long(starts),
             labels=as_long(labels) if conditional else None,
+            groups=groups,
             guided=[
                 (slot, lo, hi)
-                for slot, (lo, hi) in zip(selected, bounds, strict=True)
+                for slot, (lo, hi) in zip(ordered, bounds, strict=True)
                 if conditional and slot.request.guidance_scale != 1.0
             ],
-            twin_key=None,
-            twins=None,
-            scales=None,
-            groups=[(s, g, noise if g is None else noise.select(g)) for s, g in group_rows],
-            bounds=bounds,
             previews=previews,
+            sampler_name=names.pop() if len(names) == 1 else "mixed",
+            finish_at=self.scheduler.clock + min(s.remaining for s in ordered),
         )
-        for slot in selected:
-            slot.x = slot.history = None  # the batch owns the rows now
         self._batch = batch
         return batch
+
+    def _noise(self, requests: list[Request]) -> ImageNoise:
+        """The noise keys of the requests' images, one request after the other."""
+        return ImageNoise.for_requests(
+            [r.seed for r in requests], [r.start for r in requests], [r.count for r in requests], self.device
+        )
+
+    def _park(
+        self, old: _Batch, paused: list[Slot], at: dict[int, int], old_history: dict[int, tuple[Tensor, int]]
+    ) -> None:
+        """Set the rows (and histories) of requests leaving the batch unfinished aside, in one
+        gather each, until they run again."""
+        if not paused:
+            return
+        parked = _gather([(old.x, at[id(s)], s.request.count) for s in paused], self.device)
+        begin = 0
+        for slot in paused:
+            slot.state.x = (parked, begin)
+            begin += slot.request.count
+        multistep = [s for s in paused if id(s) in old_history]
+        kept = _gather([(*old_history[id(s)], s.request.count) for s in multistep], self.device)
+        begin = 0
+        for slot in multistep:
+            slot.state.history = (kept, begin)
+            begin += slot.request.count
+
+    def _groups(
+        self, ordered: list[Slot], bounds: list[tuple[int, int]], old_history: dict[int, tuple[Tensor, int]]
+    ) -> tuple[list[_Group], list[tuple[Slot, int, int]]]:
+        """Each sampler's contiguous rows with their noise keys (samplers that draw noise) and
+        histories (multistep samplers only), and where the previewing requests' first rows are."""
+        groups: list[_Group] = []
+        previews = []  # few: in the service only a job's first shard previews
+        first = 0
+        for k, (slot, (lo, hi)) in enumerate(zip(ordered, bounds, strict=True)):
+            sampler = slot.state.sampler
+            if slot.request.preview_every is not None:
+                previews.append((slot, len(groups), lo - bounds[first][0]))
+            if k + 1 < len(ordered) and ordered[k + 1].state.sampler is sampler:
+                continue
+            members = ordered[first : k + 1]
+            noise = self._noise([s.request for s in members]) if sampler.needs_noise else None
+            history = self._history(members, old_history) if sampler.multistep else None
+            groups.append(_Group(sampler, bounds[first][0], hi, noise, history))
+            first = k + 1
+        return groups, previews
+
+    def _history(self, members: list[Slot], old_history: dict[int, tuple[Tensor, int]]) -> Tensor:
+        """A multistep group's previous x_0 per row: from the old batch, from where a paused
+        request's was set aside, or zeros on a row's first step (multiplied by 0 there, but
+        read, so it must be finite)."""
+        new = sum(s.request.count for s in members if id(s) not in old_history and s.state.history is None)
+        zeros = torch.zeros(new, *self.model.image_shape, device=self.device) if new else None
+        pieces, zeros_at = [], 0
+        for slot in members:
+            n = slot.request.count
+            if id(slot) in old_history:
+                pieces.append((*old_history[id(slot)], n))
+            elif slot.state.history is not None:
+                pieces.append((*slot.state.history, n))
+            else:
+                pieces.append((zeros, zeros_at, n))
+                zeros_at += n
+        return _gather(pieces, self.device)
 
     # --- the network ---------------------------------------------------------------------------------
     def _eps(self, batch: _Batch, t: Tensor) -> Tensor:
         """eps for every row, guided where the scale is not 1: [B, C, H, W] float32."""
-        x, labels = batch.x, batch.labels
-        twins = self._twins(batch)
+        x, labels, twins = batch.x, batch.labels, batch.twins
         n = x.shape[0]
         if twins is not None:  # the null-class twins ride in the same call
             x_in = torch.cat([x, x[twins]])
@@ -554,13 +577,14 @@ class DenoisingEngine:
         guided = eps_u + batch.scales * (eps_c - eps_u)  # Ho & Salimans 2022
         return eps.index_copy(0, twins, guided)
 
-    def _twins(self, batch: _Batch) -> Tensor | None:
-        """[G] long: the rows whose null-class twin runs this step, those of guided requests at a
+    def _refresh_twins(self, batch: _Batch) -> None:
+        """The rows whose null-class twin runs from this step: those of guided requests at a
         timestep inside the model's guidance interval (plain conditional steps outside it need
         none). Every row of a request is at the same step, so this is decided per request on the
-        host; the index tensors are rebuilt only when the set changes (at the interval's edges)."""
+        host, when the schedule is re-evaluated (a twin switching on or off re-evaluates it); the
+        index tensors are rebuilt only when the set changes."""
         if not batch.guided:
-            return None
+            return
         key = tuple(i for i, (slot, _, _) in enumerate(batch.guided) if slot.twins)
         if key != batch.twin_key:
             active = [batch.guided[i] for i in key]
@@ -569,14 +593,13 @@ class DenoisingEngine:
             batch.twin_key = key
             batch.twins = _host_to_device(torch.tensor(rows, dtype=torch.long), self.device) if rows else None
             batch.scales = _host_to_device(torch.tensor(scales), self.device).view(-1, 1, 1, 1) if rows else None
-        return batch.twins
 
     def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
         """The network at the engine's precision, padded to a bucket when compiled; returns eps
         in float32 (v predictions converted in float32)."""
         n = x.shape[0]
         if self.compiled:
-            pad = self._bucket(n) - n
+            pad = self.scheduler.bucket(n) - n
             if pad:
                 x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
                 t = torch.cat([t, t.new_zeros(pad)])
@@ -585,29 +608,39 @@ class DenoisingEngine:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             out = self.network(x, t, labels)
-        out = out[:n].float()
-        return self.model.eps_from_output(x[:n].float(), t[:n], out)
+        if out.shape[0] != n:
+            out, x, t = out[:n], x[:n], t[:n]
+        if out.dtype != torch.float32:
+            out = out.float()
+        return self.model.eps_from_output(x if x.dtype == torch.float32 else x.float(), t, out)
 
     # --- results ---------------------------------------------------------------------------------------
     def _collect_finished(self, batch: _Batch) -> list[Finished]:
+        """The requests whose rows all reached x_0 leave in one gather and one copy to the host."""
         done = [(slot, b) for slot, b in zip(batch.slots, batch.bounds, strict=True) if slot.remaining == 0]
         if not done:
+            batch.finish_at = self.scheduler.clock + min(s.remaining for s in batch.slots)
             return []
-        out = []
+        if len(done) == len(batch.slots):
+            x = batch.x
+        else:
+            x = _gather([(batch.x, lo, hi - lo) for _, (lo, hi) in done], self.device)
+        host, ready = self._pixels_to_host(x)
+        samples = x if self.config.keep_samples else None  # never written in place: steps make new tensors
+        out, begin = [], 0
         for slot, (lo, hi) in done:
-            out.append(self._to_host(slot.request, batch.x[lo:hi]))
-            del self._slots[slot.request.id]
-        self._batch = None  # membership changed; the next step reassembles (and writes back)
-        _write_back(batch, [s for s in batch.slots if s.remaining > 0])
+            out.append(Finished(slot.request, host, (begin, begin + hi - lo), ready, samples))
+            begin += hi - lo
+            self.scheduler.remove(slot.id)
+        if len(done) == len(batch.slots):
+            self._batch = None
         return out
-
-    def _to_host(self, request: Request, x: Tensor) -> Finished:
-        samples = x.clone() if self.config.keep_samples else None
-        return Finished(request, *self._pixels_to_host(x), samples)
 
     def _pixels_to_host(self, x: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
         """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] on the device, then an async copy to
-        pinned host memory; returns it with the event that marks the copy done (None on a CPU)."""
+        pinned host memory; returns it with the event that marks the copy done (None on a CPU).
+        Pinned blocks come from PyTorch's caching host allocator, which hands a block out again
+        once the copies recorded on it are done: one buffer per finishing step, reused."""
         pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
         if self.device.type != "cuda":
             return pixels.contiguous(), None
@@ -621,10 +654,7 @@ class DenoisingEngine:
         if not self._canceled:
             return
         for rid in self._canceled:
-            self._slots.pop(rid, None)
-        if self._batch is not None and any(s.request.id in self._canceled for s in self._batch.slots):
-            old, self._batch = self._batch, None
-            _write_back(old, [s for s in old.slots if s.request.id in self._slots])
+            self.scheduler.remove(rid)  # its rows leave when the schedule is re-evaluated
         self._canceled.clear()
 
     # --- set-up ------------------------------------------------------------------------------------------
@@ -665,6 +695,7 @@ class DenoisingEngine:
         latency check reads. Returns {bucket: seconds per step}."""
         started = time.perf_counter()
         c, h, w = self.model.image_shape
+        table = self.step_time
         for b in self.buckets:
             if time.perf_counter() - started > max_seconds:
                 if log:
@@ -678,19 +709,33 @@ class DenoisingEngine:
             t0 = time.perf_counter()
             self._forward(x, t, labels)
             _sync(self.device)
-            self.step_time[b] = time.perf_counter() - t0
+            table[b] = time.perf_counter() - t0
             if log:
-                log(f"bucket {b}: {self.step_time[b] * 1e3:.1f} ms per step")
-        return dict(self.step_time)
+                log(f"bucket {b}: {table[b] * 1e3:.1f} ms per step")
+        self.step_time = table
+        return dict(table)
 
 
-def _write_back(batch: _Batch, slots: list[_Slot]) -> None:
-    """Give the batch's rows back to those of its slots that stay (the batch is being dropped)."""
-    keep = {id(slot) for slot in slots}
-    for slot, (lo, hi) in zip(batch.slots, batch.bounds, strict=True):
-        if id(slot) in keep:
-            slot.x = batch.x[lo:hi]
-            slot.history = batch.history[lo:hi] if batch.history is not None and slot.sampler.multistep else None
+def _gather(pieces: list[tuple[Tensor, int, int]], device: torch.device) -> Tensor | None:
+    """cat(t[lo : lo + n] for t, lo, n in pieces) in at most three tensor ops, whatever the
+    number of pieces: one cat of the distinct sources, one index built on the host, one gather
+    (none where the pieces are one whole source in order). None for no pieces."""
+    if not pieces:
+        return None
+    sources: list[Tensor] = []
+    base: dict[int, int] = {}
+    for tensor, _, _ in pieces:
+        if id(tensor) not in base:
+            base[id(tensor)] = sum(s.shape[0] for s in sources)
+            sources.append(tensor)
+    index: list[int] = []
+    for tensor, lo, n in pieces:
+        first = base[id(tensor)] + lo
+        index.extend(range(first, first + n))
+    source = sources[0] if len(sources) == 1 else torch.cat(sources)
+    if len(index) == source.shape[0] and index == list(range(len(index))):
+        return source
+    return source.index_select(0, _host_to_device(torch.tensor(index, dtype=torch.long), device))
 
 
 def _host_to_device(values: Tensor, device: torch.device) -> Tensor:

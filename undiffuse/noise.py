@@ -140,6 +140,38 @@ class ImageNoise:
         """Images 0..num_images-1 of one request."""
         return cls([seed] * num_images, list(range(num_images)), device)
 
+    @classmethod
+    def for_requests(
+        cls,
+        seeds: Sequence[int],
+        starts: Sequence[int],
+        counts: Sequence[int],
+        device: torch.device | str = "cpu",
+    ) -> ImageNoise:
+        """The images of many requests in one batch: request j's images are (seeds[j], starts[j]
+        + i) for i < counts[j], one after the other. Row for row the same keys as
+        `ImageNoise([s] * n, range(start, start + n))` per request, so a draw over the batch
+        equals the requests' own draws bit for bit; built with a fixed number of tensor ops
+        whatever the number of requests (the keys are checked on the host, per request)."""
+        if not len(seeds) == len(starts) == len(counts):
+            raise ValueError(f"{len(seeds)} seeds, {len(starts)} starts and {len(counts)} counts")
+        if len(seeds) and (
+            min(seeds) < 0
+            or max(seeds) >= 2**63
+            or min(starts) < 0
+            or min(counts) < 0
+            or max(a + n for a, n in zip(starts, counts, strict=True)) > 2**63
+        ):
+            raise ValueError(_RANGE_ERROR)
+        n = torch.tensor(counts, dtype=torch.int64)
+        total = int(sum(counts))
+        first = torch.tensor(starts, dtype=torch.int64) - (torch.cumsum(n, 0) - n)  # start less the rows before
+        rows_seeds = torch.tensor(seeds, dtype=torch.int64).repeat_interleave(n, output_size=total)
+        rows_indices = first.repeat_interleave(n, output_size=total) + torch.arange(total, dtype=torch.int64)
+        out = cls.__new__(cls)
+        out._set(rows_seeds, rows_indices, torch.device(device))
+        return out
+
     def __len__(self) -> int:
         return self._seeds.numel()
 

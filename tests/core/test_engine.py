@@ -5,11 +5,11 @@ requests fast where merging is expensive."""
 from __future__ import annotations
 
 import random
-from collections import deque
 from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from undiffuse import DiffusionModel, ImageNoise, ModelConfig, ScheduleConfig, UNet, UNetConfig
 from undiffuse.engine import DenoisingEngine, EngineConfig, Request
@@ -287,11 +287,11 @@ def test_short_requests_are_not_slowed_where_merging_is_expensive(model):
 
 
 def _select_by_definition(engine: DenoisingEngine) -> list:
-    """The selection rule as the engine's docstring states it, checked from scratch for every
-    candidate in the engine's offer order (quadratic in the requests; the engine keeps the check
+    """The selection rule as the scheduler's docstring states it, checked from scratch for every
+    candidate in its offer order (quadratic in the requests; the scheduler keeps the check
     incremental)."""
-    cfg = engine.config
-    head, offered, _ = engine._offer_order()
+    cfg, scheduler = engine.config, engine.scheduler
+    head, offered = scheduler.offer_order()
     chosen = [head]
     for slot in offered:
         trial = [*chosen, slot]
@@ -300,7 +300,7 @@ def _select_by_definition(engine: DenoisingEngine) -> list:
             continue
         shortest = min(s.remaining for s in trial)
         short = sum(s.rows for s in trial if s.remaining <= cfg.merge_ratio * shortest)
-        if engine._cost(rows) <= cfg.latency_slack * engine._cost(short):
+        if scheduler.cost(rows) <= cfg.latency_slack * scheduler.cost(short):
             chosen.append(slot)
     return sorted(s.request.id for s in chosen)
 
@@ -308,7 +308,9 @@ def _select_by_definition(engine: DenoisingEngine) -> list:
 @pytest.mark.parametrize("merge_ratio", [0.5, 1.0, 2.0])
 def test_the_incremental_latency_check_selects_what_its_definition_does(model, merge_ratio):
     """Many requests of many owners, lengths and sizes under a table where merging costs: the
-    engine's selection at every step equals the rule checked from scratch."""
+    scheduler's selection at every step equals the rule checked from scratch, and the step runs
+    exactly it (also at the steps where the engine reuses its last selection instead of
+    re-evaluating the rule)."""
     rng = random.Random(0)
     engine = DenoisingEngine(model, EngineConfig(max_batch=48, latency_slack=1.25, merge_ratio=merge_ratio))
     engine.step_time = {b: 1e-3 * b for b in engine.buckets}
@@ -325,12 +327,14 @@ def test_the_incremental_latency_check_selects_what_its_definition_does(model, m
             if engine.idle:
                 break
             expected = _select_by_definition(engine)
-            owners = list(engine._owners)
-            got = sorted(s.request.id for s in engine._select())
+            got = sorted(s.request.id for s in engine.scheduler.select())
             assert got == expected, k
             agreed.add(len(got))
-            engine._owners = deque(owners)  # the engine's own step selects again
+            before = engine.progress()
             engine.step()
+            after = engine.progress()
+            ran = sorted(rid for rid, pos in before.items() if after.get(rid, pos + 1) == pos + 1)
+            assert ran == expected, k
     if merge_ratio < 1:  # no request counts as short (not even the head): nothing may join it
         assert agreed == {1}
     else:
@@ -352,7 +356,7 @@ def test_a_stream_of_short_requests_does_not_starve_a_long_one(model):
             break
     assert finished_at is not None and finished_at < 2 * 20 + 5
     # and the short ones were not held back for long: none waited more than the long's 20 steps
-    assert all(s.waited <= 20 for s in engine._slots.values())
+    assert all(s.waited <= 20 for s in engine.scheduler.slots)
 
 
 def test_bad_requests_are_refused(model):
@@ -427,7 +431,7 @@ def test_the_fill_order_rotates_so_no_owner_waits_behind_another(model):
 def test_buckets_warm_up_did_not_reach_are_never_free(model):
     engine = DenoisingEngine(model, EngineConfig(max_batch=64))
     engine.step_time = {1: 0.001, 2: 0.002, 4: 0.004, 8: 0.008}  # warm-up stopped at 8
-    assert engine._cost(64) == pytest.approx(0.064) and engine._cost(3) == 0.004
+    assert engine.scheduler.cost(64) == pytest.approx(0.064) and engine.scheduler.cost(3) == 0.004
 
 
 def test_max_batch_never_drops_below_a_queued_request(model):
@@ -482,3 +486,84 @@ def test_previews_are_the_first_images_x0_prediction_every_k_steps(model):
         assert pixels.shape == (8, 8, 1) and (got[key] == pixels).all(), key
     with pytest.raises(ValueError, match="preview_every"):
         engine.add(replace(REQUESTS[0], preview_every=0))
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active, except inside the network (`paused`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not self.paused
+        return func(*args, **(kwargs or {}))
+
+
+def _host_ops(requests: int) -> dict[str, int]:
+    """Ops outside the network, per event, for `requests` requests of 16 rows (DDIM 50, a
+    network that returns zeros, every request merged)."""
+    counter = _OpCounter()
+
+    def zeros(x, t, labels):
+        counter.paused = True
+        out = torch.zeros_like(x)
+        counter.paused = False
+        return out
+
+    model = DiffusionModel.from_config(RowWise(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200)))
+    engine = DenoisingEngine(model, EngineConfig(max_batch=16 * (requests + 1), channels_last=False))
+    engine.network = zeros
+    engine.step_time = {b: 1e-3 for b in engine.buckets}  # flat: everything merges
+
+    def counted(fn):
+        counter.ops = 0
+        with counter:
+            out = fn()
+        return counter.ops, out
+
+    def request(k: int) -> Request:
+        return Request(k, f"o{k % 4}", seed=k, start=0, count=16, steps=50, labels=[k % 3] * 16)
+
+    ops = {}
+    ops["first"], _ = counted(lambda: [engine.add(request(k)) for k in range(requests)] and engine.step())
+    ops["steady"], _ = counted(engine.step)
+    ops["join"], _ = counted(lambda: engine.add(request(requests)) or engine.step())
+    for _ in range(46):  # three steps done: the 50th is the first requests' last
+        assert engine.step() == []
+    ops["finish"], done = counted(engine.step)
+    assert len(done) == requests
+    return ops
+
+
+def test_host_ops_per_step_do_not_grow_with_the_requests():
+    """The engine's host work outside the network, counted in torch ops: a steady DDIM step
+    issues a bounded number (<= 60) and the first step (every x_T in one draw), a join and the
+    step where requests finish (one gather) issue as many at 32 requests as at 4."""
+    few, many = _host_ops(4), _host_ops(32)
+    assert few["steady"] <= 60
+    assert many == few, (few, many)
+
+
+def test_a_step_where_nothing_changes_reuses_the_selection():
+    """The scheduler re-evaluates its rule only when its result can change: not at the steps in
+    between, where every request runs and nothing joins, finishes, pauses or is canceled."""
+    model = DiffusionModel.from_config(RowWise(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200)))
+    engine = DenoisingEngine(model, EngineConfig(max_batch=64, latency_slack=None))
+    for k in range(4):
+        engine.add(Request(k, f"o{k}", seed=k, start=0, count=2, steps=10 + k, labels=[0, 1]))
+    scheduler = engine.scheduler
+    replans = []
+    original = scheduler.schedule
+
+    def schedule():
+        selection, replanned = original()
+        replans.append(replanned)
+        return selection, replanned
+
+    scheduler.schedule = schedule
+    run(engine)
+    # re-evaluated at the first step and after each of the four finishes (the last leaves none)
+    assert replans == [True] + [False] * 9 + [True, True, True]
+    assert scheduler.clock == 13

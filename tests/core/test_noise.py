@@ -236,3 +236,37 @@ def test_rejects_out_of_range_keys_and_draws():
             noise.draw_rows([0, k], (1, 2, 2))
     with pytest.raises(ValueError, match="3 draw numbers for 2 images"):
         noise.draw_rows([0, 1, 2], (1, 2, 2))
+
+
+def test_one_batched_draw_equals_each_requests_own_draws_bit_for_bit():
+    """`for_requests` keys many requests' images in one batch (what the engine draws every
+    joining row's x_T with): its draws equal each request's own ImageNoise, row for row and bit
+    for bit, for x_T, for later draws and for per-row draw numbers, including 64-bit seeds and
+    indices."""
+    requests = [(7, 0, 3), (2**63 - 1, 2**40, 2), (7, 3, 1), (0, 2**63 - 4, 4), (123, 10, 5)]
+    seeds, starts, counts = zip(*requests, strict=True)
+    batch = ImageNoise.for_requests(seeds, starts, counts)
+    own = [ImageNoise([s] * n, range(a, a + n)) for s, a, n in requests]
+    assert len(batch) == sum(counts)
+    assert torch.equal(batch.seeds, torch.cat([o.seeds for o in own]))
+    assert torch.equal(batch.indices, torch.cat([o.indices for o in own]))
+    shape = (3, 5, 7)  # 105 elements: not a whole number of Philox blocks
+    for k in (0, 1, 2**32 - 1):
+        assert torch.equal(batch.draw(k, shape), torch.cat([o.draw(k, shape) for o in own]))
+    ks = torch.tensor([(i * 7) % 50 for i in range(len(batch))])
+    got = batch.draw_rows(ks, shape)
+    begin = 0
+    for o in own:
+        part = ks[begin : begin + len(o)]
+        assert torch.equal(got[begin : begin + len(o)], o.draw_rows(part, shape))
+        begin += len(o)
+
+
+def test_for_requests_refuses_keys_outside_the_range():
+    with pytest.raises(ValueError, match="below 2\\*\\*63"):
+        ImageNoise.for_requests([-1], [0], [1])
+    with pytest.raises(ValueError, match="below 2\\*\\*63"):
+        ImageNoise.for_requests([1], [2**63 - 1], [2])
+    with pytest.raises(ValueError, match="counts"):
+        ImageNoise.for_requests([1, 2], [0], [1])
+    assert len(ImageNoise.for_requests([], [], [])) == 0
