@@ -1,9 +1,10 @@
 """The Denoiser deployment: a thin Serve shell around `undiffuse.engine.DenoisingEngine`.
 
 Each replica loads every model once (one GPU per replica where GPUs exist) and runs one engine
-per model on a dedicated thread, which does nothing but step: shards from any job join the
-running batch at the next denoising step, and leave it as soon as their rows are done. The
-replica's event loop does everything else, off the stepping path:
+per model on a dedicated thread (`undiffuse.engine_loop.EngineLoop`, which takes typed commands
+and knows nothing of Ray), which does nothing but step: shards from any job join the running
+batch at the next denoising step, and leave it as soon as their rows are done. The replica's
+event loop does everything else, off the stepping path:
 
 - `generate(shard)` hands the shard to the engine thread and awaits its pixels; the engine
   finishes a shard with uint8 pixels copied to pinned host memory without waiting, and the loop
@@ -27,11 +28,9 @@ import asyncio
 import base64
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,11 +96,11 @@ class Denoiser:
 
         from undiffuse import load_model
         from undiffuse.engine import DenoisingEngine, EngineConfig
+        from undiffuse.engine_loop import EngineLoop
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.device = pick_device(settings.device, torch)
-        self._torch = torch  # for the engine thread, without an import on its path
         self.settings = settings
         self.registry = ModelRegistry(settings.model_dir, settings.default_model)
         compile_ = {"auto": None, "on": True, "off": False}[settings.compile]
@@ -119,22 +118,26 @@ class Denoiser:
             )
             self.engines[name] = DenoisingEngine(load_model(spec.path, self.device), config)
         self.store = JobStore.from_settings(settings)
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # to the engine thread
-        self._wake = threading.Event()
+        self._engine_loop = EngineLoop(
+            self.engines,
+            self,
+            min_batch=2 * settings.shard_size,  # a guided shard's rows
+            warmup_seconds=settings.warmup_seconds,
+            publish_every=settings.progress_interval_seconds / 2,
+            log=log,
+        )
         self._stopping = threading.Event()
         self._pending: dict[str, _Pending] = {}  # touched on the event loop only
-        self._progress: dict[str, int] = {}  # published by the engine thread (swapped whole)
-        self._timings: deque[tuple[str, float, int, str]] = deque(maxlen=100_000)  # engine thread appends
-        self._failed_steps = 0  # consecutive, across engines
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exchange_task: asyncio.Task | None = None
         self._handovers: set[asyncio.Task] = set()
         self._previews: asyncio.Queue | None = None  # (task, Preview) for the preview writer
         self._preview_task: asyncio.Task | None = None
-        self._rates: deque[tuple[float, int, float]] = deque(maxlen=4096)  # (at, rows, seconds) per step
         self._throughput = 0.0  # row-steps per second, as last reported
         self._replica = _replica_name()
-        self._thread = threading.Thread(target=self._run_engines, name="denoiser-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=self._engine_loop.run, args=(self._stopping,), name="denoiser-engine", daemon=True
+        )
         self._thread.start()
         self._reporter = threading.Thread(target=self._report_capacity, name="denoiser-capacity", daemon=True)
         self._reporter.start()
@@ -146,14 +149,17 @@ class Denoiser:
         default): see _default_max_batch. Applied on the engine thread, which then warms up
         every batch bucket within warmup_seconds."""
         cfg = {**DEFAULT_CONFIG, **(user_config or {})}
+        from undiffuse.engine_loop import SetMaxBatch
+
         setting = cfg["max_batch_images"]
         if setting is None:
             setting = self._default_max_batch()
-        done, failure = threading.Event(), []
-        self._command("reconfigure", int(setting), done, failure)
-        done.wait()
-        if failure:  # Serve keeps the replica out of service rather than running it misconfigured
-            raise RuntimeError(f"reconfigure failed: {failure[0]!r}") from failure[0]
+        command = SetMaxBatch(int(setting))
+        self._engine_loop.submit(command)
+        try:
+            command.done.result()
+        except Exception as e:  # Serve keeps the replica out of service rather than running it misconfigured
+            raise RuntimeError(f"reconfigure failed: {e!r}") from e
 
     def _default_max_batch(self) -> int:
         """On a GPU, GPU_MAX_BATCH, which free memory then caps: a step costs about the same
@@ -168,8 +174,9 @@ class Denoiser:
             raise RuntimeError("the engine thread stopped")
         if not self._reporter.is_alive():
             raise RuntimeError("the capacity reporter stopped")
-        if self._failed_steps >= MAX_FAILED_STEPS:  # e.g. a broken CUDA context: let Serve replace us
-            raise RuntimeError(f"{self._failed_steps} denoising steps failed in a row")
+        failed = self._engine_loop.failed_steps
+        if failed >= MAX_FAILED_STEPS:  # e.g. a broken CUDA context: let Serve replace us
+            raise RuntimeError(f"{failed} denoising steps failed in a row")
 
     async def ready(self) -> list[str]:
         return sorted(self.engines)
@@ -177,6 +184,7 @@ class Denoiser:
     async def generate(self, task: ShardTask) -> ShardResult:
         """Denoise one shard; it joins the running batch at the next step."""
         from undiffuse.engine import Request
+        from undiffuse.engine_loop import Add, Cancel
 
         self._start_exchange()
         p = task.params
@@ -196,12 +204,12 @@ class Denoiser:
         )
         future = asyncio.get_running_loop().create_future()
         self._pending[rid] = _Pending(task, future, p.model)
-        self._command("add", p.model, request)
+        self._engine_loop.submit(Add(p.model, request))
         started = time.monotonic()
         try:
             result = await future
         except asyncio.CancelledError:  # the caller gave up (a timeout): free the rows
-            self._command("cancel", p.model, rid)
+            self._engine_loop.submit(Cancel(p.model, rid))
             raise
         finally:
             self._pending.pop(rid, None)
@@ -215,7 +223,7 @@ class Denoiser:
 
     def __del__(self) -> None:
         self._stopping.set()
-        self._wake.set()
+        self._engine_loop.wake()
         self._reporter.join(timeout=2.0)  # it withdraws this replica's report
 
     # --- the capacity reports ----------------------------------------------------------------------
@@ -247,128 +255,20 @@ class Denoiser:
         """Row-steps per second over the steps of the last RATE_WINDOW_SECONDS; the last figure
         while idle (what the replica does when work comes)."""
         horizon = time.monotonic() - RATE_WINDOW_SECONDS
-        recent = [(rows, seconds) for at, rows, seconds in list(self._rates) if at >= horizon]
+        recent = [(rows, seconds) for at, rows, seconds in list(self._engine_loop.rates) if at >= horizon]
         busy = sum(seconds for _, seconds in recent)
         return sum(rows for rows, _ in recent) / busy if busy > 0 else self._throughput
 
-    # --- the engine thread -------------------------------------------------------------------------
-    def _command(self, *command: Any) -> None:
-        self._commands.put(command)
-        self._wake.set()
+    # --- what the engine thread reports (EngineLoop's Listener), on that thread ---------------------
+    def finished(self, rid: str, finished) -> None:
+        self._resolve(rid, finished=finished)
 
-    def _run_engines(self) -> None:
-        """Step every engine with work; between steps, apply commands. Nothing here waits on
-        Redis or (beyond the step itself) on the device."""
-        last_publish = 0.0
-        while not self._stopping.is_set():
-            try:
-                last_publish = self._run_once(last_publish)
-            except Exception:  # never let the thread die: check_health would fail the replica
-                log.exception("engine loop error")
-                time.sleep(0.1)
+    def failed(self, rid: str, error: Exception) -> None:
+        self._resolve(rid, error=error)
 
-    def _run_once(self, last_publish: float) -> float:
-        self._wake.clear()  # before draining: a command that arrives after the drain wakes the wait
-        self._apply_commands()
-        busy = [(name, e) for name, e in self.engines.items() if not e.idle]
-        if not busy:
-            self._publish()
-            self._wake.wait(0.1)
-            return last_publish
-        for name, engine in busy:
-            self._step(name, engine)
-        now = time.monotonic()
-        if now - last_publish >= self.settings.progress_interval_seconds / 2:
-            self._publish()
-            return now
-        return last_publish
-
-    def _step(self, name: str, engine) -> None:
-        try:
-            finished = engine.step()
-            previews = engine.take_previews()
-        except Exception as e:  # fail this engine's shards (the workers retry them), keep serving
-            self._failed_steps += 1
-            log.exception("engine %s failed a step; failing its %d shards", name, len(engine))
-            if isinstance(e, self._torch.cuda.OutOfMemoryError):  # retry the shards with smaller steps
-                engine.set_max_batch(max(2 * self.settings.shard_size, engine.config.max_batch // 2))
-                self._torch.cuda.empty_cache()
-                log.warning(
-                    "engine %s: max_batch lowered to %d after running out of memory", name, engine.config.max_batch
-                )
-            for rid in list(engine.progress()):
-                engine.cancel(rid)
-                self._resolve(rid, error=e)
-            engine.step()  # drops the canceled rows
-            return
-        self._failed_steps = 0
-        for done in finished:
-            self._resolve(done.id, finished=done)
-        if previews and self._loop is not None:
+    def previews(self, previews: list) -> None:
+        if self._loop is not None:
             self._loop.call_soon_threadsafe(self._queue_previews, previews)
-        now = time.monotonic()
-        for seconds, rows, sampler in engine.step_times():
-            self._timings.append((name, seconds, rows, sampler))
-            self._rates.append((now, rows, seconds))
-
-    def _apply_commands(self) -> None:
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            kind, *args = command
-            if kind == "add":
-                model, request = args
-                try:
-                    self.engines[model].add(request)
-                except (ValueError, KeyError) as e:  # this shard only; its batch-mates are unaffected
-                    self._resolve(request.id, error=ValueError(f"cannot run shard: {e}"))
-            elif kind == "cancel":
-                model, rid = args
-                if model in self.engines:
-                    self.engines[model].cancel(rid)
-            elif kind == "reconfigure":
-                max_batch, done, failure = args
-                try:
-                    self._set_max_batch(max_batch)
-                except Exception as e:
-                    log.exception("reconfigure to max_batch_images=%d failed", max_batch)
-                    failure.append(e)
-                finally:
-                    done.set()
-
-    def _set_max_batch(self, setting: int) -> None:
-        """Each engine's max_batch: the setting, capped by free GPU memory (probed at the engine's
-        precision), then every bucket warmed up; an engine whose warm-up fails keeps its old size."""
-        from undiffuse.engine import max_batch_for_memory
-
-        floor = 2 * self.settings.shard_size  # a guided shard's rows
-        for name, engine in self.engines.items():
-            max_batch = max_batch_for_memory(engine.model, setting, engine.dtype)
-            if max_batch < floor:
-                log.warning(
-                    "engine %s: free memory fits %d rows, below 2 x shard_size; using %d", name, max_batch, floor
-                )
-                max_batch = floor
-            previous = engine.config.max_batch
-            engine.set_max_batch(max_batch)
-            started = time.perf_counter()
-            try:
-                engine.warm_up(self.settings.warmup_seconds, log=lambda m, n=name: log.info("warm-up %s: %s", n, m))
-            except Exception:
-                engine.set_max_batch(previous)
-                raise
-            log.info(
-                "engine %s: max_batch %d (setting %d), %s, warm-up %.1f s",
-                name, engine.config.max_batch, setting, engine.dtype, time.perf_counter() - started,
-            )  # fmt: skip
-
-    def _publish(self) -> None:
-        progress: dict[str, int] = {}
-        for engine in self.engines.values():
-            progress.update(engine.progress())
-        self._progress = progress  # one reference swap: the loop reads whole snapshots
 
     def _resolve(self, rid: str, finished=None, error: Exception | None = None) -> None:
         loop = self._loop
@@ -449,18 +349,21 @@ class Denoiser:
 
     def _record_timings(self) -> None:
         steps, batches = metrics.denoise_step_seconds(), metrics.sampler_batch_images()
-        while self._timings:  # popleft is safe against the engine thread's appends
-            model, seconds, rows, sampler = self._timings.popleft()
+        timings = self._engine_loop.timings
+        while timings:  # popleft is safe against the engine thread's appends
+            model, seconds, rows, sampler = timings.popleft()
             steps.observe(seconds, tags={"model": model, "sampler": sampler})
             batches.observe(rows, tags={"model": model})
 
     async def _exchange_progress(self) -> None:
-        snapshot = self._progress
+        from undiffuse.engine_loop import Cancel
+
+        snapshot = self._engine_loop.progress
         running = [(rid, p) for rid, p in list(self._pending.items()) if rid in snapshot]
         if not running:
             return
         statuses = await self.store.record_steps([(p.task.job_id, p.task.shard, snapshot[rid]) for rid, p in running])
         for (rid, p), status in zip(running, statuses, strict=True):
             if status in STOP_STATUSES and not p.future.done():
-                self._command("cancel", p.model, rid)
+                self._engine_loop.submit(Cancel(p.model, rid))
                 p.future.set_result(ShardResult(job_id=p.task.job_id, shard=p.task.shard, canceled=True))
