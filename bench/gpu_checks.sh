@@ -2,29 +2,32 @@
 # The GPU checks in one script, bounded to about 10 minutes:
 #   1. pytest -m gpu tests/core (CPU and CUDA agree, mixed-precision training, the engine's bf16,
 #      compile and CUDA-graph tolerance, no device syncs per step, max_batch from free memory);
-#   2. bench/engine.py --gpu --skip-cpu twice: the first run fills Inductor's cache (its timings
+#   2. bench/engine_host_ops.py --device cuda: the engine's torch ops and host time per step
+#      outside the network at 16 and 256 requests, against the engine of commit 0b0856e (needs
+#      git and the repository's history; --reference none skips the reference);
+#   3. bench/engine.py --gpu --skip-cpu twice: the first run fills Inductor's cache (its timings
 #      include compiling), the second is the one to record (docs/benchmarks.md, GPU section);
-#   3. bench/quality.py --n 1000, the full quality table (docs/quality.md), cheapest rows first,
+#   4. bench/quality.py --n 1000, the full quality table (docs/quality.md), cheapest rows first,
 #      stopped 560 s after the script started.
 # Each step has its own timeout; a failing step is logged and the next one still runs.
 #
-# Needs: a CUDA GPU; Python 3.10+ with PyTorch 2.x built with CUDA, numpy, safetensors, pillow,
-# tqdm, pytest and diffusers >= 0.30 (bench/engine.py's CIFAR-10 UNet row runs diffusers'
-# DDIMPipeline as its reference); the MNIST test set (t10k-images-idx3-ubyte.gz and
+# Prerequisites: a CUDA GPU; Python 3.10+ with PyTorch 2.x built with CUDA, numpy, safetensors,
+# pillow, tqdm, pytest and diffusers >= 0.30 (bench/engine.py's CIFAR-10 UNet row runs
+# diffusers' DDIMPipeline as its reference); a git checkout of this repository (step 2 reads the
+# reference engine from its history); the MNIST test set (t10k-images-idx3-ubyte.gz and
 # t10k-labels-idx1-ubyte.gz) in $UNDIFFUSE_MNIST, by default ../shared/datasets/mnist beside the
-# checkout (the quality table's judge and the engine's 5-NN check read it). The repository is used
-# from the checkout (PYTHONPATH), not installed.
+# checkout (the quality table's judge and the engine's 5-NN check read it). The repository is
+# used from the checkout (PYTHONPATH), not installed.
 #
 # Run from the repository root:
 #   bash bench/gpu_checks.sh
-# On one NVIDIA H200 it should take about 8 minutes (estimated from its parts' timings; the
-# timeouts cap it near 10). Logs, tables and sample grids go to /tmp/res
-# (env.txt, pytest_gpu.log, bench_first.log, bench.log, quality-full.md/.log, grids/), packed
-# after each step into $OUT/results.tgz ($OUT defaults to /tmp); progress goes to stdout.
+# Logs, tables and sample grids go to /tmp/res (env.txt, pytest_gpu.log, host_ops.log,
+# bench_first.log, bench.log, quality-full.md/.log, grids/), packed after each step into
+# $OUT/results.tgz ($OUT defaults to /tmp); progress goes to stdout.
 #
-# On a host without network: if ./.whl holds wheels, they are installed offline into /tmp/site
+# Without network access: if ./.whl holds wheels, they are installed offline into /tmp/site
 # before the checks, without resolving dependencies (what they need beyond the wheels, e.g.
-# diffusers' huggingface_hub, must already be installed). To prepare them elsewhere, e.g.
+# diffusers' huggingface_hub, must already be installed). To prepare them on another machine, e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #     -d .whl diffusers==0.42.1 importlib_metadata==8.7.0
 # and point UNDIFFUSE_MNIST at a copy of the MNIST files.
@@ -41,6 +44,8 @@ pack() { tar czf "${OUT:-/tmp}/results.tgz" -C /tmp res; }
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } > $R/env.txt 2>&1
 timeout 150 python3 -m pytest -m gpu tests/core -q -p no:cacheprovider > $R/pytest_gpu.log 2>&1
 el "pytest -m gpu rc $?"; tail -5 $R/pytest_gpu.log; pack
+timeout 90 python3 bench/engine_host_ops.py --device cuda > $R/host_ops.log 2>&1
+el "host ops rc $?"; grep "^|" $R/host_ops.log; pack
 # the first run fills Inductor's cache (its timings include compiling); the second is the record
 timeout 200 python3 bench/engine.py --gpu --skip-cpu > $R/bench_first.log 2>&1; el "first bench rc $?"; pack
 timeout 150 python3 bench/engine.py --gpu --skip-cpu > $R/bench.log 2>&1; el "bench rc $?"; grep "^|" $R/bench.log; pack
