@@ -23,4 +23,4 @@ train-demo: setup   ## retrain the demo model (docs/training.md: stages 1, 2, 4 
 	$(PY) -m undiffuse.cli train $(MNIST) --out runs/mnist --steps 23000 --lr 6e-4 --lr-decay cosine \
 	  --guidance-interval 0.28,5.42 --checkpoint-every 1000 --mixed-precision bf16
 sample: setup
-	$(PY) -m undiffuse.cli sample --model models/mnist --num 100 --nrow 10 --steps 50 --seed 0 --out grid.png
+	$(PY) -m undiffuse.cli sample --model-dir models/mnist --num 100 --nrow 10 --steps 50 --seed 0 --out grid.png
