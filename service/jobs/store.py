@@ -544,7 +544,7 @@ class JobStore:
             finished_at=float(raw["finished_at"]) if raw.get("finished_at") else None,
             error=JobError.model_validate_json(err) if err else None,
             num_shards=int(raw["num_shards"]),
-            shard_size=int(raw.get("shard_size", self.shard_size)),  # a record that does not say: the setting
+            shard_size=int(raw["shard_size"]),
             images_done=int(raw.get("images_done", 0)),
             shard_steps={int(k[5:]): int(v) for k, v in raw.items() if k.startswith("step:")},
             done_shards={int(s) for s in done},

@@ -129,13 +129,10 @@ def test_result_indices_come_from_the_shard_size_the_job_was_cut_with(store, run
     assert all(r.key.endswith(f"/{r.index:05d}.png") for r in view.results)
 
 
-def test_records_without_a_stored_shard_size_use_the_stores_setting(store, run):
-    """A record that does not say its shard size is read with the store's setting."""
-    p = params(10)
-    job_id, _, _ = run(store.submit("alice", p, {}))
-    run(store.r.hdel(f"undiffuse:job:{job_id}", "shard_size"))
+def test_a_record_knows_its_shards_and_refuses_one_past_the_last(store, run):
+    job_id, _, _ = run(store.submit("alice", params(10), {}))
     record = run(store.get(job_id))
-    assert record.shard_size == store.shard_size == 4
+    assert (record.shard_size, record.num_shards) == (store.shard_size, 3) == (4, 3)
     assert record.shard_range(2) == (8, 2)
     with pytest.raises(ValueError, match="has no shard 3"):
         record.shard_range(3)
