@@ -281,7 +281,9 @@ class DenoisingEngine:
         key = (request.sampler, tuple(sorted(request.options.items())))
         sampler = self._samplers.get(key)
         if sampler is None:
-            sampler = self._samplers[key] = make_sampler(request.sampler, self.model.schedule, **request.options)
+            sampler = self._samplers[key] = make_sampler(
+                request.sampler, self.model.schedule, clip_sample=self.model.clip_sample, **request.options
+            )
         offset = self._timesteps(key, sampler, request.steps)
         twin_at: tuple[bool, ...] = ()
         if request.guidance_scale != 1.0:

@@ -567,3 +567,38 @@ def test_a_step_where_nothing_changes_reuses_the_selection():
     # re-evaluated at the first step and after each of the four finishes (the last leaves none)
     assert replans == [True] + [False] * 9 + [True, True, True]
     assert scheduler.clock == 13
+
+
+class Scaled(torch.nn.Module):
+    """A row-wise network whose noise predictions put x0 far outside [-1, 1], where clipping acts."""
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x, t, labels=None):
+        return -self.k * x
+
+
+def test_the_models_clip_sample_setting_reaches_the_engines_samplers():
+    """A model folder whose scheduler says clip_sample: false (DiffusionModel.clip_sample) is
+    sampled unclipped by the engine, as by Sampler.sample told the same; clipping would differ."""
+    unclipped = DiffusionModel.from_config(Scaled(4.0), ModelConfig(TINY, ScheduleConfig(num_timesteps=200)))
+    unclipped.clip_sample = False
+    requests = [
+        Request("ddim", "a", seed=1, start=0, count=2, steps=6, labels=[0, 1]),
+        Request("ddpm", "b", seed=2, start=0, count=2, steps=6, sampler="ddpm", labels=[1, 0]),
+    ]
+    engine = DenoisingEngine(unclipped, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
+    done = run(engine, {0: requests})
+    for r in requests:
+        sampler = make_sampler(r.sampler, unclipped.schedule, clip_sample=False, **r.options)
+        expected = sampler.sample(
+            unclipped.eps,
+            unclipped.image_shape,
+            steps=r.steps,
+            noise=ImageNoise([r.seed] * r.count, [0, 1]),
+            class_labels=torch.tensor(list(r.labels)),
+        )
+        assert torch.equal(done[r.id].samples, expected), r.id
+        assert not torch.allclose(done[r.id].samples, reference(unclipped, r), atol=1e-3), r.id  # clipped differs
