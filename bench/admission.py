@@ -150,53 +150,33 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="small jobs behind the load in (1) and (2), 2 s apart")
     args = p.parse_args()
 
-    import ray
-    from ray import serve
-
     from service.api_keys import digest
-    from service.app import AppArgs, build_app
-    from service.dev.servers import RedisServer, S3Server, free_port
+    from service.dev.stack import local_stack
     from service.jobs.connection import async_redis
 
     work = Path(tempfile.mkdtemp(prefix="undiffuse-admission-"))
-    port, metrics_port = free_port(), free_port()
-    with (
-        RedisServer(work / "redis").start() as redis,
-        S3Server(work / "s3", access_key="bench", secret_key="bench-secret-123").start() as s3,
-    ):
-        try:
-            ray.init(
-                include_dashboard=False,
-                logging_level="ERROR",
-                log_to_driver=False,
-                _metrics_export_port=metrics_port,
-                _system_config={"metrics_report_interval_ms": 1000},
-            )
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            settings = {
-                "redis_url": redis.url,
-                "s3_endpoint_url": s3.endpoint,
-                "s3_access_key_id": "bench",
-                "s3_secret_access_key": "bench-secret-123",
-                "api_keys": [f"{owner}=sha256:{digest(key)}" for owner, key in KEYS.items()],
-            } | ({"latency_slack": args.latency_slack} if args.latency_slack else {})
-            app_args = {"settings": settings} | ({"max_batch_images": args.max_batch} if args.max_batch else {})
-            serve.run(build_app(AppArgs(**app_args)), name="undiffuse", route_prefix="/")
-            base = f"http://127.0.0.1:{port}"
+    settings = {"api_keys": [f"{owner}=sha256:{digest(key)}" for owner, key in KEYS.items()]}
+    if args.latency_slack:
+        settings["latency_slack"] = args.latency_slack
+    app_args = {"max_batch_images": args.max_batch} if args.max_batch else {}
+    ray_options = {
+        "logging_level": "ERROR",
+        "log_to_driver": False,
+        "_system_config": {"metrics_report_interval_ms": 1000},
+    }
+    with local_stack(work, settings, ray_options=ray_options, **app_args) as stack:
+        base = stack.base_url
 
-            async def run_all():
-                r = async_redis(redis.url, 5.0)
-                alice, bob = Owner(base, KEYS["alice"], r), Owner(base, KEYS["bob"], r)
-                if args.fill:
-                    return await fill(alice, f"http://127.0.0.1:{metrics_port}/metrics")
-                alone = await solo(bob)
-                same = await same_owner(alice, args.repeats)
-                return alone, same, await two_owners(alice, bob, args.jobs, args.repeats)
+        async def run_all():
+            r = async_redis(stack.redis.url, 5.0)
+            alice, bob = Owner(base, KEYS["alice"], r), Owner(base, KEYS["bob"], r)
+            if args.fill:
+                return await fill(alice, stack.metrics_url)
+            alone = await solo(bob)
+            same = await same_owner(alice, args.repeats)
+            return alone, same, await two_owners(alice, bob, args.jobs, args.repeats)
 
-            result = asyncio.run(run_all())
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+        result = asyncio.run(run_all())
 
     print(
         f"# {platform.node()} {platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}"

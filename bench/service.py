@@ -201,55 +201,34 @@ def main() -> None:
     p.add_argument("--seconds", type=int, default=15, help="duration of each wrk run (b)")
     args = p.parse_args()
 
-    import ray
     from ray import serve
 
-    from service.app import AppArgs, build_app
-    from service.dev.servers import RedisServer, S3Server, free_port
+    from service.dev.stack import local_stack
 
     work = Path(tempfile.mkdtemp(prefix="undiffuse-bench-"))
-    port = free_port()
-    with (
-        RedisServer(work / "redis").start() as redis,
-        S3Server(work / "s3", access_key="bench", secret_key="bench-secret-123").start() as s3,
-    ):
-        try:
-            ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            settings = {
-                "redis_url": redis.url,
-                "s3_endpoint_url": s3.endpoint,
-                "s3_access_key_id": "bench",
-                "s3_secret_access_key": "bench-secret-123",
-                "api_keys": [KEY],
-            }
-            serve.run(build_app(AppArgs(settings=settings)), name="undiffuse", route_prefix="/")
-            denoiser = serve.get_deployment_handle("Denoiser", app_name="undiffuse")
-            base = f"http://127.0.0.1:{port}"
+    quiet = {"logging_level": "ERROR", "log_to_driver": False}
+    with local_stack(work, {"api_keys": [KEY]}, ray_options=quiet) as stack:
+        denoiser = serve.get_deployment_handle("Denoiser", app_name="undiffuse")
+        base, redis_url = stack.base_url, stack.redis.url
 
-            async def all_benchmarks():
-                async with httpx.AsyncClient(
-                    base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
-                ) as c:
-                    jobs = Jobs(c, redis.url)
-                    direct, e2e = await overhead(jobs, denoiser, args.repeats)
-                    seq, conc = await batching(jobs)
-                body = {"num_images": 1, "steps": 1, "class_label": 0}
-                if shutil.which("wrk"):
-                    floor = wrk_storm(base, args.seconds, args.clients, "GET", "/healthz", None)
-                    await drain(redis.url)
-                    submit = wrk_storm(base, args.seconds, args.clients, "POST", "/v1/jobs", body)
-                else:
-                    floor = await request_storm(base, args.requests, args.clients, "GET", "/healthz", None)
-                    submit = await request_storm(base, args.requests, args.clients, "POST", "/v1/jobs", body)
-                await drain(redis.url)
-                return direct, e2e, seq, conc, floor, submit
+        async def all_benchmarks():
+            async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+                jobs = Jobs(c, redis_url)
+                direct, e2e = await overhead(jobs, denoiser, args.repeats)
+                seq, conc = await batching(jobs)
+            body = {"num_images": 1, "steps": 1, "class_label": 0}
+            if shutil.which("wrk"):
+                floor = wrk_storm(base, args.seconds, args.clients, "GET", "/healthz", None)
+                await drain(redis_url)
+                submit = wrk_storm(base, args.seconds, args.clients, "POST", "/v1/jobs", body)
+            else:
+                floor = await request_storm(base, args.requests, args.clients, "GET", "/healthz", None)
+                submit = await request_storm(base, args.requests, args.clients, "POST", "/v1/jobs", body)
+            await drain(redis_url)
+            return direct, e2e, seq, conc, floor, submit
 
-            direct, e2e, seq, conc, floor, submit = asyncio.run(all_benchmarks())
-            alone = engine_alone(args.repeats)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+        direct, e2e, seq, conc, floor, submit = asyncio.run(all_benchmarks())
+        alone = engine_alone(args.repeats)
 
     print(
         f"# {platform.node()} {platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}"

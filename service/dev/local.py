@@ -1,4 +1,5 @@
-"""The whole stack on one machine: `python -m service.dev.local` (what `make up` runs).
+"""The whole stack on one machine from the command line: `python -m service.dev.local` (what
+`python3 dev.py up` and `make up` run; service.dev.stack starts it).
 
 Starts a Redis-compatible server and SeaweedFS's S3 gateway on 127.0.0.1 (state under .run/),
 local Ray, and the Serve application serving the demo model on http://127.0.0.1:8000.
@@ -11,12 +12,17 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.api_keys import OWNER, digest
-from service.dev.servers import RedisServer, S3Server
 from service.settings import REPO_ROOT
+
+if TYPE_CHECKING:
+    from service.dev.stack import LocalStack
 
 
 def owner_keys(values: list[str] | None) -> list[tuple[str, str]]:
@@ -70,28 +76,39 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         p.error(str(error))
 
-    s3_secret = secrets.token_urlsafe(24)
-    with (
-        RedisServer(args.workdir / "redis").start() as redis,
-        S3Server(args.workdir / "seaweedfs", access_key="undiffuse", secret_key=s3_secret).start() as s3,
-    ):
-        _serve(args, api_keys, s3_secret, redis, s3)
+    from service.dev.stack import local_stack
+
+    settings = {"api_keys": [f"{owner}=sha256:{digest(key)}" for owner, key in api_keys]}  # hashes only
+    with local_stack(
+        args.workdir,
+        settings,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        denoiser_replicas=args.denoiser_replicas,
+        worker_replicas=args.workers,
+    ) as stack:
+        # Ctrl-C while the stack starts interrupts the start; once it is up, it stops it in order
+        # (Serve drains its workers, then Ray, then the servers)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        print(banner(stack, api_keys), flush=True)
+        stop.wait()
+        print("stopping...", file=sys.stderr, flush=True)
     return 0
 
 
-def _serve(
-    args: argparse.Namespace, api_keys: list[tuple[str, str]], s3_secret: str, redis: RedisServer, s3: S3Server
-) -> None:
-    base = f"http://127.0.0.1:{args.port}"
+def banner(stack: LocalStack, api_keys: list[tuple[str, str]]) -> str:
+    base = stack.base_url
     width = max(len(key) for _, key in api_keys)
     key_lines = "\n".join(f"  API key      {key:<{width}}   owner: {owner}" for owner, key in api_keys)
-    banner = f"""
+    return f"""
 undiffuse is up.
   API          {base}   (OpenAPI docs: {base}/docs)
 {key_lines}
-  metrics      http://127.0.0.1:{args.metrics_port}/metrics   (names start with ray_undiffuse_)
-  Redis        {redis.url}
-  S3           {s3.endpoint}   bucket: undiffuse
+  metrics      {stack.metrics_url}   (names start with ray_undiffuse_)
+  Redis        {stack.redis.url}
+  S3           {stack.s3.endpoint}   bucket: undiffuse
 
 Try:
   export KEY={api_keys[0][1]}
@@ -99,23 +116,6 @@ Try:
        -d '{{"num_images": 4, "class_label": 7, "steps": 50}}'
 
 Ctrl-C stops everything."""
-    from service.app import AppArgs, build_app
-    from service.run import serve_until_stopped
-
-    app_args = AppArgs(
-        denoiser_replicas=args.denoiser_replicas,
-        worker_replicas=args.workers,
-        settings={
-            # said here, not left to a default: the image defaults to production (fail closed)
-            "environment": "development",
-            "redis_url": redis.url,
-            "s3_endpoint_url": s3.endpoint,
-            "s3_access_key_id": "undiffuse",
-            "s3_secret_access_key": s3_secret,
-            "api_keys": [f"{owner}=sha256:{digest(key)}" for owner, key in api_keys],  # hashes only
-        },
-    )
-    serve_until_stopped(build_app(app_args), app_args.cpus_needed(), "127.0.0.1", args.port, args.metrics_port, banner)
 
 
 if __name__ == "__main__":

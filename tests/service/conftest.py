@@ -1,11 +1,12 @@
-"""The real stack for the service tests, started once per session."""
+"""The real servers for the service tests, each started once per session by the first test that
+asks for it: a Redis-compatible server (redis_server), SeaweedFS (s3_server) and the Serve
+application on both (stack, service.dev.stack.local_stack)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -51,6 +52,9 @@ def run():
     loop.close()
 
 
+# The servers are session fixtures, started by the first test that asks for one (and only then:
+# tests/conftest.py marks every test that needs one `integration`, so `-m "not integration"`
+# starts none).
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> RedisServer:
     """A real Redis-compatible server for the session (the stack uses database 0)."""
@@ -59,60 +63,57 @@ def redis_server(tmp_path_factory) -> RedisServer:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory, redis_server) -> Stack:
-    work: Path = tmp_path_factory.mktemp("stack")
-    with S3Server(work / "s3", access_key=S3_KEY, secret_key=S3_SECRET).start() as s3:
-        yield from _serve_stack(redis_server, s3)
+def s3_server(tmp_path_factory) -> S3Server:
+    """SeaweedFS's S3 gateway for the session, with the tests' identity (S3_KEY, S3_SECRET)."""
+    with S3Server(tmp_path_factory.mktemp("s3"), access_key=S3_KEY, secret_key=S3_SECRET).start() as server:
+        yield server
 
 
-def _serve_stack(redis: RedisServer, s3: S3Server):
-    import ray
-    from ray import serve
+STACK_SETTINGS = {
+    "s3_bucket": "undiffuse-test",
+    "api_keys": [
+        KEY_A,  # plain keys (development): owner id = the first 24 hex digits of the key's hash
+        f"sha256:{digest(KEY_B)}",  # the same owner id, from the hash alone
+        f"carol=sha256:{digest(KEY_CAROL_OLD)}",
+        f"carol=sha256:{digest(KEY_CAROL_NEW)}",
+    ],
+    "model_dir": str(REPO_ROOT / "models"),
+    "max_images_per_job": 64,
+    "shard_size": 4,
+    "visibility_timeout_seconds": 6.0,
+    "max_attempts": 2,
+    "torch_threads": 1,
+    "redis_timeout_seconds": 1.0,
+    "webhook_allow_private": True,  # the tests' receivers listen on 127.0.0.1
+    "webhook_retry_base_seconds": 0.2,
+    "max_reads_per_minute_per_key": 100_000,  # the tests poll from many threads; the quota has its own test
+}
 
-    from service.app import AppArgs, build_app
 
-    overrides = {
-        "redis_url": redis.url,
-        "s3_endpoint_url": s3.endpoint,
-        "s3_access_key_id": S3_KEY,
-        "s3_secret_access_key": S3_SECRET,
-        "s3_bucket": "undiffuse-test",
-        "api_keys": [
-            KEY_A,  # plain keys (development): owner id = the first 24 hex digits of the key's hash
-            f"sha256:{digest(KEY_B)}",  # the same owner id, from the hash alone
-            f"carol=sha256:{digest(KEY_CAROL_OLD)}",
-            f"carol=sha256:{digest(KEY_CAROL_NEW)}",
-        ],
-        "model_dir": str(REPO_ROOT / "models"),
-        "max_images_per_job": 64,
-        "shard_size": 4,
-        "visibility_timeout_seconds": 6.0,
-        "max_attempts": 2,
-        "torch_threads": 1,
-        "redis_timeout_seconds": 1.0,
-        "webhook_allow_private": True,  # the tests' receivers listen on 127.0.0.1
-        "webhook_retry_base_seconds": 0.2,
-        "max_reads_per_minute_per_key": 100_000,  # the tests poll from many threads; the quota has its own test
-    }
-    metrics_port = free_port()
-    http_port = free_port()
-    ray.init(
+def stack_settings(redis: RedisServer, s3: S3Server) -> Settings:
+    """The settings the stack runs with, on these servers."""
+    from service.dev.stack import LocalServers
+
+    return Settings(**{"environment": "development", **LocalServers(redis, s3).settings(), **STACK_SETTINGS})
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, redis_server, s3_server) -> Stack:
+    """The Serve application on the session's servers, in a local Ray of its own."""
+    from service.dev.stack import local_stack
+
+    with local_stack(
+        tmp_path_factory.mktemp("stack"),
+        STACK_SETTINGS,
+        redis=redis_server,
+        s3=s3_server,
         num_cpus=6,
-        include_dashboard=False,
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 500},
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    app = build_app(AppArgs(worker_replicas=2, max_batch_images=16, log_encoding="JSON", settings=overrides))
-    serve.run(app, name="undiffuse", route_prefix="/")
-    stack = Stack(
-        redis, s3, Settings(**overrides), f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics"
-    )
-    try:
-        yield stack
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        ray_options={"_system_config": {"metrics_report_interval_ms": 500}},
+        worker_replicas=2,
+        max_batch_images=16,
+        log_encoding="JSON",
+    ) as running:
+        yield Stack(running.redis, running.s3, Settings(**running.settings), running.base_url, running.metrics_url)
 
 
 def wait_idle(stack: Stack, timeout: float = 120) -> None:
@@ -182,11 +183,11 @@ def sample_names(families: list) -> set[str]:
 
 
 @pytest.fixture
-def asgi_api(stack):
-    """A factory of in-process API clients: the ingress's FastAPI app with its own settings,
-    on the real Redis (database 6, which no Worker reads, so submitted jobs never run) and the
-    real S3-compatible server, without Ray. For what the Serve stack's fixed settings cannot
-    show (small quotas) and for generated-request testing."""
+def asgi_api(redis_server, s3_server):
+    """A factory of in-process API clients: the ingress's FastAPI app with the stack's settings
+    and its own overrides, on the real Redis (database 6, which no Worker reads, so submitted jobs
+    never run) and the real S3-compatible server, without Ray. For what the Serve stack's fixed
+    settings cannot show (small quotas) and for generated-request testing."""
     import asyncio
 
     from fastapi.testclient import TestClient
@@ -194,13 +195,14 @@ def asgi_api(stack):
     from service.api.deps import build_context, set_context
     from service.api.fastapi_app import app
 
-    url = stack.redis.url.rsplit("/", 1)[0] + "/6"
+    url = redis_server.url.rsplit("/", 1)[0] + "/6"
+    base = stack_settings(redis_server, s3_server)
     clients = []
 
     def make(**overrides) -> TestClient:
         settings = Settings(
             **{
-                **stack.settings.model_dump(),
+                **base.model_dump(),
                 "s3_secret_access_key": S3_SECRET,
                 "redis_url": url,
                 **overrides,

@@ -1,4 +1,4 @@
-"""The fault drills at CI size (bench/drills.py --short; docs/reliability.md): 100 jobs under
+"""The fault drills at CI size (python -m bench.drills --short; docs/reliability.md): 100 jobs under
 Worker and Denoiser kill -9s, Redis killed and restarted from its AOF, S3 down for 20 s, and 100
 hostile requests, then every job's images counted and decoded.
 
@@ -27,14 +27,14 @@ def drill(tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new local Ray, not the session's
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "drills.py"), "--short", "--json", str(out)],
+        [sys.executable, "-m", "bench.drills", "--short", "--json", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=540,
     )
-    print(f"bench/drills.py --short: exit {proc.returncode}, wall {time.monotonic() - started:.0f} s")
+    print(f"python -m bench.drills --short: exit {proc.returncode}, wall {time.monotonic() - started:.0f} s")
     print(proc.stdout[proc.stdout.find("# fault drills") :])  # the table (Ray's notices of the kills come before)
     assert out.exists(), f"no JSON report; exit {proc.returncode}\n{proc.stderr[-4000:]}"
     result = json.loads(out.read_text())
