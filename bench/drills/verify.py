@@ -17,12 +17,23 @@ from service.dev.stack import LocalStack
 RESULTS_PAGE = 7  # results per GET: several pages for most jobs
 
 
-def bucket_objects(settings: dict) -> dict[str, set[str]]:
-    """Every object in the bucket, by job id (the second part of jobs/{id}/{index:05d}.png)."""
-    from service.settings import Settings
-    from service.storage import ObjectStore
+def s3_client(stack: LocalStack):
+    """A plain S3 client on the stack's SeaweedFS: the verifier reads the bucket on its own, not
+    through the service's ObjectStore."""
+    import boto3
 
-    client = ObjectStore(Settings(**settings).storage).client
+    return boto3.client(
+        "s3",
+        endpoint_url=stack.s3.endpoint,
+        aws_access_key_id=stack.s3.access_key,
+        aws_secret_access_key=stack.s3.secret_key,
+        region_name="us-east-1",
+    )
+
+
+def bucket_objects(stack: LocalStack) -> dict[str, set[str]]:
+    """Every object in the bucket, by job id (the second part of jobs/{id}/{index:05d}.png)."""
+    client = s3_client(stack)
     out: dict[str, set[str]] = defaultdict(set)
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
         for o in page.get("Contents", []):
@@ -61,10 +72,9 @@ def png_ok(data: bytes, size: int) -> bool:
 
 
 def verify(stack: LocalStack, jobs: list[Job], created_elsewhere: set[str]) -> dict:
-    from service.settings import Settings
-    from service.storage import ObjectStore, image_key, manifest_key
+    from service.storage import image_key, manifest_key
 
-    objects = bucket_objects(stack.settings)
+    objects = bucket_objects(stack)
     accepted = [j for j in jobs if j.id]
     clients = {
         k: httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {v}"}) for k, v in KEYS.items()
@@ -101,7 +111,7 @@ def verify(stack: LocalStack, jobs: list[Job], created_elsewhere: set[str]) -> d
         if status != "succeeded" or expected != found or sorted(indices) != list(range(n)):
             problems.append(f"{job.phase} {job.id}: {status}, {len(found)}/{n} objects, results {sorted(indices)}")
         present += sorted(expected & found)
-    store = ObjectStore(Settings(**stack.settings).storage).client
+    store = s3_client(stack)
 
     def check(key: str) -> tuple[bool, tuple[str, int]]:
         data = store.get_object(Bucket=BUCKET, Key=key)["Body"].read()
