@@ -3,6 +3,7 @@
 
     python3 dev.py up      # create .venv, install, start the whole local stack
     python3 dev.py test    # create .venv, install, run the test suite (extra args go to pytest)
+    python3 dev.py test -m fast   # the fast tier: no servers, about a minute (README)
     python3 dev.py setup   # only create/refresh .venv
 
 Standard library only: this script must run before anything is installed.

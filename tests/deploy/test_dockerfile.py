@@ -131,7 +131,10 @@ def _declared_for_the_image() -> set[str]:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: pip's own copy of the same parser
+        from pip._vendor import tomli as tomllib
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     direct = [Requirement(r) for r in project["dependencies"] + extras["service"] + extras["diffusers"]]
