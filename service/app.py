@@ -94,10 +94,10 @@ class AppArgs(BaseModel):
 
 def build_app(args: AppArgs) -> Application:
     settings = Settings(**args.settings)
-    if args.max_batch_images is not None and 2 * settings.shard_size > args.max_batch_images:
-        # a guided shard takes twice its images in rows
+    if args.max_batch_images is not None and settings.min_batch_rows > args.max_batch_images:
         raise ValueError(
-            f"max_batch_images {args.max_batch_images} must be at least twice shard_size {settings.shard_size}"
+            f"max_batch_images {args.max_batch_images} must be at least twice shard_size {settings.shard_size} "
+            "(a guided shard takes twice its images in rows)"
         )
     ModelRegistry(settings.model_dir, settings.default_model)  # fail fast on a bad model dir
     replicas: dict[str, Any] = (

@@ -98,32 +98,31 @@ class Denoiser:
         from undiffuse.engine import DenoisingEngine, EngineConfig
         from undiffuse.engine_loop import EngineLoop
 
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        self.device = pick_device(settings.device, torch)
+        engine = settings.engine
+        if engine.torch_threads:
+            torch.set_num_threads(engine.torch_threads)
+        self.device = pick_device(engine.device, torch)
         self.settings = settings
-        self.registry = ModelRegistry(settings.model_dir, settings.default_model)
-        compile_ = {"auto": None, "on": True, "off": False}[settings.compile]
+        self.registry = ModelRegistry(engine.model_dir, engine.default_model)
+        compile_ = {"auto": None, "on": True, "off": False}[engine.compile]
         self.engines: dict[str, DenoisingEngine] = {}
         for name, spec in self.registry.models.items():
-            precision = settings.model_precision.get(name) or (
-                None if settings.precision == "auto" else settings.precision
-            )
+            precision = engine.model_precision.get(name) or (None if engine.precision == "auto" else engine.precision)
             config = EngineConfig(
                 max_batch=self._default_max_batch(),
                 precision=precision,
                 compile=compile_,
-                compile_mode=settings.compile_mode,
-                latency_slack=settings.latency_slack,
+                compile_mode=engine.compile_mode,
+                latency_slack=engine.latency_slack,
             )
             self.engines[name] = DenoisingEngine(load_model(spec.path, self.device), config)
         self.store = JobStore.from_settings(settings)
         self._engine_loop = EngineLoop(
             self.engines,
             self,
-            min_batch=2 * settings.shard_size,  # a guided shard's rows
-            warmup_seconds=settings.warmup_seconds,
-            publish_every=settings.progress_interval_seconds / 2,
+            min_batch=engine.min_batch_rows,
+            warmup_seconds=engine.warmup_seconds,
+            publish_every=engine.progress_interval_seconds / 2,
             log=log,
         )
         self._stopping = threading.Event()
@@ -166,8 +165,8 @@ class Denoiser:
         from one row to thousands. On a CPU a step's cost grows with its rows (5-6 ms per row
         of the demo model from 8 rows up, docs/benchmarks.md), so a bigger batch buys no
         throughput and only makes a newly arrived shard wait longer for the step in progress:
-        the smallest batch that holds a guided shard (2 x shard_size)."""
-        return GPU_MAX_BATCH if self.device.type == "cuda" else 2 * self.settings.shard_size
+        the smallest batch that holds a guided shard (Settings.min_batch_rows)."""
+        return GPU_MAX_BATCH if self.device.type == "cuda" else self.settings.min_batch_rows
 
     def check_health(self) -> None:
         if not self._thread.is_alive():

@@ -2,7 +2,9 @@
 
 Every field can be set as an environment variable with the UNDIFFUSE_ prefix
 (UNDIFFUSE_REDIS_URL, UNDIFFUSE_S3_BUCKET, UNDIFFUSE_API_KEYS=alice=sha256:<hex>,..., see
-service.api_keys).
+service.api_keys). That flat surface is what operators set; components take a typed view of the
+part they use (`settings.storage`, `settings.webhooks`, `settings.engine`, `settings.queue`), so a
+component's signature says what it depends on and a test builds only that.
 """
 
 from __future__ import annotations
@@ -10,13 +12,84 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, PrivateAttr, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service import api_keys as api_keys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLACEHOLDER_SECRETS = {"", "changeme", "localsecret", "REPLACE_ME"}
+
+
+class _View(BaseModel):
+    """A typed, read-only slice of Settings for one component."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StorageSettings(_View):
+    """S3-compatible object storage (service.storage.ObjectStore): UNDIFFUSE_S3_* and the URLs' lifetime."""
+
+    endpoint_url: str | None
+    public_endpoint_url: str | None
+    bucket: str
+    region: str
+    access_key_id: str | None
+    secret_access_key: SecretStr | None
+    create_bucket: bool
+    max_attempts: int
+    presign_expiry_seconds: int
+
+
+class WebhookSettings(_View):
+    """Webhook deliveries (worker.dispatcher, service.webhooks): UNDIFFUSE_WEBHOOK_*."""
+
+    signing_key: SecretStr | None
+    previous_signing_key: SecretStr | None
+    allow_private: bool
+    timeout_seconds: float
+    resolve_timeout_seconds: float
+    retry_base_seconds: float
+    concurrency: int
+    concurrency_per_owner: int
+    resolve_concurrency_per_owner: int
+    allowed_ports: tuple[int, ...]
+    production: bool
+    """In production: https:// receivers only, and no development signing key."""
+
+
+class EngineSettings(_View):
+    """What a Denoiser replica runs its engines with (service.denoiser)."""
+
+    model_dir: Path
+    default_model: str
+    device: Literal["auto", "cpu", "cuda"]
+    torch_threads: int
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    model_precision: dict[str, Literal["fp32", "bf16", "fp16"]]
+    compile: Literal["auto", "on", "off"]
+    compile_mode: str
+    warmup_seconds: float
+    latency_slack: float
+    progress_interval_seconds: float
+    min_batch_rows: int
+    """The smallest batch a replica may run: a guided shard's rows (2 x shard_size)."""
+
+
+class QueueSettings(_View):
+    """Shards on the fair queue and their attempts (service.jobs.queue, worker.consumer)."""
+
+    shard_size: int
+    visibility_timeout_seconds: float
+    max_attempts: int
+    max_interruptions: int
+    shard_timeout_seconds: float
+    intake_fallback_rows: int
+    dependency_patience_seconds: float
+    purge_delay_seconds: float
+    redis_timeout_seconds: float
+    """A blocking read of the queue waits at most half of it, so it never becomes a read timeout."""
+    quantum: int
 
 
 class Settings(BaseSettings):
@@ -192,6 +265,32 @@ class Settings(BaseSettings):
         return self.shard_size * self.max_steps * 2
 
     @property
+    def min_batch_rows(self) -> int:
+        """The fewest rows a Denoiser's batch may hold: a guided shard's (2 x shard_size)."""
+        return 2 * self.shard_size
+
+    @property
+    def storage(self) -> StorageSettings:
+        return StorageSettings(
+            **_prefixed(self, "s3_", StorageSettings), presign_expiry_seconds=self.presign_expiry_seconds
+        )
+
+    @property
+    def webhooks(self) -> WebhookSettings:
+        return WebhookSettings(
+            **_prefixed(self, "webhook_", WebhookSettings, skip={"production"}),
+            production=self.environment == "production",
+        )
+
+    @property
+    def engine(self) -> EngineSettings:
+        return EngineSettings(**_prefixed(self, "", EngineSettings))
+
+    @property
+    def queue(self) -> QueueSettings:
+        return QueueSettings(**_prefixed(self, "", QueueSettings, skip={"quantum"}), quantum=self.queue_quantum)
+
+    @property
     def key_owners(self) -> dict[str, str]:
         """{SHA-256 hex of a key: owner id}."""
         return self._key_owners
@@ -256,3 +355,12 @@ class Settings(BaseSettings):
                     "(python -m service.api_keys new <owner>)"
                 )
         return self
+
+
+def _prefixed(settings: Settings, prefix: str, view: type[_View], skip: set[str] = frozenset()) -> dict:
+    """The view's fields from the Settings fields (or properties) named prefix + field."""
+    return {
+        name: getattr(settings, prefix + name)
+        for name in view.model_fields
+        if name not in skip and hasattr(settings, prefix + name)
+    }

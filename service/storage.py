@@ -12,7 +12,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from service.settings import Settings
+from service.settings import StorageSettings
 
 log = logging.getLogger("ray.serve")
 CONDITIONAL_PUT_TRIES = 5
@@ -33,32 +33,32 @@ def manifest_key(job_id: str) -> str:
 
 
 class ObjectStore:
-    def __init__(self, settings: Settings) -> None:
-        self.bucket = settings.s3_bucket
-        self.region = settings.s3_region
-        self.create_bucket = settings.s3_create_bucket
+    def __init__(self, settings: StorageSettings) -> None:
+        self.bucket = settings.bucket
+        self.region = settings.region
+        self.create_bucket = settings.create_bucket
         self.expiry = settings.presign_expiry_seconds
         # static keys when configured; otherwise the session resolves boto3's default credential
         # chain (AWS_* variables, IRSA's web identity token, EKS Pod Identity, an instance profile)
         keys = (
             {}
-            if settings.s3_secret_access_key is None
+            if settings.secret_access_key is None
             else dict(
-                aws_access_key_id=settings.s3_access_key_id,
-                aws_secret_access_key=settings.s3_secret_access_key.get_secret_value(),
+                aws_access_key_id=settings.access_key_id,
+                aws_secret_access_key=settings.secret_access_key.get_secret_value(),
             )
         )
-        session = boto3.session.Session(region_name=settings.s3_region, **keys)
+        session = boto3.session.Session(region_name=settings.region, **keys)
         retries = Config(
-            retries={"max_attempts": settings.s3_max_attempts, "mode": "standard"},
+            retries={"max_attempts": settings.max_attempts, "mode": "standard"},
             connect_timeout=3,
             read_timeout=20,
             signature_version="s3v4",
             s3={"addressing_style": "path"},
         )
-        self.client = session.client("s3", endpoint_url=settings.s3_endpoint_url, config=retries)
+        self.client = session.client("s3", endpoint_url=settings.endpoint_url, config=retries)
         # presigned URLs must name the endpoint the *client* reaches, which can differ
-        public = settings.s3_public_endpoint_url or settings.s3_endpoint_url
+        public = settings.public_endpoint_url or settings.endpoint_url
         self.presigner = session.client("s3", endpoint_url=public, config=retries)
         self._presigned: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (url, reuse until)
         self._lock = threading.Lock()

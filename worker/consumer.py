@@ -52,7 +52,7 @@ from service.jobs.queue import Message
 from service.jobs.records import JobError, JobStatus, ShardResult, ShardTask
 from service.jobs.store import JobRecord, JobStore
 from service.logs import ms, shard_fields
-from service.settings import Settings
+from service.settings import QueueSettings
 from service.storage import STORAGE_ERRORS, ObjectStore, image_key, manifest_key
 from undiffuse.images import png_bytes
 from worker.loop import run_until_stopped
@@ -161,7 +161,7 @@ class DependencyAway(Exception):
 class Consumer:
     def __init__(
         self,
-        settings: Settings,
+        settings: QueueSettings,
         store: JobStore,
         objects: ObjectStore,
         generate: Generate,

@@ -26,11 +26,11 @@ class Worker:
     async def __init__(self, settings: Settings, denoiser: DeploymentHandle) -> None:
         self.denoiser = denoiser
         store = JobStore.from_settings(settings)
-        objects = ObjectStore(settings)
+        objects = ObjectStore(settings.storage)
         name = serve.get_replica_context().replica_id.unique_id
-        self.consumer = Consumer(settings, store, objects, self._generate, name=f"worker-{name}")
+        self.consumer = Consumer(settings.queue, store, objects, self._generate, name=f"worker-{name}")
         self.sweeper = Sweeper(store, objects)
-        self.dispatcher = Dispatcher(settings, store, objects)
+        self.dispatcher = Dispatcher(settings.webhooks, store, objects)
         loop = asyncio.get_running_loop()
         self.loop_task = loop.create_task(self.consumer.run())
         self.sweep_task = loop.create_task(self.sweeper.run())

@@ -21,7 +21,7 @@ from collections import Counter
 from service import metrics
 from service.jobs.store import JobStore
 from service.jobs.webhook_schedule import Claim, Delivery, WebhookOutcome, retry_delay
-from service.settings import Settings
+from service.settings import WebhookSettings
 from service.storage import ObjectStore, manifest_key
 from service.webhooks import sender, signing
 from service.webhooks.addresses import Guard
@@ -32,14 +32,16 @@ POLL_S = 1.0  # the longest a newly due delivery waits for a round
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, store: JobStore, objects: ObjectStore, record_metrics: bool = True) -> None:
+    def __init__(
+        self, settings: WebhookSettings, store: JobStore, objects: ObjectStore, record_metrics: bool = True
+    ) -> None:
         self.settings = settings
         self.store = store
         self.schedule = store.webhooks
         self.objects = objects
         self.record_metrics = record_metrics
         # a claimed delivery is hidden this long: the lookup and the POST fit well inside it
-        self.lease = 2 * settings.webhook_timeout_seconds + settings.webhook_resolve_timeout_seconds + 30
+        self.lease = 2 * settings.timeout_seconds + settings.resolve_timeout_seconds + 30
         self.guard = Guard.from_settings(settings)
         self.inflight: set[asyncio.Task] = set()
         self.owners = Counter[str]()  # owner -> its deliveries in self.inflight
@@ -56,7 +58,7 @@ class Dispatcher:
         claim = await self.dispatch_once()
         if claim.more:  # the claim stopped at its scan budget: go on at once
             return 0.0
-        if len(self.inflight) < self.settings.webhook_concurrency:
+        if len(self.inflight) < self.settings.concurrency:
             # nothing claimable is due now (what is due waits for its owner's slots: a freed slot
             # wakes the loop); sleep until the next entry comes due
             due = await self.schedule.next_due()
@@ -67,11 +69,11 @@ class Dispatcher:
     async def dispatch_once(self) -> Claim:
         """Claim what is due (as many as there are free slots, each owner up to its own) and
         start sending it."""
-        free = self.settings.webhook_concurrency - len(self.inflight)
+        free = self.settings.concurrency - len(self.inflight)
         if free <= 0:
             return Claim([], False)
         claim = await self.schedule.claim(
-            time.time(), self.lease, free, self.settings.webhook_concurrency_per_owner, self.owners
+            time.time(), self.lease, free, self.settings.concurrency_per_owner, self.owners
         )
         for delivery in claim.deliveries:
             self._start(delivery)
@@ -123,7 +125,7 @@ class Dispatcher:
                 record.webhook_url,
                 body,
                 headers,
-                timeout=self.settings.webhook_timeout_seconds,
+                timeout=self.settings.timeout_seconds,
                 guard=self.guard,
                 owner=record.owner,
             )
@@ -134,7 +136,7 @@ class Dispatcher:
         delay = (
             None
             if attempt.delivered or not secrets
-            else retry_delay(outcome.attempts, self.settings.webhook_retry_base_seconds)
+            else retry_delay(outcome.attempts, self.settings.retry_base_seconds)
         )
         if attempt.delivered:
             outcome.status, outcome.delivered_at, outcome.next_attempt_at = "delivered", now, None

@@ -47,7 +47,7 @@ def build_context(settings: Settings, denoiser: Any, listeners: list | None = No
         settings=settings,
         store=store,
         lifecycle=JobLifecycle(store, listeners, purge_delay_seconds=settings.purge_delay_seconds),
-        objects=ObjectStore(settings),
+        objects=ObjectStore(settings.storage),
         registry=ModelRegistry(settings.model_dir, settings.default_model),
         denoiser=denoiser,
         quota=submission_quota(settings, limits),

@@ -25,10 +25,10 @@ async def webhook_target(body: JobCreate, ctx: Context, owner: str | None = None
         if body.webhook_events is not None:
             raise invalid("webhook_events", "needs webhook_url", body.webhook_events)
         return None
-    if not signing.enabled(ctx.settings):
+    if not signing.enabled(ctx.settings.webhooks):
         raise invalid("webhook_url", DISABLED, body.webhook_url)
     try:
-        await checked_addresses(body.webhook_url, Guard.from_settings(ctx.settings), owner)
+        await checked_addresses(body.webhook_url, Guard.from_settings(ctx.settings.webhooks), owner)
     except AddressRefused as e:
         raise invalid("webhook_url", str(e), body.webhook_url) from None
     return body.webhook_url, list(body.webhook_events or DEFAULT_EVENTS)
@@ -42,7 +42,7 @@ async def webhook_target(body: JobCreate, ctx: Context, owner: str | None = None
 async def webhook_secret(ctx: Ctx, owner: Owner) -> WebhookSecret:
     """The secret that signs this key owner's webhook deliveries (Standard Webhooks, whsec_...).
     Every key of one owner gets the same; it changes when the server's signing key is rotated."""
-    secrets = signing.owner_secrets(ctx.settings, owner)
+    secrets = signing.owner_secrets(ctx.settings.webhooks, owner)
     if not secrets:
         raise HTTPException(status.HTTP_404_NOT_FOUND, DISABLED)
     return WebhookSecret(secret=secrets[0])

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 if TYPE_CHECKING:
-    from service.settings import Settings
+    from service.settings import WebhookSettings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_PORTS = frozenset({80, 443})
@@ -126,13 +126,13 @@ class Guard:
     lookups_per_owner: int = 2
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Guard:
+    def from_settings(cls, settings: WebhookSettings) -> Guard:
         return cls(
-            allow_private=settings.webhook_allow_private,
-            https_only=settings.environment == "production",
-            ports=DEFAULT_PORTS | frozenset(settings.webhook_allowed_ports),
-            resolve_timeout=settings.webhook_resolve_timeout_seconds,
-            lookups_per_owner=settings.webhook_resolve_concurrency_per_owner,
+            allow_private=settings.allow_private,
+            https_only=settings.production,
+            ports=DEFAULT_PORTS | frozenset(settings.allowed_ports),
+            resolve_timeout=settings.resolve_timeout_seconds,
+            lookups_per_owner=settings.resolve_concurrency_per_owner,
         )
 
 

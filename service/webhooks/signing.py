@@ -20,23 +20,23 @@ from datetime import datetime, timezone
 
 from standardwebhooks import Webhook
 
-from service.settings import Settings
+from service.settings import WebhookSettings
 
 DEVELOPMENT_KEY = "undiffuse-development-webhook-key"  # development only (Settings refuse placeholders in production)
 _CONTEXT = b"undiffuse webhook secret\x00"
 
 
-def server_keys(settings: Settings) -> list[str]:
+def server_keys(settings: WebhookSettings) -> list[str]:
     """The keys to sign with, current first; none where webhooks are off (production without
     a key)."""
-    current = settings.webhook_signing_key
+    current = settings.signing_key
     if current is None:
-        return [DEVELOPMENT_KEY] if settings.environment == "development" else []
-    previous = settings.webhook_previous_signing_key
+        return [] if settings.production else [DEVELOPMENT_KEY]
+    previous = settings.previous_signing_key
     return [current.get_secret_value(), *([previous.get_secret_value()] if previous is not None else [])]
 
 
-def enabled(settings: Settings) -> bool:
+def enabled(settings: WebhookSettings) -> bool:
     return bool(server_keys(settings))
 
 
@@ -46,7 +46,7 @@ def owner_secret(server_key: str, owner: str) -> str:
     return "whsec_" + base64.b64encode(digest).decode()
 
 
-def owner_secrets(settings: Settings, owner: str) -> list[str]:
+def owner_secrets(settings: WebhookSettings, owner: str) -> list[str]:
     return [owner_secret(key, owner) for key in server_keys(settings)]
 
 

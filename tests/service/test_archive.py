@@ -54,7 +54,7 @@ def test_the_archive_holds_the_buckets_images_and_a_manifest_that_matches_them(a
     job = api.post("/v1/jobs", json={"num_images": 5, "steps": 4, "class_label": 8, "seed": 21}).json()
     done = wait_for_status(api, job["id"], {"succeeded", "failed"})
     assert done["status"] == "succeeded", done
-    s3 = ObjectStore(stack.settings)
+    s3 = ObjectStore(stack.settings.storage)
     stored_manifest = s3.get_bytes(manifest_key(job["id"]))
     assert stored_manifest is not None and httpx.get(done["manifest_url"], timeout=10).content == stored_manifest
 
@@ -113,7 +113,7 @@ def test_the_archive_is_503_while_s3_is_unreachable_and_404_once_the_bucket_lost
 
     client = asgi_api()
     job_id = client.post("/v1/jobs", json={"num_images": 2, "steps": 2, "class_label": 0}).json()["id"]
-    s3 = ObjectStore(stack.settings)
+    s3 = ObjectStore(stack.settings.storage)
     pngs = [b"\x89PNG first", b"\x89PNG second!"]
     for i, data in enumerate(pngs):
         s3.put_png(image_key(job_id, i), data)

@@ -72,7 +72,7 @@ def test_submit_wait_and_download_checked_against_the_manifest(client, stack, tm
     assert result.verified and result.manifest and result.manifest.exists()
     manifest = json.loads(result.manifest.read_text())
     assert [p.name for p in result.images] == [f"{i:05d}.png" for i in range(5)]
-    s3 = ObjectStore(stack.settings).client
+    s3 = ObjectStore(stack.settings.storage).client
     for entry, path in zip(sorted(manifest["images"], key=lambda e: e["index"]), result.images, strict=True):
         data = path.read_bytes()
         assert data[:8] == PNG
@@ -88,7 +88,7 @@ def test_submit_wait_and_download_checked_against_the_manifest(client, stack, tm
 def test_a_tampered_image_fails_the_download_and_is_not_written(client, stack, tmp_path):
     job = client.wait(client.submit(2, class_label=1, steps=3).id, timeout=120)
     assert job.status == "succeeded"
-    s3 = ObjectStore(stack.settings).client
+    s3 = ObjectStore(stack.settings.storage).client
     s3.put_object(Bucket=stack.settings.s3_bucket, Key=job.results[1].key, Body=PNG + b"not the image")
     with pytest.raises(ChecksumError, match="00001.png"):
         client.download(job.id, tmp_path / "out", concurrency=1)

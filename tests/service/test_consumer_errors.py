@@ -55,7 +55,7 @@ def _run_until_ended(
         job_id, _, _ = await store.submit("tester", params, {"n": params.num_images})
         if prepare is not None:
             await prepare(store, job_id)
-        consumer = Consumer(settings, store, ObjectStore(settings), generate, name="errors-test")
+        consumer = Consumer(settings.queue, store, ObjectStore(settings.storage), generate, name="errors-test")
         loop = asyncio.create_task(consumer.run())
         try:
             deadline = time.monotonic() + seconds
@@ -196,7 +196,7 @@ def test_a_worker_dying_between_the_last_completion_and_the_manifest_leaves_no_j
 
     calls: list[int] = []
     settings = _settings(stack, 3, visibility_timeout_seconds=0.5)
-    objects = ObjectStore(settings)
+    objects = ObjectStore(settings.storage)
     png = b"not-really-a-png"
 
     async def sampler(task: ShardTask) -> ShardResult:
@@ -259,10 +259,10 @@ def test_an_s3_outage_is_waited_out_without_spending_an_attempt(stack, tmp_path)
 
     with S3Server(tmp_path / "s3", access_key=S3_KEY, secret_key=S3_SECRET).start() as s3:
         settings = _settings(stack, 5, s3_endpoint_url=s3.endpoint, s3_bucket="outage", s3_max_attempts=1)
-        ObjectStore(settings).ensure_bucket()
+        ObjectStore(settings.storage).ensure_bucket()
         with _server_away_while_sampling(s3, 3.0) as (generate, calls):
             record, dead = _run_until_ended(settings, generate, seconds=90)
-        listed = ObjectStore(settings).client.list_objects_v2(Bucket="outage", Prefix=f"jobs/{record.id}/")
+        listed = ObjectStore(settings.storage).client.list_objects_v2(Bucket="outage", Prefix=f"jobs/{record.id}/")
     assert record.status == JobStatus.succeeded and record.error is None, record
     assert calls == [1] and dead == []
     assert [o["Key"] for o in listed.get("Contents", [])] == [
@@ -300,7 +300,7 @@ def test_images_of_a_job_canceled_while_its_shard_ran_are_taken_back(stack):
     seen it yet): once uploaded, its images are deleted again rather than left for a sweep that
     may already have run."""
     settings = _settings(stack, 3)
-    objects = ObjectStore(settings)
+    objects = ObjectStore(settings.storage)
 
     async def scenario() -> tuple[int, int, int]:
         store = JobStore.from_settings(settings)
@@ -311,7 +311,7 @@ def test_images_of_a_job_canceled_while_its_shard_ran_are_taken_back(stack):
             await store.finish(task.job_id, "tester", JobStatus.canceled)
             return _pixels(task)
 
-        consumer = Consumer(settings, store, objects, canceled_meanwhile, name="cancel-test")
+        consumer = Consumer(settings.queue, store, objects, canceled_meanwhile, name="cancel-test")
         loop = asyncio.create_task(consumer.run())
         deadline = time.monotonic() + 20
         while consumer.handled == 0 and time.monotonic() < deadline:
@@ -341,7 +341,7 @@ def test_a_duplicate_attempt_finishing_after_the_shard_completed_leaves_its_imag
     from service.storage import image_key, manifest_key
 
     settings = _settings(stack, 3)
-    objects = ObjectStore(settings)
+    objects = ObjectStore(settings.storage)
 
     async def scenario() -> tuple[dict, bytes, JobRecord, int]:
         store = JobStore.from_settings(settings)
@@ -358,10 +358,10 @@ def test_a_duplicate_attempt_finishing_after_the_shard_completed_leaves_its_imag
             image = np.full((task.count, 28, 28, 1), 129, dtype=np.uint8)
             return ShardResult(job_id=task.job_id, shard=task.shard, pixels=image.tobytes(), shape=image.shape)
 
-        late = Consumer(settings, store, objects, second, name="second")
+        late = Consumer(settings.queue, store, objects, second, name="second")
         duplicate = asyncio.create_task(late.handle(message))  # reads the record, then samples
         await asyncio.sleep(0.3)
-        await Consumer(settings, store, objects, first, name="first").handle(message)
+        await Consumer(settings.queue, store, objects, first, name="first").handle(message)
         first_done.set()
         await asyncio.wait_for(duplicate, 20)
         manifest = json.loads(await asyncio.to_thread(objects.get_bytes, manifest_key(job_id)))
@@ -388,7 +388,7 @@ def test_an_image_an_earlier_attempt_wrote_stands_and_the_manifest_vouches_for_i
     from undiffuse.images import png_bytes
 
     settings = _settings(stack, 3)
-    objects = ObjectStore(settings)
+    objects = ObjectStore(settings.storage)
     earlier = png_bytes(np.full((28, 28, 1), 127, dtype=np.uint8))
     job: dict[str, str] = {}
 
@@ -417,7 +417,7 @@ def test_a_job_canceled_while_its_manifest_was_written_keeps_no_manifest_and_is_
     from service.storage import manifest_key
 
     settings = _settings(stack, 3)
-    objects = ObjectStore(settings)
+    objects = ObjectStore(settings.storage)
 
     class CanceledBeforeSuccess(JobLifecycle):
         async def succeed(self, record: JobRecord) -> bool:
@@ -434,7 +434,9 @@ def test_a_job_canceled_while_its_manifest_was_written_keeps_no_manifest_and_is_
         async def sampler(task: ShardTask) -> ShardResult:
             return _pixels(task)
 
-        consumer = Consumer(settings, store, objects, sampler, name="worker", lifecycle=CanceledBeforeSuccess(store))
+        consumer = Consumer(
+            settings.queue, store, objects, sampler, name="worker", lifecycle=CanceledBeforeSuccess(store)
+        )
         await consumer.handle(message)
         record = await store.get(job_id)
         manifest = await asyncio.to_thread(objects.get_bytes, manifest_key(job_id))
@@ -488,7 +490,7 @@ def _settled(outcome, task: ShardTask | None = None, refuse: int = 0, **override
 
     recorder = _Recorder(refuse)
     settings = Settings(**{"max_interruptions": 2, "dependency_patience_seconds": 5.0, **overrides})
-    consumer = Consumer(settings, recorder, None, None, name="settle-test", lifecycle=recorder)
+    consumer = Consumer(settings.queue, recorder, None, None, name="settle-test", lifecycle=recorder)
     task = task or ShardTask(job_id="j" * 32, shard=0, start=0, count=1, params=PARAMS)
     asyncio.run(consumer._settle("lease-1", task, outcome))
     return recorder.writes

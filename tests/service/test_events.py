@@ -145,7 +145,9 @@ def test_preview_defaults_and_idempotency_hashes_of_bodies_without_previews_are_
 
     assert [default_preview_every(s) for s in (1, 8, 12, 50, 400)] == [1, 1, 1, 6, 50]
     plain = _hashed_body(JobCreate(num_images=2, class_label=1))
-    assert "previews" not in plain and "preview_every" not in plain  # hashed as before previews existed
+    assert (
+        "previews" not in plain and "preview_every" not in plain
+    )  # a body without them hashes as if they were never fields
     assert set(plain) == {"model", "num_images", "steps", "sampler", "eta", "seed", "class_label", "guidance_scale"}
     asked = _hashed_body(JobCreate(num_images=2, class_label=1, previews=True))
     assert asked["previews"] is True and asked["preview_every"] is None

@@ -63,7 +63,7 @@ def test_seed_is_chosen_when_absent_and_images_are_reproducible(api, stack):
     wait_idle(stack)
     again = api.post("/v1/jobs", json={"num_images": 2, "steps": 4, "class_label": [4, 5], "seed": seed})
     b = wait_for_status(api, again.json()["id"], {"succeeded"})
-    s3 = ObjectStore(stack.settings).client
+    s3 = ObjectStore(stack.settings.storage).client
     for x, y in zip(
         sorted(a["results"], key=lambda r: r["index"]), sorted(b["results"], key=lambda r: r["index"]), strict=True
     ):

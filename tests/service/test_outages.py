@@ -130,9 +130,9 @@ def _run_until_ended(
         await store.r.flushdb()
         job_id, _, _ = await store.submit("tester", PARAMS, {"n": 1})
         consumer = Consumer(
-            settings,
+            settings.queue,
             store,
-            ObjectStore(settings),
+            ObjectStore(settings.storage),
             generate,
             name="outage-test",
             lifecycle=lifecycle and lifecycle(store),
@@ -155,7 +155,9 @@ def _run_until_ended(
         return record, dead
 
     record, dead = asyncio.run(scenario())
-    listed = ObjectStore(settings).client.list_objects_v2(Bucket=settings.s3_bucket, Prefix=f"jobs/{record.id}/")
+    listed = ObjectStore(settings.storage).client.list_objects_v2(
+        Bucket=settings.s3_bucket, Prefix=f"jobs/{record.id}/"
+    )
     return record, dead, [o["Key"] for o in listed.get("Contents", [])]
 
 
@@ -199,7 +201,7 @@ def test_an_s3_outage_longer_than_the_patience_spends_an_attempt_and_the_shard_i
             dependency_patience_seconds=1.0,
             max_attempts=20,
         )
-        ObjectStore(settings).ensure_bucket()
+        ObjectStore(settings.storage).ensure_bucket()
         with _away_during_the_first_attempt(s3, 3.0) as (generate, calls):
             record, dead, keys = _run_until_ended(settings, generate, seconds=120)
     assert record.status == JobStatus.succeeded, record

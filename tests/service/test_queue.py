@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def _objects(stack, job_id: str) -> list[str]:
-    listed = ObjectStore(stack.settings).client.list_objects_v2(
+    listed = ObjectStore(stack.settings.storage).client.list_objects_v2(
         Bucket=stack.settings.s3_bucket, Prefix=f"jobs/{job_id}/"
     )
     return sorted(o["Key"] for o in listed.get("Contents", []))

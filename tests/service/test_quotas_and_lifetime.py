@@ -58,7 +58,7 @@ def test_delete_removes_a_finished_jobs_images_and_record(stack, api):
     assert api.get(f"/v1/jobs/{job['id']}").status_code == 404
     assert api.delete(f"/v1/jobs/{job['id']}").status_code == 404
     assert job["id"] not in [j["id"] for j in api.get("/v1/jobs").json()["jobs"]]
-    objects = ObjectStore(stack.settings).client.list_objects_v2(
+    objects = ObjectStore(stack.settings.storage).client.list_objects_v2(
         Bucket=stack.settings.s3_bucket, Prefix=f"jobs/{job['id']}/"
     )
     assert objects.get("KeyCount", 0) == 0
@@ -101,7 +101,7 @@ def test_large_results_are_paginated(asgi_api, stack):
 
 
 def test_the_sweeper_deletes_the_images_of_due_jobs_only(stack):
-    objects = ObjectStore(stack.settings)
+    objects = ObjectStore(stack.settings.storage)
     pixels = png_bytes(np.zeros((28, 28, 1), dtype=np.uint8))
 
     async def scenario() -> tuple[int, list[str]]:

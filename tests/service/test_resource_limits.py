@@ -56,7 +56,7 @@ def _call(app, method: str, path: str, headers: list[tuple[bytes, bytes]], chunk
 
 def test_a_body_without_length_is_cut_at_the_limit_as_it_arrives(asgi_api):
     """An unauthenticated chunked upload of 64 MiB is refused after the limit's worth of chunks
-    has been read (the app used to read it whole first: 300 MB grew the replica by 899 MB)."""
+    has been read (read whole first, 300 MB grew the replica by 899 MB: docs/reliability.md)."""
     from service.api.fastapi_app import app
 
     asgi_api(max_body_bytes=64 * 1024)

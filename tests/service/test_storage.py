@@ -19,7 +19,7 @@ KEYS = {"s3_access_key_id": S3_KEY, "s3_secret_access_key": S3_SECRET}
 
 
 def test_presigned_urls_are_reused_for_half_their_lifetime():
-    store = ObjectStore(Settings(presign_expiry_seconds=2, **KEYS))
+    store = ObjectStore(Settings(presign_expiry_seconds=2, **KEYS).storage)
     first = store.presign("jobs/x/00000.png")
     assert store.presign("jobs/x/00000.png") == first and "X-Amz-Expires=2" in first
     assert store.presign("jobs/x/00001.png") != first
@@ -28,7 +28,7 @@ def test_presigned_urls_are_reused_for_half_their_lifetime():
 
 
 def test_presigned_urls_name_the_public_endpoint():
-    store = ObjectStore(Settings(s3_public_endpoint_url="http://localhost:9000", **KEYS))
+    store = ObjectStore(Settings(s3_public_endpoint_url="http://localhost:9000", **KEYS).storage)
     assert store.presign("jobs/x/00000.png").startswith("http://localhost:9000/undiffuse/jobs/x/00000.png?")
 
 
@@ -80,25 +80,29 @@ def test_without_static_keys_the_default_credential_chain_signs(s3, monkeypatch)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
-    store = ObjectStore(Settings(s3_endpoint_url=s3.endpoint, s3_bucket="chain"))
+    store = ObjectStore(Settings(s3_endpoint_url=s3.endpoint, s3_bucket="chain").storage)
     store.ensure_bucket()
     store.put_png("jobs/j/00000.png", b"\x89PNG-chain")
     assert httpx.get(store.presign("jobs/j/00000.png")).content == b"\x89PNG-chain"
     # and the chain is really what signs: other variables, another identity, refused
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(BucketUnavailable, match="403"):
-        ObjectStore(Settings(s3_endpoint_url=s3.endpoint, s3_bucket="chain")).ensure_bucket()
+        ObjectStore(Settings(s3_endpoint_url=s3.endpoint, s3_bucket="chain").storage).ensure_bucket()
 
 
 def test_a_missing_bucket_is_created_only_when_allowed(s3):
     bucket = f"missing-{uuid.uuid4().hex[:8]}"
-    refused = ObjectStore(Settings(s3_endpoint_url=s3.endpoint, s3_bucket=bucket, s3_create_bucket=False, **KEYS))
+    refused = ObjectStore(
+        Settings(s3_endpoint_url=s3.endpoint, s3_bucket=bucket, s3_create_bucket=False, **KEYS).storage
+    )
     calls = _record_calls(refused)
     with pytest.raises(BucketUnavailable, match="does not exist.*UNDIFFUSE_S3_CREATE_BUCKET"):
         refused.ensure_bucket()
     assert calls == ["HeadBucket"] and not _bucket_exists(s3, bucket)
 
-    allowed = ObjectStore(Settings(s3_endpoint_url=s3.endpoint, s3_bucket=bucket, s3_create_bucket=True, **KEYS))
+    allowed = ObjectStore(
+        Settings(s3_endpoint_url=s3.endpoint, s3_bucket=bucket, s3_create_bucket=True, **KEYS).storage
+    )
     calls = _record_calls(allowed)
     allowed.ensure_bucket()
     assert calls == ["HeadBucket", "CreateBucket"] and _bucket_exists(s3, bucket)
@@ -108,7 +112,7 @@ def test_a_missing_bucket_is_created_only_when_allowed(s3):
 
 def test_a_403_is_a_clear_error_never_a_blind_create(s3):
     """Credentials S3 refuses: HeadBucket answers 403, and ensure_bucket says so instead of
-    trying CreateBucket (which used to turn the 403 into a crash of the ingress)."""
+    trying CreateBucket (which would turn the 403 into a crash of the ingress)."""
     bucket = f"forbidden-{uuid.uuid4().hex[:8]}"
     store = ObjectStore(
         Settings(
@@ -118,7 +122,7 @@ def test_a_403_is_a_clear_error_never_a_blind_create(s3):
             s3_access_key_id=S3_KEY,
             s3_secret_access_key="a-wrong-secret-0123",
             s3_max_attempts=1,
-        )
+        ).storage
     )
     calls = _record_calls(store)
     with pytest.raises(BucketUnavailable, match=rf"{bucket}.*403.*credentials"):
@@ -131,7 +135,7 @@ def test_urls_presigned_for_the_public_endpoint_download_from_there(s3):
     http://minio:9000 inside, http://localhost:9000 published), and those URLs work there."""
     public = s3.endpoint.replace("127.0.0.1", "localhost")
     settings = Settings(s3_endpoint_url=s3.endpoint, s3_public_endpoint_url=public, s3_bucket="public", **KEYS)
-    store = ObjectStore(settings)
+    store = ObjectStore(settings.storage)
     store.ensure_bucket()
     store.put_png("jobs/p/00000.png", b"\x89PNG-public")
     url = store.presign("jobs/p/00000.png")
@@ -145,7 +149,7 @@ def test_an_image_is_written_once_and_every_writer_is_told_what_stands(s3):
     """Two attempts of one shard write the same key: the first write wins (If-None-Match: *) and
     the second is handed the bytes that stand, so its checksums describe the bucket."""
     settings = Settings(s3_endpoint_url=s3.endpoint, s3_bucket="once", s3_create_bucket=True, **KEYS)
-    store = ObjectStore(settings)
+    store = ObjectStore(settings.storage)
     store.ensure_bucket()
     key = f"jobs/{uuid.uuid4().hex}/00000.png"
     assert store.put_png_once(key, b"\x89PNG-first") == b"\x89PNG-first"
@@ -160,7 +164,7 @@ def _store_answering(s3, monkeypatch, *answers: tuple[int, str]) -> ObjectStore:
     from botocore.exceptions import ClientError
 
     settings = Settings(s3_endpoint_url=s3.endpoint, s3_bucket="once", s3_create_bucket=True, **KEYS)
-    store = ObjectStore(settings)
+    store = ObjectStore(settings.storage)
     store.ensure_bucket()
     put, queued = store.client.put_object, list(answers)
 
@@ -181,7 +185,7 @@ def test_a_store_without_conditional_puts_is_written_as_before(s3, monkeypatch):
     key = f"jobs/{uuid.uuid4().hex}/00000.png"
     assert store.put_png_once(key, b"\x89PNG-a") == b"\x89PNG-a"
     assert store.get_bytes(key) == b"\x89PNG-a"
-    assert store.put_png_once(key, b"\x89PNG-b") == b"\x89PNG-b"  # overwritten, as before
+    assert store.put_png_once(key, b"\x89PNG-b") == b"\x89PNG-b"  # overwritten: such a store cannot do better
     assert store.get_bytes(key) == b"\x89PNG-b"
 
 

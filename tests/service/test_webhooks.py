@@ -125,7 +125,9 @@ def scenario(redis_server, settings: Settings, body, dispatchers: int = 1):
         store = JobStore.from_url(url, 600, 4)
         await store.r.flushdb()
         stores = [JobStore.from_url(url, 600, 4) for _ in range(dispatchers)]
-        running = [Dispatcher(settings, s, ObjectStore(settings), record_metrics=False) for s in stores]
+        running = [
+            Dispatcher(settings.webhooks, s, ObjectStore(settings.storage), record_metrics=False) for s in stores
+        ]
         tasks = [asyncio.create_task(d.run()) for d in running]
         try:
             return await body(store, running)

@@ -122,7 +122,12 @@ def test_result_indices_come_from_the_shard_size_the_job_was_cut_with(store, run
     # presigning needs keys (since S3 keys became optional), not a server
     settings = Settings(shard_size=32, s3_access_key_id="k", s3_secret_access_key="offline")
     ctx = Context(
-        settings=settings, store=later, lifecycle=None, objects=ObjectStore(settings), registry=None, denoiser=None
+        settings=settings,
+        store=later,
+        lifecycle=None,
+        objects=ObjectStore(settings.storage),
+        registry=None,
+        denoiser=None,
     )  # type: ignore[arg-type]
     view = job_view(record, ctx)
     assert [r.index for r in view.results] == list(range(40))

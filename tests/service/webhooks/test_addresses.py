@@ -200,7 +200,9 @@ def test_a_public_ip_literal_needs_no_lookup():
 def test_settings_make_the_guard():
     from service.settings import Settings
 
-    guard = Guard.from_settings(Settings(webhook_allowed_ports=[8443], webhook_resolve_concurrency_per_owner=3))
+    guard = Guard.from_settings(
+        Settings(webhook_allowed_ports=[8443], webhook_resolve_concurrency_per_owner=3).webhooks
+    )
     assert guard == Guard(
         allow_private=False,
         https_only=False,

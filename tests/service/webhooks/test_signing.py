@@ -18,7 +18,7 @@ def test_each_owner_has_its_own_secret_derived_from_the_server_key():
     assert alice.startswith("whsec_") and alice != bob
     assert owner_secret(KEY, "alice") == alice  # derived, the same in every replica
     assert owner_secret(OLD_KEY, "alice") != alice  # another server key rotates it
-    assert owner_secrets(Settings(), "alice") == [owner_secret(DEVELOPMENT_KEY, "alice")]
+    assert owner_secrets(Settings().webhooks, "alice") == [owner_secret(DEVELOPMENT_KEY, "alice")]
 
 
 def test_a_signed_delivery_verifies_with_the_owners_secret_only():
@@ -34,7 +34,7 @@ def test_a_signed_delivery_verifies_with_the_owners_secret_only():
 
 def test_during_a_rotation_both_secrets_verify():
     settings = Settings(webhook_signing_key=KEY, webhook_previous_signing_key=OLD_KEY)
-    secrets = owner_secrets(settings, "alice")
+    secrets = owner_secrets(settings.webhooks, "alice")
     assert secrets == [owner_secret(KEY, "alice"), owner_secret(OLD_KEY, "alice")]
     body = "{}"
     headers = signed_headers(secrets, "msg_1", body)
@@ -44,8 +44,10 @@ def test_during_a_rotation_both_secrets_verify():
 
 
 def test_production_has_no_development_key_and_refuses_placeholders():
-    assert owner_secrets(Settings(**PRODUCTION), "alice") == []  # webhooks off
+    assert owner_secrets(Settings(**PRODUCTION).webhooks, "alice") == []  # webhooks off
     for bad in ("changeme", "short"):
         with pytest.raises(ValidationError, match="WEBHOOK_SIGNING_KEY"):
             Settings(**PRODUCTION, webhook_signing_key=bad)
-    assert owner_secrets(Settings(**PRODUCTION, webhook_signing_key=KEY), "alice") == [owner_secret(KEY, "alice")]
+    assert owner_secrets(Settings(**PRODUCTION, webhook_signing_key=KEY).webhooks, "alice") == [
+        owner_secret(KEY, "alice")
+    ]
