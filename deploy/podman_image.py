@@ -250,38 +250,39 @@ def serve(image: str, name: str, extra_env: dict[str, str] | None = None) -> Ite
     HOST_LOOPBACK, with the API published on a free loopback port: production mode, a hashed
     API key, the image's own user. The container is removed on the way out, whatever happened."""
     sys.path.insert(0, str(ROOT))
-    from service.dev.servers import RedisServer, S3Server, free_port
+    from service.dev.servers import free_port
+    from service.dev.stack import local_servers
 
     key = "ud_" + secrets.token_hex(24)
     s3_key, s3_secret = "podman", secrets.token_hex(16)
-    with tempfile.TemporaryDirectory() as work, RedisServer(Path(work) / "redis").start() as redis:
-        with S3Server(Path(work) / "s3", access_key=s3_key, secret_key=s3_secret).start() as s3:
-            env = {
-                "UNDIFFUSE_ENVIRONMENT": "production",
-                "UNDIFFUSE_API_KEYS": f"podman=sha256:{hashlib.sha256(key.encode()).hexdigest()}",
-                "UNDIFFUSE_REDIS_URL": f"redis://{HOST_LOOPBACK}:{redis.port}/0",
-                "UNDIFFUSE_S3_ENDPOINT_URL": f"http://{HOST_LOOPBACK}:{s3.port}",
-                "UNDIFFUSE_S3_PUBLIC_ENDPOINT_URL": s3.endpoint,  # presigned for this machine
-                "UNDIFFUSE_S3_BUCKET": "undiffuse-podman",
-                "UNDIFFUSE_S3_ACCESS_KEY_ID": s3_key,
-                "UNDIFFUSE_S3_SECRET_ACCESS_KEY": s3_secret,
-                **(extra_env or {}),
-            }
-            port = free_port()
-            podman("rm", "-f", name, check=False)
-            run = ["run", "-d", "--name", name, "--shm-size", "2g", "-p", f"127.0.0.1:{port}:8000",
-                   "--network", "slirp4netns:allow_host_loopback=true"]  # fmt: skip
-            for k, v in env.items():
-                run += ["-e", f"{k}={v}"]
-            started = time.monotonic()
-            podman(*run, image)
-            running = Running(name=name, api_url=f"http://127.0.0.1:{port}", key=key, started=started)
-            try:
-                yield running
-            finally:
-                with contextlib.suppress(Exception):
-                    (CACHE / f"{name}.log").write_text(running.logs())
-                podman("rm", "-f", "-t", "10", name, check=False)
+    with tempfile.TemporaryDirectory() as work, local_servers(Path(work), (s3_key, s3_secret)) as servers:
+        redis, s3 = servers.redis, servers.s3
+        env = {
+            "UNDIFFUSE_ENVIRONMENT": "production",
+            "UNDIFFUSE_API_KEYS": f"podman=sha256:{hashlib.sha256(key.encode()).hexdigest()}",
+            "UNDIFFUSE_REDIS_URL": f"redis://{HOST_LOOPBACK}:{redis.port}/0",
+            "UNDIFFUSE_S3_ENDPOINT_URL": f"http://{HOST_LOOPBACK}:{s3.port}",
+            "UNDIFFUSE_S3_PUBLIC_ENDPOINT_URL": s3.endpoint,  # presigned for this machine
+            "UNDIFFUSE_S3_BUCKET": "undiffuse-podman",
+            "UNDIFFUSE_S3_ACCESS_KEY_ID": s3_key,
+            "UNDIFFUSE_S3_SECRET_ACCESS_KEY": s3_secret,
+            **(extra_env or {}),
+        }
+        port = free_port()
+        podman("rm", "-f", name, check=False)
+        run = ["run", "-d", "--name", name, "--shm-size", "2g", "-p", f"127.0.0.1:{port}:8000",
+               "--network", "slirp4netns:allow_host_loopback=true"]  # fmt: skip
+        for k, v in env.items():
+            run += ["-e", f"{k}={v}"]
+        started = time.monotonic()
+        podman(*run, image)
+        running = Running(name=name, api_url=f"http://127.0.0.1:{port}", key=key, started=started)
+        try:
+            yield running
+        finally:
+            with contextlib.suppress(Exception):
+                (CACHE / f"{name}.log").write_text(running.logs())
+            podman("rm", "-f", "-t", "10", name, check=False)
 
 
 JOB = {"num_images": 2, "class_label": 7, "steps": 20, "sampler": "ddim", "seed": 1234}

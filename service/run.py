@@ -58,8 +58,7 @@ def ray_cpus(cpus_needed: float, detected: float | None = None) -> int | None:
 
 def serve_until_stopped(app, cpus_needed: float, host: str, port: int, metrics_port: int, banner: str) -> None:
     """Start local Ray (ray_cpus(cpus_needed) CPUs) and Serve, run the application, print banner,
-    and block until SIGINT or SIGTERM; then shut Serve and Ray down. Shared by this entry point
-    and service.dev.local."""
+    and block until SIGINT or SIGTERM; then shut Serve and Ray down."""
     import ray
     from ray import serve
 

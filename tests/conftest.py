@@ -3,7 +3,9 @@
 - Tiers: a test that asks for a server (a Redis-compatible server, SeaweedFS, the Serve stack:
   the fixtures in SERVER_FIXTURES, directly or through another fixture) is an integration test,
   marked so here. The servers are session fixtures started by the first test that asks for one,
-  so `pytest -m "not integration"` (the fast tier, README) starts no server at all.
+  so `pytest -m "not integration"` starts no server at all. Tests marked `slow` in their files
+  (CPU sampling or training, validating every Kubernetes object) take seconds each; the fast tier,
+  `pytest -m fast` (README), is every test that is neither.
 - Skips: a test is skipped only where this machine lacks what it needs (a CUDA device, kubectl,
   Chromium, podman, the shared data beside the checkout). In CI (CI=true) every such skip is a
   failure, because CI is set up to have all of it; the one exception is a test marked `gpu`,
@@ -17,34 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-# Tests that take seconds each on 2 cores (sampling or training on the CPU, validating every
-# Kubernetes object), by file or by file::function: left out of the fast tier like the integration
-# tests, so that `pytest -m fast` runs in about a minute.
-SLOW = frozenset(
-    {
-        "tests/core/test_demo_model.py",
-        "tests/core/test_training.py",
-        "tests/deploy/test_k8s.py",
-        "tests/core/test_cli.py::test_train_then_sample_end_to_end",
-        "tests/core/test_cli.py::test_sample_model_is_a_deprecated_name_for_model_dir",
-        "tests/core/test_cli.py::test_sample_checks_class_against_model",
-        "tests/core/test_cli.py::test_sample_takes_one_class_per_image_as_submit_does",
-        "tests/core/test_engine.py::test_each_image_equals_the_one_request_sampler_whatever_its_neighbours",
-        "tests/core/test_engine.py::test_the_incremental_latency_check_selects_what_its_definition_does",
-        "tests/core/test_engine.py::test_a_small_batch_budget_pauses_and_resumes_rows_without_changing_them",
-        "tests/core/test_engine.py::test_a_stream_of_short_requests_does_not_starve_a_long_one",
-        "tests/core/test_engine.py::test_padding_to_batch_buckets_changes_no_image",
-        "tests/core/test_model_folders.py::test_a_saved_pipeline_samples_as_its_scheduler_says",
-        "tests/core/test_samplers.py::test_reproduces_gaussian_data_distribution",
-        "tests/core/test_samplers.py::test_guidance_acts_only_inside_the_models_noise_interval",
-        "tests/core/test_samplers.py::test_same_seed_and_index_give_the_same_image_alone_and_in_a_batch",
-        "tests/core/test_samplers.py::test_guidance_scale_one_is_plain_conditional_and_other_scales_differ",
-        "tests/core/test_schedule.py::test_q_sample_matches_iterated_forward_process",
-        "tests/test_architecture.py::test_the_client_and_the_service_commands_run_on_the_base_dependencies_alone",
-        "tests/test_suite_rules.py",  # runs pytest in child processes
-    }
-)
 
 # Fixtures that start servers. `s3` is tests/service/test_storage.py's own SeaweedFS.
 SERVER_FIXTURES = frozenset({"redis_server", "s3_server", "stack", "s3"})
@@ -71,9 +45,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVER_FIXTURES.intersection(item.fixturenames) and item.get_closest_marker("integration") is None:
             item.add_marker(pytest.mark.integration)
-        path = item.nodeid.split("::")[0]
-        if {path, f"{path}::{getattr(item, 'originalname', item.name)}"} & SLOW:
-            item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("integration") is None and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.fast)
         if not cuda and item.get_closest_marker("gpu") is not None:

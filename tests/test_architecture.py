@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -90,6 +92,7 @@ def _closure(requirements: list[str]) -> set[str]:
     return seen
 
 
+@pytest.mark.slow
 def test_the_client_and_the_service_commands_run_on_the_base_dependencies_alone():
     """`pip install undiffuse` (no extra) is enough for them, and brings no torch."""
     from importlib.metadata import packages_distributions

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = """
 import pytest
 
+pytestmark = pytest.mark.slow  # CPU sampling, training or cluster validation: not in the fast tier
+
 @pytest.fixture(scope="session")
 def redis_server():
     raise AssertionError("the fast tier must not start a server")

@@ -67,6 +67,7 @@ def _train(img, lab, run, steps: int) -> int:
     )
 
 
+@pytest.mark.slow
 def test_train_then_sample_end_to_end(tmp_path, idx_data, capsys):
     img, lab, _ = idx_data
     run = tmp_path / "run"
@@ -109,6 +110,7 @@ def _sample(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_sample_checks_class_against_model(tmp_path, idx_data):
     img, lab, _ = idx_data
     run = tmp_path / "run"
@@ -123,6 +125,7 @@ def test_sample_checks_class_against_model(tmp_path, idx_data):
     assert not (tmp_path / "g.png").exists()
 
 
+@pytest.mark.slow
 def test_sample_takes_one_class_per_image_as_submit_does(tmp_path, idx_data, capsys):
     img, lab, _ = idx_data
     run = tmp_path / "run"
@@ -134,6 +137,7 @@ def test_sample_takes_one_class_per_image_as_submit_does(tmp_path, idx_data, cap
         assert im.size == (3 * 10 + 2, 10 + 2)
 
 
+@pytest.mark.slow
 def test_sample_model_is_a_deprecated_name_for_model_dir(tmp_path, idx_data):
     """`sample --model DIR` keeps working, with one warning line: --model names a served model."""
     img, lab, _ = idx_data

@@ -196,6 +196,7 @@ def test_max_batch_follows_the_rows_a_guided_request_still_needs():
 UNET_TOLERANCE = 5e-6
 
 
+@pytest.mark.slow
 def test_each_image_equals_the_one_request_sampler_whatever_its_neighbours(model):
     """The same with the real UNet, within float32 round-off of the network's batch dependence."""
     engine = DenoisingEngine(model, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
@@ -209,6 +210,7 @@ def test_each_image_equals_the_one_request_sampler_whatever_its_neighbours(model
         assert (pixels == ((want.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()).all()
 
 
+@pytest.mark.slow
 def test_a_small_batch_budget_pauses_and_resumes_rows_without_changing_them(model):
     """max_batch below the offered rows: requests take turns (paused rows keep their state)."""
     engine = DenoisingEngine(model, EngineConfig(max_batch=5, keep_samples=True, latency_slack=None))
@@ -305,6 +307,7 @@ def _select_by_definition(engine: DenoisingEngine) -> list:
     return sorted(s.request.id for s in chosen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge_ratio", [0.5, 1.0, 2.0])
 def test_the_incremental_latency_check_selects_what_its_definition_does(model, merge_ratio):
     """Many requests of many owners, lengths and sizes under a table where merging costs: the
@@ -341,6 +344,7 @@ def test_the_incremental_latency_check_selects_what_its_definition_does(model, m
         assert len(agreed) > 3  # selections of many sizes were compared
 
 
+@pytest.mark.slow
 def test_a_stream_of_short_requests_does_not_starve_a_long_one(model):
     """Where merging is expensive, short requests run first, but a waiting request ages: a
     20-step request amid one new 3-step request per step still finishes within ~2x its steps
@@ -397,6 +401,7 @@ def test_a_guided_steps_rows_count_its_twins(model):
     assert [rows for _, rows, _ in engine.step_times()] == [5, 5]
 
 
+@pytest.mark.slow
 def test_padding_to_batch_buckets_changes_no_image(model):
     """The compiled path pads every call to the next bucket (so steady state never recompiles);
     here padding is switched on with the eager network: rows of 3, 5, 7 ... padded to 4, 8 ...

@@ -42,6 +42,7 @@ def test_scaled_linear_matches_diffusers():
     assert torch.allclose(ours.alphas_cumprod.float(), theirs.alphas_cumprod, rtol=2e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
 @pytest.mark.parametrize("clip", [True, False])
 def test_a_saved_pipeline_samples_as_its_scheduler_says(tmp_path, prediction, clip):

@@ -36,6 +36,7 @@ SAMPLERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_reproduces_gaussian_data_distribution(name, kind):
@@ -122,6 +123,7 @@ def tiny_unet():
     return net.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", [DDPMSampler(NoiseSchedule.linear()), DDIMSampler(NoiseSchedule.linear(), eta=0.5)])
 def test_same_seed_and_index_give_the_same_image_alone_and_in_a_batch(tiny_unet, sampler):
     shape, steps = (1, 8, 8), 10
@@ -139,6 +141,7 @@ def test_same_seed_and_index_give_the_same_image_alone_and_in_a_batch(tiny_unet,
     assert not torch.allclose(batch[4], batch[5], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_guidance_scale_one_is_plain_conditional_and_other_scales_differ(tiny_unet):
     sampler = DDIMSampler(NoiseSchedule.linear())
     labels = torch.tensor([1, 2])
@@ -266,6 +269,7 @@ def test_dpmsolver_pp_2m_at_every_timestep_visits_each_once_and_stays_finite():
     assert torch.isfinite(x).all()
 
 
+@pytest.mark.slow
 def test_guidance_acts_only_inside_the_models_noise_interval(tiny_unet):
     schedule = NoiseSchedule.linear()
     a_bar = schedule.alphas_cumprod

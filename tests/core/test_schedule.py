@@ -41,6 +41,7 @@ def test_posterior_variance_formula(schedule):
     assert schedule.posterior_variance[0].item() == 0.0
 
 
+@pytest.mark.slow
 def test_q_sample_matches_iterated_forward_process(schedule):
     """Closed form x_t = sqrt(a_bar) x0 + sqrt(1 - a_bar) eps has the same mean and variance as
     iterating x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps_t (DDPM Eq. 2 vs Eq. 4)."""

@@ -22,6 +22,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # CPU sampling, training or cluster validation: not in the fast tier
+
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT.parent / "shared" / "schemas"
 K8S_VERSION = "1.33.0"

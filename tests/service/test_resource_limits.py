@@ -130,9 +130,10 @@ def test_docs_are_not_served_in_production(asgi_api):
 
 
 def test_streams_and_downloads_are_counted_per_owner_across_replicas(asgi_api, live_api, stack):
-    """40 concurrent streams with a cap of 4 open exactly 4 (the per-replica count let 39 of 40
-    through a cap of 4). (An archive download takes a slot like a stream: bench/drill_hostile.py
-    shows it on a stack with Workers; tests/service/jobs/test_slots.py its release.)"""
+    """40 concurrent streams with a cap of 4 open exactly 4, counted per owner across replicas
+    (a per-replica count would let 39 of 40 through). (An archive download takes a slot like a
+    stream: `python -m bench.drills.resources` shows it on a stack with Workers;
+    tests/service/jobs/test_slots.py its release.)"""
     import redis
 
     from service.jobs import redis_keys
