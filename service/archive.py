@@ -10,14 +10,16 @@ manifest and then succeeds the job. So a succeeded job always has its manifest; 
 the bucket was removed there (with its images, by a lifecycle rule or by hand), and the archive
 says so instead of guessing.
 
-The archive streams `00000.png`, `00001.png`, ... and `manifest.json`, stored uncompressed (PNGs
-are compressed already), each image read from S3 in chunks while it is sent, so its size is known
-up front (Content-Length) and no image is held whole in memory.
+The archive streams `00000.png`, `00001.png`, ... (or `.jpg`, `.webp`: the job's format) and
+`manifest.json`, stored uncompressed (the images are compressed already), each image read from
+S3 in chunks while it is sent, so its size is known up front (Content-Length) and no image is
+held whole in memory.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import PurePosixPath
 
 from zipstream import ZipStream
 
@@ -34,7 +36,13 @@ def build_manifest(record: JobRecord, files: Files) -> bytes:
     if missing:
         raise ValueError(f"job {record.id}: no checksum for images {missing[:5]}")
     images = [
-        {"index": i, "seed": record.params.seed, "key": image_key(record.id, i), "sha256": sha, "size": size}
+        {
+            "index": i,
+            "seed": record.params.seed,
+            "key": image_key(record.id, i, record.params.image_suffix),
+            "sha256": sha,
+            "size": size,
+        }
         for i, (sha, size) in sorted(files.items())
     ]
     manifest = {
@@ -70,6 +78,7 @@ def zip_archive(objects: ObjectStore, manifest: bytes) -> ZipStream:
     """A sized ZipStream of the manifest's images (fetched as it is iterated) and the manifest."""
     archive = ZipStream(sized=True)  # ZIP_STORED
     for image in json.loads(manifest)["images"]:
-        archive.add(objects.iter_object(image["key"]), f"{image['index']:05d}.png", size=image["size"])
+        name = f"{image['index']:05d}{PurePosixPath(image['key']).suffix}"  # 00000.png, 00000.jpg, ...
+        archive.add(objects.iter_object(image["key"]), name, size=image["size"])
     archive.add(manifest, "manifest.json")
     return archive

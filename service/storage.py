@@ -13,6 +13,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from service.settings import StorageSettings
+from undiffuse.image_formats import media_type_of
 
 log = logging.getLogger("ray.serve")
 CONDITIONAL_PUT_TRIES = 5
@@ -22,9 +23,9 @@ def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/"
 
 
-def image_key(job_id: str, index: int) -> str:
+def image_key(job_id: str, index: int, suffix: str = ".png") -> str:
     """Deterministic, so a retried shard finds its images instead of duplicating them."""
-    return f"{job_prefix(job_id)}{index:05d}.png"
+    return f"{job_prefix(job_id)}{index:05d}{suffix}"
 
 
 def manifest_key(job_id: str) -> str:
@@ -95,11 +96,12 @@ class ObjectStore:
         """Raises when the bucket is unreachable."""
         self.client.head_bucket(Bucket=self.bucket)
 
-    def put_png(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="image/png")
+    def put_image(self, key: str, data: bytes) -> None:
+        """Write an image; its Content-Type follows the key's suffix (.png, .jpg, .webp)."""
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=media_type_of(key))
 
-    def put_png_once(self, key: str, data: bytes) -> bytes:
-        """Write the PNG unless the key holds one already (a conditional PUT, If-None-Match: *);
+    def put_image_once(self, key: str, data: bytes) -> bytes:
+        """Write the image unless the key holds one already (a conditional PUT, If-None-Match: *);
         returns the bytes that stand under the key: these, or those an earlier or concurrent
         attempt wrote first, so the caller's checksums are of the bytes the bucket holds.
 
@@ -110,11 +112,13 @@ class ObjectStore:
         A store that ignores the header altogether cannot be told apart: the write then
         overwrites. Raises ImageNotWritten if the key neither takes the write nor can be read."""
         if not self._conditional_puts:
-            self.put_png(key, data)
+            self.put_image(key, data)
             return data
         for attempt in range(CONDITIONAL_PUT_TRIES):
             try:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="image/png", IfNoneMatch="*")
+                self.client.put_object(
+                    Bucket=self.bucket, Key=key, Body=data, ContentType=media_type_of(key), IfNoneMatch="*"
+                )
                 return data
             except ClientError as e:
                 status, code = _answer(e)
@@ -122,7 +126,7 @@ class ObjectStore:
                     endpoint = self.client.meta.endpoint_url
                     log.warning("S3 store at %s has no conditional writes: images are overwritten", endpoint)
                     self._conditional_puts = False
-                    self.put_png(key, data)
+                    self.put_image(key, data)
                     return data
                 if status == 409 or code == "ConditionalRequestConflict":
                     time.sleep(0.05 * (attempt + 1))

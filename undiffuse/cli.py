@@ -330,6 +330,16 @@ def _add_client_commands(sub) -> None:
     s.add_argument(
         "--model", metavar="NAME", default=None, help="a model the service serves, by name (`undiffuse models`)"
     )
+    s.add_argument(
+        "--format",
+        dest="output_format",
+        choices=("png", "jpeg", "webp"),
+        default=None,
+        help="how the images are stored (default png: lossless)",
+    )
+    s.add_argument(
+        "--quality", dest="output_quality", type=_positive("--quality"), default=None, help="jpeg and webp: 1..100"
+    )
     s.add_argument("--previews", action="store_true", default=None, help="stream previews of the first image")
     s.add_argument("--preview-every", type=_positive("--preview-every"), default=None, help="steps between previews")
     s.add_argument("--webhook-url", default=None, help="https:// URL to POST the job's events to, signed")

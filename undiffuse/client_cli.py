@@ -74,7 +74,7 @@ def _fail(code: int, message: str) -> int:
 
 SUBMIT_FIELDS = (
     "model", "steps", "sampler", "eta", "seed", "class_label", "guidance_scale",
-    "previews", "preview_every", "webhook_url", "webhook_events",
+    "previews", "preview_every", "webhook_url", "webhook_events", "output_format", "output_quality",
 )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""From model output to pixels: [-1, 1] floats to uint8, grids and PNG bytes.
+"""From model output to pixels: [-1, 1] floats to uint8, grids, and PNG, JPEG or WebP bytes.
 
 No torch import: the service's upload workers encode PNGs with this module without loading
 torch; `to_uint8` works on a tensor through its own methods.
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from undiffuse.image_formats import DEFAULT_QUALITY, IMAGE_FORMATS, OutputFormat
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -48,6 +50,22 @@ def png_bytes(image: np.ndarray, compress_level: int = 6) -> bytes:
     arr = image[..., 0] if image.shape[-1] == 1 else image
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_image(image: np.ndarray, output_format: OutputFormat = "png", quality: int | None = None) -> bytes:
+    """[H, W, C] uint8 with C in (1, 3) -> file bytes in output_format. PNG is lossless (zlib
+    level 1: fast, somewhat larger files); JPEG and WebP take quality 1..100 (DEFAULT_QUALITY
+    when None). Grayscale stays one channel in PNG and JPEG; WebP has no grayscale
+    mode, so decoders read a one-channel image back as RGB with three equal channels."""
+    from PIL import Image
+
+    fmt = IMAGE_FORMATS[output_format]
+    if not fmt.lossy:
+        return png_bytes(image, compress_level=1)
+    arr = image[..., 0] if image.shape[-1] == 1 else image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt.pillow, quality=quality or DEFAULT_QUALITY)
     return buf.getvalue()
 
 

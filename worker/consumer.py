@@ -54,7 +54,7 @@ from service.jobs.store import JobRecord, JobStore
 from service.logs import ms, shard_fields
 from service.settings import QueueSettings
 from service.storage import STORAGE_ERRORS, ObjectStore, image_key, manifest_key
-from undiffuse.images import png_bytes
+from undiffuse.images import encode_image
 from worker.loop import run_until_stopped
 
 log = logging.getLogger("ray.serve")
@@ -344,7 +344,7 @@ class Consumer:
     async def _upload(self, task: ShardTask, result: ShardResult) -> list[tuple[str, int]]:
         """The shard's PNGs in the bucket; the (sha256 hex, size) of each, in image order."""
         try:
-            return await self._s3(task, "upload", self._put_pngs, task, result)
+            return await self._s3(task, "upload", self._put_images, task, result)
         except DependencyAway:
             raise
         except Exception as e:  # a malformed result
@@ -374,7 +374,7 @@ class Consumer:
         follows the completion is finished as for a redelivered done shard. (Two attempts
         uploading at the very same time cannot leave it so either: each image is written once,
         by a conditional PUT, and both record the checksums of what stands, whichever attempt
-        wrote it; see `_put_pngs`.)"""
+        wrote it; see `_put_images`.)"""
         now = await self._redis(task, "status", self.store.get, task.job_id)
         if now is None or task.shard not in now.done_shards:
             return None
@@ -390,7 +390,8 @@ class Consumer:
         now = await self._redis(task, "status", self.store.get, task.job_id)
         if now is not None and now.status not in (JobStatus.failed, JobStatus.canceled):
             return
-        await self._take_back([image_key(task.job_id, task.start + k) for k in range(task.count)])
+        suffix = task.params.image_suffix
+        await self._take_back([image_key(task.job_id, task.start + k, suffix) for k in range(task.count)])
         raise Stop(Outcome.ended("its job ended while the shard uploaded"))
 
     async def _succeed(self, task: ShardTask, record: JobRecord) -> None:
@@ -531,18 +532,19 @@ class Consumer:
             except RedisError as e:
                 log.warning("heartbeat for %s failed: %s", message_id, e)
 
-    def _put_pngs(self, task: ShardTask, result: ShardResult) -> list[tuple[str, int]]:
-        """Encode and upload the shard's PNGs, keeping any an earlier or concurrent attempt wrote
-        first; returns the (sha256 hex, size) of what the bucket holds, in image order."""
+    def _put_images(self, task: ShardTask, result: ShardResult) -> list[tuple[str, int]]:
+        """Encode the shard's images in the job's format and upload them, keeping any an earlier
+        or concurrent attempt wrote first; returns the (sha256 hex, size) of what the bucket
+        holds, in image order."""
         pixels = np.frombuffer(result.pixels, dtype=np.uint8).reshape(result.shape)
         if pixels.shape[0] != task.count:
             raise RuntimeError(f"Denoiser returned {pixels.shape[0]} images for a shard of {task.count}")
 
         def upload(k: int) -> tuple[str, int]:
             # the first attempt to write an image wins; the checksums are of what stands
-            data = self.objects.put_png_once(
-                image_key(task.job_id, task.start + k), png_bytes(pixels[k], compress_level=1)
-            )
+            params = task.params
+            encoded = encode_image(pixels[k], params.output_format, params.output_quality)
+            data = self.objects.put_image_once(image_key(task.job_id, task.start + k, params.image_suffix), encoded)
             return hashlib.sha256(data).hexdigest(), len(data)
 
         # boto3 clients are thread-safe; uploads overlap their network round trips

@@ -11,6 +11,7 @@ from service.api.schemas import JobCreate
 from service.jobs.events import MAX_PREVIEWS, default_preview_every
 from service.jobs.records import JobParams
 from undiffuse.config import ModelSpec
+from undiffuse.image_formats import DEFAULT_QUALITY, IMAGE_FORMATS
 
 
 def resolve_params(body: JobCreate, ctx: Context) -> JobParams:
@@ -42,6 +43,9 @@ def resolve_params(body: JobCreate, ctx: Context) -> JobParams:
             f"must be at least {fewest} for {body.steps} steps (at most {MAX_PREVIEWS} previews)",
             body.preview_every,
         )
+    lossy = IMAGE_FORMATS[body.output_format].lossy
+    if body.output_quality is not None and not lossy:
+        raise invalid("output_quality", f"applies to jpeg and webp, not {body.output_format}", body.output_quality)
     return JobParams(
         model=model.name,
         num_images=body.num_images,
@@ -53,13 +57,18 @@ def resolve_params(body: JobCreate, ctx: Context) -> JobParams:
         guidance_scale=body.guidance_scale,
         previews=body.previews,
         preview_every=(body.preview_every or default_preview_every(body.steps)) if body.previews else None,
+        output_format=body.output_format,
+        output_quality=(body.output_quality or DEFAULT_QUALITY) if lossy else None,
     )
 
 
 def hashed_body(body: JobCreate) -> dict:
     """What an Idempotency-Key is compared on: the body with its defaults filled in, less the
-    preview and webhook fields when unused (so keys used before they existed still match)."""
+    preview, webhook and output fields at their defaults (a body that never names them hashes the
+    same whichever of these fields the service has)."""
     dump = body.model_dump()
+    if body.output_format == "png" and body.output_quality is None:
+        del dump["output_format"], dump["output_quality"]
     if not body.previews and body.preview_every is None:
         del dump["previews"], dump["preview_every"]
     if body.webhook_url is None and body.webhook_events is None:

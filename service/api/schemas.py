@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 from service.jobs.records import MAX_SEED, JobError, JobParams, JobStatus
 from service.jobs.webhook_schedule import WebhookEvent, WebhookOutcome
+from undiffuse.image_formats import DEFAULT_QUALITY, OutputFormat
 from undiffuse.registry import DEFAULT_SAMPLER, SamplerName
 
 MAX_WEBHOOK_URL = 2048
@@ -40,6 +41,12 @@ class JobCreate(BaseModel):
     )
     previews: StrictBool = Field(
         False, description="stream previews of the first image (its current x0 prediction) as `preview` events"
+    )
+    output_format: OutputFormat = Field(
+        "png", description="how the images are stored: png (lossless), jpeg or webp (lossy, see output_quality)"
+    )
+    output_quality: StrictInt | None = Field(
+        None, ge=1, le=100, description=f"jpeg and webp only: quality 1..100; default {DEFAULT_QUALITY}"
     )
     preview_every: int | None = Field(
         None, ge=1, description="steps between previews (with previews); default: about 8 previews per job"

@@ -29,8 +29,8 @@ def job_view(record: JobRecord, ctx: Context, offset: int = 0, limit: int = MAX_
         ImageResult(
             index=i,
             seed=record.params.seed,
-            key=image_key(record.id, i),
-            url=ctx.objects.presign(image_key(record.id, i)),
+            key=image_key(record.id, i, record.params.image_suffix),
+            url=ctx.objects.presign(image_key(record.id, i, record.params.image_suffix)),
         )
         for i in page
     ]

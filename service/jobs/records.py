@@ -7,6 +7,7 @@ from enum import Enum
 
 from pydantic import BaseModel
 
+from undiffuse.image_formats import IMAGE_FORMATS, OutputFormat
 from undiffuse.registry import SamplerName, sampler_entry
 
 MAX_SEED = 2**63 - 1
@@ -42,6 +43,13 @@ class JobParams(BaseModel):
     guidance_scale: float
     previews: bool = False
     preview_every: int | None = None  # steps between previews of the first image; set when previews
+    output_format: OutputFormat = "png"
+    output_quality: int | None = None  # JPEG and WebP: 1..100; None for PNG
+
+    @property
+    def image_suffix(self) -> str:
+        """The file suffix of the job's images (.png, .jpg, .webp)."""
+        return IMAGE_FORMATS[self.output_format].suffix
 
     @property
     def cost(self) -> int:

@@ -584,3 +584,13 @@ def test_an_archive_is_renamed_into_place_only_when_whole(kind, tmp_path):
         with pytest.raises(ChecksumError, match=f"50 of {len(body)} bytes"):
             client.archive(JOB_ID, tmp_path / "short.zip")
     assert not (tmp_path / "short.zip").exists() and not (tmp_path / "short.zip.part").exists()
+
+
+def test_downloaded_files_take_the_suffix_the_service_stored_them_with(tmp_path):
+    plan = DownloadPlan(tmp_path, None)
+    for key, name in (
+        ("jobs/j/00003.webp", "00003.webp"),
+        ("jobs/j/00003.jpg", "00003.jpg"),
+        ("jobs/j/00003.png", "00003.png"),
+    ):
+        assert plan.path(ImageResult(index=3, seed=0, key=key, url="u")).name == name

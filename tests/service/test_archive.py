@@ -116,7 +116,7 @@ def test_the_archive_is_503_while_s3_is_unreachable_and_404_once_the_bucket_lost
     s3 = ObjectStore(stack.settings.storage)
     pngs = [b"\x89PNG first", b"\x89PNG second!"]
     for i, data in enumerate(pngs):
-        s3.put_png(image_key(job_id, i), data)
+        s3.put_image(image_key(job_id, i), data)
     files = {i: (hashlib.sha256(d).hexdigest(), len(d)) for i, d in enumerate(pngs)}
 
     async def succeed() -> None:

@@ -337,3 +337,16 @@ def test_cli_options_before_the_command_models_secret_archive_and_delete(stack, 
         assert _cli("submit", "--class", "1", "--steps", "2", stack=stack).returncode == 0
     listed = _cli("jobs", "list", "--limit", "1", "--all", "--json", stack=stack)
     assert listed.returncode == 0 and len(json.loads(listed.stdout)) >= 2  # more than one page of 1
+
+
+def test_cli_submits_jpeg_and_downloads_jpg_files(stack, tmp_path):
+    out = tmp_path / "jpegs"
+    done = _cli(
+        "submit", "--class", "4", "--num", "2", "--steps", "3", "--format", "jpeg", "--quality", "70",
+        "--out", str(out), "--quiet", stack=stack,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["00000.jpg", "00001.jpg", "manifest.json"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["params"]["output_format"], manifest["params"]["output_quality"]) == ("jpeg", 70)
+    assert (out / "00000.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # a JPEG

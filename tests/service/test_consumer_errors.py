@@ -206,7 +206,7 @@ def test_a_worker_dying_between_the_last_completion_and_the_manifest_leaves_no_j
     async def died_after_completion(store: JobStore, job_id: str) -> None:
         [message] = await store.queue.read("dead-worker", int(time.time() * 1000), 100)  # read, never acked
         await store.mark_running(job_id, "tester")
-        await asyncio.to_thread(objects.put_png, image_key(job_id, 0), png)
+        await asyncio.to_thread(objects.put_image, image_key(job_id, 0), png)
         assert await store.complete_shard(message.task, [(hashlib.sha256(png).hexdigest(), len(png))]) == (
             "running",
             True,
@@ -394,7 +394,7 @@ def test_an_image_an_earlier_attempt_wrote_stands_and_the_manifest_vouches_for_i
 
     async def prepare(store, job_id):
         job["id"] = job_id
-        await asyncio.to_thread(objects.put_png, image_key(job_id, 0), earlier)
+        await asyncio.to_thread(objects.put_image, image_key(job_id, 0), earlier)
 
     async def generate(task: ShardTask) -> ShardResult:
         return _pixels(task)  # grey 128: other bytes than the earlier attempt's

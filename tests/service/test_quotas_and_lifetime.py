@@ -109,7 +109,7 @@ def test_the_sweeper_deletes_the_images_of_due_jobs_only(stack):
         await store.r.flushdb()
         for job_id in ("a" * 32, "b" * 32):
             for index in range(3):
-                await asyncio.to_thread(objects.put_png, image_key(job_id, index), pixels)
+                await asyncio.to_thread(objects.put_image, image_key(job_id, index), pixels)
         await store.purges.schedule("a" * 32, time.time() - 1)  # due
         await store.purges.schedule("b" * 32, time.time() + 3600)  # not yet
         swept = await Sweeper(store, objects).sweep_once()
@@ -154,7 +154,7 @@ def test_one_undeletable_job_does_not_stop_the_sweeper(stack):
 
     objects = Refusing(stack.settings)
     pixels = png_bytes(np.zeros((28, 28, 1), dtype=np.uint8))
-    objects.put_png(image_key("d" * 32, 0), pixels)
+    objects.put_image(image_key("d" * 32, 0), pixels)
 
     async def scenario():
         store = JobStore.from_url(stack.redis.url.rsplit("/", 1)[0] + "/5", 600, 4)

@@ -82,7 +82,7 @@ def test_without_static_keys_the_default_credential_chain_signs(s3, monkeypatch)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
     store = ObjectStore(Settings(s3_endpoint_url=s3.endpoint, s3_bucket="chain").storage)
     store.ensure_bucket()
-    store.put_png("jobs/j/00000.png", b"\x89PNG-chain")
+    store.put_image("jobs/j/00000.png", b"\x89PNG-chain")
     assert httpx.get(store.presign("jobs/j/00000.png")).content == b"\x89PNG-chain"
     # and the chain is really what signs: other variables, another identity, refused
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
@@ -137,7 +137,7 @@ def test_urls_presigned_for_the_public_endpoint_download_from_there(s3):
     settings = Settings(s3_endpoint_url=s3.endpoint, s3_public_endpoint_url=public, s3_bucket="public", **KEYS)
     store = ObjectStore(settings.storage)
     store.ensure_bucket()
-    store.put_png("jobs/p/00000.png", b"\x89PNG-public")
+    store.put_image("jobs/p/00000.png", b"\x89PNG-public")
     url = store.presign("jobs/p/00000.png")
     assert url.startswith(public + "/public/jobs/p/00000.png?")
     assert httpx.get(url).content == b"\x89PNG-public"
@@ -152,9 +152,9 @@ def test_an_image_is_written_once_and_every_writer_is_told_what_stands(s3):
     store = ObjectStore(settings.storage)
     store.ensure_bucket()
     key = f"jobs/{uuid.uuid4().hex}/00000.png"
-    assert store.put_png_once(key, b"\x89PNG-first") == b"\x89PNG-first"
+    assert store.put_image_once(key, b"\x89PNG-first") == b"\x89PNG-first"
     calls = _record_calls(store)
-    assert store.put_png_once(key, b"\x89PNG-second") == b"\x89PNG-first"
+    assert store.put_image_once(key, b"\x89PNG-second") == b"\x89PNG-first"
     assert calls == ["PutObject", "GetObject"]  # refused with 412, then read
     assert store.get_bytes(key) == b"\x89PNG-first"
 
@@ -183,9 +183,9 @@ def test_a_store_without_conditional_puts_is_written_as_before(s3, monkeypatch):
     """An S3-compatible store that answers 501 to If-None-Match: written without it from then on."""
     store = _store_answering(s3, monkeypatch, *[(501, "NotImplemented")] * 10)
     key = f"jobs/{uuid.uuid4().hex}/00000.png"
-    assert store.put_png_once(key, b"\x89PNG-a") == b"\x89PNG-a"
+    assert store.put_image_once(key, b"\x89PNG-a") == b"\x89PNG-a"
     assert store.get_bytes(key) == b"\x89PNG-a"
-    assert store.put_png_once(key, b"\x89PNG-b") == b"\x89PNG-b"  # overwritten: such a store cannot do better
+    assert store.put_image_once(key, b"\x89PNG-b") == b"\x89PNG-b"  # overwritten: such a store cannot do better
     assert store.get_bytes(key) == b"\x89PNG-b"
 
 
@@ -193,7 +193,7 @@ def test_a_conflicting_concurrent_write_is_tried_again(s3, monkeypatch):
     """409 ConditionalRequestConflict (AWS: another conditional write of the key in progress)."""
     store = _store_answering(s3, monkeypatch, (409, "ConditionalRequestConflict"), (409, "ConditionalRequestConflict"))
     key = f"jobs/{uuid.uuid4().hex}/00000.png"
-    assert store.put_png_once(key, b"\x89PNG-c") == b"\x89PNG-c"
+    assert store.put_image_once(key, b"\x89PNG-c") == b"\x89PNG-c"
     assert store.get_bytes(key) == b"\x89PNG-c"
 
 
@@ -205,5 +205,5 @@ def test_a_key_that_refuses_the_write_yet_holds_nothing_is_an_error_not_an_overw
     store = _store_answering(s3, monkeypatch, *[(412, "PreconditionFailed")] * 10)
     key = f"jobs/{uuid.uuid4().hex}/00000.png"
     with pytest.raises(ImageNotWritten, match="neither written nor readable"):
-        store.put_png_once(key, b"\x89PNG-d")
+        store.put_image_once(key, b"\x89PNG-d")
     assert issubclass(ImageNotWritten, STORAGE_ERRORS) and store.get_bytes(key) is None

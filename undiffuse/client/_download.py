@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from undiffuse.client._errors import ChecksumError, ConflictError
@@ -28,7 +28,7 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 class DownloadPlan:
-    """One job's images into `directory`/NNNNN.png, checked against its manifest (per image:
+    """One job's images into `directory`/NNNNN.png (.jpg, .webp), checked against its manifest (per image:
     index, seed, key, sha256, size); without a manifest nothing can be checked."""
 
     def __init__(self, directory: str | Path, manifest: dict[str, Any] | None) -> None:
@@ -38,7 +38,8 @@ class DownloadPlan:
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, result: ImageResult) -> Path:
-        return self.directory / f"{result.index:05d}.png"
+        """NNNNN and the suffix the service stored the image with (.png, .jpg, .webp)."""
+        return self.directory / f"{result.index:05d}{PurePosixPath(result.key).suffix or '.png'}"
 
     def needed(self, result: ImageResult) -> bool:
         """False for a file an earlier download left that the manifest vouches for."""

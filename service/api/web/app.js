@@ -101,6 +101,7 @@ function jobBody() {
     body.guidance_scale = Number($("guidance").value);
   }
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if ($("output-format").value !== "png") body.output_format = $("output-format").value;
   return body;
 }
 
