@@ -83,6 +83,8 @@ async def event_stream(ctx: Context, record: JobRecord, after: str, lease: Lease
                     return
                 if now.status.terminal:  # the script that set the status appended its event: read it now
                     events = await ctx.store.read_events(record.id, after)
+                    if not events:  # resumed after the terminal event (or past its id): nothing more will come
+                        return
             for event in events:
                 yield await render(ctx, record, event)
                 after = event.id or after

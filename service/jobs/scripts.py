@@ -22,9 +22,11 @@ from typing import Any
 import redis.asyncio as aioredis
 
 _NAME = re.compile(r"\*?[a-z_][a-z0-9_]*")
-_RESERVED = {  # the keyword a call passes a pipeline with, and Lua's own words
+_RESERVED = {  # the keyword a call passes a pipeline with, Lua's own words, and the globals a script uses
     "client",
     *"and break do else elseif end false for function if in local nil not or repeat return then true until while".split(),
+    *"redis cjson cmsgpack bit struct string table math os tonumber tostring type unpack next pairs ipairs".split(),
+    *"select error pcall assert setmetatable getmetatable rawget rawset _G KEYS ARGV".split(),
 }
 
 

@@ -594,3 +594,20 @@ def test_downloaded_files_take_the_suffix_the_service_stored_them_with(tmp_path)
         ("jobs/j/00003.png", "00003.png"),
     ):
         assert plan.path(ImageResult(index=3, seed=0, key=key, url="u")).name == name
+
+
+def test_a_delete_resent_after_a_lost_answer_is_done_when_the_job_is_gone(kind, no_backoff):
+    """The first DELETE may have been carried out (its connection dropped mid-answer): the resend's
+    404 means it was, so delete() succeeds. A 404 to the first send is still NotFoundError."""
+    from undiffuse.client import NotFoundError
+
+    server = Server(httpx.ReadError("connection reset"), httpx.Response(404, json={"detail": "job not found"}))
+    with open_client(kind, "http://api.test", transport=server.transport()) as client:
+        assert client.delete(JOB_ID) is None
+    assert [r.method for r in server.requests] == ["DELETE", "DELETE"]
+    never = Server(httpx.Response(404, json={"detail": "job not found"}))
+    with open_client(kind, "http://api.test", transport=never.transport()) as client, pytest.raises(NotFoundError):
+        client.delete(JOB_ID)
+    refused = Server(httpx.ConnectError("refused"), httpx.Response(404, json={"detail": "job not found"}))
+    with open_client(kind, "http://api.test", transport=refused.transport()) as client, pytest.raises(NotFoundError):
+        client.delete(JOB_ID)  # the first send never left: the 404 is the answer

@@ -179,3 +179,27 @@ def test_open_streams_are_limited_per_key_and_end_after_their_lifetime(live_api,
             assert not TERMINAL & set(rest)  # ended by its lifetime, not by the job
         with connect_sse(client, "GET", f"/v1/jobs/{job['id']}/events") as again:
             assert again.response.status_code == 200 and next(again.iter_sse()).event == "queued"
+
+
+def test_resuming_after_the_terminal_event_ends_the_stream_at_once(live_api, asgi_api):
+    """A client that reconnects with the terminal event's id (as EventSource does when a stream
+    closes) gets an empty stream that ends, not one that holds the owner's slot until its
+    lifetime runs out (900 s here, longer than the client waits)."""
+    import httpx
+
+    from tests.service.conftest import KEY_A
+
+    asgi_api(max_event_streams_per_key=1, event_stream_max_seconds=900)
+    headers = {"Authorization": f"Bearer {KEY_A}"}
+    with httpx.Client(base_url=live_api, headers=headers, timeout=30) as client:
+        job = client.post("/v1/jobs", json={"num_images": 1, "class_label": 1, "steps": 5}).json()
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+        with connect_sse(client, "GET", f"/v1/jobs/{job['id']}/events") as first:
+            events = list(first.iter_sse())
+        assert events[-1].event == "canceled"
+        last = events[-1].id
+        with connect_sse(client, "GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": last}) as again:
+            assert [e.event for e in again.iter_sse() if e.event] == []  # ended, with nothing after
+        # the slot came back: with one stream allowed, a new stream opens
+        with connect_sse(client, "GET", f"/v1/jobs/{job['id']}/events") as third:
+            assert next(third.iter_sse()).event == "queued"

@@ -16,7 +16,7 @@ from undiffuse.client._download import ArchiveFile, DownloadPlan, require_succee
 from undiffuse.client._errors import response_error
 from undiffuse.client._events import POLL, EventFollower
 from undiffuse.client._requests import RESULTS_PAGE, ApiRequest, endpoint
-from undiffuse.client._retry import policy
+from undiffuse.client._retry import done_by_an_earlier_send, may_have_acted, policy
 from undiffuse.client._types import Download, ImageResult, Job, JobEvent, JobPage
 
 
@@ -55,16 +55,23 @@ class AsyncClient:
         await self._storage.aclose()
 
     async def _send(self, request: ApiRequest, http: httpx.AsyncClient | None = None) -> httpx.Response:
+        acted = False  # an earlier send may have been carried out
         async for attempt in self._policy.retrying(request.idempotent):
             with attempt:
-                response = await (http or self._http).request(
-                    request.method,
-                    request.path,
-                    params=request.params or None,
-                    json=request.json,
-                    headers=request.headers or None,
-                )
-                _raise_for(response)
+                try:
+                    response = await (http or self._http).request(
+                        request.method,
+                        request.path,
+                        params=request.params or None,
+                        json=request.json,
+                        headers=request.headers or None,
+                    )
+                    if done_by_an_earlier_send(request.gone_means_done, acted, response.status_code):
+                        return response
+                    _raise_for(response)
+                except Exception as e:
+                    acted = acted or may_have_acted(e)
+                    raise
         return response
 
     async def _call(self, request: ApiRequest) -> Any:

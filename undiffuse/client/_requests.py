@@ -30,6 +30,7 @@ class ApiRequest:
     headers: dict[str, str] = field(default_factory=dict)
     parse: Callable[[Any], Any] = _ignore  # the decoded JSON body to the method's result
     has_body: bool = True  # False: the answer has no JSON (204), parse gets None
+    gone_means_done: bool = False  # a 404 after a resend means an earlier send did it (DELETE)
 
     @property
     def idempotent(self) -> bool:
@@ -70,7 +71,7 @@ def cancel(job_id: str) -> ApiRequest:
 
 
 def delete(job_id: str) -> ApiRequest:
-    return ApiRequest("DELETE", f"/v1/jobs/{job_id}", has_body=False)
+    return ApiRequest("DELETE", f"/v1/jobs/{job_id}", has_body=False, gone_means_done=True)
 
 
 def models() -> ApiRequest:

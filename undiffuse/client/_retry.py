@@ -34,6 +34,19 @@ NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 MAYBE_ACTED_ON = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)
 
 
+def may_have_acted(error: BaseException) -> bool:
+    """Whether an attempt that failed so may have reached the server and been carried out."""
+    if isinstance(error, APIError):
+        return error.status_code in RETRY_STATUSES - NOT_ACTED_ON  # 502, 504: a proxy lost the answer
+    return isinstance(error, MAYBE_ACTED_ON) and not isinstance(error, NEVER_SENT)
+
+
+def done_by_an_earlier_send(request_gone_means_done: bool, acted: bool, status_code: int) -> bool:
+    """A DELETE resent after a send that may have been carried out, answered 404: that earlier
+    send deleted it, so the call succeeded."""
+    return request_gone_means_done and acted and status_code == 404
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 4  # sends in all: the first and three retries
