@@ -297,6 +297,15 @@ def test_a_refused_stream_waits_for_retry_after_or_raises():
         busy.next(unavailable)
 
 
+def test_drops_do_not_spend_the_refusals_retries():
+    """Three drops, then a 503: the refusal still gets its retry (drops and refusals are counted
+    apart; both within the reconnect bound)."""
+    follow, _ = follower()
+    for _ in range(3):
+        follow.next()
+    assert follow.next(api_error(503, "{}", retry_after=1.0)) == 1.0
+
+
 def test_no_connect_read_or_wait_outlasts_the_deadline():
     follow, clock = follower(timeout=10)
     assert follow.timeouts() == (10.0, 10.0)

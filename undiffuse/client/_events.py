@@ -63,7 +63,8 @@ class EventFollower:
         self.job_id = job_id
         self.last_event_id = last_event_id
         self.timeout = timeout
-        self.reconnects = 0
+        self.reconnects = 0  # connections since the last event, dropped or refused
+        self.refusals = 0  # of those, refused (503, 429, ...): what the retry policy bounds
         self.finished = False
         self._policy = policy or RetryPolicy()
         self._clock = clock
@@ -117,7 +118,7 @@ class EventFollower:
             raise UndiffuseError(f"job {self.job_id}: event {event!r} does not carry JSON: {data[:80]!r}") from None
         if event_id:
             self.last_event_id = event_id
-        self.reconnects = 0
+        self.reconnects = self.refusals = 0
         job_event = JobEvent(event, body, event_id or None)
         self.finished = job_event.terminal
         return job_event
@@ -127,8 +128,9 @@ class EventFollower:
         or the server closed it) or was refused: seconds to wait before reconnecting, or POLL.
         A refusal the retry policy does not retry, or one too many, is raised."""
         self.reconnects += 1
-        if refusal is not None:
-            wait = self._policy.delay(refusal, self.reconnects, idempotent=True, rng=self._rng)
+        if refusal is not None:  # counted apart from drops: each has its own budget
+            self.refusals += 1
+            wait = self._policy.delay(refusal, self.refusals, idempotent=True, rng=self._rng)
             if wait is None or self.reconnects > RECONNECTS:
                 raise refusal
             return self._bounded(wait)
