@@ -19,13 +19,22 @@ Two folder layouts are understood:
     pipeline    model_index.json   {"_class_name": "DDPMPipeline", "unet": [...], "scheduler": [...]}
                 unet/, scheduler/  the network and the schedule, each a diffusers folder
 
+    latent      model_index.json   {"_class_name": "LDMPipeline" | "DiTPipeline", ..., "id2label": {...}}
+    pipeline    unet/ or transformer/  the denoiser, on latents (UNet2DModel; DiTTransformer2DModel)
+                vqvae/ or vae/     the decoder from latents to images (VQModel; AutoencoderKL)
+                scheduler/         the schedule
+
+A latent model's ModelSpec describes the image the user gets (`image_size`, `channels`: the
+decoder's output) and, in `latent`, the latents the engine denoises and how they are decoded.
+
 A diffusers schedule is reproduced only where undiffuse computes exactly what diffusers does:
 the scheduler classes in SCHEDULERS, the beta schedules in BETA_SCHEDULES, the prediction types
 in DIFFUSERS_PREDICTION, `clip_sample` (range 1) as configured. Anything else (a consistency
-model's scheduler, trained betas, zero-terminal-SNR rescaling, dynamic thresholding, learned
-variances) is refused when the folder is read, naming the file and the field, because sampling it
+model's scheduler, trained betas, zero-terminal-SNR rescaling, dynamic thresholding, a scheduler's
+learned variances) is refused when the folder is read, naming the file and the field, because sampling it
 with the wrong process writes plausible-looking garbage. A network without any scheduler config
-is refused too: its schedule is unknown.
+is refused too: its schedule is unknown. A DiT's learned-variance output channels are dropped, as
+DiTPipeline drops them (its scheduler samples with fixed variances).
 """
 
 from __future__ import annotations
@@ -176,12 +185,41 @@ def check_guidance_interval(interval: tuple[float, float] | None) -> None:
         raise ValueError(f"guidance_interval must be [low, high] with 0 <= low < high, finite, got {list(interval)}")
 
 
+DenoiserClass = Literal["UNet2DModel", "DiTTransformer2DModel"]
+DecoderClass = Literal["VQModel", "AutoencoderKL"]
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """The latent side of a latent-diffusion pipeline: the engine denoises [channels, size, size]
+    latents with the `denoiser` (in ModelSpec.network_path), and the `decoder` (in decoder_path)
+    turns latents / scaling_factor into images `upsampling` times larger, as LDMPipeline and
+    DiTPipeline do. learned_sigma: the denoiser also outputs variance channels (out_channels =
+    2 x channels), which are dropped: the first `channels` are the noise prediction."""
+
+    denoiser: DenoiserClass
+    decoder: DecoderClass
+    decoder_path: Path
+    channels: int
+    size: int
+    upsampling: int
+    scaling_factor: float
+    learned_sigma: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.size, self.size)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What a model folder says about the model in it, read without loading any weights.
 
     `unet` is the undiffuse architecture (None for a diffusers folder, whose network diffusers
-    builds from `raw`, read from `network_path`: the folder itself, or a pipeline's `unet/`).
+    builds from `raw`, read from `network_path`: the folder itself, or a pipeline's `unet/` or
+    `transformer/`). `image_size` and `channels` describe the images the user gets; for a latent
+    model (`latent` set) the samplers denoise `sample_shape`, the latents, which its decoder turns
+    into those images.
     `schedule` and `prediction_type` are what the model was trained with, so the HTTP layer
     validates `steps` against the schedule the sampler will actually run. `clip_sample`: whether
     DDPM and DDIM clip x̂₀ to [-1, 1] (as the folder's scheduler says; None: the samplers' own
@@ -200,6 +238,7 @@ class ModelSpec:
     unet: UNetConfig | None = None
     clip_sample: bool | None = None
     network_path: Path | None = None
+    latent: LatentSpec | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -208,7 +247,13 @@ class ModelSpec:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model makes."""
         return (self.channels, self.image_size, self.image_size)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the samplers denoise: the latents of a latent model, else the image."""
+        return self.latent.shape if self.latent else self.image_shape
 
     def model_config(self) -> ModelConfig:
         """The undiffuse ModelConfig (undiffuse folders only)."""
@@ -263,29 +308,180 @@ def read_model_folder(folder: str | Path) -> ModelSpec:
 
 PIPELINES = ("DDPMPipeline", "DDIMPipeline")
 """Pipelines whose parts undiffuse serves: a pixel-space UNet2DModel and its scheduler."""
+LATENT_PIPELINES: dict[str, tuple[str, str]] = {"LDMPipeline": ("unet", "vqvae"), "DiTPipeline": ("transformer", "vae")}
+"""Latent pipelines undiffuse serves, with their denoiser's and decoder's folders."""
 LATENT_PARTS = ("vae", "vqvae", "transformer")
+DECODERS: dict[str, DecoderClass] = {"vqvae": "VQModel", "vae": "AutoencoderKL"}
+DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+"""facebook/DiT-XL-2-256 names its transformer Transformer2DModel; diffusers loads it as DiT."""
+DEFAULT_SCALING = 0.18215  # VQModel's and AutoencoderKL's default scaling_factor in diffusers
 
 
 def _pipeline_spec(folder: Path) -> ModelSpec:
-    """A diffusers pipeline folder (model_index.json): its `unet/` with its `scheduler/`."""
+    """A diffusers pipeline folder (model_index.json): its `unet/` with its `scheduler/`, and
+    for a latent pipeline its decoder."""
     index_path = folder / PIPELINE_FILE
     index = read_json(index_path)
+    name = index.get("_class_name")
+    if name in LATENT_PIPELINES:
+        return _latent_spec(folder, index, name)
     latent = [part for part in LATENT_PARTS if part in index]
     if latent:
         raise CheckpointError(
-            f"{index_path}: a latent pipeline ({index.get('_class_name')!r} with {', '.join(latent)}); "
-            "undiffuse serves pixel-space pipelines only"
+            f"{index_path}: a latent pipeline ({name!r} with {', '.join(latent)}) that undiffuse does not serve "
+            f"(it serves {', '.join(LATENT_PIPELINES)})"
         )
-    if index.get("_class_name") not in PIPELINES:
+    if name not in PIPELINES:
         raise CheckpointError(
-            f"{index_path}: _class_name {index.get('_class_name')!r} is not a pipeline undiffuse serves "
-            f"({', '.join(PIPELINES)})"
+            f"{index_path}: _class_name {name!r} is not a pipeline undiffuse serves "
+            f"({', '.join(PIPELINES + tuple(LATENT_PIPELINES))})"
         )
-    for part in ("unet", "scheduler"):
-        if part not in index or not (folder / part).is_dir():
-            raise CheckpointError(f"{index_path}: the pipeline has no {part}/ folder")
+    _require_parts(folder, index, ("unet", "scheduler"))
     spec = _diffusers_spec(folder / "unet", read_json(folder / "unet" / CONFIG_FILE))
     return replace(spec, path=folder, raw={**spec.raw, "pipeline": index})
+
+
+def _require_parts(folder: Path, index: dict[str, Any], parts: tuple[str, ...]) -> None:
+    for part in parts:
+        if part not in index or not (folder / part).is_dir():
+            raise CheckpointError(f"{folder / PIPELINE_FILE}: the pipeline has no {part}/ folder")
+
+
+def _latent_spec(folder: Path, index: dict[str, Any], pipeline: str) -> ModelSpec:
+    """An LDMPipeline (UNet2DModel on VQ latents) or a DiTPipeline (class-conditional
+    DiTTransformer2DModel on KL latents): the denoiser, its schedule and the decoder."""
+    denoiser_part, decoder_part = LATENT_PIPELINES[pipeline]
+    _require_parts(folder, index, (denoiser_part, decoder_part, "scheduler"))
+    net_dir, dec_dir = folder / denoiser_part, folder / decoder_part
+    net = read_json(net_dir / CONFIG_FILE)
+    scheduler = diffusers_scheduler(net_dir)
+    _require_safetensors(net_dir)
+    _require_safetensors(dec_dir)
+    if pipeline == "LDMPipeline":
+        denoiser, channels, size, num_classes, learned_sigma = _ldm_unet(net, net_dir / CONFIG_FILE)
+    else:
+        denoiser, channels, size, num_classes, learned_sigma = _dit_transformer(net, net_dir / CONFIG_FILE)
+    decoder = DECODERS[decoder_part]
+    image_channels, upsampling, scaling = _decoder(
+        read_json(dec_dir / CONFIG_FILE), dec_dir / CONFIG_FILE, decoder, channels
+    )
+    return ModelSpec(
+        path=folder,
+        format="diffusers",
+        image_size=size * upsampling,
+        channels=image_channels,
+        num_classes=num_classes,
+        schedule=scheduler.schedule,
+        prediction_type=scheduler.prediction_type,
+        class_names=_class_names(index, folder / PIPELINE_FILE, num_classes),
+        clip_sample=scheduler.clip_sample,
+        network_path=net_dir,
+        latent=LatentSpec(denoiser, decoder, dec_dir, channels, size, upsampling, scaling, learned_sigma),
+        raw={**net, "pipeline": index},
+    )
+
+
+def _positive(cfg: dict[str, Any], path: Path, key: str, default: Any = None) -> int:
+    """cfg[key] (or the first of a list, as diffusers allows for sample_size) as a positive int."""
+    value = cfg.get(key, default)
+    value = value[0] if isinstance(value, (list, tuple)) and value else value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{path}: {key} {cfg.get(key, default)!r} must be a positive integer")
+    return value
+
+
+def _ldm_unet(net: dict[str, Any], path: Path) -> tuple[DenoiserClass, int, int, int | None, bool]:
+    """(class, latent channels, latent size, classes, learned sigma) of an LDMPipeline's unet/."""
+    if net.get("_class_name") != "UNet2DModel":
+        raise CheckpointError(f"{path}: _class_name {net.get('_class_name')!r} is not UNet2DModel")
+    if net.get("num_class_embeds") is not None:
+        raise CheckpointError(f"{path}: num_class_embeds {net['num_class_embeds']!r}: an LDMPipeline is unconditional")
+    channels = _positive(net, path, "in_channels", 4)
+    out_channels = _positive(net, path, "out_channels", channels)
+    if out_channels != channels:
+        raise CheckpointError(f"{path}: out_channels {out_channels} != in_channels {channels}")
+    return "UNet2DModel", channels, _positive(net, path, "sample_size"), None, False
+
+
+def _dit_transformer(net: dict[str, Any], path: Path) -> tuple[DenoiserClass, int, int, int | None, bool]:
+    """The same for a DiTPipeline's transformer/: class-conditional, maybe with learned variances."""
+    if net.get("_class_name") not in DIT_CLASSES:
+        raise CheckpointError(f"{path}: _class_name {net.get('_class_name')!r} is not a DiT ({', '.join(DIT_CLASSES)})")
+    if net.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or net.get("patch_size") is None:
+        raise CheckpointError(
+            f"{path}: norm_type {net.get('norm_type')!r} / patch_size {net.get('patch_size')!r}: "
+            "a DiT has norm_type 'ada_norm_zero' and a patch_size"
+        )
+    channels = _positive(net, path, "in_channels", 4)
+    out_channels = net.get("out_channels") or channels
+    if out_channels not in (channels, 2 * channels):
+        raise CheckpointError(
+            f"{path}: out_channels {out_channels!r} is neither in_channels {channels} nor twice it "
+            "(noise plus learned variances)"
+        )
+    size = _positive(net, path, "sample_size", 32)
+    num_classes = _positive(net, path, "num_embeds_ada_norm", 1000)
+    return "DiTTransformer2DModel", channels, size, num_classes, out_channels == 2 * channels
+
+
+def _decoder(dec: dict[str, Any], path: Path, decoder: DecoderClass, channels: int) -> tuple[int, int, float]:
+    """(image channels, upsampling factor, scaling_factor) of a decoder that takes the
+    denoiser's `channels`-channel latents."""
+    if dec.get("_class_name") != decoder:
+        raise CheckpointError(f"{path}: _class_name {dec.get('_class_name')!r} is not {decoder}")
+    if decoder == "VQModel":  # the codebook's vectors are what the UNet denoises
+        latent_channels = dec.get("vq_embed_dim") or _positive(dec, path, "latent_channels", 3)
+    else:
+        latent_channels = _positive(dec, path, "latent_channels", 4)
+        if dec.get("shift_factor") not in (
+            None,
+            0,
+            0.0,
+        ):  # DiTPipeline never shifts: a latent space of another pipeline
+            raise CheckpointError(f"{path}: shift_factor {dec['shift_factor']!r} is not supported (DiTPipeline)")
+    if latent_channels != channels:
+        raise CheckpointError(
+            f"{path}: the decoder takes {latent_channels}-channel latents, the denoiser makes {channels}"
+        )
+    blocks = dec.get("block_out_channels", [64])
+    if not isinstance(blocks, list) or not blocks:
+        raise CheckpointError(f"{path}: block_out_channels {blocks!r} must be a non-empty list")
+    image_channels = _positive(dec, path, "out_channels", 3)
+    if image_channels not in (1, 3):
+        raise CheckpointError(f"{path}: out_channels {image_channels} is not an image (1 or 3 channels)")
+    scaling = dec.get("scaling_factor", DEFAULT_SCALING)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not scaling > 0:
+        raise CheckpointError(f"{path}: scaling_factor {scaling!r} must be a positive number")
+    return image_channels, 2 ** (len(blocks) - 1), float(scaling)  # every decoder block but the last doubles
+
+
+def _class_names(index: dict[str, Any], path: Path, num_classes: int | None) -> tuple[str, ...] | None:
+    """The pipeline's id2label ({"0": "tench, Tinca tinca", ...}) as class_names, or None."""
+    id2label = index.get("id2label")
+    if id2label is None or num_classes is None:
+        return None
+    if not isinstance(id2label, dict) or not all(isinstance(v, str) for v in id2label.values()):
+        raise CheckpointError(f"{path}: id2label must map class ids to names")
+    names = {str(k): v for k, v in id2label.items()}
+    missing = [i for i in range(num_classes) if str(i) not in names]
+    if missing or len(names) != num_classes:
+        raise CheckpointError(
+            f"{path}: id2label names {len(names)} classes, the denoiser has {num_classes} (0..{num_classes - 1})"
+        )
+    return tuple(names[str(i)] for i in range(num_classes))
+
+
+def _require_safetensors(folder: Path) -> None:
+    if not (folder / DIFFUSERS_WEIGHTS).is_file():
+        pickled = (folder / PICKLED_WEIGHTS).is_file()
+        raise CheckpointError(
+            f"{folder / DIFFUSERS_WEIGHTS}: missing"
+            + (
+                f" ({PICKLED_WEIGHTS} is a pickle, which undiffuse does not load: save it as safetensors)"
+                if pickled
+                else ""
+            )
+        )
 
 
 def _diffusers_spec(folder: Path, raw: dict[str, Any]) -> ModelSpec:
@@ -309,16 +505,7 @@ def _diffusers_spec(folder: Path, raw: dict[str, Any]) -> ModelSpec:
             f"{folder / CONFIG_FILE}: out_channels {out_channels} != in_channels {channels} "
             "(learned variances are not sampled by undiffuse)"
         )
-    if not (folder / DIFFUSERS_WEIGHTS).is_file():
-        pickled = (folder / PICKLED_WEIGHTS).is_file()
-        raise CheckpointError(
-            f"{folder / DIFFUSERS_WEIGHTS}: missing"
-            + (
-                f" ({PICKLED_WEIGHTS} is a pickle, which undiffuse does not load: save it as safetensors)"
-                if pickled
-                else ""
-            )
-        )
+    _require_safetensors(folder)
     return ModelSpec(
         path=folder,
         format="diffusers",
@@ -411,10 +598,16 @@ def weights_path(spec: ModelSpec) -> Path:
 
 
 def check_weights(spec: ModelSpec) -> None:
-    """CheckpointError unless the model's safetensors file is whole: its header parses and the
-    file is as long as the header says. Reads the header only (no torch, no tensor data), so a
-    truncated or foreign file is caught where the folder is listed, not when a replica loads it."""
-    path = weights_path(spec)
+    """CheckpointError unless the model's safetensors files (the network's, and a latent model's
+    decoder's) are whole: each header parses and each file is as long as its header says. Reads
+    the headers only (no torch, no tensor data), so a truncated or foreign file is caught where
+    the folder is listed, not when a replica loads it."""
+    _check_safetensors(weights_path(spec))
+    if spec.latent:
+        _check_safetensors(spec.latent.decoder_path / DIFFUSERS_WEIGHTS)
+
+
+def _check_safetensors(path: Path) -> None:
     try:
         with path.open("rb") as f:
             size = path.stat().st_size

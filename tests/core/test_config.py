@@ -148,7 +148,7 @@ def test_learned_variance_networks_are_refused(tmp_path):
         read_model_folder(tmp_path / "d")
 
 
-def test_a_pixel_pipeline_folder_is_one_model_and_latent_ones_are_refused(tmp_path):
+def test_a_pixel_pipeline_folder_is_one_model_and_unknown_latent_ones_are_refused(tmp_path):
     pipe = tmp_path / "cifar"
     _write(
         pipe / "model_index.json",
@@ -164,8 +164,17 @@ def test_a_pixel_pipeline_folder_is_one_model_and_latent_ones_are_refused(tmp_pa
     assert (spec.name, spec.format, spec.path, spec.network_path) == ("cifar", "diffusers", pipe, pipe / "unet")
     assert spec.schedule.num_timesteps == 300
 
+    # LDMPipeline and DiTPipeline are served (tests/core/test_latent_models.py); a latent pipeline
+    # with other parts, such as text-conditioned Stable Diffusion, is not
+    _write(
+        pipe / "model_index.json", {"_class_name": "StableDiffusionPipeline", "unet": [], "vae": [], "scheduler": []}
+    )
+    with pytest.raises(
+        CheckpointError, match="a latent pipeline .*'StableDiffusionPipeline' with vae.* LDMPipeline, DiT"
+    ):
+        read_model_folder(pipe)
     _write(pipe / "model_index.json", {"_class_name": "LDMPipeline", "unet": [], "vqvae": [], "scheduler": []})
-    with pytest.raises(CheckpointError, match="a latent pipeline .*'LDMPipeline' with vqvae"):
+    with pytest.raises(CheckpointError, match="model_index.json: the pipeline has no vqvae/ folder"):
         read_model_folder(pipe)
     _write(pipe / "model_index.json", {"_class_name": "StableDiffusionPipeline", "unet": [], "scheduler": []})
     with pytest.raises(CheckpointError, match="_class_name 'StableDiffusionPipeline' is not a pipeline"):
