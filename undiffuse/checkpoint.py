@@ -25,6 +25,7 @@ from undiffuse.config import (
     PredictionType,
     read_model_folder,
 )
+from undiffuse.latent import LatentDecoder, load_latent, load_pretrained
 from undiffuse.schedule import NoiseSchedule
 from undiffuse.unet import UNet
 
@@ -36,6 +37,11 @@ class DiffusionModel(nn.Module):
 
     `eps(x_t, t, class_labels)` always returns the predicted noise (converting from v when the
     network predicts v), which is what the samplers consume.
+
+    A latent model (`decoder` set) denoises latents of `sample_shape` and makes images of
+    `image_shape` with `decode`; for a pixel model the two shapes are the same and `decode` is
+    the identity, so `model.decode(sampler.sample(model.eps, model.sample_shape, ...))` is an
+    image for either.
     """
 
     def __init__(
@@ -51,6 +57,8 @@ class DiffusionModel(nn.Module):
         guidance_interval: tuple[float, float] | None = None,
         clip_sample: bool | None = None,
         source: str = "",
+        decoder: LatentDecoder | None = None,
+        latent_shape: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
         self.network = network
@@ -63,6 +71,10 @@ class DiffusionModel(nn.Module):
         self.guidance_interval = guidance_interval  # sigma bounds where guidance acts (None: all)
         self.clip_sample = clip_sample  # DDPM/DDIM clip x0 to [-1, 1] (None: the samplers' default)
         self.source = source
+        if (decoder is None) != (latent_shape is None):
+            raise ValueError("a latent model needs both its decoder and its latent shape")
+        self.decoder = decoder
+        self.latent_shape = latent_shape
 
     @classmethod
     def from_config(
@@ -82,8 +94,8 @@ class DiffusionModel(nn.Module):
         )
 
     @classmethod
-    def from_spec(cls, network: nn.Module, spec: ModelSpec) -> DiffusionModel:
-        """Wrap any network with what its model folder says about it."""
+    def from_spec(cls, network: nn.Module, spec: ModelSpec, decoder: LatentDecoder | None = None) -> DiffusionModel:
+        """Wrap any network (and a latent model's decoder) with what its model folder says about it."""
         return cls(
             network,
             NoiseSchedule.from_config(spec.schedule),
@@ -95,11 +107,28 @@ class DiffusionModel(nn.Module):
             guidance_interval=spec.guidance_interval,
             clip_sample=spec.clip_sample,
             source=str(spec.path),
+            decoder=decoder,
+            latent_shape=spec.latent.shape if spec.latent else None,
         )
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model makes."""
         return (self.channels, self.image_size, self.image_size)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the samplers denoise: the latents of a latent model, else the image."""
+        return self.latent_shape or self.image_shape
+
+    @property
+    def is_latent(self) -> bool:
+        return self.decoder is not None
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """Denoised samples [N, *sample_shape] -> images [N, *image_shape], nominally in [-1, 1]
+        (the identity for a pixel model)."""
+        return x0 if self.decoder is None else self.decoder(x0)
 
     def eps(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """x_t: [N, C, H, W]; t: [N] long; class_labels: [N] long or None -> eps [N, C, H, W]."""
@@ -174,7 +203,8 @@ def _load_state(module: nn.Module, state: dict[str, Tensor], path: Path) -> None
 
 
 def load_model(folder: str | Path, device: torch.device | str = "cpu", channels_last: bool = True) -> DiffusionModel:
-    """Load an undiffuse or diffusers UNet2DModel folder, in eval mode on device.
+    """Load an undiffuse model, a diffusers UNet2DModel folder or a diffusers pipeline (pixel or
+    latent: `undiffuse.config`), in eval mode on device.
 
     channels_last stores the convolution weights NHWC, which oneDNN (CPU) and cuDNN (GPU) run
     faster (about 25 % per step for the demo model on a 2-core CPU, see docs/benchmarks.md);
@@ -206,6 +236,9 @@ class _DiffusersUNet(nn.Module):
 
 
 def _load_diffusers(spec: ModelSpec) -> DiffusionModel:
+    if spec.latent is not None:
+        network, decoder = load_latent(spec, _DiffusersUNet)
+        return DiffusionModel.from_spec(network, spec, decoder)
     try:
         from diffusers import UNet2DModel
     except ImportError as e:
@@ -215,8 +248,4 @@ def _load_diffusers(spec: ModelSpec) -> DiffusionModel:
     folder = spec.network_path or spec.path
     if not (folder / DIFFUSERS_WEIGHTS).is_file():
         raise CheckpointError(f"{folder / DIFFUSERS_WEIGHTS}: missing")
-    try:  # safetensors only: a pickled .bin would run code as it loads
-        unet = UNet2DModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{spec.path}: cannot load diffusers UNet2DModel ({e})") from e
-    return DiffusionModel.from_spec(_DiffusersUNet(unet), spec)
+    return DiffusionModel.from_spec(_DiffusersUNet(load_pretrained(UNet2DModel, folder)), spec)
