@@ -33,6 +33,12 @@ One `step()`:
      (`Request.preview_every`), every k-th step's x0 prediction of its first image, copied the
      same way (`take_previews()`).
 
+A latent model (`DiffusionModel.is_latent`) denoises latents: the rows, the noise and the
+samplers' arithmetic are the latents', and the requests that finish at a step are decoded to
+images in one batched decoder call per `max_decode_batch` rows (padded to a bucket when
+compiled, like the network), queued on the device behind the step without waiting for it;
+their previews are the decoded x0 prediction, at most every `preview_decode_every` steps.
+
 Nothing in a step reads a device tensor back to the host: positions are mirrored on the host
 (every selected row advances by exactly one step), and a batch rebuilt after a change of
 membership reaches the device through pinned memory with asynchronous copies, so the loop
@@ -43,6 +49,7 @@ trajectory depends only on its (seed, index, sampler, steps, label, guidance): t
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import time
@@ -99,6 +106,12 @@ class EngineConfig:
     latency_slack: a request may join a step only if the step stays within this factor of the
     shortest request's own step time (from the warm-up table), unless its remaining work is
     within merge_ratio of that request's. None disables the check (always merge).
+    max_decode_batch: a latent model's finished rows are decoded this many per decoder call
+    (the decoder's activations at image size dwarf the denoiser's at latent size).
+    preview_decode_every: a latent model's previews are made at most every this many steps
+    (each decodes one image, about as costly as several denoising steps of it).
+    The decoder runs at the network's precision, except fp16, where it runs in fp32 (VAE
+    decoders overflow in fp16).
     """
 
     max_batch: int = 256
@@ -110,6 +123,8 @@ class EngineConfig:
     latency_slack: float | None = 1.25
     merge_ratio: float = 2.0
     keep_samples: bool = False  # also hand back the float samples (Finished.samples): tests, benchmarks
+    max_decode_batch: int = 16
+    preview_decode_every: int = 5
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -118,6 +133,8 @@ class EngineConfig:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {self.precision!r}")
         if self.latency_slack is not None and self.latency_slack < 1:
             raise ValueError(f"latency_slack must be >= 1, got {self.latency_slack}")
+        if self.max_decode_batch < 1 or self.preview_decode_every < 1:
+            raise ValueError("max_decode_batch and preview_decode_every must be >= 1")
 
 
 class Finished:
@@ -146,7 +163,8 @@ class Finished:
 
     @property
     def samples(self) -> Tensor | None:
-        """[count, C, H, W] float32 x_0, with EngineConfig.keep_samples (else None)."""
+        """[count, C, H, W] float32 x_0 (a latent model's decoded images), with
+        EngineConfig.keep_samples (else None)."""
         lo, hi = self._rows
         return None if self._samples is None else self._samples[lo:hi]
 
@@ -238,8 +256,14 @@ class DenoisingEngine:
         if self.compiled:
             self.network = torch.compile(model.network, mode=cfg.compile_mode, dynamic=False)
         self.buckets = _buckets(cfg.max_batch, cfg.buckets)
+        # a latent model's decoder: its own call, bucketed to its own sizes when compiled
+        self.decoder: Callable[[Tensor], Tensor] | None = model.decoder
+        self.decode_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        self.decode_buckets = _buckets(cfg.max_decode_batch, None)
+        if self.compiled and model.decoder is not None:
+            self.decoder = torch.compile(model.decoder, mode=cfg.compile_mode, dynamic=False)
         if self.compiled:
-            _allow_recompiles(len(self.buckets))
+            _allow_recompiles(max(len(self.buckets), len(self.decode_buckets)))
         self.scheduler = Scheduler(cfg.max_batch, cfg.latency_slack, cfg.merge_ratio, self.buckets)
         # per timestep, whether guidance acts (the model's interval; None: at every one), on the host
         interval = model.guidance_interval
@@ -360,7 +384,7 @@ class DenoisingEngine:
                 here, first = batch.rows[rows], batch.starts[rows]
             done = here - first if sampler.needs_noise or sampler.multistep else None
             # step k uses noise draw k + 1, as Sampler.sample does
-            z = group.noise.draw_rows(done + 1, self.model.image_shape) if sampler.needs_noise else None
+            z = group.noise.draw_rows(done + 1, self.model.sample_shape) if sampler.needs_noise else None
             if sampler.multistep:  # its rows' previous x_0 and timestep (none on their first step)
                 t_last = torch.where(done > 0, self._ts_table[(here - 1).clamp(min=0)], NO_HISTORY)
                 out = sampler.step(es, ts, xs, z, t_prev=tp, t_last=t_last, history=group.history)
@@ -409,10 +433,13 @@ class DenoisingEngine:
     def _capture_previews(self, batch: _Batch, x0s: list[Tensor]) -> None:
         """3. a preview of each previewing request whose step count just reached a multiple of
         its preview_every (not its last step: that is the image itself)."""
+        latent = self.model.is_latent
         for slot, group, row in batch.previews:
             every, steps, pos = slot.request.preview_every, slot.request.steps, slot.pos
+            if latent:  # a decode per preview: not more often than preview_decode_every
+                every = max(every, self.config.preview_decode_every)
             if pos % every == 0 and pos < steps:
-                host, ready = self._pixels_to_host(x0s[group][row : row + 1])
+                host, ready = self._pixels_to_host(self._decode(x0s[group][row : row + 1]))
                 self._previews.append(Preview(slot.request, pos, host, ready))
 
     # --- assembling a batch ------------------------------------------------------------------------
@@ -446,7 +473,7 @@ class DenoisingEngine:
             self._park(old, paused, at, old_history)
         # x_T for every request that starts: one draw (noise draw 0, as in Sampler.sample)
         starting = [s for s in ordered if id(s) not in at and s.state.x is None]
-        fresh = self._noise([s.request for s in starting]).draw(0, self.model.image_shape) if starting else None
+        fresh = self._noise([s.request for s in starting]).draw(0, self.model.sample_shape) if starting else None
         # the batch's rows, from where each request's rows are
         pieces, bounds, begin, fresh_row = [], [], 0, 0
         for slot in ordered:
@@ -546,7 +573,7 @@ class DenoisingEngine:
         request's was set aside, or zeros on a row's first step (multiplied by 0 there, but
         read, so it must be finite)."""
         new = sum(s.request.count for s in members if id(s) not in old_history and s.state.history is None)
-        zeros = torch.zeros(new, *self.model.image_shape, device=self.device) if new else None
+        zeros = torch.zeros(new, *self.model.sample_shape, device=self.device) if new else None
         pieces, zeros_at = [], 0
         for slot in members:
             n = slot.request.count
@@ -627,6 +654,7 @@ class DenoisingEngine:
             x = batch.x
         else:
             x = _gather([(batch.x, lo, hi - lo) for _, (lo, hi) in done], self.device)
+        x = self._decode(x)
         host, ready = self._pixels_to_host(x)
         samples = x if self.config.keep_samples else None  # never written in place: steps make new tensors
         out, begin = [], 0
@@ -637,6 +665,26 @@ class DenoisingEngine:
         if len(done) == len(batch.slots):
             self._batch = None
         return out
+
+    def _decode(self, x: Tensor) -> Tensor:
+        """A latent model's latents [N, c, h, w] -> images [N, C, H, W] float32, max_decode_batch
+        rows per decoder call; x itself for a pixel model. On a GPU the calls are queued behind
+        the step and the host goes on (nothing here reads the device)."""
+        if self.decoder is None:
+            return x
+        k = self.config.max_decode_batch
+        chunks = [self._decode_chunk(x[i : i + k]) for i in range(0, x.shape[0], k)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def _decode_chunk(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        if self.compiled:  # one compiled graph per decode bucket, as for the network
+            pad = self.decode_buckets[bisect.bisect_left(self.decode_buckets, n)] - n
+            if pad:
+                x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+        with torch.autocast(self.device.type, dtype=self.decode_dtype, enabled=self.decode_dtype != torch.float32):
+            images = self.decoder(x)
+        return images[:n].float()
 
     def _pixels_to_host(self, x: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
         """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] on the device, then an async copy to
@@ -696,7 +744,7 @@ class DenoisingEngine:
         smallest first, until max_seconds have passed. Fills `step_time`, which the scheduler's
         latency check reads. Returns {bucket: seconds per step}."""
         started = time.perf_counter()
-        c, h, w = self.model.image_shape
+        c, h, w = self.model.sample_shape
         table = self.step_time
         for b in self.buckets:
             if time.perf_counter() - started > max_seconds:
@@ -715,6 +763,12 @@ class DenoisingEngine:
             if log:
                 log(f"bucket {b}: {table[b] * 1e3:.1f} ms per step")
         self.step_time = table
+        if self.compiled and self.decoder is not None:  # compile every decode bucket too
+            for b in self.decode_buckets:
+                if time.perf_counter() - started > max_seconds:
+                    break
+                self._decode_chunk(torch.zeros(b, c, h, w, device=self.device))
+            _sync(self.device)
         return dict(table)
 
 
@@ -801,7 +855,7 @@ def max_batch_for_memory(
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    c, h, w = model.image_shape
+    c, h, w = model.sample_shape
     x = torch.randn(probe_rows, c, h, w, device=device)
     t = torch.zeros(probe_rows, dtype=torch.long, device=device)
     labels = None if model.num_classes is None else torch.zeros(probe_rows, dtype=torch.long, device=device)
