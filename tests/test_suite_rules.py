@@ -10,12 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs pytest in child processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SUITE = """
 import pytest
-
-pytestmark = pytest.mark.slow  # CPU sampling, training or cluster validation: not in the fast tier
 
 @pytest.fixture(scope="session")
 def redis_server():

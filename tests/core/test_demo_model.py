@@ -9,7 +9,7 @@ import torch
 from undiffuse import DDIMSampler, ImageNoise, load_model
 from undiffuse.data import load_idx_dataset
 
-pytestmark = pytest.mark.slow  # CPU sampling, training or cluster validation: not in the fast tier
+pytestmark = pytest.mark.slow  # seconds per test on 2 cores: not in the fast tier
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "mnist"

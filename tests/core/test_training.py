@@ -4,7 +4,7 @@ import torch
 from undiffuse import ModelConfig, NoiseSchedule, ScheduleConfig, UNetConfig, load_model
 from undiffuse.training import TrainConfig, Trainer, diffusion_loss, lr_factor
 
-pytestmark = pytest.mark.slow  # CPU sampling, training or cluster validation: not in the fast tier
+pytestmark = pytest.mark.slow  # seconds per test on 2 cores: not in the fast tier
 
 TINY = UNetConfig(
     image_size=8, base_channels=16, channel_mult=(1, 2), attention_resolutions=(), num_classes=2, dropout=0.0

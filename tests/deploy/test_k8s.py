@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow  # CPU sampling, training or cluster validation: not in the fast tier
+pytestmark = pytest.mark.slow  # seconds per test on 2 cores: not in the fast tier
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT.parent / "shared" / "schemas"

@@ -152,7 +152,7 @@ def test_one_undeletable_job_does_not_stop_the_sweeper(stack):
                 raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "DeleteObjects")
             return super().delete_job(job_id)
 
-    objects = Refusing(stack.settings)
+    objects = Refusing(stack.settings.storage)
     pixels = png_bytes(np.zeros((28, 28, 1), dtype=np.uint8))
     objects.put_image(image_key("d" * 32, 0), pixels)
 
