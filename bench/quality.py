@@ -51,7 +51,7 @@ SERVED = ROOT / "models" / "mnist"
 
 
 class RawEpsDDIM(DDIMSampler):
-    """DDIM as it was before the fix: the clipped x0 beside the raw eps (for the study only)."""
+    """DDIM with the clipped x0 beside the raw eps: the variant the guidance study compares against."""
 
     def step(self, model_output, t, x_t, noise=None, *, t_prev):
         a_t, a_prev, _ = self._alpha_bars(t, t_prev, x_t)

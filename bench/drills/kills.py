@@ -113,7 +113,7 @@ def load_with_kills(stack: LocalStack, rec: Recorder, monitor: Monitor, size: Si
     rng.shuffle(kinds)
     # kill when this many jobs ended; the clients run up to a window past a mark, so a mark leaves
     # two windows of jobs (one through the kill, one released at it for the replacement to take):
-    # a last mark near the end used to let the load run out before the replacement ran
+    # a last mark near the end would let the load run out before the replacement ran
     last = max(0, size.jobs - 2 * window)
     marks = sorted(min(int(rng.uniform(0.05, 0.85) * size.jobs), last) for _ in kinds)
     load.allowed = marks[0] + window if marks else len(jobs)
