@@ -475,7 +475,7 @@ def _sample(args: argparse.Namespace) -> None:
     bar = tqdm(total=args.steps, unit="step", file=sys.stderr)
     x = sampler.sample(
         model.eps,
-        model.image_shape,
+        model.sample_shape,  # latents for a latent model, decoded below
         steps=args.steps,
         noise=ImageNoise.for_request(args.seed, args.num, device),
         class_labels=labels,
@@ -485,7 +485,9 @@ def _sample(args: argparse.Namespace) -> None:
         device=device,
     )
     bar.close()
-    save_png(make_grid(x, nrow=args.nrow), args.out)
+    with torch.no_grad():
+        images = model.decode(x)
+    save_png(make_grid(images, nrow=args.nrow), args.out)
     print(f"wrote {args.num} images to {args.out}")
 
 

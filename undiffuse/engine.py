@@ -293,6 +293,12 @@ class DenoisingEngine:
     def idle(self) -> bool:
         return not len(self.scheduler)
 
+    @property
+    def resident_rows(self) -> int:
+        """Rows whose state (x, histories, indices) the engine keeps on the device between steps:
+        the last batch's, until a step with a new selection or an idle engine lets go of it."""
+        return 0 if self._batch is None else int(self._batch.x.shape[0])
+
     def __len__(self) -> int:
         """Requests queued or running."""
         return len(self.scheduler)
@@ -354,6 +360,7 @@ class DenoisingEngine:
         """Advance the selected requests by one denoising step; return those that finished."""
         self._drop_canceled()
         if self.idle:
+            self._batch = None  # the last rows left (canceled): their device buffers go with them
             return []
         selected, replanned = self.scheduler.schedule()
         started = self._mark()

@@ -177,17 +177,18 @@ class EngineLoop:
         except Exception as e:  # fail this engine's requests (the workers retry them), keep serving
             self.failed_steps += 1
             self.log.exception("engine %s failed a step; failing its %d shards", name, len(engine))
-            if isinstance(e, torch.cuda.OutOfMemoryError):  # retry the shards with smaller steps
+            out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError)
+            if out_of_memory:  # retry the shards with smaller steps
                 engine.set_max_batch(max(self.min_batch, engine.config.max_batch // 2))
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
                 self.log.warning(
                     "engine %s: max_batch lowered to %d after running out of memory", name, engine.config.max_batch
                 )
             for rid in list(engine.progress()):
                 engine.cancel(rid)
                 self.listener.failed(rid, e)
-            engine.step()  # drops the canceled rows
+            engine.step()  # drops the canceled rows and, idle now, their device buffers
+            if out_of_memory and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # after the buffers are dropped, so their memory goes back
             return
         self.failed_steps = 0
         for done in finished:

@@ -607,3 +607,13 @@ def test_the_models_clip_sample_setting_reaches_the_engines_samplers():
         )
         assert torch.equal(done[r.id].samples, expected), r.id
         assert not torch.allclose(done[r.id].samples, reference(unclipped, r), atol=1e-3), r.id  # clipped differs
+
+
+def test_an_engine_whose_last_rows_are_canceled_lets_go_of_their_batch(model):
+    engine = DenoisingEngine(model, EngineConfig(max_batch=64, latency_slack=None))
+    engine.add(Request("a", "a", seed=1, start=0, count=2, steps=6, labels=[0, 1]))
+    engine.step()
+    assert engine.resident_rows == 2  # the running batch's buffers
+    engine.cancel("a")
+    assert engine.step() == [] and engine.idle
+    assert engine.resident_rows == 0

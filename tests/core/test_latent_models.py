@@ -309,11 +309,6 @@ def test_the_engine_makes_the_images_single_request_sampling_makes(ldm, dit, whi
     assert previews[0].pixels().shape == (model.image_size, model.image_size, 3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="undiffuse/cli.py's sample draws model.image_shape and saves it undecoded: it needs "
-    "model.sample_shape and model.decode(x) (two lines) for a latent model",
-)
 def test_cli_sample_writes_the_decoded_image_as_an_rgb_png(ldm, tmp_path):
     out = tmp_path / "grid.png"
     args = ["sample", "--model-dir", str(ldm[0]), "--num", "1", "--steps", "3", "--seed", "5", "--sampler", "ddim"]
