@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="required: a model folder on this machine (undiffuse or diffusers), e.g. models/mnist",
     )
     s.add_argument("--model", dest="model_dir", type=Path, action=_DeprecatedFolder, help=argparse.SUPPRESS)
-    s.add_argument("--num", type=_positive("--num"), default=16)
+    s.add_argument("--num", type=_positive("--num"), default=16, help="images (default 16)")
     s.add_argument(
         "--steps",
         type=_positive("--steps"),
@@ -166,8 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="; ".join(f"{e.name}: {e.summary}" for e in SAMPLERS.values()),
     )
     s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--class", dest="class_label", type=_class_labels, metavar="C[,C...]", help=CLASS_HELP)
+    s.add_argument("--seed", type=int, default=0, help="default 0")
+    s.add_argument(
+        "--class",
+        dest="class_label",
+        type=_class_labels,
+        metavar="C[,C...]",
+        help=CLASS_HELP + " (default for a model with classes: every class in turn, in equal blocks)",
+    )
     s.add_argument(
         "--guidance",
         type=float,
@@ -176,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "interval (the demo model: every digit of 1,000 the class asked for, docs/quality.md), else 1",
     )
     s.add_argument("--nrow", type=_positive("--nrow"), help="images per grid row")
-    s.add_argument("--out", type=Path, default=Path("grid.png"))
+    s.add_argument("--out", type=Path, default=Path("grid.png"), help="the grid's PNG (default grid.png)")
     s.add_argument("--device", default="auto")
 
     _add_client_commands(sub)
