@@ -3,6 +3,8 @@
     python bench/engine.py                 # CPU section (2 cores: a few minutes)
     python bench/engine.py --gpu           # + GPU section (one H200: about 2 minutes, compile caches warm)
     python bench/engine.py --gpu --smoke   # the GPU section's code paths, tiny, on any device
+    python bench/engine.py --models-only   # only (8) and (9), tiny (2 cores: about 2 minutes)
+    python bench/engine.py --gpu --skip-cpu --models-only   # (8) and (9) at real size (one H200: about 2 minutes)
 
 CPU section (the demo model, models/mnist):
   (1) throughput: DDIM, a batch of images through the engine exactly as the Denoiser drives it,
@@ -24,6 +26,18 @@ GPU section:
   (5) precision (CPU and GPU): the largest pixel difference of bf16 from fp32 on the same 100
       digits, and the class accuracy of each by 5-NN on the shared MNIST test set;
   (2, GPU) the mixed load of (2) on the GPU (fp32 eager, short jobs every 0.25 s).
+Models people bring, in each section asked for (--size: tiny on the CPU, real on a GPU; random
+weights, nothing downloaded), images/s with decoding to host pixels included, against diffusers'
+own pipeline on the same weights and steps in the same run:
+  (8) a 256x256 pixel UNet (google/ddpm-church-256's UNet2DModel, 113.7 M parameters), DDIM,
+      against DDIMPipeline;
+  (9) DiT-XL/2 (DiTTransformer2DModel, 28 x 1152, patch 2 on 4 x 32 x 32 latents, 1000 classes,
+      learned variances) at guidance 4 with Stable Diffusion's AutoencoderKL decoder (256x256),
+      DDIM, against DiTPipeline;
+  each with its parameters and GFLOP per image and network call (FlopCounterMode on the meta
+  device); the engine in fp32 (the reference's precision), on a GPU also bf16 (and bf16 +
+  compile with --compile-models). Tiny: the same architectures with fewer channels and layers,
+  64 px images.
 """
 
 from __future__ import annotations
@@ -388,6 +402,247 @@ def cifar_gpu(device: torch.device, batch: int, steps: int, smoke: bool) -> list
     return rows
 
 
+# --- (8), (9) models people bring: a 256x256 pixel UNet, DiT-XL/2 with its VAE ----------------------
+# google/ddpm-church-256's UNet2DModel (the ddpm-*-256 family: 113.7 M parameters, attention at 16x16)
+UNET_256 = dict(
+    sample_size=256,
+    block_out_channels=(128, 128, 256, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    norm_eps=1e-6,
+)
+# tiny: the same six levels at an eighth of the channels and 64 px (attention at 4x4, 1/16 of the side)
+UNET_256_TINY = {**UNET_256, "sample_size": 64, "block_out_channels": (16, 16, 32, 32, 64, 64), "norm_num_groups": 8}
+# facebook/DiT-XL-2-256's DiTTransformer2DModel: 28 blocks of 16 heads x 72 = 1152, patch 2, 4 x 32 x 32
+# latents, ImageNet's 1000 classes, learned variances (8 output channels)
+DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                sample_size=32, patch_size=2, num_embeds_ada_norm=1000)  # fmt: skip
+DIT_TINY = {**DIT_XL_2, "num_attention_heads": 4, "attention_head_dim": 64, "num_layers": 6, "sample_size": 8}
+# Stable Diffusion's AutoencoderKL (what DiT-XL-2-256 decodes with): 8x down, 4 latent channels
+SD_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+              block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=256,
+              scaling_factor=0.18215)  # fmt: skip
+# tiny: 8 x 8 latents to 64 px; the decode 8 % of the denoising work at 20 steps (5 % at real size, 25 steps)
+SD_VAE_TINY = {**SD_VAE, "block_out_channels": (16, 32, 64, 64), "layers_per_block": 1, "sample_size": 64,
+               "norm_num_groups": 8}  # fmt: skip
+# images and steps per row: tiny fits a 2-core CPU in about a minute a row, real one GPU in about one
+MODEL_RUNS = {"tiny": (8, 20), "real": (32, 25)}
+DIT_GUIDANCE = 4.0  # DiTPipeline's default: every step runs each image and its null-class twin
+
+
+def _build(cls_name: str, config: dict, device: torch.device | str):
+    """A diffusers model of config with random weights, made on device (no copy from the host)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return getattr(diffusers, cls_name)(**config).eval()
+
+
+def _gflop(call) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops() / 1e9
+
+
+def unet_256(size: str, device: torch.device | str):
+    return _build("UNet2DModel", UNET_256 if size == "real" else UNET_256_TINY, device)
+
+
+def dit_xl_2(size: str, device: torch.device | str):
+    """(transformer, vae)."""
+    return (
+        _build("DiTTransformer2DModel", DIT_XL_2 if size == "real" else DIT_TINY, device),
+        _build("AutoencoderKL", SD_VAE if size == "real" else SD_VAE_TINY, device),
+    )
+
+
+def pixel_model(unet):
+    """The UNet as undiffuse serves a ddpm-*-256 folder: linear schedule, x0 clipped (the default)."""
+    from undiffuse.checkpoint import DiffusionModel, _DiffusersUNet
+    from undiffuse.schedule import NoiseSchedule
+
+    size = unet.config.sample_size
+    return DiffusionModel(_DiffusersUNet(unet), NoiseSchedule.linear(), image_size=size, channels=3, num_classes=None)
+
+
+def latent_model(transformer, vae):
+    """DiT and its VAE as undiffuse serves a DiTPipeline folder: learned-variance channels dropped,
+    x0 not clipped (DiT-XL-2-256's DDIM scheduler), decoded by `vae.decode(latents / scaling_factor)`."""
+    from undiffuse.checkpoint import DiffusionModel
+    from undiffuse.latent import DiTDenoiser, LatentDecoder
+    from undiffuse.schedule import NoiseSchedule
+
+    cfg = transformer.config
+    return DiffusionModel(
+        DiTDenoiser(
+            transformer, cfg.num_embeds_ada_norm, cfg.in_channels, learned_sigma=cfg.out_channels > cfg.in_channels
+        ),
+        NoiseSchedule.linear(),
+        image_size=vae.config.sample_size,
+        channels=3,
+        num_classes=cfg.num_embeds_ada_norm,
+        clip_sample=False,
+        decoder=LatentDecoder(vae, float(vae.config.scaling_factor)),
+        latent_shape=(cfg.in_channels, cfg.sample_size, cfg.sample_size),
+    )
+
+
+def model_costs(size: str) -> dict[str, float]:
+    """Parameters (M) and GFLOP per image of each network call, counted on the meta device
+    (shapes only: nothing is allocated or run, so the real sizes cost a second on any host)."""
+    meta = torch.device("meta")
+    unet = unet_256(size, meta)
+    transformer, vae = dit_xl_2(size, meta)
+    px, lat = unet.config.sample_size, transformer.config.sample_size
+    t, y = torch.tensor([500], device=meta), torch.tensor([1], device=meta)
+    return {
+        "unet_params": sum(p.numel() for p in unet.parameters()) / 1e6,
+        "unet_gflop": _gflop(lambda: unet(torch.randn(1, 3, px, px, device=meta), t)),
+        "dit_params": sum(p.numel() for p in transformer.parameters()) / 1e6,
+        "dit_gflop": _gflop(lambda: transformer(torch.randn(1, 4, lat, lat, device=meta), timestep=t, class_labels=y)),
+        "decoder_params": sum(p.numel() for m in (vae.post_quant_conv, vae.decoder) for p in m.parameters()) / 1e6,
+        "decode_gflop": _gflop(lambda: vae.decode(torch.randn(1, 4, lat, lat, device=meta))),
+    }
+
+
+def _engine_configs(device: torch.device, rows: int, compile_models: bool) -> list[tuple[str, EngineConfig]]:
+    """fp32 eager (the reference's precision: the ratio is the engine's own); on a GPU also bf16
+    eager and, when asked, bf16 + compile (compiling a 256 px decoder for each of its buckets takes
+    minutes cold, so it is not in the default run)."""
+    one = (rows,)
+    configs = [("fp32", EngineConfig(max_batch=rows, precision="fp32", compile=False, buckets=one))]
+    if device.type == "cuda":
+        configs.append(("bf16", EngineConfig(max_batch=rows, precision="bf16", compile=False, buckets=one)))
+        if compile_models:
+            configs.append(
+                ("bf16 + compile", EngineConfig(max_batch=rows, precision="bf16", compile=True, buckets=one))
+            )
+    return configs
+
+
+def _timed(run) -> float:
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        run()
+    sync()
+    return time.perf_counter() - start
+
+
+def _side_by_side(reference, engine_model, requests, rows, device, compile_models) -> list[tuple[str, float, float]]:
+    """(engine config, reference seconds, engine seconds) for each engine config, best of 2 each
+    after a 2-step warm-up: the reference is timed alternately with the first config (fp32) and
+    that time stands for the others (a real-size fp32 reference run costs seconds on a GPU)."""
+    _timed(lambda: reference(2))
+    out: list[tuple[str, float, float]] = []
+    for label, cfg in _engine_configs(device, rows, compile_models):
+        engine = DenoisingEngine(engine_model, cfg)
+        engine.warm_up(300)
+        run_engine(engine, [Request(**{**r.__dict__, "id": ("warm", r.id), "steps": 2}) for r in requests])
+        t_ref, t_engine = [], []
+        for _ in range(2):
+            if not out:
+                t_ref.append(_timed(lambda: reference(None)))
+            t_engine.append(run_engine(engine, requests))
+        out.append((label, min(t_ref) if t_ref else out[0][1], min(t_engine)))
+        del engine
+    return out
+
+
+def _model_rows(name, what, images, steps, reference, gflop_per_image, timings) -> list[str]:
+    """One row per engine config; the engine's FLOP/s count its network calls and its decode."""
+    rows = []
+    for label, t_ref, t_engine in timings:
+        rate = images * gflop_per_image / t_engine
+        rate_text = f"{rate / 1e3:.1f} TFLOP/s" if rate >= 1e3 else f"{rate:.1f} GFLOP/s"
+        rows.append(
+            f"| {name} ({what}) DDIM {steps}, {images} images, decoded to pixels: engine {label} vs {reference} "
+            f"| {images / t_ref:,.2f} img/s | {images / t_engine:,.2f} img/s ({rate_text}) "
+            f"| {t_ref / t_engine:.2f}x | - |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def models_people_bring(device: torch.device, size: str, images: int, steps: int, compile_models: bool) -> list[str]:
+    """(8) a ddpm-*-256 UNet through the engine against diffusers' DDIMPipeline, (9) DiT-XL/2 with
+    guidance 4 and Stable Diffusion's VAE decoder against DiTPipeline: random weights, the same
+    weights and steps on both sides, both ending in host pixels (the reference's float array,
+    the engine's uint8). The engine gets its own copy of the weights, so its channels_last layout
+    does not change the reference's."""
+    import copy
+
+    from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline
+
+    costs = model_costs(size)
+    shards = [(start, min(16, images - start)) for start in range(0, images, 16)]
+    rows = []
+
+    # (8) pixel space: 256 x 256 (real) / 64 x 64 (tiny), no classes, DDIM with x0 clipped (as DDIMPipeline)
+    unet = unet_256(size, device)
+    px = unet.config.sample_size
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+
+    def ddim(n_steps):
+        generator = torch.Generator(device).manual_seed(0)
+        pipe(batch_size=images, num_inference_steps=n_steps or steps, output_type="np", generator=generator)
+
+    model = pixel_model(copy.deepcopy(unet))
+    requests = [Request(("u", k), "bench", seed=0, start=s, count=n, steps=steps) for k, (s, n) in enumerate(shards)]
+    timings = _side_by_side(ddim, model, requests, images, device, compile_models)
+    gflop = steps * costs["unet_gflop"]
+    rows += _model_rows(
+        f"(8) {px}x{px} pixel UNet",
+        f"ddpm-*-256 architecture{'' if size == 'real' else ', tiny'}: {costs['unet_params']:.1f} M params, "
+        f"{costs['unet_gflop']:.3g} GFLOP/img/step",
+        images, steps, "diffusers DDIMPipeline fp32", gflop, timings,
+    )  # fmt: skip
+    del pipe, model, unet
+    _free(device)
+
+    # (9) latent: DiT-XL/2 on 4 x 32 x 32 latents (real) / 4 x 8 x 8 (tiny), decoded by the VAE
+    transformer, vae = dit_xl_2(size, device)
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(clip_sample=False))
+    pipe.set_progress_bar_config(disable=True)
+    labels = [(37 * i) % 1000 for i in range(images)]
+
+    def dit(n_steps):
+        generator = torch.Generator(device).manual_seed(0)
+        pipe(labels, guidance_scale=DIT_GUIDANCE, num_inference_steps=n_steps or steps, generator=generator,
+             output_type="np")  # fmt: skip
+
+    model = latent_model(copy.deepcopy(transformer), copy.deepcopy(vae))
+    requests = [
+        Request(("d", k), "bench", seed=0, start=s, count=n, steps=steps, labels=labels[s : s + n],
+                guidance_scale=DIT_GUIDANCE)
+        for k, (s, n) in enumerate(shards)
+    ]  # fmt: skip
+    timings = _side_by_side(dit, model, requests, 2 * images, device, compile_models)
+    gflop = 2 * steps * costs["dit_gflop"] + costs["decode_gflop"]
+    out = vae.config.sample_size
+    rows += _model_rows(
+        f"(9) DiT-XL/2 + VAE decoder, {out}x{out}",
+        f"{'' if size == 'real' else 'tiny, '}{costs['dit_params']:.1f} M + {costs['decoder_params']:.1f} M decoder "
+        f"params, {costs['dit_gflop']:.3g} GFLOP/img/call (2 calls a step: guidance {DIT_GUIDANCE:g}), decode "
+        f"{costs['decode_gflop']:.3g} GFLOP/img",
+        images, steps, "diffusers DiTPipeline fp32", gflop, timings,
+    )  # fmt: skip
+    return rows
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def knn_accuracy(pixels: torch.Tensor, wanted: torch.Tensor) -> float | None:
     """Share of images that 5-NN on the shared MNIST test set (raw pixels) puts in the wanted
     class; None where the data is not beside the checkout."""
@@ -441,6 +696,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="mixed load: runs of each, alternating")
     p.add_argument("--skip-cpu", action="store_true")
     p.add_argument("--all-buckets", action="store_true", help="GPU (3): warm every bucket, as a replica does")
+    p.add_argument(
+        "--size", choices=("tiny", "real"), help="(8), (9): model sizes (default: tiny on the CPU, real on a GPU)"
+    )
+    p.add_argument("--model-images", type=int, help="(8), (9): images per run (default: by size, MODEL_RUNS)")
+    p.add_argument("--model-steps", type=int, help="(8), (9): DDIM steps (default: by size, MODEL_RUNS)")
+    p.add_argument("--compile-models", action="store_true", help="(8), (9) on a GPU: also bf16 + compile")
+    p.add_argument("--skip-models", action="store_true", help="leave out (8) and (9)")
+    p.add_argument("--models-only", action="store_true", help="only (8) and (9), in the sections asked for")
     args = p.parse_args()
     if args.smoke:
         args.images, args.steps, args.long_steps, args.short_jobs, args.short_every = 16, 3, 30, 3, 0.2
@@ -452,14 +715,14 @@ def main() -> None:
         else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     )
     rows = []
-    if not args.skip_cpu:
+    if not args.skip_cpu and not args.models_only:
         cpu_model = load_model(ROOT / "models" / "mnist", "cpu")
         rows += throughput(cpu_model, args.images, args.steps, args.max_batch)
         rows += mixed_load(cpu_model, args)
         rows += precision_check(cpu_model, 3 if args.smoke else 50, 20 if args.smoke else 100)
         rows += host_time()
         rows += guided_packing(cpu_model)
-    if args.gpu:
+    if args.gpu and not args.models_only:
         model = load_model(ROOT / "models" / "mnist", device)
         big = 256 if args.smoke else 4096
         rows += demo_gpu(model, big, 3 if args.smoke else 50, big, args.all_buckets)
@@ -471,6 +734,13 @@ def main() -> None:
         rows += [r.replace("| (2)", "| (2, GPU)") for r in mixed_load(model, gpu_load)]
         print("\n".join(rows[-3:]), flush=True)
         rows += small_batch_gpu(model, 16 if args.smoke else 64, 3 if args.smoke else 50)
+    sections = [(torch.device("cpu"), "")] * (not args.skip_cpu) + [(device, ", GPU")] * args.gpu
+    for where, tag in sections if not args.skip_models else ():
+        size = args.size or ("real" if where.type == "cuda" and not args.smoke else "tiny")
+        images, steps = (2, 2) if args.smoke else MODEL_RUNS[size]
+        found = models_people_bring(where, size, args.model_images or images, args.model_steps or steps,
+                                    args.compile_models)  # fmt: skip
+        rows += [r.replace("| (8)", f"| (8{tag})").replace("| (9)", f"| (9{tag})") for r in found]
     print(f"\nundiffuse engine benchmark — torch {torch.__version__}, {machine}\n")
     print("| measurement | reference | undiffuse | ratio | goal |")
     print("|---|---|---|---|---|")

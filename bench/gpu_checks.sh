@@ -5,25 +5,30 @@
 #   2. bench/engine_host_ops.py --device cuda: the engine's torch ops and host time per step
 #      outside the network at 16 and 256 requests, against the engine of commit 0b0856e (needs
 #      git and the repository's history; --reference none skips the reference);
-#   3. bench/engine.py --gpu --skip-cpu twice: the first run fills Inductor's cache (its timings
-#      include compiling), the second is the one to record (docs/benchmarks.md, GPU section);
-#   4. bench/quality.py --n 1000, the full quality table (docs/quality.md), cheapest rows first,
-#      stopped 560 s after the script started.
+#   3. bench/engine.py --gpu --skip-cpu --skip-models twice: the first run fills Inductor's cache
+#      (its timings include compiling), the second is the one to record (docs/benchmarks.md, GPU
+#      section);
+#   4. bench/engine.py --gpu --skip-cpu --models-only: rows (8) and (9) at real size, a 256x256
+#      pixel UNet and DiT-XL/2 with its VAE decoder against diffusers' pipelines
+#      (docs/benchmarks.md, "Models people bring"; 32 images at DDIM 25 per run, fp32 and bf16
+#      eager, nothing compiled);
+#   5. bench/quality.py --n 1000, the full quality table (docs/quality.md), cheapest rows first,
+#      stopped 560 s after the script started (step 4 runs before it and shortens it).
 # Each step has its own timeout; a failing step is logged and the next one still runs.
 #
 # Prerequisites: a CUDA GPU; Python 3.10+ with PyTorch 2.x built with CUDA, numpy, safetensors,
-# pillow, tqdm, pytest and diffusers >= 0.30 (bench/engine.py's CIFAR-10 UNet row runs
-# diffusers' DDIMPipeline as its reference); a git checkout of this repository (step 2 reads the
-# reference engine from its history); the MNIST test set (t10k-images-idx3-ubyte.gz and
-# t10k-labels-idx1-ubyte.gz) in $UNDIFFUSE_MNIST, by default ../shared/datasets/mnist beside the
-# checkout (the quality table's judge and the engine's 5-NN check read it). The repository is
-# used from the checkout (PYTHONPATH), not installed.
+# pillow, tqdm, pytest and diffusers >= 0.30 (bench/engine.py's CIFAR-10 UNet and model rows run
+# diffusers' DDIMPipeline and DiTPipeline as their references); a git checkout of this repository
+# (step 2 reads the reference engine from its history); the MNIST test set
+# (t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz) in $UNDIFFUSE_MNIST, by default
+# ../shared/datasets/mnist beside the checkout (the quality table's judge and the engine's 5-NN
+# check read it). The repository is used from the checkout (PYTHONPATH), not installed.
 #
 # Run from the repository root:
 #   bash bench/gpu_checks.sh
 # Logs, tables and sample grids go to /tmp/res (env.txt, pytest_gpu.log, host_ops.log,
-# bench_first.log, bench.log, quality-full.md/.log, grids/), packed after each step into
-# $OUT/results.tgz ($OUT defaults to /tmp); progress goes to stdout.
+# bench_first.log, bench.log, bench_models.log, quality-full.md/.log, grids/), packed after each
+# step into $OUT/results.tgz ($OUT defaults to /tmp); progress goes to stdout.
 #
 # Without network access: if ./.whl holds wheels, they are installed offline into /tmp/site
 # before the checks, without resolving dependencies (what they need beyond the wheels, e.g.
@@ -47,9 +52,13 @@ el "pytest -m gpu rc $?"; tail -5 $R/pytest_gpu.log; pack
 timeout 90 python3 bench/engine_host_ops.py --device cuda > $R/host_ops.log 2>&1
 el "host ops rc $?"; grep "^|" $R/host_ops.log; pack
 # the first run fills Inductor's cache (its timings include compiling); the second is the record
-timeout 200 python3 bench/engine.py --gpu --skip-cpu > $R/bench_first.log 2>&1; el "first bench rc $?"; pack
-timeout 150 python3 bench/engine.py --gpu --skip-cpu > $R/bench.log 2>&1; el "bench rc $?"; grep "^|" $R/bench.log; pack
+timeout 200 python3 bench/engine.py --gpu --skip-cpu --skip-models > $R/bench_first.log 2>&1; el "first bench rc $?"; pack
+timeout 150 python3 bench/engine.py --gpu --skip-cpu --skip-models > $R/bench.log 2>&1; el "bench rc $?"
+grep "^|" $R/bench.log; pack
+# the models people bring at real size (random weights: 114 M UNet, DiT-XL/2 + Stable Diffusion's VAE)
+timeout 180 python3 bench/engine.py --gpu --skip-cpu --models-only > $R/bench_models.log 2>&1; el "models bench rc $?"
+grep "^| (" $R/bench_models.log; pack
 left=$((T0 + 560 - $(date +%s)))
-timeout $((left + 20)) python3 bench/quality.py --n 1000 --max-minutes "$(python3 -c "print(max(0.2, ($left - 10) / 60))")" \
+timeout $((left > 40 ? left + 20 : 60)) python3 bench/quality.py --n 1000 --max-minutes "$(python3 -c "print(max(0.2, ($left - 10) / 60))")" \
   --grids $R/grids --out $R/quality-full.md > $R/quality-full.log 2>&1
 el "quality table rc $?"; cat $R/quality-full.md; pack
