@@ -1,10 +1,10 @@
 """The denoising engine against its references, side by side in one run; one markdown table.
 
     python bench/engine.py                 # CPU section (2 cores: a few minutes)
-    python bench/engine.py --gpu           # + GPU section (one H200: about 2 minutes, compile caches warm)
+    python bench/engine.py --gpu           # + GPU section (one H200: about 2 minutes, compile caches warm; (8), (9) more)
     python bench/engine.py --gpu --smoke   # the GPU section's code paths, tiny, on any device
-    python bench/engine.py --models-only   # only (8) and (9), tiny (2 cores: about 2 minutes)
-    python bench/engine.py --gpu --skip-cpu --models-only   # (8) and (9) at real size (one H200: about 2 minutes)
+    python bench/engine.py --models-only   # only (8) and (9), tiny (2 cores: under 2 minutes)
+    python bench/engine.py --gpu --skip-cpu --models-only   # (8) and (9) at real size (sized for a few GPU minutes)
 
 CPU section (the demo model, models/mnist):
   (1) throughput: DDIM, a batch of images through the engine exactly as the Denoiser drives it,
