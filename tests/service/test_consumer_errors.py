@@ -43,11 +43,11 @@ FAR = 2**62  # a lease deadline that never passes
 
 
 def _run_until_ended(
-    settings: Settings, generate, prepare=None, seconds: float = 10, params: JobParams = PARAMS
+    settings: Settings, generate, prepare=None, seconds: float = 10, params: JobParams = PARAMS, lifecycle=None
 ) -> tuple[JobRecord, list]:
     """Submit a 1-image job, let `prepare(store, job_id)` tamper with the queue, run a consumer
-    until the job ends (`seconds` at most; Redis may be away meanwhile); returns its record and
-    the dead-letter stream."""
+    (with `lifecycle(store)` if given) until the job ends (`seconds` at most; Redis may be away
+    meanwhile); returns its record and the dead-letter stream."""
 
     async def scenario():
         store = JobStore.from_settings(settings)
@@ -55,7 +55,14 @@ def _run_until_ended(
         job_id, _, _ = await store.submit("tester", params, {"n": params.num_images})
         if prepare is not None:
             await prepare(store, job_id)
-        consumer = Consumer(settings.queue, store, ObjectStore(settings.storage), generate, name="errors-test")
+        consumer = Consumer(
+            settings.queue,
+            store,
+            ObjectStore(settings.storage),
+            generate,
+            name="errors-test",
+            lifecycle=lifecycle and lifecycle(store),
+        )
         loop = asyncio.create_task(consumer.run())
         try:
             deadline = time.monotonic() + seconds

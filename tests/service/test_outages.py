@@ -14,19 +14,15 @@ import numpy as np
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service.jobs import redis_keys
 from service.jobs.lifecycle import JobLifecycle
-from service.jobs.records import JobParams, JobStatus, ShardResult, ShardTask
-from service.jobs.store import JobRecord, JobStore
+from service.jobs.records import JobStatus, ShardResult, ShardTask
+from service.jobs.store import JobRecord
 from service.settings import Settings
 from service.storage import ObjectStore
 from tests.service.conftest import S3_KEY, S3_SECRET
-from worker.consumer import Consumer
+from tests.service.test_consumer_errors import _run_until_ended as run_consumer_until_ended
+from tests.service.test_consumer_errors import _settings
 from worker.loop import run_until_stopped
-
-PARAMS = JobParams(
-    model="mnist", num_images=1, steps=2, sampler="ddim", eta=0.0, seed=0, class_label=1, guidance_scale=1.0
-)
 
 
 # --- the run loop ------------------------------------------------------------------------------
@@ -103,17 +99,6 @@ def test_the_run_loop_goes_on_at_once_when_woken():
 
 
 # --- a shard's images waiting out an outage ----------------------------------------------------
-def _settings(stack, db: int, **overrides) -> Settings:
-    return Settings(
-        **{
-            **stack.settings.model_dump(),
-            "s3_secret_access_key": stack.settings.s3_secret_access_key.get_secret_value(),
-            "redis_url": stack.redis.url.rsplit("/", 1)[0] + f"/{db}",
-            **overrides,
-        }
-    )
-
-
 def _pixels(task: ShardTask) -> ShardResult:
     image = np.full((task.count, 28, 28, 1), 128, dtype=np.uint8)
     return ShardResult(job_id=task.job_id, shard=task.shard, pixels=image.tobytes(), shape=image.shape)
@@ -124,37 +109,7 @@ def _run_until_ended(
 ) -> tuple[JobRecord | None, list, list[str]]:
     """Submit a 1-image job and run a consumer until it ends; (record, dead letters, the keys of
     its objects in the bucket)."""
-
-    async def scenario():
-        store = JobStore.from_settings(settings)
-        await store.r.flushdb()
-        job_id, _, _ = await store.submit("tester", PARAMS, {"n": 1})
-        consumer = Consumer(
-            settings.queue,
-            store,
-            ObjectStore(settings.storage),
-            generate,
-            name="outage-test",
-            lifecycle=lifecycle and lifecycle(store),
-        )
-        loop = asyncio.create_task(consumer.run())
-        record = None
-        try:
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
-                record = await store.get(job_id)
-                if record is not None and record.status.terminal:
-                    break
-                await asyncio.sleep(0.1)
-        finally:
-            await consumer.drain(timeout=1)
-            loop.cancel()
-        dead = await store.r.xrange(redis_keys.DEAD_LETTER_STREAM)
-        await store.r.flushdb()
-        await store.close()
-        return record, dead
-
-    record, dead = asyncio.run(scenario())
+    record, dead = run_consumer_until_ended(settings, generate, seconds=seconds, lifecycle=lifecycle)
     listed = ObjectStore(settings.storage).client.list_objects_v2(
         Bucket=settings.s3_bucket, Prefix=f"jobs/{record.id}/"
     )
