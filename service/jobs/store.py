@@ -334,6 +334,21 @@ def body_hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _ending_keys(job_id: str, owner: str) -> dict[str, str | list[str]]:
+    """The keys a transition that ends a job writes (succeed and finish alike): the record, its
+    events, its webhook outcomes and the due set, what it drops (previews, checksums) and the
+    owner's status index."""
+    return {
+        "job": redis_keys.job(job_id),
+        "events": redis_keys.job_events(job_id),
+        "hooks": redis_keys.job_webhooks(job_id),
+        "due": redis_keys.WEBHOOKS_DUE,
+        "previews": redis_keys.job_previews(job_id),
+        "files": redis_keys.job_files(job_id),
+        "index": index_keys(owner),
+    }
+
+
 def shard_range(num_images: int, shard_size: int, shard: int) -> tuple[int, int]:
     """(start, count) of shard k when num_images are cut in shards of at most shard_size."""
     start = shard * shard_size
@@ -661,14 +676,8 @@ class JobStore:
         or not done."""
         return bool(
             await self._succeed(
-                job=redis_keys.job(job_id),
                 done=redis_keys.job_done_shards(job_id),
-                events=redis_keys.job_events(job_id),
-                hooks=redis_keys.job_webhooks(job_id),
-                due=redis_keys.WEBHOOKS_DUE,
-                previews=redis_keys.job_previews(job_id),
-                files=redis_keys.job_files(job_id),
-                index=index_keys(owner),
+                **_ending_keys(job_id, owner),
                 now=repr(time.time()),
                 now_ms=_now_ms(),
                 job_id=job_id,
@@ -691,13 +700,7 @@ class JobStore:
         err = error.model_dump_json() if error else ""
         return bool(
             await self._finish(
-                job=redis_keys.job(job_id),
-                events=redis_keys.job_events(job_id),
-                hooks=redis_keys.job_webhooks(job_id),
-                due=redis_keys.WEBHOOKS_DUE,
-                previews=redis_keys.job_previews(job_id),
-                files=redis_keys.job_files(job_id),
-                index=index_keys(owner),
+                **_ending_keys(job_id, owner),
                 status=status.value,
                 now=repr(time.time()),
                 error_json=err,
