@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,8 @@ from undiffuse.config import (
     read_model_folder,
 )
 from undiffuse.latent import LatentDecoder, load_latent, load_pretrained
+from undiffuse.registry import make_sampler
+from undiffuse.samplers import Sampler
 from undiffuse.schedule import NoiseSchedule
 from undiffuse.unet import UNet
 
@@ -129,6 +132,11 @@ class DiffusionModel(nn.Module):
         """Denoised samples [N, *sample_shape] -> images [N, *image_shape], nominally in [-1, 1]
         (the identity for a pixel model)."""
         return x0 if self.decoder is None else self.decoder(x0)
+
+    def make_sampler(self, name: str, **options: Any) -> Sampler:
+        """A sampler by registry name for this model: its schedule, and x̂₀ clipped or thresholded
+        as its folder's scheduler says (`undiffuse.registry.make_sampler`)."""
+        return make_sampler(name, self.schedule, clip_sample=self.clip_sample, **options)
 
     def eps(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """x_t: [N, C, H, W]; t: [N] long; class_labels: [N] long or None -> eps [N, C, H, W]."""

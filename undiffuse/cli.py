@@ -457,7 +457,7 @@ def _sample(args: argparse.Namespace) -> None:
     from undiffuse.checkpoint import load_model
     from undiffuse.images import make_grid, save_png
     from undiffuse.noise import ImageNoise
-    from undiffuse.registry import make_sampler, sampler_entry
+    from undiffuse.registry import sampler_entry
 
     if args.out.suffix.lower() != ".png":
         raise UsageError(f"--out {args.out}: must be a .png path")
@@ -474,7 +474,7 @@ def _sample(args: argparse.Namespace) -> None:
         # every class in turn, in equal consecutive blocks: with --nrow, one row per class
         labels = (torch.arange(args.num) * model.num_classes) // args.num
     options = sampler_entry(args.sampler).select({"eta": args.eta})
-    sampler = make_sampler(args.sampler, model.schedule, clip_sample=model.clip_sample, **options)
+    sampler = model.make_sampler(args.sampler, **options)
     guidance = args.guidance
     if guidance is None:
         guidance = 3.0 if model.num_classes is not None and model.guidance_interval is not None else 1.0

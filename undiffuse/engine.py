@@ -63,7 +63,6 @@ from torch import Tensor
 
 from undiffuse.checkpoint import DiffusionModel
 from undiffuse.noise import ImageNoise
-from undiffuse.registry import make_sampler
 from undiffuse.samplers import NO_HISTORY, NULL_CLASS, Sampler, guided_timesteps, previous_timesteps
 from undiffuse.scheduler import Scheduler, Slot
 
@@ -311,9 +310,7 @@ class DenoisingEngine:
         key = (request.sampler, tuple(sorted(request.options.items())))
         sampler = self._samplers.get(key)
         if sampler is None:
-            sampler = self._samplers[key] = make_sampler(
-                request.sampler, self.model.schedule, clip_sample=self.model.clip_sample, **request.options
-            )
+            sampler = self._samplers[key] = self.model.make_sampler(request.sampler, **request.options)
         offset = self._timesteps(key, sampler, request.steps)
         twin_at: tuple[bool, ...] = ()
         if request.guidance_scale != 1.0:
