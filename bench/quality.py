@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judge import ROOT, Scorer, frechet_distance, predict  # noqa: E402
 
 from undiffuse import ImageNoise, load_model  # noqa: E402
+from undiffuse.config import Thresholding  # noqa: E402
 from undiffuse.images import make_grid, save_png  # noqa: E402
 from undiffuse.registry import make_sampler  # noqa: E402
 from undiffuse.samplers import DDIMSampler, StepOutput  # noqa: E402
@@ -59,18 +60,6 @@ class RawEpsDDIM(DDIMSampler):
         sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         prev = a_prev.sqrt().to(x_t.dtype) * x0 + (1 - a_prev - sigma**2).sqrt().to(x_t.dtype) * model_output
         return StepOutput(prev, x0)
-
-
-class DynamicThresholdDDIM(DDIMSampler):
-    """Imagen's dynamic thresholding (p = 0.995) of x0, with the eps it implies (study only)."""
-
-    def step(self, model_output, t, x_t, noise=None, *, t_prev):
-        a_t, _, _ = self._alpha_bars(t, t_prev, x_t)
-        x0 = self.schedule.predict_x0(x_t, t, model_output)
-        s = x0.flatten(1).abs().quantile(0.995, dim=1).clamp(min=1).view(-1, 1, 1, 1)
-        x0 = x0.clamp(-s, s) / s
-        eps = (x_t - a_t.sqrt().to(x_t.dtype) * x0) / (1 - a_t).sqrt().to(x_t.dtype)
-        return super().step(eps, t, x_t, noise, t_prev=t_prev)
 
 
 def sample(
@@ -158,7 +147,7 @@ def guidance_study(n: int, steps: int, device: str, seed: int) -> str:
         "x0 clipped, raw eps (before the fix)": RawEpsDDIM(model.schedule),
         "x0 not clipped": DDIMSampler(model.schedule, clip_x0=False),
         "x0 clipped, eps from the clipped x0 (now)": DDIMSampler(model.schedule),
-        "dynamic thresholding, eps from x0": DynamicThresholdDDIM(model.schedule, clip_x0=False),
+        "dynamic thresholding, eps from x0": DDIMSampler(model.schedule, thresholding=Thresholding()),
     }
     lines = [
         f"| DDIM {steps} steps, {n} digits | guidance | class accuracy | Fréchet distance |",

@@ -24,6 +24,7 @@ from undiffuse.config import (
     ModelConfig,
     ModelSpec,
     PredictionType,
+    Thresholding,
     read_model_folder,
 )
 from undiffuse.latent import LatentDecoder, load_latent, load_pretrained
@@ -59,6 +60,7 @@ class DiffusionModel(nn.Module):
         class_names: tuple[str, ...] | None = None,
         guidance_interval: tuple[float, float] | None = None,
         clip_sample: bool | None = None,
+        thresholding: Thresholding | None = None,
         source: str = "",
         decoder: LatentDecoder | None = None,
         latent_shape: tuple[int, int, int] | None = None,
@@ -73,6 +75,7 @@ class DiffusionModel(nn.Module):
         self.class_names = class_names
         self.guidance_interval = guidance_interval  # sigma bounds where guidance acts (None: all)
         self.clip_sample = clip_sample  # DDPM/DDIM clip x0 to [-1, 1] (None: the samplers' default)
+        self.thresholding = thresholding  # dynamic thresholding of x0 instead (None: off)
         self.source = source
         if (decoder is None) != (latent_shape is None):
             raise ValueError("a latent model needs both its decoder and its latent shape")
@@ -109,6 +112,7 @@ class DiffusionModel(nn.Module):
             class_names=spec.class_names,
             guidance_interval=spec.guidance_interval,
             clip_sample=spec.clip_sample,
+            thresholding=spec.thresholding,
             source=str(spec.path),
             decoder=decoder,
             latent_shape=spec.latent.shape if spec.latent else None,
@@ -136,7 +140,9 @@ class DiffusionModel(nn.Module):
     def make_sampler(self, name: str, **options: Any) -> Sampler:
         """A sampler by registry name for this model: its schedule, and x̂₀ clipped or thresholded
         as its folder's scheduler says (`undiffuse.registry.make_sampler`)."""
-        return make_sampler(name, self.schedule, clip_sample=self.clip_sample, **options)
+        return make_sampler(
+            name, self.schedule, clip_sample=self.clip_sample, thresholding=self.thresholding, **options
+        )
 
     def eps(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """x_t: [N, C, H, W]; t: [N] long; class_labels: [N] long or None -> eps [N, C, H, W]."""

@@ -29,9 +29,9 @@ decoder's output) and, in `latent`, the latents the engine denoises and how they
 
 A diffusers schedule is reproduced only where undiffuse computes exactly what diffusers does:
 the scheduler classes in SCHEDULERS, the beta schedules in BETA_SCHEDULES, the prediction types
-in DIFFUSERS_PREDICTION, `clip_sample` (range 1) as configured. Anything else (a consistency
-model's scheduler, trained betas, zero-terminal-SNR rescaling, dynamic thresholding, a scheduler's
-learned variances) is refused when the folder is read, naming the file and the field, because sampling it
+in DIFFUSERS_PREDICTION, `clip_sample` (range 1) and dynamic `thresholding` (`Thresholding`) as
+configured. Anything else (a consistency model's scheduler, trained betas, zero-terminal-SNR
+rescaling, a scheduler's learned variances) is refused when the folder is read, naming the file and the field, because sampling it
 with the wrong process writes plausible-looking garbage. A network without any scheduler config
 is refused too: its schedule is unknown. A DiT's learned-variance output channels are dropped, as
 DiTPipeline drops them (its scheduler samples with fixed variances).
@@ -212,6 +212,24 @@ class LatentSpec:
 
 
 @dataclass(frozen=True)
+class Thresholding:
+    """Dynamic thresholding of x̂₀ (Saharia et al. 2022, "Imagen", Sec. 2.3), as diffusers'
+    DDPM, DDIM and DPM-Solver++ schedulers apply it with `thresholding: true`: for each image,
+    s = the `ratio` quantile of |x̂₀| over all of its values, clamped to [1, max_value], and
+    x̂₀ <- clamp(x̂₀, -s, s) / s. It replaces clip_sample where both are set, as in diffusers.
+    From scheduler_config.json's `dynamic_thresholding_ratio` and `sample_max_value`."""
+
+    ratio: float = 0.995
+    max_value: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {self.ratio}")
+        if not self.max_value >= 1.0:
+            raise ValueError(f"sample_max_value must be >= 1 with thresholding, got {self.max_value}")
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """What a model folder says about the model in it, read without loading any weights.
 
@@ -223,7 +241,7 @@ class ModelSpec:
     `schedule` and `prediction_type` are what the model was trained with, so the HTTP layer
     validates `steps` against the schedule the sampler will actually run. `clip_sample`: whether
     DDPM and DDIM clip x̂₀ to [-1, 1] (as the folder's scheduler says; None: the samplers' own
-    default, which clips).
+    default, which clips). `thresholding`: dynamic thresholding of x̂₀ instead (None: off).
     """
 
     path: Path
@@ -237,6 +255,7 @@ class ModelSpec:
     guidance_interval: tuple[float, float] | None = None
     unet: UNetConfig | None = None
     clip_sample: bool | None = None
+    thresholding: Thresholding | None = None
     network_path: Path | None = None
     latent: LatentSpec | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -375,6 +394,7 @@ def _latent_spec(folder: Path, index: dict[str, Any], pipeline: str) -> ModelSpe
         prediction_type=scheduler.prediction_type,
         class_names=_class_names(index, folder / PIPELINE_FILE, num_classes),
         clip_sample=scheduler.clip_sample,
+        thresholding=scheduler.thresholding,
         network_path=net_dir,
         latent=LatentSpec(denoiser, decoder, dec_dir, channels, size, upsampling, scaling, learned_sigma),
         raw={**net, "pipeline": index},
@@ -515,6 +535,7 @@ def _diffusers_spec(folder: Path, raw: dict[str, Any]) -> ModelSpec:
         schedule=scheduler.schedule,
         prediction_type=scheduler.prediction_type,
         clip_sample=scheduler.clip_sample,
+        thresholding=scheduler.thresholding,
         network_path=folder,
         raw=raw,
     )
@@ -526,7 +547,7 @@ CLIPPING_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 """Those with `clip_sample` (default true); DPM-Solver++ has none."""
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 DIFFUSERS_PREDICTION: dict[str, PredictionType] = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
-FIXED_SETTINGS: dict[str, Any] = {"trained_betas": None, "rescale_betas_zero_snr": False, "thresholding": False}
+FIXED_SETTINGS: dict[str, Any] = {"trained_betas": None, "rescale_betas_zero_snr": False}
 """Scheduler settings that change the noise process or the update, at the one value undiffuse reproduces."""
 
 
@@ -537,6 +558,7 @@ class DiffusersScheduler:
     schedule: ScheduleConfig
     prediction_type: PredictionType
     clip_sample: bool | None
+    thresholding: Thresholding | None = None
 
 
 def diffusers_scheduler(folder: Path) -> DiffusersScheduler:
@@ -567,7 +589,15 @@ def diffusers_scheduler(folder: Path) -> DiffusersScheduler:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid scheduler config ({e})") from e
     clip = cfg.get("clip_sample", True) if cfg["_class_name"] in CLIPPING_SCHEDULERS else None
-    return DiffusersScheduler(schedule, DIFFUSERS_PREDICTION[cfg.get("prediction_type", "epsilon")], clip)
+    thresholding = None
+    if cfg.get("thresholding", False):
+        try:
+            thresholding = Thresholding(
+                float(cfg.get("dynamic_thresholding_ratio", 0.995)), float(cfg.get("sample_max_value", 1.0))
+            )
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: invalid dynamic thresholding ({e})") from e
+    return DiffusersScheduler(schedule, DIFFUSERS_PREDICTION[cfg.get("prediction_type", "epsilon")], clip, thresholding)
 
 
 def _check_reproduced(cfg: dict[str, Any], refuse: Callable[[str, str], CheckpointError]) -> None:
@@ -581,12 +611,15 @@ def _check_reproduced(cfg: dict[str, Any], refuse: Callable[[str, str], Checkpoi
     for name, reproduced in FIXED_SETTINGS.items():
         if cfg.get(name, reproduced) != reproduced:
             raise refuse(name, f"is not supported (undiffuse reproduces {reproduced!r} only)")
+    if not isinstance(cfg.get("thresholding", False), bool):
+        raise refuse("thresholding", "must be true or false")
     if cfg.get("variance_type") in ("learned", "learned_range"):
         raise refuse("variance_type", "is not supported (learned variances)")
     if cfg["_class_name"] in CLIPPING_SCHEDULERS:
         if not isinstance(cfg.get("clip_sample", True), bool):
             raise refuse("clip_sample", "must be true or false")
-        if cfg.get("clip_sample", True) and cfg.get("clip_sample_range", 1.0) != 1.0:
+        clips = cfg.get("clip_sample", True) and not cfg.get("thresholding", False)  # thresholding replaces it
+        if clips and cfg.get("clip_sample_range", 1.0) != 1.0:
             raise refuse("clip_sample_range", "is not supported (undiffuse clips to [-1, 1])")
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from undiffuse.config import Thresholding
     from undiffuse.samplers import Sampler
     from undiffuse.schedule import NoiseSchedule
 
@@ -83,11 +84,19 @@ def sampler_class(name: str) -> type[Sampler]:
     return getattr(importlib.import_module(module), attr)
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, *, clip_sample: bool | None = None, **options: Any) -> Sampler:
+def make_sampler(
+    name: str,
+    schedule: NoiseSchedule,
+    *,
+    clip_sample: bool | None = None,
+    thresholding: Thresholding | None = None,
+    **options: Any,
+) -> Sampler:
     """A sampler by registry name, e.g. make_sampler("ddim", schedule, eta=0.5).
 
     clip_sample: the model's own setting (`DiffusionModel.clip_sample`), applied by the samplers
-    that have one (None: the sampler's default). Options the sampler does not take raise (use
+    that have one (None: the sampler's default). thresholding: the model's dynamic thresholding
+    of x̂₀, applied by every sampler (None: off). Options the sampler does not take raise (use
     `SamplerEntry.select` to filter a job's)."""
     entry = sampler_entry(name)
     unknown = set(options) - set(entry.options)
@@ -95,4 +104,6 @@ def make_sampler(name: str, schedule: NoiseSchedule, *, clip_sample: bool | None
         raise ValueError(f"sampler {name!r} takes no option(s) {sorted(unknown)}; it takes {list(entry.options)}")
     if entry.clips and clip_sample is not None:
         options["clip_x0"] = clip_sample
+    if thresholding is not None:
+        options["thresholding"] = thresholding
     return sampler_class(name)(schedule, **options)

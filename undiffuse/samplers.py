@@ -26,6 +26,7 @@ New samplers subclass `Sampler` and get an entry in `undiffuse.registry`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -33,6 +34,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from undiffuse.config import Thresholding
 from undiffuse.noise import ImageNoise
 from undiffuse.schedule import NoiseSchedule
 
@@ -106,19 +108,39 @@ def guided_timesteps(schedule: NoiseSchedule, interval: tuple[float, float] | No
     return (sigma > interval[0]) & (sigma <= interval[1])
 
 
+def dynamic_threshold(x0: Tensor, thresholding: Thresholding) -> Tensor:
+    """x̂₀ [N, ...] thresholded per row (`undiffuse.config.Thresholding`): s = the ratio quantile
+    of |x̂₀| over the row (linearly interpolated, as torch.quantile, which diffusers uses and which
+    refuses inputs over 2**24 values: batches of large images exceed that), clamped to [1,
+    max_value]; then clamp(x̂₀, -s, s) / s. Rows are independent: a row's result does not depend
+    on its neighbours."""
+    flat = x0.reshape(x0.shape[0], -1).abs().float()
+    position = thresholding.ratio * (flat.shape[1] - 1)
+    below = math.floor(position)
+    above = min(below + 1, flat.shape[1] - 1)
+    low = flat.kthvalue(below + 1, dim=1).values
+    high = low if above == below else flat.kthvalue(above + 1, dim=1).values
+    s = torch.lerp(low, high, position - below).clamp(min=1.0, max=thresholding.max_value)
+    s = s.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.clamp(x0, -s, s) / s
+
+
 class Sampler:
     """The common part of every sampler: timesteps, per-row coefficients and the sampling loop.
 
     Subclasses set `name` (their registry key) and `needs_noise`, and implement `step`.
+    clip_x0 clips x̂₀ to [-1, 1] (DDPM and DDIM); thresholding replaces that by dynamic
+    thresholding (every sampler, as diffusers' schedulers with `thresholding: true`).
     """
 
     name: str = ""
     needs_noise: bool = False  # whether step() consumes fresh noise at non-final steps
     multistep: bool = False  # whether step() takes t_last and history (see the module docstring)
 
-    def __init__(self, schedule: NoiseSchedule, clip_x0: bool = True) -> None:
+    def __init__(self, schedule: NoiseSchedule, clip_x0: bool = True, thresholding: Thresholding | None = None) -> None:
         self.schedule = schedule
         self.clip_x0 = clip_x0
+        self.thresholding = thresholding
         self._tables: dict[torch.device, Tensor] = {}
 
     # --- to be provided by subclasses ------------------------------------------------------------
@@ -164,7 +186,14 @@ class Sampler:
 
     def _pred_x0(self, eps: Tensor, x_t: Tensor, t: Tensor | int) -> Tensor:
         x0 = self.schedule.predict_x0(x_t, t, eps)
+        if self.thresholding is not None:
+            return dynamic_threshold(x0, self.thresholding)
         return x0.clamp(-1, 1) if self.clip_x0 else x0
+
+    @property
+    def limits_x0(self) -> bool:
+        """Whether x̂₀ is clipped or thresholded (not the network's own prediction)."""
+        return self.clip_x0 or self.thresholding is not None
 
     def _noise_term(self, sigma: Tensor, noise: Tensor | None, t_prev: Tensor | int, like: Tensor) -> Tensor | None:
         """sigma * noise cast to like's dtype, or None when no row needs noise."""
@@ -241,8 +270,14 @@ class DDPMSampler(Sampler):
     name = "ddpm"
     needs_noise = True
 
-    def __init__(self, schedule: NoiseSchedule, variance: VarianceType = "fixed_small", clip_x0: bool = True) -> None:
-        super().__init__(schedule, clip_x0)
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        variance: VarianceType = "fixed_small",
+        clip_x0: bool = True,
+        thresholding: Thresholding | None = None,
+    ) -> None:
+        super().__init__(schedule, clip_x0, thresholding)
         if variance not in ("fixed_small", "fixed_large"):
             raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
         self.variance = variance
@@ -271,13 +306,15 @@ class DDPMSampler(Sampler):
 
 class DDIMSampler(Sampler):
     """DDIM (Song et al. 2021, Eq. 12) with stochasticity eta: eta = 0 is deterministic,
-    eta = 1 matches DDPM's posterior variance. With clip_x0 the direction term uses the eps that
-    the clipped x0 implies (diffusers: `use_clipped_model_output=True`)."""
+    eta = 1 matches DDPM's posterior variance. With clip_x0 (or thresholding) the direction term
+    uses the eps that the clipped x0 implies (diffusers: `use_clipped_model_output=True`)."""
 
     name = "ddim"
 
-    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, clip_x0: bool = True) -> None:
-        super().__init__(schedule, clip_x0)
+    def __init__(
+        self, schedule: NoiseSchedule, eta: float = 0.0, clip_x0: bool = True, thresholding: Thresholding | None = None
+    ) -> None:
+        super().__init__(schedule, clip_x0, thresholding)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         self.eta = eta
@@ -291,7 +328,7 @@ class DDIMSampler(Sampler):
         # 1. predict x0 (DDIM Eq. 12, "predicted x0")
         x0 = self._pred_x0(model_output, x_t, t)
         eps = model_output
-        if self.clip_x0:
+        if self.limits_x0:
             # the eps that the clipped x0 implies: a clipped x0 beside the raw eps is a step that
             # agrees with neither, and under classifier-free guidance (an extrapolated eps whose
             # x0 is clipped hard) it walks off the data (docs/quality.md has the measurements)
@@ -312,7 +349,7 @@ class DPMSolverPP2MSampler(Sampler):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a deterministic second-order multistep
     solver of the diffusion ODE in data (x_0) prediction, first order on a row's first and last
     step, as diffusers' DPMSolverMultistepScheduler does with its defaults (midpoint solver,
-    final sigma 0, no thresholding).
+    final sigma 0; thresholding as configured).
 
     With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma), a
     step from s0 to t with h = lambda_t - lambda_s0 and the previous step's s1, h_0 = lambda_s0
@@ -326,8 +363,10 @@ class DPMSolverPP2MSampler(Sampler):
     name = "dpmpp_2m"
     multistep = True
 
-    def __init__(self, schedule: NoiseSchedule, clip_x0: bool = False) -> None:
-        super().__init__(schedule, clip_x0)
+    def __init__(
+        self, schedule: NoiseSchedule, clip_x0: bool = False, thresholding: Thresholding | None = None
+    ) -> None:
+        super().__init__(schedule, clip_x0, thresholding)
 
     def timesteps(self, steps: int) -> list[int]:
         """diffusers' "linspace" spacing: round(linspace(0, T - 1, steps + 1)), descending,

@@ -6,7 +6,14 @@ import sys
 
 import pytest
 
-from undiffuse.config import CheckpointError, ModelConfig, ScheduleConfig, UNetConfig, read_model_folder
+from undiffuse.config import (
+    CheckpointError,
+    ModelConfig,
+    ScheduleConfig,
+    Thresholding,
+    UNetConfig,
+    read_model_folder,
+)
 
 TINY = UNetConfig(image_size=8, base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,), num_classes=3)
 
@@ -98,7 +105,9 @@ def test_a_network_without_a_schedule_is_refused_rather_than_guessed(tmp_path):
         ({"prediction_type": "flow"}, "prediction_type 'flow' is not supported"),
         ({"trained_betas": [0.1, 0.2]}, "trained_betas .* is not supported"),
         ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr True is not supported"),
-        ({"thresholding": True}, "thresholding True is not supported"),
+        ({"thresholding": "on"}, "thresholding 'on' must be true or false"),
+        ({"thresholding": True, "sample_max_value": 0.5}, "invalid dynamic thresholding .*sample_max_value"),
+        ({"thresholding": True, "dynamic_thresholding_ratio": 1.5}, "invalid dynamic thresholding .*ratio"),
         ({"variance_type": "learned_range"}, "variance_type 'learned_range' is not supported"),
         ({"clip_sample_range": 2.0}, "clip_sample_range 2.0 is not supported"),
         ({"clip_sample": "yes"}, "clip_sample 'yes' must be true or false"),
@@ -130,6 +139,20 @@ def test_the_supported_scheduler_classes_and_schedules_are_read(tmp_path, cls):
     assert spec.schedule == ScheduleConfig("scaled_linear", 1000, 0.0015, 0.0195)
     assert spec.prediction_type == "sample"
     assert spec.clip_sample is (None if cls == "DPMSolverMultistepScheduler" else True)
+
+
+@pytest.mark.parametrize("cls", ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"])
+def test_dynamic_thresholding_is_read_as_configured(tmp_path, cls):
+    """thresholding: true with its ratio and maximum (clip_sample_range does not matter then:
+    thresholding replaces clipping, as in diffusers)."""
+    _diffusers_unet(tmp_path / "d")
+    settings = {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5}
+    _write(tmp_path / "d" / "scheduler_config.json", {"_class_name": cls, **settings, "clip_sample_range": 2.0})
+    assert read_model_folder(tmp_path / "d").thresholding == Thresholding(0.9, 1.5)
+    _write(tmp_path / "d" / "scheduler_config.json", {"_class_name": cls, "thresholding": True})
+    assert read_model_folder(tmp_path / "d").thresholding == Thresholding(0.995, 1.0)  # diffusers' defaults
+    _write(tmp_path / "d" / "scheduler_config.json", {"_class_name": cls})
+    assert read_model_folder(tmp_path / "d").thresholding is None
 
 
 def test_a_pickled_network_is_refused(tmp_path):

@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from undiffuse import DiffusionModel, ImageNoise, ModelConfig, ScheduleConfig, UNet, UNetConfig
+from undiffuse.config import Thresholding
 from undiffuse.engine import DenoisingEngine, EngineConfig, Request
 from undiffuse.registry import make_sampler
 from undiffuse.samplers import NULL_CLASS, guided_timesteps
@@ -607,6 +608,34 @@ def test_the_models_clip_sample_setting_reaches_the_engines_samplers():
         )
         assert torch.equal(done[r.id].samples, expected), r.id
         assert not torch.allclose(done[r.id].samples, reference(unclipped, r), atol=1e-3), r.id  # clipped differs
+
+
+def test_the_models_dynamic_thresholding_reaches_the_engines_samplers():
+    """A model folder whose scheduler says thresholding: true (DiffusionModel.thresholding) is
+    sampled with it by the engine, by every sampler, as by Sampler.sample told the same; the
+    network's large x0 predictions make it differ from clipping."""
+    model = DiffusionModel.from_config(Scaled(4.0), ModelConfig(TINY, ScheduleConfig(num_timesteps=200)))
+    model.thresholding = Thresholding(0.9, 2.0)
+    requests = [
+        Request("ddim", "a", seed=1, start=0, count=2, steps=6, labels=[0, 1]),
+        Request("ddpm", "b", seed=2, start=0, count=2, steps=6, sampler="ddpm", labels=[1, 0]),
+        Request("dpm", "c", seed=3, start=0, count=2, steps=6, sampler="dpmpp_2m", labels=[0, 0]),
+    ]
+    engine = DenoisingEngine(model, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
+    done = run(engine, {0: requests})
+    for r in requests:
+        sampler = make_sampler(r.sampler, model.schedule, thresholding=Thresholding(0.9, 2.0), **r.options)
+        expected = sampler.sample(
+            model.eps,
+            model.image_shape,
+            steps=r.steps,
+            noise=ImageNoise([r.seed] * r.count, [0, 1]),
+            class_labels=torch.tensor(list(r.labels)),
+        )
+        assert torch.equal(done[r.id].samples, expected), r.id
+    assert not torch.allclose(
+        done[requests[0].id].samples, reference(model, requests[0]), atol=1e-3
+    )  # clipping differs
 
 
 def test_an_engine_whose_last_rows_are_canceled_lets_go_of_their_batch(model):
