@@ -1,12 +1,14 @@
 """The real servers for the service tests, each started once per session by the first test that
 asks for it: a Redis-compatible server (redis_server), SeaweedFS (s3_server) and the Serve
-application on both (stack, service.dev.stack.local_stack)."""
+application on both (stack, service.dev.stack.local_stack), serving the models in model_dir: the
+demo model and a tiny RGB latent model."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -77,7 +79,6 @@ STACK_SETTINGS = {
         f"carol=sha256:{digest(KEY_CAROL_OLD)}",
         f"carol=sha256:{digest(KEY_CAROL_NEW)}",
     ],
-    "model_dir": str(REPO_ROOT / "models"),
     "max_images_per_job": 64,
     "shard_size": 4,
     "visibility_timeout_seconds": 6.0,
@@ -90,21 +91,41 @@ STACK_SETTINGS = {
 }
 
 
-def stack_settings(redis: RedisServer, s3: S3Server) -> Settings:
-    """The settings the stack runs with, on these servers."""
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """The stack's models: `mnist`, the demo model (a link to models/mnist; the default model,
+    Settings.default_model), and `faces`, a tiny LDM pipeline as diffusers saves it (a UNet on
+    VQModel latents, decoded to 16x16 RGB; random weights, nothing downloaded)."""
+    from tests.core.test_latent_models import _ldm
+
+    folder = tmp_path_factory.mktemp("models")
+    (folder / "mnist").symlink_to(REPO_ROOT / "models" / "mnist")
+    _ldm(folder / "faces")
+    return folder
+
+
+def stack_settings(redis: RedisServer, s3: S3Server, model_dir: Path) -> Settings:
+    """The settings the stack runs with, on these servers and models (the model_dir fixture)."""
     from service.dev.stack import LocalServers
 
-    return Settings(**{"environment": "development", **LocalServers(redis, s3).settings(), **STACK_SETTINGS})
+    return Settings(
+        **{
+            "environment": "development",
+            **LocalServers(redis, s3).settings(),
+            **STACK_SETTINGS,
+            "model_dir": str(model_dir),
+        }
+    )
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory, redis_server, s3_server) -> Stack:
-    """The Serve application on the session's servers, in a local Ray of its own."""
+def stack(tmp_path_factory, redis_server, s3_server, model_dir) -> Stack:
+    """The Serve application on the session's servers and models, in a local Ray of its own."""
     from service.dev.stack import local_stack
 
     with local_stack(
         tmp_path_factory.mktemp("stack"),
-        STACK_SETTINGS,
+        {**STACK_SETTINGS, "model_dir": str(model_dir)},
         redis=redis_server,
         s3=s3_server,
         num_cpus=6,
@@ -183,7 +204,7 @@ def sample_names(families: list) -> set[str]:
 
 
 @pytest.fixture
-def asgi_api(redis_server, s3_server):
+def asgi_api(redis_server, s3_server, model_dir):
     """A factory of in-process API clients: the ingress's FastAPI app with the stack's settings
     and its own overrides, on the real Redis (database 6, which no Worker reads, so submitted jobs
     never run) and the real S3-compatible server, without Ray. For what the Serve stack's fixed
@@ -196,7 +217,7 @@ def asgi_api(redis_server, s3_server):
     from service.api.fastapi_app import app
 
     url = redis_server.url.rsplit("/", 1)[0] + "/6"
-    base = stack_settings(redis_server, s3_server)
+    base = stack_settings(redis_server, s3_server, model_dir)
     clients = []
 
     def make(**overrides) -> TestClient:

@@ -92,6 +92,8 @@ def test_list_jobs_newest_first_with_status_filter_and_cursor(stack):
 
 def test_models_health_and_readiness(api, stack):
     models = api.get("/v1/models").json()["models"]
+    assert [m["name"] for m in models] == ["faces", "mnist"]  # the stack's model_dir (tests/service/conftest.py)
+    assert [m["name"] for m in models if m["default"]] == ["mnist"]
     mnist = next(m for m in models if m["name"] == "mnist")
     assert mnist == {**mnist, "image_size": 28, "channels": 1, "num_classes": 10, "default": True}
     assert mnist["guidance_interval"] == [0.28, 5.42]

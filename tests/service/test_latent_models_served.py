@@ -1,35 +1,30 @@
-"""A latent model (a tiny LDM pipeline saved by diffusers beside the demo model) through the
-service's parts: listed and validated by the HTTP layer at its decoded size, sampled by a
-Denoiser replica (no Ray) into decoded RGB images, stored as PNG and WebP of that size."""
+"""A latent model (`faces`, the tiny LDM pipeline saved by diffusers beside the demo model in the
+model_dir fixture) through the service's parts: listed and validated by the HTTP layer at its
+decoded size, sampled by a Denoiser replica (no Ray) into decoded RGB images, stored as PNG and
+WebP of that size; and through the deployed stack over HTTP, submitted to stored images."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from service.denoiser import Denoiser
 from service.jobs.records import JobParams, ShardTask
-from service.settings import REPO_ROOT, Settings
-from tests.core.test_latent_models import _ldm
+from service.settings import Settings
+from tests.service.conftest import wait_for_status
 from undiffuse.images import encode_image
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    (folder / "mnist").symlink_to(REPO_ROOT / "models" / "mnist")
-    _ldm(folder / "faces")
-    return folder
-
-
-def test_the_api_lists_and_validates_a_latent_model_at_its_image_size(asgi_api, model_dir):
-    client = asgi_api(model_dir=model_dir)
+def test_the_api_lists_and_validates_a_latent_model_at_its_image_size(asgi_api):
+    client = asgi_api()  # the stack's settings: its model_dir
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     assert set(models) == {"mnist", "faces"}
+    assert models["mnist"]["default"] and not models["faces"]["default"]
     assert (models["faces"]["image_size"], models["faces"]["channels"]) == (16, 3)  # decoded, not latent
     ok = client.post("/v1/jobs", json={"model": "faces", "num_images": 2, "steps": 5})
     assert ok.status_code == 202, ok.text
@@ -59,3 +54,33 @@ def test_a_denoiser_replica_returns_decoded_rgb_images_for_a_latent_model(redis_
     for fmt, pillow in (("png", "PNG"), ("webp", "WEBP")):
         with Image.open(io.BytesIO(encode_image(pixels[0], fmt))) as im:
             assert (im.format, im.size, im.mode) == (pillow, (16, 16), "RGB")
+
+
+@pytest.mark.integration
+def test_a_latent_model_job_through_the_stack_stores_decoded_rgb_images(api):
+    """Submitted over HTTP to the deployed stack, sampled by a Denoiser replica, uploaded by a
+    Worker: each image, fetched through its presigned URL, is the model's decoded 16x16 RGB, in
+    the format the job asked for."""
+    jobs = {
+        fmt: api.post("/v1/jobs", json={"model": "faces", "num_images": 3, "steps": 6, "seed": 5, "output_format": fmt})
+        for fmt in ("png", "webp")
+    }
+    for fmt, r in jobs.items():
+        assert r.status_code == 202, r.text
+        params = r.json()["params"]
+        assert (params["model"], params["class_label"], params["output_format"]) == ("faces", None, fmt)
+    for fmt, pillow, suffix in (("png", "PNG", "png"), ("webp", "WEBP", "webp")):
+        job_id = jobs[fmt].json()["id"]
+        done = wait_for_status(api, job_id, {"succeeded", "failed", "canceled"})
+        assert done["status"] == "succeeded", done
+        assert done["progress"] == {"images_done": 3, "images_total": 3, "step": 6, "steps": 6}
+        pixels = []
+        for res in sorted(done["results"], key=lambda r: r["index"]):
+            assert res["key"] == f"jobs/{job_id}/{res['index']:05d}.{suffix}"
+            got = httpx.get(res["url"], timeout=10)
+            assert got.status_code == 200 and got.headers["content-type"] == f"image/{suffix}"
+            with Image.open(io.BytesIO(got.content)) as im:
+                assert (im.format, im.size, im.mode) == (pillow, (16, 16), "RGB")
+                pixels.append(np.asarray(im))
+        assert len(pixels) == 3
+        assert len({p.tobytes() for p in pixels}) == 3  # three images, not one repeated

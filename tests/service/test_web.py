@@ -7,10 +7,12 @@ root with apt, as CI does); skipped with that reason elsewhere."""
 
 from __future__ import annotations
 
+import io
 import shutil
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.service.conftest import KEY_A
 
@@ -97,7 +99,9 @@ def test_submit_watch_and_see_the_gallery(browser, stack):
     from selenium.webdriver.support.ui import Select
 
     _open(browser, stack)
-    assert [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options] == ["mnist"]
+    models = Select(browser.find_element(By.ID, "model"))
+    assert [o.get_attribute("value") for o in models.options] == ["faces", "mnist"]  # as /v1/models lists them
+    assert models.first_selected_option.get_attribute("value") == "mnist"  # the default model is chosen
     Select(browser.find_element(By.ID, "class-label")).select_by_visible_text("7")
     _fill(browser, num_images="4", steps="60", seed="11")
     Select(browser.find_element(By.ID, "sampler")).select_by_value("dpmpp_2m")
@@ -134,6 +138,67 @@ def test_submit_watch_and_see_the_gallery(browser, stack):
     chosen = (params["num_images"], params["steps"], params["sampler"], params["seed"], params["class_label"])
     assert chosen == (4, 60, "dpmpp_2m", 11, 7)
     assert params["guidance_scale"] == 3.0  # the page's default: inside the model's interval (docs/quality.md)
+
+
+@needs_browser
+def test_a_latent_rgb_model_is_chosen_watched_and_shown(browser, stack):
+    """`faces`, the stack's tiny latent model (16x16 RGB, unconditional): the page offers no
+    class and no guidance for it, and shows its decoded previews and images at their size."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    _open(browser, stack)
+    models = Select(browser.find_element(By.ID, "model"))
+    models.select_by_value("faces")
+    assert models.first_selected_option.text == "faces (16×16)"
+    classes = browser.find_element(By.ID, "class-label")
+    assert not classes.is_enabled() and Select(classes).options == []  # no classes to choose from
+    assert not browser.find_element(By.ID, "guidance").is_enabled()  # nor a class to steer towards
+    assert browser.find_element(By.ID, "steps").get_attribute("max") == "1000"  # its schedule's length
+    _fill(browser, num_images="2", steps="60", seed="21")
+    Select(browser.find_element(By.ID, "sampler")).select_by_value("ddim")
+    Select(browser.find_element(By.ID, "output-format")).select_by_value("webp")
+    browser.find_element(By.ID, "submit").click()
+
+    job_id = _wait(browser, lambda d: d.find_element(By.ID, "job-id").text, 30, "the job id")
+    _wait(browser, lambda d: d.find_element(By.ID, "job-status").text == "succeeded", 120, "the job to succeed")
+    images = _wait(
+        browser,
+        lambda d: d.execute_script(
+            "const imgs = [...document.querySelectorAll('#gallery img')];"
+            "return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth === 16) && imgs.length"
+        ),
+        60,
+        "two images in the gallery",
+    )
+    assert images == 2
+    # previews of the first image, decoded from its latents: data: PNGs of the model's 16x16 size
+    previews = browser.execute_script(
+        "const p = document.getElementById('preview');"
+        "return [Number(document.body.dataset.previews || 0), p.src.slice(0, 22), p.naturalWidth, p.naturalHeight]"
+    )
+    assert previews[0] >= 1 and previews[1:] == ["data:image/png;base64,", 16, 16]
+    assert browser.find_element(By.ID, "step-text").text == "60 / 60"
+    assert browser.find_element(By.ID, "image-text").text == "2 / 2"
+    # each gallery image is the stored image: its link saves it under its own name and format
+    links = browser.execute_script(
+        "return [...document.querySelectorAll('#gallery a')].map(a => [a.download, a.querySelector('img').src])"
+    )
+    assert [name for name, _ in links] == ["00000.webp", "00001.webp"]
+    pixels = []
+    for _, src in links:
+        got = httpx.get(src, timeout=10)
+        assert got.status_code == 200 and got.headers["content-type"] == "image/webp"
+        with Image.open(io.BytesIO(got.content)) as im:
+            assert (im.format, im.size, im.mode) == ("WEBP", (16, 16), "RGB")
+            pixels.append(im.tobytes())
+    assert pixels[0] != pixels[1]
+    with stack.client() as api:  # the page's job is the API's job: no class, no guidance
+        params = api.get(f"/v1/jobs/{job_id}").json()["params"]
+    chosen = (params["model"], params["num_images"], params["steps"], params["sampler"], params["seed"])
+    assert chosen == ("faces", 2, 60, "ddim", 21)
+    assert (params["class_label"], params["guidance_scale"], params["output_format"]) == (None, 1.0, "webp")
+    assert params["previews"] is True
 
 
 @needs_browser

@@ -178,7 +178,7 @@ function showResults(job) {
     const figure = document.createElement("figure");
     const link = document.createElement("a");
     link.href = r.url;
-    link.download = `${String(r.index).padStart(5, "0")}.png`;
+    link.download = r.key.slice(r.key.lastIndexOf("/") + 1); // 00000.png, .jpg or .webp: the job's format
     const img = document.createElement("img");
     img.src = r.url;
     img.alt = `image ${r.index} (seed ${r.seed})`;
