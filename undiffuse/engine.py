@@ -36,8 +36,14 @@ One `step()`:
 A latent model (`DiffusionModel.is_latent`) denoises latents: the rows, the noise and the
 samplers' arithmetic are the latents', and the requests that finish at a step are decoded to
 images in one batched decoder call per `max_decode_batch` rows (padded to a bucket when
-compiled, like the network), queued on the device behind the step without waiting for it;
-their previews are the decoded x0 prediction, at most every `preview_decode_every` steps.
+compiled, like the network); their previews are the decoded x0 prediction, at most every
+`preview_decode_every` steps. On CUDA the decode chunk is sized once from the free device
+memory and the decoder's measured peak for one image (`decode_batch_for_memory`), and finished
+rows leave through a side stream of the engine's own (`_SideStream`): it waits for the step
+that made them, then decodes, converts to uint8 and copies to pinned host memory, while the
+next steps are queued on the main stream without waiting for the decode; `Finished.pixels()`
+and `Preview.pixels()` wait for an event recorded on the side stream. A pixel model's finished
+rows take the same way (conversion and copy only). On a CPU everything runs inline.
 
 Nothing in a step reads a device tensor back to the host: positions are mirrored on the host
 (every selected row advances by exactly one step), and a batch rebuilt after a change of
@@ -54,7 +60,8 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -68,6 +75,9 @@ from undiffuse.scheduler import Scheduler, Slot
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_DECODE_BATCH = 16  # max_decode_batch=None on a CPU
+DECODE_BATCH_CAP = 64  # the most rows per decoder call when sized by memory
+DECODE_MEMORY_FRACTION = 0.5  # of the free device memory, for one decoder call
 
 
 @dataclass(frozen=True)
@@ -106,11 +116,16 @@ class EngineConfig:
     shortest request's own step time (from the warm-up table), unless its remaining work is
     within merge_ratio of that request's. None disables the check (always merge).
     max_decode_batch: a latent model's finished rows are decoded this many per decoder call
-    (the decoder's activations at image size dwarf the denoiser's at latent size).
+    (the decoder's activations at image size dwarf the denoiser's at latent size); None sizes
+    it on CUDA once, at warm-up or the first decode, from the free device memory and the
+    decoder's measured peak memory for one image (`decode_batch_for_memory`), and means
+    CPU_DECODE_BATCH (16) on a CPU.
     preview_decode_every: a latent model's previews are made at most every this many steps
     (each decodes one image, about as costly as several denoising steps of it).
     The decoder runs at the network's precision, except fp16, where it runs in fp32 (VAE
-    decoders overflow in fp16).
+    decoders overflow in fp16), and is compiled without CUDA graphs ("reduce-overhead" compiles
+    it as "default"): it runs on a side stream beside the steps, and torch.compile's CUDA graphs
+    share one memory pool whose reuse is safe only for graphs replayed on one stream.
     """
 
     max_batch: int = 256
@@ -122,7 +137,7 @@ class EngineConfig:
     latency_slack: float | None = 1.25
     merge_ratio: float = 2.0
     keep_samples: bool = False  # also hand back the float samples (Finished.samples): tests, benchmarks
-    max_decode_batch: int = 16
+    max_decode_batch: int | None = None
     preview_decode_every: int = 5
 
     def __post_init__(self) -> None:
@@ -132,8 +147,8 @@ class EngineConfig:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {self.precision!r}")
         if self.latency_slack is not None and self.latency_slack < 1:
             raise ValueError(f"latency_slack must be >= 1, got {self.latency_slack}")
-        if self.max_decode_batch < 1 or self.preview_decode_every < 1:
-            raise ValueError("max_decode_batch and preview_decode_every must be >= 1")
+        if (self.max_decode_batch is not None and self.max_decode_batch < 1) or self.preview_decode_every < 1:
+            raise ValueError("max_decode_batch (when set) and preview_decode_every must be >= 1")
 
 
 class Finished:
@@ -239,6 +254,41 @@ class _Batch:
     finish_at: int = 0  # the scheduler clock at which its first request finishes
 
 
+class _SideStream:
+    """The CUDA stream where finished rows are decoded and copied to the host (one per engine),
+    so that the steps queued on the main stream go on while images decode. On a CPU there is
+    none and everything runs inline."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @contextmanager
+    def after(self, *inputs: Tensor) -> Iterator[None]:
+        """Run the block on the side stream, after the work queued so far on the current stream
+        (the step that made `inputs`). The inputs are recorded as used on the side stream, so
+        that the caching allocator does not hand their memory to the main stream's next steps
+        before the side stream is done with them."""
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        for tensor in inputs:
+            tensor.record_stream(self.stream)
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def join(self, tensor: Tensor) -> Tensor:
+        """A tensor made on the side stream, made safe to use from the current stream: that
+        stream waits for the side stream's work so far, and the tensor is recorded as used on
+        it. For EngineConfig.keep_samples only: it makes the next steps wait for the decode."""
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            tensor.record_stream(current)
+        return tensor
+
+
 class DenoisingEngine:
     """Runs requests of one model with step-level continuous batching (see the module docs)."""
 
@@ -258,11 +308,18 @@ class DenoisingEngine:
         # a latent model's decoder: its own call, bucketed to its own sizes when compiled
         self.decoder: Callable[[Tensor], Tensor] | None = model.decoder
         self.decode_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
-        self.decode_buckets = _buckets(cfg.max_decode_batch, None)
         if self.compiled and model.decoder is not None:
-            self.decoder = torch.compile(model.decoder, mode=cfg.compile_mode, dynamic=False)
+            mode = _without_cuda_graphs(cfg.compile_mode)
+            self.decoder = torch.compile(model.decoder, mode=mode, dynamic=False)
         if self.compiled:
-            _allow_recompiles(max(len(self.buckets), len(self.decode_buckets)))
+            _allow_recompiles(len(self.buckets))
+        # rows per decoder call and their buckets; None until sized by memory (CUDA, no setting)
+        self.decode_batch: int | None = None
+        self.decode_buckets: tuple[int, ...] = ()
+        decode_batch = cfg.max_decode_batch if cfg.max_decode_batch is not None or cuda else CPU_DECODE_BATCH
+        if decode_batch is not None:
+            self._set_decode_batch(decode_batch)
+        self._side = _SideStream(self.device)  # where finished rows are decoded and copied to the host
         self.scheduler = Scheduler(cfg.max_batch, cfg.latency_slack, cfg.merge_ratio, self.buckets)
         # per timestep, whether guidance acts (the model's interval; None: at every one), on the host
         interval = model.guidance_interval
@@ -443,7 +500,9 @@ class DenoisingEngine:
             if latent:  # a decode per preview: not more often than preview_decode_every
                 every = max(every, self.config.preview_decode_every)
             if pos % every == 0 and pos < steps:
-                host, ready = self._pixels_to_host(self._decode(x0s[group][row : row + 1]))
+                x0 = x0s[group][row : row + 1]
+                with self._side.after(x0):
+                    host, ready = self._pixels_to_host(self._decode(x0))
                 self._previews.append(Preview(slot.request, pos, host, ready))
 
     # --- assembling a batch ------------------------------------------------------------------------
@@ -658,9 +717,12 @@ class DenoisingEngine:
             x = batch.x
         else:
             x = _gather([(batch.x, lo, hi - lo) for _, (lo, hi) in done], self.device)
-        x = self._decode(x)
-        host, ready = self._pixels_to_host(x)
-        samples = x if self.config.keep_samples else None  # never written in place: steps make new tensors
+        with self._side.after(x):
+            x = self._decode(x)
+            host, ready = self._pixels_to_host(x)
+        samples = None
+        if self.config.keep_samples:  # never written in place: steps make new tensors
+            samples = self._side.join(x)  # the main stream waits for the decode (tests, benchmarks only)
         out, begin = [], 0
         for slot, (lo, hi) in done:
             out.append(Finished(slot.request, host, (begin, begin + hi - lo), ready, samples))
@@ -671,14 +733,39 @@ class DenoisingEngine:
         return out
 
     def _decode(self, x: Tensor) -> Tensor:
-        """A latent model's latents [N, c, h, w] -> images [N, C, H, W] float32, max_decode_batch
-        rows per decoder call; x itself for a pixel model. On a GPU the calls are queued behind
-        the step and the host goes on (nothing here reads the device)."""
+        """A latent model's latents [N, c, h, w] -> images [N, C, H, W] float32, `decode_batch`
+        rows per decoder call; x itself for a pixel model. Called on the side stream; nothing
+        here reads the device, except the one-time sizing of the chunk (`_size_decode_batch`)."""
         if self.decoder is None:
             return x
-        k = self.config.max_decode_batch
+        k = self.decode_batch or self._size_decode_batch()
         chunks = [self._decode_chunk(x[i : i + k]) for i in range(0, x.shape[0], k)]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def _size_decode_batch(self) -> int:
+        """max_decode_batch=None on CUDA: the decoder's peak memory for one image, measured once
+        with the device idle (a one-time synchronization), against the device memory free
+        before it. Memory the caching allocator holds but no tensor uses does not count as
+        free: it is the steps' working set, and decodes run beside the steps. Run on the side
+        stream, so that the probe's blocks are cached where decodes allocate."""
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        free, _total = torch.cuda.mem_get_info(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        probe = torch.zeros(1, *self.model.sample_shape, device=dev)
+        with torch.autocast(dev.type, dtype=self.decode_dtype, enabled=self.decode_dtype != torch.float32):
+            self.model.decoder(probe)  # eager, so that sizing compiles nothing; fused kernels need less
+        torch.cuda.synchronize(dev)
+        per_image = torch.cuda.max_memory_allocated(dev) - base
+        self._set_decode_batch(decode_batch_for_memory(free, per_image))
+        return self.decode_batch
+
+    def _set_decode_batch(self, rows: int) -> None:
+        self.decode_batch = rows
+        self.decode_buckets = _buckets(rows, None)
+        if self.compiled:
+            _allow_recompiles(max(len(self.buckets), len(self.decode_buckets)))
 
     def _decode_chunk(self, x: Tensor) -> Tensor:
         n = x.shape[0]
@@ -692,9 +779,10 @@ class DenoisingEngine:
 
     def _pixels_to_host(self, x: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
         """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] on the device, then an async copy to
-        pinned host memory; returns it with the event that marks the copy done (None on a CPU).
-        Pinned blocks come from PyTorch's caching host allocator, which hands a block out again
-        once the copies recorded on it are done: one buffer per finishing step, reused."""
+        pinned host memory; returns it with the event that marks the copy done (None on a CPU),
+        recorded on the current stream: the side stream, where it is called. Pinned blocks come
+        from PyTorch's caching host allocator, which hands a block out again once the copies
+        recorded on it are done: one buffer per finishing step, reused."""
         pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
         if self.device.type != "cuda":
             return pixels.contiguous(), None
@@ -767,11 +855,17 @@ class DenoisingEngine:
             if log:
                 log(f"bucket {b}: {table[b] * 1e3:.1f} ms per step")
         self.step_time = table
-        if self.compiled and self.decoder is not None:  # compile every decode bucket too
-            for b in self.decode_buckets:
-                if time.perf_counter() - started > max_seconds:
-                    break
-                self._decode_chunk(torch.zeros(b, c, h, w, device=self.device))
+        if self.decoder is not None:
+            with self._side.after():  # where decodes run: their blocks are cached there
+                if self.decode_batch is None:  # sized after the steps' buckets have taken theirs
+                    self._size_decode_batch()
+                    if log:
+                        log(f"decoder: {self.decode_batch} images per call")
+                if self.compiled:  # compile every decode bucket too
+                    for b in self.decode_buckets:
+                        if time.perf_counter() - started > max_seconds:
+                            break
+                        self._decode_chunk(torch.zeros(b, c, h, w, device=self.device))
             _sync(self.device)
         return dict(table)
 
@@ -837,9 +931,26 @@ def _buckets(max_batch: int, buckets: tuple[int, ...] | None) -> tuple[int, ...]
     return tuple(out)
 
 
+def _without_cuda_graphs(mode: str) -> str:
+    """The torch.compile mode that compiles as `mode` does, without CUDA graphs."""
+    return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def decode_batch_for_memory(
+    free_bytes: int, bytes_per_image: int, cap: int = DECODE_BATCH_CAP, fraction: float = DECODE_MEMORY_FRACTION
+) -> int:
+    """Rows per decoder call: as many images as `fraction` of free_bytes holds at
+    bytes_per_image each, within [1, cap], rounded down to a decode bucket (a power of two, or
+    cap itself), so that a full chunk runs unpadded. The fraction leaves the rest to the steps
+    that run beside the decode and to the decoder's round-off from its one-image measurement."""
+    rows = int(max(0, free_bytes) * fraction // max(1, bytes_per_image))
+    buckets = _buckets(cap, None)
+    return buckets[max(0, bisect.bisect_right(buckets, rows) - 1)]
 
 
 def max_batch_for_memory(

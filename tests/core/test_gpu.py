@@ -159,3 +159,145 @@ def test_previews_never_synchronize_the_device_and_match_the_cpu():
         previews[device] = torch.stack([torch.from_numpy(p.pixels()) for p in made]).int()
     assert previews["cuda"].shape == (3, 28, 28, 1)
     assert (previews["cpu"] - previews["cuda"]).abs().float().mean() <= 2.0
+
+
+@pytest.fixture(scope="module")
+def ldm_folder(tmp_path_factory):
+    """tests/core/test_latent_models.py's tiny LDMPipeline (UNet on VQModel latents)."""
+    from tests.core.test_latent_models import _ldm
+
+    folder = tmp_path_factory.mktemp("ldm") / "ldm"
+    _ldm(folder)
+    return folder
+
+
+def _latent_requests():
+    """a and b finish together at step 6 (8 rows), c three steps later; b previews at 2 and 4."""
+    from undiffuse.engine import Request
+
+    return [
+        Request(id="a", owner="gpu", seed=1, start=0, count=5, steps=6),
+        Request(id="b", owner="gpu", seed=2, start=0, count=3, steps=6, preview_every=2),
+        Request(id="c", owner="gpu", seed=3, start=0, count=6, steps=9),
+    ]
+
+
+def _run_latent(engine, inline: bool):
+    """Every request of _latent_requests to the end; ({id: (samples or None, pixels)}, preview
+    pixels). Pixels are read only once the engine is idle: a's and b's after c's further steps."""
+    if inline:
+        engine._side.stream = None  # the same arithmetic, on the main stream
+    for r in _latent_requests():
+        engine.add(r)
+    done = {}
+    while not engine.idle:
+        done.update((f.id, f) for f in engine.step())
+    previews = [torch.from_numpy(p.pixels()).int() for p in engine.take_previews()]
+    kept = {k: None if f.samples is None else f.samples.cpu() for k, f in done.items()}
+    return {k: (kept[k], torch.from_numpy(f.pixels()).int()) for k, f in done.items()}, previews
+
+
+def _same(got, want):
+    """The same images: float samples (where kept) equal to 1e-5, relative where |x| > 1
+    (random weights carry latents far from unit scale), and pixels within one level."""
+    assert got.keys() == want.keys()
+    for k, (samples, pixels) in want.items():
+        if samples is not None:
+            assert ((got[k][0] - samples).abs() / samples.abs().clamp(min=1)).max() <= 1e-5, k
+        assert got[k][1].shape == pixels.shape and (got[k][1] - pixels).abs().max() <= 1, k
+
+
+@pytest.mark.parametrize("keep_samples", [False, True])
+def test_latent_decodes_run_on_a_side_stream_and_equal_the_main_streams(ldm_folder, keep_samples):
+    """Finished rows and previews decode on the engine's side stream, after the step that made
+    them, into the images the main stream makes, with every step held back on the main stream
+    (a decode that did not wait for its step would read unfinished latents). Without
+    keep_samples every decode is also held back on the side stream while the main stream goes
+    on with c's steps (latents whose memory went back to the main stream early would be
+    overwritten by them); with it, the kept float images equal the main stream's to 1e-5."""
+    from undiffuse.engine import DenoisingEngine, EngineConfig
+
+    model = load_model(ldm_folder, "cuda")
+    config = EngineConfig(
+        max_batch=32,
+        precision="fp32",
+        compile=False,
+        keep_samples=keep_samples,
+        max_decode_batch=4,
+        preview_decode_every=1,
+    )
+    streams = []
+    model.network.register_forward_pre_hook(lambda module, args: torch.cuda._sleep(2_000_000))
+    model.decoder.register_forward_pre_hook(lambda module, args: torch.cuda._sleep(20_000_000))
+    model.decoder.register_forward_hook(lambda module, args, out: streams.append(torch.cuda.current_stream()))
+    side = DenoisingEngine(model, config)
+    assert side._side.stream is not None and side._side.stream != torch.cuda.current_stream()
+    got, got_previews = _run_latent(side, inline=False)
+    assert len(streams) == 6 and all(s == side._side.stream for s in streams)  # 2 + 2 chunks, 2 previews
+    streams.clear()
+    want, want_previews = _run_latent(DenoisingEngine(model, config), inline=True)
+    assert len(streams) == 6 and all(s == torch.cuda.current_stream() for s in streams)
+    _same(got, want)
+    assert all(samples is not None for samples, _ in got.values()) == keep_samples
+    assert len(got_previews) == len(want_previews) == 2
+    for p, q in zip(got_previews, want_previews, strict=True):
+        assert p.shape == (16, 16, 3) and (p - q).abs().max() <= 1
+
+
+def test_latent_steps_that_finish_rows_never_synchronize_the_device(ldm_folder):
+    """The decode chunk is sized by memory at warm-up (its one synchronization); afterwards
+    steps that decode previews and finished rows issue no synchronizing CUDA call."""
+    from undiffuse.engine import DECODE_BATCH_CAP, DenoisingEngine, EngineConfig
+
+    config = EngineConfig(max_batch=32, compile=False, preview_decode_every=1)
+    engine = DenoisingEngine(load_model(ldm_folder, "cuda"), config)
+    assert engine.decode_batch is None  # not sized until warm-up or the first decode
+    engine.warm_up(60)
+    k = engine.decode_batch
+    assert 1 <= k <= DECODE_BATCH_CAP and k & (k - 1) == 0 and engine.decode_buckets[-1] == k
+    for r in _latent_requests():
+        engine.add(r)
+    engine.step()  # assembles the batch
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        done = []
+        for _ in range(5):  # steps 2 to 6: b's previews at 2 and 4, a and b finish at 6
+            done += engine.step()
+        made = engine.take_previews()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sorted(f.id for f in done) == ["a", "b"] and [p.step for p in made] == [2, 4]
+    assert [f.pixels().shape for f in sorted(done, key=lambda f: f.id)] == [(5, 16, 16, 3), (3, 16, 16, 3)]
+
+
+def test_the_decode_chunk_is_sized_at_the_first_decode_without_a_warm_up(ldm_folder):
+    from undiffuse.engine import DECODE_BATCH_CAP, DenoisingEngine, EngineConfig
+
+    engine = DenoisingEngine(load_model(ldm_folder, "cuda"), EngineConfig(max_batch=32, compile=False))
+    got, _ = _run_latent(engine, inline=False)
+    k = engine.decode_batch
+    assert 1 <= k <= DECODE_BATCH_CAP and k & (k - 1) == 0
+    free, _total = torch.cuda.mem_get_info()
+    assert free > 0 and all(pixels.shape[1:] == (16, 16, 3) for _, pixels in got.values())
+
+
+def test_a_compiled_latent_engine_decodes_on_the_side_stream_as_on_the_main_stream(ldm_folder):
+    """The network in CUDA graphs (reduce-overhead) on the main stream, the decoder compiled
+    without them on the side stream: the images the same engine makes inline."""
+    from undiffuse.engine import DenoisingEngine, EngineConfig
+
+    model = load_model(ldm_folder, "cuda")
+    config = EngineConfig(
+        max_batch=16,
+        buckets=(16,),  # one network graph
+        precision="fp32",
+        compile=True,
+        compile_mode="reduce-overhead",
+        keep_samples=True,
+        max_decode_batch=8,
+        preview_decode_every=1,
+    )
+    got, got_previews = _run_latent(DenoisingEngine(model, config), inline=False)
+    want, want_previews = _run_latent(DenoisingEngine(model, config), inline=True)
+    _same(got, want)
+    assert all((p - q).abs().max() <= 1 for p, q in zip(got_previews, want_previews, strict=True))

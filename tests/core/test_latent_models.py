@@ -7,6 +7,7 @@ decodes them to the same images, and the engine and the CLI hand back those imag
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import diffusers  # a test dependency (requirements.lock)
 import numpy as np
@@ -364,3 +365,84 @@ def test_latent_folders_that_would_be_sampled_wrong_are_refused(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match=r"vae/diffusion_pytorch_model.safetensors: truncated"):
         check_weights(spec)
+
+
+def _decode_runs(engine: DenoisingEngine, requests) -> tuple[dict, list[int]]:
+    """Step `requests` through `engine` to the end: ({id: Finished}, rows per decoder call)."""
+    rows: list[int] = []
+    hook = engine.model.decoder.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    try:
+        for r in requests:
+            engine.add(r)
+        done = {}
+        while not engine.idle:
+            done.update((f.id, f) for f in engine.step())
+    finally:
+        hook.remove()
+    return done, rows
+
+
+def test_unset_max_decode_batch_decodes_sixteen_rows_per_call_on_a_cpu(ldm):
+    engine = DenoisingEngine(load_model(ldm[0]), EngineConfig(max_batch=32))
+    assert EngineConfig().max_decode_batch is None
+    assert (engine.decode_batch, engine.decode_buckets[-1]) == (16, 16)
+    _done, rows = _decode_runs(engine, [Request(id="a", owner="x", seed=3, start=0, count=20, steps=3)])
+    assert rows == [16, 4]
+
+
+@pytest.mark.parametrize("which", ["ldm", "dit"])
+def test_the_images_do_not_depend_on_the_decode_chunk(ldm, dit, which):
+    """Rows of requests that finish at one step and at different steps, decoded one, four or
+    sixteen (unset, on a CPU) per call: the same images."""
+    model = load_model(ldm[0] if which == "ldm" else dit[0])
+    requests = [
+        Request(id="a", owner="x", seed=1, start=0, count=5, steps=4),
+        Request(id="b", owner="y", seed=2, start=0, count=3, steps=4),
+        Request(id="c", owner="y", seed=3, start=3, count=6, steps=6),
+    ]
+    if which == "dit":
+        requests = [replace(r, labels=[11 * i for i in range(r.count)], guidance_scale=2.0) for r in requests]
+    images, calls = {}, {}
+    for k in (1, 4, None):
+        engine = DenoisingEngine(model, EngineConfig(max_batch=32, max_decode_batch=k, keep_samples=True))
+        done, calls[k] = _decode_runs(engine, requests)
+        images[k] = {r.id: (done[r.id].samples, done[r.id].pixels()) for r in requests}
+    assert calls == {1: [1] * 14, 4: [4, 4, 4, 2], None: [8, 6]}
+    for k in (4, None):
+        for r in requests:
+            (got, pixels), (want, want_pixels) = images[k][r.id], images[1][r.id]
+            assert (got - want).abs().max() <= ATOL, (k, r.id)
+            assert np.abs(pixels.astype(int) - want_pixels.astype(int)).max() <= 1, (k, r.id)
+
+
+def test_a_decode_chunk_sized_by_memory_fits_rounds_down_to_a_bucket_and_is_capped():
+    from undiffuse.engine import DECODE_BATCH_CAP, decode_batch_for_memory
+
+    mib = 2**20
+    assert DECODE_BATCH_CAP == 64
+    assert decode_batch_for_memory(10 * mib, 100 * mib) == 1  # not even one image fits: still one
+    assert decode_batch_for_memory(0, 100 * mib) == 1
+    assert decode_batch_for_memory(-5, 100 * mib) == 1
+    assert decode_batch_for_memory(2**50, 100 * mib) == 64  # huge: the cap
+    assert decode_batch_for_memory(2**50, 0) == 64  # nothing measured: the cap
+    # half of 1000 MiB at 100 MiB per image is 5 images: bucket 4
+    assert decode_batch_for_memory(1000 * mib, 100 * mib) == 4
+    assert decode_batch_for_memory(1000 * mib, 100 * mib, fraction=0.8) == 8
+    assert decode_batch_for_memory(1600 * mib, 100 * mib) == 8  # exactly a bucket
+    assert decode_batch_for_memory(1599 * mib, 100 * mib) == 4
+    assert decode_batch_for_memory(2**50, mib, cap=24) == 24  # a cap that is no power of two is a bucket
+    assert decode_batch_for_memory(44 * mib, mib, cap=24) == 16
+    for free in range(0, 200 * mib, 7 * mib):
+        k = decode_batch_for_memory(free, 3 * mib)
+        assert k & (k - 1) == 0 and 1 <= k <= 64 and (k == 1 or k * 3 * mib <= free / 2)
+
+
+def test_decode_settings_below_one_are_refused_and_the_decoder_never_compiles_to_cuda_graphs():
+    from undiffuse.engine import _without_cuda_graphs
+
+    for bad in ({"max_decode_batch": 0}, {"preview_decode_every": 0}):
+        with pytest.raises(ValueError, match="max_decode_batch"):
+            EngineConfig(**bad)
+    assert _without_cuda_graphs("reduce-overhead") == "default"
+    assert _without_cuda_graphs("max-autotune") == "max-autotune-no-cudagraphs"
+    assert _without_cuda_graphs("default") == "default"
