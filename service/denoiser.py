@@ -114,6 +114,8 @@ class Denoiser:
                 compile=compile_,
                 compile_mode=engine.compile_mode,
                 latency_slack=engine.latency_slack,
+                max_decode_batch=engine.max_decode_batch,
+                preview_decode_every=engine.preview_decode_every,
             )
             self.engines[name] = DenoisingEngine(load_model(spec.path, self.device), config)
         self.store = JobStore.from_settings(settings)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service import api_keys as api_keys
@@ -71,6 +71,8 @@ class EngineSettings(_View):
     compile_mode: str
     warmup_seconds: float
     latency_slack: float
+    max_decode_batch: int | None
+    preview_decode_every: int
     progress_interval_seconds: float
     min_batch_rows: int
     """The smallest batch a replica may run: a guided shard's rows (2 x shard_size)."""
@@ -141,6 +143,15 @@ class Settings(BaseSettings):
     )
     warmup_seconds: float = Field(120.0, ge=0, description="time budget to warm up (and compile) every batch bucket")
     latency_slack: float = Field(1.25, ge=1.0, description="engine scheduler: how much a short job may be slowed")
+    max_decode_batch: int | None = Field(
+        None,
+        ge=1,
+        description="a latent model's finished images decoded per decoder call; unset or empty: sized once from "
+        "the free GPU memory and the decoder's measured memory per image (16 on a CPU)",
+    )
+    preview_decode_every: int = Field(
+        5, ge=1, description="a latent model's previews are decoded at most every this many steps"
+    )
     progress_interval_seconds: float = Field(
         0.25, gt=0, description="how often the Denoiser exchanges progress and cancellations with Redis"
     )
@@ -294,6 +305,11 @@ class Settings(BaseSettings):
     def key_owners(self) -> dict[str, str]:
         """{SHA-256 hex of a key: owner id}."""
         return self._key_owners
+
+    @field_validator("max_decode_batch", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="before")
     @classmethod

@@ -38,3 +38,50 @@ def test_every_view_field_comes_from_settings_and_views_are_read_only():
 def test_production_reaches_the_webhook_view():
     production = Settings(environment="production", api_keys=["alice=sha256:" + "0" * 64])
     assert production.webhooks.production is True
+
+
+def test_the_decode_settings_reach_the_engine_view_and_each_engines_config(monkeypatch):
+    import undiffuse
+    import undiffuse.engine
+    from service.denoiser import Denoiser
+
+    s = Settings(device="cpu", max_decode_batch=8, preview_decode_every=3)
+    unset = Settings(device="cpu")
+    assert (s.engine.max_decode_batch, s.engine.preview_decode_every) == (8, 3)
+    assert (unset.engine.max_decode_batch, unset.engine.preview_decode_every) == (None, 5)
+
+    class Built(Exception):
+        """Stops the replica once its first engine's config is made: no model, thread or Redis."""
+
+    def engine(model, config):
+        raise Built(config)
+
+    monkeypatch.setattr(undiffuse, "load_model", lambda path, device: None)
+    monkeypatch.setattr(undiffuse.engine, "DenoisingEngine", engine)
+    for settings, expected in ((s, (8, 3)), (unset, (None, 5))):
+        with pytest.raises(Built) as built:
+            Denoiser.func_or_class(settings)
+        config = built.value.args[0]
+        assert (config.max_decode_batch, config.preview_decode_every) == expected
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_max_decode_batch_is_unset(monkeypatch, value):
+    monkeypatch.setenv("UNDIFFUSE_MAX_DECODE_BATCH", value)
+    assert Settings().engine.max_decode_batch is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("UNDIFFUSE_MAX_DECODE_BATCH", "0"),
+        ("UNDIFFUSE_MAX_DECODE_BATCH", "x"),
+        ("UNDIFFUSE_PREVIEW_DECODE_EVERY", "0"),
+        ("UNDIFFUSE_PREVIEW_DECODE_EVERY", "x"),
+        ("UNDIFFUSE_PREVIEW_DECODE_EVERY", ""),
+    ],
+)
+def test_a_bad_decode_setting_is_refused_naming_it(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=variable.removeprefix("UNDIFFUSE_").lower()):
+        Settings()
