@@ -84,6 +84,13 @@ def tiny_model(device: torch.device, size: int = 8) -> DiffusionModel:
     return DiffusionModel.from_config(UNet(cfg), ModelConfig(cfg, ScheduleConfig())).eval().to(device)
 
 
+def whole(module) -> dict[str, int]:
+    """The network on whole batches (invariant_rows=0, a GPU's default), where the engine has it:
+    batch-invariant slices (undiffuse.invariance) make one network call per slice, which is the
+    network's cost, not the engine's."""
+    return {"invariant_rows": 0} if "invariant_rows" in module.EngineConfig.__dataclass_fields__ else {}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -92,7 +99,7 @@ def sync(device: torch.device) -> None:
 def steady_ms(module, model: DiffusionModel, requests: int) -> float:
     """Median host CPU time of a steady step (40 steps after two)."""
     engine = module.DenoisingEngine(
-        model, module.EngineConfig(max_batch=ROWS * requests, compile=False, channels_last=False)
+        model, module.EngineConfig(max_batch=ROWS * requests, compile=False, channels_last=False, **whole(module))
     )
     engine.network = lambda x, t, y: torch.zeros_like(x)
     engine.step_time = {b: 1e-3 for b in engine.buckets}
@@ -120,7 +127,8 @@ def measure(module, model: DiffusionModel, requests: int, device: torch.device) 
             counter.paused = False
 
     engine = module.DenoisingEngine(
-        model, module.EngineConfig(max_batch=ROWS * (requests + 1), compile=False, channels_last=False)
+        model,
+        module.EngineConfig(max_batch=ROWS * (requests + 1), compile=False, channels_last=False, **whole(module)),
     )
     engine.network = network
     engine.step_time = {b: 1e-3 for b in engine.buckets}

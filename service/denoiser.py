@@ -116,6 +116,7 @@ class Denoiser:
                 latency_slack=engine.latency_slack,
                 max_decode_batch=engine.max_decode_batch,
                 preview_decode_every=engine.preview_decode_every,
+                invariant_rows=engine.invariant_rows,
             )
             self.engines[name] = DenoisingEngine(load_model(spec.path, self.device), config)
         self.store = JobStore.from_settings(settings)

@@ -73,6 +73,7 @@ class EngineSettings(_View):
     latency_slack: float
     max_decode_batch: int | None
     preview_decode_every: int
+    invariant_rows: int | None
     progress_interval_seconds: float
     min_batch_rows: int
     """The smallest batch a replica may run: a guided shard's rows (2 x shard_size)."""
@@ -151,6 +152,12 @@ class Settings(BaseSettings):
     )
     preview_decode_every: int = Field(
         5, ge=1, description="a latent model's previews are decoded at most every this many steps"
+    )
+    invariant_rows: int | None = Field(
+        None,
+        ge=0,
+        description="rows per network call, so that an image's bytes do not depend on its batch (0: whole "
+        "batches); unset or empty: 8 on a CPU, 0 on a GPU",
     )
     progress_interval_seconds: float = Field(
         0.25, gt=0, description="how often the Denoiser exchanges progress and cancellations with Redis"
@@ -306,7 +313,7 @@ class Settings(BaseSettings):
         """{SHA-256 hex of a key: owner id}."""
         return self._key_owners
 
-    @field_validator("max_decode_batch", mode="before")
+    @field_validator("max_decode_batch", "invariant_rows", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value

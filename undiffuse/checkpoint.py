@@ -27,6 +27,7 @@ from undiffuse.config import (
     Thresholding,
     read_model_folder,
 )
+from undiffuse.invariance import decode_in_slices, default_rows, in_slices
 from undiffuse.latent import LatentDecoder, load_latent, load_pretrained
 from undiffuse.registry import make_sampler
 from undiffuse.samplers import Sampler
@@ -81,6 +82,8 @@ class DiffusionModel(nn.Module):
             raise ValueError("a latent model needs both its decoder and its latent shape")
         self.decoder = decoder
         self.latent_shape = latent_shape
+        # rows per network call (undiffuse.invariance); None: the device's default
+        self.invariant_rows: int | None = None
 
     @classmethod
     def from_config(
@@ -134,8 +137,16 @@ class DiffusionModel(nn.Module):
 
     def decode(self, x0: Tensor) -> Tensor:
         """Denoised samples [N, *sample_shape] -> images [N, *image_shape], nominally in [-1, 1]
-        (the identity for a pixel model)."""
-        return x0 if self.decoder is None else self.decoder(x0)
+        (the identity for a pixel model). Batch-invariant (one image per decoder call) where
+        eps is (`rows_for`)."""
+        if self.decoder is None:
+            return x0
+        return decode_in_slices(self.decoder, x0, 1) if self.rows_for(x0.device) else self.decoder(x0)
+
+    def rows_for(self, device: torch.device) -> int:
+        """Rows per network call on device: `invariant_rows`, or the device's default
+        (undiffuse.invariance.default_rows; 0: whole batches)."""
+        return self.invariant_rows if self.invariant_rows is not None else default_rows(device)
 
     def make_sampler(self, name: str, **options: Any) -> Sampler:
         """A sampler by registry name for this model: its schedule, and x̂₀ clipped or thresholded
@@ -145,8 +156,11 @@ class DiffusionModel(nn.Module):
         )
 
     def eps(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """x_t: [N, C, H, W]; t: [N] long; class_labels: [N] long or None -> eps [N, C, H, W]."""
-        return self.eps_from_output(x_t, t, self.network(x_t, t, class_labels))
+        """x_t: [N, C, H, W]; t: [N] long; class_labels: [N] long or None -> eps [N, C, H, W].
+        The network runs on slices of `rows_for(device)` rows, so that a row's eps does not depend
+        on the rest of the batch (undiffuse.invariance)."""
+        out = in_slices(self.network, x_t, t, class_labels, self.rows_for(x_t.device))
+        return self.eps_from_output(x_t, t, out)
 
     def eps_from_output(self, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
         """The network's output as predicted noise (converted from v or x_0 for a model that

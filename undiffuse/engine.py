@@ -69,6 +69,7 @@ import torch
 from torch import Tensor
 
 from undiffuse.checkpoint import DiffusionModel
+from undiffuse.invariance import in_slices
 from undiffuse.noise import ImageNoise
 from undiffuse.samplers import NO_HISTORY, NULL_CLASS, Sampler, guided_timesteps, previous_timesteps
 from undiffuse.scheduler import Scheduler, Slot
@@ -126,6 +127,11 @@ class EngineConfig:
     decoders overflow in fp16), and is compiled without CUDA graphs ("reduce-overhead" compiles
     it as "default"): it runs on a side stream beside the steps, and torch.compile's CUDA graphs
     share one memory pool whose reuse is safe only for graphs replayed on one stream.
+    invariant_rows: the network runs on slices of exactly this many rows (the last padded), so
+    that a row's result does not depend on its batch (undiffuse.invariance); a latent decoder
+    then runs on slices of exactly max_decode_batch images, one unless set. 0: whole batches
+    (padded to a bucket when compiled). None: the model's own setting (DiffusionModel.rows_for:
+    8 on a CPU, 0 on a GPU).
     """
 
     max_batch: int = 256
@@ -139,8 +145,11 @@ class EngineConfig:
     keep_samples: bool = False  # also hand back the float samples (Finished.samples): tests, benchmarks
     max_decode_batch: int | None = None
     preview_decode_every: int = 5
+    invariant_rows: int | None = None
 
     def __post_init__(self) -> None:
+        if self.invariant_rows is not None and self.invariant_rows < 0:
+            raise ValueError(f"invariant_rows must be >= 0, got {self.invariant_rows}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.precision is not None and self.precision not in _DTYPES:
@@ -316,7 +325,14 @@ class DenoisingEngine:
         # rows per decoder call and their buckets; None until sized by memory (CUDA, no setting)
         self.decode_batch: int | None = None
         self.decode_buckets: tuple[int, ...] = ()
-        decode_batch = cfg.max_decode_batch if cfg.max_decode_batch is not None or cuda else CPU_DECODE_BATCH
+        # rows per network call (0: whole batches); decodes then in fixed slices, one image unless set
+        self.invariant_rows = cfg.invariant_rows if cfg.invariant_rows is not None else model.rows_for(self.device)
+        if cfg.max_decode_batch is not None:
+            decode_batch = cfg.max_decode_batch
+        elif self.invariant_rows:
+            decode_batch = 1
+        else:
+            decode_batch = None if cuda else CPU_DECODE_BATCH
         if decode_batch is not None:
             self._set_decode_batch(decode_batch)
         self._side = _SideStream(self.device)  # where finished rows are decoded and copied to the host
@@ -687,10 +703,10 @@ class DenoisingEngine:
             batch.scales = _host_to_device(torch.tensor(scales), self.device).view(-1, 1, 1, 1) if rows else None
 
     def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-        """The network at the engine's precision, padded to a bucket when compiled; returns eps
-        in float32 (v predictions converted in float32)."""
+        """The network at the engine's precision, on slices of invariant_rows rows (else padded to
+        a bucket when compiled); returns eps in float32 (v predictions converted in float32)."""
         n = x.shape[0]
-        if self.compiled:
+        if self.compiled and not self.invariant_rows:
             pad = self.scheduler.bucket(n) - n
             if pad:
                 x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
@@ -699,7 +715,7 @@ class DenoisingEngine:
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            out = self.network(x, t, labels)
+            out = in_slices(self.network, x, t, labels, self.invariant_rows)
         if out.shape[0] != n:
             out, x, t = out[:n], x[:n], t[:n]
         if out.dtype != torch.float32:
@@ -769,10 +785,14 @@ class DenoisingEngine:
 
     def _decode_chunk(self, x: Tensor) -> Tensor:
         n = x.shape[0]
-        if self.compiled:  # one compiled graph per decode bucket, as for the network
+        if self.invariant_rows:  # every call the same shape: the same kernels for every image
+            pad = (self.decode_batch or n) - n
+        elif self.compiled:  # one compiled graph per decode bucket, as for the network
             pad = self.decode_buckets[bisect.bisect_left(self.decode_buckets, n)] - n
-            if pad:
-                x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+        else:
+            pad = 0
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
         with torch.autocast(self.device.type, dtype=self.decode_dtype, enabled=self.decode_dtype != torch.float32):
             images = self.decoder(x)
         return images[:n].float()

@@ -30,6 +30,11 @@ def model() -> DiffusionModel:
     return DiffusionModel.from_config(net, ModelConfig(TINY, ScheduleConfig(num_timesteps=200))).eval()
 
 
+WHOLE = {"invariant_rows": 0}
+"""The network on whole batches, for the tests that watch its calls (batch-invariant slices,
+a CPU's default, have their own tests: test_invariance.py)."""
+
+
 def reference(model: DiffusionModel, r: Request) -> torch.Tensor:
     """The one-request sampler's output for the same images."""
     sampler = make_sampler(r.sampler, model.schedule, **r.options)
@@ -132,7 +137,7 @@ def test_null_class_twins_run_only_at_the_timesteps_inside_the_interval():
     rowwise = counting_model(calls)
     guided = Request("g", "a", seed=1, start=0, count=3, steps=12, labels=[0, 1, 2], guidance_scale=3.0)
     plain = Request("p", "b", seed=2, start=0, count=2, steps=12, labels=[1, 1])
-    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
+    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None, **WHOLE))
     done = run(engine, {0: [guided, plain]})
     inside = guided_timesteps(rowwise.schedule, rowwise.guidance_interval)
     expected = [
@@ -151,7 +156,7 @@ def test_a_guided_request_is_priced_at_the_rows_it_sends_this_step():
     rowwise = counting_model(calls)
     a = Request("a", "a", seed=1, start=0, count=3, steps=12, labels=[0, 1, 2], guidance_scale=3.0)
     b = Request("b", "b", seed=2, start=0, count=3, steps=12, labels=[2, 2, 1], guidance_scale=2.0)
-    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=8, keep_samples=True, latency_slack=None))
+    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=8, keep_samples=True, latency_slack=None, **WHOLE))
     done = run(engine, {0: [a, b]})
     inside = [bool(guided_timesteps(rowwise.schedule, rowwise.guidance_interval)[t]) for t in range(200)]
     ts = make_sampler("ddim", rowwise.schedule).timesteps(12)
@@ -519,7 +524,7 @@ def _host_ops(requests: int) -> dict[str, int]:
         return out
 
     model = DiffusionModel.from_config(RowWise(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200)))
-    engine = DenoisingEngine(model, EngineConfig(max_batch=16 * (requests + 1), channels_last=False))
+    engine = DenoisingEngine(model, EngineConfig(max_batch=16 * (requests + 1), channels_last=False, **WHOLE))
     engine.network = zeros
     engine.step_time = {b: 1e-3 for b in engine.buckets}  # flat: everything merges
 

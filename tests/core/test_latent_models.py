@@ -262,7 +262,9 @@ def test_the_null_class_reaches_dit_as_its_own_id(dit):
 @pytest.mark.parametrize("which", ["ldm", "dit"])
 def test_the_engine_makes_the_images_single_request_sampling_makes(ldm, dit, which):
     """Rows of several requests denoise latents together; finished rows are decoded in chunks
-    of max_decode_batch, and each image equals the one sampled and decoded alone."""
+    of max_decode_batch, and each image equals the one sampled and decoded alone (a VQ decoder
+    snaps latents to codes, so a latent 1e-6 away can decode to another image: both sides run
+    batch-invariant slices, which make them equal)."""
     folder = ldm[0] if which == "ldm" else dit[0]
     model = load_model(folder)
     engine = DenoisingEngine(model, EngineConfig(max_batch=16, max_decode_batch=3, keep_samples=True))
@@ -283,8 +285,9 @@ def test_the_engine_makes_the_images_single_request_sampling_makes(ldm, dit, whi
     while not engine.idle:
         for f in engine.step():
             done[f.id] = f
-    # a's 4 rows finish at step 10 (3 + 1 rows), b's 3 at step 12; b's previews at steps 5 and 10
-    assert decoded == [1, 1, 3, 1, 3]
+    # b's previews at steps 5 and 10 (1 row each), a's 4 rows finish at step 10 (3 + 1 rows), b's 3
+    # at step 12; batch-invariant slices (a CPU's default) pad every call to max_decode_batch
+    assert decoded == [3, 3, 3, 3, 3]
     for r in requests:
         labels = None if r.labels is None else torch.tensor(r.labels)
         sampler = make_sampler("ddim", model.schedule, clip_sample=model.clip_sample)
@@ -382,8 +385,9 @@ def _decode_runs(engine: DenoisingEngine, requests) -> tuple[dict, list[int]]:
     return done, rows
 
 
-def test_unset_max_decode_batch_decodes_sixteen_rows_per_call_on_a_cpu(ldm):
-    engine = DenoisingEngine(load_model(ldm[0]), EngineConfig(max_batch=32))
+def test_unset_max_decode_batch_decodes_sixteen_rows_per_call_on_a_cpu_in_whole_batches(ldm):
+    """(Batch-invariant slices, a CPU's default, decode one image per call: test_invariance.py.)"""
+    engine = DenoisingEngine(load_model(ldm[0]), EngineConfig(max_batch=32, invariant_rows=0))
     assert EngineConfig().max_decode_batch is None
     assert (engine.decode_batch, engine.decode_buckets[-1]) == (16, 16)
     _done, rows = _decode_runs(engine, [Request(id="a", owner="x", seed=3, start=0, count=20, steps=3)])
@@ -404,8 +408,8 @@ def test_the_images_do_not_depend_on_the_decode_chunk(ldm, dit, which):
         requests = [replace(r, labels=[11 * i for i in range(r.count)], guidance_scale=2.0) for r in requests]
     images, calls = {}, {}
     for k in (1, 4, None):
-        engine = DenoisingEngine(model, EngineConfig(max_batch=32, max_decode_batch=k, keep_samples=True))
-        done, calls[k] = _decode_runs(engine, requests)
+        config = EngineConfig(max_batch=32, max_decode_batch=k, keep_samples=True, invariant_rows=0)
+        done, calls[k] = _decode_runs(DenoisingEngine(model, config), requests)
         images[k] = {r.id: (done[r.id].samples, done[r.id].pixels()) for r in requests}
     assert calls == {1: [1] * 14, 4: [4, 4, 4, 2], None: [8, 6]}
     for k in (4, None):

@@ -45,10 +45,14 @@ def test_the_decode_settings_reach_the_engine_view_and_each_engines_config(monke
     import undiffuse.engine
     from service.denoiser import Denoiser
 
-    s = Settings(device="cpu", max_decode_batch=8, preview_decode_every=3)
+    s = Settings(device="cpu", max_decode_batch=8, preview_decode_every=3, invariant_rows=0)
     unset = Settings(device="cpu")
-    assert (s.engine.max_decode_batch, s.engine.preview_decode_every) == (8, 3)
-    assert (unset.engine.max_decode_batch, unset.engine.preview_decode_every) == (None, 5)
+    assert (s.engine.max_decode_batch, s.engine.preview_decode_every, s.engine.invariant_rows) == (8, 3, 0)
+    assert (unset.engine.max_decode_batch, unset.engine.preview_decode_every, unset.engine.invariant_rows) == (
+        None,
+        5,
+        None,
+    )
 
     class Built(Exception):
         """Stops the replica once its first engine's config is made: no model, thread or Redis."""
@@ -58,17 +62,18 @@ def test_the_decode_settings_reach_the_engine_view_and_each_engines_config(monke
 
     monkeypatch.setattr(undiffuse, "load_model", lambda path, device: None)
     monkeypatch.setattr(undiffuse.engine, "DenoisingEngine", engine)
-    for settings, expected in ((s, (8, 3)), (unset, (None, 5))):
+    for settings, expected in ((s, (8, 3, 0)), (unset, (None, 5, None))):
         with pytest.raises(Built) as built:
             Denoiser.func_or_class(settings)
         config = built.value.args[0]
-        assert (config.max_decode_batch, config.preview_decode_every) == expected
+        assert (config.max_decode_batch, config.preview_decode_every, config.invariant_rows) == expected
 
 
 @pytest.mark.parametrize("value", ["", " "])
-def test_an_empty_max_decode_batch_is_unset(monkeypatch, value):
+def test_an_empty_max_decode_batch_or_invariant_rows_is_unset(monkeypatch, value):
     monkeypatch.setenv("UNDIFFUSE_MAX_DECODE_BATCH", value)
-    assert Settings().engine.max_decode_batch is None
+    monkeypatch.setenv("UNDIFFUSE_INVARIANT_ROWS", value)
+    assert (Settings().engine.max_decode_batch, Settings().engine.invariant_rows) == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -79,6 +84,8 @@ def test_an_empty_max_decode_batch_is_unset(monkeypatch, value):
         ("UNDIFFUSE_PREVIEW_DECODE_EVERY", "0"),
         ("UNDIFFUSE_PREVIEW_DECODE_EVERY", "x"),
         ("UNDIFFUSE_PREVIEW_DECODE_EVERY", ""),
+        ("UNDIFFUSE_INVARIANT_ROWS", "-1"),
+        ("UNDIFFUSE_INVARIANT_ROWS", "eight"),
     ],
 )
 def test_a_bad_decode_setting_is_refused_naming_it(monkeypatch, variable, value):

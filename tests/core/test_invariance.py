@@ -1,0 +1,154 @@
+"""Batch invariance (undiffuse.invariance): a row's bytes do not depend on what it is batched with.
+
+The demo model and tiny diffusers pipelines (a UNet2DModel on VQModel latents, a DiT on
+AutoencoderKL latents) on this machine's kernels: the claim the slicing rests on (at a fixed batch
+size a row's output ignores its neighbours and its place), then the engine's images alone, beside
+other requests and against single-request sampling, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.core.test_engine import run
+from undiffuse import ImageNoise, load_model
+from undiffuse.engine import DenoisingEngine, EngineConfig, Request
+from undiffuse.images import to_uint8
+from undiffuse.invariance import CPU_ROWS, decode_in_slices, default_rows, in_slices
+from undiffuse.samplers import NULL_CLASS
+
+DEMO_MODEL = Path(__file__).resolve().parents[2] / "models" / "mnist"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_model(DEMO_MODEL)
+
+
+def _batch(model, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *model.sample_shape, generator=g)
+    t = torch.randint(0, model.schedule.num_timesteps, (n,), generator=g)
+    labels = None if model.num_classes is None else torch.randint(0, model.num_classes, (n,), generator=g)
+    return x, t, labels
+
+
+def _pick(x, t, labels, index):
+    return x[index], t[index], None if labels is None else labels[index]
+
+
+def test_at_a_fixed_batch_size_a_rows_output_ignores_its_neighbours_and_place(demo):
+    """What slicing relies on, checked on this machine's kernels: row 0 placed at every position
+    of 8-row batches of different neighbours comes out the same."""
+    x, t, labels = _batch(demo, 24)
+    with torch.no_grad():
+        outputs = []
+        for position in range(CPU_ROWS):
+            others = torch.randperm(23, generator=torch.Generator().manual_seed(position)).add(1).tolist()
+            index = others[: CPU_ROWS - 1]
+            index.insert(position, 0)
+            out = demo.network(*_pick(x, t, labels, torch.tensor(index)))
+            outputs.append(out[position])
+    assert all(torch.equal(o, outputs[0]) for o in outputs)
+
+
+def test_a_rows_eps_is_the_same_in_any_batch(demo):
+    """DiffusionModel.eps on a CPU slices by default: a row alone, in 3, in 8 and in 21 rows (with
+    different neighbours each time) has the same bytes."""
+    assert default_rows("cpu") == CPU_ROWS and demo.rows_for(torch.device("cpu")) == CPU_ROWS
+    x, t, labels = _batch(demo, 21, seed=1)
+    with torch.no_grad():
+        alone = demo.eps(*_pick(x, t, labels, torch.tensor([5])))[0]
+        for index in ([5, 0, 1], [3, 5, 7, 9, 11, 13, 15, 17], list(range(21))):
+            out = demo.eps(*_pick(x, t, labels, torch.tensor(index)))
+            assert torch.equal(out[index.index(5)], alone), len(index)
+
+
+def test_in_slices_pads_the_last_slice_and_calls_every_slice_at_one_size():
+    shapes: list[tuple[int, ...]] = []
+    seen_labels: list[list[int]] = []
+
+    def network(x, t, labels):
+        shapes.append(tuple(x.shape))
+        seen_labels.append(labels.tolist())
+        return x * 2 + t.view(-1, 1, 1, 1)
+
+    x = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1)
+    out = in_slices(network, x, torch.ones(10), torch.arange(10), 4)
+    assert shapes == [(4, 1, 1, 1)] * 3
+    assert seen_labels[-1] == [8, 9, NULL_CLASS, NULL_CLASS]  # padding rows are the null class
+    assert torch.equal(out, x * 2 + 1)  # the padding is cut off, the order kept
+    shapes.clear()
+    assert torch.equal(in_slices(network, x, torch.ones(10), torch.arange(10), 0), x * 2 + 1)
+    assert shapes == [(10, 1, 1, 1)]  # rows = 0: one call on the whole batch
+    assert torch.equal(decode_in_slices(lambda z: z + 1, x, 3), x + 1)
+
+
+def _engine_images(model, requests_at: dict[int, list[Request]], **config) -> dict:
+    """{request id: (uint8 images, float samples)} from one engine run."""
+    engine = DenoisingEngine(model, EngineConfig(max_batch=64, latency_slack=None, keep_samples=True, **config))
+    return {rid: (f.pixels(), f.samples) for rid, f in run(engine, requests_at).items()}
+
+
+def test_the_engines_images_are_the_same_bytes_alone_beside_others_and_sampled_singly(demo):
+    """A guided DDIM request of the demo model, alone on the engine and joining mid-run beside
+    two other requests (one guided, one DDPM): the same uint8 images, and the same as
+    Sampler.sample (what `undiffuse sample` runs) makes them."""
+    mine = Request("mine", "a", seed=11, start=3, count=3, steps=8, labels=[1, 7, 7], guidance_scale=3.0)
+    alone = _engine_images(demo, {0: [mine]})["mine"]
+    others = {
+        0: [Request("big", "b", seed=2, start=0, count=9, steps=12, labels=[3] * 9, guidance_scale=2.0)],
+        2: [mine, Request("ddpm", "c", seed=5, start=0, count=2, steps=10, sampler="ddpm", labels=[0, 9])],
+    }
+    beside = _engine_images(demo, others)["mine"]
+    assert torch.equal(beside[1], alone[1])  # bit for bit, before rounding to 8 bits
+    assert beside[0].tobytes() == alone[0].tobytes()
+    single = demo.make_sampler("ddim").sample(
+        demo.eps,
+        demo.sample_shape,
+        steps=8,
+        noise=ImageNoise([11] * 3, [3, 4, 5]),
+        class_labels=torch.tensor([1, 7, 7]),
+        guidance_scale=3.0,
+        guidance_interval=demo.guidance_interval,
+    )
+    assert torch.equal(single, alone[1])
+    assert to_uint8(single).tobytes() == alone[0].tobytes()
+
+
+@pytest.mark.slow
+def test_whole_batches_are_the_opt_out_and_still_agree_to_round_off(demo):
+    """invariant_rows=0 runs whole batches (the GPU default): the same images to float round-off."""
+    mine = Request("mine", "a", seed=4, start=0, count=2, steps=6, labels=[2, 3])
+    other = Request("other", "b", seed=9, start=0, count=5, steps=6, labels=[1] * 5)
+    sliced = _engine_images(demo, {0: [mine, other]})["mine"][1]
+    whole = _engine_images(demo, {0: [mine, other]}, invariant_rows=0)["mine"][1]
+    assert torch.allclose(sliced, whole, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["ldm", "dit"])
+def test_a_latent_models_images_are_the_same_bytes_alone_and_beside_others(tmp_path, pipeline):
+    """Denoiser and decoder both sliced: a latent request alone and beside others, finishing at
+    the same step as them (one decode of several images), gives the same bytes."""
+    from tests.core.test_latent_models import _dit, _ldm
+
+    (_ldm if pipeline == "ldm" else _dit)(tmp_path / pipeline)
+    model = load_model(tmp_path / pipeline)
+    labels = None if model.num_classes is None else [1, 2]
+    mine = Request("mine", "a", seed=3, start=0, count=2, steps=5, labels=labels)
+    others = [
+        Request(f"o{i}", "b", seed=20 + i, start=0, count=3, steps=5, labels=None if labels is None else [4, 5, 6])
+        for i in range(2)
+    ]
+    rows: list[int] = []  # images per decoder call: one, whatever finishes together
+    hook = model.decoder.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    alone = _engine_images(model, {0: [mine]})["mine"]
+    beside = _engine_images(model, {0: [others[0], mine, others[1]]})["mine"]
+    hook.remove()
+    assert rows == [1] * (2 + 2 + 3 + 3)
+    assert beside[0].shape == (2, *model.image_shape[1:], model.image_shape[0])
+    assert torch.equal(beside[1], alone[1])  # the decoded floats, bit for bit
+    assert beside[0].tobytes() == alone[0].tobytes()
