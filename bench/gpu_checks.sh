@@ -5,6 +5,9 @@
 #   2. bench/engine_host_ops.py --device cuda: the engine's torch ops and host time per step
 #      outside the network at 16 and 256 requests, against the engine of commit 0b0856e (needs
 #      git and the repository's history; --reference none skips the reference);
+#   2b. bench/invariance.py --device cuda: what batch-invariant slicing (UNDIFFUSE_INVARIANT_ROWS)
+#      costs the network and the engine against whole batches, and whether a request's bytes hold
+#      beside others (docs/benchmarks.md, "Batch invariance");
 #   3. bench/engine.py --gpu --skip-cpu --skip-models twice: the first run fills Inductor's cache
 #      (its timings include compiling), the second is the one to record (docs/benchmarks.md, GPU
 #      section);
@@ -27,7 +30,7 @@
 # Run from the repository root:
 #   bash bench/gpu_checks.sh
 # Logs, tables and sample grids go to /tmp/res (env.txt, pytest_gpu.log, host_ops.log,
-# bench_first.log, bench.log, bench_models.log, quality-full.md/.log, grids/), packed after each
+# invariance.log, bench_first.log, bench.log, bench_models.log, quality-full.md/.log, grids/), packed after each
 # step into $OUT/results.tgz ($OUT defaults to /tmp); progress goes to stdout.
 #
 # Without network access: if ./.whl holds wheels, they are installed offline into /tmp/site
@@ -51,6 +54,9 @@ timeout 150 python3 -m pytest -m gpu tests/core -q -p no:cacheprovider > $R/pyte
 el "pytest -m gpu rc $?"; tail -5 $R/pytest_gpu.log; pack
 timeout 90 python3 bench/engine_host_ops.py --device cuda > $R/host_ops.log 2>&1
 el "host ops rc $?"; grep "^|" $R/host_ops.log; pack
+timeout 60 python3 bench/invariance.py --device cuda --rows 0 64 128 256 --batches 1 64 512 4096 --requests 64 \
+  > $R/invariance.log 2>&1
+el "invariance rc $?"; grep "^|" $R/invariance.log; pack
 # the first run fills Inductor's cache (its timings include compiling); the second is the record
 timeout 200 python3 bench/engine.py --gpu --skip-cpu --skip-models > $R/bench_first.log 2>&1; el "first bench rc $?"; pack
 timeout 150 python3 bench/engine.py --gpu --skip-cpu --skip-models > $R/bench.log 2>&1; el "bench rc $?"

@@ -30,8 +30,8 @@ from torch import Tensor
 from undiffuse.samplers import NULL_CLASS
 
 CPU_ROWS = 8
-"""Rows per network call on a CPU: 16 and 32 are as fast per row at large batches, 8 costs a lone
-image less (docs/benchmarks.md)."""
+"""Rows per network call on a CPU: 16 and 32 are a little faster per row at large batches, 8
+costs a lone image less (docs/benchmarks.md, bench/invariance.py)."""
 
 NetworkCall = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 

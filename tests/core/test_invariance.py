@@ -152,3 +152,20 @@ def test_a_latent_models_images_are_the_same_bytes_alone_and_beside_others(tmp_p
     assert beside[0].shape == (2, *model.image_shape[1:], model.image_shape[0])
     assert torch.equal(beside[1], alone[1])  # the decoded floats, bit for bit
     assert beside[0].tobytes() == alone[0].tobytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [64, 0])
+def test_on_a_gpu_slices_make_the_same_bytes_alone_and_beside_others(rows):
+    """CUDA, fp32 eager: with slices of 64 rows a request's samples are the same alone and beside
+    others, bit for bit; whole batches (the GPU default) agree to float round-off."""
+    model = load_model(DEMO_MODEL, "cuda")
+    mine = Request("mine", "a", seed=11, start=0, count=3, steps=10, labels=[1, 7, 7], guidance_scale=3.0)
+    load = [Request(f"o{k}", "b", seed=k, start=0, count=40, steps=10, labels=[k] * 40) for k in range(3)]
+    config = {"invariant_rows": rows, "precision": "fp32", "compile": False}
+    alone = _engine_images(model, {0: [mine]}, **config)["mine"][1]
+    beside = _engine_images(model, {0: [*load, mine]}, **config)["mine"][1]
+    if rows:
+        assert torch.equal(alone, beside)
+    else:
+        assert torch.allclose(alone, beside, atol=1e-4)
