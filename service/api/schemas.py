@@ -173,6 +173,9 @@ class ModelInfo(BaseModel):
     num_classes: int | None
     class_names: list[str] | None = None
     num_timesteps: int
+    max_steps: int = Field(
+        description="the most `steps` a job of this model may ask for: its timesteps, capped by the service"
+    )
     prediction_type: str
     guidance_interval: list[float] | None = Field(
         default=None,

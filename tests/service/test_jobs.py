@@ -114,6 +114,7 @@ def test_models_health_and_readiness(api, stack):
     assert [m["name"] for m in models if m["default"]] == ["mnist"]
     mnist = next(m for m in models if m["name"] == "mnist")
     assert mnist == {**mnist, "image_size": 28, "channels": 1, "num_classes": 10, "default": True}
+    assert (mnist["num_timesteps"], mnist["max_steps"]) == (1000, min(1000, stack.settings.max_steps))
     assert mnist["guidance_interval"] == [0.28, 5.42]
     assert httpx.get(f"{stack.base_url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{stack.base_url}/readyz", timeout=30)

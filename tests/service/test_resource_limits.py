@@ -289,3 +289,14 @@ def test_through_the_stack_a_jobs_bytes_count_for_its_owner_until_it_is_deleted(
     assert db.exists(redis_keys.job_files(job["id"])) == 0  # the manifest holds the checksums now
     assert api.delete(f"/v1/jobs/{job['id']}").status_code == 204
     assert int(db.get(owner_key) or 0) == before
+
+
+def test_models_say_the_most_steps_a_job_may_ask_under_the_services_cap(asgi_api):
+    """UNDIFFUSE_MAX_STEPS below a model's timesteps: /v1/models says so (the web page's steps
+    field takes its max from it), and a job asking one more is refused naming the field."""
+    client = asgi_api(max_steps=100)
+    mnist = next(m for m in client.get("/v1/models").json()["models"] if m["name"] == "mnist")
+    assert (mnist["num_timesteps"], mnist["max_steps"]) == (1000, 100)
+    assert client.post("/v1/jobs", json={"class_label": 1, "steps": 100}).status_code == 202
+    refused = client.post("/v1/jobs", json={"class_label": 1, "steps": 101})
+    assert refused.status_code == 422 and "steps" in refused.text and "at most 100" in refused.text

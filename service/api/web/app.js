@@ -85,7 +85,7 @@ function fillClasses() {
   select.replaceChildren(...names.map((name, i) => new Option(name, String(i), false, String(i) === chosen)));
   select.disabled = names.length === 0;
   $("guidance").disabled = names.length === 0; // guidance steers towards a class: none without classes
-  $("steps").max = model ? model.num_timesteps : 1000;
+  $("steps").max = model ? model.max_steps : 1000;
 }
 
 function jobBody() {
