@@ -130,7 +130,8 @@ def test_calls_that_arrive_while_the_checks_run_wait_for_them(serve, clock):
 
 
 def test_a_model_folder_that_cannot_be_served_is_skipped_and_named(serve, clock, tmp_path, caplog):
-    """One bad folder beside the demo model: the others serve, /readyz stays ready and names the
+    """Bad folders beside the demo model (a consistency model's scheduler; a latent pipeline
+    whose decoder weights are truncated) beside good ones: the others serve, /readyz stays ready and names the
     skipped folder (the reason, which names files, goes to the log only)."""
     settings = Settings()
     (tmp_path / settings.default_model).symlink_to(Path(settings.model_dir).resolve() / settings.default_model)
@@ -139,14 +140,22 @@ def test_a_model_folder_that_cannot_be_served_is_skipped_and_named(serve, clock,
     (bad / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 32}))
     (bad / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     (bad / "scheduler_config.json").write_text(json.dumps({"_class_name": "CMStochasticIterativeScheduler"}))
+    # a latent pipeline whose vae/ weights are cut short, beside a whole one
+    from tests.core.test_latent_models import _ldm
+
+    _ldm(tmp_path / "faces")
+    _ldm(tmp_path / "broken-vae")
+    weights = tmp_path / "broken-vae" / "vqvae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
     with caplog.at_level("WARNING", logger="ray.serve"):
         registry = ModelRegistry(tmp_path, settings.default_model)
-    assert list(registry.models) == [settings.default_model]
+    assert sorted(registry.models) == ["faces", settings.default_model]
     assert "CMStochasticIterativeScheduler" in registry.skipped["consistency"]
+    assert "vqvae/diffusion_pytorch_model.safetensors: truncated" in registry.skipped["broken-vae"]
     assert any("model consistency skipped" in r.getMessage() for r in caplog.records)
     answer = serve(Probes(), registry)()[0]
     assert answer.status_code == 200
-    assert answer.json()["skipped_models"] == ["consistency"]
+    assert answer.json()["skipped_models"] == ["broken-vae", "consistency"]
     assert "CMStochastic" not in answer.text
 
 
