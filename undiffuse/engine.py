@@ -37,13 +37,17 @@ A latent model (`DiffusionModel.is_latent`) denoises latents: the rows, the nois
 samplers' arithmetic are the latents', and the requests that finish at a step are decoded to
 images in one batched decoder call per `max_decode_batch` rows (padded to a bucket when
 compiled, like the network); their previews are the decoded x0 prediction, at most every
-`preview_decode_every` steps. On CUDA the decode chunk is sized once from the free device
-memory and the decoder's measured peak for one image (`decode_batch_for_memory`), and finished
-rows leave through a side stream of the engine's own (`_SideStream`): it waits for the step
-that made them, then decodes, converts to uint8 and copies to pinned host memory, while the
-next steps are queued on the main stream without waiting for the decode; `Finished.pixels()`
-and `Preview.pixels()` wait for an event recorded on the side stream. A pixel model's finished
-rows take the same way (conversion and copy only). On a CPU everything runs inline.
+`preview_decode_every` steps. Each chunk is converted to uint8 as soon as it is decoded, so
+a decode holds the float images of one chunk at a time however many rows finish at a step. On
+CUDA the decode chunk is sized once from the free device memory and the decoder's measured
+peak for one image (`decode_batch_for_memory`); a chunk that runs out of memory is retried at
+half its size, which the engine keeps (`decode_reserved_bytes`, the memory the decoder takes
+at its chunk, is what the engine loop leaves out when it sizes the networks). Finished rows
+leave through a side stream of the engine's own (`_SideStream`): it waits for the step that
+made them, then decodes, converts to uint8 and copies to pinned host memory, while the next
+steps are queued on the main stream without waiting for the decode; `Finished.pixels()` and
+`Preview.pixels()` wait for an event recorded on the side stream. A pixel model's finished
+rows take the same way (one conversion and one copy). On a CPU everything runs inline.
 
 Nothing in a step reads a device tensor back to the host: positions are mirrored on the host
 (every selected row advances by exactly one step), and a batch rebuilt after a change of
@@ -57,6 +61,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import math
 import time
 from collections import deque
@@ -79,6 +84,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_DECODE_BATCH = 16  # max_decode_batch=None on a CPU
 DECODE_BATCH_CAP = 64  # the most rows per decoder call when sized by memory
 DECODE_MEMORY_FRACTION = 0.5  # of the free device memory, for one decoder call
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,8 @@ class EngineConfig:
     (the decoder's activations at image size dwarf the denoiser's at latent size); None sizes
     it on CUDA once, at warm-up or the first decode, from the free device memory and the
     decoder's measured peak memory for one image (`decode_batch_for_memory`), and means
-    CPU_DECODE_BATCH (16) on a CPU.
+    CPU_DECODE_BATCH (16) on a CPU. Either way a decoder call that runs out of device memory
+    halves it (`DenoisingEngine.decode_batch` says what it is now).
     preview_decode_every: a latent model's previews are made at most every this many steps
     (each decodes one image, about as costly as several denoising steps of it).
     The decoder runs at the network's precision, except fp16, where it runs in fp32 (VAE
@@ -129,9 +137,11 @@ class EngineConfig:
     share one memory pool whose reuse is safe only for graphs replayed on one stream.
     invariant_rows: the network runs on slices of exactly this many rows (the last padded), so
     that a row's result does not depend on its batch (undiffuse.invariance); a latent decoder
-    then runs on slices of exactly max_decode_batch images, one unless set. 0: whole batches
-    (padded to a bucket when compiled). None: the model's own setting (DiffusionModel.rows_for:
-    8 on a CPU, 0 on a GPU).
+    then runs on slices of exactly max_decode_batch images, one unless set (a slice that runs
+    out of device memory is halved, with a warning in the log: images decoded after it may
+    differ by rounding from the same images decoded before; one image per slice, the default,
+    never changes). 0: whole batches (padded to a bucket when compiled). None: the model's own
+    setting (DiffusionModel.rows_for: 8 on a CPU, 0 on a GPU).
     """
 
     max_batch: int = 256
@@ -156,8 +166,10 @@ class EngineConfig:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {self.precision!r}")
         if self.latency_slack is not None and self.latency_slack < 1:
             raise ValueError(f"latency_slack must be >= 1, got {self.latency_slack}")
-        if (self.max_decode_batch is not None and self.max_decode_batch < 1) or self.preview_decode_every < 1:
-            raise ValueError("max_decode_batch (when set) and preview_decode_every must be >= 1")
+        if self.max_decode_batch is not None and self.max_decode_batch < 1:
+            raise ValueError(f"max_decode_batch must be >= 1 (or None: sized by memory), got {self.max_decode_batch}")
+        if self.preview_decode_every < 1:
+            raise ValueError(f"preview_decode_every must be >= 1, got {self.preview_decode_every}")
 
 
 class Finished:
@@ -325,16 +337,10 @@ class DenoisingEngine:
         # rows per decoder call and their buckets; None until sized by memory (CUDA, no setting)
         self.decode_batch: int | None = None
         self.decode_buckets: tuple[int, ...] = ()
+        self._decode_bytes: int | None = None  # the decoder's peak memory for one image (CUDA, once measured)
         # rows per network call (0: whole batches); decodes then in fixed slices, one image unless set
         self.invariant_rows = cfg.invariant_rows if cfg.invariant_rows is not None else model.rows_for(self.device)
-        if cfg.max_decode_batch is not None:
-            decode_batch = cfg.max_decode_batch
-        elif self.invariant_rows:
-            decode_batch = 1
-        else:
-            decode_batch = None if cuda else CPU_DECODE_BATCH
-        if decode_batch is not None:
-            self._set_decode_batch(decode_batch)
+        self._set_decode_batch(self._default_decode_batch())
         self._side = _SideStream(self.device)  # where finished rows are decoded and copied to the host
         self.scheduler = Scheduler(cfg.max_batch, cfg.latency_slack, cfg.merge_ratio, self.buckets)
         # per timestep, whether guidance acts (the model's interval; None: at every one), on the host
@@ -415,6 +421,23 @@ class DenoisingEngine:
         self.scheduler.set_max_batch(max_batch, self.buckets)
         if self.compiled:
             _allow_recompiles(len(self.buckets))
+
+    @property
+    def decode_reserved_bytes(self) -> int:
+        """Device memory this engine's decoder takes at its chunk: decode_batch images at the
+        decoder's measured peak for one (`decode_reserve`). 0 for a pixel model, on a CPU, and
+        until the decoder is measured (warm-up or the first decode). Decodes run on a side
+        stream beside the steps of every engine on the device, so the memory a network is sized
+        from (`max_batch_for_memory`) leaves out every engine's."""
+        return decode_reserve(self.decode_batch, self._decode_bytes)
+
+    def set_decode_batch(self, rows: int | None) -> None:
+        """A latent model's images per decoder call; None: the engine's default again
+        (max_decode_batch; on CUDA without it, sized by memory at the next warm-up or decode).
+        The engine loop restores a decode chunk with it after a failed warm-up."""
+        if rows is not None and rows < 1:
+            raise ValueError(f"decode batch must be >= 1, got {rows}")
+        self._set_decode_batch(self._default_decode_batch() if rows is None else rows)
 
     def take_previews(self) -> list[Preview]:
         """The previews made since the last call, oldest first (Request.preview_every)."""
@@ -518,7 +541,7 @@ class DenoisingEngine:
             if pos % every == 0 and pos < steps:
                 x0 = x0s[group][row : row + 1]
                 with self._side.after(x0):
-                    host, ready = self._pixels_to_host(self._decode(x0))
+                    host, ready, _ = self._to_host(x0)
                 self._previews.append(Preview(slot.request, pos, host, ready))
 
     # --- assembling a batch ------------------------------------------------------------------------
@@ -724,7 +747,8 @@ class DenoisingEngine:
 
     # --- results ---------------------------------------------------------------------------------------
     def _collect_finished(self, batch: _Batch) -> list[Finished]:
-        """The requests whose rows all reached x_0 leave in one gather and one copy to the host."""
+        """The requests whose rows all reached x_0 leave in one gather and one copy to the host
+        (`_to_host`)."""
         done = [(slot, b) for slot, b in zip(batch.slots, batch.bounds, strict=True) if slot.remaining == 0]
         if not done:
             batch.finish_at = self.scheduler.clock + min(s.remaining for s in batch.slots)
@@ -733,12 +757,12 @@ class DenoisingEngine:
             x = batch.x
         else:
             x = _gather([(batch.x, lo, hi - lo) for _, (lo, hi) in done], self.device)
+        keep = self.config.keep_samples
         with self._side.after(x):
-            x = self._decode(x)
-            host, ready = self._pixels_to_host(x)
+            host, ready, images = self._to_host(x, keep)
         samples = None
-        if self.config.keep_samples:  # never written in place: steps make new tensors
-            samples = self._side.join(x)  # the main stream waits for the decode (tests, benchmarks only)
+        if keep:  # never written in place: steps make new tensors
+            samples = self._side.join(images)  # the main stream waits for the decode (tests, benchmarks only)
         out, begin = [], 0
         for slot, (lo, hi) in done:
             out.append(Finished(slot.request, host, (begin, begin + hi - lo), ready, samples))
@@ -748,62 +772,158 @@ class DenoisingEngine:
             self._batch = None
         return out
 
-    def _decode(self, x: Tensor) -> Tensor:
-        """A latent model's latents [N, c, h, w] -> images [N, C, H, W] float32, `decode_batch`
-        rows per decoder call; x itself for a pixel model. Called on the side stream; nothing
-        here reads the device, except the one-time sizing of the chunk (`_size_decode_batch`)."""
+    def _to_host(self, x: Tensor, keep: bool = False) -> tuple[Tensor, torch.cuda.Event | None, Tensor | None]:
+        """Rows of x_0 (a latent model's latents) -> (uint8 [N, H, W, C] in pinned host memory, the
+        event that marks its copy done or None on a CPU, and with `keep` the float32 images
+        [N, C, H, W]). A pixel model's rows take one conversion and one copy; a latent model's are
+        decoded and converted a chunk at a time (`_decode`), then copied at once. Called on the
+        side stream."""
         if self.decoder is None:
-            return x
-        k = self.decode_batch or self._size_decode_batch()
-        chunks = [self._decode_chunk(x[i : i + k]) for i in range(0, x.shape[0], k)]
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+            host, ready = self._pixels_to_host(_to_pixels(x))
+            return host, ready, x if keep else None
+        pixels, images = self._decode(x, keep)
+        host, ready = self._pixels_to_host(pixels)
+        return host, ready, images
 
-    def _size_decode_batch(self) -> int:
-        """max_decode_batch=None on CUDA: the decoder's peak memory for one image, measured once
-        with the device idle (a one-time synchronization), against the device memory free
-        before it. Memory the caching allocator holds but no tensor uses does not count as
-        free: it is the steps' working set, and decodes run beside the steps. Run on the side
-        stream, so that the probe's blocks are cached where decodes allocate."""
+    def _decode(self, x: Tensor, keep: bool = False) -> tuple[Tensor, Tensor | None]:
+        """A latent model's latents [N, c, h, w] -> (uint8 images [N, H, W, C] on the device, and
+        with `keep` the float32 images [N, C, H, W]), `decode_batch` latents per decoder call. Each
+        chunk is converted into its rows of one uint8 tensor as soon as it is decoded, so the
+        float images of one chunk at a time are alive (all of them only with `keep`), however
+        many rows finish at a step.
+
+        A chunk that runs out of device memory is retried from where it failed at half the size
+        of the failed call (`_shrink_decode_batch`, which keeps the smaller chunk for later
+        decodes); a call of one image that does not fit raises. Called on the side stream;
+        nothing here reads the device, except the one-time sizing of the chunk
+        (`_size_decode_batch`) and that recovery."""
+        n = x.shape[0]
+        pixels: Tensor | None = None
+        images: Tensor | None = None
+        lo = 0
+        while lo < n:
+            hi = min(n, lo + (self.decode_batch or self._size_decode_batch()))
+            try:
+                chunk = self._decode_chunk(x[lo:hi])
+            except torch.cuda.OutOfMemoryError:
+                failed = self._decode_rows(hi - lo)
+                if failed <= 1:  # one image that does not fit: a smaller chunk cannot help
+                    raise
+            else:
+                if pixels is None:
+                    c, h, w = chunk.shape[1:]
+                    pixels = torch.empty(n, h, w, c, dtype=torch.uint8, device=chunk.device)
+                    images = torch.empty(n, c, h, w, device=chunk.device) if keep else None
+                if images is not None:
+                    images[lo:hi] = chunk
+                _to_pixels(chunk, out=pixels[lo:hi])
+                lo, chunk = hi, None
+                continue
+            # here, past the except clause, the error and its traceback (which holds the failed
+            # call's tensors) are gone, so that their memory can go back to the device
+            self._shrink_decode_batch(failed)
+        if pixels is None:  # no rows
+            c, h, w = self.model.image_shape
+            pixels = torch.empty(0, h, w, c, dtype=torch.uint8, device=x.device)
+            images = torch.empty(0, c, h, w, device=x.device) if keep else None
+        return pixels, images
+
+    def _shrink_decode_batch(self, failed_rows: int) -> None:
+        """After a decoder call of failed_rows images (padding included) ran out of memory: the
+        cached blocks go back to the device, and decode_batch becomes half the failed call,
+        for this decode and the later ones. With batch-invariant slices (invariant_rows > 0)
+        the slice size changes with it: an image decoded from now on may differ by rounding
+        from the same image decoded before, which the warning says."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        before = self.decode_batch
+        self._set_decode_batch(max(1, failed_rows // 2))
+        log.warning(
+            "decoder out of memory at %d images per call; decoding %d per call from now on%s",
+            failed_rows,
+            self.decode_batch,
+            f" (was {before})" if before != failed_rows else "",
+        )
+        if self.invariant_rows:
+            log.warning(
+                "batch-invariant decode slices are now %d images: images decoded from now on may differ "
+                "by rounding from the same images decoded before",
+                self.decode_batch,
+            )
+
+    def _size_decode_batch(self, reserved_elsewhere: int = 0) -> int:
+        """max_decode_batch=None on CUDA: as many images as `decode_batch_for_memory` fits in the
+        device memory free now, less `reserved_elsewhere` (what other engines' decoders take at
+        their chunks), at the decoder's peak for one image (`_measure_decode`). Memory the
+        caching allocator holds but no tensor uses does not count as free: it is the steps'
+        working set, and decodes run beside the steps. Run on the side stream, so that the
+        probe's blocks are cached where decodes allocate. On a CPU: the engine's default."""
         dev = self.device
+        if dev.type != "cuda":
+            self._set_decode_batch(self._default_decode_batch() or CPU_DECODE_BATCH)
+            return self.decode_batch
         torch.cuda.synchronize(dev)
         free, _total = torch.cuda.mem_get_info(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        probe = torch.zeros(1, *self.model.sample_shape, device=dev)
-        with torch.autocast(dev.type, dtype=self.decode_dtype, enabled=self.decode_dtype != torch.float32):
-            self.model.decoder(probe)  # eager, so that sizing compiles nothing; fused kernels need less
-        torch.cuda.synchronize(dev)
-        per_image = torch.cuda.max_memory_allocated(dev) - base
-        self._set_decode_batch(decode_batch_for_memory(free, per_image))
+        per_image = self._measure_decode()
+        self._set_decode_batch(decode_batch_for_memory(free - reserved_elsewhere, per_image))
         return self.decode_batch
 
-    def _set_decode_batch(self, rows: int) -> None:
+    def _measure_decode(self) -> int:
+        """The decoder's peak device memory for one image, in bytes: measured once (CUDA), with the
+        device idle (a synchronization), then kept."""
+        if self._decode_bytes is None:
+            dev = self.device
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+            probe = torch.zeros(1, *self.model.sample_shape, device=dev)
+            with torch.autocast(dev.type, dtype=self.decode_dtype, enabled=self.decode_dtype != torch.float32):
+                self.model.decoder(probe)  # eager, so that sizing compiles nothing; fused kernels need less
+            torch.cuda.synchronize(dev)
+            self._decode_bytes = max(0, torch.cuda.max_memory_allocated(dev) - base)
+        return self._decode_bytes
+
+    def _default_decode_batch(self) -> int | None:
+        """Rows per decoder call unless changed: max_decode_batch; one where slices are
+        batch-invariant; None (sized by memory) on CUDA; CPU_DECODE_BATCH on a CPU."""
+        if self.config.max_decode_batch is not None:
+            return self.config.max_decode_batch
+        if self.invariant_rows:
+            return 1
+        return None if self.device.type == "cuda" else CPU_DECODE_BATCH
+
+    def _set_decode_batch(self, rows: int | None) -> None:
         self.decode_batch = rows
-        self.decode_buckets = _buckets(rows, None)
-        if self.compiled:
+        self.decode_buckets = () if rows is None else _buckets(rows, None)
+        if self.compiled and rows is not None:
             _allow_recompiles(max(len(self.buckets), len(self.decode_buckets)))
 
-    def _decode_chunk(self, x: Tensor) -> Tensor:
-        n = x.shape[0]
+    def _decode_rows(self, n: int) -> int:
+        """The images a decoder call for n latents runs, padding included: a fixed slice of
+        decode_batch with batch-invariant slices, a decode bucket when compiled, else n."""
         if self.invariant_rows:  # every call the same shape: the same kernels for every image
-            pad = (self.decode_batch or n) - n
-        elif self.compiled:  # one compiled graph per decode bucket, as for the network
-            pad = self.decode_buckets[bisect.bisect_left(self.decode_buckets, n)] - n
-        else:
-            pad = 0
+            return max(n, self.decode_batch or n)
+        if self.compiled:  # one compiled graph per decode bucket, as for the network
+            return self.decode_buckets[bisect.bisect_left(self.decode_buckets, n)]
+        return n
+
+    def _decode_chunk(self, x: Tensor) -> Tensor:
+        """One decoder call: latents [n, c, h, w] -> float32 images [n, C, H, W], padded as
+        `_decode_rows` says and cut back to n."""
+        n = x.shape[0]
+        pad = self._decode_rows(n) - n
         if pad:
             x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
         with torch.autocast(self.device.type, dtype=self.decode_dtype, enabled=self.decode_dtype != torch.float32):
             images = self.decoder(x)
         return images[:n].float()
 
-    def _pixels_to_host(self, x: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
-        """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] on the device, then an async copy to
-        pinned host memory; returns it with the event that marks the copy done (None on a CPU),
-        recorded on the current stream: the side stream, where it is called. Pinned blocks come
-        from PyTorch's caching host allocator, which hands a block out again once the copies
-        recorded on it are done: one buffer per finishing step, reused."""
-        pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    def _pixels_to_host(self, pixels: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
+        """uint8 [N, H, W, C] on the device -> one async copy to pinned host memory; returns it
+        with the event that marks the copy done (None on a CPU, where it is the pixels
+        themselves), recorded on the current stream: the side stream, where it is called.
+        Pinned blocks come from PyTorch's caching host allocator, which hands a block out again
+        once the copies recorded on it are done: one buffer per finishing step, reused."""
         if self.device.type != "cuda":
             return pixels.contiguous(), None
         host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
@@ -851,10 +971,14 @@ class DenoisingEngine:
             raise ValueError(f"request {request.id!r}: preview_every must be >= 1")
 
     @torch.no_grad()
-    def warm_up(self, max_seconds: float = 120.0, log: Callable[[str], None] | None = None) -> dict[int, float]:
+    def warm_up(
+        self, max_seconds: float = 120.0, log: Callable[[str], None] | None = None, decoder: bool = True
+    ) -> dict[int, float]:
         """Run every bucket once (compiling it when compiled) and time a second call of each,
         smallest first, until max_seconds have passed. Fills `step_time`, which the scheduler's
-        latency check reads. Returns {bucket: seconds per step}."""
+        latency check reads. Returns {bucket: seconds per step}. decoder: then `warm_up_decoder`
+        within what is left of max_seconds (the engine loop warms every engine's network first,
+        then every decoder)."""
         started = time.perf_counter()
         c, h, w = self.model.sample_shape
         table = self.step_time
@@ -875,19 +999,37 @@ class DenoisingEngine:
             if log:
                 log(f"bucket {b}: {table[b] * 1e3:.1f} ms per step")
         self.step_time = table
-        if self.decoder is not None:
-            with self._side.after():  # where decodes run: their blocks are cached there
-                if self.decode_batch is None:  # sized after the steps' buckets have taken theirs
-                    self._size_decode_batch()
-                    if log:
-                        log(f"decoder: {self.decode_batch} images per call")
-                if self.compiled:  # compile every decode bucket too
-                    for b in self.decode_buckets:
-                        if time.perf_counter() - started > max_seconds:
-                            break
-                        self._decode_chunk(torch.zeros(b, c, h, w, device=self.device))
-            _sync(self.device)
+        if decoder:
+            self.warm_up_decoder(max_seconds - (time.perf_counter() - started), log)
         return dict(table)
+
+    @torch.no_grad()
+    def warm_up_decoder(
+        self, max_seconds: float = 120.0, log: Callable[[str], None] | None = None, reserved_elsewhere: int = 0
+    ) -> None:
+        """A latent model's decoder, on the side stream where decodes run (their blocks are cached
+        there): on CUDA its memory for one image measured (what `decode_reserved_bytes`
+        counts); its chunk sized, if unset and not sized yet, from the memory free now less
+        `reserved_elsewhere` (the other engines' `decode_reserved_bytes`), so after the networks
+        have taken theirs; when compiled, every decode bucket compiled until max_seconds have
+        passed. Nothing for a pixel model."""
+        if self.decoder is None:
+            return
+        started = time.perf_counter()
+        c, h, w = self.model.sample_shape
+        with self._side.after():
+            if self.decode_batch is None:
+                self._size_decode_batch(reserved_elsewhere)
+                if log:
+                    log(f"decoder: {self.decode_batch} images per call")
+            elif self.device.type == "cuda":
+                self._measure_decode()
+            if self.compiled:  # compile every decode bucket too
+                for b in self.decode_buckets:
+                    if time.perf_counter() - started > max_seconds:
+                        break
+                    self._decode_chunk(torch.zeros(b, c, h, w, device=self.device))
+        _sync(self.device)
 
 
 def _gather(pieces: list[tuple[Tensor, int, int]], device: torch.device) -> Tensor | None:
@@ -956,6 +1098,16 @@ def _without_cuda_graphs(mode: str) -> str:
     return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
 
 
+def _to_pixels(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """[N, C, H, W] float32 in [-1, 1] -> uint8 [N, H, W, C] (values outside are clipped; the
+    arithmetic of undiffuse.images.to_uint8), written into `out` when given. One float
+    temporary the size of x; x itself is left as it is."""
+    levels = x.clamp(-1, 1).add_(1).mul_(127.5).round_().permute(0, 2, 3, 1)
+    if out is None:
+        return levels.to(torch.uint8)
+    return out.copy_(levels)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -973,17 +1125,43 @@ def decode_batch_for_memory(
     return buckets[max(0, bisect.bisect_right(buckets, rows) - 1)]
 
 
+def decode_reserve(decode_batch: int | None, bytes_per_image: int | None) -> int:
+    """Device memory a decoder takes at its chunk: decode_batch images at bytes_per_image each
+    (its measured peak for one); 0 while either is unknown."""
+    return (decode_batch or 0) * max(0, bytes_per_image or 0)
+
+
+def rows_for_memory(
+    free_bytes: int,
+    cached_bytes: int,
+    bytes_per_row: int,
+    setting: int,
+    fraction: float = 0.8,
+    decode_reserved_bytes: int = 0,
+) -> int:
+    """max_batch_for_memory's arithmetic: min(setting, the rows that `fraction` of the memory
+    the steps may take holds at bytes_per_row), at least 1. The steps may take the free memory
+    and what the caching allocator holds but no tensor uses, less what the decoders of every
+    engine on the device take at their chunks (decode_reserved_bytes): their blocks sit in the
+    side streams' pools, which the steps cannot use, or are free now and taken at the next
+    decode."""
+    room = max(0, free_bytes + cached_bytes - max(0, decode_reserved_bytes))
+    return max(1, min(setting, int(room * fraction // max(1, bytes_per_row))))
+
+
 def max_batch_for_memory(
     model: DiffusionModel,
     setting: int,
     dtype: torch.dtype = torch.bfloat16,
     fraction: float = 0.8,
     probe_rows: int = 32,
+    decode_reserved_bytes: int = 0,
 ) -> int:
     """The largest batch (rows per network call) that fits: min(setting, what `fraction` of the
-    device memory not held by tensors takes at the activation memory per row, measured with a
-    probe forward at the engine's precision). Memory the caching allocator holds but no tensor
-    uses counts as free. On a CPU: the setting."""
+    device memory not held by tensors, less decode_reserved_bytes (every engine's
+    `DenoisingEngine.decode_reserved_bytes`), takes at the activation memory per row, measured
+    with a probe forward at the engine's precision; `rows_for_memory`). Memory the caching
+    allocator holds but no tensor uses counts as free. On a CPU: the setting."""
     device = model_device(model)
     if device.type != "cuda":
         return setting
@@ -1000,5 +1178,5 @@ def max_batch_for_memory(
     per_row = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe_rows)
     del x, t, labels
     free, _total = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return max(1, min(setting, int(free * fraction // per_row)))
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return rows_for_memory(free, cached, per_row, setting, fraction, decode_reserved_bytes)

@@ -7,7 +7,9 @@ decodes them to the same images, and the engine and the CLI hand back those imag
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import replace
+from pathlib import Path
 
 import diffusers  # a test dependency (requirements.lock)
 import numpy as np
@@ -26,6 +28,7 @@ from undiffuse.samplers import guided_eps, previous_timesteps
 STEPS = 10
 ATOL = 1e-5
 NUM_CLASSES = 1000  # DiTPipeline's null class is the id 1000, so the tiny DiT has ImageNet's classes
+DEMO_MODEL = Path(__file__).resolve().parents[2] / "models" / "mnist"  # a pixel model
 
 
 def _unit_output(layer: torch.nn.Module, net, *args, **kwargs) -> None:
@@ -444,9 +447,213 @@ def test_a_decode_chunk_sized_by_memory_fits_rounds_down_to_a_bucket_and_is_capp
 def test_decode_settings_below_one_are_refused_and_the_decoder_never_compiles_to_cuda_graphs():
     from undiffuse.engine import _without_cuda_graphs
 
-    for bad in ({"max_decode_batch": 0}, {"preview_decode_every": 0}):
-        with pytest.raises(ValueError, match="max_decode_batch"):
-            EngineConfig(**bad)
+    for field, value in (("max_decode_batch", 0), ("max_decode_batch", -3), ("preview_decode_every", 0)):
+        with pytest.raises(ValueError, match=rf"^{field} must be >= 1.*got {value}$"):
+            EngineConfig(**{field: value})
     assert _without_cuda_graphs("reduce-overhead") == "default"
     assert _without_cuda_graphs("max-autotune") == "max-autotune-no-cudagraphs"
     assert _without_cuda_graphs("default") == "default"
+
+
+class _Decoder:
+    """Stands for engine.decoder: the real decoder, but a call for which `fails(call, images)`
+    holds runs out of device memory as a CUDA decoder does (torch.cuda.OutOfMemoryError exists
+    in CPU builds too), holding a tensor as a real call holds its activations. Each call checks
+    that every tensor a failed call held, and the float output of every earlier call
+    (`one_chunk_alive`), is gone by then."""
+
+    def __init__(self, decoder, fails=lambda call, images: False, one_chunk_alive: bool = False) -> None:
+        self.decoder, self.fails, self.one_chunk_alive = decoder, fails, one_chunk_alive
+        self.calls: list[int] = []  # images per call, the failed calls included
+        self.held: list[weakref.ref] = []
+        self.outputs: list[weakref.ref] = []
+
+    def __call__(self, x):
+        assert all(ref() is None for ref in self.held), "a failed call's tensors outlive it"
+        if self.one_chunk_alive:
+            assert all(ref() is None for ref in self.outputs), "an earlier chunk's float images are alive"
+        self.calls.append(x.shape[0])
+        if self.fails(len(self.calls), x.shape[0]):
+            activations = torch.empty(x.shape[0], 4096)
+            self.held.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        out = self.decoder(x)
+        self.outputs.append(weakref.ref(out))
+        return out
+
+
+def _run_with(model, config: EngineConfig, requests, decoder=None) -> tuple[DenoisingEngine, dict, list[int]]:
+    """(engine, {id: (float images, uint8 images)}, images per successful decoder call)."""
+    engine = DenoisingEngine(model, config)
+    if decoder is not None:
+        engine.decoder = decoder(engine.decoder)
+    done, rows = _decode_runs(engine, requests)
+    return engine, {k: (f.samples, f.pixels()) for k, f in done.items()}, rows
+
+
+FINISH_TOGETHER = [  # a and b finish at step 4 (8 rows), c at step 6 (6 rows)
+    Request(id="a", owner="x", seed=1, start=0, count=5, steps=4),
+    Request(id="b", owner="y", seed=2, start=0, count=3, steps=4),
+    Request(id="c", owner="y", seed=3, start=3, count=6, steps=6),
+]
+
+
+def test_a_decoder_out_of_memory_halves_the_chunk_for_good_and_makes_the_images_that_chunk_makes(ldm, caplog):
+    """Chunks of 8 where only 2 images fit: the call of 8 fails, then the call of 4; the engine
+    goes on at 2 per call, for this step's rows and later steps' (c's), with the failed calls'
+    tensors released before each retry, and the images are, bit for bit, those of an engine
+    set to decode 2 per call."""
+    model = load_model(ldm[0])
+    config = EngineConfig(max_batch=32, max_decode_batch=8, keep_samples=True, invariant_rows=0)
+    made: list[_Decoder] = []
+
+    def failing(decoder):
+        made.append(_Decoder(decoder, fails=lambda call, images: images > 2))
+        return made[-1]
+
+    with caplog.at_level("WARNING", logger="undiffuse.engine"):
+        engine, got, rows = _run_with(model, config, FINISH_TOGETHER, failing)
+    assert made[0].calls == [8, 4, 2, 2, 2, 2, 2, 2, 2] and rows == [2] * 7
+    assert engine.decode_batch == 2 and engine.decode_buckets == (1, 2)
+    assert "decoder out of memory at 8 images per call; decoding 4 per call" in caplog.text
+    assert "out of memory at 4 images per call; decoding 2 per call" in caplog.text
+    assert "batch-invariant" not in caplog.text
+    _, want, _ = _run_with(model, replace(config, max_decode_batch=2), FINISH_TOGETHER)
+    for k in want:
+        assert torch.equal(got[k][0], want[k][0]) and got[k][1].tobytes() == want[k][1].tobytes(), k
+
+
+def test_a_decode_that_runs_out_of_memory_midway_goes_on_from_the_chunk_that_failed(ldm):
+    """Fourteen rows finish at once, 4 per call; the third call fails: the first 8 images stay
+    decoded, the rest are decoded 2 per call, and every image is the one a whole run makes
+    (to the round-off of a different chunk, invariant_rows=0)."""
+    model = load_model(ldm[0])
+    together = [replace(r, steps=4) for r in FINISH_TOGETHER]
+    config = EngineConfig(max_batch=32, max_decode_batch=4, keep_samples=True, invariant_rows=0)
+    made: list[_Decoder] = []
+
+    def failing(decoder):
+        made.append(_Decoder(decoder, fails=lambda call, images: call == 3))
+        return made[-1]
+
+    engine, got, rows = _run_with(model, config, together, failing)
+    assert made[0].calls == [4, 4, 4, 2, 2, 2] and rows == [4, 4, 2, 2, 2] and engine.decode_batch == 2
+    _, want, _ = _run_with(model, config, together)
+    for k in want:
+        assert (got[k][0] - want[k][0]).abs().max() <= ATOL, k
+        assert np.abs(got[k][1].astype(int) - want[k][1].astype(int)).max() <= 1, k
+
+
+def test_batch_invariant_decode_slices_halve_after_running_out_of_memory_and_say_so(ldm, caplog):
+    """invariant_rows > 0 with slices of 4 images: after the slice fails, every call is a padded
+    slice of 2, logged as changing the images' bytes; the images are those of slices of 2."""
+    model = load_model(ldm[0])
+    config = EngineConfig(max_batch=32, max_decode_batch=4, keep_samples=True, invariant_rows=8)
+    made: list[_Decoder] = []
+
+    def failing(decoder):
+        made.append(_Decoder(decoder, fails=lambda call, images: images > 2))
+        return made[-1]
+
+    with caplog.at_level("WARNING", logger="undiffuse.engine"):
+        engine, got, rows = _run_with(model, config, FINISH_TOGETHER, failing)
+    assert made[0].calls == [4] + [2] * 7 and rows == [2] * 7 and engine.decode_batch == 2
+    assert "batch-invariant decode slices are now 2 images" in caplog.text
+    _, want, _ = _run_with(model, replace(config, max_decode_batch=2), FINISH_TOGETHER)
+    for k in want:
+        assert torch.equal(got[k][0], want[k][0]) and got[k][1].tobytes() == want[k][1].tobytes(), k
+
+
+@pytest.mark.parametrize("invariant_rows", [8, 0])
+def test_one_image_that_does_not_fit_raises_and_leaves_the_chunk_as_it_was(ldm, invariant_rows):
+    """Batch-invariant slices of one image (the default there) cannot halve; nor does a
+    one-image preview call help by halving a chunk of 16: the error reaches the engine loop,
+    whose handler lowers max_batch (tests/core/test_engine_loop.py)."""
+    model = load_model(ldm[0])
+    config = EngineConfig(max_batch=32, invariant_rows=invariant_rows, preview_decode_every=1)
+    engine = DenoisingEngine(model, config)
+    engine.decoder = decoder = _Decoder(engine.decoder, fails=lambda call, images: True)
+    before = engine.decode_batch
+    assert before == (1 if invariant_rows else 16)
+    engine.add(Request(id="a", owner="x", seed=1, start=0, count=3, steps=4, preview_every=1))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        engine.step()  # its preview at step 1
+    assert decoder.calls == [1] and engine.decode_batch == before
+
+
+@pytest.mark.parametrize("keep_samples", [False, True])
+def test_each_chunk_becomes_uint8_as_it_is_decoded_with_to_uint8s_pixels(ldm, keep_samples):
+    """Without keep_samples a chunk's float images are gone before the next chunk is decoded
+    (the decode holds one chunk of them, not every finishing row's); the uint8 images are
+    exactly undiffuse.images.to_uint8 of the float images, with or without keeping them."""
+    model = load_model(ldm[0])
+    config = EngineConfig(max_batch=32, max_decode_batch=3, keep_samples=True, invariant_rows=0)
+    made: list[_Decoder] = []
+
+    def watched(decoder):
+        made.append(_Decoder(decoder, one_chunk_alive=not keep_samples))
+        return made[-1]
+
+    _, kept, _ = _run_with(model, config, FINISH_TOGETHER)
+    _, got, rows = _run_with(model, replace(config, keep_samples=keep_samples), FINISH_TOGETHER, watched)
+    assert rows == [3, 3, 2, 3, 3] and made[0].calls == rows
+    for k, (samples, pixels) in kept.items():
+        assert pixels.dtype == np.uint8 and pixels.tobytes() == to_uint8(samples).tobytes(), k
+        assert got[k][1].tobytes() == pixels.tobytes(), k
+        assert (got[k][0] is None) != keep_samples and (got[k][0] is None or torch.equal(got[k][0], samples))
+
+
+def test_pixels_are_converted_as_to_uint8_converts_them():
+    from undiffuse.engine import _to_pixels
+
+    levels = torch.arange(105, dtype=torch.float32) * 2.5 - 5  # whole and half levels, some outside [0, 255]
+    x = torch.cat([torch.randn(3, 3, 5, 7) * 1.5, (levels / 127.5 - 1).view(1, 3, 5, 7)])
+    for want, got in ((to_uint8(x), _to_pixels(x)), (to_uint8(x), _to_pixels(x, torch.empty(4, 5, 7, 3).byte()))):
+        assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), want)
+    before = x.clone()
+    _to_pixels(x)
+    assert torch.equal(x, before)  # the input is left as it is (a pixel model's rows may be kept)
+
+
+def test_the_memory_a_decoder_reserves_and_what_the_networks_are_sized_from():
+    """decode_reserve and rows_for_memory: pure arithmetic (the device's numbers go in on CUDA)."""
+    from undiffuse.engine import decode_reserve, rows_for_memory
+
+    mib = 2**20
+    assert decode_reserve(None, 100 * mib) == 0  # not sized yet
+    assert decode_reserve(8, None) == 0 and decode_reserve(8, 0) == 0  # not measured: a CPU, a pixel model
+    assert decode_reserve(8, 100 * mib) == 800 * mib
+    # 1000 MiB free + 200 cached, 10 MiB per row, 80 %: 96 rows; less 700 MiB of decoders: 40
+    assert rows_for_memory(1000 * mib, 200 * mib, 10 * mib, 1000) == 96
+    assert rows_for_memory(1000 * mib, 200 * mib, 10 * mib, 1000, decode_reserved_bytes=700 * mib) == 40
+    assert rows_for_memory(1000 * mib, 200 * mib, 10 * mib, 1000, fraction=0.5, decode_reserved_bytes=700 * mib) == 25
+    assert rows_for_memory(1000 * mib, 200 * mib, 10 * mib, 32, decode_reserved_bytes=700 * mib) == 32  # the setting
+    assert rows_for_memory(1000 * mib, 200 * mib, 10 * mib, 1000, decode_reserved_bytes=5000 * mib) == 1  # at least 1
+    assert rows_for_memory(10, 0, 0, 1000, fraction=1.0) == 10  # nothing measured: a byte per row
+    assert rows_for_memory(0, 0, mib, 1000, decode_reserved_bytes=-mib) == 1
+
+
+def test_an_engine_reserves_its_chunk_at_the_measured_bytes_per_image(ldm):
+    """decode_reserved_bytes: 0 on a CPU (nothing measured) and for a pixel model; decode_batch
+    images at the bytes measured for one (set here as CUDA's measurement sets them), halved with
+    the chunk after running out of memory; set_decode_batch(None) goes back to the default."""
+    model = load_model(ldm[0])
+    engine = DenoisingEngine(model, EngineConfig(max_batch=32, max_decode_batch=8, invariant_rows=0))
+    assert engine.decode_reserved_bytes == 0
+    engine.warm_up(5)  # a CPU measures nothing, and keeps its chunk
+    assert engine.decode_reserved_bytes == 0 and engine.decode_batch == 8
+    engine._decode_bytes = 3000  # what _measure_decode finds on CUDA
+    assert engine.decode_reserved_bytes == 8 * 3000
+    engine.decoder = _Decoder(engine.decoder, fails=lambda call, images: images > 4)
+    _decode_runs(engine, [Request(id="a", owner="x", seed=1, start=0, count=8, steps=2)])
+    assert engine.decode_batch == 4 and engine.decode_reserved_bytes == 4 * 3000
+    engine.set_decode_batch(None)
+    assert (engine.decode_batch, engine.decode_buckets) == (8, (1, 2, 4, 8))
+    engine.set_decode_batch(2)
+    assert (engine.decode_batch, engine.decode_buckets) == (2, (1, 2))
+    with pytest.raises(ValueError, match="got 0"):
+        engine.set_decode_batch(0)
+    assert DenoisingEngine(model, EngineConfig(invariant_rows=0)).decode_batch == 16  # CPU default, unset
+    pixel = DenoisingEngine(load_model(DEMO_MODEL), EngineConfig(max_batch=8))
+    pixel.warm_up(5)
+    assert pixel.decoder is None and pixel.decode_reserved_bytes == 0
