@@ -13,8 +13,11 @@ through commands and hears back through a `Listener`:
 Between steps the loop applies every queued command, then steps each engine with work once.
 A step that raises fails that engine's requests (the listener hears `failed` for each) and the
 loop goes on; an out-of-memory error also halves the engine's max_batch (never below
-`min_batch`). Nothing here waits on anything but the step itself; progress and step timings
-are published for other threads to read (`progress`, `timings`, `rates`).
+`min_batch`) and hands the cached device memory back once the failed step's tensors are gone.
+(A latent decoder that runs out of memory halves its own chunk and retries inside the step:
+only one image that does not fit reaches the loop.) Nothing here waits on anything but the
+step itself; progress and step timings are published for other threads to read (`progress`,
+`timings`, `rates`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,9 +56,10 @@ class Cancel:
 
 @dataclass(frozen=True)
 class SetMaxBatch:
-    """Every engine's rows per network call: `setting`, capped by free device memory (never
-    below the loop's min_batch), then every bucket warmed up. `done` resolves when applied, or
-    raises why not (an engine whose warm-up failed keeps its old size)."""
+    """Every engine's rows per network call: `setting`, capped by free device memory less what
+    the engines' decoders take (never below the loop's min_batch), then every bucket warmed up,
+    then every latent decoder sized and warmed up. `done` resolves when applied, or raises why
+    not (an engine whose warm-up failed keeps its old sizes)."""
 
     setting: int
     done: Future = field(default_factory=Future, compare=False)
@@ -177,19 +182,35 @@ class EngineLoop:
         except Exception as e:  # fail this engine's requests (the workers retry them), keep serving
             self.failed_steps += 1
             self.log.exception("engine %s failed a step; failing its %d shards", name, len(engine))
-            out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError)
-            if out_of_memory:  # retry the shards with smaller steps
-                engine.set_max_batch(max(self.min_batch, engine.config.max_batch // 2))
-                self.log.warning(
-                    "engine %s: max_batch lowered to %d after running out of memory", name, engine.config.max_batch
-                )
-            for rid in list(engine.progress()):
-                engine.cancel(rid)
-                self.listener.failed(rid, e)
-            engine.step()  # drops the canceled rows and, idle now, their device buffers
-            if out_of_memory and torch.cuda.is_available():
-                torch.cuda.empty_cache()  # after the buffers are dropped, so their memory goes back
+            error = e
+        else:
+            self._report(name, engine, finished, previews)
             return
+        # past the except clause: the interpreter no longer holds the error as the one being handled
+        out_of_memory = self._fail(name, engine, error)
+        del error
+        if out_of_memory and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # after the failed step's tensors and the canceled rows are dropped
+
+    def _fail(self, name: str, engine: DenoisingEngine, error: Exception) -> bool:
+        """Fail every request of `engine` with `error` and drop their rows; after running out of
+        memory, halve the engine's max_batch first and let go of the error's traceback (logged
+        already), whose frames hold the failed step's tensors, so that the memory can go back
+        to the device while the listeners still hold the error. True after running out of memory."""
+        out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)
+        if out_of_memory:  # retry the shards with smaller steps
+            _drop_tracebacks(error)
+            engine.set_max_batch(max(self.min_batch, engine.config.max_batch // 2))
+            self.log.warning(
+                "engine %s: max_batch lowered to %d after running out of memory", name, engine.config.max_batch
+            )
+        for rid in list(engine.progress()):
+            engine.cancel(rid)
+            self.listener.failed(rid, error)
+        engine.step()  # drops the canceled rows and, idle now, their device buffers
+        return out_of_memory
+
+    def _report(self, name: str, engine: DenoisingEngine, finished: list[Finished], previews: list[Preview]) -> None:
         self.failed_steps = 0
         for done in finished:
             self.listener.finished(done.id, done)
@@ -202,30 +223,79 @@ class EngineLoop:
 
     def _set_max_batch(self, setting: int) -> None:
         """Each engine's max_batch: the setting, capped by free GPU memory (probed at the engine's
-        precision), then every bucket warmed up; an engine whose warm-up fails keeps its old size."""
-        for name, engine in self.engines.items():
-            max_batch = max_batch_for_memory(engine.model, setting, engine.dtype)
+        precision) less what the decoders of every engine take at their chunks
+        (`DenoisingEngine.decode_reserved_bytes`: decodes run on side streams beside every
+        engine's steps, and their blocks cached there are no use to the steps), then every
+        bucket warmed up. Then each latent decoder is measured, sized (unless already sized or
+        set) from the memory the networks left less what the other decoders take, and warmed
+        up. Every network first: a decoder sized before another engine's network would count
+        memory that network takes, and the network memory that decoder takes. An engine whose
+        warm-up fails keeps its old max_batch and decode chunk."""
+        engines = list(self.engines.items())
+        previous = {name: (e.config.max_batch, e.decode_batch) for name, e in engines}
+        reserved = sum(e.decode_reserved_bytes for _, e in engines)  # 0 until the decoders are measured
+        for name, engine in engines:
+            max_batch = max_batch_for_memory(engine.model, setting, engine.dtype, decode_reserved_bytes=reserved)
             if max_batch < self.min_batch:
                 self.log.warning(
                     "engine %s: free memory fits %d rows, below the least batch; using %d",
                     name, max_batch, self.min_batch,
                 )  # fmt: skip
                 max_batch = self.min_batch
-            previous = engine.config.max_batch
             engine.set_max_batch(max_batch)
             started = time.perf_counter()
-            try:
-                engine.warm_up(self.warmup_seconds, log=lambda m, n=name: self.log.info("warm-up %s: %s", n, m))
-            except Exception:
-                engine.set_max_batch(previous)
-                raise
+            with self._restoring(name, engine, previous[name]):
+                engine.warm_up(self.warmup_seconds, log=self._warm_up_log(name), decoder=False)
             self.log.info(
                 "engine %s: max_batch %d (setting %d), %s, warm-up %.1f s",
                 name, engine.config.max_batch, setting, engine.dtype, time.perf_counter() - started,
             )  # fmt: skip
+        for name, engine in engines:
+            if engine.decoder is None:
+                continue
+            others = sum(e.decode_reserved_bytes for _, e in engines if e is not engine)
+            started = time.perf_counter()
+            with self._restoring(name, engine, previous[name]):
+                engine.warm_up_decoder(self.warmup_seconds, log=self._warm_up_log(name), reserved_elsewhere=others)
+            self.log.info(
+                "engine %s: decoder %d images per call, %.0f MiB, warm-up %.1f s",
+                name, engine.decode_batch, engine.decode_reserved_bytes / 2**20, time.perf_counter() - started,
+            )  # fmt: skip
+
+    @contextmanager
+    def _restoring(self, name: str, engine: DenoisingEngine, sizes: tuple[int, int | None]) -> Iterator[None]:
+        """On an error in the block, give `engine` back its max_batch and decode chunk `sizes` (those
+        that changed) and raise it."""
+        try:
+            yield
+        except Exception:
+            max_batch, decode_batch = sizes
+            if engine.config.max_batch != max_batch:
+                engine.set_max_batch(max_batch)
+            if engine.decode_batch != decode_batch:
+                engine.set_decode_batch(decode_batch)
+            self.log.warning("engine %s: warm-up failed; back to max_batch %d", name, engine.config.max_batch)
+            raise
+
+    def _warm_up_log(self, name: str) -> Callable[[str], None]:
+        return lambda message: self.log.info("warm-up %s: %s", name, message)
 
     def _publish(self) -> None:
         progress: dict[Hashable, int] = {}
         for engine in self.engines.values():
             progress.update(engine.progress())
         self.progress = progress  # one reference swap: readers see whole snapshots
+
+
+def _drop_tracebacks(error: BaseException) -> None:
+    """Let go of the tracebacks of `error` and of the errors it was raised from or during: their
+    frames hold the tensors of the step that failed."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        pending += [e.__cause__, e.__context__]

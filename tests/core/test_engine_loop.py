@@ -3,7 +3,9 @@ out through the listener, a failing step failing only its engine's requests."""
 
 from __future__ import annotations
 
+import logging
 import threading
+import weakref
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch
 from undiffuse import DiffusionModel, ModelConfig, ScheduleConfig, UNetConfig
 from undiffuse.engine import DenoisingEngine, EngineConfig, Request
 from undiffuse.engine_loop import Add, Cancel, EngineLoop, SetMaxBatch
+from undiffuse.schedule import NoiseSchedule
 
 TINY = UNetConfig(image_size=8, base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,), num_classes=3)
 
@@ -41,6 +44,31 @@ class Recorder:
 def engine(max_batch: int = 16) -> DenoisingEngine:
     model = DiffusionModel.from_config(RowWise(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200)))
     return DenoisingEngine(model, EngineConfig(max_batch=max_batch, latency_slack=None, keep_samples=True))
+
+
+class Upsample(torch.nn.Module):
+    """A latent model's decoder: 8 x 8 latents to 16 x 16 images."""
+
+    def forward(self, z):
+        return torch.nn.functional.interpolate(z, scale_factor=2).tanh()
+
+
+def latent_engine(max_batch: int = 16, **config) -> DenoisingEngine:
+    schedule = NoiseSchedule.from_config(ScheduleConfig(num_timesteps=200))
+    model = DiffusionModel(
+        RowWise(), schedule, image_size=16, channels=1, num_classes=3, decoder=Upsample(), latent_shape=(1, 8, 8)
+    )
+    return DenoisingEngine(model, EngineConfig(max_batch=max_batch, latency_slack=None, **config))
+
+
+def quiet_log() -> logging.Logger:
+    """A logger that keeps no record: pytest's log capture keeps each record, and with it the
+    traceback of a logged error."""
+    log = logging.getLogger("test_engine_loop.quiet")
+    log.propagate = False
+    if not log.handlers:
+        log.addHandler(logging.NullHandler())
+    return log
 
 
 def request(rid, steps: int = 4, count: int = 2, **kw) -> Request:
@@ -147,3 +175,112 @@ def test_run_steps_on_its_thread_until_stopped():
     loop.wake()
     thread.join(timeout=5)
     assert "r" in listener.done and not thread.is_alive()
+
+
+def test_after_running_out_of_memory_the_cache_is_emptied_once_the_failed_steps_tensors_are_gone(monkeypatch):
+    """The failed step's frames (held by the error's traceback) and the canceled rows are gone
+    when the cache is emptied, also while the listener still holds the error, which keeps its
+    message but not its traceback (the log has it)."""
+    listener = Recorder()
+    broken = engine(max_batch=64)
+    held: list[weakref.ref] = []
+
+    def out_of_memory(x, t, labels):
+        activations = torch.empty(x.shape[0], 4096)
+        held.append(weakref.ref(activations))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    broken.network = out_of_memory
+    emptied: list[tuple[bool, int]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append((held[0]() is None, broken.resident_rows)))
+    loop = EngineLoop({"broken": broken}, listener, min_batch=8, log=quiet_log())
+    loop.submit(Add("broken", request("x")))
+    loop.run_once()
+    assert emptied == [(True, 0)]
+    error = listener.errors["x"]
+    assert isinstance(error, torch.cuda.OutOfMemoryError) and "simulated" in str(error)
+    assert error.__traceback__ is None and broken.config.max_batch == 32
+
+
+def test_a_decoder_out_of_memory_halves_the_decode_chunk_not_max_batch_and_fails_nothing():
+    """A decoder that fits 2 images per call, set to 8: the step that finishes 8 rows decodes
+    them 2 at a time after two failed calls, the shards succeed, and max_batch stays as it was."""
+    listener = Recorder()
+    e = latent_engine(max_decode_batch=8, invariant_rows=0)
+    decode = e.decoder
+    calls: list[int] = []
+
+    def fits_two(z):
+        calls.append(z.shape[0])
+        if z.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return decode(z)
+
+    e.decoder = fits_two
+    loop = EngineLoop({"m": e}, listener, min_batch=4, log=quiet_log())
+    loop.submit(Add("m", request("a", count=4)))
+    loop.submit(Add("m", request("b", count=4)))
+    drain(loop)
+    assert set(listener.done) == {"a", "b"} and not listener.errors and loop.failed_steps == 0
+    assert listener.done["a"].pixels().shape == (4, 16, 16, 1)
+    assert calls == [8, 4, 2, 2, 2, 2] and e.decode_batch == 2 and e.config.max_batch == 16
+
+
+def test_set_max_batch_sizes_every_network_less_every_decoders_memory_then_every_decoder(monkeypatch):
+    """Every network is sized from the memory less what all decoders take at their chunks and
+    warmed up, then every decoder warmed up (sized from what is left less the other decoders'
+    memory): no decoder is measured between two networks. The decoders' bytes per image stand
+    for what CUDA measures."""
+    first, pixel, second = latent_engine(max_decode_batch=4), engine(), latent_engine(max_decode_batch=2)
+    first._decode_bytes, second._decode_bytes = 1000, 300  # _measure_decode's result on CUDA
+    events: list[tuple] = []
+
+    def sizing(model, setting, dtype, *, decode_reserved_bytes):
+        name = {id(e.model): n for n, e in engines.items()}[id(model)]
+        events.append(("size", name, decode_reserved_bytes))
+        return setting
+
+    engines = {"first": first, "pixel": pixel, "second": second}
+    for name, e in engines.items():
+        monkeypatch.setattr(e, "warm_up", lambda s, log, decoder, n=name: events.append(("network", n, decoder)))
+        monkeypatch.setattr(
+            e,
+            "warm_up_decoder",
+            lambda s, log, reserved_elsewhere, n=name: events.append(("decoder", n, reserved_elsewhere)),
+        )
+    monkeypatch.setattr("undiffuse.engine_loop.max_batch_for_memory", sizing)
+    loop = EngineLoop(engines, Recorder(), min_batch=4)
+    command = SetMaxBatch(12)
+    loop.submit(command)
+    loop.run_once()
+    assert command.done.result(timeout=0) is None
+    assert events == [
+        ("size", "first", 4600),
+        ("network", "first", False),
+        ("size", "pixel", 4600),
+        ("network", "pixel", False),
+        ("size", "second", 4600),
+        ("network", "second", False),
+        ("decoder", "first", 600),
+        ("decoder", "second", 4000),
+    ]
+    assert [e.config.max_batch for e in engines.values()] == [12, 12, 12]
+    assert (first.decode_reserved_bytes, pixel.decode_reserved_bytes) == (4000, 0)
+
+
+def test_a_failed_decoder_warm_up_restores_max_batch_and_the_decode_chunk():
+    e = latent_engine(max_decode_batch=4)
+
+    def sized_then_broken(max_seconds, log, reserved_elsewhere):
+        e.set_decode_batch(2)  # as a decoder sized by memory would be
+        raise RuntimeError("no kernel for this decode bucket")
+
+    e.warm_up_decoder = sized_then_broken
+    loop = EngineLoop({"m": e}, Recorder(), min_batch=4, log=quiet_log())
+    command = SetMaxBatch(8)
+    loop.submit(command)
+    loop.run_once()
+    with pytest.raises(RuntimeError, match="no kernel"):
+        command.done.result(timeout=0)
+    assert (e.config.max_batch, e.decode_batch) == (16, 4)
