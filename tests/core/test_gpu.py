@@ -1,5 +1,7 @@
 """CUDA checks: run on a GPU machine, skipped cleanly elsewhere (see tests/conftest.py)."""
 
+import contextlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,35 @@ from undiffuse import DDIMSampler, DDPMSampler, ImageNoise, load_model
 
 pytestmark = pytest.mark.gpu
 MODEL = Path(__file__).resolve().parents[2] / "models" / "mnist"
+
+
+@contextlib.contextmanager
+def _never_synchronizing():
+    """A stepping window that must not wait on the device: an operation the sync debug mode
+    flags (a device-to-host read) raises, and so does an explicit synchronization of the
+    device, a stream or an event, a memory query or emptying the cache, which that mode does
+    not flag."""
+
+    def refuse(what: str):
+        def refused(*args, **kwargs):
+            raise AssertionError(f"{what} inside a stepping window")
+
+        return refused
+
+    with pytest.MonkeyPatch.context() as mp:
+        for owner, name in (
+            (torch.cuda, "synchronize"),
+            (torch.cuda, "mem_get_info"),
+            (torch.cuda, "empty_cache"),
+            (torch.cuda.Stream, "synchronize"),
+            (torch.cuda.Event, "synchronize"),
+        ):
+            mp.setattr(owner, name, refuse(f"{getattr(owner, '__name__', owner)}.{name}"))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def test_noise_is_the_same_on_cpu_and_cuda():
@@ -115,12 +146,9 @@ def test_engine_steps_never_synchronize_the_device():
     for r in _digits(32, 30):
         engine.add(r)
     engine.step()  # assembles the batch (host-to-device copies of its row tables)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with _never_synchronizing():
         for _ in range(10):
             assert engine.step() == []
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_max_batch_follows_free_memory():
@@ -135,8 +163,6 @@ def test_max_batch_follows_free_memory():
 def test_previews_never_synchronize_the_device_and_match_the_cpu():
     """A previewing request in a steady batch adds no synchronizing CUDA call (its x0 rows go to
     pinned memory asynchronously), and its previews are the CPU engine's within round-off."""
-    from dataclasses import replace
-
     from undiffuse.engine import DenoisingEngine, EngineConfig
 
     reqs = _digits(32, 30)
@@ -147,14 +173,10 @@ def test_previews_never_synchronize_the_device_and_match_the_cpu():
         for r in reqs:
             engine.add(r)
         engine.step()  # assembles the batch
-        if device == "cuda":
-            torch.cuda.set_sync_debug_mode("error")
-        try:
+        with _never_synchronizing() if device == "cuda" else contextlib.nullcontext():
             for _ in range(10):
                 assert engine.step() == []
             made = engine.take_previews()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         assert [(p.id, p.step) for p in made] == [(0, 3), (0, 6), (0, 9)]
         previews[device] = torch.stack([torch.from_numpy(p.pixels()) for p in made]).int()
     assert previews["cuda"].shape == (3, 28, 28, 1)
@@ -246,7 +268,8 @@ def test_latent_decodes_run_on_a_side_stream_and_equal_the_main_streams(ldm_fold
 
 def test_latent_steps_that_finish_rows_never_synchronize_the_device(ldm_folder):
     """The decode chunk is sized by memory at warm-up (its one synchronization); afterwards
-    steps that decode previews and finished rows issue no synchronizing CUDA call."""
+    steps that decode previews and finished rows issue no synchronizing CUDA call
+    (_never_synchronizing: the explicit ones too, which the sync debug mode does not flag)."""
     from undiffuse.engine import DECODE_BATCH_CAP, DenoisingEngine, EngineConfig
 
     config = EngineConfig(max_batch=32, compile=False, preview_decode_every=1)
@@ -258,27 +281,125 @@ def test_latent_steps_that_finish_rows_never_synchronize_the_device(ldm_folder):
     for r in _latent_requests():
         engine.add(r)
     engine.step()  # assembles the batch
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with _never_synchronizing():
         done = []
         for _ in range(5):  # steps 2 to 6: b's previews at 2 and 4, a and b finish at 6
             done += engine.step()
         made = engine.take_previews()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert sorted(f.id for f in done) == ["a", "b"] and [p.step for p in made] == [2, 4]
     assert [f.pixels().shape for f in sorted(done, key=lambda f: f.id)] == [(5, 16, 16, 3), (3, 16, 16, 3)]
 
 
 def test_the_decode_chunk_is_sized_at_the_first_decode_without_a_warm_up(ldm_folder):
+    """Unsized through the steps before the first decode (b's preview at step 5), sized by the
+    step that makes it, with the decoder's memory measured and reserved at that chunk."""
     from undiffuse.engine import DECODE_BATCH_CAP, DenoisingEngine, EngineConfig
 
     engine = DenoisingEngine(load_model(ldm_folder, "cuda"), EngineConfig(max_batch=32, compile=False))
-    got, _ = _run_latent(engine, inline=False)
+    for r in _latent_requests():
+        engine.add(r)
+    steps = 0
+    while True:
+        assert engine.decode_batch is None and engine.decode_reserved_bytes == 0, steps
+        done, made = engine.step(), engine.take_previews()
+        steps += 1
+        if done or made:
+            break
+    assert steps == 5 and [p.step for p in made] == [5] and not done
     k = engine.decode_batch
-    assert 1 <= k <= DECODE_BATCH_CAP and k & (k - 1) == 0
+    assert k is not None and 1 <= k <= DECODE_BATCH_CAP and k & (k - 1) == 0
+    assert engine.decode_reserved_bytes > 0 and engine.decode_reserved_bytes % k == 0
+    assert made[0].pixels().shape == (16, 16, 3)
+    while not engine.idle:
+        done += engine.step()
+    assert engine.decode_batch == k and sorted(f.pixels().shape[0] for f in done) == [3, 5, 6]
+
+
+def test_a_decoder_out_of_memory_on_the_side_stream_halves_the_chunk_and_keeps_the_images(ldm_folder):
+    """A decoder that fits 2 images per call, set to 4: after the failed call (on the side
+    stream, with its inputs recorded there) the cache is emptied and the decode goes on at 2 per
+    call; the images equal those of an engine set to 2 per call, inline."""
+    from undiffuse.engine import DenoisingEngine, EngineConfig
+
+    model = load_model(ldm_folder, "cuda")
+    config = EngineConfig(max_batch=32, precision="fp32", compile=False, keep_samples=True, max_decode_batch=4)
+    engine = DenoisingEngine(model, config)
+    decode, calls = engine.decoder, []
+
+    def fits_two(z):
+        calls.append(z.shape[0])
+        if z.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return decode(z)
+
+    engine.decoder = fits_two
+    got, got_previews = _run_latent(engine, inline=False)
+    # b's preview at step 5 (one image), a's and b's 8 rows at step 6 (4 fails), c's 6 at step 9
+    assert calls == [1, 4, 2, 2, 2, 2, 2, 2, 2] and engine.decode_batch == 2
+    want, want_previews = _run_latent(DenoisingEngine(model, replace(config, max_decode_batch=2)), inline=True)
+    _same(got, want)
+    assert all((p - q).abs().max() <= 1 for p, q in zip(got_previews, want_previews, strict=True))
+
+
+def test_decoders_reserve_their_chunk_and_networks_are_sized_without_it(ldm_folder):
+    """After warm-up a latent engine reserves decode_batch x its measured bytes per image, also
+    with a pinned chunk; max_batch_for_memory leaves the reservation out of the networks' room."""
+    from undiffuse.engine import DenoisingEngine, EngineConfig, max_batch_for_memory
+
+    model = load_model(ldm_folder, "cuda")
+    sized = DenoisingEngine(model, EngineConfig(max_batch=16, compile=False))
+    sized.warm_up(60)
+    pinned = DenoisingEngine(model, EngineConfig(max_batch=16, compile=False, max_decode_batch=3))
+    pinned.warm_up(60)
+    assert pinned.decode_batch == 3 and pinned.decode_reserved_bytes > 0
+    per_image = pinned.decode_reserved_bytes // 3
+    per_sized = sized.decode_reserved_bytes // sized.decode_batch  # the same decoder: about the same bytes
+    assert sized.decode_reserved_bytes % sized.decode_batch == 0 and 0.5 <= per_sized / per_image <= 2
     free, _total = torch.cuda.mem_get_info()
-    assert free > 0 and all(pixels.shape[1:] == (16, 16, 3) for _, pixels in got.values())
+    whole = max_batch_for_memory(model, 10**9)
+    half = max_batch_for_memory(model, 10**9, decode_reserved_bytes=(free + torch.cuda.memory_reserved()) // 2)
+    assert 1 <= half < whole and max_batch_for_memory(model, 10**9, decode_reserved_bytes=10**15) == 1
+
+
+def test_the_engine_loop_sizes_two_latent_engines_and_serves_both(ldm_folder):
+    """SetMaxBatch on two latent engines of one GPU: both networks sized and warmed, then both
+    decoders sized (the second from what the first left) and measured; requests on both finish."""
+    from undiffuse.engine import DenoisingEngine, EngineConfig
+    from undiffuse.engine_loop import Add, EngineLoop, SetMaxBatch
+
+    class Listener:
+        def __init__(self):
+            self.done, self.errors = {}, {}
+
+        def finished(self, rid, finished):
+            self.done[rid] = finished
+
+        def failed(self, rid, error):
+            self.errors[rid] = error
+
+        def previews(self, previews):
+            pass
+
+    engines = {
+        name: DenoisingEngine(load_model(ldm_folder, "cuda"), EngineConfig(max_batch=64, compile=False))
+        for name in ("one", "two")
+    }
+    listener = Listener()
+    loop = EngineLoop(engines, listener, min_batch=8, warmup_seconds=60)
+    command = SetMaxBatch(64)
+    loop.submit(command)
+    loop.run_once()
+    assert command.done.result(timeout=0) is None
+    for engine in engines.values():
+        assert 8 <= engine.config.max_batch <= 64 and engine.decode_batch and engine.decode_reserved_bytes > 0
+    for name in engines:
+        for r in _latent_requests():
+            loop.submit(Add(name, replace(r, id=(name, r.id))))
+    for _ in range(100):
+        if not loop.run_once():
+            break
+    assert not listener.errors and len(listener.done) == 6
+    assert all(f.pixels().shape[1:] == (16, 16, 3) for f in listener.done.values())
 
 
 def test_a_compiled_latent_engine_decodes_on_the_side_stream_as_on_the_main_stream(ldm_folder):
