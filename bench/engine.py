@@ -43,6 +43,7 @@ own pipeline on the same weights and steps in the same run:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import statistics
@@ -539,10 +540,14 @@ def _timed(run) -> float:
 def _side_by_side(reference, engine_model, requests, rows, device, compile_models) -> list[tuple[str, float, float]]:
     """(engine config, reference seconds, engine seconds) for each engine config, best of 2 each
     after a 2-step warm-up: the reference is timed alternately with the first config (fp32) and
-    that time stands for the others (a real-size fp32 reference run costs seconds on a GPU)."""
+    that time stands for the others (a real-size fp32 reference run costs seconds on a GPU).
+    Each engine starts with the device's cache emptied, so that a decoder sized by free memory
+    is not sized smaller for the blocks an earlier config or the reference left cached."""
     _timed(lambda: reference(2))
     out: list[tuple[str, float, float]] = []
     for label, cfg in _engine_configs(device, rows, compile_models):
+        gc.collect()  # an earlier engine's compiled graphs may sit in reference cycles
+        _free(device)
         engine = DenoisingEngine(engine_model, cfg)
         engine.warm_up(300)
         run_engine(engine, [Request(**{**r.__dict__, "id": ("warm", r.id), "steps": 2}) for r in requests])
