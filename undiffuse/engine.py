@@ -842,7 +842,7 @@ class DenoisingEngine:
             "decoder out of memory at %d images per call; decoding %d per call from now on%s",
             failed_rows,
             self.decode_batch,
-            f" (was {before})" if before != failed_rows else "",
+            f" (the chunk was {before})" if before != failed_rows else "",
         )
         if self.invariant_rows:
             log.warning(
