@@ -5,7 +5,11 @@
       a direct call of the Denoiser deployment for the same 16 images -> ratio (goal <= 1.10);
   (b) POST /v1/jobs throughput and p50/p99 latency with 32 concurrent clients (goal >= 300/s),
       against GET /healthz through the same proxy; load from wrk when installed, else httpx;
-  (c) 16 concurrent one-image jobs against the same 16 run one after another -> batching gain.
+  (c) 16 concurrent one-image jobs against the same 16 run one after another -> batching gain;
+  (d) the Denoiser's step gaps (undiffuse_engine_step_gap_seconds: host time between one step and
+      the next while work continues) during a long job, with a storm of one-image submissions
+      (--requests, --clients) against the same job without one -> how much a busy replica's event
+      loop delays the next step.
 
     python bench/service.py [--requests 2000] [--clients 32]
 """
@@ -183,6 +187,51 @@ async def batching(jobs: Jobs, n: int = 16) -> tuple[float, float]:
     return sequential, concurrent
 
 
+def gap_histogram(metrics_url: str) -> dict[float, float]:
+    """{upper bound: cumulative count} of undiffuse_engine_step_gap_seconds, and -1: the sum."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        for s in family.samples:
+            if s.name.endswith("undiffuse_engine_step_gap_seconds_bucket"):
+                le = float(s.labels["le"])
+                out[le] = out.get(le, 0.0) + s.value
+            elif s.name.endswith("undiffuse_engine_step_gap_seconds_sum"):
+                out[-1.0] = out.get(-1.0, 0.0) + s.value
+    return out
+
+
+def gap_summary(before: dict[float, float], after: dict[float, float]) -> str:
+    """The gaps recorded between two scrapes: count, mean, and the bucket holding p50 and p99."""
+    bounds = sorted(b for b in after if b >= 0)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    n = counts[-1] if counts else 0.0
+    if n <= 0:
+        return "no gaps recorded"
+    mean = (after[-1.0] - before.get(-1.0, 0.0)) / n
+    quantile = lambda q: next(b for b, c in zip(bounds, counts, strict=True) if c >= q * n)  # noqa: E731
+    fmt = lambda b: "> 100 ms" if b == float("inf") else f"<= {b * 1e3:g} ms"  # noqa: E731
+    return f"{n:.0f} gaps, mean {mean * 1e3:.2f} ms, p50 {fmt(quantile(0.5))}, p99 {fmt(quantile(0.99))}"
+
+
+async def step_gaps(jobs: Jobs, base_url: str, metrics_url: str, requests: int, clients: int) -> tuple[str, str]:
+    """(d): the step gaps of a long job alone, then beside a submission storm."""
+    r = await jobs.client.post("/v1/jobs", json={"num_images": 16, "steps": 1000, "class_label": 3})
+    r.raise_for_status()
+    await asyncio.sleep(8)  # running, and its first gaps exported
+    quiet0 = gap_histogram(metrics_url)
+    await asyncio.sleep(8)
+    await asyncio.sleep(1.5)  # the metrics agent's export interval (0.5 s) and the progress interval
+    quiet1 = busy0 = gap_histogram(metrics_url)
+    body = {"num_images": 1, "steps": 2, "class_label": 0}
+    await request_storm(base_url, requests, clients, "POST", "/v1/jobs", body)
+    await asyncio.sleep(1.5)
+    busy1 = gap_histogram(metrics_url)
+    await jobs.client.post(f"/v1/jobs/{r.json()['id']}/cancel")
+    return gap_summary(quiet0, quiet1), gap_summary(busy0, busy1)
+
+
 async def drain(redis_url: str) -> None:
     from service.jobs.connection import async_redis
     from service.jobs.queue import ShardQueue
@@ -207,7 +256,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="undiffuse-bench-"))
     quiet = {"logging_level": "ERROR", "log_to_driver": False}
-    with local_stack(work, {"api_keys": [KEY]}, ray_options=quiet) as stack:
+    ray_options = {**quiet, "_system_config": {"metrics_report_interval_ms": 500}}
+    with local_stack(work, {"api_keys": [KEY]}, ray_options=ray_options) as stack:
         denoiser = serve.get_deployment_handle("Denoiser", app_name="undiffuse")
         base, redis_url = stack.base_url, stack.redis.url
 
@@ -225,9 +275,14 @@ def main() -> None:
                 floor = await request_storm(base, args.requests, args.clients, "GET", "/healthz", None)
                 submit = await request_storm(base, args.requests, args.clients, "POST", "/v1/jobs", body)
             await drain(redis_url)
-            return direct, e2e, seq, conc, floor, submit
+            async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+                gaps = await step_gaps(
+                    Jobs(c, redis_url), base, stack.metrics_url, min(args.requests, 500), args.clients
+                )
+            await drain(redis_url)
+            return direct, e2e, seq, conc, floor, submit, gaps
 
-        direct, e2e, seq, conc, floor, submit = asyncio.run(all_benchmarks())
+        direct, e2e, seq, conc, floor, submit, gaps = asyncio.run(all_benchmarks())
         alone = engine_alone(args.repeats)
 
     print(
@@ -252,6 +307,10 @@ def main() -> None:
     )
     print(
         f"| (c) 16 one-image jobs: one after another vs concurrent | {seq:.2f} s | {conc:.2f} s | {seq / conc:.2f}x faster | > 1x |"
+    )
+    print(
+        f"| (d) step gaps of a 16-image DDIM 1000 job: alone vs beside {min(args.requests, 500)} one-image submissions "
+        f"| {gaps[0]} | {gaps[1]} | | the device never waits for Python |"
     )
 
 

@@ -14,7 +14,8 @@ event loop does everything else, off the stepping path:
   record in one Redis round trip and reads back the jobs' statuses: a canceled (or failed, or
   expired) job's rows are removed from the batch at the engine's next step;
 - it records every denoising step in undiffuse_denoise_step_seconds and its batch size in
-  undiffuse_sampler_batch_images, from timings the engine takes without a device-wide sync;
+  undiffuse_sampler_batch_images, from timings the engine takes without a device-wide sync, and
+  the host time between consecutive steps in undiffuse_engine_step_gap_seconds;
 - for a job that asked for previews, its first shard's engine request makes previews of the
   job's first image (undiffuse.engine.Preview); one writer task encodes each as a PNG (off the
   loop) and appends it to the job's events, in order, dropping previews if Redis falls behind.
@@ -356,6 +357,9 @@ class Denoiser:
             model, seconds, rows, sampler = timings.popleft()
             steps.observe(seconds, tags={"model": model, "sampler": sampler})
             batches.observe(rows, tags={"model": model})
+        gaps, gap_seconds = self._engine_loop.gaps, metrics.engine_step_gap_seconds()
+        while gaps:
+            gap_seconds.observe(gaps.popleft())
 
     async def _exchange_progress(self) -> None:
         from undiffuse.engine_loop import Cancel

@@ -25,6 +25,20 @@ def denoise_step_seconds() -> metrics.Histogram:
     )
 
 
+GAP_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]
+
+
+@cache
+def engine_step_gap_seconds() -> metrics.Histogram:
+    return metrics.Histogram(
+        "undiffuse_engine_step_gap_seconds",
+        description="Host time from the end of one denoising step's call to the start of the next while "
+        "work continues (reports, commands, and the replica's event loop holding the GIL): time a GPU "
+        "waits for Python unless the queued steps outlast it.",
+        boundaries=GAP_BUCKETS,
+    )
+
+
 @cache
 def sampler_batch_images() -> metrics.Histogram:
     return metrics.Histogram(

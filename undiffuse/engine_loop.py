@@ -17,7 +17,14 @@ loop goes on; an out-of-memory error also halves the engine's max_batch (never b
 (A latent decoder that runs out of memory halves its own chunk and retries inside the step:
 only one image that does not fit reaches the loop.) Nothing here waits on anything but the
 step itself; progress and step timings are published for other threads to read (`progress`,
-`timings`, `rates`).
+`timings`, `rates`, `gaps`).
+
+`gaps` are the host seconds from the end of one `engine.step()` to the start of the next while
+work continues: reports to the listener, commands, and whatever else holds the interpreter (in a Ray replica,
+its event loop shares the GIL with this thread). On a GPU the device idles through a gap unless
+the queued steps outlast it, so a gap that grows under load is time the device waits for Python
+(the Denoiser exports them as undiffuse_engine_step_gap_seconds; bench/service.py measures
+them with and without HTTP load).
 """
 
 from __future__ import annotations
@@ -109,6 +116,8 @@ class EngineLoop:
         self.progress: dict[Hashable, int] = {}  # steps done per request: a snapshot, swapped whole
         self.timings: deque[tuple[str, float, int, str]] = deque(maxlen=100_000)  # (model, s, rows, sampler)
         self.rates: deque[tuple[float, int, float]] = deque(maxlen=4096)  # (at, rows, seconds) per step
+        self.gaps: deque[float] = deque(maxlen=100_000)  # host seconds between consecutive steps (module docs)
+        self._step_ended: float | None = None  # perf_counter at the end of the last step, while busy
         self.failed_steps = 0  # consecutive, across engines
 
     # --- other threads ------------------------------------------------------------------------------
@@ -139,6 +148,7 @@ class EngineLoop:
         self.apply_commands()
         busy = [(name, e) for name, e in self.engines.items() if not e.idle]
         if not busy:
+            self._step_ended = None  # an idle wait is not a gap
             self._publish()
             return False
         for name, engine in busy:
@@ -176,8 +186,12 @@ class EngineLoop:
                     raise TypeError(f"not an engine command: {command!r}")
 
     def _step(self, name: str, engine: DenoisingEngine) -> None:
+        started = time.perf_counter()
+        if self._step_ended is not None:
+            self.gaps.append(started - self._step_ended)
         try:
             finished = engine.step()
+            self._step_ended = time.perf_counter()
             previews = engine.take_previews()
         except Exception as e:  # fail this engine's requests (the workers retry them), keep serving
             self.failed_steps += 1

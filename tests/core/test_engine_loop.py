@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 
 import pytest
@@ -95,6 +96,27 @@ def test_added_requests_finish_and_are_reported_with_progress_and_timings():
     assert listener.preview_steps == [("r1", 2)]
     assert [rows for _, _, rows, _ in loop.timings] == [4] * 4 + [2] * 2
     assert loop.progress == {} and loop.failed_steps == 0
+
+
+def test_gaps_are_the_host_time_between_steps_while_work_continues():
+    """One gap per step after the first of a busy stretch, none across an idle wait; a slow
+    listener (host work between steps) shows in them."""
+
+    class SlowListener(Recorder):
+        def finished(self, request_id, finished) -> None:
+            super().finished(request_id, finished)
+            time.sleep(0.02)
+
+    loop = EngineLoop({"m": engine()}, SlowListener(), publish_every=0.0)
+    loop.submit(Add("m", request("a", steps=4)))
+    loop.submit(Add("m", request("b", steps=6)))
+    drain(loop)  # 6 rounds of steps, then idle
+    assert len(loop.gaps) == 5
+    gaps = list(loop.gaps)
+    assert gaps[3] >= 0.02 and max(gaps[:3]) < 0.02  # the step after a finished, not before
+    loop.submit(Add("m", request("c", steps=2)))
+    drain(loop)
+    assert len(loop.gaps) == 5 + 1  # the idle wait in between is not a gap
 
 
 def test_a_refused_request_fails_alone_and_a_cancel_removes_rows_at_the_next_step():

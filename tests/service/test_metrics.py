@@ -19,6 +19,7 @@ def test_every_denoising_step_is_recorded_with_its_batch_size(api, stack):
     batches_before = sample_sum(scrape(stack), "ray_undiffuse_sampler_batch_images_count", model="mnist")
     rows_before = sample_sum(scrape(stack), "ray_undiffuse_sampler_batch_images_sum", model="mnist")
     jobs_before = sample_sum(scrape(stack), "ray_undiffuse_jobs_total", status="succeeded")
+    gaps_before = sample_sum(scrape(stack), "ray_undiffuse_engine_step_gap_seconds_count")
     # 3 images fit one shard (shard_size 4) and the stack is otherwise idle: 7 steps of 3 rows
     job = api.post("/v1/jobs", json={"num_images": 3, "steps": 7, "class_label": 6}).json()
     assert wait_for_status(api, job["id"], {"succeeded"})["status"] == "succeeded"
@@ -39,6 +40,8 @@ def test_every_denoising_step_is_recorded_with_its_batch_size(api, stack):
     assert sample_sum(text, name, model="mnist", sampler="ddim") - before == 7
     assert sample_sum(text, "ray_undiffuse_sampler_batch_images_count", model="mnist") - batches_before == 7
     assert sample_sum(text, "ray_undiffuse_sampler_batch_images_sum", model="mnist") - rows_before == 7 * 3
+    # the host time between consecutive steps: 6 between the 7, none before the first (it was idle)
+    assert sample_sum(text, "ray_undiffuse_engine_step_gap_seconds_count") - gaps_before == 6
     for metric in (
         "ray_undiffuse_job_duration_seconds_bucket",
         "ray_undiffuse_queue_wait_seconds_bucket",
