@@ -26,7 +26,6 @@ New samplers subclass `Sampler` and get an entry in `undiffuse.registry`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -115,12 +114,12 @@ def dynamic_threshold(x0: Tensor, thresholding: Thresholding) -> Tensor:
     max_value]; then clamp(x̂₀, -s, s) / s. Rows are independent: a row's result does not depend
     on its neighbours."""
     flat = x0.reshape(x0.shape[0], -1).abs().float()
-    position = thresholding.ratio * (flat.shape[1] - 1)
-    below = math.floor(position)
-    above = min(below + 1, flat.shape[1] - 1)
+    # the rank and its weight in float32, as torch.quantile computes them: the same bits
+    rank = torch.tensor(thresholding.ratio, dtype=torch.float32) * (flat.shape[1] - 1)
+    below, above = int(rank.floor()), int(rank.ceil())
     low = flat.kthvalue(below + 1, dim=1).values
     high = low if above == below else flat.kthvalue(above + 1, dim=1).values
-    s = torch.lerp(low, high, position - below).clamp(min=1.0, max=thresholding.max_value)
+    s = torch.lerp(low, high, (rank - below).to(flat.device)).clamp(min=1.0, max=thresholding.max_value)
     s = s.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
     return torch.clamp(x0, -s, s) / s
 

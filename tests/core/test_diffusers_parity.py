@@ -123,7 +123,9 @@ def _thresholding():
 
 def test_dynamic_threshold_matches_diffusers_per_row():
     """Row by row as diffusers' _threshold_sample (torch.quantile), over rows whose quantile is
-    below 1, between 1 and the maximum, and above it; a row's result ignores its neighbours."""
+    below 1, between 1 and the maximum, and above it, and at ratios that interpolate and that
+    do not; a row's result ignores its neighbours."""
+    from undiffuse.config import Thresholding
     from undiffuse.samplers import dynamic_threshold
 
     ours, kwargs = _thresholding()
@@ -132,7 +134,11 @@ def test_dynamic_threshold_matches_diffusers_per_row():
     x0 = torch.randn(6, 3, 16, 16, generator=g) * torch.tensor([0.3, 0.8, 1.2, 1.6, 3.0, 10.0]).view(-1, 1, 1, 1)
     expected = theirs._threshold_sample(x0.clone())
     got = dynamic_threshold(x0, ours)
-    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.equal(got, expected)  # bit for bit: the same rank and weight arithmetic
+    for ratio in (0.5, 0.995, 0.9999, 1.0):
+        other = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=2.5)
+        mine = dynamic_threshold(x0[:, :2, :7], Thresholding(ratio, 2.5))  # 98 values a row
+        assert torch.equal(mine, other._threshold_sample(x0[:, :2, :7].clone())), ratio
     assert torch.equal(dynamic_threshold(x0[2:3], ours), got[2:3])  # alone, the same row
     assert got.abs().max() <= 1 + 1e-6 and not torch.equal(got, x0.clamp(-1, 1))  # not plain clipping
 
