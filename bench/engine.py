@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from undiffuse import ImageNoise, load_model, make_sampler
+from undiffuse import ImageNoise, load_model
 from undiffuse.engine import DenoisingEngine, EngineConfig, Request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +84,7 @@ def run_sampler(model, requests: list[Request]) -> float:
     sync()
     start = time.perf_counter()
     for r in requests:
-        sampler = make_sampler(r.sampler, model.schedule, **r.options)
+        sampler = model.make_sampler(r.sampler, **r.options)
         x = sampler.sample(
             model.eps,
             model.image_shape,

@@ -6,7 +6,7 @@ every call sliced to R rows against whole batches (R = 0, the reference), in one
 
 1. The network alone: milliseconds per batch of N rows (best of --repeats), sliced to R rows,
    and the ratio to whole batches. N = 1 is a lone image, whose call is padded to R rows.
-2. The engine (DDIM 20, the demo model, guidance 1): images/s with --requests requests of 16
+2. The engine (DDIM 20, the demo model, guidance 1, eager at the device's default precision): images/s with --requests requests of 16
    images, all joining at once (a full engine), and the seconds a lone 1-image request takes on
    an idle engine; each as a ratio to whole batches.
 3. Whether it holds: a 3-image request alone and beside the full load, bit for bit (the float
@@ -58,7 +58,8 @@ def network_ms(model, n: int, rows: int, repeats: int, device: torch.device) -> 
 def engine_run(model, rows: int, requests: list[Request], max_batch: int) -> tuple[float, dict]:
     """Seconds from the first step to the last, and {id: float samples}."""
     engine = DenoisingEngine(
-        model, EngineConfig(max_batch=max_batch, invariant_rows=rows, latency_slack=None, keep_samples=True)
+        model,
+        EngineConfig(max_batch=max_batch, invariant_rows=rows, latency_slack=None, keep_samples=True, compile=False),
     )
     for r in requests:
         engine.add(r)

@@ -148,7 +148,8 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="a latent model's finished images decoded per decoder call; unset or empty: sized once from "
-        "the free GPU memory and the decoder's measured memory per image (16 on a CPU)",
+        "the free GPU memory and the decoder's measured memory per image (16 on a CPU); one where images are "
+        "batch-invariant (invariant_rows > 0)",
     )
     preview_decode_every: int = Field(
         5, ge=1, description="a latent model's previews are decoded at most every this many steps"
@@ -157,7 +158,7 @@ class Settings(BaseSettings):
         None,
         ge=0,
         description="rows per network call, so that an image's bytes do not depend on its batch (0: whole "
-        "batches); unset or empty: 8 on a CPU, 0 on a GPU",
+        "batches); unset or empty: 16 on a CPU, 0 on a GPU",
     )
     progress_interval_seconds: float = Field(
         0.25, gt=0, description="how often the Denoiser exchanges progress and cancellations with Redis"

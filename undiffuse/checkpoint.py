@@ -65,6 +65,7 @@ class DiffusionModel(nn.Module):
         source: str = "",
         decoder: LatentDecoder | None = None,
         latent_shape: tuple[int, int, int] | None = None,
+        guidable: bool | None = None,
     ) -> None:
         super().__init__()
         self.network = network
@@ -82,6 +83,8 @@ class DiffusionModel(nn.Module):
             raise ValueError("a latent model needs both its decoder and its latent shape")
         self.decoder = decoder
         self.latent_shape = latent_shape
+        # classifier-free guidance needs a "no class" input (ModelSpec.guidable); None: any conditional model
+        self.guidable = num_classes is not None if guidable is None else guidable
         # rows per network call (undiffuse.invariance); None: the device's default
         self.invariant_rows: int | None = None
 
@@ -119,6 +122,7 @@ class DiffusionModel(nn.Module):
             source=str(spec.path),
             decoder=decoder,
             latent_shape=spec.latent.shape if spec.latent else None,
+            guidable=spec.guidable,
         )
 
     @property

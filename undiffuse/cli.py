@@ -184,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=_positive("--nrow"), help="images per grid row")
     s.add_argument("--out", type=Path, default=Path("grid.png"), help="the grid's PNG (default grid.png)")
     s.add_argument("--device", default="auto")
+    s.add_argument(
+        "--invariant-rows",
+        type=int,
+        default=None,
+        help="rows per network call, as the service's UNDIFFUSE_INVARIANT_ROWS (default: 16 on a CPU, whole "
+        "batches on a GPU); the same value as a service on the same machine and precision gives its bytes",
+    )
 
     _add_client_commands(sub)
     return p
@@ -465,6 +472,10 @@ def _sample(args: argparse.Namespace) -> None:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     device = _device(args.device)
     model = load_model(args.model_dir, device)
+    if args.invariant_rows is not None:
+        if args.invariant_rows < 0:
+            raise UsageError(f"--invariant-rows must be >= 0, got {args.invariant_rows}")
+        model.invariant_rows = args.invariant_rows
     if args.steps > model.schedule.num_timesteps:
         raise UsageError(f"--steps {args.steps} exceeds the model's {model.schedule.num_timesteps} timesteps")
     labels = None
@@ -477,7 +488,9 @@ def _sample(args: argparse.Namespace) -> None:
     sampler = model.make_sampler(args.sampler, **options)
     guidance = args.guidance
     if guidance is None:
-        guidance = 3.0 if model.num_classes is not None and model.guidance_interval is not None else 1.0
+        guidance = 3.0 if model.guidable and model.guidance_interval is not None else 1.0
+    elif guidance != 1.0 and not model.guidable:
+        raise UsageError("--guidance: the model has no unconditional class to guide against; use 1")
     bar = tqdm(total=args.steps, unit="step", file=sys.stderr)
     x = sampler.sample(
         model.eps,

@@ -174,7 +174,8 @@ def _models(api: Client, args: argparse.Namespace) -> int:
         size = f"{m['image_size']}x{m['image_size']}x{m['channels']}"
         classes = f"{m['num_classes']} classes" if m.get("num_classes") else "unconditional"
         default = "  (default)" if m.get("default") else ""
-        print(f"{m['name']:<16} {size:<12} {classes:<14} {m['num_timesteps']} timesteps{default}")
+        steps = m.get("max_steps", m["num_timesteps"])
+        print(f"{m['name']:<16} {size:<12} {classes:<14} up to {steps} steps{default}")
     return EXIT_OK
 
 

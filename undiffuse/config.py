@@ -274,6 +274,15 @@ class ModelSpec:
         """(C, H, W) of what the samplers denoise: the latents of a latent model, else the image."""
         return self.latent.shape if self.latent else self.image_shape
 
+    @property
+    def guidable(self) -> bool:
+        """Whether classifier-free guidance can run: a class-conditional network with a "no class"
+        input (undiffuse's UNet, trained with dropped labels; DiT's null class). A diffusers
+        UNet2DModel's class embedding has a row per class and none for "no class"."""
+        if self.num_classes is None:
+            return False
+        return self.format == "undiffuse" or (self.latent is not None and self.latent.denoiser != "UNet2DModel")
+
     def model_config(self) -> ModelConfig:
         """The undiffuse ModelConfig (undiffuse folders only)."""
         if self.unet is None:

@@ -74,7 +74,7 @@ import torch
 from torch import Tensor
 
 from undiffuse.checkpoint import DiffusionModel
-from undiffuse.invariance import in_slices
+from undiffuse.invariance import in_slices, pad_rows
 from undiffuse.noise import ImageNoise
 from undiffuse.samplers import NO_HISTORY, NULL_CLASS, Sampler, guided_timesteps, previous_timesteps
 from undiffuse.scheduler import Scheduler, Slot
@@ -137,11 +137,9 @@ class EngineConfig:
     share one memory pool whose reuse is safe only for graphs replayed on one stream.
     invariant_rows: the network runs on slices of exactly this many rows (the last padded), so
     that a row's result does not depend on its batch (undiffuse.invariance); a latent decoder
-    then runs on slices of exactly max_decode_batch images, one unless set (a slice that runs
-    out of device memory is halved, with a warning in the log: images decoded after it may
-    differ by rounding from the same images decoded before; one image per slice, the default,
-    never changes). 0: whole batches (padded to a bucket when compiled). None: the model's own
-    setting (DiffusionModel.rows_for: 8 on a CPU, 0 on a GPU).
+    then decodes one image per call, whatever max_decode_batch says, as DiffusionModel.decode
+    does. 0: whole batches (padded to a bucket when compiled). None: the model's own setting
+    (DiffusionModel.rows_for: 16 on a CPU, 0 on a GPU).
     """
 
     max_batch: int = 256
@@ -437,6 +435,8 @@ class DenoisingEngine:
         The engine loop restores a decode chunk with it after a failed warm-up."""
         if rows is not None and rows < 1:
             raise ValueError(f"decode batch must be >= 1, got {rows}")
+        if self.invariant_rows:
+            rows = None  # one image per call: what makes decoding batch-invariant
         self._set_decode_batch(self._default_decode_batch() if rows is None else rows)
 
     def take_previews(self) -> list[Preview]:
@@ -730,11 +730,7 @@ class DenoisingEngine:
         a bucket when compiled); returns eps in float32 (v predictions converted in float32)."""
         n = x.shape[0]
         if self.compiled and not self.invariant_rows:
-            pad = self.scheduler.bucket(n) - n
-            if pad:
-                x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
-                t = torch.cat([t, t.new_zeros(pad)])
-                labels = None if labels is None else torch.cat([labels, labels.new_full((pad,), NULL_CLASS)])
+            x, t, labels = pad_rows(x, t, labels, self.scheduler.bucket(n) - n)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
@@ -831,9 +827,8 @@ class DenoisingEngine:
     def _shrink_decode_batch(self, failed_rows: int) -> None:
         """After a decoder call of failed_rows images (padding included) ran out of memory: the
         cached blocks go back to the device, and decode_batch becomes half the failed call,
-        for this decode and the later ones. With batch-invariant slices (invariant_rows > 0)
-        the slice size changes with it: an image decoded from now on may differ by rounding
-        from the same image decoded before, which the warning says."""
+        for this decode and the later ones (batch-invariant decoding calls one image at a time,
+        which is never halved)."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         before = self.decode_batch
@@ -844,12 +839,6 @@ class DenoisingEngine:
             self.decode_batch,
             f" (the chunk was {before})" if before != failed_rows else "",
         )
-        if self.invariant_rows:
-            log.warning(
-                "batch-invariant decode slices are now %d images: images decoded from now on may differ "
-                "by rounding from the same images decoded before",
-                self.decode_batch,
-            )
 
     def _size_decode_batch(self, reserved_elsewhere: int = 0) -> int:
         """max_decode_batch=None on CUDA: as many images as `decode_batch_for_memory` fits in the
@@ -884,12 +873,13 @@ class DenoisingEngine:
         return self._decode_bytes
 
     def _default_decode_batch(self) -> int | None:
-        """Rows per decoder call unless changed: max_decode_batch; one where slices are
-        batch-invariant; None (sized by memory) on CUDA; CPU_DECODE_BATCH on a CPU."""
-        if self.config.max_decode_batch is not None:
-            return self.config.max_decode_batch
+        """Rows per decoder call unless changed: one where images are batch-invariant (as
+        DiffusionModel.decode, whatever max_decode_batch says); else max_decode_batch; None (sized
+        by memory) on CUDA; CPU_DECODE_BATCH on a CPU."""
         if self.invariant_rows:
             return 1
+        if self.config.max_decode_batch is not None:
+            return self.config.max_decode_batch
         return None if self.device.type == "cuda" else CPU_DECODE_BATCH
 
     def _set_decode_batch(self, rows: int | None) -> None:
@@ -899,11 +889,9 @@ class DenoisingEngine:
             _allow_recompiles(max(len(self.buckets), len(self.decode_buckets)))
 
     def _decode_rows(self, n: int) -> int:
-        """The images a decoder call for n latents runs, padding included: a fixed slice of
-        decode_batch with batch-invariant slices, a decode bucket when compiled, else n."""
-        if self.invariant_rows:  # every call the same shape: the same kernels for every image
-            return max(n, self.decode_batch or n)
-        if self.compiled:  # one compiled graph per decode bucket, as for the network
+        """The images a decoder call for n latents runs, padding included: a decode bucket when
+        compiled, else n (batch-invariant decoding calls one image at a time)."""
+        if self.compiled and not self.invariant_rows:  # one compiled graph per decode bucket, as for the network
             return self.decode_buckets[bisect.bisect_left(self.decode_buckets, n)]
         return n
 
@@ -967,6 +955,8 @@ class DenoisingEngine:
                 raise ValueError(f"request {request.id!r}: the model is unconditional (no labels or guidance)")
         elif request.labels is None or len(request.labels) != request.count:
             raise ValueError(f"request {request.id!r}: needs one class label per image")
+        elif request.guidance_scale != 1.0 and not m.guidable:
+            raise ValueError(f"request {request.id!r}: the model has no unconditional class to guide against")
         if request.preview_every is not None and request.preview_every < 1:
             raise ValueError(f"request {request.id!r}: preview_every must be >= 1")
 

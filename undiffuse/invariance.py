@@ -12,7 +12,7 @@ depends neither on its neighbours nor on its place in the batch (tests/core/test
 checks both).
 
 So with `rows` = R > 0 the network is called on slices of exactly R rows, the last one padded,
-and a latent decoder on slices of a fixed size: every row goes through the same kernels in the
+and a latent decoder on one image at a time: every row goes through the same kernels in the
 same order whatever it is batched with, and its bytes are the same. Slicing is not free: a lone
 image pays for R rows (docs/benchmarks.md measures both ends). R = 0 calls the network on the
 whole batch, as large as the step is: rows then agree across batches to about 1e-6, not bit for
@@ -27,11 +27,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from undiffuse.samplers import NULL_CLASS
-
-CPU_ROWS = 8
-"""Rows per network call on a CPU: 16 and 32 are a little faster per row at large batches, 8
-costs a lone image less (docs/benchmarks.md, bench/invariance.py)."""
+CPU_ROWS = 16
+"""Rows per network call on a CPU: the smallest slice that costs a full engine no more than 10 %
+against whole batches (0.94x its images/s with the demo model); 8 costs a lone image half as much
+but a full engine 17 % (docs/benchmarks.md, "Batch invariance")."""
 
 NetworkCall = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
@@ -42,28 +41,45 @@ def default_rows(device: torch.device | str) -> int:
     return CPU_ROWS if torch.device(device).type == "cpu" else 0
 
 
+def pad_rows(x: Tensor, t: Tensor, labels: Tensor | None, pad: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """x [N, ...], t [N] and labels [N] (or None) with `pad` copies of their last row appended:
+    inputs the network takes for any model (a zero timestep or a "no class" label need not be
+    valid for it), whose outputs are cut off; x keeps its memory format (channels_last)."""
+    if pad <= 0:
+        return x, t, labels
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = torch.cat([t, t[-1:].expand(pad)])
+    labels = None if labels is None else torch.cat([labels, labels[-1:].expand(pad)])
+    return x, t, labels
+
+
 def in_slices(call: NetworkCall, x: Tensor, t: Tensor, labels: Tensor | None, rows: int) -> Tensor:
-    """call(x, t, labels) on slices of exactly `rows` rows, the last padded (x and t zeros, labels
-    NULL_CLASS), concatenated and cut back to x's N rows. x: [N, ...]; t: [N]; labels: [N] or None.
-    rows = 0: one call on the whole batch."""
+    """call(x, t, labels) on slices of exactly `rows` rows, the last padded with copies of the last
+    row (`pad_rows`), and cut back to x's N rows. x: [N, ...]; t: [N]; labels: [N] or None.
+    rows = 0: one call on the whole batch. Each slice's output is copied out before the next call
+    (a compiled network's CUDA graph overwrites its output buffer when it replays)."""
     n = x.shape[0]
     if rows <= 0 or n == 0:
         return call(x, t, labels)
     pad = -n % rows
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
-        t = torch.cat([t, t.new_zeros(pad)])
-        labels = None if labels is None else torch.cat([labels, labels.new_full((pad,), NULL_CLASS)])
-    outs = [
-        call(x[i : i + rows], t[i : i + rows], None if labels is None else labels[i : i + rows])
-        for i in range(0, n + pad, rows)
-    ]
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    x, t, labels = pad_rows(x, t, labels, pad)
+    first = call(x[:rows], t[:rows], None if labels is None else labels[:rows])
+    if n + pad == rows:
+        return first[:n] if pad else first
+    out = first.new_empty(n + pad, *first.shape[1:])
+    out[:rows].copy_(first)
+    for i in range(rows, n + pad, rows):
+        out[i : i + rows].copy_(
+            call(x[i : i + rows], t[i : i + rows], None if labels is None else labels[i : i + rows])
+        )
     return out[:n] if pad else out
 
 
 def decode_in_slices(decode: Callable[[Tensor], Tensor], x: Tensor, rows: int) -> Tensor:
-    """decode(x) on slices of exactly `rows` latents, the last padded with zeros; [N, ...] ->
-    [N, ...]. A decoder's work per image (at image size) is large enough that one image per
-    call (rows = 1) costs little."""
+    """decode(x) on slices of exactly `rows` latents (`in_slices`); [N, ...] -> [N, ...]. A
+    decoder's work per image (at image size) is large enough that one image per call (rows = 1,
+    what batch-invariant decoding uses) costs little."""
     return in_slices(lambda latents, _t, _labels: decode(latents), x, x.new_zeros(x.shape[0]), None, rows)

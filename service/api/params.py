@@ -86,6 +86,12 @@ def check_labels(body: JobCreate, model: ModelSpec) -> None:
                 "guidance_scale", f"model {model.name!r} is unconditional; guidance needs classes", body.guidance_scale
             )
         return
+    if body.guidance_scale != 1.0 and not model.guidable:
+        raise invalid(
+            "guidance_scale",
+            f"model {model.name!r} has no unconditional class to guide against; guidance_scale must be 1",
+            body.guidance_scale,
+        )
     k = model.num_classes
     if labels is None:
         raise invalid("class_label", f"required: model {model.name!r} is class-conditional (0..{k - 1})", None)

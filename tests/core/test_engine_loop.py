@@ -254,7 +254,12 @@ def test_set_max_batch_sizes_every_network_less_every_decoders_memory_then_every
     warmed up, then every decoder warmed up (sized from what is left less the other decoders'
     memory): no decoder is measured between two networks. The decoders' bytes per image stand
     for what CUDA measures."""
-    first, pixel, second = latent_engine(max_decode_batch=4), engine(), latent_engine(max_decode_batch=2)
+    # whole batches: the decode chunks are max_decode_batch (batch-invariant decoding takes one image)
+    first, pixel, second = (
+        latent_engine(max_decode_batch=4, invariant_rows=0),
+        engine(),
+        latent_engine(max_decode_batch=2, invariant_rows=0),
+    )
     first._decode_bytes, second._decode_bytes = 1000, 300  # _measure_decode's result on CUDA
     events: list[tuple] = []
 
@@ -292,7 +297,7 @@ def test_set_max_batch_sizes_every_network_less_every_decoders_memory_then_every
 
 
 def test_a_failed_decoder_warm_up_restores_max_batch_and_the_decode_chunk():
-    e = latent_engine(max_decode_batch=4)
+    e = latent_engine(max_decode_batch=4, invariant_rows=0)
 
     def sized_then_broken(max_seconds, log, reserved_elsewhere):
         e.set_decode_batch(2)  # as a decoder sized by memory would be

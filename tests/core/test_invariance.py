@@ -17,7 +17,6 @@ from undiffuse import ImageNoise, load_model
 from undiffuse.engine import DenoisingEngine, EngineConfig, Request
 from undiffuse.images import to_uint8
 from undiffuse.invariance import CPU_ROWS, decode_in_slices, default_rows, in_slices
-from undiffuse.samplers import NULL_CLASS
 
 DEMO_MODEL = Path(__file__).resolve().parents[2] / "models" / "mnist"
 
@@ -78,7 +77,7 @@ def test_in_slices_pads_the_last_slice_and_calls_every_slice_at_one_size():
     x = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1)
     out = in_slices(network, x, torch.ones(10), torch.arange(10), 4)
     assert shapes == [(4, 1, 1, 1)] * 3
-    assert seen_labels[-1] == [8, 9, NULL_CLASS, NULL_CLASS]  # padding rows are the null class
+    assert seen_labels[-1] == [8, 9, 9, 9]  # padding rows copy the last row: valid for any model
     assert torch.equal(out, x * 2 + 1)  # the padding is cut off, the order kept
     shapes.clear()
     assert torch.equal(in_slices(network, x, torch.ones(10), torch.arange(10), 0), x * 2 + 1)
@@ -169,3 +168,65 @@ def test_on_a_gpu_slices_make_the_same_bytes_alone_and_beside_others(rows):
         assert torch.equal(alone, beside)
     else:
         assert torch.allclose(alone, beside, atol=1e-4)
+
+
+def _labelled_unet(folder) -> None:
+    """A class-conditional diffusers UNet2DModel pipeline (3 classes, no "no class" row)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        num_class_embeds=3,
+    ).eval()
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(folder)
+
+
+def test_padding_rows_are_valid_inputs_for_a_model_without_a_null_class(tmp_path):
+    """A partial slice is padded with copies of its last row, not with a "no class" label that a
+    diffusers UNet2DModel's class embedding has no row for; guidance, which needs one, is refused
+    by the engine and by `undiffuse sample`."""
+    from undiffuse.cli import main
+
+    _labelled_unet(tmp_path / "labels")
+    model = load_model(tmp_path / "labels")
+    assert model.guidable is False and model.num_classes == 3
+    x, t, labels = _batch(model, 3)
+    with torch.no_grad():
+        out = model.eps(x, t, labels)  # 3 rows in a slice of 8
+        assert torch.equal(out[1], model.eps(x[1:2], t[1:2], labels[1:2])[0])
+    engine = DenoisingEngine(model, EngineConfig(max_batch=16))
+    with pytest.raises(ValueError, match="no unconditional class"):
+        engine.add(Request("g", "a", seed=1, start=0, count=2, steps=3, labels=[0, 1], guidance_scale=2.0))
+    engine.add(Request("p", "a", seed=1, start=0, count=3, steps=3, labels=[0, 1, 2]))
+    assert run(engine)["p"].pixels().shape == (3, 8, 8, 3)
+    args = ["sample", "--model-dir", str(tmp_path / "labels"), "--num", "3", "--steps", "2"]
+    assert main([*args, "--out", str(tmp_path / "g.png")]) == 0  # unguided by default: it cannot be
+    assert main([*args, "--guidance", "2", "--out", str(tmp_path / "h.png")]) == 2  # a usage error
+
+
+def test_sample_takes_the_services_rows_per_call(monkeypatch, tmp_path):
+    """`undiffuse sample --invariant-rows R` runs the network as a service with
+    UNDIFFUSE_INVARIANT_ROWS=R does; a negative value is refused."""
+    from undiffuse import samplers
+    from undiffuse.cli import main
+
+    seen = []
+
+    def sample(self, eps, shape, **kw):
+        seen.append(eps.__self__.rows_for(torch.device("cpu")))
+        return torch.zeros(1, *shape)
+
+    monkeypatch.setattr(samplers.Sampler, "sample", sample)
+    args = ["sample", "--model-dir", str(DEMO_MODEL), "--num", "1", "--out", str(tmp_path / "g.png")]
+    assert main(args) == 0 and main([*args, "--invariant-rows", "0"]) == 0
+    assert main([*args, "--invariant-rows", "32"]) == 0
+    assert seen == [CPU_ROWS, 0, 32]
+    assert main([*args, "--invariant-rows", "-1"]) == 2  # a usage error

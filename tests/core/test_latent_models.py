@@ -264,10 +264,11 @@ def test_the_null_class_reaches_dit_as_its_own_id(dit):
 
 @pytest.mark.parametrize("which", ["ldm", "dit"])
 def test_the_engine_makes_the_images_single_request_sampling_makes(ldm, dit, which):
-    """Rows of several requests denoise latents together; finished rows are decoded in chunks
-    of max_decode_batch, and each image equals the one sampled and decoded alone (a VQ decoder
-    snaps latents to codes, so a latent 1e-6 away can decode to another image: both sides run
-    batch-invariant slices, which make them equal)."""
+    """Rows of several requests denoise latents together; finished rows are decoded one image
+    per call (batch-invariant, a CPU's default, whatever max_decode_batch says), and each image
+    equals the one sampled and decoded alone (a VQ decoder snaps latents to codes, so a latent
+    1e-6 away can decode to another image: both sides run batch-invariant slices, which make
+    them equal)."""
     folder = ldm[0] if which == "ldm" else dit[0]
     model = load_model(folder)
     engine = DenoisingEngine(model, EngineConfig(max_batch=16, max_decode_batch=3, keep_samples=True))
@@ -288,9 +289,8 @@ def test_the_engine_makes_the_images_single_request_sampling_makes(ldm, dit, whi
     while not engine.idle:
         for f in engine.step():
             done[f.id] = f
-    # b's previews at steps 5 and 10 (1 row each), a's 4 rows finish at step 10 (3 + 1 rows), b's 3
-    # at step 12; batch-invariant slices (a CPU's default) pad every call to max_decode_batch
-    assert decoded == [3, 3, 3, 3, 3]
+    # b's previews at steps 5 and 10, a's 4 rows at step 10, b's 3 at step 12: one image per call
+    assert decoded == [1] * 9
     for r in requests:
         labels = None if r.labels is None else torch.tensor(r.labels)
         sampler = make_sampler("ddim", model.schedule, clip_sample=model.clip_sample)
@@ -544,24 +544,15 @@ def test_a_decode_that_runs_out_of_memory_midway_goes_on_from_the_chunk_that_fai
         assert np.abs(got[k][1].astype(int) - want[k][1].astype(int)).max() <= 1, k
 
 
-def test_batch_invariant_decode_slices_halve_after_running_out_of_memory_and_say_so(ldm, caplog):
-    """invariant_rows > 0 with slices of 4 images: after the slice fails, every call is a padded
-    slice of 2, logged as changing the images' bytes; the images are those of slices of 2."""
+def test_batch_invariant_decoding_is_one_image_per_call_whatever_the_chunk_says(ldm):
+    """invariant_rows > 0 decodes as DiffusionModel.decode does, one image per call: neither
+    max_decode_batch nor set_decode_batch changes that."""
     model = load_model(ldm[0])
     config = EngineConfig(max_batch=32, max_decode_batch=4, keep_samples=True, invariant_rows=8)
-    made: list[_Decoder] = []
-
-    def failing(decoder):
-        made.append(_Decoder(decoder, fails=lambda call, images: images > 2))
-        return made[-1]
-
-    with caplog.at_level("WARNING", logger="undiffuse.engine"):
-        engine, got, rows = _run_with(model, config, FINISH_TOGETHER, failing)
-    assert made[0].calls == [4] + [2] * 7 and rows == [2] * 7 and engine.decode_batch == 2
-    assert "batch-invariant decode slices are now 2 images" in caplog.text
-    _, want, _ = _run_with(model, replace(config, max_decode_batch=2), FINISH_TOGETHER)
-    for k in want:
-        assert torch.equal(got[k][0], want[k][0]) and got[k][1].tobytes() == want[k][1].tobytes(), k
+    engine, got, rows = _run_with(model, config, FINISH_TOGETHER)
+    assert engine.decode_batch == 1 and set(rows) == {1}
+    engine.set_decode_batch(4)
+    assert engine.decode_batch == 1
 
 
 @pytest.mark.parametrize("invariant_rows", [8, 0])

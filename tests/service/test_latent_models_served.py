@@ -15,7 +15,7 @@ from PIL import Image
 
 from service.denoiser import Denoiser
 from service.jobs.records import JobParams, ShardTask
-from service.settings import Settings
+from service.settings import REPO_ROOT, Settings
 from tests.service.conftest import wait_for_status
 from undiffuse.images import encode_image
 
@@ -84,3 +84,19 @@ def test_a_latent_model_job_through_the_stack_stores_decoded_rgb_images(api):
                 pixels.append(np.asarray(im))
         assert len(pixels) == 3
         assert len({p.tobytes() for p in pixels}) == 3  # three images, not one repeated
+
+
+def test_guidance_is_refused_for_a_model_without_an_unconditional_class(asgi_api, tmp_path):
+    """A class-conditional diffusers UNet2DModel has no "no class" input: a guided job is a 422
+    naming guidance_scale, an unguided one is accepted."""
+    from tests.core.test_invariance import _labelled_unet
+
+    (tmp_path / "mnist").symlink_to(REPO_ROOT / "models" / "mnist")
+    _labelled_unet(tmp_path / "labels")
+    client = asgi_api(model_dir=tmp_path)
+    body = {"model": "labels", "num_images": 2, "steps": 3, "class_label": [0, 2]}
+    refused = client.post("/v1/jobs", json={**body, "guidance_scale": 2.0})
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["loc"][-1] == "guidance_scale" and "unconditional class" in refused.text
+    assert client.post("/v1/jobs", json=body).status_code == 202
+    assert client.post("/v1/jobs", json={**body, "model": "mnist", "guidance_scale": 2.0}).status_code == 202
