@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import platform
 import shutil
 import statistics
@@ -257,6 +258,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--seconds", type=int, default=15, help="duration of each wrk run (b)")
     p.add_argument("--only", default="abcd", help="the benchmarks to run, e.g. --only d (default abcd)")
+    p.add_argument("--settings", default="{}", help="UNDIFFUSE_* overrides for the stack, JSON")
     args = p.parse_args()
 
     from ray import serve
@@ -274,7 +276,8 @@ def main() -> None:
         "max_cost_per_day_per_key": 10**12,
     }
     results: dict[str, object] = {}
-    with local_stack(work, {"api_keys": [KEY], **unlimited}, ray_options=ray_options) as stack:
+    overrides = {"api_keys": [KEY], **unlimited, **json.loads(args.settings)}
+    with local_stack(work, overrides, ray_options=ray_options) as stack:
         denoiser = serve.get_deployment_handle("Denoiser", app_name="undiffuse")
         base, redis_url = stack.base_url, stack.redis.url
         headers = {"Authorization": f"Bearer {KEY}"}
