@@ -591,6 +591,24 @@ class Scaled(torch.nn.Module):
         return -self.k * x
 
 
+def _engine_equals_samplers_told(model: DiffusionModel, requests: list[Request], **x0_settings) -> dict:
+    """Run `requests` on the engine and check each against Sampler.sample told the model's x̂₀
+    settings (clip_sample, thresholding) directly, bit for bit; returns {id: Finished}."""
+    engine = DenoisingEngine(model, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
+    done = run(engine, {0: requests})
+    for r in requests:
+        sampler = make_sampler(r.sampler, model.schedule, **x0_settings, **r.options)
+        expected = sampler.sample(
+            model.eps,
+            model.image_shape,
+            steps=r.steps,
+            noise=ImageNoise([r.seed] * r.count, [0, 1]),
+            class_labels=torch.tensor(list(r.labels)),
+        )
+        assert torch.equal(done[r.id].samples, expected), r.id
+    return done
+
+
 def test_the_models_clip_sample_setting_reaches_the_engines_samplers():
     """A model folder whose scheduler says clip_sample: false (DiffusionModel.clip_sample) is
     sampled unclipped by the engine, as by Sampler.sample told the same; clipping would differ."""
@@ -600,18 +618,8 @@ def test_the_models_clip_sample_setting_reaches_the_engines_samplers():
         Request("ddim", "a", seed=1, start=0, count=2, steps=6, labels=[0, 1]),
         Request("ddpm", "b", seed=2, start=0, count=2, steps=6, sampler="ddpm", labels=[1, 0]),
     ]
-    engine = DenoisingEngine(unclipped, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
-    done = run(engine, {0: requests})
+    done = _engine_equals_samplers_told(unclipped, requests, clip_sample=False)
     for r in requests:
-        sampler = make_sampler(r.sampler, unclipped.schedule, clip_sample=False, **r.options)
-        expected = sampler.sample(
-            unclipped.eps,
-            unclipped.image_shape,
-            steps=r.steps,
-            noise=ImageNoise([r.seed] * r.count, [0, 1]),
-            class_labels=torch.tensor(list(r.labels)),
-        )
-        assert torch.equal(done[r.id].samples, expected), r.id
         assert not torch.allclose(done[r.id].samples, reference(unclipped, r), atol=1e-3), r.id  # clipped differs
 
 
@@ -626,21 +634,9 @@ def test_the_models_dynamic_thresholding_reaches_the_engines_samplers():
         Request("ddpm", "b", seed=2, start=0, count=2, steps=6, sampler="ddpm", labels=[1, 0]),
         Request("dpm", "c", seed=3, start=0, count=2, steps=6, sampler="dpmpp_2m", labels=[0, 0]),
     ]
-    engine = DenoisingEngine(model, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
-    done = run(engine, {0: requests})
-    for r in requests:
-        sampler = make_sampler(r.sampler, model.schedule, thresholding=Thresholding(0.9, 2.0), **r.options)
-        expected = sampler.sample(
-            model.eps,
-            model.image_shape,
-            steps=r.steps,
-            noise=ImageNoise([r.seed] * r.count, [0, 1]),
-            class_labels=torch.tensor(list(r.labels)),
-        )
-        assert torch.equal(done[r.id].samples, expected), r.id
-    assert not torch.allclose(
-        done[requests[0].id].samples, reference(model, requests[0]), atol=1e-3
-    )  # clipping differs
+    done = _engine_equals_samplers_told(model, requests, thresholding=Thresholding(0.9, 2.0))
+    clipped = reference(model, requests[0])
+    assert not torch.allclose(done[requests[0].id].samples, clipped, atol=1e-3)
 
 
 def test_an_engine_whose_last_rows_are_canceled_lets_go_of_their_batch(model):

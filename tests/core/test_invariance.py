@@ -174,18 +174,9 @@ def _labelled_unet(folder) -> None:
     """A class-conditional diffusers UNet2DModel pipeline (3 classes, no "no class" row)."""
     import diffusers
 
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        num_class_embeds=3,
-    ).eval()
+    from tests.core.test_model_folders import _tiny_unet
+
+    unet = _tiny_unet(num_class_embeds=3)
     diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(folder)
 
 

@@ -15,7 +15,8 @@ from undiffuse.registry import make_sampler
 from undiffuse.samplers import previous_timesteps
 
 
-def _tiny_unet() -> diffusers.UNet2DModel:
+def _tiny_unet(**extra) -> diffusers.UNet2DModel:
+    """A tiny diffusers UNet2DModel (8x8 RGB); extra: more of its arguments (num_class_embeds)."""
     torch.manual_seed(0)
     return diffusers.UNet2DModel(
         sample_size=8,
@@ -26,6 +27,7 @@ def _tiny_unet() -> diffusers.UNet2DModel:
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
+        **extra,
     ).eval()
 
 
