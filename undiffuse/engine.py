@@ -1002,7 +1002,8 @@ class DenoisingEngine:
         counts); its chunk sized, if unset and not sized yet, from the memory free now less
         `reserved_elsewhere` (the other engines' `decode_reserved_bytes`), so after the networks
         have taken theirs; when compiled, every decode bucket compiled until max_seconds have
-        passed. Nothing for a pixel model."""
+        passed, a bucket that runs out of memory halving the chunk as a decode does (the larger
+        buckets are then skipped). Nothing for a pixel model."""
         if self.decoder is None:
             return
         started = time.perf_counter()
@@ -1015,11 +1016,28 @@ class DenoisingEngine:
             elif self.device.type == "cuda":
                 self._measure_decode()
             if self.compiled:  # compile every decode bucket too
-                for b in self.decode_buckets:
+                for b in list(self.decode_buckets):
                     if time.perf_counter() - started > max_seconds:
                         break
-                    self._decode_chunk(torch.zeros(b, c, h, w, device=self.device))
+                    if b > (self.decode_batch or b):
+                        continue  # past a chunk halved below
+                    try:
+                        self._decode_chunk(torch.zeros(b, c, h, w, device=self.device))
+                    except torch.cuda.OutOfMemoryError:
+                        if b <= 1:
+                            raise
+                    else:
+                        continue
+                    self._shrink_decode_batch(b)  # past the except clause: the failed call's tensors are gone
         _sync(self.device)
+
+    def measure_decoder(self) -> None:
+        """On CUDA, a latent decoder's memory for one image, measured once (on the side stream,
+        where decodes allocate), so that `decode_reserved_bytes` counts a chunk set by
+        max_decode_batch before any decode ran. Nothing on a CPU or for a pixel model."""
+        if self.decoder is not None and self.device.type == "cuda":
+            with self._side.after():
+                self._measure_decode()
 
 
 def _gather(pieces: list[tuple[Tensor, int, int]], device: torch.device) -> Tensor | None:

@@ -247,7 +247,9 @@ class EngineLoop:
         warm-up fails keeps its old max_batch and decode chunk."""
         engines = list(self.engines.items())
         previous = {name: (e.config.max_batch, e.decode_batch) for name, e in engines}
-        reserved = sum(e.decode_reserved_bytes for _, e in engines)  # 0 until the decoders are measured
+        for _, engine in engines:
+            engine.measure_decoder()  # a set chunk's memory is reserved from the first sizing on
+        reserved = sum(e.decode_reserved_bytes for _, e in engines)  # chunks sized by memory: 0 until sized
         for name, engine in engines:
             max_batch = max_batch_for_memory(engine.model, setting, engine.dtype, decode_reserved_bytes=reserved)
             if max_batch < self.min_batch:

@@ -250,17 +250,19 @@ def test_a_decoder_out_of_memory_halves_the_decode_chunk_not_max_batch_and_fails
 
 
 def test_set_max_batch_sizes_every_network_less_every_decoders_memory_then_every_decoder(monkeypatch):
-    """Every network is sized from the memory less what all decoders take at their chunks and
+    """Every decoder is measured first (so a set chunk is reserved from the first sizing on),
+    every network is sized from the memory less what all decoders take at their chunks and
     warmed up, then every decoder warmed up (sized from what is left less the other decoders'
-    memory): no decoder is measured between two networks. The decoders' bytes per image stand
-    for what CUDA measures."""
+    memory): no decoder is sized between two networks. The decoders' bytes per image stand for
+    what CUDA measures."""
     # whole batches: the decode chunks are max_decode_batch (batch-invariant decoding takes one image)
     first, pixel, second = (
         latent_engine(max_decode_batch=4, invariant_rows=0),
         engine(),
         latent_engine(max_decode_batch=2, invariant_rows=0),
     )
-    first._decode_bytes, second._decode_bytes = 1000, 300  # _measure_decode's result on CUDA
+    assert first.decode_reserved_bytes == 0  # not measured yet: the first sizing measures it
+    measured = {"first": 1000, "second": 300}  # what _measure_decode finds on CUDA
     events: list[tuple] = []
 
     def sizing(model, setting, dtype, *, decode_reserved_bytes):
@@ -269,7 +271,14 @@ def test_set_max_batch_sizes_every_network_less_every_decoders_memory_then_every
         return setting
 
     engines = {"first": first, "pixel": pixel, "second": second}
+
+    def measure(engine, name):
+        events.append(("measure", name))
+        if name in measured:
+            engine._decode_bytes = measured[name]
+
     for name, e in engines.items():
+        monkeypatch.setattr(e, "measure_decoder", lambda e=e, n=name: measure(e, n))
         monkeypatch.setattr(e, "warm_up", lambda s, log, decoder, n=name: events.append(("network", n, decoder)))
         monkeypatch.setattr(
             e,
@@ -283,6 +292,9 @@ def test_set_max_batch_sizes_every_network_less_every_decoders_memory_then_every
     loop.run_once()
     assert command.done.result(timeout=0) is None
     assert events == [
+        ("measure", "first"),
+        ("measure", "pixel"),
+        ("measure", "second"),
         ("size", "first", 4600),
         ("network", "first", False),
         ("size", "pixel", 4600),
@@ -311,3 +323,23 @@ def test_a_failed_decoder_warm_up_restores_max_batch_and_the_decode_chunk():
     with pytest.raises(RuntimeError, match="no kernel"):
         command.done.result(timeout=0)
     assert (e.config.max_batch, e.decode_batch) == (16, 4)
+
+
+def test_a_compiled_decoder_bucket_that_runs_out_of_memory_at_warm_up_halves_the_chunk():
+    """Warming up a compiled decoder's buckets, one that does not fit halves the chunk as a
+    decode does and the larger buckets are skipped: the warm-up (and so the replica's start)
+    goes on. (The engine is marked compiled with an eager decoder: the bucket loop is the same.)"""
+    e = latent_engine(max_decode_batch=8, invariant_rows=0)
+    e.compiled = True
+    e._set_decode_batch(8)  # buckets 1, 2, 4, 8
+    calls: list[int] = []
+
+    def decoder(x):
+        calls.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return Upsample()(x)
+
+    e.decoder = decoder
+    e.warm_up_decoder(60, log=None)
+    assert calls == [1, 2, 4] and e.decode_batch == 2 and e.decode_buckets == (1, 2)
