@@ -85,6 +85,25 @@ def test_in_slices_pads_the_last_slice_and_calls_every_slice_at_one_size():
     assert torch.equal(decode_in_slices(lambda z: z + 1, x, 3), x + 1)
 
 
+def test_each_slices_output_is_kept_before_the_next_call_and_padding_keeps_channels_last():
+    """A network that writes every call into one output buffer (as a CUDA graph replays into its
+    static output) still gives each slice its own rows; a padded channels_last batch stays
+    channels_last, so every slice has the layout of a full one."""
+    from undiffuse.invariance import pad_rows
+
+    buffer = torch.empty(4, 1, 2, 2)
+
+    def graph_like(x, t, labels):
+        return buffer.copy_(x + t.view(-1, 1, 1, 1))
+
+    x = torch.arange(40, dtype=torch.float32).view(10, 1, 2, 2)
+    assert torch.equal(in_slices(graph_like, x, torch.ones(10), None, 4), x + 1)
+    x = torch.randn(5, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    padded, t, labels = pad_rows(x, torch.arange(5), torch.arange(5), 3)
+    assert padded.is_contiguous(memory_format=torch.channels_last) and padded.shape[0] == 8
+    assert torch.equal(padded[5:], x[4:].expand(3, 3, 4, 4)) and t.tolist()[5:] == [4, 4, 4]
+
+
 def _engine_images(model, requests_at: dict[int, list[Request]], **config) -> dict:
     """{request id: (uint8 images, float samples)} from one engine run."""
     engine = DenoisingEngine(model, EngineConfig(max_batch=64, latency_slack=None, keep_samples=True, **config))
