@@ -62,6 +62,19 @@ def latent_engine(max_batch: int = 16, **config) -> DenoisingEngine:
     return DenoisingEngine(model, EngineConfig(max_batch=max_batch, latency_slack=None, **config))
 
 
+def fitting(decode, images: int, calls: list[int]):
+    """decode, recording each call's images in `calls`, that runs out of device memory (as a
+    CUDA decoder does; the error exists in CPU builds) on a call of more than `images`."""
+
+    def decoder(z):
+        calls.append(z.shape[0])
+        if z.shape[0] > images:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return decode(z)
+
+    return decoder
+
+
 def quiet_log() -> logging.Logger:
     """A logger that keeps no record: pytest's log capture keeps each record, and with it the
     traceback of a logged error."""
@@ -230,16 +243,8 @@ def test_a_decoder_out_of_memory_halves_the_decode_chunk_not_max_batch_and_fails
     them 2 at a time after two failed calls, the shards succeed, and max_batch stays as it was."""
     listener = Recorder()
     e = latent_engine(max_decode_batch=8, invariant_rows=0)
-    decode = e.decoder
     calls: list[int] = []
-
-    def fits_two(z):
-        calls.append(z.shape[0])
-        if z.shape[0] > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return decode(z)
-
-    e.decoder = fits_two
+    e.decoder = fitting(e.decoder, 2, calls)
     loop = EngineLoop({"m": e}, listener, min_batch=4, log=quiet_log())
     loop.submit(Add("m", request("a", count=4)))
     loop.submit(Add("m", request("b", count=4)))
@@ -333,13 +338,6 @@ def test_a_compiled_decoder_bucket_that_runs_out_of_memory_at_warm_up_halves_the
     e.compiled = True
     e._set_decode_batch(8)  # buckets 1, 2, 4, 8
     calls: list[int] = []
-
-    def decoder(x):
-        calls.append(x.shape[0])
-        if x.shape[0] > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return Upsample()(x)
-
-    e.decoder = decoder
+    e.decoder = fitting(Upsample(), 2, calls)
     e.warm_up_decoder(60, log=None)
     assert calls == [1, 2, 4] and e.decode_batch == 2 and e.decode_buckets == (1, 2)

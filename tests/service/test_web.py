@@ -73,6 +73,27 @@ def _open(driver, stack, key: str = KEY_A) -> None:
         _wait(driver, lambda d: Select(d.find_element(By.ID, "model")).options, 30, "the models")
 
 
+def _submit_until_the_gallery_shows(driver, count: int, width: int) -> str:
+    """Click Generate, wait for the job to succeed and its `count` images (each `width` pixels
+    wide) to load in the gallery; the job's id."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "submit").click()
+    job_id = _wait(driver, lambda d: d.find_element(By.ID, "job-id").text, 30, "the job id")
+    _wait(driver, lambda d: d.find_element(By.ID, "job-status").text == "succeeded", 120, "the job to succeed")
+    images = _wait(
+        driver,
+        lambda d: d.execute_script(
+            "const imgs = [...document.querySelectorAll('#gallery img')];"
+            f"return imgs.length === {count} && imgs.every(i => i.complete && i.naturalWidth === {width}) && imgs.length"
+        ),
+        60,
+        f"{count} images in the gallery",
+    )
+    assert images == count
+    return job_id
+
+
 def _fill(driver, **fields: str) -> None:
     from selenium.webdriver.common.by import By
 
@@ -105,20 +126,7 @@ def test_submit_watch_and_see_the_gallery(browser, stack):
     Select(browser.find_element(By.ID, "class-label")).select_by_visible_text("7")
     _fill(browser, num_images="4", steps="60", seed="11")
     Select(browser.find_element(By.ID, "sampler")).select_by_value("dpmpp_2m")
-    browser.find_element(By.ID, "submit").click()
-
-    job_id = _wait(browser, lambda d: d.find_element(By.ID, "job-id").text, 30, "the job id")
-    _wait(browser, lambda d: d.find_element(By.ID, "job-status").text == "succeeded", 120, "the job to succeed")
-    images = _wait(
-        browser,
-        lambda d: d.execute_script(
-            "const imgs = [...document.querySelectorAll('#gallery img')];"
-            "return imgs.length === 4 && imgs.every(i => i.complete && i.naturalWidth === 28) && imgs.length"
-        ),
-        60,
-        "four images in the gallery",
-    )
-    assert images == 4
+    job_id = _submit_until_the_gallery_shows(browser, 4, 28)
     # progress advanced on the way: several progress events, ending at the last step
     assert int(browser.execute_script("return document.body.dataset.progressEvents || 0")) >= 2
     # previews of the first image arrived while it ran (the gallery has replaced the last one);
@@ -158,20 +166,7 @@ def test_a_latent_rgb_model_is_chosen_watched_and_shown(browser, stack):
     _fill(browser, num_images="2", steps="60", seed="21")
     Select(browser.find_element(By.ID, "sampler")).select_by_value("ddim")
     Select(browser.find_element(By.ID, "output-format")).select_by_value("webp")
-    browser.find_element(By.ID, "submit").click()
-
-    job_id = _wait(browser, lambda d: d.find_element(By.ID, "job-id").text, 30, "the job id")
-    _wait(browser, lambda d: d.find_element(By.ID, "job-status").text == "succeeded", 120, "the job to succeed")
-    images = _wait(
-        browser,
-        lambda d: d.execute_script(
-            "const imgs = [...document.querySelectorAll('#gallery img')];"
-            "return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth === 16) && imgs.length"
-        ),
-        60,
-        "two images in the gallery",
-    )
-    assert images == 2
+    job_id = _submit_until_the_gallery_shows(browser, 2, 16)
     # previews of the first image, decoded from its latents: data: PNGs of the model's 16x16 size
     previews = browser.execute_script(
         "const p = document.getElementById('preview');"
