@@ -25,8 +25,10 @@ One `step()`:
   3. runs the network once: rows at different timesteps in one call (the UNet takes a timestep
      per row), plus a null-class twin for each row whose guidance scale is not 1 and whose
      timestep is inside the model's guidance interval (outside it the twin would go unused);
-  4. applies each sampler's per-row `step()` to its rows (one call per distinct sampler in the
-     batch, never per row), with per-row noise draws from (seed, index, step);
+  4. steps every row in one `update` call (`undiffuse.samplers`), whatever its sampler: each
+     row's coefficients are gathered from tables built when a (sampler, steps) pair is first
+     seen, and the rows whose sampler draws noise get their own draws from (seed, index, step);
+     where the engine compiles, `update` is one fused kernel;
   5. hands back requests whose rows all finished: their rows leave in one gather, converted to
      uint8 on the device and copied to pinned host memory without waiting (`Finished.pixels()`
      waits for that copy, off the stepping thread); and, for a request that asked for previews
@@ -76,7 +78,16 @@ from torch import Tensor
 from undiffuse.checkpoint import DiffusionModel
 from undiffuse.invariance import in_slices, pad_rows
 from undiffuse.noise import ImageNoise
-from undiffuse.samplers import NO_HISTORY, NULL_CLASS, Sampler, guided_timesteps, previous_timesteps
+from undiffuse.samplers import (
+    COLUMNS,
+    NULL_CLASS,
+    Sampler,
+    batch_terms,
+    compiled_update,
+    guided_timesteps,
+    previous_timesteps,
+    update,
+)
 from undiffuse.scheduler import Scheduler, Slot
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -242,20 +253,10 @@ class _Rows:
 
 
 @dataclass
-class _Group:
-    """The rows of one sampler in the batch: batch rows [lo, hi)."""
-
-    sampler: Sampler
-    lo: int
-    hi: int
-    noise: ImageNoise | None  # its rows' noise keys, for a sampler that draws noise
-    history: Tensor | None  # [hi - lo, C, H, W]: each row's previous x_0 (multistep samplers only)
-
-
-@dataclass
 class _Batch:
     """The rows of the running requests: valid until the selection changes. Requests are
-    grouped by sampler, so each sampler's rows are one contiguous range."""
+    grouped by sampler (so the rows that draw noise are few ranges), and every row steps through
+    one `update` with its own coefficients, whatever its sampler."""
 
     slots: list[Slot]
     bounds: list[tuple[int, int]]  # each slot's [begin, end) rows in x
@@ -263,12 +264,15 @@ class _Batch:
     rows: Tensor  # [B] long: offset of each row's timestep list + its position
     starts: Tensor  # [B] long: offset of each row's timestep list (rows - starts = steps done)
     labels: Tensor | None  # [B] long
-    groups: list[_Group]
+    terms: frozenset[str]  # the terms of `update` that any of its samplers uses
+    noise: ImageNoise | None  # the noise keys of the rows whose sampler draws noise, in row order
+    noise_rows: Tensor | None  # [M] long: those rows; None when every row draws noise
+    history: Tensor | None  # [B, C, H, W]: each row's previous x_0 (when a multistep sampler runs)
     guided: list[tuple[Slot, int, int]]  # (slot, begin, end) of each request with guidance != 1
     twin_key: tuple[int, ...] | None = None  # which of `guided` have their twins in `twins`
     twins: Tensor | None = None  # [G] long: rows whose null-class twin runs this step
     scales: Tensor | None = None  # [G, 1, 1, 1] float32: their guidance scales
-    previews: list[tuple[Slot, int, int]] = field(default_factory=list)  # (slot, group, first row in group)
+    previews: list[tuple[Slot, int]] = field(default_factory=list)  # (slot, its first row)
     sampler_name: str = ""  # the samplers' name, "mixed" when several
     finish_at: int = 0  # the scheduler clock at which its first request finishes
 
@@ -323,6 +327,8 @@ class DenoisingEngine:
         self.compiled = cfg.compile if cfg.compile is not None else cuda
         if self.compiled:
             self.network = torch.compile(model.network, mode=cfg.compile_mode, dynamic=False)
+        # every row's sampler step: fused into one kernel where the engine compiles
+        self._update = compiled_update() if self.compiled else update
         self.buckets = _buckets(cfg.max_batch, cfg.buckets)
         # a latent model's decoder: its own call, bucketed to its own sizes when compiled
         self.decoder: Callable[[Tensor], Tensor] | None = model.decoder
@@ -346,6 +352,7 @@ class DenoisingEngine:
         self._guided_t = None if interval is None else guided_timesteps(model.schedule, interval).tolist()
         self._samplers: dict[tuple, Sampler] = {}
         self._ts_table = torch.empty(0, dtype=torch.long, device=self.device)
+        self._coef_table = torch.empty(0, len(COLUMNS), device=self.device)  # each entry's update coefficients
         self._ts_host: list[int] = []  # the same table on the host: which steps need twins
         self._ts_offsets: dict[tuple, int] = {}
         self._canceled: set[Hashable] = set()
@@ -466,39 +473,25 @@ class DenoisingEngine:
                 batch.finish_at = self.scheduler.clock + min(s.remaining for s in ordered)
             self._refresh_twins(batch)
         # 1. one network call for every row, at its own timestep, plus guidance twins
-        t = self._ts_table[batch.rows]
+        t = self._ts_table.index_select(0, batch.rows)
         eps = self._eps(batch, t)
-        # 2. each sampler's per-row update on its rows (one call per sampler, not per row)
-        following = batch.rows + 1
-        t_prev = self._ts_table[following]
-        whole = len(batch.groups) == 1
-        outs: list[Tensor] = []
-        x0s: list[Tensor] = []
-        for group in batch.groups:
-            sampler = group.sampler
-            if whole:
-                xs, es, ts, tp, here, first = batch.x, eps, t, t_prev, batch.rows, batch.starts
-            else:
-                rows = slice(group.lo, group.hi)
-                xs, es, ts, tp = batch.x[rows], eps[rows], t[rows], t_prev[rows]
-                here, first = batch.rows[rows], batch.starts[rows]
-            done = here - first if sampler.needs_noise or sampler.multistep else None
-            # step k uses noise draw k + 1, as Sampler.sample does
-            z = group.noise.draw_rows(done + 1, self.model.sample_shape) if sampler.needs_noise else None
-            if sampler.multistep:  # its rows' previous x_0 and timestep (none on their first step)
-                t_last = torch.where(done > 0, self._ts_table[(here - 1).clamp(min=0)], NO_HISTORY)
-                out = sampler.step(es, ts, xs, z, t_prev=tp, t_last=t_last, history=group.history)
-                group.history = out.pred_x0
-            else:
-                out = sampler.step(es, ts, xs, z, t_prev=tp)
-            outs.append(out.prev_sample)
-            if batch.previews:
-                x0s.append(out.pred_x0)
-        batch.x = outs[0] if whole else torch.cat(outs)
-        batch.rows = following
+        # 2. every row's sampler update in one call, its coefficients gathered from the tables
+        coef = self._coef_table.index_select(0, batch.rows)
+        z = None
+        if batch.noise is not None:  # step k uses noise draw k + 1, as Sampler.sample does
+            done = batch.rows - batch.starts
+            done = done if batch.noise_rows is None else done[batch.noise_rows]
+            z = batch.noise.draw_rows(done + 1, self.model.sample_shape)
+        batch.x, x0 = self._update(
+            batch.x, eps, coef, batch.terms, thresholding=self.model.thresholding, history=batch.history,
+            noise=z, noise_rows=batch.noise_rows,
+        )  # fmt: skip
+        if batch.history is not None:
+            batch.history = x0
+        batch.rows = batch.rows + 1
         self.scheduler.advance()
         if batch.previews:
-            self._capture_previews(batch, x0s)
+            self._capture_previews(batch, x0)
         self._timings.append((started, self._mark(), self._network_rows, batch.sampler_name))
         if self.scheduler.clock >= batch.finish_at:
             return self._collect_finished(batch)
@@ -530,18 +523,18 @@ class DenoisingEngine:
         event.record()
         return event
 
-    def _capture_previews(self, batch: _Batch, x0s: list[Tensor]) -> None:
+    def _capture_previews(self, batch: _Batch, x0: Tensor) -> None:
         """3. a preview of each previewing request whose step count just reached a multiple of
         its preview_every (not its last step: that is the image itself)."""
         latent = self.model.is_latent
-        for slot, group, row in batch.previews:
+        for slot, row in batch.previews:
             every, steps, pos = slot.request.preview_every, slot.request.steps, slot.pos
             if latent:  # a decode per preview: not more often than preview_decode_every
                 every = max(every, self.config.preview_decode_every)
             if pos % every == 0 and pos < steps:
-                x0 = x0s[group][row : row + 1]
-                with self._side.after(x0):
-                    host, ready, _ = self._to_host(x0)
+                first = x0[row : row + 1]
+                with self._side.after(first):
+                    host, ready, _ = self._to_host(first)
                 self._previews.append(Preview(slot.request, pos, host, ready))
 
     # --- assembling a batch ------------------------------------------------------------------------
@@ -562,14 +555,11 @@ class DenoisingEngine:
         rows are set aside in one gather)."""
         old, dev = self._batch, self.device
         at: dict[int, int] = {}  # id(slot) -> its first row in the old batch
-        old_history: dict[int, tuple[Tensor, int]] = {}  # id(slot) -> (its group's history, its row)
+        old_history: dict[int, tuple[Tensor, int]] = {}  # id(slot) -> (the old batch's history, its row)
         if old is not None:
             at = {id(slot): lo for slot, (lo, _hi) in zip(old.slots, old.bounds, strict=True)}
-            for group in old.groups:
-                if group.history is not None:
-                    for slot, (lo, _hi) in zip(old.slots, old.bounds, strict=True):
-                        if group.lo <= lo < group.hi:
-                            old_history[id(slot)] = (group.history, lo - group.lo)
+            if old.history is not None:
+                old_history = {id(s): (old.history, at[id(s)]) for s in old.slots if s.state.sampler.multistep}
             chosen = {id(slot) for slot in ordered}
             paused = [s for s in old.slots if id(s) not in chosen and self.scheduler.get(s.id) is s]
             self._park(old, paused, at, old_history)
@@ -590,7 +580,10 @@ class DenoisingEngine:
             bounds.append((begin, begin + n))
             begin += n
         x = _gather(pieces, dev)
-        groups, previews = self._groups(ordered, bounds, old_history)
+        samplers = [slot.state.sampler for slot in ordered]
+        history = self._history(ordered, old_history) if any(s.multistep for s in samplers) else None
+        noise, noise_rows = self._noise_keys(ordered, bounds)
+        previews = [(slot, lo) for slot, (lo, _) in zip(ordered, bounds, strict=True) if slot.request.preview_every]
         for slot in ordered:
             slot.state.x = slot.state.history = None  # the batch holds its rows now
         # per-row tables, built on the host and copied once each
@@ -611,7 +604,10 @@ class DenoisingEngine:
             rows=as_long(rows),
             starts=as_long(starts),
             labels=as_long(labels) if conditional else None,
-            groups=groups,
+            terms=batch_terms(samplers),
+            noise=noise,
+            noise_rows=noise_rows,
+            history=history,
             guided=[
                 (slot, lo, hi)
                 for slot, (lo, hi) in zip(ordered, bounds, strict=True)
@@ -649,35 +645,27 @@ class DenoisingEngine:
             slot.state.history = (kept, begin)
             begin += slot.request.count
 
-    def _groups(
-        self, ordered: list[Slot], bounds: list[tuple[int, int]], old_history: dict[int, tuple[Tensor, int]]
-    ) -> tuple[list[_Group], list[tuple[Slot, int, int]]]:
-        """Each sampler's contiguous rows with their noise keys (samplers that draw noise) and
-        histories (multistep samplers only), and where the previewing requests' first rows are."""
-        groups: list[_Group] = []
-        previews = []  # few: in the service only a job's first shard previews
-        first = 0
-        for k, (slot, (lo, hi)) in enumerate(zip(ordered, bounds, strict=True)):
-            sampler = slot.state.sampler
-            if slot.request.preview_every is not None:
-                previews.append((slot, len(groups), lo - bounds[first][0]))
-            if k + 1 < len(ordered) and ordered[k + 1].state.sampler is sampler:
-                continue
-            members = ordered[first : k + 1]
-            noise = self._noise([s.request for s in members]) if sampler.needs_noise else None
-            history = self._history(members, old_history) if sampler.multistep else None
-            groups.append(_Group(sampler, bounds[first][0], hi, noise, history))
-            first = k + 1
-        return groups, previews
+    def _noise_keys(
+        self, ordered: list[Slot], bounds: list[tuple[int, int]]
+    ) -> tuple[ImageNoise | None, Tensor | None]:
+        """The noise keys of the rows whose sampler draws noise, and those rows (None: all)."""
+        drawing = [(slot, b) for slot, b in zip(ordered, bounds, strict=True) if slot.state.sampler.needs_noise]
+        if not drawing:
+            return None, None
+        noise = self._noise([slot.request for slot, _ in drawing])
+        if len(drawing) == len(ordered):
+            return noise, None
+        rows = [row for _, (lo, hi) in drawing for row in range(lo, hi)]
+        return noise, _host_to_device(torch.tensor(rows, dtype=torch.long), self.device)
 
-    def _history(self, members: list[Slot], old_history: dict[int, tuple[Tensor, int]]) -> Tensor:
-        """A multistep group's previous x_0 per row: from the old batch, from where a paused
-        request's was set aside, or zeros on a row's first step (multiplied by 0 there, but
-        read, so it must be finite)."""
-        new = sum(s.request.count for s in members if id(s) not in old_history and s.state.history is None)
+    def _history(self, ordered: list[Slot], old_history: dict[int, tuple[Tensor, int]]) -> Tensor:
+        """Every row's previous x_0 when a multistep sampler runs: a multistep request's from the
+        old batch or from where it was set aside at a pause; zeros on a row's first step and for
+        the other samplers' rows (multiplied by 0 there, but read, so they must be finite)."""
+        new = sum(s.request.count for s in ordered if id(s) not in old_history and s.state.history is None)
         zeros = torch.zeros(new, *self.model.sample_shape, device=self.device) if new else None
         pieces, zeros_at = [], 0
-        for slot in members:
+        for slot in ordered:
             n = slot.request.count
             if id(slot) in old_history:
                 pieces.append((*old_history[id(slot)], n))
@@ -929,7 +917,8 @@ class DenoisingEngine:
 
     # --- set-up ------------------------------------------------------------------------------------------
     def _timesteps(self, key: tuple, sampler: Sampler, steps: int) -> int:
-        """Offset of (sampler, steps)'s timestep list, followed by LAST, in the shared table."""
+        """Offset of (sampler, steps)'s timestep list, followed by LAST, in the shared table; the
+        coefficient table has each entry's `update` coefficients at the same offsets."""
         full = (*key, steps)
         offset = self._ts_offsets.get(full)
         if offset is None:
@@ -939,6 +928,8 @@ class DenoisingEngine:
             self._ts_table = torch.cat(
                 [self._ts_table, _host_to_device(torch.tensor(values, dtype=torch.long), self.device)]
             )
+            coef = _host_to_device(sampler.coefficient_table(steps), self.device)
+            self._coef_table = torch.cat([self._coef_table, coef])
             self._ts_host += values
         return offset
 

@@ -8,8 +8,15 @@ Every step is per row: t and t_prev are [N] long tensors, so one call can advanc
 sit at different timesteps (what a continuous-batching engine does); an int means "the same for
 every row". t_prev comes from the sampler's own timestep list (`timesteps(steps)`), and
 t_prev = -1 marks a row's last step, whose "previous" signal level is alpha_bar = 1 (x_0).
-Every per-row coefficient is gathered from float64 tables and cast once, and no step ever
-reads a tensor back to the host, so a step never waits on the GPU.
+
+Every sampler is a set of per-row coefficients of one elementwise step, `update` (x̂₀ from the
+noise, limited, then x_{t_prev} as a combination of x_t, x̂₀, the noise, the eps the limited x̂₀
+implies, the previous x̂₀ and fresh noise). The coefficients depend only on (t, t_prev, t_last),
+so they are computed on the host in float64 (`coefficients`) and cast once; a run's are one
+table (`coefficient_table`), which the denoising engine keeps on the device and gathers per row,
+so one `update` call advances rows of every sampler at their own steps and never reads the
+device. `step` and `sample` go through the same `update` (compiled with `Sampler.compile`, as in
+an engine that compiles), so a row comes out the same bits through either.
 
 Timesteps are respaced the way diffusers' "leading" spacing does it, so a 50-step sampler
 visits t = 980, 960, ..., 0 of a T = 1000 schedule, and both samplers agree with diffusers'
@@ -26,6 +33,7 @@ New samplers subclass `Sampler` and get an entry in `undiffuse.registry`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -124,32 +132,135 @@ def dynamic_threshold(x0: Tensor, thresholding: Thresholding) -> Tensor:
     return torch.clamp(x0, -s, s) / s
 
 
+COLUMNS = ("s0", "s1", "lo", "hi", "c_x0", "c_x", "c_eps", "c_eps_x0", "c_h", "c_z")
+"""The per-row coefficients of `update`, in the order of a coefficient tensor's last dimension."""
+S0, S1, LO, HI, C_X0, C_X, C_EPS, C_EPS_X0, C_H, C_Z = range(len(COLUMNS))
+
+
+def update(
+    x_t: Tensor,
+    eps: Tensor,
+    coef: Tensor,
+    terms: frozenset[str],
+    *,
+    thresholding: Thresholding | None = None,
+    history: Tensor | None = None,
+    noise: Tensor | None = None,
+    noise_rows: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Every sampler's step, row by row: (x_{t_prev}, x̂₀) from x_t and the predicted noise.
+
+    x_t, eps: [N, C, H, W]; coef: [N, len(COLUMNS)] (`Sampler.coefficients`, any float dtype:
+    cast to x_t's); terms: which of the optional terms below any row uses (a term no row uses is
+    skipped; a row that does not use a present term has coefficient 0 there, which adds exactly
+    0, so a row's result does not depend on its neighbours' samplers):
+
+        x̂₀   = limit((x_t - s1 * eps) / s0)      clamp to [-1, 1] ("clip") or to each row's
+                                                  [lo, hi] ("clip_rows"), or thresholding
+        prev = c_x0 * x̂₀
+             + c_x * x_t                          "x"
+             + c_eps * eps                        "eps"
+             + c_eps_x0 * (x_t - s0 * x̂₀) / s1     "eps_x0": the eps that the limited x̂₀ implies
+             + c_h * (x̂₀ - history)               "history": a multistep sampler's previous x̂₀
+             + c_z * noise                        where noise is given (rows noise_rows, or all)
+
+    history: [N, C, H, W] (required with "history"); noise: [N, ...] standard normal, or [M, ...]
+    for the rows `noise_rows` ([M] long) only. The engine and `Sampler.sample` both step through
+    here, so a row comes out the same bits either way; in-place fused multiply-adds keep a step at
+    a few passes over the rows without temporaries.
+    """
+    n = x_t.shape[0]
+    c = coef.to(x_t.dtype).reshape(n, len(COLUMNS), *([1] * (x_t.ndim - 1)))
+    x0 = torch.addcmul(x_t, c[:, S1], eps, value=-1).div_(c[:, S0])
+    if thresholding is not None:
+        x0 = dynamic_threshold(x0, thresholding)
+    elif "clip" in terms:  # every row clips
+        x0 = x0.clamp_(-1.0, 1.0)
+    elif "clip_rows" in terms:  # some rows clip, the others have bounds of -inf, inf
+        x0 = x0.clamp_(c[:, LO], c[:, HI])
+    prev = c[:, C_X0] * x0
+    if "x" in terms:
+        prev.addcmul_(c[:, C_X], x_t)
+    if "eps" in terms:
+        prev.addcmul_(c[:, C_EPS], eps)
+    if "eps_x0" in terms:
+        prev.addcmul_(c[:, C_EPS_X0], torch.addcmul(x_t, c[:, S0], x0, value=-1).div_(c[:, S1]))
+    if "history" in terms:
+        if history is None:
+            raise ValueError("a multistep step needs each row's previous x_0 (history)")
+        prev.addcmul_(c[:, C_H], x0 - history)
+    if noise is not None:
+        if noise_rows is None:
+            prev.add_(c[:, C_Z] * noise)
+        else:
+            prev.index_add_(0, noise_rows, c[noise_rows, C_Z] * noise)
+    return prev, x0
+
+
+def batch_terms(samplers: Sequence[Sampler]) -> frozenset[str]:
+    """The terms of `update` that one call over rows of these samplers needs: each one's, with
+    "clip" (every row clips to [-1, 1]) made per row ("clip_rows") where only some of them clip."""
+    terms = frozenset().union(*(s.terms for s in samplers))
+    if "clip" in terms and not all("clip" in s.terms for s in samplers):
+        terms = terms - {"clip"} | {"clip_rows"}
+    return terms
+
+
+_compiled_update: Callable[..., tuple[Tensor, Tensor]] | None = None
+
+
+def compiled_update() -> Callable[..., tuple[Tensor, Tensor]]:
+    """`update` compiled with torch.compile (dynamic shapes): the step's arithmetic in one fused
+    kernel instead of a pass over the rows per term, compiled once per combination of terms
+    and shared by every engine and sampler of the process (`Sampler.compile`), so that a
+    compiled engine's rows still equal a compiled sampler's bit for bit."""
+    global _compiled_update
+    if _compiled_update is None:
+        import torch._dynamo
+
+        # a graph per combination of terms and of absent inputs (history, noise, noise rows):
+        # past dynamo's recompile limit the rest would run eager, no longer the same bits
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 64))
+        _compiled_update = torch.compile(update)
+    return _compiled_update
+
+
 class Sampler:
     """The common part of every sampler: timesteps, per-row coefficients and the sampling loop.
 
-    Subclasses set `name` (their registry key) and `needs_noise`, and implement `step`.
-    clip_x0 clips x̂₀ to [-1, 1] (DDPM and DDIM); thresholding replaces that by dynamic
-    thresholding (every sampler, as diffusers' schedulers with `thresholding: true`).
+    A sampler is its coefficients: subclasses set `name` (their registry key), `needs_noise`
+    and `multistep`, and implement `_mix` (the coefficients of `update`'s terms from the signal
+    levels of the step) and `terms`. clip_x0 clips x̂₀ to [-1, 1]; thresholding replaces that by
+    dynamic thresholding (every sampler, as diffusers' schedulers with `thresholding: true`).
+    Coefficients are computed on the host in float64 and cast once, from the same function for
+    `step`, `sample` and the engine's tables (`coefficient_table`).
     """
 
     name: str = ""
-    needs_noise: bool = False  # whether step() consumes fresh noise at non-final steps
-    multistep: bool = False  # whether step() takes t_last and history (see the module docstring)
+    needs_noise: bool = False  # whether its steps add fresh noise at non-final steps
+    multistep: bool = False  # whether a step reads the previous step's x̂₀ (see the module docstring)
 
     def __init__(self, schedule: NoiseSchedule, clip_x0: bool = True, thresholding: Thresholding | None = None) -> None:
         self.schedule = schedule
         self.clip_x0 = clip_x0
         self.thresholding = thresholding
-        self._tables: dict[torch.device, Tensor] = {}
+        self.update: Callable[..., tuple[Tensor, Tensor]] = update  # or compiled_update() (`compile`)
+        # alpha_bar_t on the host in float64, then 1.0 at index T (the level "before" x_0)
+        a = schedule.alphas_cumprod.detach().to("cpu", torch.float64)
+        self._levels = torch.cat([a, a.new_ones(1)])
 
     # --- to be provided by subclasses ------------------------------------------------------------
-    def step(
-        self, model_output: Tensor, t: Tensor | int, x_t: Tensor, noise: Tensor | None = None, *, t_prev: Tensor | int
-    ) -> StepOutput:
-        """One step x_t -> x_{t_prev} for every row. model_output: eps [N, C, H, W]; t, t_prev:
-        [N] long or int (t_prev = LAST on a row's last step); noise: [N, C, H, W] standard
-        normal, required when `needs_noise` unless t_prev is the int LAST (last rows of a
-        tensor t_prev get their noise multiplied by 0: checking would read the device)."""
+    def _mix(self, a_t: Tensor, a_prev: Tensor, last: Tensor, a_last: Tensor, first: Tensor) -> dict[int, Tensor]:
+        """{column: [N] float64} for the columns of `update` this sampler uses besides s0, s1, lo
+        and hi: a_t, a_prev, a_last are alpha_bar at t, t_prev and t_last (1 where t_prev is
+        LAST or t_last is NO_HISTORY), last and first the [N] bool masks of those cases."""
+        raise NotImplementedError
+
+    @property
+    def terms(self) -> frozenset[str]:
+        """The optional terms of `update` its steps use."""
         raise NotImplementedError
 
     def timesteps(self, steps: int) -> list[int]:
@@ -157,50 +268,84 @@ class Sampler:
         return respaced_timesteps(self.schedule.num_timesteps, steps)
 
     # --- shared ----------------------------------------------------------------------------------
-    def _alpha_bars(self, t: Tensor | int, t_prev: Tensor | int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(alpha_bar_t, alpha_bar_prev, is_last), float64 and shaped [N, 1, 1, 1] (scalars when
-        t and t_prev are both ints); alpha_bar_prev is 1 where t_prev = LAST. An int t or t_prev
-        beside a tensor applies to every row."""
-        table = self._table(like.device)
-        if isinstance(t, int) and isinstance(t_prev, int):
-            last = t_prev < 0
-            a_prev = table[self.schedule.num_timesteps if last else t_prev]
-            return table[t], a_prev, torch.tensor(last, device=like.device)
-        rows = t if isinstance(t, Tensor) else t_prev  # built on the device: no host-to-device copy
-        t = t if isinstance(t, Tensor) else torch.full_like(rows, t)
-        t_prev = t_prev if isinstance(t_prev, Tensor) else torch.full_like(rows, t_prev)
-        last = t_prev < 0
-        a_t = table[t]
-        a_prev = table[torch.where(last, self.schedule.num_timesteps, t_prev)]
-        shape = (-1, *([1] * (like.ndim - 1)))
-        return a_t.reshape(shape), a_prev.reshape(shape), last.reshape(shape)
-
-    def _table(self, device: torch.device) -> Tensor:
-        """[T + 1]: alpha_bar_t, then 1.0 at index T (the "previous" level of a last step)."""
-        table = self._tables.get(device)
-        if table is None:
-            a = self.schedule.on_device(self.schedule.alphas_cumprod, device)
-            table = self._tables[device] = torch.cat([a, a.new_ones(1)])
-        return table
-
-    def _pred_x0(self, eps: Tensor, x_t: Tensor, t: Tensor | int) -> Tensor:
-        x0 = self.schedule.predict_x0(x_t, t, eps)
-        if self.thresholding is not None:
-            return dynamic_threshold(x0, self.thresholding)
-        return x0.clamp(-1, 1) if self.clip_x0 else x0
+    def compile(self) -> Sampler:
+        """Step through the compiled update (`compiled_update`), as an engine that compiles does."""
+        self.update = compiled_update()
+        return self
 
     @property
     def limits_x0(self) -> bool:
         """Whether x̂₀ is clipped or thresholded (not the network's own prediction)."""
         return self.clip_x0 or self.thresholding is not None
 
-    def _noise_term(self, sigma: Tensor, noise: Tensor | None, t_prev: Tensor | int, like: Tensor) -> Tensor | None:
-        """sigma * noise cast to like's dtype, or None when no row needs noise."""
-        if noise is None:
-            if isinstance(t_prev, int) and t_prev < 0:
-                return None  # the last step of every row: nothing to add
+    @property
+    def _limit_terms(self) -> frozenset[str]:
+        return frozenset({"clip"} if self.clip_x0 and self.thresholding is None else ())
+
+    def coefficients(
+        self,
+        t: Tensor | Sequence[int] | int,
+        t_prev: Tensor | Sequence[int] | int,
+        t_last: Tensor | Sequence[int] | int = NO_HISTORY,
+    ) -> Tensor:
+        """[N, len(COLUMNS)] float64 on the host: `update`'s coefficients of steps from t to
+        t_prev (LAST: to x_0), whose previous step was at t_last (NO_HISTORY: none). Each
+        argument is [N] (a tensor anywhere, read to the host, or a list) or an int for every row."""
+        t, t_prev, t_last = torch.broadcast_tensors(
+            *(torch.as_tensor(v).to("cpu", torch.long) for v in (t, t_prev, t_last))
+        )
+        T = self.schedule.num_timesteps
+        last, first = t_prev < 0, t_last < 0
+        a_t = self._levels[t]
+        a_prev = self._levels[torch.where(last, T, t_prev)]
+        a_last = self._levels[torch.where(first, T, t_last)]
+        out = torch.zeros(*t.shape, len(COLUMNS), dtype=torch.float64)
+        # x̂₀'s coefficients from alpha_bar_t in float32, as the schedule's predict_x0 and
+        # diffusers' schedulers compute them: the same bits
+        a32 = a_t.float()
+        out[..., S0], out[..., S1] = a32.sqrt().double(), (1 - a32).sqrt().double()
+        bound = 1.0 if "clip" in self._limit_terms else math.inf
+        out[..., LO], out[..., HI] = -bound, bound
+        for column, values in self._mix(a_t, a_prev, last, a_last, first).items():
+            out[..., column] = values
+        return out
+
+    def coefficient_table(self, steps: int) -> Tensor:
+        """[steps + 1, len(COLUMNS)] float32 on the host: row k the coefficients of a `steps`-step
+        run's step k, then a row of zeros (where a finished row's index points)."""
+        ts = self.timesteps(steps)
+        table = self.coefficients(ts, previous_timesteps(ts), [NO_HISTORY, *ts[:-1]]).float()
+        return torch.cat([table, table.new_zeros(1, len(COLUMNS))])
+
+    def step(
+        self,
+        model_output: Tensor,
+        t: Tensor | int,
+        x_t: Tensor,
+        noise: Tensor | None = None,
+        *,
+        t_prev: Tensor | int,
+        t_last: Tensor | int = NO_HISTORY,
+        history: Tensor | None = None,
+    ) -> StepOutput:
+        """One step x_t -> x_{t_prev} for every row. model_output: eps [N, C, H, W]; t, t_prev:
+        [N] long or int (t_prev = LAST on a row's last step); noise: [N, C, H, W] standard
+        normal, required when `needs_noise` unless t_prev is the int LAST (a row at its last
+        step adds 0 times its noise). A multistep sampler also takes t_last ([N] long or int,
+        NO_HISTORY on a row's first step) and history ([N, C, H, W], the previous step's x̂₀).
+        Reads t, t_prev and t_last to the host (the engine gathers its coefficients from tables
+        on the device instead)."""
+        if self.needs_noise and noise is None and not (isinstance(t_prev, int) and t_prev == LAST):
             raise ValueError(f"{type(self).__name__} needs noise for every step but the last")
-        return sigma.to(like.dtype) * noise
+        n = x_t.shape[0]
+        coef = self.coefficients(t, t_prev, t_last if self.multistep else NO_HISTORY)
+        coef = coef.float().expand(n, len(COLUMNS)).to(x_t.device)
+        terms = self.terms - {"history"} if history is None else self.terms
+        prev, x0 = self.update(
+            x_t, model_output, coef, terms, thresholding=self.thresholding, history=history,
+            noise=noise if self.needs_noise else None,
+        )  # fmt: skip
+        return StepOutput(prev, x0)
 
     @torch.no_grad()
     def sample(
@@ -239,23 +384,24 @@ class Sampler:
                 raise ValueError(f"x_T must have shape {(n, *shape)}, got {tuple(x_T.shape)}")
             x = x_T.to(device=device, dtype=dtype)
         labels = None if class_labels is None else class_labels.to(device)
-        history: dict[str, Tensor | int] = {}
+        table = self.coefficient_table(steps).to(device)
+        history: Tensor | None = None
         guided = guided_timesteps(self.schedule, guidance_interval)
         for i, (t, t_prev) in enumerate(zip(timesteps, previous_timesteps(timesteps), strict=True)):
             t_rows = torch.full((n,), t, device=device, dtype=torch.long)
             scale = guidance_scale if guided[t] else 1.0
             eps = guided_eps(eps_model, x, t_rows, labels, scale).to(dtype)
-            if t_prev == LAST:  # the last step adds no noise
-                out = self.step(eps, t_rows, x, None, t_prev=LAST, **history)
-            else:
-                z = noise.draw(i + 1, shape, dtype).to(device) if self.needs_noise else None
-                t_next = torch.full((n,), t_prev, device=device, dtype=torch.long)
-                out = self.step(eps, t_rows, x, z, t_prev=t_next, **history)
+            # step i uses noise draw i + 1; the last step adds none
+            z = noise.draw(i + 1, shape, dtype).to(device) if self.needs_noise and t_prev != LAST else None
+            terms = self.terms - {"history"} if history is None else self.terms
+            x, x0 = self.update(
+                x, eps, table[i].expand(n, len(COLUMNS)), terms,
+                thresholding=self.thresholding, history=history, noise=z,
+            )  # fmt: skip
             if self.multistep:
-                history = {"t_last": t, "history": out.pred_x0}
-            x = out.prev_sample
+                history = x0
             if callback is not None:
-                callback(i, t, x, out.pred_x0)
+                callback(i, t, x, x0)
         return x
 
 
@@ -281,26 +427,21 @@ class DDPMSampler(Sampler):
             raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
         self.variance = variance
 
-    def step(
-        self, model_output: Tensor, t: Tensor | int, x_t: Tensor, noise: Tensor | None = None, *, t_prev: Tensor | int
-    ) -> StepOutput:
-        """One ancestral step x_t -> x_{t_prev} (see Sampler.step for the shapes)."""
-        a_t, a_prev, last = self._alpha_bars(t, t_prev, x_t)
+    @property
+    def terms(self) -> frozenset[str]:
+        return self._limit_terms | {"x"}
+
+    def _mix(self, a_t: Tensor, a_prev: Tensor, last: Tensor, a_last: Tensor, first: Tensor) -> dict[int, Tensor]:
         beta_t = 1 - a_t / a_prev  # the respaced beta
-        # 1. predict x0 (DDPM Eq. 15), optionally clipped to the data range
-        x0 = self._pred_x0(model_output, x_t, t)
-        # 2. posterior mean of q(x_prev | x_t, x0) (DDPM Eq. 7)
-        coef_x0 = (a_prev.sqrt() * beta_t / (1 - a_t)).to(x_t.dtype)
-        coef_xt = ((1 - beta_t).sqrt() * (1 - a_prev) / (1 - a_t)).to(x_t.dtype)
-        mean = coef_x0 * x0 + coef_xt * x_t
-        # 3. add sigma_t * z (DDPM Alg. 2, line 4), except on the last step
-        if self.variance == "fixed_small":
-            var = ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
-        else:
-            var = beta_t
-        sigma = torch.where(last, 0.0, var.sqrt())
-        term = self._noise_term(sigma, noise, t_prev, x_t)
-        return StepOutput(mean if term is None else mean + term, x0)
+        # the posterior mean of q(x_prev | x_t, x0) (DDPM Eq. 7) from x0 predicted by Eq. 15 ...
+        mix = {
+            C_X0: a_prev.sqrt() * beta_t / (1 - a_t),
+            C_X: (1 - beta_t).sqrt() * (1 - a_prev) / (1 - a_t),
+        }
+        # ... plus sigma_t * z (DDPM Alg. 2, line 4), except on the last step
+        var = ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20) if self.variance == "fixed_small" else beta_t
+        mix[C_Z] = torch.where(last, 0.0, var.sqrt())
+        return mix
 
 
 class DDIMSampler(Sampler):
@@ -319,29 +460,19 @@ class DDIMSampler(Sampler):
         self.eta = eta
         self.needs_noise = eta > 0
 
-    def step(
-        self, model_output: Tensor, t: Tensor | int, x_t: Tensor, noise: Tensor | None = None, *, t_prev: Tensor | int
-    ) -> StepOutput:
-        """One DDIM step x_t -> x_{t_prev} (see Sampler.step for the shapes)."""
-        a_t, a_prev, _ = self._alpha_bars(t, t_prev, x_t)
-        # 1. predict x0 (DDIM Eq. 12, "predicted x0")
-        x0 = self._pred_x0(model_output, x_t, t)
-        eps = model_output
-        if self.limits_x0:
-            # the eps that the clipped x0 implies: a clipped x0 beside the raw eps is a step that
-            # agrees with neither, and under classifier-free guidance (an extrapolated eps whose
-            # x0 is clipped hard) it walks off the data (docs/quality.md has the measurements)
-            eps = (x_t - a_t.sqrt().to(x_t.dtype) * x0) / (1 - a_t).sqrt().to(x_t.dtype)
-        # 2. sigma_t (DDIM Eq. 16); 0 on the last step, where alpha_bar_prev = 1
+    @property
+    def terms(self) -> frozenset[str]:
+        # the eps that a clipped x0 implies: a clipped x0 beside the raw eps is a step that agrees
+        # with neither, and under classifier-free guidance (an extrapolated eps whose x0 is clipped
+        # hard) it walks off the data (docs/quality.md has the measurements)
+        return self._limit_terms | {"eps_x0" if self.limits_x0 else "eps"}
+
+    def _mix(self, a_t: Tensor, a_prev: Tensor, last: Tensor, a_last: Tensor, first: Tensor) -> dict[int, Tensor]:
+        # sigma_t (DDIM Eq. 16); 0 on the last step, where alpha_bar_prev = 1
         sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        # 3. direction pointing to x_t, then x_prev (DDIM Eq. 12)
-        direction = (1 - a_prev - sigma**2).sqrt().to(x_t.dtype) * eps
-        prev = a_prev.sqrt().to(x_t.dtype) * x0 + direction
-        if self.eta > 0:
-            term = self._noise_term(sigma, noise, t_prev, x_t)
-            if term is not None:
-                prev = prev + term
-        return StepOutput(prev, x0)
+        # the direction pointing to x_t, then x_prev (DDIM Eq. 12)
+        direction = (1 - a_prev - sigma**2).sqrt()
+        return {C_X0: a_prev.sqrt(), (C_EPS_X0 if self.limits_x0 else C_EPS): direction, C_Z: sigma}
 
 
 class DPMSolverPP2MSampler(Sampler):
@@ -367,6 +498,10 @@ class DPMSolverPP2MSampler(Sampler):
     ) -> None:
         super().__init__(schedule, clip_x0, thresholding)
 
+    @property
+    def terms(self) -> frozenset[str]:
+        return self._limit_terms | {"x", "history"}
+
     def timesteps(self, steps: int) -> list[int]:
         """diffusers' "linspace" spacing: round(linspace(0, T - 1, steps + 1)), descending,
         without the final 0 (the last step goes to x_0). At steps = T that grid would repeat a
@@ -379,35 +514,17 @@ class DPMSolverPP2MSampler(Sampler):
         grid = torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().long().tolist()
         return grid[::-1][:-1]
 
-    def step(
-        self,
-        model_output: Tensor,
-        t: Tensor | int,
-        x_t: Tensor,
-        noise: Tensor | None = None,
-        *,
-        t_prev: Tensor | int,
-        t_last: Tensor | int = NO_HISTORY,
-        history: Tensor | None = None,
-    ) -> StepOutput:
-        """One step x_s0 -> x_t for every row (s0 = t, target t_prev, previous step t_last with
-        x_0 prediction `history`; see Sampler.step for the shapes). `noise` is ignored."""
-        a_s0, a_t, last = self._alpha_bars(t, t_prev, x_t)
-        x0 = self._pred_x0(model_output, x_t, t)
-        alpha_s0, sigma_s0 = a_s0.sqrt(), (1 - a_s0).sqrt()
-        alpha_t, sigma_t = a_t.sqrt(), (1 - a_t).sqrt()
+    def _mix(self, a_t: Tensor, a_prev: Tensor, last: Tensor, a_last: Tensor, first: Tensor) -> dict[int, Tensor]:
+        # a step from s0 (alpha_bar a_t) to t (a_prev), the previous step at s1 (a_last)
+        alpha_s0, sigma_s0 = a_t.sqrt(), (1 - a_t).sqrt()
+        alpha_t, sigma_t = a_prev.sqrt(), (1 - a_prev).sqrt()
         ratio = sigma_t / sigma_s0
         c_x0 = alpha_t - ratio * alpha_s0  # -alpha_t (e^-h - 1)
-        prev = ratio.to(x_t.dtype) * x_t + c_x0.to(x_t.dtype) * x0
-        if history is None:
-            return StepOutput(prev, x0)
-        _, a_s1, first = self._alpha_bars(t, t_last, x_t)  # first: no previous step (t_last = NO_HISTORY)
         lam = lambda a: 0.5 * (a.log() - (1 - a).log())  # noqa: E731
-        h = lam(a_t) - lam(a_s0)
-        h_0 = lam(a_s0) - lam(a_s1)
+        h = lam(a_prev) - lam(a_t)
+        h_0 = lam(a_t) - lam(a_last)
         second = ~first & ~last & (h_0 > 0)  # first and last steps (and a repeated t) are first order
-        c_2 = torch.where(second, 0.5 * c_x0 * h / h_0, 0.0)
-        return StepOutput(prev + c_2.to(x_t.dtype) * (x0 - history), x0)
+        return {C_X: ratio, C_X0: c_x0, C_H: torch.where(second, 0.5 * c_x0 * h / h_0, 0.0)}
 
 
 class DPMSolverPP2MLogSNRSampler(DPMSolverPP2MSampler):

@@ -4,7 +4,9 @@ requests fast where merging is expensive."""
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -35,9 +37,12 @@ WHOLE = {"invariant_rows": 0}
 a CPU's default, have their own tests: test_invariance.py)."""
 
 
-def reference(model: DiffusionModel, r: Request) -> torch.Tensor:
-    """The one-request sampler's output for the same images."""
+def reference(model: DiffusionModel, r: Request, compiled: bool = False) -> torch.Tensor:
+    """The one-request sampler's output for the same images (stepping through the compiled
+    update with `compiled`)."""
     sampler = make_sampler(r.sampler, model.schedule, **r.options)
+    if compiled:
+        sampler.compile()
     return sampler.sample(
         model.eps,
         model.image_shape,
@@ -96,6 +101,28 @@ def test_the_engine_arithmetic_is_exact(model):
     assert set(done) == {r.id for r in REQUESTS}
     for r in REQUESTS:
         assert torch.equal(done[r.id].samples, reference(rowwise, r)), r.id
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")),
+    reason="torch.compile on a CPU needs a C++ compiler",
+)
+def test_an_engine_that_compiles_steps_through_the_compiled_update_bit_for_bit():
+    """An engine that compiles fuses every row's sampler step into one compiled kernel, the one
+    `Sampler.compile` gives a sampler: its images equal a compiled Sampler.sample bit for bit
+    across samplers, noise, histories, clipped and unclipped rows and guidance, at the batch
+    sizes that arrivals make (and they are not the eager arithmetic's, which would prove nothing)."""
+    rowwise = DiffusionModel.from_config(RowWise(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200)))
+    config = EngineConfig(max_batch=64, keep_samples=True, latency_slack=None, compile=True)
+    engine = DenoisingEngine(rowwise, config)
+    engine.network = rowwise.network  # the update compiled, not the network (compiling it takes minutes here)
+    picked = REQUESTS[:6]  # ddim, dpmpp_2m, dpmpp_2m_logsnr, ddim eta 0.5, ddpm, guided ddim
+    done = run(engine, {0: picked[:2], 2: picked[2:4], 5: picked[4:]})
+    assert set(done) == {r.id for r in picked}
+    for r in picked:
+        assert torch.equal(done[r.id].samples, reference(rowwise, r, compiled=True)), r.id
+    assert any(not torch.equal(done[r.id].samples, reference(rowwise, r)) for r in picked)
 
 
 def test_guidance_acts_only_inside_the_models_interval_exactly_as_in_the_sampler(model):

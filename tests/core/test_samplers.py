@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from undiffuse import DDIMSampler, DDPMSampler, ImageNoise, NoiseSchedule, UNet, UNetConfig
-from undiffuse.samplers import DPMSolverPP2MLogSNRSampler, DPMSolverPP2MSampler, guided_timesteps, respaced_timesteps
+from undiffuse.samplers import (
+    COLUMNS,
+    LAST,
+    NO_HISTORY,
+    DPMSolverPP2MLogSNRSampler,
+    DPMSolverPP2MSampler,
+    batch_terms,
+    guided_timesteps,
+    respaced_timesteps,
+    update,
+)
 
 MU, SIGMA = 0.5, 0.3
 
@@ -237,13 +247,13 @@ def test_previous_timestep_comes_from_the_timestep_list_not_even_spacing():
     schedule = NoiseSchedule.linear()
     seen = []
     sampler = Uneven(schedule)
-    original = sampler.step
+    original = sampler.coefficients
 
-    def spy(eps, t, x_t, noise=None, *, t_prev):
-        seen.append((int(t[0]), t_prev if isinstance(t_prev, int) else int(t_prev[0])))
-        return original(eps, t, x_t, noise, t_prev=t_prev)
+    def spy(t, t_prev, t_last=-1):
+        seen.extend(zip(torch.as_tensor(t).tolist(), torch.as_tensor(t_prev).tolist(), strict=True))
+        return original(t, t_prev, t_last)
 
-    sampler.step = spy
+    sampler.coefficients = spy
     sampler.sample(lambda x, t: torch.zeros_like(x), (1, 2, 2), steps=4, noise=ImageNoise.for_request(0, 2))
     assert seen == [(900, 400), (400, 50), (50, 0), (0, -1)]
 
@@ -327,3 +337,52 @@ def test_logsnr_spacing_is_closer_to_the_data_than_linspace_at_10_steps():
         x = sampler.sample(gaussian_optimal_eps(schedule), (1, 4, 4), steps=10, noise=noise)
         error[name] = abs(x.double().std().item() - SIGMA) + abs(x.double().mean().item() - MU)
     assert error["logsnr"] < error["linspace"], error
+
+
+def test_one_update_steps_rows_of_every_sampler_as_their_own_steps_do():
+    """Rows of DDPM (noise), DDIM (clipped x0 and the eps it implies), DDIM with eta (noise) and
+    DPM-Solver++(2M) (unclipped, with a history) at their own timesteps in one `update` call come
+    out bit for bit as each sampler's own step: a term that a row does not use adds exactly 0,
+    so a row's step does not depend on its neighbours' samplers (what the engine relies on)."""
+    schedule = NoiseSchedule.linear()
+    samplers = [
+        DDPMSampler(schedule),
+        DDIMSampler(schedule),
+        DDIMSampler(schedule, eta=0.5),
+        DPMSolverPP2MSampler(schedule),
+    ]
+    steps = [(600, 400, NO_HISTORY), (500, LAST, NO_HISTORY), (300, 200, NO_HISTORY), (400, 300, 500)]
+    g = torch.Generator().manual_seed(0)
+    x, eps, history = (torch.randn(8, 1, 4, 4, generator=g) * 2 for _ in range(3))
+    noise = torch.randn(4, 1, 4, 4, generator=g)  # rows 0, 1 (DDPM) and 4, 5 (DDIM eta 0.5)
+    coef = torch.cat(
+        [s.coefficients(t, tp, tl).expand(2, len(COLUMNS)) for s, (t, tp, tl) in zip(samplers, steps, strict=True)]
+    )
+    terms = batch_terms(samplers)
+    assert {"clip_rows", "x", "eps_x0", "history"} <= terms and "clip" not in terms  # DPM-Solver does not clip
+    prev, x0 = update(x, eps, coef.float(), terms, history=history, noise=noise, noise_rows=torch.tensor([0, 1, 4, 5]))
+    for k, (sampler, (t, t_prev, t_last)) in enumerate(zip(samplers, steps, strict=True)):
+        rows = slice(2 * k, 2 * k + 2)
+        z = noise[:2] if k == 0 else noise[2:] if k == 2 else None
+        kwargs = {"t_last": t_last, "history": history[rows]} if sampler.multistep else {}
+        own = sampler.step(eps[rows], t, x[rows], z, t_prev=t_prev, **kwargs)
+        assert torch.equal(prev[rows], own.prev_sample), type(sampler).__name__
+        assert torch.equal(x0[rows], own.pred_x0), type(sampler).__name__
+    assert x0[:6].abs().max() <= 1 and x0[6:].abs().max() > 1  # clipped rows, and the unclipped ones
+    with pytest.raises(ValueError, match="history"):
+        update(x, eps, coef.float(), terms, noise=noise, noise_rows=torch.tensor([0, 1, 4, 5]))
+
+
+def test_a_coefficient_table_holds_each_steps_coefficients_then_zeros():
+    """The engine's tables (`coefficient_table`) are the coefficients of each step of a run, from
+    its own timestep list (t_prev the next entry, t_last the one before), in float32."""
+    schedule = NoiseSchedule.linear()
+    for sampler in (DDPMSampler(schedule), DDIMSampler(schedule, eta=0.3), DPMSolverPP2MLogSNRSampler(schedule)):
+        ts = sampler.timesteps(6)
+        table = sampler.coefficient_table(6)
+        assert table.shape == (7, len(COLUMNS)) and table.dtype == torch.float32
+        assert (table[-1] == 0).all()
+        for k, t in enumerate(ts):
+            t_prev = ts[k + 1] if k + 1 < len(ts) else LAST
+            t_last = ts[k - 1] if k else NO_HISTORY
+            assert torch.equal(table[k], sampler.coefficients(t, t_prev, t_last).float()), (sampler.name, k)
