@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +35,11 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _cxx() -> bool:
+    """Whether torch.compile can build CPU kernels: Inductor compiles C++ ($CXX or g++ / clang++)."""
+    return any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
 
@@ -41,6 +47,7 @@ def in_ci() -> bool:
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    no_cxx = pytest.mark.skip(reason="torch.compile on a CPU needs a C++ compiler")
     cuda = any(item.get_closest_marker("gpu") for item in items) and _cuda()
     for item in items:
         if SERVER_FIXTURES.intersection(item.fixturenames) and item.get_closest_marker("integration") is None:
@@ -49,6 +56,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.fast)
         if not cuda and item.get_closest_marker("gpu") is not None:
             item.add_marker(no_gpu)
+        if item.get_closest_marker("compiles") is not None and not _cxx():
+            item.add_marker(no_cxx)
 
 
 def _refuse_skip_in_ci(report, allowed: bool) -> None:

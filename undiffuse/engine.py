@@ -76,6 +76,7 @@ import torch
 from torch import Tensor
 
 from undiffuse.checkpoint import DiffusionModel
+from undiffuse.compiled import allow_recompiles
 from undiffuse.invariance import in_slices, pad_rows
 from undiffuse.noise import ImageNoise
 from undiffuse.samplers import (
@@ -337,7 +338,7 @@ class DenoisingEngine:
             mode = _without_cuda_graphs(cfg.compile_mode)
             self.decoder = torch.compile(model.decoder, mode=mode, dynamic=False)
         if self.compiled:
-            _allow_recompiles(len(self.buckets))
+            allow_recompiles(len(self.buckets) + 8)
         # rows per decoder call and their buckets; None until sized by memory (CUDA, no setting)
         self.decode_batch: int | None = None
         self.decode_buckets: tuple[int, ...] = ()
@@ -425,7 +426,7 @@ class DenoisingEngine:
         self.buckets = _buckets(max_batch, self.config.buckets)
         self.scheduler.set_max_batch(max_batch, self.buckets)
         if self.compiled:
-            _allow_recompiles(len(self.buckets))
+            allow_recompiles(len(self.buckets) + 8)
 
     @property
     def decode_reserved_bytes(self) -> int:
@@ -621,10 +622,12 @@ class DenoisingEngine:
         return batch
 
     def _noise(self, requests: list[Request]) -> ImageNoise:
-        """The noise keys of the requests' images, one request after the other."""
-        return ImageNoise.for_requests(
+        """The noise keys of the requests' images, one request after the other (drawn through the
+        compiled draw where the engine compiles)."""
+        noise = ImageNoise.for_requests(
             [r.seed for r in requests], [r.start for r in requests], [r.count for r in requests], self.device
         )
+        return noise.with_compiled_draws() if self.compiled else noise
 
     def _park(
         self, old: _Batch, paused: list[Slot], at: dict[int, int], old_history: dict[int, tuple[Tensor, int]]
@@ -874,7 +877,7 @@ class DenoisingEngine:
         self.decode_batch = rows
         self.decode_buckets = () if rows is None else _buckets(rows, None)
         if self.compiled and rows is not None:
-            _allow_recompiles(max(len(self.buckets), len(self.decode_buckets)))
+            allow_recompiles(max(len(self.buckets), len(self.decode_buckets)) + 8)
 
     def _decode_rows(self, n: int) -> int:
         """The images a decoder call for n latents runs, padding included: a decode bucket when
@@ -1058,16 +1061,6 @@ def _host_to_device(values: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda":
         return values.pin_memory().to(device, non_blocking=True)
     return values
-
-
-def _allow_recompiles(buckets: int) -> None:
-    """torch.compile(dynamic=False) compiles once per batch bucket; dynamo stops recompiling
-    after recompile_limit (8) shapes and runs the rest eager, so make room for every bucket."""
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), buckets + 8))
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

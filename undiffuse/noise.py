@@ -39,10 +39,12 @@ float32 round-off of log/cos, with no generator state to carry between steps.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from undiffuse.compiled import allow_recompiles
 
 _MASK32 = 0xFFFFFFFF
 _ROUNDS = 10
@@ -131,8 +133,9 @@ class ImageNoise:
             raise ValueError(_RANGE_ERROR)
         self._set(seeds_t, indices_t, torch.device(device))
 
-    def _set(self, seeds: Tensor, indices: Tensor, device: torch.device) -> None:
+    def _set(self, seeds: Tensor, indices: Tensor, device: torch.device, compiled: bool = False) -> None:
         self.device = device
+        self.compiled = compiled  # draws through the compiled draw (`compiled_normals`)
         self._seeds, self._indices = _to_device(seeds, device), _to_device(indices, device)  # [N] int64, checked
 
     @classmethod
@@ -197,7 +200,15 @@ class ImageNoise:
         if rows_t.dtype != torch.bool:
             rows_t = rows_t.to(torch.int64)
         out = ImageNoise.__new__(ImageNoise)
-        out._set(self._seeds[rows_t], self._indices[rows_t], self.device)
+        out._set(self._seeds[rows_t], self._indices[rows_t], self.device, self.compiled)
+        return out
+
+    def with_compiled_draws(self) -> ImageNoise:
+        """The same keys, drawn through the compiled draw (`compiled_normals`): what an engine that
+        compiles draws. Its normals may differ from the eager draw's by an ulp (the compiled
+        log and cosine); row for row they are the same whatever the batch."""
+        out = ImageNoise.__new__(ImageNoise)
+        out._set(self._seeds, self._indices, self.device, compiled=True)
         return out
 
     def draw(self, k: int, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -224,16 +235,38 @@ class ImageNoise:
     def _normals(self, draws: Tensor, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
         """draws: [N, 1] or [1, 1] int64 draw numbers -> [N, *shape] normals."""
         n_elem = math.prod(shape)
-        blocks = (n_elem + 3) // 4  # 4 normals per Philox block
-        if blocks > _MASK32 + 1:
+        if (n_elem + 3) // 4 > _MASK32 + 1:  # 4 normals per Philox block
             raise ValueError(f"{n_elem} elements per image exceed the 2**34 one draw can hold")
-        block = torch.arange(blocks, dtype=torch.int64, device=self.device)[None, :]  # [1, B]
-        seeds, indices = self._seeds[:, None], self._indices[:, None]  # [N, 1]
-        key = (seeds & _MASK32, seeds >> 32)
-        w = philox4x32((block, draws, indices & _MASK32, indices >> 32), key)  # 4 x [N, B]
-        # 24-bit uniforms strictly inside (0, 1): exact in float32, so log(u) is finite
-        u = ((torch.stack(w, dim=-1) >> 8).to(torch.float32) + 0.5) * 2.0**-24  # [N, B, 4]
-        radius = torch.sqrt(-2.0 * torch.log(u[..., 0::2]))  # from w0, w2: [N, B, 2]
-        theta = (2.0 * math.pi) * u[..., 1::2]  # from w1, w3
-        z = torch.stack([radius * torch.cos(theta), radius * torch.sin(theta)], dim=-1)  # [N, B, 2, 2]
-        return z.reshape(len(self), 4 * blocks)[:, :n_elem].to(dtype).reshape(len(self), *shape)
+        fn = compiled_normals() if self.compiled else normals
+        return fn(self._seeds, self._indices, draws, tuple(shape), dtype)
+
+
+def normals(seeds: Tensor, indices: Tensor, draws: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """[N, *shape] standard normals of the images keyed (seeds[i], indices[i]) ([N] int64), draw
+    number draws[i] ([N, 1] or [1, 1] int64): Philox-4x32-10, then Box-Muller (module docstring)."""
+    n_elem = math.prod(shape)
+    blocks = (n_elem + 3) // 4  # 4 normals per Philox block
+    block = torch.arange(blocks, dtype=torch.int64, device=seeds.device)[None, :]  # [1, B]
+    seeds, indices = seeds[:, None], indices[:, None]  # [N, 1]
+    key = (seeds & _MASK32, seeds >> 32)
+    w = philox4x32((block, draws, indices & _MASK32, indices >> 32), key)  # 4 x [N, B]
+    # 24-bit uniforms strictly inside (0, 1): exact in float32, so log(u) is finite
+    u = ((torch.stack(w, dim=-1) >> 8).to(torch.float32) + 0.5) * 2.0**-24  # [N, B, 4]
+    radius = torch.sqrt(-2.0 * torch.log(u[..., 0::2]))  # from w0, w2: [N, B, 2]
+    theta = (2.0 * math.pi) * u[..., 1::2]  # from w1, w3
+    z = torch.stack([radius * torch.cos(theta), radius * torch.sin(theta)], dim=-1)  # [N, B, 2, 2]
+    n = seeds.shape[0]
+    return z.reshape(n, 4 * blocks)[:, :n_elem].to(dtype).reshape(n, *shape)
+
+
+_compiled_normals: Callable[..., Tensor] | None = None
+
+
+def compiled_normals() -> Callable[..., Tensor]:
+    """`normals` compiled with torch.compile: the ~290 small integer and float ops of a draw in
+    one fused kernel. Shared by the process's engines and samplers, so that their draws agree."""
+    global _compiled_normals
+    if _compiled_normals is None:
+        allow_recompiles(32)  # a graph per image shape, dtype and kind of draw numbers
+        _compiled_normals = torch.compile(normals)
+    return _compiled_normals

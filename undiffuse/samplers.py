@@ -41,6 +41,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from undiffuse.compiled import allow_recompiles
 from undiffuse.config import Thresholding
 from undiffuse.noise import ImageNoise
 from undiffuse.schedule import NoiseSchedule
@@ -216,13 +217,7 @@ def compiled_update() -> Callable[..., tuple[Tensor, Tensor]]:
     compiled engine's rows still equal a compiled sampler's bit for bit."""
     global _compiled_update
     if _compiled_update is None:
-        import torch._dynamo
-
-        # a graph per combination of terms and of absent inputs (history, noise, noise rows):
-        # past dynamo's recompile limit the rest would run eager, no longer the same bits
-        config = torch._dynamo.config
-        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, name, max(getattr(config, name), 64))
+        allow_recompiles(64)  # a graph per combination of terms and of absent inputs
         _compiled_update = torch.compile(update)
     return _compiled_update
 
@@ -247,6 +242,7 @@ class Sampler:
         self.clip_x0 = clip_x0
         self.thresholding = thresholding
         self.update: Callable[..., tuple[Tensor, Tensor]] = update  # or compiled_update() (`compile`)
+        self.compiled = False
         # alpha_bar_t on the host in float64, then 1.0 at index T (the level "before" x_0)
         a = schedule.alphas_cumprod.detach().to("cpu", torch.float64)
         self._levels = torch.cat([a, a.new_ones(1)])
@@ -269,8 +265,10 @@ class Sampler:
 
     # --- shared ----------------------------------------------------------------------------------
     def compile(self) -> Sampler:
-        """Step through the compiled update (`compiled_update`), as an engine that compiles does."""
+        """Step through the compiled update (`compiled_update`) and draw through the compiled draw
+        (`ImageNoise.with_compiled_draws`), as an engine that compiles does."""
         self.update = compiled_update()
+        self.compiled = True
         return self
 
     @property
@@ -377,6 +375,8 @@ class Sampler:
         if class_labels is not None and class_labels.shape != (n,):
             raise ValueError(f"class_labels must have shape ({n},), got {tuple(class_labels.shape)}")
         timesteps = self.timesteps(steps)
+        if self.compiled:
+            noise = noise.with_compiled_draws()
         if x_T is None:
             x = noise.draw(0, shape, dtype).to(device)
         else:

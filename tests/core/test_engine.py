@@ -4,9 +4,7 @@ requests fast where merging is expensive."""
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 from dataclasses import replace
 
 import pytest
@@ -104,10 +102,7 @@ def test_the_engine_arithmetic_is_exact(model):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")),
-    reason="torch.compile on a CPU needs a C++ compiler",
-)
+@pytest.mark.compiles
 def test_an_engine_that_compiles_steps_through_the_compiled_update_bit_for_bit():
     """An engine that compiles fuses every row's sampler step into one compiled kernel, the one
     `Sampler.compile` gives a sampler: its images equal a compiled Sampler.sample bit for bit

@@ -270,3 +270,20 @@ def test_for_requests_refuses_keys_outside_the_range():
     with pytest.raises(ValueError, match="counts"):
         ImageNoise.for_requests([1, 2], [0], [1])
     assert len(ImageNoise.for_requests([], [], [])) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.compiles
+def test_compiled_draws_are_row_for_row_the_same_whatever_the_batch_and_near_the_eager_ones():
+    """An engine that compiles draws through `compiled_normals`: a row's noise is the same in any
+    sub-batch (so batching changes no image), and within 1e-6 of the eager draw (the compiled log
+    and cosine may round differently)."""
+    noise = ImageNoise.for_requests([5, 9, 11], [0, 100, 7], [3, 5, 9]).with_compiled_draws()
+    ks = torch.arange(17) % 5 + 1
+    for shape in [(1, 8, 8), (3, 7, 5)]:
+        full = noise.draw_rows(ks, shape)
+        for rows in ([0], [4, 5], list(range(3, 12)), [16]):
+            assert torch.equal(noise.select(rows).draw_rows(ks[rows], shape), full[rows]), (shape, rows)
+        eager = ImageNoise.for_requests([5, 9, 11], [0, 100, 7], [3, 5, 9]).draw_rows(ks, shape)
+        assert torch.allclose(full, eager, rtol=0, atol=1e-6)
+        assert torch.equal(noise.draw(2, shape), noise.draw_rows(torch.full((17,), 2), shape))
