@@ -194,6 +194,7 @@ class EngineLoop:
             self._step_ended = time.perf_counter()
             previews = engine.take_previews()
         except Exception as e:  # fail this engine's requests (the workers retry them), keep serving
+            self._step_ended = None  # the next step's gap is not measured from a failed one
             self.failed_steps += 1
             self.log.exception("engine %s failed a step; failing its %d shards", name, len(engine))
             error = e

@@ -164,6 +164,9 @@ def test_a_failing_step_fails_its_engines_requests_and_an_out_of_memory_error_ha
     loop.run_once()
     assert set(listener.errors) == {"x"} and isinstance(listener.errors["x"], torch.cuda.OutOfMemoryError)
     assert broken.idle and broken.config.max_batch == 32 and loop.failed_steps == 1
+    gaps = len(loop.gaps)
+    loop.run_once()  # the step after a failed one: no gap measured from a step that did not end
+    assert len(loop.gaps) == gaps
     drain(loop)
     assert set(listener.done) == {"y"} and loop.failed_steps == 0
 
