@@ -151,6 +151,50 @@ def test_engine_steps_never_synchronize_the_device():
             assert engine.step() == []
 
 
+def test_a_compiling_engine_equals_a_compiled_sampler_on_cuda_and_its_steps_never_synchronize():
+    """On CUDA an engine compiles by default: its sampler update and noise draws are compiled
+    kernels shared with `Sampler.compile`, so with a row-wise network every image equals a
+    compiled Sampler.sample bit for bit (mixed samplers, noise, histories, guidance); and its
+    steady steps, draws included, issue no synchronizing call."""
+    from tests.core.test_engine import REQUESTS, TINY, RowWise, run
+    from undiffuse import DiffusionModel, ModelConfig, ScheduleConfig
+    from undiffuse.engine import DenoisingEngine, EngineConfig
+    from undiffuse.registry import make_sampler
+
+    class OnTheDevice(RowWise):  # a buffer that says where the model lives (RowWise has no weights)
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("anchor", torch.zeros(1))
+
+    rowwise = DiffusionModel.from_config(OnTheDevice(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200)))
+    rowwise = rowwise.to("cuda")
+    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
+    assert engine.compiled  # the default on CUDA
+    engine.network = rowwise.network  # the update and the draws compiled, not the network
+    done = run(engine, {0: REQUESTS[:3], 2: REQUESTS[3:6], 5: REQUESTS[6:]})
+    for r in REQUESTS:
+        sampler = make_sampler(r.sampler, rowwise.schedule, **r.options).compile()
+        want = sampler.sample(
+            rowwise.eps,
+            rowwise.image_shape,
+            steps=r.steps,
+            noise=ImageNoise([r.seed] * r.count, list(range(r.start, r.start + r.count)), device="cuda"),
+            class_labels=torch.tensor(list(r.labels), device="cuda"),
+            guidance_scale=r.guidance_scale,
+            guidance_interval=rowwise.guidance_interval,
+            device="cuda",
+        )
+        assert torch.equal(done[r.id].samples, want), r.id
+    # steady steps of noise-drawing samplers, after the first steps compiled their graphs
+    for r in REQUESTS:
+        engine.add(replace(r, id=f"again-{r.id}", steps=30))
+    for _ in range(3):
+        engine.step()
+    with _never_synchronizing():
+        for _ in range(5):
+            assert engine.step() == []
+
+
 def test_max_batch_follows_free_memory():
     from undiffuse.engine import max_batch_for_memory
 
