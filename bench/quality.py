@@ -29,7 +29,7 @@ from undiffuse import ImageNoise, load_model  # noqa: E402
 from undiffuse.config import Thresholding  # noqa: E402
 from undiffuse.images import make_grid, save_png  # noqa: E402
 from undiffuse.registry import make_sampler  # noqa: E402
-from undiffuse.samplers import DDIMSampler, StepOutput  # noqa: E402
+from undiffuse.samplers import C_EPS, C_EPS_X0, DDIMSampler  # noqa: E402
 
 FULL = [
     *[("ddpm", steps, w) for steps in (100, 1000) for w in (1.0, 2.0, 3.0)],
@@ -54,12 +54,15 @@ SERVED = ROOT / "models" / "mnist"
 class RawEpsDDIM(DDIMSampler):
     """DDIM with the clipped x0 beside the raw eps: the variant the guidance study compares against."""
 
-    def step(self, model_output, t, x_t, noise=None, *, t_prev):
-        a_t, a_prev, _ = self._alpha_bars(t, t_prev, x_t)
-        x0 = self._pred_x0(model_output, x_t, t)
-        sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        prev = a_prev.sqrt().to(x_t.dtype) * x0 + (1 - a_prev - sigma**2).sqrt().to(x_t.dtype) * model_output
-        return StepOutput(prev, x0)
+    @property
+    def terms(self) -> frozenset[str]:
+        return self._limit_terms | {"eps"}
+
+    def _mix(self, *levels):
+        mix = super()._mix(*levels)
+        if C_EPS_X0 in mix:  # the direction on the network's eps, not the one the clipped x0 implies
+            mix[C_EPS] = mix.pop(C_EPS_X0)
+        return mix
 
 
 def sample(

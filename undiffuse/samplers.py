@@ -116,6 +116,15 @@ def guided_timesteps(schedule: NoiseSchedule, interval: tuple[float, float] | No
     return (sigma > interval[0]) & (sigma <= interval[1])
 
 
+def _float32(value: float) -> float:
+    """A non-negative float rounded to the nearest float32 (ties to even), in Python: the
+    product of two float32 values is exact in a float64, so rounding it gives float32's."""
+    if value == 0:
+        return 0.0
+    mantissa, exponent = math.frexp(value)  # value = mantissa * 2**exponent, 0.5 <= mantissa < 1
+    return round(mantissa * 2**24) / 2**24 * 2.0**exponent
+
+
 def dynamic_threshold(x0: Tensor, thresholding: Thresholding) -> Tensor:
     """x̂₀ [N, ...] thresholded per row (`undiffuse.config.Thresholding`): s = the ratio quantile
     of |x̂₀| over the row (linearly interpolated, as torch.quantile, which diffusers uses and which
@@ -123,12 +132,13 @@ def dynamic_threshold(x0: Tensor, thresholding: Thresholding) -> Tensor:
     max_value]; then clamp(x̂₀, -s, s) / s. Rows are independent: a row's result does not depend
     on its neighbours."""
     flat = x0.reshape(x0.shape[0], -1).abs().float()
-    # the rank and its weight in float32, as torch.quantile computes them: the same bits
-    rank = torch.tensor(thresholding.ratio, dtype=torch.float32) * (flat.shape[1] - 1)
-    below, above = int(rank.floor()), int(rank.ceil())
+    # the rank and its weight in float32, as torch.quantile computes them: the same bits (on the
+    # host in Python, so that a compiled update traces through without a graph break)
+    rank = _float32(_float32(thresholding.ratio) * (flat.shape[1] - 1))
+    below, above = math.floor(rank), math.ceil(rank)
     low = flat.kthvalue(below + 1, dim=1).values
     high = low if above == below else flat.kthvalue(above + 1, dim=1).values
-    s = torch.lerp(low, high, (rank - below).to(flat.device)).clamp(min=1.0, max=thresholding.max_value)
+    s = torch.lerp(low, high, rank - below).clamp(min=1.0, max=thresholding.max_value)
     s = s.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
     return torch.clamp(x0, -s, s) / s
 
@@ -167,8 +177,8 @@ def update(
 
     history: [N, C, H, W] (required with "history"); noise: [N, ...] standard normal, or [M, ...]
     for the rows `noise_rows` ([M] long) only. The engine and `Sampler.sample` both step through
-    here, so a row comes out the same bits either way; in-place fused multiply-adds keep a step at
-    a few passes over the rows without temporaries.
+    here, so a row comes out the same bits either way; in-place multiply-adds keep a step at a
+    few passes over the rows, with a temporary only for the eps_x0, history and noise terms.
     """
     n = x_t.shape[0]
     c = coef.to(x_t.dtype).reshape(n, len(COLUMNS), *([1] * (x_t.ndim - 1)))
@@ -210,6 +220,12 @@ def batch_terms(samplers: Sequence[Sampler]) -> frozenset[str]:
 _compiled_update: Callable[..., tuple[Tensor, Tensor]] | None = None
 
 
+def _inductor_config():
+    import torch._inductor.config
+
+    return torch._inductor.config
+
+
 def compiled_update() -> Callable[..., tuple[Tensor, Tensor]]:
     """`update` compiled with torch.compile (dynamic shapes): the step's arithmetic in one fused
     kernel instead of a pass over the rows per term, compiled once per combination of terms
@@ -218,7 +234,11 @@ def compiled_update() -> Callable[..., tuple[Tensor, Tensor]]:
     global _compiled_update
     if _compiled_update is None:
         allow_recompiles(64)  # a graph per combination of terms and of absent inputs
-        _compiled_update = torch.compile(update)
+        # no fused multiply-adds across the terms (Triton fuses them by default; Inductor's C++
+        # does not): with them, a term at coefficient 0 beside a row would change which product
+        # is rounded, and a row's bits would depend on its neighbours' samplers
+        options = {"emulate_precision_casts": True} if hasattr(_inductor_config(), "emulate_precision_casts") else {}
+        _compiled_update = torch.compile(update, options=options)
     return _compiled_update
 
 
@@ -229,8 +249,9 @@ class Sampler:
     and `multistep`, and implement `_mix` (the coefficients of `update`'s terms from the signal
     levels of the step) and `terms`. clip_x0 clips x̂₀ to [-1, 1]; thresholding replaces that by
     dynamic thresholding (every sampler, as diffusers' schedulers with `thresholding: true`).
-    Coefficients are computed on the host in float64 and cast once, from the same function for
-    `step`, `sample` and the engine's tables (`coefficient_table`).
+    Coefficients are computed on the host in float64 (x̂₀'s s0 and s1 from alpha_bar in float32,
+    as diffusers computes them), then cast to float32 (float64 for float64 rows), by the same
+    function for `step`, `sample` and the engine's tables (`coefficient_table`).
     """
 
     name: str = ""
@@ -293,6 +314,9 @@ class Sampler:
             *(torch.as_tensor(v).to("cpu", torch.long) for v in (t, t_prev, t_last))
         )
         T = self.schedule.num_timesteps
+        for name, values, lowest in (("t", t, 0), ("t_prev", t_prev, LAST), ("t_last", t_last, NO_HISTORY)):
+            if values.numel() and (int(values.min()) < lowest or int(values.max()) >= T):
+                raise ValueError(f"{name} must be in [{lowest}, {T}), got {values.unique().tolist()}")
         last, first = t_prev < 0, t_last < 0
         a_t = self._levels[t]
         a_prev = self._levels[torch.where(last, T, t_prev)]
@@ -308,11 +332,12 @@ class Sampler:
             out[..., column] = values
         return out
 
-    def coefficient_table(self, steps: int) -> Tensor:
-        """[steps + 1, len(COLUMNS)] float32 on the host: row k the coefficients of a `steps`-step
-        run's step k, then a row of zeros (where a finished row's index points)."""
+    def coefficient_table(self, steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """[steps + 1, len(COLUMNS)] on the host: row k the coefficients of a `steps`-step run's
+        step k, then a row of zeros (where a finished row's index points). float32 (what the
+        engine's float32 rows use) or float64."""
         ts = self.timesteps(steps)
-        table = self.coefficients(ts, previous_timesteps(ts), [NO_HISTORY, *ts[:-1]]).float()
+        table = self.coefficients(ts, previous_timesteps(ts), [NO_HISTORY, *ts[:-1]]).to(dtype)
         return torch.cat([table, table.new_zeros(1, len(COLUMNS))])
 
     def step(
@@ -337,7 +362,7 @@ class Sampler:
             raise ValueError(f"{type(self).__name__} needs noise for every step but the last")
         n = x_t.shape[0]
         coef = self.coefficients(t, t_prev, t_last if self.multistep else NO_HISTORY)
-        coef = coef.float().expand(n, len(COLUMNS)).to(x_t.device)
+        coef = coef.to(_coefficient_dtype(x_t.dtype)).expand(n, len(COLUMNS)).to(x_t.device)
         terms = self.terms - {"history"} if history is None else self.terms
         prev, x0 = self.update(
             x_t, model_output, coef, terms, thresholding=self.thresholding, history=history,
@@ -384,7 +409,7 @@ class Sampler:
                 raise ValueError(f"x_T must have shape {(n, *shape)}, got {tuple(x_T.shape)}")
             x = x_T.to(device=device, dtype=dtype)
         labels = None if class_labels is None else class_labels.to(device)
-        table = self.coefficient_table(steps).to(device)
+        table = self.coefficient_table(steps, _coefficient_dtype(dtype)).to(device)
         history: Tensor | None = None
         guided = guided_timesteps(self.schedule, guidance_interval)
         for i, (t, t_prev) in enumerate(zip(timesteps, previous_timesteps(timesteps), strict=True)):
@@ -403,6 +428,12 @@ class Sampler:
             if callback is not None:
                 callback(i, t, x, x0)
         return x
+
+
+def _coefficient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 coefficients for float64 rows, else float32 (cast from there to fp16 / bf16 rows:
+    the engine's table and `Sampler.sample` agree bit for bit)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class DDPMSampler(Sampler):

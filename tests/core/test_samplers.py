@@ -386,3 +386,25 @@ def test_a_coefficient_table_holds_each_steps_coefficients_then_zeros():
             t_prev = ts[k + 1] if k + 1 < len(ts) else LAST
             t_last = ts[k - 1] if k else NO_HISTORY
             assert torch.equal(table[k], sampler.coefficients(t, t_prev, t_last).float()), (sampler.name, k)
+
+
+def test_thresholdings_quantile_rank_is_float32s_and_a_compiled_update_traces_it_whole():
+    """The rank of the thresholding quantile is computed in Python with float32's rounding (what
+    torch.quantile and diffusers compute), so a compiled update with thresholding traces as one
+    graph (a tensor read back to a Python int would break it)."""
+    import random
+
+    import torch._dynamo
+
+    from undiffuse.config import Thresholding
+    from undiffuse.samplers import _float32
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        ratio, n = rng.random(), rng.randint(2, 10**6)
+        assert _float32(_float32(ratio) * (n - 1)) == float(torch.tensor(ratio, dtype=torch.float32) * (n - 1))
+    sampler = DDIMSampler(NoiseSchedule.linear(), thresholding=Thresholding(ratio=0.995, max_value=1.5))
+    x, eps = torch.randn(3, 1, 8, 8) * 2, torch.randn(3, 1, 8, 8)
+    coef = sampler.coefficients(500, 480).float().expand(3, len(COLUMNS))
+    explained = torch._dynamo.explain(update)(x, eps, coef, sampler.terms, thresholding=sampler.thresholding)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
