@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from undiffuse import DiffusionModel, ModelConfig, ScheduleConfig, UNet, UNetConfig  # noqa: E402
+from undiffuse.registry import SAMPLERS  # noqa: E402
 
 STEPS = 50
 ROWS = 16
@@ -64,14 +65,31 @@ class OpCounter(TorchDispatchMode):
 
 
 def load_reference(rev: str):
-    """undiffuse/engine.py of commit `rev`, as its own module (it imports this checkout's
-    undiffuse.noise and undiffuse.samplers, whose interfaces it uses are unchanged)."""
-    source = subprocess.run(
-        ["git", "show", f"{rev}:undiffuse/engine.py"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "engine_reference.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("engine_reference", path)
+    """undiffuse/engine.py of commit `rev`, as its own module, with that commit's samplers
+    (undiffuse/samplers.py, as its own module too: the engine imports it, and its samplers are
+    made from it); both import this checkout's undiffuse.noise and undiffuse.schedule, whose
+    interfaces they use are unchanged."""
+    samplers = _module_at(rev, "undiffuse/samplers.py", "samplers_reference")
+    current = sys.modules["undiffuse.samplers"]
+    sys.modules["undiffuse.samplers"] = samplers  # what the engine imports from
+    try:
+        engine = _module_at(rev, "undiffuse/engine.py", "engine_reference")
+    finally:
+        sys.modules["undiffuse.samplers"] = current
+    classes = {spec.name: spec.target.split(":")[1] for spec in SAMPLERS.values()}
+
+    def make_sampler(name: str, schedule, **options):
+        return getattr(samplers, classes[name])(schedule, **options)
+
+    engine.make_sampler = make_sampler
+    return engine
+
+
+def _module_at(rev: str, path: str, name: str):
+    source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True)
+    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    file.write_text(source.stdout)
+    spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
