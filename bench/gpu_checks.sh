@@ -29,6 +29,8 @@
 #
 # Run from the repository root:
 #   bash bench/gpu_checks.sh
+#   SMOKE=1 bash bench/gpu_checks.sh     # every step at tiny sizes on the CPU (the GPU tests skip):
+#                                        # checks the script's commands and flags, not speeds
 # Logs, tables and sample grids go to /tmp/res (env.txt, pytest_gpu.log, host_ops.log,
 # invariance.log, bench_first.log, bench.log, bench_models.log, quality-full.md/.log, grids/), packed after each
 # step into $OUT/results.tgz ($OUT defaults to /tmp); progress goes to stdout.
@@ -48,23 +50,31 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=/tmp/site:$PWD UNDIFFUSE_MNIST=${UNDIFFUSE_MNIST:-$(dirname "$PWD")/shared/datasets/mnist}
 R=/tmp/res && mkdir -p $R/grids
+if [ "${SMOKE:-0}" = 1 ]; then
+  DEV=cpu; X=4  # timeouts scaled for a CPU
+  HOST_OPS="--sizes 4,16"; INV="--rows 0 16 --batches 1 16 --requests 2 --repeats 1"
+  ENGINE="--gpu --smoke --skip-cpu --skip-models"; MODELS="--models-only"; QUALITY="--n 20 --rows quick"
+else
+  DEV=cuda; X=1
+  HOST_OPS=""; INV="--rows 0 64 256 --batches 1 64 512 4096 --requests 64"
+  ENGINE="--gpu --skip-cpu --skip-models"; MODELS="--gpu --skip-cpu --models-only"; QUALITY="--n 1000"
+fi
 pack() { tar czf "${OUT:-/tmp}/results.tgz" -C /tmp res; }
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } > $R/env.txt 2>&1
-timeout 150 python3 -m pytest -m gpu tests/core -q -p no:cacheprovider > $R/pytest_gpu.log 2>&1
+timeout $((150 * X)) python3 -m pytest -m gpu tests/core -q -p no:cacheprovider > $R/pytest_gpu.log 2>&1
 el "pytest -m gpu rc $?"; tail -5 $R/pytest_gpu.log; pack
-timeout 90 python3 bench/engine_host_ops.py --device cuda > $R/host_ops.log 2>&1
+timeout $((90 * X)) python3 bench/engine_host_ops.py --device $DEV $HOST_OPS > $R/host_ops.log 2>&1
 el "host ops rc $?"; grep "^|" $R/host_ops.log; pack
-timeout 150 python3 bench/invariance.py --device cuda --rows 0 64 256 --batches 1 64 512 4096 --requests 64 \
-  > $R/invariance.log 2>&1
+timeout $((150 * X)) python3 bench/invariance.py --device $DEV $INV > $R/invariance.log 2>&1
 el "invariance rc $?"; grep "^|" $R/invariance.log; pack
 # the first run fills Inductor's cache (its timings include compiling); the second is the record
-timeout 200 python3 bench/engine.py --gpu --skip-cpu --skip-models > $R/bench_first.log 2>&1; el "first bench rc $?"; pack
-timeout 150 python3 bench/engine.py --gpu --skip-cpu --skip-models > $R/bench.log 2>&1; el "bench rc $?"
+timeout $((200 * X)) python3 bench/engine.py $ENGINE > $R/bench_first.log 2>&1; el "first bench rc $?"; pack
+timeout $((150 * X)) python3 bench/engine.py $ENGINE > $R/bench.log 2>&1; el "bench rc $?"
 grep "^|" $R/bench.log; pack
 # the models people bring at real size (random weights: 114 M UNet, DiT-XL/2 + Stable Diffusion's VAE)
-timeout 180 python3 bench/engine.py --gpu --skip-cpu --models-only > $R/bench_models.log 2>&1; el "models bench rc $?"
+timeout $((180 * X)) python3 bench/engine.py $MODELS > $R/bench_models.log 2>&1; el "models bench rc $?"
 grep "^| (" $R/bench_models.log; pack
-left=$((T0 + 560 - $(date +%s)))
-timeout $((left > 40 ? left + 20 : 60)) python3 bench/quality.py --n 1000 --max-minutes "$(python3 -c "print(max(0.2, ($left - 10) / 60))")" \
+left=$((T0 + 560 * X - $(date +%s)))
+timeout $((left > 40 ? left + 20 : 60)) python3 bench/quality.py $QUALITY --device $DEV --max-minutes "$(python3 -c "print(max(0.2, ($left - 10) / 60))")" \
   --grids $R/grids --out $R/quality-full.md > $R/quality-full.log 2>&1
 el "quality table rc $?"; cat $R/quality-full.md; pack
