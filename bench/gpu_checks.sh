@@ -31,6 +31,8 @@
 #   bash bench/gpu_checks.sh
 #   SMOKE=1 bash bench/gpu_checks.sh     # every step at tiny sizes on the CPU (the GPU tests skip):
 #                                        # checks the script's commands and flags, not speeds
+#   (python3 on PATH is the one with the prerequisites, e.g. PATH=$PWD/.venv/bin:$PATH; a CPU smoke
+#   run takes about 5 minutes on 2 cores)
 # Logs, tables and sample grids go to /tmp/res (env.txt, pytest_gpu.log, host_ops.log,
 # invariance.log, bench_first.log, bench.log, bench_models.log, quality-full.md/.log, grids/), packed after each
 # step into $OUT/results.tgz ($OUT defaults to /tmp); progress goes to stdout.
