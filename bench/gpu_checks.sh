@@ -1,28 +1,36 @@
 #!/usr/bin/env bash
-# The GPU checks in one script, bounded to about 10 minutes:
-#   1. pytest -m gpu tests/core (CPU and CUDA agree, mixed-precision training, the engine's bf16,
+# The GPU checks in one script, bounded by $DEADLINE seconds (default 450: under 8 minutes on one
+# Hopper GPU, Inductor's cache cold). Steps, in this order (STEPS="..." picks some, e.g.
+# STEPS="engine levers"; the default runs all but models and quality, which take minutes more):
+#   1. pytest -m gpu (pytest) tests/core (CPU and CUDA agree, mixed-precision training, the engine's bf16,
 #      compile and CUDA-graph tolerance, no device syncs per step, max_batch from free memory);
-#   2. bench/engine_host_ops.py --device cuda: the engine's torch ops and host time per step
+#   2. (hostops) bench/engine_host_ops.py --device cuda: the engine's torch ops and host time per step
 #      outside the network at 16 and 256 requests, against the engine of commit 0b0856e (needs
 #      git and the repository's history; --reference none skips the reference);
-#   2b. bench/invariance.py --device cuda: what batch-invariant slicing (UNDIFFUSE_INVARIANT_ROWS)
+#   2b. (invariance) bench/invariance.py --device cuda: what batch-invariant slicing (UNDIFFUSE_INVARIANT_ROWS)
 #      costs the network and the engine against whole batches, and whether a request's bytes hold
 #      beside others (docs/benchmarks.md, "Batch invariance");
-#   3. bench/engine.py --gpu --skip-cpu --skip-models twice: the first run fills Inductor's cache
-#      (its timings include compiling), the second is the one to record (docs/benchmarks.md, GPU
-#      section);
-#   4. bench/engine.py --gpu --skip-cpu --models-only: rows (8) and (9) at real size, a 256x256
+#   3. (engine) bench/engine.py --gpu --skip-cpu --skip-models (docs/benchmarks.md, GPU section; every
+#      engine warms its buckets before it is timed, so compiling is not in the figures);
+#   3b. (profile) bench/step_profile.py: kernels per steady engine step and the GPU's idle fraction at 64
+#      and 4,096 rows, compiled without and with CUDA graphs;
+#   3c. (levers) bench/unet_levers.py: what each lever (bf16, channels_last, cudnn.benchmark, compile,
+#      Inductor freezing, bf16 weights, batch 512) gives the CIFAR-10 UNet's network call;
+#   4. (models) bench/engine.py --gpu --skip-cpu --models-only: rows (8) and (9) at real size, a 256x256
 #      pixel UNet and DiT-XL/2 with its VAE decoder against diffusers' pipelines
 #      (docs/benchmarks.md, "Models people bring"; 32 images at DDIM 25 per run, fp32 and bf16
 #      eager, nothing compiled);
-#   5. bench/quality.py --n 1000, the full quality table (docs/quality.md), cheapest rows first,
-#      stopped 560 s after the script started (step 4 runs before it and shortens it).
-# Each step has its own timeout; a failing step is logged and the next one still runs.
+#   5. (quality) bench/quality.py --n 1000, the full quality table (docs/quality.md), cheapest
+#      rows first, stopped at the deadline.
+# Each step has its own timeout, cut to what is left before the deadline; a failing step is
+# logged and the next one still runs. The run order is pytest, engine, profile, levers, hostops,
+# invariance, models, quality: the figures the engine's goals name come first.
 #
 # Prerequisites: a CUDA GPU; Python 3.10+ with PyTorch 2.x built with CUDA, numpy, safetensors,
 # pillow, tqdm, pytest and diffusers >= 0.30 (bench/engine.py's CIFAR-10 UNet and model rows run
 # diffusers' DDIMPipeline and DiTPipeline as their references); a git checkout of this repository
-# (step 2 reads the reference engine from its history); the MNIST test set
+# (step 2 reads the reference engine from its history; without it, step 2 measures this engine
+# alone); the MNIST test set
 # (t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz) in $UNDIFFUSE_MNIST, by default
 # ../shared/datasets/mnist beside the checkout (the quality table's judge and the engine's 5-NN
 # check read it). The repository is used from the checkout (PYTHONPATH), not installed.
@@ -34,7 +42,8 @@
 #   (python3 on PATH is the one with the prerequisites, e.g. PATH=$PWD/.venv/bin:$PATH; a CPU smoke
 #   run takes about 5 minutes on 2 cores)
 # Logs, tables and sample grids go to /tmp/res (env.txt, pytest_gpu.log, host_ops.log,
-# invariance.log, bench_first.log, bench.log, bench_models.log, quality-full.md/.log, grids/), packed after each
+# invariance.log, bench.log, step_profile.log, levers.log, bench_models.log, quality-full.md/.log,
+# grids/), packed after each
 # step into $OUT/results.tgz ($OUT defaults to /tmp); progress goes to stdout.
 #
 # Without network access: if ./.whl holds wheels, they are installed offline into /tmp/site
@@ -48,35 +57,43 @@ T0=$(date +%s)
 el() { echo "[$(($(date +%s) - T0)) s] $*"; }
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD UNDIFFUSE_MNIST=${UNDIFFUSE_MNIST:-$(dirname "$PWD")/shared/datasets/mnist}
 R=/tmp/res && mkdir -p $R/grids
+STEPS=" ${STEPS:-pytest engine profile levers hostops invariance} "
+REF=""; git rev-parse -q --verify 0b0856e^{commit} > /dev/null 2>&1 || REF="--reference none"
 if [ "${SMOKE:-0}" = 1 ]; then
-  DEV=cpu; X=4  # timeouts scaled for a CPU
+  DEV=cpu; X=4; DEADLINE=${DEADLINE:-1800}  # timeouts scaled for a CPU
   HOST_OPS="--sizes 4,16"; INV="--rows 0 16 --batches 1 16 --requests 2 --repeats 1"
   ENGINE="--gpu --smoke --skip-cpu --skip-models"; MODELS="--models-only"; QUALITY="--n 20 --rows quick"
+  PROFILE="--device cpu --rows 16 32 --steps 3"; LEVERS="--smoke --max-seconds 600"
 else
-  DEV=cuda; X=1
+  DEV=cuda; X=1; DEADLINE=${DEADLINE:-450}
   HOST_OPS=""; INV="--rows 0 64 256 --batches 1 64 512 4096 --requests 64"
   ENGINE="--gpu --skip-cpu --skip-models"; MODELS="--gpu --skip-cpu --models-only"; QUALITY="--n 1000"
+  PROFILE="--rows 64 4096"; LEVERS="--batch 256 512 --max-seconds 100"
 fi
 pack() { tar czf "${OUT:-/tmp}/results.tgz" -C /tmp res; }
+# run NAME SECONDS LOG COMMAND...: the step if STEPS names it, within SECONDS and the deadline
+run() {
+  local name=$1 limit=$(($2 * X)) log=$R/$3; shift 3
+  case "$STEPS" in *" $name "*) ;; *) return 1 ;; esac
+  local left=$((T0 + DEADLINE - $(date +%s)))
+  if [ $left -lt 20 ]; then el "$name: not run, the deadline ($DEADLINE s) is reached"; return 1; fi
+  timeout $((limit < left ? limit : left)) "$@" > "$log" 2>&1
+  el "$name rc $?"
+}
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } > $R/env.txt 2>&1
-timeout $((150 * X)) python3 -m pytest -m gpu tests/core -q -p no:cacheprovider > $R/pytest_gpu.log 2>&1
-el "pytest -m gpu rc $?"; tail -5 $R/pytest_gpu.log; pack
-timeout $((90 * X)) python3 bench/engine_host_ops.py --device $DEV $HOST_OPS > $R/host_ops.log 2>&1
-el "host ops rc $?"; grep "^|" $R/host_ops.log; pack
-timeout $((150 * X)) python3 bench/invariance.py --device $DEV $INV > $R/invariance.log 2>&1
-el "invariance rc $?"; grep "^|" $R/invariance.log; pack
-# the first run fills Inductor's cache (its timings include compiling); the second is the record
-timeout $((200 * X)) python3 bench/engine.py $ENGINE > $R/bench_first.log 2>&1; el "first bench rc $?"; pack
-timeout $((150 * X)) python3 bench/engine.py $ENGINE > $R/bench.log 2>&1; el "bench rc $?"
-grep "^|" $R/bench.log; pack
+run pytest 120 pytest_gpu.log python3 -m pytest -m gpu tests/core -q -p no:cacheprovider && tail -5 $R/pytest_gpu.log; pack
+run engine 200 bench.log python3 bench/engine.py $ENGINE && grep "^|" $R/bench.log; pack
+run profile 90 step_profile.log python3 bench/step_profile.py $PROFILE && grep "^|" $R/step_profile.log; pack
+run levers 150 levers.log python3 bench/unet_levers.py $LEVERS && grep "^|" $R/levers.log; pack
+run hostops 90 host_ops.log python3 bench/engine_host_ops.py --device $DEV $HOST_OPS $REF && grep "^|" $R/host_ops.log; pack
+run invariance 150 invariance.log python3 bench/invariance.py --device $DEV $INV && grep "^|" $R/invariance.log; pack
 # the models people bring at real size (random weights: 114 M UNet, DiT-XL/2 + Stable Diffusion's VAE)
-timeout $((180 * X)) python3 bench/engine.py $MODELS > $R/bench_models.log 2>&1; el "models bench rc $?"
-grep "^| (" $R/bench_models.log; pack
-left=$((T0 + 560 * X - $(date +%s)))
-timeout $((left > 40 ? left + 20 : 60)) python3 bench/quality.py $QUALITY --device $DEV --max-minutes "$(python3 -c "print(max(0.2, ($left - 10) / 60))")" \
-  --grids $R/grids --out $R/quality-full.md > $R/quality-full.log 2>&1
-el "quality table rc $?"; cat $R/quality-full.md; pack
+run models 180 bench_models.log python3 bench/engine.py $MODELS && grep "^| (" $R/bench_models.log; pack
+left=$((T0 + DEADLINE - $(date +%s)))
+run quality 600 quality-full.log python3 bench/quality.py $QUALITY --device $DEV \
+  --max-minutes "$(python3 -c "print(max(0.2, ($left - 30) / 60))")" --grids $R/grids --out $R/quality-full.md \
+  && cat $R/quality-full.md; pack
