@@ -11,7 +11,8 @@ parameters, random weights), one call at a fixed batch and timestep, timed with 
   fp32 eager -> + TF32 matmuls and convolutions -> bf16 autocast (what the engine runs eager)
   -> + channels_last -> + cudnn.benchmark -> + torch.compile (default mode: the engine's fast
   path) -> + Inductor freezing (weights become constants: the autocast casts and conv/bias folds
-  happen once) -> bf16 weights instead of autocast -> the best at each larger `--batch`
+  happen once) -> bf16 weights instead of autocast -> the same in NCHW (is channels_last worth it
+  once compiled? eager bf16 ran 0.82-0.85x with it on an H200) -> the best at each larger `--batch`
   [-> + max-autotune-no-cudagraphs, with --autotune: minutes of compiling]
 
 For each row: ms per call, images/s of DDIM 20 at that call time (the network's ceiling: the
@@ -76,6 +77,7 @@ def levers(batches: list[int], autotune: bool) -> list[Lever]:
     rows.append(rows[-1].then("+ Inductor freezing", freezing=True))
     rows.append(rows[-1].then("bf16 weights instead of autocast", autocast=False, bf16_weights=True))
     best = rows[-1]
+    rows.append(best.then("the same in NCHW (channels_last off)", channels_last=False))
     rows += [best.then(f"the same at batch {b}", batch=b) for b in batches[1:]]
     if autotune:
         rows.append(best.then("+ max-autotune-no-cudagraphs", compile="max-autotune-no-cudagraphs"))
