@@ -176,6 +176,7 @@ def mixed_load(model, args) -> list[str]:
 
     # alternate the two, repeats times each, and keep each one's best span (and its latencies)
     runs: dict[str, list[tuple[float, list[float]]]] = {"engine": [], "static": []}
+    steps: list[list[tuple[float, int, str]]] = []  # each engine run's (seconds, rows, sampler) per step
     for _ in range(args.repeats):
         engine = DenoisingEngine(model, EngineConfig(max_batch=args.max_batch, compile=False))
         engine.step_time = dict(warm.step_time)  # the table the Denoiser measures at start
@@ -183,10 +184,20 @@ def mixed_load(model, args) -> list[str]:
             lambda e=engine: [f.id for f in e.step()], lambda r, a, e=engine: e.add(r), lambda e=engine: e.idle
         )
         runs["engine"].append((span, lat))
+        sync()  # every step's end event has passed: step_times reads them all
+        steps.append(engine.step_times())
         lat, span = drive(static_step, lambda r, a: waiting.append(r), lambda: not waiting)
         runs["static"].append((span, lat))
     span_engine, lat_engine = min(runs["engine"])
     span_static, lat_static = min(runs["static"])
+    # how the engine spent its best run: its steps by sampler ("mixed": long and short rows in one
+    # step) and their mean time (device time between events on CUDA, wall time on a CPU)
+    best = steps[min(range(len(runs["engine"])), key=lambda i: runs["engine"][i][0])]
+    kinds: dict[str, list[float]] = {}
+    for sec, _, sampler in best:
+        kinds.setdefault(sampler, []).append(sec)
+    per_kind = ", ".join(f"{len(v)} {k} ({statistics.mean(v) * 1e3:.2f} ms)" for k, v in sorted(kinds.items()))
+    static_calls = args.long_jobs * args.long_steps + 10 * args.short_jobs  # at most: shorts may share a group
     images = sum(r.count for r in long_jobs) + args.short_jobs
     p50_e, p50_s = statistics.median(lat_engine), statistics.median(lat_static)
     load = (
@@ -200,6 +211,9 @@ def mixed_load(model, args) -> list[str]:
         f"| {images / span_engine:.2f} img/s | {span_static / span_engine:.2f}x | >= 1.0x |",
         f"| (2) spans of each run (s), engine / static | {' '.join(f'{s:.1f}' for s, _ in runs['static'])} "
         f"| {' '.join(f'{s:.1f}' for s, _ in runs['engine'])} | best of {args.repeats} | - |",
+        f"| (2) engine steps in its best run, by sampler mix (mean step time) | static batching: at most "
+        f"{static_calls} network calls, {span_static / static_calls * 1e3:.2f} ms each or more "
+        f"| {len(best)} steps: {per_kind} | - | - |",
     ]
 
 
@@ -737,7 +751,7 @@ def main() -> None:
         gpu_load = argparse.Namespace(**{**vars(args), "short_every": 0.1 if args.smoke else 0.25,
                                          "max_batch": 256})  # fmt: skip
         rows += [r.replace("| (2)", "| (2, GPU)") for r in mixed_load(model, gpu_load)]
-        print("\n".join(rows[-3:]), flush=True)
+        print("\n".join(rows[-4:]), flush=True)
         rows += small_batch_gpu(model, 16 if args.smoke else 64, 3 if args.smoke else 50)
     sections = [(torch.device("cpu"), "")] * (not args.skip_cpu) + [(device, ", GPU")] * args.gpu
     for where, tag in sections if not args.skip_models else ():

@@ -13,7 +13,9 @@
 #   3. (engine) bench/engine.py --gpu --skip-cpu --skip-models (docs/benchmarks.md, GPU section; every
 #      engine warms its buckets before it is timed, so compiling is not in the figures);
 #   3b. (profile) bench/step_profile.py: kernels per steady engine step and the GPU's idle fraction at 64
-#      and 4,096 rows, compiled without and with CUDA graphs;
+#      and 4,096 rows, compiled without and with CUDA graphs; (mixedprofile) the same at 16 rows of
+#      DDPM, the mixed load's long job, for the engine eager in fp32, compiled, with CUDA graphs, and
+#      Sampler.sample's loop (static batching's) beside it;
 #   3c. (levers) bench/unet_levers.py: what each lever (bf16, channels_last, cudnn.benchmark, compile,
 #      Inductor freezing, bf16 weights, batch 512) gives the CIFAR-10 UNet's network call;
 #   4. (models) bench/engine.py --gpu --skip-cpu --models-only: rows (8) and (9) at real size, a 256x256
@@ -23,8 +25,8 @@
 #   5. (quality) bench/quality.py --n 1000, the full quality table (docs/quality.md), cheapest
 #      rows first, stopped at the deadline.
 # Each step has its own timeout, cut to what is left before the deadline; a failing step is
-# logged and the next one still runs. The run order is pytest, engine, profile, levers, hostops,
-# invariance, models, quality: the figures the engine's goals name come first.
+# logged and the next one still runs. The run order is pytest, engine, profile, mixedprofile,
+# levers, hostops, invariance, models, quality: the figures the engine's goals name come first.
 #
 # Prerequisites: a CUDA GPU; Python 3.10+ with PyTorch 2.x built with CUDA, numpy, safetensors,
 # pillow, tqdm, pytest, stamina (tests/core/test_client_core.py imports it; without it that module
@@ -43,7 +45,7 @@
 #   (python3 on PATH is the one with the prerequisites, e.g. PATH=$PWD/.venv/bin:$PATH; a CPU smoke
 #   run takes about 5 minutes on 2 cores)
 # Logs, tables and sample grids go to /tmp/res (env.txt, pytest_gpu.log, host_ops.log,
-# invariance.log, bench.log, step_profile.log, levers.log, bench_models.log, quality-full.md/.log,
+# invariance.log, bench.log, step_profile.log, mixed_profile.log, levers.log, bench_models.log, quality-full.md/.log,
 # grids/), packed after each
 # step into $OUT/results.tgz ($OUT defaults to /tmp); progress goes to stdout.
 #
@@ -62,18 +64,18 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=/tmp/site:$PWD UNDIFFUSE_MNIST=${UNDIFFUSE_MNIST:-$(dirname "$PWD")/shared/datasets/mnist}
 R=/tmp/res && mkdir -p $R/grids
-STEPS=" ${STEPS:-pytest engine profile levers hostops invariance} "
+STEPS=" ${STEPS:-pytest engine profile mixedprofile levers hostops invariance} "
 REF=""; git rev-parse -q --verify 0b0856e^{commit} > /dev/null 2>&1 || REF="--reference none"
 if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu; X=4; DEADLINE=${DEADLINE:-1800}  # timeouts scaled for a CPU
   HOST_OPS="--sizes 4,16"; INV="--rows 0 16 --batches 1 16 --requests 2 --repeats 1"
   ENGINE="--gpu --smoke --skip-cpu --skip-models"; MODELS="--models-only"; QUALITY="--n 20 --rows quick"
-  PROFILE="--device cpu --rows 16 32 --steps 3"; LEVERS="--smoke --max-seconds 600"
+  PROFILE="--device cpu --rows 16 32 --steps 3"; MIXED="--device cpu --steps 3"; LEVERS="--smoke --max-seconds 600"
 else
   DEV=cuda; X=1; DEADLINE=${DEADLINE:-450}
   HOST_OPS=""; INV="--rows 0 64 256 --batches 1 64 512 4096 --requests 64"
   ENGINE="--gpu --skip-cpu --skip-models"; MODELS="--gpu --skip-cpu --models-only"; QUALITY="--n 1000"
-  PROFILE="--rows 64 4096"; LEVERS="--batch 256 512 --max-seconds 100"
+  PROFILE="--rows 64 4096"; MIXED="--modes eager-fp32 default reduce-overhead"; LEVERS="--batch 256 512 --max-seconds 100"
 fi
 pack() { tar czf "${OUT:-/tmp}/results.tgz" -C /tmp res; }
 # run NAME SECONDS LOG COMMAND...: the step if STEPS names it, within SECONDS and the deadline
@@ -87,8 +89,10 @@ run() {
 }
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } > $R/env.txt 2>&1
 run pytest 120 pytest_gpu.log python3 -m pytest -m gpu tests/core -q -p no:cacheprovider --continue-on-collection-errors && tail -5 $R/pytest_gpu.log; pack
-run engine 200 bench.log python3 bench/engine.py $ENGINE && grep "^|" $R/bench.log; pack
-run profile 90 step_profile.log python3 bench/step_profile.py $PROFILE && grep "^|" $R/step_profile.log; pack
+run engine 240 bench.log python3 bench/engine.py $ENGINE && grep "^|" $R/bench.log; pack
+run profile 150 step_profile.log python3 bench/step_profile.py $PROFILE && grep "^|" $R/step_profile.log; pack
+run mixedprofile 120 mixed_profile.log python3 bench/step_profile.py --rows 16 --sampler ddpm --reference $MIXED \
+  && grep "^|" $R/mixed_profile.log; pack
 run levers 150 levers.log python3 bench/unet_levers.py $LEVERS && grep "^|" $R/levers.log; pack
 run hostops 90 host_ops.log python3 bench/engine_host_ops.py --device $DEV $HOST_OPS $REF && grep "^|" $R/host_ops.log; pack
 run invariance 150 invariance.log python3 bench/invariance.py --device $DEV $INV && grep "^|" $R/invariance.log; pack

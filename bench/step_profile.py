@@ -1,21 +1,31 @@
 """Where an engine step's time goes on the device: kernels per step and the GPU's idle fraction.
 
     python bench/step_profile.py                      # CUDA if present, else the CPU
-    python bench/step_profile.py --rows 64 4096 --steps 20
+    python bench/step_profile.py --rows 64 4096 --modes default reduce-overhead
+    python bench/step_profile.py --rows 16 --sampler ddpm --modes eager-fp32 --reference
 
-The demo model (models/mnist), DDIM 50, 16-row requests filling `rows` rows, the engine's default
-fast path on CUDA (bf16, channels_last, torch.compile, one padded bucket) and optionally
-`--compile-mode reduce-overhead` (CUDA graphs). After warm-up and the first step, `--steps` steady
-steps (nothing joins or leaves) run twice:
+The demo model (models/mnist), requests of 16 rows filling `rows` rows, `--sampler` at 200
+steps (so that many steady steps fit; a step costs the same whatever the step count), the engine
+in each of `--modes`:
 
-- timed: wall time per step (synchronised once at the end, as the service runs them);
-- under `torch.profiler`: the device's kernels and copies per step, and their summed duration
-  (one stream: kernels do not overlap, so the sum is the time the GPU was busy).
+- eager-fp32: fp32, nothing compiled (the mixed-load row of bench/engine.py);
+- eager: the device's default precision (bf16 on CUDA), nothing compiled;
+- default / reduce-overhead: the engine's fast path (bf16, channels_last, torch.compile, one
+  padded bucket), without and with CUDA graphs (CUDA only).
+
+After warm-up and the first steps, steady steps (nothing joins or leaves) run:
+
+- timed: `--steps` steps three times (one synchronisation at the end of each), the best kept:
+  wall time per step, as the service runs them;
+- under `torch.profiler`: `--steps` more: the device's kernels and copies per step and their
+  summed duration (one stream: kernels do not overlap, so the sum is the time the GPU was busy),
+  and the aten ops the host dispatched.
 
 idle fraction = 1 - busy / wall: the part of each step in which the GPU waits for the host (the
-engine's Python, launches, the network's own launch overhead). On a CPU there are no device
-kernels; the table then gives the aten ops per step and the host time only. The top kernels by
-time are printed after the table.
+engine's Python, launches, the network's own launch overhead). With `--reference`, the same for
+`Sampler.sample`'s loop over the same images in fp32 eager (static batching's loop in the mixed
+load), per step. On a CPU there are no device kernels; the table then gives the aten ops per step
+and the time only. The top kernels by time are printed after each row.
 """
 
 from __future__ import annotations
@@ -36,7 +46,13 @@ sys.path.insert(0, str(ROOT))
 from undiffuse import load_model  # noqa: E402
 from undiffuse.engine import DenoisingEngine, EngineConfig, Request  # noqa: E402
 
-SAMPLER_STEPS = 50
+SAMPLER_STEPS = 200
+MODES = {  # mode -> EngineConfig settings
+    "eager-fp32": dict(precision="fp32", compile=False),
+    "eager": dict(compile=False),
+    "default": dict(compile=True, compile_mode="default"),
+    "reduce-overhead": dict(compile=True, compile_mode="reduce-overhead"),
+}
 
 
 def sync(device: torch.device) -> None:
@@ -44,31 +60,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def steady_engine(model, rows: int, config: EngineConfig) -> DenoisingEngine:
-    """An engine holding `rows` rows in 16-row requests, warmed and past its first step."""
-    engine = DenoisingEngine(model, config)
-    engine.warm_up(300, decoder=False)
-    for k, start in enumerate(range(0, rows, 16)):
-        n = min(16, rows - start)
-        engine.add(Request(("p", k), f"o{k % 4}", seed=0, start=start, count=n, steps=SAMPLER_STEPS, sampler="ddim",
-                           labels=[(start + i) % 10 for i in range(n)]))  # fmt: skip
-    for _ in range(3):  # assembly, then two steady steps
-        engine.step()
-    return engine
+def requests(rows: int, sampler: str) -> list[Request]:
+    return [
+        Request(("p", k), f"o{k % 4}", seed=0, start=start, count=min(16, rows - start), steps=SAMPLER_STEPS,
+                sampler=sampler, labels=[(start + i) % 10 for i in range(min(16, rows - start))])
+        for k, start in enumerate(range(0, rows, 16))
+    ]  # fmt: skip
 
 
-def measure(model, rows: int, steps: int, config: EngineConfig, device: torch.device) -> dict:
-    engine = steady_engine(model, rows, config)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    sync(device)
-    wall = (time.perf_counter() - start) / steps
+def profiled(step, steps: int, device: torch.device) -> dict:
+    """Best wall time per step of three timed runs of `steps` calls, then one profiled run."""
+    walls = []
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        walls.append((time.perf_counter() - start) / steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            engine.step()
+            step()
         sync(device)
     events = prof.events()
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
@@ -78,42 +91,91 @@ def measure(model, rows: int, steps: int, config: EngineConfig, device: torch.de
         ((a.key, a.self_device_time_total / steps) for a in prof.key_averages() if a.self_device_time_total > 0),
         key=lambda kv: -kv[1],
     )[:8]
-    assert engine.scheduler.clock >= 3 + 2 * steps  # every step advanced (no request finished early)
-    return {"wall": wall, "kernels": len(kernels) / steps, "busy": busy, "aten": aten / steps, "top": top}
+    return {"wall": min(walls), "kernels": len(kernels) / steps, "busy": busy, "aten": aten / steps, "top": top}
+
+
+def engine_steps(model, rows: int, sampler: str, config: EngineConfig):
+    """A step function of an engine holding `rows` rows, warmed and past its first steps."""
+    engine = DenoisingEngine(model, config)
+    engine.warm_up(300, decoder=False)
+    for r in requests(rows, sampler):
+        engine.add(r)
+    for _ in range(3):  # assembly, then two steady steps
+        engine.step()
+
+    def step():
+        if engine.step():
+            raise RuntimeError("a request finished during the steady steps: raise SAMPLER_STEPS")
+
+    return step
+
+
+def sampler_steps(model, rows: int, sampler_name: str, device: torch.device):
+    """A step function that runs one iteration of Sampler.sample's loop (fp32 eager): its
+    network call, noise draw and update, as `Sampler.sample` makes them."""
+    from undiffuse import ImageNoise
+    from undiffuse.samplers import COLUMNS, guided_eps
+
+    sampler = model.make_sampler(sampler_name)
+    noise = ImageNoise([0] * rows, range(rows), device)
+    shape = model.sample_shape
+    table = sampler.coefficient_table(SAMPLER_STEPS, torch.float32).to(device)
+    labels = torch.tensor([i % 10 for i in range(rows)], device=device)
+    state = {"x": noise.draw(0, shape).to(device), "i": 0}
+    timesteps = sampler.timesteps(SAMPLER_STEPS)
+
+    @torch.no_grad()
+    def step():
+        i = state["i"] % (SAMPLER_STEPS - 1)
+        t_rows = torch.full((rows,), timesteps[i], device=device, dtype=torch.long)
+        eps = guided_eps(model.eps, state["x"], t_rows, labels, 1.0)
+        z = noise.draw(i + 1, shape).to(device) if sampler.needs_noise else None
+        state["x"], _ = sampler.update(state["x"], eps, table[i].expand(rows, len(COLUMNS)),
+                                       sampler.terms - {"history"}, thresholding=sampler.thresholding, noise=z)  # fmt: skip
+        state["i"] += 1
+
+    return step
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[64, 4096])
-    p.add_argument("--steps", type=int, default=20, help="steady steps timed, then profiled (< 47)")
+    p.add_argument("--steps", type=int, default=20, help="steady steps per timed and profiled run")
+    p.add_argument("--sampler", default="ddim")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile-mode", nargs="+", default=["default", "reduce-overhead"])
+    p.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["default", "reduce-overhead"])
+    p.add_argument("--reference", action="store_true", help="also Sampler.sample's loop, fp32 eager")
     args = p.parse_args()
-    if args.steps > SAMPLER_STEPS - 3 - args.steps:
-        p.error(f"--steps {args.steps}: two runs of them must fit in DDIM {SAMPLER_STEPS} after 3 steps")
+    if 3 + 4 * args.steps >= SAMPLER_STEPS:
+        p.error(f"--steps {args.steps}: four runs of them must fit in {SAMPLER_STEPS} steps after 3")
     device = torch.device(args.device)
     model = load_model(ROOT / "models" / "mnist", device)
-    compiled = device.type == "cuda"
-    modes = args.compile_mode if compiled else ["eager"]
-    machine = torch.cuda.get_device_name() if compiled else f"{platform.processor() or 'cpu'} (CPU)"
+    cuda = device.type == "cuda"
+    modes = [m for m in args.modes if cuda or not MODES[m].get("compile")] or ["eager-fp32"]
+    machine = torch.cuda.get_device_name() if cuda else f"{platform.processor() or 'cpu'} (CPU)"
     lines = []
     for rows in args.rows:
-        for mode in modes:
-            config = EngineConfig(max_batch=rows, compile=compiled, buckets=(rows,) if compiled else None,
-                                  compile_mode=mode if compiled else "default")  # fmt: skip
-            r = measure(model, rows, args.steps, config, device)
-            idle = f"{1 - r['busy'] / r['wall']:.0%}" if compiled else "-"
+        runs = [f"engine, {m}" for m in modes] + ["Sampler.sample loop, fp32 eager"] * args.reference
+        for label in runs:
+            if label.startswith("engine"):
+                mode = MODES[label.removeprefix("engine, ")]
+                config = EngineConfig(max_batch=rows, buckets=(rows,) if mode["compile"] else None, **mode)
+                step = engine_steps(model, rows, args.sampler, config)
+            else:
+                step = sampler_steps(model, rows, args.sampler, device)
+            r = profiled(step, args.steps, device)
+            idle = f"{max(0.0, 1 - r['busy'] / r['wall']):.0%}" if cuda else "-"
             lines.append(
-                f"| {rows:,} | {mode} | {r['wall'] * 1e3:.2f} ms | {r['busy'] * 1e3:.2f} ms | {idle} "
-                f"| {r['kernels']:.0f} | {r['aten']:.0f} | {rows / (r['wall'] * SAMPLER_STEPS):,.0f} |"
+                f"| {rows:,} | {label} | {r['wall'] * 1e3:.2f} ms | {r['busy'] * 1e3:.2f} ms | {idle} "
+                f"| {r['kernels']:.0f} | {r['aten']:.0f} | {rows / (r['wall'] * 50):,.0f} |"
             )
             print(lines[-1], flush=True)
             for name, us in r["top"]:
                 print(f"    {us / 1e3:8.3f} ms  {name[:100]}", flush=True)
-    print(f"\nundiffuse engine step profile — torch {torch.__version__}, {machine}, DDIM {SAMPLER_STEPS}, "
-          f"{args.steps} steady steps\n")  # fmt: skip
-    print("| rows | compile mode | wall per step | GPU busy per step | GPU idle | device kernels per step "
-          "| aten ops per step | images/s at this step time |")  # fmt: skip
+    print(f"\nundiffuse engine step profile — torch {torch.__version__}, {machine}, {args.sampler}, "
+          f"{args.steps} steady steps a run\n")  # fmt: skip
+    print("| rows | what | wall per step | GPU busy per step | GPU idle | device kernels per step "
+          "| aten ops per step | images/s of 50 steps at this step time |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
 

@@ -28,30 +28,18 @@ import argparse
 import contextlib
 import copy
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # dense, vendor sheets
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine import BF16_PEAK_TFLOPS, cifar_unet  # noqa: E402  (bench/engine.py: the UNet of its row (4))
+
 DDIM_STEPS = 20
-
-
-def cifar_unet(smoke: bool):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    if smoke:
-        return UNet2DModel(sample_size=32, block_out_channels=(32, 64), layers_per_block=1,
-                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()  # fmt: skip
-    return UNet2DModel(
-        sample_size=32,
-        block_out_channels=(128, 256, 256, 256),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    ).eval()
 
 
 class Lever:
@@ -148,7 +136,7 @@ def main() -> None:
         p.error("the levers are a GPU measurement; on a CPU use --smoke")
     if args.smoke:
         args.batch, args.calls = [8, 16], 2
-    unet = cifar_unet(args.smoke)
+    unet = cifar_unet(torch.device("cpu"), args.smoke)
     params = sum(q.numel() for q in unet.parameters()) / 1e6
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(torch.randn(1, 3, 32, 32), torch.tensor([500]))
