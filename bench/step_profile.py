@@ -19,13 +19,13 @@ After warm-up and the first steps, steady steps (nothing joins or leaves) run:
   wall time per step, as the service runs them;
 - under `torch.profiler`: `--steps` more: the device's kernels and copies per step and their
   summed duration (one stream: kernels do not overlap, so the sum is the time the GPU was busy),
-  and the aten ops the host dispatched.
+  and the aten ops the host dispatched (the outermost: an op another op calls is not counted).
 
 idle fraction = 1 - busy / wall: the part of each step in which the GPU waits for the host (the
 engine's Python, launches, the network's own launch overhead). With `--reference`, the same for
 `Sampler.sample`'s loop over the same images in fp32 eager (static batching's loop in the mixed
 load), per step. On a CPU there are no device kernels; the table then gives the aten ops per step
-and the time only. The top kernels by time are printed after each row.
+and the time only. The device's top kernels by time per step are printed after each row.
 """
 
 from __future__ import annotations
@@ -86,11 +86,18 @@ def profiled(step, steps: int, device: torch.device) -> dict:
     events = prof.events()
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / steps
-    aten = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::"))
-    top = sorted(
-        ((a.key, a.self_device_time_total / steps) for a in prof.key_averages() if a.self_device_time_total > 0),
-        key=lambda kv: -kv[1],
-    )[:8]
+    # aten ops the host dispatched: the outermost only (conv2d, not the convolution it calls)
+    aten = sum(
+        1
+        for e in events
+        if e.device_type == DeviceType.CPU
+        and e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+    by_kernel: dict[str, float] = {}
+    for e in kernels:
+        by_kernel[e.name] = by_kernel.get(e.name, 0.0) + e.time_range.elapsed_us() / steps
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:8]
     return {"wall": min(walls), "kernels": len(kernels) / steps, "busy": busy, "aten": aten / steps, "top": top}
 
 
@@ -164,7 +171,8 @@ def main() -> None:
             else:
                 step = sampler_steps(model, rows, args.sampler, device)
             r = profiled(step, args.steps, device)
-            idle = f"{max(0.0, 1 - r['busy'] / r['wall']):.0%}" if cuda else "-"
+            # wall and busy come from separate runs: a negative idle means the two differ by noise
+            idle = f"{1 - r['busy'] / r['wall']:.0%}" if cuda else "-"
             lines.append(
                 f"| {rows:,} | {label} | {r['wall'] * 1e3:.2f} ms | {r['busy'] * 1e3:.2f} ms | {idle} "
                 f"| {r['kernels']:.0f} | {r['aten']:.0f} | {rows / (r['wall'] * 50):,.0f} |"

@@ -8,8 +8,8 @@ The network alone (diffusers' UNet2DModel with google/ddpm-cifar10-32's architec
 parameters, random weights), one call at a fixed batch and timestep, timed with CUDA events over
 `--calls` calls after three warm-up calls (compiling rows: after compiling). Levers, cumulative:
 
-  fp32 eager -> + TF32 matmuls and convolutions -> bf16 autocast (what the engine runs eager)
-  -> + channels_last -> + cudnn.benchmark -> + torch.compile (default mode: the engine's fast
+  fp32 eager -> + TF32 matmuls and convolutions -> bf16 autocast -> + channels_last (what the
+  engine runs eager) -> + cudnn.benchmark -> + torch.compile (default mode: the engine's fast
   path) -> + Inductor freezing (weights become constants: the autocast casts and conv/bias folds
   happen once) -> bf16 weights instead of autocast -> the same in NCHW (is channels_last worth it
   once compiled? eager bf16 ran 0.82-0.85x with it on an H200) -> the best at each larger `--batch`
@@ -17,7 +17,8 @@ parameters, random weights), one call at a fixed batch and timestep, timed with 
 
 For each row: ms per call, images/s of DDIM 20 at that call time (the network's ceiling: the
 engine's own work per step comes on top), TFLOP/s (FlopCounterMode's count on one image) and
-the fraction of the card's dense bf16 peak, and the speed-up over the row before and over fp32.
+the fraction of the card's dense bf16 peak, and the speed-up over the row it changes (the row
+before, or for the NCHW and batch rows the bf16-weights row) and over fp32 eager.
 Rows that fail are reported as failed. `--max-seconds` stops before a row that would start
 after it (compiling rows take 20-60 s each on a Hopper GPU).
 """
@@ -43,14 +44,15 @@ DDIM_STEPS = 20
 
 
 class Lever:
-    """One row's settings; each row is the one before with one thing changed."""
+    """One row's settings: the row it derives from (`parent`) with one thing changed."""
 
-    def __init__(self, name: str, **settings) -> None:
+    def __init__(self, name: str, parent: Lever | None = None, **settings) -> None:
         self.name = name
+        self.parent = parent
         self.s = settings
 
     def then(self, name: str, **changes) -> Lever:
-        return Lever(name, **{**self.s, **changes})
+        return Lever(name, self, **{**self.s, **changes})
 
 
 def levers(batches: list[int], autotune: bool) -> list[Lever]:
@@ -58,8 +60,8 @@ def levers(batches: list[int], autotune: bool) -> list[Lever]:
                  channels_last=False, cudnn_benchmark=False, compile=None, freezing=False)  # fmt: skip
     rows = [base]
     rows.append(rows[-1].then("+ TF32", tf32=True))
-    rows.append(rows[-1].then("bf16 autocast (the engine, eager)", autocast=True))
-    rows.append(rows[-1].then("+ channels_last", channels_last=True))
+    rows.append(rows[-1].then("bf16 autocast", autocast=True))
+    rows.append(rows[-1].then("+ channels_last (the engine, eager)", channels_last=True))
     rows.append(rows[-1].then("+ cudnn.benchmark", cudnn_benchmark=True))
     rows.append(rows[-1].then("+ torch.compile default (the engine's fast path)", compile="default"))
     rows.append(rows[-1].then("+ Inductor freezing", freezing=True))
@@ -138,12 +140,13 @@ def main() -> None:
         args.batch, args.calls = [8, 16], 2
     unet = cifar_unet(torch.device("cpu"), args.smoke)
     params = sum(q.numel() for q in unet.parameters()) / 1e6
+    # counted on the device, as bench/engine.py's row (4) counts (attention counts differently on a CPU)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(torch.randn(1, 3, 32, 32), torch.tensor([500]))
+        copy.deepcopy(unet).to(device)(torch.randn(1, 3, 32, 32, device=device), torch.tensor([500], device=device))
     gflop = counter.get_total_flops() / 1e9
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'} (CPU)"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-    lines, first, previous = [], None, None
+    lines, first, per_image_of = [], None, {}
     for lever in levers(args.batch, args.autotune):
         b = lever.s["batch"]
         if time.perf_counter() - started > args.max_seconds:
@@ -163,19 +166,20 @@ def main() -> None:
         first = first or per_image
         tflops = gflop * b / sec / 1e3
         frac = f" ({tflops / peak:.0%})" if peak else ""
-        step = f"{previous / per_image:.2f}x" if previous else "-"
+        parent = per_image_of.get(lever.parent.name) if lever.parent else None
+        step = f"{parent / per_image:.2f}x" if parent else "-"
         lines.append(
             f"| {lever.name} | {b} | {sec * 1e3:.2f} ms | {1 / (per_image * DDIM_STEPS):,.0f} | {tflops:.3g}{frac} "
             f"| {step} | {first / per_image:.2f}x |"
         )
         print(lines[-1], f"  [{setup:.0f} s to build, compile and time]", flush=True)
-        previous = per_image
+        per_image_of[lever.name] = per_image
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"\nCIFAR-10 UNet levers — {params:.1f} M parameters, {gflop:.1f} GFLOP per image per call, "
           f"torch {torch.__version__}, {name}\n")  # fmt: skip
     print("| lever (cumulative) | batch | ms per call | DDIM 20 images/s (network only) | TFLOP/s (of bf16 peak) "
-          "| vs row before (per image) | vs fp32 eager (per image) |")  # fmt: skip
+          "| vs the row it changes (per image) | vs fp32 eager (per image) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     print("\n".join(lines))
 

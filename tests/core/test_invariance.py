@@ -176,10 +176,11 @@ def test_a_latent_models_images_are_the_same_bytes_alone_and_beside_others(tmp_p
 @pytest.mark.parametrize("rows", [64, 0])
 def test_on_a_gpu_slices_make_the_same_bytes_alone_and_beside_others(rows):
     """CUDA, fp32 eager: with slices of 64 rows a request's samples are the same alone and beside
-    others, bit for bit; whole batches (the GPU default) agree to TF32 round-off: PyTorch runs
+    others, bit for bit; whole batches (the GPU default) only agree to round-off: PyTorch runs
     fp32 convolutions in TF32 on Ampere and later GPUs (10 mantissa bits), and cuDNN picks its
     algorithm by batch, so on an H200 samples alone and beside others differed in the fourth
-    decimal (allclose at 1e-4 failed), about a hundredth of an 8-bit level."""
+    decimal (allclose at 1e-4 failed). What is promised there (README, Seeds and images) is less
+    than one 8-bit level (2/255 in [-1, 1]) apart."""
     model = load_model(DEMO_MODEL, "cuda")
     mine = Request("mine", "a", seed=11, start=0, count=3, steps=10, labels=[1, 7, 7], guidance_scale=3.0)
     load = [Request(f"o{k}", "b", seed=k, start=0, count=40, steps=10, labels=[k] * 40) for k in range(3)]
@@ -189,7 +190,7 @@ def test_on_a_gpu_slices_make_the_same_bytes_alone_and_beside_others(rows):
     if rows:
         assert torch.equal(alone, beside)
     else:
-        assert torch.allclose(alone, beside, atol=1e-2), (alone - beside).abs().max().item()
+        assert torch.allclose(alone, beside, atol=2 / 255, rtol=0), (alone - beside).abs().max().item()
 
 
 def _labelled_unet(folder) -> None:
