@@ -12,7 +12,10 @@ CPU section (the demo model, models/mnist):
   (2) mixed load: 1-image 10-step DDIM jobs arriving every `--short-every` seconds while
       1,000-step DDPM jobs run: p50 completion of the short jobs against their time alone, and
       total images/s against static batching (each batch runs all its steps before the next
-      starts: the Denoiser before the engine) on the same arrivals.
+      starts: the Denoiser before the engine) on the same arrivals;
+  (2, flat) the same load with a network that costs 9 ms per call whatever its rows (a GPU
+      below saturation) and returns zeros: the scheduling and the engine's own cost per step
+      where merging is free, against static batching.
 GPU section:
   (3) demo model, DDIM 50, through the engine at large batch: images/s (goal >= 4,000 on one
       H100), fp32 eager, bf16 eager and the engine's fast path (bf16, channels_last, compile);
@@ -53,7 +56,7 @@ from pathlib import Path
 import torch
 
 from undiffuse import ImageNoise, load_model
-from undiffuse.engine import DenoisingEngine, EngineConfig, Request
+from undiffuse.engine import DenoisingEngine, EngineConfig, Request, model_device
 
 ROOT = Path(__file__).resolve().parent.parent
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # dense bf16, per vendor sheets
@@ -80,7 +83,7 @@ def run_engine(engine: DenoisingEngine, requests: list[Request]) -> float:
 
 def run_sampler(model, requests: list[Request]) -> float:
     """Seconds for Sampler.sample over the same images, one request after the other."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     sync()
     start = time.perf_counter()
     for r in requests:
@@ -215,6 +218,31 @@ def mixed_load(model, args) -> list[str]:
         f"{static_calls} network calls, {span_static / static_calls * 1e3:.2f} ms each or more "
         f"| {len(best)} steps: {per_kind} | - | - |",
     ]
+
+
+class FlatCostNetwork(torch.nn.Module):
+    """A network that costs `seconds` per call whatever its rows and returns zeros: a GPU below
+    saturation, where a step costs about the same from 1 to hundreds of rows, on any machine."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return torch.zeros_like(x)
+
+
+def flat_mixed_load(args, step_seconds: float = 0.009) -> list[str]:
+    """(2) with the demo model's network replaced by a flat 9 ms one (the H200's fp32 eager step
+    at 16 rows): whether the scheduler merges the short jobs into the long job's steps where rows
+    cost nothing, and what a step costs the engine beyond the network, against static batching."""
+    model = load_model(ROOT / "models" / "mnist", "cpu")
+    model.network = FlatCostNetwork(step_seconds)
+    model.invariant_rows = 0  # whole batches, a GPU's default: one call a step
+    flat = argparse.Namespace(**{**vars(args), "long_steps": min(args.long_steps, 300), "short_every": 0.25,
+                                 "max_batch": 256})  # fmt: skip
+    return [r.replace("| (2)", "| (2, flat 9 ms network)") for r in mixed_load(model, flat)]
 
 
 # --- (6) host time ---------------------------------------------------------------------------------
@@ -738,6 +766,7 @@ def main() -> None:
         cpu_model = load_model(ROOT / "models" / "mnist", "cpu")
         rows += throughput(cpu_model, args.images, args.steps, args.max_batch)
         rows += mixed_load(cpu_model, args)
+        rows += flat_mixed_load(args)
         rows += precision_check(cpu_model, 3 if args.smoke else 50, 20 if args.smoke else 100)
         rows += host_time()
         rows += guided_packing(cpu_model)
