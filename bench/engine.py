@@ -194,7 +194,7 @@ def mixed_load(model, args) -> list[str]:
     span_engine, lat_engine = min(runs["engine"])
     span_static, lat_static = min(runs["static"])
     # how the engine spent its best run: its steps by sampler ("mixed": long and short rows in one
-    # step) and their mean time (device time between events on CUDA, wall time on a CPU)
+    # step) and their mean time (GPU time between CUDA events on CUDA, wall time on a CPU)
     best = steps[min(range(len(runs["engine"])), key=lambda i: runs["engine"][i][0])]
     kinds: dict[str, list[float]] = {}
     for sec, _, sampler in best:
