@@ -75,7 +75,7 @@ def levers(batches: list[int], autotune: bool) -> list[Lever]:
 
 
 def build_call(unet, lever: Lever, device: torch.device):
-    """(call, x, t): the network as the lever sets it up, and its inputs."""
+    """A no-argument call of the network as the lever sets it up, on a fixed batch."""
     s = lever.s
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = s["tf32"]
     torch.backends.cudnn.benchmark = s["cudnn_benchmark"]
@@ -99,7 +99,7 @@ def build_call(unet, lever: Lever, device: torch.device):
         with torch.no_grad(), autocast:
             return fn(x, t)
 
-    return call, x, t
+    return call
 
 
 def timed(call, device: torch.device, calls: int, freezing: bool) -> float:
@@ -155,7 +155,7 @@ def main() -> None:
             continue
         try:
             t0 = time.perf_counter()
-            call, _, _ = build_call(unet, lever, device)
+            call = build_call(unet, lever, device)
             sec = timed(call, device, args.calls, lever.s["freezing"])
             setup = time.perf_counter() - t0
         except Exception as e:  # a lever that fails is a finding, not a crash
