@@ -313,11 +313,16 @@ def guided_packing(model, shards: int = 16, shard_size: int = 16, max_batch: int
     return rows
 
 
+GPU_ROWS = ("3", "4", "5", "2", "3b")  # the GPU section's rows, in their default order
+
+
 # --- GPU section --------------------------------------------------------------------------------
 def demo_gpu(model, images: int, steps: int, max_batch: int, all_buckets: bool = False) -> list[str]:
-    """The demo model at one large batch: fp32 eager, bf16 eager and bf16 + compile. The compiled
-    engine warms its one bucket (max_batch) here; with all_buckets, every power-of-two bucket up
-    to max_batch, as a Denoiser replica does at start (each bucket's compile time is logged)."""
+    """The demo model at one large batch: fp32 eager, bf16 eager, bf16 + compile launching each
+    op, and bf16 + compile with step graphs (the default on CUDA: each step one CUDA graph). A
+    compiled engine warms its one bucket (max_batch) here; with all_buckets, every power-of-two
+    bucket up to max_batch, as a Denoiser replica does at start (each bucket's compile time is
+    logged)."""
     rows = []
     base = None
     one = (max_batch,)
@@ -325,7 +330,9 @@ def demo_gpu(model, images: int, steps: int, max_batch: int, all_buckets: bool =
         ("fp32 eager", EngineConfig(max_batch=max_batch, precision="fp32", compile=False)),
         ("bf16 eager", EngineConfig(max_batch=max_batch, precision="bf16", compile=False)),
         ("bf16 + compile", EngineConfig(max_batch=max_batch, precision="bf16", compile=True,
-                                        buckets=None if all_buckets else one)),
+                                        buckets=None if all_buckets else one, step_graphs=False)),
+        ("bf16 + compile + step graphs", EngineConfig(max_batch=max_batch, precision="bf16", compile=True,
+                                                      buckets=None if all_buckets else one, step_graphs=True)),
     ):  # fmt: skip
         engine = DenoisingEngine(model, cfg)
         started = time.perf_counter()
@@ -343,15 +350,19 @@ def demo_gpu(model, images: int, steps: int, max_batch: int, all_buckets: bool =
 
 
 def small_batch_gpu(model, images: int, steps: int) -> list[str]:
-    """A small batch (launch-bound): bf16 + compile with and without CUDA graphs (reduce-overhead)."""
+    """A small batch (launch-bound): bf16 + compile launching each op, with torch.compile's CUDA
+    graphs of the network (reduce-overhead), and with the engine's step graphs (the whole step)."""
     rows = []
     base = None
     for label, cfg in (
         ("fp32 eager", EngineConfig(max_batch=images, precision="fp32", compile=False)),
-        ("bf16 + compile", EngineConfig(max_batch=images, precision="bf16", compile=True, buckets=(images,))),
+        ("bf16 + compile", EngineConfig(max_batch=images, precision="bf16", compile=True, buckets=(images,),
+                                        step_graphs=False)),
         ("bf16 + compile reduce-overhead (CUDA graphs)",
          EngineConfig(max_batch=images, precision="bf16", compile=True, buckets=(images,),
-                      compile_mode="reduce-overhead")),
+                      compile_mode="reduce-overhead", step_graphs=False)),
+        ("bf16 + compile + step graphs (one CUDA graph per step)",
+         EngineConfig(max_batch=images, precision="bf16", compile=True, buckets=(images,), step_graphs=True)),
     ):  # fmt: skip
         try:
             engine = DenoisingEngine(model, cfg)
@@ -742,6 +753,9 @@ def main() -> None:
     p.add_argument("--short-every", type=float, default=2.0)
     p.add_argument("--repeats", type=int, default=2, help="mixed load: runs of each, alternating")
     p.add_argument("--skip-cpu", action="store_true")
+    p.add_argument(
+        "--gpu-rows", nargs="+", choices=GPU_ROWS, default=list(GPU_ROWS), help="GPU rows to run, in this order"
+    )
     p.add_argument("--all-buckets", action="store_true", help="GPU (3): warm every bucket, as a replica does")
     p.add_argument(
         "--size", choices=("tiny", "real"), help="(8), (9): model sizes (default: tiny on the CPU, real on a GPU)"
@@ -773,15 +787,21 @@ def main() -> None:
     if args.gpu and not args.models_only:
         model = load_model(ROOT / "models" / "mnist", device)
         big = 256 if args.smoke else 4096
-        rows += demo_gpu(model, big, 3 if args.smoke else 50, big, args.all_buckets)
-        rows += cifar_gpu(device, 32 if args.smoke else 256, 2 if args.smoke else 20, args.smoke)
-        rows += precision_check(model, 3 if args.smoke else 50, 20 if args.smoke else 100)
-        print(rows[-1], flush=True)
-        gpu_load = argparse.Namespace(**{**vars(args), "short_every": 0.1 if args.smoke else 0.25,
-                                         "max_batch": 256})  # fmt: skip
-        rows += [r.replace("| (2)", "| (2, GPU)") for r in mixed_load(model, gpu_load)]
-        print("\n".join(rows[-4:]), flush=True)
-        rows += small_batch_gpu(model, 16 if args.smoke else 64, 3 if args.smoke else 50)
+        for row in args.gpu_rows:
+            if row == "3":
+                rows += demo_gpu(model, big, 3 if args.smoke else 50, big, args.all_buckets)
+            elif row == "3b":
+                rows += small_batch_gpu(model, 16 if args.smoke else 64, 3 if args.smoke else 50)
+            elif row == "4":
+                rows += cifar_gpu(device, 32 if args.smoke else 256, 2 if args.smoke else 20, args.smoke)
+            elif row == "5":
+                rows += precision_check(model, 3 if args.smoke else 50, 20 if args.smoke else 100)
+                print(rows[-1], flush=True)
+            elif row == "2":
+                gpu_load = argparse.Namespace(**{**vars(args), "short_every": 0.1 if args.smoke else 0.25,
+                                                 "max_batch": 256})  # fmt: skip
+                rows += [r.replace("| (2)", "| (2, GPU)") for r in mixed_load(model, gpu_load)]
+                print("\n".join(rows[-4:]), flush=True)
     sections = [(torch.device("cpu"), "")] * (not args.skip_cpu) + [(device, ", GPU")] * args.gpu
     for where, tag in sections if not args.skip_models else ():
         size = args.size or ("real" if where.type == "cuda" and not args.smoke else "tiny")

@@ -106,7 +106,11 @@ def whole(module) -> dict[str, int]:
     """The network on whole batches (invariant_rows=0, a GPU's default), where the engine has it:
     batch-invariant slices (undiffuse.invariance) make one network call per slice, which is the
     network's cost, not the engine's."""
-    return {"invariant_rows": 0} if "invariant_rows" in module.EngineConfig.__dataclass_fields__ else {}
+    fields = module.EngineConfig.__dataclass_fields__
+    out = {"invariant_rows": 0} if "invariant_rows" in fields else {}
+    if "step_graphs" in fields:  # every op launched and counted (a step graph's replay dispatches none)
+        out["step_graphs"] = False
+    return out
 
 
 def sync(device: torch.device) -> None:

@@ -6,13 +6,14 @@
 #   1. (pytest) pytest -m gpu tests/core (CPU and CUDA agree, mixed-precision training, the
 #      engine's bf16, compile and CUDA-graph tolerance, no device syncs per step, max_batch from
 #      free memory, batch invariance);
-#   2. (engine) bench/engine.py --gpu --skip-cpu --skip-models (docs/benchmarks.md, GPU section;
-#      every engine warms its buckets before it is timed, so compiling is not in the figures);
-#   3. (mixedprofile) bench/step_profile.py at 16 rows of DDPM, the mixed load's long job: the
+#   2. (profile) bench/step_profile.py at 64 and 4,096 rows of DDIM, compiled: launching every op,
+#      with torch.compile's CUDA graphs of the network, and with the engine's step graphs;
+#   3. (engine) bench/engine.py --gpu --skip-cpu --skip-models (docs/benchmarks.md, GPU section,
+#      rows 3b, 3, 4, 5, 2 in that order; every engine warms its buckets before it is timed, so
+#      compiling is not in the figures);
+#   4. (mixedprofile) bench/step_profile.py at 16 rows of DDPM, the mixed load's long job: the
 #      engine eager in fp32, compiled and with CUDA graphs, and Sampler.sample's loop (static
 #      batching's) beside it: kernels, GPU busy time and idle fraction per step;
-#   4. (profile) bench/step_profile.py at 64 and 4,096 rows of DDIM, compiled without and with CUDA
-#      graphs;
 #   5. (levers) bench/unet_levers.py: what each lever (TF32, bf16, channels_last, cudnn.benchmark,
 #      compile, Inductor freezing, bf16 weights, NCHW) gives the CIFAR-10 UNet's network call at
 #      batch 256 (--batch 256 512 adds the larger batch);
@@ -67,7 +68,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=/tmp/site:$PWD UNDIFFUSE_MNIST=${UNDIFFUSE_MNIST:-$(dirname "$PWD")/shared/datasets/mnist}
 R=/tmp/res && mkdir -p $R/grids
-STEPS=" ${STEPS:-pytest engine mixedprofile profile levers hostops invariance} "
+STEPS=" ${STEPS:-pytest profile engine mixedprofile levers hostops invariance} "
 REF=""; git rev-parse -q --verify 0b0856e^{commit} > /dev/null 2>&1 || REF="--reference none"
 if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu; X=4; DEADLINE=${DEADLINE:-1800}  # timeouts scaled for a CPU
@@ -77,8 +78,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   DEV=cuda; X=1; DEADLINE=${DEADLINE:-450}
   HOST_OPS=""; INV="--rows 0 64 256 --batches 1 64 512 4096 --requests 64"
-  ENGINE="--gpu --skip-cpu --skip-models"; MODELS="--gpu --skip-cpu --models-only"; QUALITY="--n 1000"
-  PROFILE="--rows 64 4096"; MIXED="--modes eager-fp32 default reduce-overhead"; LEVERS="--batch 256 --max-seconds 130"
+  ENGINE="--gpu --skip-cpu --skip-models --gpu-rows 3b 3 4 5 2"; MODELS="--gpu --skip-cpu --models-only"; QUALITY="--n 1000"
+  PROFILE="--rows 64 4096 --modes default reduce-overhead graphs"; MIXED="--modes eager-fp32 default reduce-overhead"; LEVERS="--batch 256 --max-seconds 130"
 fi
 pack() { tar czf "${OUT:-/tmp}/results.tgz" -C /tmp res; }
 # run NAME SECONDS LOG COMMAND...: the step if STEPS names it, within SECONDS and the deadline;
@@ -93,10 +94,10 @@ run() {
 }
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } > $R/env.txt 2>&1
 run pytest 120 pytest_gpu.log python3 -m pytest -m gpu tests/core -q -p no:cacheprovider --continue-on-collection-errors && tail -5 $R/pytest_gpu.log; pack
+run profile 150 step_profile.log python3 bench/step_profile.py $PROFILE && grep "^|" $R/step_profile.log; pack
 run engine 240 bench.log python3 bench/engine.py $ENGINE && grep "^|" $R/bench.log; pack
 run mixedprofile 120 mixed_profile.log python3 bench/step_profile.py --rows 16 --sampler ddpm --reference $MIXED \
   && grep "^|" $R/mixed_profile.log; pack
-run profile 150 step_profile.log python3 bench/step_profile.py $PROFILE && grep "^|" $R/step_profile.log; pack
 run levers 170 levers.log python3 bench/unet_levers.py $LEVERS && grep "^|" $R/levers.log; pack
 run hostops 90 host_ops.log python3 bench/engine_host_ops.py --device $DEV $HOST_OPS $REF && grep "^|" $R/host_ops.log; pack
 run invariance 150 invariance.log python3 bench/invariance.py --device $DEV $INV && grep "^|" $R/invariance.log; pack

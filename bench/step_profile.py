@@ -1,7 +1,7 @@
 """Where an engine step's time goes on the device: kernels per step and the GPU's idle fraction.
 
     python bench/step_profile.py                      # CUDA if present, else the CPU
-    python bench/step_profile.py --rows 64 4096 --modes default reduce-overhead
+    python bench/step_profile.py --rows 64 4096 --modes default reduce-overhead graphs
     python bench/step_profile.py --rows 16 --sampler ddpm --modes eager-fp32 --reference
 
 The demo model (models/mnist), requests of 16 rows filling `rows` rows, `--sampler` at 200
@@ -10,8 +10,9 @@ in each of `--modes`:
 
 - eager-fp32: fp32, nothing compiled (the mixed-load row of bench/engine.py);
 - eager: the device's default precision (bf16 on CUDA), nothing compiled;
-- default / reduce-overhead: the engine's fast path (bf16, channels_last, torch.compile, one
-  padded bucket), without and with CUDA graphs (CUDA only).
+- default / reduce-overhead / graphs: the engine's fast path (bf16, channels_last, torch.compile,
+  one padded bucket), launching every op, with torch.compile's CUDA graphs of the network, and
+  with the engine's step graphs (the whole step one CUDA graph, the default on CUDA; CUDA only).
 
 After warm-up and the first steps, steady steps (nothing joins or leaves) run:
 
@@ -50,8 +51,9 @@ SAMPLER_STEPS = 200
 MODES = {  # mode -> EngineConfig settings
     "eager-fp32": dict(precision="fp32", compile=False),
     "eager": dict(compile=False),
-    "default": dict(compile=True, compile_mode="default"),
-    "reduce-overhead": dict(compile=True, compile_mode="reduce-overhead"),
+    "default": dict(compile=True, compile_mode="default", step_graphs=False),
+    "reduce-overhead": dict(compile=True, compile_mode="reduce-overhead", step_graphs=False),
+    "graphs": dict(compile=True, step_graphs=True),  # the engine's step graphs: the default on CUDA
 }
 
 
@@ -150,7 +152,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="steady steps per timed and profiled run")
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["default", "reduce-overhead"])
+    p.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["default", "reduce-overhead", "graphs"])
     p.add_argument("--reference", action="store_true", help="also Sampler.sample's loop, fp32 eager")
     args = p.parse_args()
     if 3 + 4 * args.steps >= SAMPLER_STEPS:

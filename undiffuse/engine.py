@@ -78,7 +78,7 @@ from torch import Tensor
 from undiffuse.checkpoint import DiffusionModel
 from undiffuse.compiled import allow_recompiles
 from undiffuse.invariance import in_slices, pad_rows
-from undiffuse.noise import ImageNoise
+from undiffuse.noise import ImageNoise, compiled_normals, normals
 from undiffuse.samplers import (
     COLUMNS,
     NULL_CLASS,
@@ -90,6 +90,7 @@ from undiffuse.samplers import (
     update,
 )
 from undiffuse.scheduler import Scheduler, Slot
+from undiffuse.step_graph import GraphKey, StepGraph
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -152,6 +153,11 @@ class EngineConfig:
     then decodes one image per call, whatever max_decode_batch says, as DiffusionModel.decode
     does. 0: whole batches (padded to a bucket when compiled). None: the model's own setting
     (DiffusionModel.rows_for: 16 on a CPU, 0 on a GPU).
+    step_graphs: run each step of a batch as one recorded CUDA graph per bucket (network, sampler
+    update and noise draw; undiffuse.step_graph), replayed with one launch; the network is then
+    compiled without torch.compile's own CUDA graphs. Steps with guidance twins, batch-invariant
+    slices, or noise drawn for some rows only (samplers mixed) run launch by launch. None: on where
+    the engine compiles on CUDA. On a CPU, True runs the same static-buffer step without a graph.
     """
 
     max_batch: int = 256
@@ -166,6 +172,7 @@ class EngineConfig:
     max_decode_batch: int | None = None
     preview_decode_every: int = 5
     invariant_rows: int | None = None
+    step_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.invariant_rows is not None and self.invariant_rows < 0:
@@ -276,6 +283,7 @@ class _Batch:
     previews: list[tuple[Slot, int]] = field(default_factory=list)  # (slot, its first row)
     sampler_name: str = ""  # the samplers' name, "mixed" when several
     finish_at: int = 0  # the scheduler clock at which its first request finishes
+    graph: StepGraph | None = None  # where its rows live while its steps replay a step graph
 
 
 class _SideStream:
@@ -326,8 +334,13 @@ class DenoisingEngine:
             model.to(memory_format=torch.channels_last)
         self.network: Callable[..., Tensor] = model.network
         self.compiled = cfg.compile if cfg.compile is not None else cuda
+        self.step_graphs = cfg.step_graphs if cfg.step_graphs is not None else (cuda and self.compiled)
         if self.compiled:
-            self.network = torch.compile(model.network, mode=cfg.compile_mode, dynamic=False)
+            mode = _without_cuda_graphs(cfg.compile_mode) if self.step_graphs else cfg.compile_mode
+            self.network = torch.compile(model.network, mode=mode, dynamic=False)
+        # the step graphs (step_graphs): one per GraphKey, sharing one memory pool
+        self._graphs: dict[GraphKey, StepGraph] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if cuda and self.step_graphs else None
         # every row's sampler step: fused into one kernel where the engine compiles
         self._update = compiled_update() if self.compiled else update
         self.buckets = _buckets(cfg.max_batch, cfg.buckets)
@@ -473,6 +486,9 @@ class DenoisingEngine:
             else:
                 batch.finish_at = self.scheduler.clock + min(s.remaining for s in ordered)
             self._refresh_twins(batch)
+            self._bind_graph(batch)
+        if batch.graph is not None:  # the whole step, 1.-2. below, in one replay
+            return self._graph_step(batch, started)
         # 1. one network call for every row, at its own timestep, plus guidance twins
         t = self._ts_table.index_select(0, batch.rows)
         eps = self._eps(batch, t)
@@ -490,6 +506,19 @@ class DenoisingEngine:
         if batch.history is not None:
             batch.history = x0
         batch.rows = batch.rows + 1
+        return self._stepped(batch, x0, started)
+
+    def _graph_step(self, batch: _Batch, started: Any) -> list[Finished]:
+        """The step as one replay of the batch's step graph: its buffers hold the rows, which
+        advance in place (batch.x, rows, history are views of them)."""
+        graph = batch.graph
+        graph.replay()
+        self._network_rows = graph.n
+        x0 = None if graph.x0 is None else graph.x0[: graph.n]
+        return self._stepped(batch, x0, started)
+
+    def _stepped(self, batch: _Batch, x0: Tensor | None, started: Any) -> list[Finished]:
+        """After a step's arithmetic: the clock, previews, the step's timing, finished requests."""
         self.scheduler.advance()
         if batch.previews:
             self._capture_previews(batch, x0)
@@ -534,6 +563,8 @@ class DenoisingEngine:
                 every = max(every, self.config.preview_decode_every)
             if pos % every == 0 and pos < steps:
                 first = x0[row : row + 1]
+                if batch.graph is not None:  # the next replay overwrites it: a copy for the side stream
+                    first = first.clone()
                 with self._side.after(first):
                     host, ready, _ = self._to_host(first)
                 self._previews.append(Preview(slot.request, pos, host, ready))
@@ -637,12 +668,16 @@ class DenoisingEngine:
         if not paused:
             return
         parked = _gather([(old.x, at[id(s)], s.request.count) for s in paused], self.device)
+        if parked is old.x and old.graph is not None:  # a graph's buffer is written again
+            parked = parked.clone()
         begin = 0
         for slot in paused:
             slot.state.x = (parked, begin)
             begin += slot.request.count
         multistep = [s for s in paused if id(s) in old_history]
         kept = _gather([(*old_history[id(s)], s.request.count) for s in multistep], self.device)
+        if kept is not None and kept is old.history and old.graph is not None:
+            kept = kept.clone()
         begin = 0
         for slot in multistep:
             slot.state.history = (kept, begin)
@@ -716,15 +751,85 @@ class DenoisingEngine:
             batch.twins = _host_to_device(torch.tensor(rows, dtype=torch.long), self.device) if rows else None
             batch.scales = _host_to_device(torch.tensor(scales), self.device).view(-1, 1, 1, 1) if rows else None
 
-    def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+    # --- the step graphs ----------------------------------------------------------------------------
+    def _graph_key(self, batch: _Batch) -> GraphKey | None:
+        """The step graph that can run this batch's steps, or None where they run launch by launch:
+        step graphs off, batch-invariant slices, guidance twins this step (their rows vary), or
+        noise drawn for some rows only."""
+        if not self.step_graphs or self.invariant_rows or batch.twins is not None:
+            return None
+        if batch.noise is not None and batch.noise_rows is not None:
+            return None
+        return GraphKey(
+            rows=self.scheduler.bucket(batch.x.shape[0]),
+            terms=batch.terms,
+            noise=batch.noise is not None,
+            history=batch.history is not None,
+            previews=bool(batch.previews),
+        )
+
+    def _bind_graph(self, batch: _Batch) -> None:
+        """When the selection or its twins changed: move the batch's rows into the buffers of the
+        step graph that runs it (recorded at its first replay; recorded again once the engine's
+        tables have grown), or out of graphs. Rows leave a graph without a copy: the
+        launch-by-launch step reads the buffers' views and writes new tensors."""
+        key = self._graph_key(batch)
+        if key is None:
+            batch.graph = None
+            return
+        tables = (self._ts_table, self._coef_table)
+        graph = self._graphs.get(key)
+        if graph is None or any(a is not b for a, b in zip(graph.tables, tables, strict=True)):
+            graph = self._graphs[key] = StepGraph(
+                key, self.model.sample_shape, self.model.num_classes is not None, self.device,
+                self._record_step, tables, self._graph_pool,
+            )  # fmt: skip
+        if batch.graph is graph:  # its rows are there already
+            return
+        noise = batch.noise
+        graph.load(
+            batch.x, batch.rows, batch.starts, batch.labels,
+            None if noise is None else noise.seeds, None if noise is None else noise.indices, batch.history,
+        )  # fmt: skip
+        n = batch.x.shape[0]
+        batch.x, batch.rows, batch.starts = graph.x[:n], graph.rows[:n], graph.starts[:n]
+        if batch.history is not None:
+            batch.history = graph.x0[:n]
+        batch.graph = graph
+
+    def _record_step(self, graph: StepGraph) -> None:
+        """One step of a step graph's rows, in place (undiffuse.step_graph): the ops of `step`,
+        on the graph's buffers and the tables it was made with."""
+        ts_table, coef_table = graph.tables
+        t = ts_table.index_select(0, graph.rows)
+        eps = self._forward(graph.x, t, graph.labels, recorded=True)
+        coef = coef_table.index_select(0, graph.rows)
+        z = None
+        if graph.seeds is not None:  # step k uses noise draw k + 1, as Sampler.sample does
+            draws = (graph.rows - graph.starts + 1)[:, None]
+            draw = compiled_normals() if self.compiled else normals
+            z = draw(graph.seeds, graph.indices, draws, tuple(self.model.sample_shape), torch.float32)
+        x, x0 = self._update(
+            graph.x, eps, coef, graph.key.terms, thresholding=self.model.thresholding,
+            history=graph.x0 if graph.key.history else None, noise=z,
+        )  # fmt: skip
+        graph.x.copy_(x)
+        if graph.x0 is not None:
+            graph.x0.copy_(x0)
+        graph.rows.add_(graph.live)
+
+    def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None, recorded: bool = False) -> Tensor:
         """The network at the engine's precision, on slices of invariant_rows rows (else padded to
-        a bucket when compiled); returns eps in float32 (v predictions converted in float32)."""
+        a bucket when compiled); returns eps in float32 (v predictions converted in float32).
+        recorded: inside a step graph, where autocast must not cache its casts of the weights
+        (the cached copies would be freed memory at the next replay)."""
         n = x.shape[0]
         if self.compiled and not self.invariant_rows:
             x, t, labels = pad_rows(x, t, labels, self.scheduler.bucket(n) - n)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+        amp = self.dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=amp, cache_enabled=False if recorded else None):
             out = in_slices(self.network, x, t, labels, self.invariant_rows)
         if out.shape[0] != n:
             out, x, t = out[:n], x[:n], t[:n]
@@ -741,7 +846,7 @@ class DenoisingEngine:
             batch.finish_at = self.scheduler.clock + min(s.remaining for s in batch.slots)
             return []
         if len(done) == len(batch.slots):
-            x = batch.x
+            x = batch.x if batch.graph is None else batch.x.clone()  # (a graph's buffer is written again)
         else:
             x = _gather([(batch.x, lo, hi - lo) for _, (lo, hi) in done], self.device)
         keep = self.config.keep_samples

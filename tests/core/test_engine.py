@@ -34,6 +34,12 @@ WHOLE = {"invariant_rows": 0}
 """The network on whole batches, for the tests that watch its calls (batch-invariant slices,
 a CPU's default, have their own tests: test_invariance.py)."""
 
+STEP_GRAPHS = pytest.mark.parametrize(
+    "stepping", [{}, {"step_graphs": True, **WHOLE}], ids=["launch-by-launch", "step-graphs"]
+)
+"""Run a test both ways a step can run: op by op, and as a step graph's static-buffer step
+(undiffuse.step_graph; on a CPU the same step without recording it)."""
+
 
 def reference(model: DiffusionModel, r: Request, compiled: bool = False) -> torch.Tensor:
     """The one-request sampler's output for the same images (stepping through the compiled
@@ -89,12 +95,13 @@ class RowWise(torch.nn.Module):
         return torch.tanh(x * 0.9 + shift)
 
 
-def test_the_engine_arithmetic_is_exact(model):
+@STEP_GRAPHS
+def test_the_engine_arithmetic_is_exact(model, stepping):
     """With a row-wise network, every image equals Sampler.sample for its (seed, index) bit for
     bit: rows at different steps, samplers, step counts and guidance in one batch, arriving at
     different times."""
     rowwise = DiffusionModel.from_config(RowWise(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200)))
-    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
+    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None, **stepping))
     done = run(engine, {0: REQUESTS[:2], 2: REQUESTS[2:4], 5: REQUESTS[4:]})
     assert set(done) == {r.id for r in REQUESTS}
     for r in REQUESTS:
@@ -103,13 +110,14 @@ def test_the_engine_arithmetic_is_exact(model):
 
 @pytest.mark.slow
 @pytest.mark.compiles
-def test_an_engine_that_compiles_steps_through_the_compiled_update_bit_for_bit():
+@STEP_GRAPHS
+def test_an_engine_that_compiles_steps_through_the_compiled_update_bit_for_bit(stepping):
     """An engine that compiles fuses every row's sampler step into one compiled kernel, the one
     `Sampler.compile` gives a sampler: its images equal a compiled Sampler.sample bit for bit
     across samplers, noise, histories, clipped and unclipped rows and guidance, at the batch
     sizes that arrivals make (and they are not the eager arithmetic's, which would prove nothing)."""
     rowwise = DiffusionModel.from_config(RowWise(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200)))
-    config = EngineConfig(max_batch=64, keep_samples=True, latency_slack=None, compile=True)
+    config = EngineConfig(max_batch=64, keep_samples=True, latency_slack=None, compile=True, **stepping)
     engine = DenoisingEngine(rowwise, config)
     engine.network = rowwise.network  # the update compiled, not the network (compiling it takes minutes here)
     picked = REQUESTS[:6]  # ddim, dpmpp_2m, dpmpp_2m_logsnr, ddim eta 0.5, ddpm, guided ddim
@@ -247,20 +255,22 @@ def test_a_small_batch_budget_pauses_and_resumes_rows_without_changing_them(mode
         assert (done[r.id].samples - reference(model, r)).abs().max().item() <= UNET_TOLERANCE, r.id
 
 
-def test_guided_rows_paused_across_the_interval_edges_keep_their_twins_right():
+@STEP_GRAPHS
+def test_guided_rows_paused_across_the_interval_edges_keep_their_twins_right(stepping):
     """A budget that makes requests take turns while their twins switch on and off at the
     interval's edges: every image is still the sampler's, bit for bit (row-wise network)."""
     config = ModelConfig(TINY, ScheduleConfig(num_timesteps=200), guidance_interval=(0.3, 1.5))
     rowwise = DiffusionModel.from_config(RowWise(), config)
-    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=6, keep_samples=True, latency_slack=None))
+    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=6, keep_samples=True, latency_slack=None, **stepping))
     done = run(engine, {0: REQUESTS[:4], 3: REQUESTS[4:]})
     assert set(done) == {r.id for r in REQUESTS}
     for r in REQUESTS:
         assert torch.equal(done[r.id].samples, reference(rowwise, r)), r.id
 
 
-def test_cancel_removes_rows_at_the_next_step_and_spares_the_others(model):
-    engine = DenoisingEngine(model, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None))
+@STEP_GRAPHS
+def test_cancel_removes_rows_at_the_next_step_and_spares_the_others(model, stepping):
+    engine = DenoisingEngine(model, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None, **stepping))
     keep, drop = REQUESTS[0], REQUESTS[3]
     engine.add(keep)
     engine.add(drop)
@@ -477,12 +487,13 @@ def test_max_batch_never_drops_below_a_queued_request(model):
         engine.add(Request("neg", "a", seed=-1, start=0, count=1, steps=3, labels=[0]))
 
 
-def test_previews_are_the_first_images_x0_prediction_every_k_steps(model):
+@STEP_GRAPHS
+def test_previews_are_the_first_images_x0_prediction_every_k_steps(model, stepping):
     """A previewing request hands back the sampler's x0 prediction of its first image after
     every k-th step (not the last), in a mixed batch with every sampler, exactly what the
     one-request sampler's callback sees; requests without previews hand back none."""
     rowwise = DiffusionModel.from_config(RowWise(), ModelConfig(TINY, ScheduleConfig(num_timesteps=200)))
-    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, latency_slack=None))
+    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, latency_slack=None, **stepping))
     every = {"ddim": 3, "dpm": 2, "ddpm": 4, "guided": 5}
     asked = [replace(r, preview_every=every[r.id]) if r.id in every else r for r in REQUESTS]
     got: dict = {}

@@ -127,15 +127,60 @@ def test_engine_bf16_and_compile_stay_within_the_stated_tolerance():
     fp32 = _engine_pixels(model, EngineConfig(max_batch=64, precision="fp32", compile=False), reqs)
     bf16 = _engine_pixels(model, EngineConfig(max_batch=64, precision="bf16", compile=False), reqs)
     # one bucket (64: every step of these requests fills it) keeps the compile to one graph
-    compiled = _engine_pixels(model, EngineConfig(max_batch=64, precision="bf16", compile=True, buckets=(64,)), reqs)
+    one = dict(max_batch=64, precision="bf16", compile=True, buckets=(64,))
+    compiled = _engine_pixels(model, EngineConfig(**one, step_graphs=False), reqs)
     graphs = _engine_pixels(
-        model,
-        EngineConfig(max_batch=64, precision="bf16", compile=True, buckets=(64,), compile_mode="reduce-overhead"),
-        reqs,
-    )  # CUDA graphs: 4.5-5.4x fp32 eager at batch 64 on an H200 (docs/benchmarks.md)
+        model, EngineConfig(**one, compile_mode="reduce-overhead", step_graphs=False), reqs
+    )  # torch.compile's CUDA graphs of the network: 4.5-5.4x fp32 eager at batch 64 on an H200
+    step_graphs = _engine_pixels(model, EngineConfig(**one), reqs)  # the default: each step one CUDA graph
     _within_stated_tolerance(fp32, bf16)
     _within_stated_tolerance(fp32, compiled)
     _within_stated_tolerance(fp32, graphs)
+    _within_stated_tolerance(fp32, step_graphs)
+
+
+def test_step_graphs_replay_the_launched_steps_bit_for_bit_and_never_synchronize():
+    """A compiled engine on CUDA records each step as one CUDA graph (undiffuse.step_graph, the
+    default): the demo model's images are those of the same engine launching every op (the
+    same kernels at the same shapes; a graph's padding rows are zeros, not copies), for DDIM and
+    for DDPM's noise draws, with requests joining a running graph; its steady steps are
+    replays that issue no synchronizing call."""
+    from undiffuse.engine import DenoisingEngine, EngineConfig
+
+    model = load_model(MODEL, "cuda")
+    ddim = _digits(48, 12)
+    ddpm = [replace(r, id=f"ddpm-{r.id}", sampler="ddpm", seed=9) for r in _digits(32, 10)]
+    arrivals = {0: ddim[:1], 2: ddim[1:], 20: ddpm}  # DDPM once the DDIM rows have left
+    out = {}
+    for graphs in (False, True):
+        config = EngineConfig(max_batch=64, precision="bf16", buckets=(16, 64), keep_samples=True,
+                              latency_slack=None, step_graphs=graphs)  # fmt: skip
+        engine = DenoisingEngine(model, config)
+        assert engine.compiled and engine.step_graphs == graphs
+        done, k, replayed = {}, 0, 0
+        while not engine.idle or k <= max(arrivals):
+            for r in arrivals.get(k, []):
+                engine.add(r)
+            if graphs and k == 5:  # a steady DDIM batch, its graph recorded at k = 2
+                assert engine._batch.graph is not None and engine._batch.graph.graph is not None
+                with _never_synchronizing():
+                    for _ in range(3):
+                        assert engine.step() == []
+                k += 3
+                continue
+            for f in engine.step():
+                done[f.id] = f
+            replayed += engine._batch is not None and engine._batch.graph is not None
+            k += 1
+        out[graphs] = done
+        if graphs:
+            keys = set(engine._graphs)
+            assert {key.noise for key in keys} == {False, True} and {key.rows for key in keys} >= {16, 64}, keys
+            assert replayed > 15
+    assert set(out[True]) == {r.id for r in ddim + ddpm}
+    for rid, want in out[False].items():
+        got = out[True][rid].samples
+        assert torch.equal(got, want.samples), (rid, (got - want.samples).abs().max().item())
 
 
 def test_engine_steps_never_synchronize_the_device():
