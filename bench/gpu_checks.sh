@@ -4,7 +4,8 @@
 # STEPS="engine levers"; the default runs the first seven, and what the deadline leaves no time
 # for is logged as not run; models and quality take minutes more):
 #   1. (pytest) pytest -m gpu tests/core (CPU and CUDA agree, mixed-precision training, the
-#      engine's bf16, compile and CUDA-graph tolerance, no device syncs per step, max_batch from
+#      engine's bf16, compile and CUDA-graph tolerance, step graphs bit for bit against launched
+#      steps, no device syncs per step, max_batch from
 #      free memory, batch invariance);
 #   2. (profile) bench/step_profile.py at 64 and 4,096 rows of DDIM, compiled: launching every op,
 #      with torch.compile's CUDA graphs of the network, and with the engine's step graphs;
@@ -93,7 +94,7 @@ run() {
   el "$name rc $?"
 }
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } > $R/env.txt 2>&1
-run pytest 120 pytest_gpu.log python3 -m pytest -m gpu tests/core -q -p no:cacheprovider --continue-on-collection-errors && tail -5 $R/pytest_gpu.log; pack
+run pytest 240 pytest_gpu.log python3 -m pytest -m gpu tests/core -q -p no:cacheprovider --continue-on-collection-errors && tail -5 $R/pytest_gpu.log; pack
 run profile 150 step_profile.log python3 bench/step_profile.py $PROFILE && grep "^|" $R/step_profile.log; pack
 run engine 240 bench.log python3 bench/engine.py $ENGINE && grep "^|" $R/bench.log; pack
 run mixedprofile 120 mixed_profile.log python3 bench/step_profile.py --rows 16 --sampler ddpm --reference $MIXED \

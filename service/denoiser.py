@@ -105,7 +105,8 @@ class Denoiser:
         self.device = pick_device(engine.device, torch)
         self.settings = settings
         self.registry = ModelRegistry(engine.model_dir, engine.default_model)
-        compile_ = {"auto": None, "on": True, "off": False}[engine.compile]
+        switch = {"auto": None, "on": True, "off": False}
+        compile_ = switch[engine.compile]
         self.engines: dict[str, DenoisingEngine] = {}
         for name, spec in self.registry.models.items():
             precision = engine.model_precision.get(name) or (None if engine.precision == "auto" else engine.precision)
@@ -114,6 +115,7 @@ class Denoiser:
                 precision=precision,
                 compile=compile_,
                 compile_mode=engine.compile_mode,
+                step_graphs=switch[engine.step_graphs],
                 latency_slack=engine.latency_slack,
                 max_decode_batch=engine.max_decode_batch,
                 preview_decode_every=engine.preview_decode_every,

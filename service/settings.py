@@ -69,6 +69,7 @@ class EngineSettings(_View):
     model_precision: dict[str, Literal["fp32", "bf16", "fp16"]]
     compile: Literal["auto", "on", "off"]
     compile_mode: str
+    step_graphs: Literal["auto", "on", "off"]
     warmup_seconds: float
     latency_slack: float
     max_decode_batch: int | None
@@ -141,6 +142,11 @@ class Settings(BaseSettings):
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the networks: auto = on CUDA")
     compile_mode: str = Field(
         "default", description="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs"
+    )
+    step_graphs: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="run each engine step as one CUDA graph per batch bucket (network, sampler update, noise): "
+        "auto = where the networks compile on CUDA",
     )
     warmup_seconds: float = Field(120.0, ge=0, description="time budget to warm up (and compile) every batch bucket")
     latency_slack: float = Field(1.25, ge=1.0, description="engine scheduler: how much a short job may be slowed")

@@ -51,6 +51,11 @@ steps are queued on the main stream without waiting for the decode; `Finished.pi
 `Preview.pixels()` wait for an event recorded on the side stream. A pixel model's finished
 rows take the same way (one conversion and one copy). On a CPU everything runs inline.
 
+On CUDA, where the engine compiles, steps 3.-4. (and the noise draw) are recorded once per
+bucket as one CUDA graph over static row buffers and replayed with a single launch
+(`undiffuse.step_graph`, EngineConfig.step_graphs): a batch is copied into its graph's buffers
+when the selection changes, and rows that leave are copied out before the next replay.
+
 Nothing in a step reads a device tensor back to the host: positions are mirrored on the host
 (every selected row advances by exactly one step), and a batch rebuilt after a change of
 membership reaches the device through pinned memory with asynchronous copies, so the loop
