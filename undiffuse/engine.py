@@ -159,10 +159,11 @@ class EngineConfig:
     does. 0: whole batches (padded to a bucket when compiled). None: the model's own setting
     (DiffusionModel.rows_for: 16 on a CPU, 0 on a GPU).
     step_graphs: run each step of a batch as one recorded CUDA graph per bucket (network, sampler
-    update and noise draw; undiffuse.step_graph), replayed with one launch; the network is then
-    compiled without torch.compile's own CUDA graphs. Steps with guidance twins, batch-invariant
-    slices, or noise drawn for some rows only (samplers mixed) run launch by launch. None: on where
-    the engine compiles on CUDA. On a CPU, True runs the same static-buffer step without a graph.
+    update, noise draw and guidance twins; undiffuse.step_graph), replayed with one launch; the
+    network is then compiled without torch.compile's own CUDA graphs. Batch-invariant slices run
+    launch by launch (a call per slice), and so do the steps of a graph whose recording failed
+    (logged). None: on where the engine compiles on CUDA. On a CPU, True runs the same
+    static-buffer step without recording it.
     """
 
     max_batch: int = 256
@@ -285,10 +286,13 @@ class _Batch:
     twin_key: tuple[int, ...] | None = None  # which of `guided` have their twins in `twins`
     twins: Tensor | None = None  # [G] long: rows whose null-class twin runs this step
     scales: Tensor | None = None  # [G, 1, 1, 1] float32: their guidance scales
+    twin_rows: list[int] = field(default_factory=list)  # `twins` on the host
+    twin_scales: list[float] = field(default_factory=list)  # `scales` on the host
     previews: list[tuple[Slot, int]] = field(default_factory=list)  # (slot, its first row)
     sampler_name: str = ""  # the samplers' name, "mixed" when several
     finish_at: int = 0  # the scheduler clock at which its first request finishes
     graph: StepGraph | None = None  # where its rows live while its steps replay a step graph
+    loaded_twins: tuple[int, ...] | None = None  # the twin_key its graph's guidance buffers hold
 
 
 class _SideStream:
@@ -345,6 +349,7 @@ class DenoisingEngine:
             self.network = torch.compile(model.network, mode=mode, dynamic=False)
         # the step graphs (step_graphs): one per GraphKey, sharing one memory pool
         self._graphs: dict[GraphKey, StepGraph] = {}
+        self._unrecordable: set[GraphKey] = set()  # keys whose recording failed: launched op by op
         self._graph_pool = torch.cuda.graph_pool_handle() if cuda and self.step_graphs else None
         # every row's sampler step: fused into one kernel where the engine compiles
         self._update = compiled_update() if self.compiled else update
@@ -494,6 +499,10 @@ class DenoisingEngine:
             self._bind_graph(batch)
         if batch.graph is not None:  # the whole step, 1.-2. below, in one replay
             return self._graph_step(batch, started)
+        return self._launched_step(batch, started)
+
+    def _launched_step(self, batch: _Batch, started: Any) -> list[Finished]:
+        """The step op by op, each launched from here."""
         # 1. one network call for every row, at its own timestep, plus guidance twins
         t = self._ts_table.index_select(0, batch.rows)
         eps = self._eps(batch, t)
@@ -515,8 +524,18 @@ class DenoisingEngine:
 
     def _graph_step(self, batch: _Batch, started: Any) -> list[Finished]:
         """The step as one replay of the batch's step graph: its buffers hold the rows, which
-        advance in place (batch.x, rows, history are views of them)."""
+        advance in place (batch.x, rows, history are views of them). A graph that cannot be
+        recorded is logged, and its key's steps run launch by launch from then on."""
         graph = batch.graph
+        if not graph.recorded:
+            try:
+                graph.record()
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                log.warning("step graph %s not recorded (%s); its steps run op by op", graph.key, e)
+                self._unrecordable.add(graph.key)
+                self._graphs.pop(graph.key, None)
+                batch.graph = None
+                return self._launched_step(batch, started)
         graph.replay()
         self._network_rows = graph.n
         x0 = None if graph.x0 is None else graph.x0[: graph.n]
@@ -752,26 +771,27 @@ class DenoisingEngine:
             active = [batch.guided[i] for i in key]
             rows = [row for _, lo, hi in active for row in range(lo, hi)]
             scales = [slot.request.guidance_scale for slot, lo, hi in active for _ in range(lo, hi)]
-            batch.twin_key = key
+            batch.twin_key, batch.twin_rows, batch.twin_scales = key, rows, scales
             batch.twins = _host_to_device(torch.tensor(rows, dtype=torch.long), self.device) if rows else None
             batch.scales = _host_to_device(torch.tensor(scales), self.device).view(-1, 1, 1, 1) if rows else None
 
     # --- the step graphs ----------------------------------------------------------------------------
     def _graph_key(self, batch: _Batch) -> GraphKey | None:
-        """The step graph that can run this batch's steps, or None where they run launch by launch:
-        step graphs off, batch-invariant slices, guidance twins this step (their rows vary), or
-        noise drawn for some rows only."""
-        if not self.step_graphs or self.invariant_rows or batch.twins is not None:
+        """The step graph that runs this batch's steps: its bucket holds the rows and their
+        guidance twins, as the launched step's network call does. None where the steps run
+        launch by launch: step graphs off, batch-invariant slices (a call per slice), or a key
+        whose recording failed."""
+        if not self.step_graphs or self.invariant_rows:
             return None
-        if batch.noise is not None and batch.noise_rows is not None:
-            return None
-        return GraphKey(
-            rows=self.scheduler.bucket(batch.x.shape[0]),
+        key = GraphKey(
+            rows=self.scheduler.bucket(batch.x.shape[0] + len(batch.twin_rows)),
             terms=batch.terms,
             noise=batch.noise is not None,
             history=batch.history is not None,
             previews=bool(batch.previews),
+            guided=bool(batch.twin_rows),
         )
+        return None if key in self._unrecordable else key
 
     def _bind_graph(self, batch: _Batch) -> None:
         """When the selection or its twins changed: move the batch's rows into the buffers of the
@@ -789,25 +809,55 @@ class DenoisingEngine:
                 key, self.model.sample_shape, self.model.num_classes is not None, self.device,
                 self._record_step, tables, self._graph_pool,
             )  # fmt: skip
-        if batch.graph is graph:  # its rows are there already
+        if batch.graph is graph and batch.loaded_twins == batch.twin_key:  # its rows are there already
             return
-        noise = batch.noise
-        graph.load(
-            batch.x, batch.rows, batch.starts, batch.labels,
-            None if noise is None else noise.seeds, None if noise is None else noise.indices, batch.history,
-        )  # fmt: skip
         n = batch.x.shape[0]
+        seeds = indices = None
+        if batch.noise is not None:  # every row draws; a row whose sampler adds none has c_z = 0
+            seeds, indices = batch.noise.seeds, batch.noise.indices
+            if batch.noise_rows is not None:
+                seeds = seeds.new_zeros(n).index_copy_(0, batch.noise_rows, seeds)
+                indices = indices.new_zeros(n).index_copy_(0, batch.noise_rows, indices)
+        graph.load(
+            batch.x, batch.rows, batch.starts, batch.labels, seeds, indices, batch.history,
+            guidance=self._guidance(batch, key.rows) if key.guided else None,
+        )  # fmt: skip
+        batch.loaded_twins = batch.twin_key
         batch.x, batch.rows, batch.starts = graph.x[:n], graph.rows[:n], graph.starts[:n]
         if batch.history is not None:
             batch.history = graph.x0[:n]
         batch.graph = graph
+
+    def _guidance(self, batch: _Batch, rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A guided graph's (src, net_labels, pair, scale) for this batch's twins, each [rows]
+        (`StepGraph`), built on the host and copied once each."""
+        n, twins = batch.x.shape[0], batch.twin_rows
+        g = len(twins)
+        src = list(range(n)) + twins + [0] * (rows - n - g)
+        pair = list(range(rows))
+        scale = [0.0] * rows
+        for slot, (row, s) in enumerate(zip(twins, batch.twin_scales, strict=True)):
+            pair[row], scale[row] = n + slot, s
+        host_labels = torch.zeros(rows, dtype=torch.long)
+        host_labels[n : n + g] = NULL_CLASS
+        net_labels = _host_to_device(host_labels, self.device)
+        net_labels[:n].copy_(batch.labels)
+        as_long = lambda values: _host_to_device(torch.tensor(values, dtype=torch.long), self.device)  # noqa: E731
+        scale_t = _host_to_device(torch.tensor(scale), self.device).view(rows, *([1] * len(self.model.sample_shape)))
+        return as_long(src), net_labels, as_long(pair), scale_t
 
     def _record_step(self, graph: StepGraph) -> None:
         """One step of a step graph's rows, in place (undiffuse.step_graph): the ops of `step`,
         on the graph's buffers and the tables it was made with."""
         ts_table, coef_table = graph.tables
         t = ts_table.index_select(0, graph.rows)
-        eps = self._forward(graph.x, t, graph.labels, recorded=True)
+        if graph.src is None:
+            eps = self._forward(graph.x, t, graph.labels, recorded=True)
+        else:  # the rows, then their null-class twins, in one call; eps_u + s * (eps_c - eps_u)
+            out = self._forward(graph.x.index_select(0, graph.src), t.index_select(0, graph.src), graph.net_labels,
+                                recorded=True)  # fmt: skip
+            eps_u = out.index_select(0, graph.pair)
+            eps = eps_u + graph.scale * (out - eps_u)  # Ho & Salimans 2022; scale 0 and eps_u = eps_c without a twin
         coef = coef_table.index_select(0, graph.rows)
         z = None
         if graph.seeds is not None:  # step k uses noise draw k + 1, as Sampler.sample does
@@ -818,7 +868,7 @@ class DenoisingEngine:
             graph.x, eps, coef, graph.key.terms, thresholding=self.model.thresholding,
             history=graph.x0 if graph.key.history else None, noise=z,
         )  # fmt: skip
-        graph.x.copy_(x)
+        torch.where(graph.live_mask, x, graph.x, out=graph.x)  # padding stays as it is
         if graph.x0 is not None:
             graph.x0.copy_(x0)
         graph.rows.add_(graph.live)

@@ -142,15 +142,17 @@ def test_engine_bf16_and_compile_stay_within_the_stated_tolerance():
 def test_step_graphs_replay_the_launched_steps_bit_for_bit_and_never_synchronize():
     """A compiled engine on CUDA records each step as one CUDA graph (undiffuse.step_graph, the
     default): the demo model's images are those of the same engine launching every op (the
-    same kernels at the same shapes; a graph's padding rows are zeros, not copies), for DDIM and
-    for DDPM's noise draws, with requests joining a running graph; its steady steps are
-    replays that issue no synchronizing call."""
+    same kernels at the same shapes; a graph's padding rows are zeros, not copies), for DDIM with
+    guided rows and their twins, for DDPM's noise draws, and for both at once, with requests
+    joining a running graph; its steady steps are replays that issue no synchronizing call."""
     from undiffuse.engine import DenoisingEngine, EngineConfig
 
     model = load_model(MODEL, "cuda")
     ddim = _digits(48, 12)
+    ddim[1] = replace(ddim[1], guidance_scale=3.0)  # its twins ride in the same call
     ddpm = [replace(r, id=f"ddpm-{r.id}", sampler="ddpm", seed=9) for r in _digits(32, 10)]
-    arrivals = {0: ddim[:1], 2: ddim[1:], 20: ddpm}  # DDPM once the DDIM rows have left
+    mixed = [replace(r, id=f"mixed-{r.id}", seed=5) for r in ddim[:1] + ddpm[:1]]
+    arrivals = {0: ddim[:1], 2: ddim[1:], 20: ddpm, 40: mixed}  # DDPM once the DDIM rows have left
     out = {}
     for graphs in (False, True):
         config = EngineConfig(max_batch=64, precision="bf16", buckets=(16, 64), keep_samples=True,
@@ -176,8 +178,9 @@ def test_step_graphs_replay_the_launched_steps_bit_for_bit_and_never_synchronize
         if graphs:
             keys = set(engine._graphs)
             assert {key.noise for key in keys} == {False, True} and {key.rows for key in keys} >= {16, 64}, keys
+            assert any(key.guided for key in keys), keys
             assert replayed > 15
-    assert set(out[True]) == {r.id for r in ddim + ddpm}
+    assert set(out[True]) == {r.id for r in ddim + ddpm + mixed}
     for rid, want in out[False].items():
         got = out[True][rid].samples
         assert torch.equal(got, want.samples), (rid, (got - want.samples).abs().max().item())

@@ -69,6 +69,47 @@ def test_graph_steps_equal_the_sampler_bit_for_bit(group, replays):
     noise = any(r.sampler == "ddpm" or r.options for r in group)
     assert all(key.noise == noise for key in replays)
     assert any(key.history for key in replays) == any(r.sampler.startswith("dpmpp") for r in group)
+    assert any(key.guided for key in replays) == any(r.guidance_scale != 1.0 for r in group)
+
+
+@pytest.mark.parametrize("interval", [None, (0.3, 1.5)], ids=["guided-everywhere", "guidance-interval"])
+def test_every_step_of_a_mixed_batch_replays_a_graph(interval, replays):
+    """Every sampler at once, guided rows with their twins (switching at the interval's edges),
+    samplers that draw noise beside ones that do not: each step is one replay, and every image
+    is the one-request sampler's bit for bit."""
+    rowwise = _rowwise(interval)
+    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None, **GRAPHS))
+    steps = []
+    step = engine.step
+    engine.step = lambda: steps.append(1) or step()
+    done = run(engine, {0: REQUESTS[:2], 2: REQUESTS[2:4], 5: REQUESTS[4:]})
+    for r in REQUESTS:
+        assert torch.equal(done[r.id].samples, reference(rowwise, r)), r.id
+    assert len(replays) == len(steps) > 10
+    assert any(k.guided for k in replays) and any(not k.guided for k in replays)  # twins on and off
+    assert any(k.noise for k in replays)
+
+
+def test_a_graph_that_cannot_be_recorded_leaves_its_steps_to_the_launched_path(monkeypatch, caplog):
+    """Recording fails (an op a CUDA graph cannot hold, no memory): the engine logs it, runs
+    that key's steps op by op from then on, and no image changes."""
+    rowwise = _rowwise()
+    failures = []
+
+    def refuse(self: StepGraph) -> None:
+        failures.append(self.key)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StepGraph, "recorded", property(lambda self: False))
+    monkeypatch.setattr(StepGraph, "record", refuse)
+    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None, **GRAPHS))
+    with caplog.at_level("WARNING", logger="undiffuse.engine"):
+        done = run(engine, {0: REQUESTS[:2]})
+    for r in REQUESTS[:2]:
+        assert torch.equal(done[r.id].samples, reference(rowwise, r)), r.id
+    assert len(failures) == len(set(failures)) >= 1  # each key tried once
+    assert "not recorded" in caplog.text
+    assert engine._unrecordable == set(failures)
 
 
 def _parks(engine: DenoisingEngine) -> list[tuple[int, bool]]:
@@ -153,6 +194,9 @@ def test_a_load_pads_with_rows_that_never_advance():
     assert graph.rows.tolist() == [5, 6, 7, 0] and graph.starts.tolist() == [5, 5, 5, 0]
     assert graph.live.tolist() == [1, 1, 1, 0] and graph.labels.tolist() == [1, 2, 0, 0]
     assert graph.seeds.tolist() == [3, 3, 3, 0] and graph.x0.eq(0).all()
+    with pytest.raises(ValueError, match="guidance goes with a guided graph"):
+        graph.load(torch.ones(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                   guidance=(torch.zeros(4, dtype=torch.long),) * 3 + (torch.zeros(4, 1, 1, 1),))  # fmt: skip
     with pytest.raises(ValueError, match="5 rows do not fit a graph of 4"):
         graph.load(torch.ones(5, 1, 2, 2), torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long))
 

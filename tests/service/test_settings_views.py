@@ -40,12 +40,12 @@ def test_production_reaches_the_webhook_view():
     assert production.webhooks.production is True
 
 
-def test_the_decode_settings_reach_the_engine_view_and_each_engines_config(monkeypatch):
+def test_the_decode_and_step_graph_settings_reach_the_engine_view_and_each_engines_config(monkeypatch):
     import undiffuse
     import undiffuse.engine
     from service.denoiser import Denoiser
 
-    s = Settings(device="cpu", max_decode_batch=8, preview_decode_every=3, invariant_rows=0)
+    s = Settings(device="cpu", max_decode_batch=8, preview_decode_every=3, invariant_rows=0, step_graphs="on")
     unset = Settings(device="cpu")
     assert (s.engine.max_decode_batch, s.engine.preview_decode_every, s.engine.invariant_rows) == (8, 3, 0)
     assert (unset.engine.max_decode_batch, unset.engine.preview_decode_every, unset.engine.invariant_rows) == (
@@ -62,11 +62,12 @@ def test_the_decode_settings_reach_the_engine_view_and_each_engines_config(monke
 
     monkeypatch.setattr(undiffuse, "load_model", lambda path, device: None)
     monkeypatch.setattr(undiffuse.engine, "DenoisingEngine", engine)
-    for settings, expected in ((s, (8, 3, 0)), (unset, (None, 5, None))):
+    for settings, expected in ((s, (8, 3, 0, True)), (unset, (None, 5, None, None))):
         with pytest.raises(Built) as built:
             Denoiser.func_or_class(settings)
         config = built.value.args[0]
-        assert (config.max_decode_batch, config.preview_decode_every, config.invariant_rows) == expected
+        got = (config.max_decode_batch, config.preview_decode_every, config.invariant_rows, config.step_graphs)
+        assert got == expected
 
 
 @pytest.mark.parametrize("value", ["", " "])
