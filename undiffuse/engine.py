@@ -102,6 +102,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_DECODE_BATCH = 16  # max_decode_batch=None on a CPU
 DECODE_BATCH_CAP = 64  # the most rows per decoder call when sized by memory
 DECODE_MEMORY_FRACTION = 0.5  # of the free device memory, for one decoder call
+TABLE_CAPACITY = 4096  # timestep-table entries allocated at first (a 50-step pair takes 51)
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,10 @@ class EngineConfig:
     update, noise draw and guidance twins; undiffuse.step_graph), replayed with one launch; the
     network is then compiled without torch.compile's own CUDA graphs. Batch-invariant slices run
     launch by launch (a call per slice), and so do the steps of a graph whose recording failed
-    (logged). None: on where the engine compiles on CUDA. On a CPU, True runs the same
-    static-buffer step without recording it.
+    (logged). None: on where the engine compiles on CUDA with whole batches. On a CPU, True runs
+    the same static-buffer step without recording it. A graph's network call is padded to the
+    bucket, as a compiled launched call is (an uncompiled one is not: with compile off, rows
+    may then differ from launched steps by the network's batch-size round-off).
     """
 
     max_batch: int = 256
@@ -343,7 +346,11 @@ class DenoisingEngine:
             model.to(memory_format=torch.channels_last)
         self.network: Callable[..., Tensor] = model.network
         self.compiled = cfg.compile if cfg.compile is not None else cuda
-        self.step_graphs = cfg.step_graphs if cfg.step_graphs is not None else (cuda and self.compiled)
+        # rows per network call (0: whole batches); decodes then in fixed slices, one image unless set
+        self.invariant_rows = cfg.invariant_rows if cfg.invariant_rows is not None else model.rows_for(self.device)
+        # sliced calls are launched one by one: step graphs by default only where they can run
+        auto_graphs = cuda and self.compiled and not self.invariant_rows
+        self.step_graphs = cfg.step_graphs if cfg.step_graphs is not None else auto_graphs
         if self.compiled:
             mode = _without_cuda_graphs(cfg.compile_mode) if self.step_graphs else cfg.compile_mode
             self.network = torch.compile(model.network, mode=mode, dynamic=False)
@@ -366,8 +373,6 @@ class DenoisingEngine:
         self.decode_batch: int | None = None
         self.decode_buckets: tuple[int, ...] = ()
         self._decode_bytes: int | None = None  # the decoder's peak memory for one image (CUDA, once measured)
-        # rows per network call (0: whole batches); decodes then in fixed slices, one image unless set
-        self.invariant_rows = cfg.invariant_rows if cfg.invariant_rows is not None else model.rows_for(self.device)
         self._set_decode_batch(self._default_decode_batch())
         self._side = _SideStream(self.device)  # where finished rows are decoded and copied to the host
         self.scheduler = Scheduler(cfg.max_batch, cfg.latency_slack, cfg.merge_ratio, self.buckets)
@@ -375,8 +380,12 @@ class DenoisingEngine:
         interval = model.guidance_interval
         self._guided_t = None if interval is None else guided_timesteps(model.schedule, interval).tolist()
         self._samplers: dict[tuple, Sampler] = {}
-        self._ts_table = torch.empty(0, dtype=torch.long, device=self.device)
-        self._coef_table = torch.empty(0, len(COLUMNS), device=self.device)  # each entry's update coefficients
+        # every (sampler, steps) pair's timesteps and update coefficients, appended in place up to
+        # their capacity (a step graph reads them at fixed addresses: a new pair within capacity
+        # needs no new recording)
+        self._ts_table = torch.zeros(TABLE_CAPACITY, dtype=torch.long, device=self.device)
+        self._coef_table = torch.zeros(TABLE_CAPACITY, len(COLUMNS), device=self.device)
+        self._table_len = 0  # entries in use
         self._ts_host: list[int] = []  # the same table on the host: which steps need twins
         self._ts_offsets: dict[tuple, int] = {}
         self._canceled: set[Hashable] = set()
@@ -448,6 +457,8 @@ class DenoisingEngine:
         self.config = replace(self.config, max_batch=max_batch)
         self.buckets = _buckets(max_batch, self.config.buckets)
         self.scheduler.set_max_batch(max_batch, self.buckets)
+        # graphs of buckets above it go (the running batch keeps its own until it changes)
+        self._graphs = {key: g for key, g in self._graphs.items() if key.rows <= max_batch}
         if self.compiled:
             allow_recompiles(len(self.buckets) + 8)
 
@@ -484,7 +495,7 @@ class DenoisingEngine:
         """Advance the selected requests by one denoising step; return those that finished."""
         self._drop_canceled()
         if self.idle:
-            self._batch = None  # the last rows left (canceled): their device buffers go with them
+            self._batch = None  # the last rows left (canceled): their tensors go (step graphs keep their buffers)
             return []
         selected, replanned = self.scheduler.schedule()
         started = self._mark()
@@ -528,16 +539,25 @@ class DenoisingEngine:
         recorded is logged, and its key's steps run launch by launch from then on."""
         graph = batch.graph
         if not graph.recorded:
+            failed = None
             try:
                 graph.record()
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                log.warning("step graph %s not recorded (%s); its steps run op by op", graph.key, e)
+            except torch.cuda.OutOfMemoryError as e:  # this bucket's graph: launched from now on
+                failed = f"out of memory ({e})"
                 self._unrecordable.add(graph.key)
+            except RuntimeError as e:  # an op a graph cannot hold: every graph would fail alike
+                failed = repr(e)
+                self.step_graphs = False
+            if failed is not None:
+                # here, past the except clauses, the error's frames (the recording's tensors) are gone
+                log.warning("step graph %s not recorded: %s; steps run op by op", graph.key, failed)
                 self._graphs.pop(graph.key, None)
-                batch.graph = None
+                batch.graph = graph = None
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 return self._launched_step(batch, started)
         graph.replay()
-        self._network_rows = graph.n
+        self._network_rows = graph.n + len(batch.twin_rows)
         x0 = None if graph.x0 is None else graph.x0[: graph.n]
         return self._stepped(batch, x0, started)
 
@@ -795,8 +815,8 @@ class DenoisingEngine:
 
     def _bind_graph(self, batch: _Batch) -> None:
         """When the selection or its twins changed: move the batch's rows into the buffers of the
-        step graph that runs it (recorded at its first replay; recorded again once the engine's
-        tables have grown), or out of graphs. Rows leave a graph without a copy: the
+        step graph that runs it (recorded at its first replay; made and recorded again once the
+        engine's tables have outgrown their capacity), or out of graphs. Rows leave a graph without a copy: the
         launch-by-launch step reads the buffers' views and writes new tensors."""
         key = self._graph_key(batch)
         if key is None:
@@ -852,10 +872,9 @@ class DenoisingEngine:
         ts_table, coef_table = graph.tables
         t = ts_table.index_select(0, graph.rows)
         if graph.src is None:
-            eps = self._forward(graph.x, t, graph.labels, recorded=True)
+            eps = self._forward(graph.x, t, graph.labels)
         else:  # the rows, then their null-class twins, in one call; eps_u + s * (eps_c - eps_u)
-            out = self._forward(graph.x.index_select(0, graph.src), t.index_select(0, graph.src), graph.net_labels,
-                                recorded=True)  # fmt: skip
+            out = self._forward(graph.x.index_select(0, graph.src), t.index_select(0, graph.src), graph.net_labels)
             eps_u = out.index_select(0, graph.pair)
             eps = eps_u + graph.scale * (out - eps_u)  # Ho & Salimans 2022; scale 0 and eps_u = eps_c without a twin
         coef = coef_table.index_select(0, graph.rows)
@@ -873,18 +892,21 @@ class DenoisingEngine:
             graph.x0.copy_(x0)
         graph.rows.add_(graph.live)
 
-    def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None, recorded: bool = False) -> Tensor:
+    def _forward(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
         """The network at the engine's precision, on slices of invariant_rows rows (else padded to
         a bucket when compiled); returns eps in float32 (v predictions converted in float32).
-        recorded: inside a step graph, where autocast must not cache its casts of the weights
-        (the cached copies would be freed memory at the next replay)."""
+        With step graphs autocast does not cache its casts of the weights (inside a graph the
+        cached copies would be freed memory at the next replay), in warm-up and launched steps
+        too, so that a compiled network is compiled once, for both."""
         n = x.shape[0]
         if self.compiled and not self.invariant_rows:
             x, t, labels = pad_rows(x, t, labels, self.scheduler.bucket(n) - n)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         amp = self.dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=amp, cache_enabled=False if recorded else None):
+        with torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=amp, cache_enabled=False if self.step_graphs else None
+        ):
             out = in_slices(self.network, x, t, labels, self.invariant_rows)
         if out.shape[0] != n:
             out, x, t = out[:n], x[:n], t[:n]
@@ -1081,18 +1103,25 @@ class DenoisingEngine:
     # --- set-up ------------------------------------------------------------------------------------------
     def _timesteps(self, key: tuple, sampler: Sampler, steps: int) -> int:
         """Offset of (sampler, steps)'s timestep list, followed by LAST, in the shared table; the
-        coefficient table has each entry's `update` coefficients at the same offsets."""
+        coefficient table has each entry's `update` coefficients at the same offsets. Entries are
+        written in place while the tables have room; past it the tables double (new tensors,
+        which the step graphs then record again)."""
         full = (*key, steps)
         offset = self._ts_offsets.get(full)
         if offset is None:
             ts = sampler.timesteps(steps)
             values = [*ts, previous_timesteps(ts)[-1]]
-            offset = self._ts_offsets[full] = self._ts_table.numel()
-            self._ts_table = torch.cat(
-                [self._ts_table, _host_to_device(torch.tensor(values, dtype=torch.long), self.device)]
-            )
-            coef = _host_to_device(sampler.coefficient_table(steps), self.device)
-            self._coef_table = torch.cat([self._coef_table, coef])
+            offset = self._ts_offsets[full] = self._table_len
+            end = offset + len(values)
+            if end > self._ts_table.shape[0]:
+                grown = max(end, 2 * self._ts_table.shape[0])
+                self._ts_table = torch.cat([self._ts_table, self._ts_table.new_zeros(grown - self._ts_table.shape[0])])
+                self._coef_table = torch.cat(
+                    [self._coef_table, self._coef_table.new_zeros(grown - self._coef_table.shape[0], len(COLUMNS))]
+                )
+            self._ts_table[offset:end].copy_(_host_to_device(torch.tensor(values, dtype=torch.long), self.device))
+            self._coef_table[offset:end].copy_(_host_to_device(sampler.coefficient_table(steps), self.device))
+            self._table_len = end
             self._ts_host += values
         return offset
 

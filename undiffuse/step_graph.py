@@ -22,7 +22,8 @@ Everything the graph reads or writes lives in buffers allocated once per graph (
 `starts`, `live`, `labels`, `seeds`, `indices`, `x0`); the engine `load`s a batch into them when
 its membership changes and reads its rows back from them (views, valid until the next replay).
 Padding rows hold zeros at table entry 0 and never change or advance (the update writes back
-live rows only), so they stay valid inputs forever.
+the live rows of x only; a padding row's x0 is its own, read by nothing else), so they stay
+valid inputs forever.
 
 PyTorch's own graphs (`torch.compile(mode="reduce-overhead")`) graph the network alone, and
 skip graphs whose inputs are mutated in place, so they cannot hold the sampler's update; here the
@@ -173,7 +174,8 @@ class StepGraph:
         torch.cuda.current_stream(self.device).wait_stream(side)
         del scratch
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: other threads' CUDA calls (waiting for images' copies) go on during capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._step(self)
         self.graph = graph
 

@@ -90,26 +90,56 @@ def test_every_step_of_a_mixed_batch_replays_a_graph(interval, replays):
     assert any(k.noise for k in replays)
 
 
-def test_a_graph_that_cannot_be_recorded_leaves_its_steps_to_the_launched_path(monkeypatch, caplog):
-    """Recording fails (an op a CUDA graph cannot hold, no memory): the engine logs it, runs
-    that key's steps op by op from then on, and no image changes."""
+@pytest.mark.parametrize("error", ["capture", "memory"])
+def test_a_graph_that_cannot_be_recorded_leaves_its_steps_to_the_launched_path(monkeypatch, caplog, error):
+    """Recording fails: the engine logs it and launches the steps op by op, and no image
+    changes. An op a CUDA graph cannot hold would fail every graph alike: step graphs go off.
+    Running out of memory is that bucket's: its key is launched from then on, others still
+    record."""
     rowwise = _rowwise()
     failures = []
 
     def refuse(self: StepGraph) -> None:
         failures.append(self.key)
+        if error == "memory":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(StepGraph, "recorded", property(lambda self: False))
     monkeypatch.setattr(StepGraph, "record", refuse)
     engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None, **GRAPHS))
     with caplog.at_level("WARNING", logger="undiffuse.engine"):
-        done = run(engine, {0: REQUESTS[:2]})
-    for r in REQUESTS[:2]:
+        done = run(engine, {0: REQUESTS[:2], 3: REQUESTS[2:4]})
+    for r in REQUESTS[:4]:
         assert torch.equal(done[r.id].samples, reference(rowwise, r)), r.id
-    assert len(failures) == len(set(failures)) >= 1  # each key tried once
     assert "not recorded" in caplog.text
-    assert engine._unrecordable == set(failures)
+    if error == "capture":
+        assert failures and len(failures) == 1 and not engine.step_graphs
+    else:
+        assert len(failures) == len(set(failures)) >= 2 and engine.step_graphs  # each key tried once
+        assert engine._unrecordable == set(failures)
+
+
+def test_tables_that_outgrow_their_capacity_make_graphs_record_again(monkeypatch, replays):
+    """New (sampler, steps) pairs are written into the timestep and coefficient tables in place;
+    past their capacity the tables are new tensors, and a graph made with the old ones is made
+    again rather than replayed on a stale table. Every image is still the sampler's."""
+    import undiffuse.engine
+
+    monkeypatch.setattr(undiffuse.engine, "TABLE_CAPACITY", 16)
+    rowwise = _rowwise()
+    engine = DenoisingEngine(rowwise, EngineConfig(max_batch=64, keep_samples=True, latency_slack=None, **GRAPHS))
+    group = [r for r in REQUESTS if r.sampler == "ddim" and not r.options]  # 12 and 10 steps: 24 entries
+    made = []
+    original = StepGraph.__init__
+    monkeypatch.setattr(StepGraph, "__init__", lambda self, *a, **k: made.append(1) or original(self, *a, **k))
+    done = run(engine, {0: group[:1], 2: group[1:]})
+    assert engine._ts_table.shape[0] == 32 and engine._table_len == sum(
+        r.steps + 1 for r in {r.steps: r for r in group}.values()
+    )
+    for r in group:
+        assert torch.equal(done[r.id].samples, reference(rowwise, r)), r.id
+    assert len(made) >= 2 and len(replays) > 10
 
 
 def _parks(engine: DenoisingEngine) -> list[tuple[int, bool]]:
