@@ -99,6 +99,14 @@ class Denoiser:
         from undiffuse.engine import DenoisingEngine, EngineConfig
         from undiffuse.engine_loop import EngineLoop
 
+        # the engines' own messages (step graphs made, decoder chunks halved) go to the replica's log
+        engine_log = logging.getLogger("undiffuse")
+        engine_log.setLevel(logging.INFO)
+        engine_log.propagate = False
+        for handler in log.handlers:
+            if handler not in engine_log.handlers:
+                engine_log.addHandler(handler)
+
         engine = settings.engine
         if engine.torch_threads:
             torch.set_num_threads(engine.torch_threads)

@@ -829,6 +829,10 @@ class DenoisingEngine:
                 key, self.model.sample_shape, self.model.num_classes is not None, self.device,
                 self._record_step, tables, self._graph_pool,
             )  # fmt: skip
+            log.info(
+                "step graph for %d rows (%s%s%s%s)", key.rows, "+".join(sorted(key.terms)) or "x0",
+                ", noise" * key.noise, ", history" * key.history, ", guided" * key.guided,
+            )  # fmt: skip
         if batch.graph is graph and batch.loaded_twins == batch.twin_key:  # its rows are there already
             return
         n = batch.x.shape[0]
