@@ -536,7 +536,8 @@ class DenoisingEngine:
     def _graph_step(self, batch: _Batch, started: Any) -> list[Finished]:
         """The step as one replay of the batch's step graph: its buffers hold the rows, which
         advance in place (batch.x, rows, history are views of them). A graph that cannot be
-        recorded is logged, and its key's steps run launch by launch from then on."""
+        recorded is logged and the step launched: out of memory, that key's steps from then on;
+        any other failure (an op a graph cannot hold), every step (step graphs go off)."""
         graph = batch.graph
         if not graph.recorded:
             failed = None
@@ -816,8 +817,8 @@ class DenoisingEngine:
     def _bind_graph(self, batch: _Batch) -> None:
         """When the selection or its twins changed: move the batch's rows into the buffers of the
         step graph that runs it (recorded at its first replay; made and recorded again once the
-        engine's tables have outgrown their capacity), or out of graphs. Rows leave a graph without a copy: the
-        launch-by-launch step reads the buffers' views and writes new tensors."""
+        engine's tables have outgrown their capacity), or out of graphs. Rows leave a graph
+        without a copy: the launch-by-launch step reads the buffers' views and writes new tensors."""
         key = self._graph_key(batch)
         if key is None:
             batch.graph = None
