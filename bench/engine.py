@@ -125,9 +125,42 @@ def throughput(model, images: int, steps: int, max_batch: int) -> list[str]:
     ]
 
 
+class StaticBatches:
+    """Static batching in an engine: what waits is grouped by (sampler, steps), and each group runs
+    to completion before the next is added (no request joins a running batch)."""
+
+    def __init__(self, model, max_batch: int, settings: dict, step_time: dict[int, float]) -> None:
+        self.engine = DenoisingEngine(model, EngineConfig(max_batch=max_batch, **settings))
+        self.engine.step_time = dict(step_time)
+        self.waiting: list[Request] = []
+        self.groups: list[list[Request]] = []
+
+    def idle(self) -> bool:
+        return self.engine.idle and not self.waiting and not self.groups
+
+    def step(self) -> list:
+        """One step of the running group (the next group first, once it is done): finished ids."""
+        if self.engine.idle:
+            if not self.groups:
+                grouped: dict[tuple, list[Request]] = {}
+                for r in self.waiting:
+                    grouped.setdefault((r.sampler, r.steps), []).append(r)
+                self.groups, self.waiting = list(grouped.values()), []
+            for r in self.groups.pop(0) if self.groups else []:
+                self.engine.add(r)
+        return [f.id for f in self.engine.step()]
+
+
 # --- (2) mixed load -----------------------------------------------------------------------------
-def mixed_load(model, args) -> list[str]:
-    """Short jobs every short_every s while long DDPM jobs run; engine vs static batching."""
+def mixed_load(model, args, config: dict | None = None) -> list[str]:
+    """Short jobs every short_every s while long DDPM jobs run; engine vs static batching.
+
+    config: the engines' EngineConfig settings (default: fp32 eager, `compile=False`), and
+    static batching's reference is then the same kind of engine fed one batch at a time (each
+    (sampler, steps) group of what waits runs to completion before the next is added): the same
+    kernels, compiled and graphed alike, so the ratio is the scheduling's. Without config static
+    batching is `Sampler.sample` over each group (fp32 eager, the original row)."""
+    settings = dict(config or {"compile": False})
     long_jobs = [
         r
         for j in range(args.long_jobs)
@@ -138,7 +171,7 @@ def mixed_load(model, args) -> list[str]:
         for i in range(args.short_jobs)
     ]
     # a short job alone, on an idle engine
-    warm = DenoisingEngine(model, EngineConfig(max_batch=args.max_batch, compile=False))
+    warm = DenoisingEngine(model, EngineConfig(max_batch=args.max_batch, **settings))
     warm.warm_up(60)
     alone = statistics.median(run_engine(warm, [shorts[0][1]]) for _ in range(5))
 
@@ -163,6 +196,7 @@ def mixed_load(model, args) -> list[str]:
 
     # static batching: a batch (everything waiting, compatible requests together) runs to completion
     waiting: list[Request] = []
+    static_engine = StaticBatches(model, args.max_batch, settings, warm.step_time) if config else None
 
     def static_step() -> list:
         batch, waiting[:] = list(waiting), []
@@ -177,11 +211,16 @@ def mixed_load(model, args) -> list[str]:
             finished += [r.id for r in group]
         return finished
 
+    static_drive = (
+        (static_step, lambda r, a: waiting.append(r), lambda: not waiting)
+        if static_engine is None
+        else (static_engine.step, lambda r, a: static_engine.waiting.append(r), static_engine.idle)
+    )
     # alternate the two, repeats times each, and keep each one's best span (and its latencies)
     runs: dict[str, list[tuple[float, list[float]]]] = {"engine": [], "static": []}
     steps: list[list[tuple[float, int, str]]] = []  # each engine run's (seconds, rows, sampler) per step
     for _ in range(args.repeats):
-        engine = DenoisingEngine(model, EngineConfig(max_batch=args.max_batch, compile=False))
+        engine = DenoisingEngine(model, EngineConfig(max_batch=args.max_batch, **settings))
         engine.step_time = dict(warm.step_time)  # the table the Denoiser measures at start
         lat, span = drive(
             lambda e=engine: [f.id for f in e.step()], lambda r, a, e=engine: e.add(r), lambda e=engine: e.idle
@@ -189,7 +228,7 @@ def mixed_load(model, args) -> list[str]:
         runs["engine"].append((span, lat))
         sync()  # every step's end event has passed: step_times reads them all
         steps.append(engine.step_times())
-        lat, span = drive(static_step, lambda r, a: waiting.append(r), lambda: not waiting)
+        lat, span = drive(*static_drive)
         runs["static"].append((span, lat))
     span_engine, lat_engine = min(runs["engine"])
     span_static, lat_static = min(runs["static"])
@@ -313,7 +352,12 @@ def guided_packing(model, shards: int = 16, shard_size: int = 16, max_batch: int
     return rows
 
 
-GPU_ROWS = ("3", "4", "5", "2", "3b")  # the GPU section's rows, in their default order
+GPU_ROWS = ("3", "4", "5", "2", "2c", "3b")  # the GPU section's rows, in their default order
+MIXED_COMPILED = {
+    "precision": "bf16",
+    "compile": True,
+    "buckets": (16, 32),
+}  # row (2c): the long job and a short one fit 32
 
 
 # --- GPU section --------------------------------------------------------------------------------
@@ -801,6 +845,12 @@ def main() -> None:
                 gpu_load = argparse.Namespace(**{**vars(args), "short_every": 0.1 if args.smoke else 0.25,
                                                  "max_batch": 256})  # fmt: skip
                 rows += [r.replace("| (2)", "| (2, GPU)") for r in mixed_load(model, gpu_load)]
+                print("\n".join(rows[-4:]), flush=True)
+            elif row == "2c":  # the service's GPU settings, static batching in the same kind of engine
+                gpu_load = argparse.Namespace(**{**vars(args), "short_every": 0.1 if args.smoke else 0.25,
+                                                 "max_batch": 256})  # fmt: skip
+                found = mixed_load(model, gpu_load, MIXED_COMPILED)
+                rows += [r.replace("| (2)", "| (2c, GPU, bf16 + compile + step graphs)") for r in found]
                 print("\n".join(rows[-4:]), flush=True)
     sections = [(torch.device("cpu"), "")] * (not args.skip_cpu) + [(device, ", GPU")] * args.gpu
     for where, tag in sections if not args.skip_models else ():

@@ -10,7 +10,9 @@
 #   2. (profile) bench/step_profile.py at 64 and 4,096 rows of DDIM, compiled: launching every op,
 #      with torch.compile's CUDA graphs of the network, and with the engine's step graphs;
 #   3. (engine) bench/engine.py --gpu --skip-cpu --skip-models (docs/benchmarks.md, GPU section,
-#      rows 3b, 3, 4, 5, 2 in that order; every engine warms its buckets before it is timed, so
+#      rows 3b, 3, 2c, 2, 4, 5 in that order; 2c is the mixed load with the service's GPU settings,
+#      bf16, compile and step graphs, static batching run in the same kind of engine; every
+#      engine warms its buckets before it is timed, so
 #      compiling is not in the figures);
 #   4. (mixedprofile) bench/step_profile.py at 16 rows of DDPM, the mixed load's long job: the
 #      engine eager in fp32, compiled and with CUDA graphs, and Sampler.sample's loop (static
@@ -79,7 +81,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   DEV=cuda; X=1; DEADLINE=${DEADLINE:-450}
   HOST_OPS=""; INV="--rows 0 64 256 --batches 1 64 512 4096 --requests 64"
-  ENGINE="--gpu --skip-cpu --skip-models --gpu-rows 3b 3 4 5 2"; MODELS="--gpu --skip-cpu --models-only"; QUALITY="--n 1000"
+  ENGINE="--gpu --skip-cpu --skip-models --gpu-rows 3b 3 2c 2 4 5"; MODELS="--gpu --skip-cpu --models-only"; QUALITY="--n 1000"
   PROFILE="--rows 64 4096 --modes default reduce-overhead graphs"; MIXED="--modes eager-fp32 default reduce-overhead"; LEVERS="--batch 256 --max-seconds 130"
 fi
 pack() { tar czf "${OUT:-/tmp}/results.tgz" -C /tmp res; }
@@ -96,7 +98,7 @@ run() {
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } > $R/env.txt 2>&1
 run pytest 240 pytest_gpu.log python3 -m pytest -m gpu tests/core -q -p no:cacheprovider --continue-on-collection-errors && tail -5 $R/pytest_gpu.log; pack
 run profile 150 step_profile.log python3 bench/step_profile.py $PROFILE && grep "^|" $R/step_profile.log; pack
-run engine 240 bench.log python3 bench/engine.py $ENGINE && grep "^|" $R/bench.log; pack
+run engine 300 bench.log python3 bench/engine.py $ENGINE && grep "^|" $R/bench.log; pack
 run mixedprofile 120 mixed_profile.log python3 bench/step_profile.py --rows 16 --sampler ddpm --reference $MIXED \
   && grep "^|" $R/mixed_profile.log; pack
 run levers 170 levers.log python3 bench/unet_levers.py $LEVERS && grep "^|" $R/levers.log; pack
